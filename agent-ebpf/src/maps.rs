@@ -1,0 +1,36 @@
+//! Maps shared by every program, and the small helpers that write to them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use connscope_common::{Conn, DEFAULT_MAX_CONNECTIONS, LostReason};
+
+use crate::payload::PendingPayload;
+
+/// Per-socket state, keyed by the `struct sock` address. Bounded: when full, new
+/// connections are counted as lost (`map_full`) and the host's traffic is unaffected.
+#[map(name = "CONNS")]
+pub static CONNS: HashMap<u64, Conn> = HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
+
+/// Boundary events (open, turn start, close) for the agent.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Per-CPU counters of what could not be recorded, indexed by [`LostReason`].
+#[map(name = "LOST")]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostReason::COUNT, 0);
+
+/// The user buffer of a socket read or write system call in progress, keyed by pid_tgid,
+/// so the payload head can be read when the socket layer reports the transfer.
+#[map(name = "PENDING_PAYLOAD")]
+pub static PENDING_PAYLOAD: HashMap<u64, PendingPayload> = HashMap::with_max_entries(16_384, 0);
+
+/// Counts one lost item. Per-CPU, so a plain increment is race-free.
+#[inline(always)]
+pub fn count_lost(reason: LostReason) {
+    if let Some(counter) = LOST.get_ptr_mut(reason as u32) {
+        // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot.
+        unsafe { *counter += 1 };
+    }
+}
