@@ -11,7 +11,7 @@ use core::mem::size_of;
 pub const COMM_LEN: usize = 16;
 /// Bytes of payload captured at the start of an exchange turn (enough for an HTTP/1.x head's
 /// request/status line and the headers that matter; the rest is never read).
-pub const HEAD_LEN: usize = 256;
+pub const HEAD_LEN: usize = 512;
 
 /// Default capacity of the per-socket map (overridable with `--bpf.max-connections`).
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
@@ -193,7 +193,7 @@ pub struct TurnEvent {
     pub comm: [u8; COMM_LEN],
     pub head: [u8; HEAD_LEN],
 }
-const _: () = assert!(size_of::<TurnEvent>() == 344);
+const _: () = assert!(size_of::<TurnEvent>() == 600);
 
 /// Index into the per-CPU loss counters (`LOST` map).
 #[repr(u32)]

@@ -1,1 +1,19 @@
+//! The connscope agent as a library: `main.rs` only parses flags and calls [`agent::run`].
+//!
+//! Data flow: [`probes`] loads and attaches the kernel programs; [`agent`] drains their ring
+//! buffer through [`events`] (decoding) into [`table`] (one entry per live connection, HTTP
+//! heads parsed by [`http`]), which updates [`metrics`]; [`server`] serves them.
 
+pub mod agent;
+pub mod config;
+pub mod events;
+pub mod http;
+pub mod kernel_stats;
+pub mod labels;
+pub mod logging;
+pub mod metrics;
+pub mod preflight;
+pub mod probes;
+pub mod server;
+pub mod shutdown;
+pub mod table;

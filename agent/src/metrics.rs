@@ -1,0 +1,231 @@
+//! Metric families of the contract in design.md §3, registered under the `connscope_` prefix.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::{
+    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::{Registry, Unit},
+};
+
+/// Who talks to which server: the labels of most connection metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Flow {
+    pub role: String,
+    pub process: String,
+    pub server: String,
+}
+
+/// Kubernetes placement of the local process; each label is present only when known.
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+pub struct Placement {
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub container: Option<String>,
+}
+
+impl EncodeLabelSet for Placement {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        for (name, value) in [("namespace", &self.namespace), ("pod", &self.pod), ("container", &self.container)] {
+            if let Some(value) = value {
+                (name, value.as_str()).encode(encoder.encode_label())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlacedFlow {
+    #[prometheus(flatten)]
+    pub flow: Flow,
+    #[prometheus(flatten)]
+    pub placement: Placement,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Closed {
+    #[prometheus(flatten)]
+    pub flow: PlacedFlow,
+    pub closed_by: String,
+    pub close_kind: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpenState {
+    #[prometheus(flatten)]
+    pub flow: Flow,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClosedBy {
+    #[prometheus(flatten)]
+    pub flow: Flow,
+    pub closed_by: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequest {
+    #[prometheus(flatten)]
+    pub flow: Flow,
+    pub http_version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Server {
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Probe {
+    pub hook: String,
+    pub attach: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Build {
+    pub version: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Connection lifetime: 1 ms to 1 h.
+pub const DURATION_BUCKETS: [f64; 16] =
+    [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+/// Exchanges per connection: 1 marks the one-request connections that cause churn.
+pub const REQUEST_BUCKETS: [f64; 11] = [1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+/// Idle gaps: 1 ms to 300 s, with the common keep-alive timeouts (5, 15, 60, 75 s) as bounds.
+pub const IDLE_BUCKETS: [f64; 17] =
+    [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 75.0, 120.0, 300.0];
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+fn request_histogram() -> Histogram {
+    Histogram::new(REQUEST_BUCKETS)
+}
+fn idle_histogram() -> Histogram {
+    Histogram::new(IDLE_BUCKETS)
+}
+
+/// Every metric family the agent updates. Cloning shares the underlying series.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub opened: Family<PlacedFlow, Counter>,
+    pub closed: Family<Closed, Counter>,
+    pub open: Family<OpenState, Gauge>,
+    pub duration: HistogramFamily<Flow>,
+    pub requests: HistogramFamily<Flow>,
+    pub idle: HistogramFamily<Flow>,
+    pub close_idle: HistogramFamily<ClosedBy>,
+    pub http_requests: Family<HttpRequest, Counter>,
+    pub advertised_timeout: Family<Server, Gauge>,
+    pub advertised_max: Family<Server, Gauge>,
+    pub races: Family<Flow, Counter>,
+    pub bytes_sent: Family<Flow, Counter>,
+    pub bytes_received: Family<Flow, Counter>,
+    pub tracked: Gauge,
+    pub capacity: Gauge,
+    pub probes: Family<Probe, Gauge>,
+    pub build: Family<Build, Gauge>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            opened: Family::default(),
+            closed: Family::default(),
+            open: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            requests: Family::new_with_constructor(request_histogram),
+            idle: Family::new_with_constructor(idle_histogram),
+            close_idle: Family::new_with_constructor(idle_histogram),
+            http_requests: Family::default(),
+            advertised_timeout: Family::default(),
+            advertised_max: Family::default(),
+            races: Family::default(),
+            bytes_sent: Family::default(),
+            bytes_received: Family::default(),
+            tracked: Gauge::default(),
+            capacity: Gauge::default(),
+            probes: Family::default(),
+            build: Family::default(),
+        }
+    }
+
+    /// A registry with every family (and the given collectors) under `connscope_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let m = self.clone();
+        registry.register("connections_opened", "TCP connections established, by flow", m.opened);
+        registry.register(
+            "connections_closed",
+            "TCP connections closed: who closed first (closed_by), by FIN or reset (close_kind), and why (reason)",
+            m.closed,
+        );
+        registry.register("connections_open", "Connections open now: active (an exchange in progress) or idle", m.open);
+        registry.register_with_unit(
+            "connection_duration",
+            "Lifetime of closed connections, from establishment to destruction",
+            Unit::Seconds,
+            m.duration,
+        );
+        registry.register(
+            "connection_requests",
+            "Requests (exchanges) carried per connection, observed at close",
+            m.requests,
+        );
+        registry.register_with_unit(
+            "connection_idle",
+            "Idle gap on a kept-alive connection between the end of one exchange and the next request",
+            Unit::Seconds,
+            m.idle,
+        );
+        registry.register_with_unit(
+            "connection_close_idle",
+            "Idle time from the last exchange to the start of the close",
+            Unit::Seconds,
+            m.close_idle,
+        );
+        registry.register("http_requests", "HTTP/1.x requests seen, by version", m.http_requests);
+        registry.register_with_unit(
+            "http_keepalive_advertised_timeout",
+            "Last Keep-Alive timeout advertised by the server",
+            Unit::Seconds,
+            m.advertised_timeout,
+        );
+        registry.register(
+            "http_keepalive_advertised_max_requests",
+            "Last Keep-Alive max advertised by the server",
+            m.advertised_max,
+        );
+        registry.register(
+            "keepalive_races",
+            "Requests sent on a connection the peer was closing, or reset right after a request on a reused connection",
+            m.races,
+        );
+        registry.register("bytes_sent", "Payload bytes sent", m.bytes_sent);
+        registry.register("bytes_received", "Payload bytes received", m.bytes_received);
+        registry.register("tracked_connections", "Connections the agent is tracking now", m.tracked);
+        registry.register(
+            "tracked_connections_capacity",
+            "Connections the kernel map can track at once (--bpf.max-connections)",
+            m.capacity,
+        );
+        registry.register("probe_info", "Hook backend in use for each hook", m.probes);
+        registry.register("build_info", "connscope build", m.build);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Losses counted in user space (the kernel's are read from the `LOST` map).
+#[derive(Debug, Default)]
+pub struct UserLosses {
+    pub decode_error: AtomicU64,
+}

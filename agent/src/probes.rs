@@ -1,0 +1,274 @@
+//! Loads the kernel programs and attaches one backend per hook.
+//!
+//! `tcp_connect`, `tcp_close`, `tcp_sendmsg` and `tcp_recvmsg` each try fentry/fexit, then
+//! kprobes, then tracepoints (or only the backend forced by `--probe.backend`). The lifecycle
+//! tracepoints (state changes, resets, destruction) are attached on every kernel: they are
+//! the one stable source of TCP state transitions.
+
+use std::fmt;
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Btf, Ebpf, EbpfLoader,
+    programs::{FEntry, FExit, KProbe, Program, TracePoint},
+};
+use connscope_common::map_name;
+
+use crate::{
+    config::{Backend, Config},
+    preflight,
+};
+
+/// How a hook ended up attached (`attach` label of `connscope_probe_info`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl Attach {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl fmt::Display for Attach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// One hook and the backend that serves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HookAttach {
+    pub hook: &'static str,
+    pub attach: Attach,
+}
+
+/// A hook with its programs per backend: `(program, kernel function)` for fentry/fexit and
+/// kprobe/kretprobe, `(program, category, event)` for tracepoints.
+struct Hook {
+    name: &'static str,
+    fentry: &'static [(&'static str, &'static str)],
+    kprobe: &'static [(&'static str, &'static str)],
+    /// Empty when the always-attached lifecycle tracepoints already cover the hook.
+    tracepoint: &'static [(&'static str, &'static str, &'static str)],
+}
+
+const HOOKS: [Hook; 4] = [
+    Hook {
+        name: "tcp_connect",
+        fentry: &[("connscope_fentry_tcp_connect", "tcp_connect")],
+        kprobe: &[("connscope_kprobe_tcp_connect", "tcp_connect")],
+        // CLOSE -> SYN_SENT in sock:inet_sock_set_state runs inside connect().
+        tracepoint: &[],
+    },
+    Hook {
+        name: "tcp_close",
+        fentry: &[("connscope_fentry_tcp_close", "tcp_close")],
+        kprobe: &[("connscope_kprobe_tcp_close", "tcp_close")],
+        // State changes plus tcp:tcp_destroy_sock carry the close.
+        tracepoint: &[],
+    },
+    Hook {
+        name: "tcp_sendmsg",
+        fentry: &[("connscope_fexit_tcp_sendmsg", "tcp_sendmsg")],
+        kprobe: &[
+            ("connscope_kprobe_tcp_sendmsg", "tcp_sendmsg"),
+            ("connscope_kretprobe_tcp_sendmsg", "tcp_sendmsg"),
+        ],
+        tracepoint: &[("connscope_sock_send_length", "sock", "sock_send_length")],
+    },
+    Hook {
+        name: "tcp_recvmsg",
+        fentry: &[("connscope_fexit_tcp_recvmsg", "tcp_recvmsg")],
+        kprobe: &[
+            ("connscope_kprobe_tcp_recvmsg", "tcp_recvmsg"),
+            ("connscope_kretprobe_tcp_recvmsg", "tcp_recvmsg"),
+        ],
+        tracepoint: &[("connscope_sock_recv_length", "sock", "sock_recv_length")],
+    },
+];
+
+/// Attached on every kernel, whatever the backend.
+const LIFECYCLE: [(&str, &str, &str); 4] = [
+    ("connscope_inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("connscope_tcp_receive_reset", "tcp", "tcp_receive_reset"),
+    ("connscope_tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("connscope_tcp_destroy_sock", "tcp", "tcp_destroy_sock"),
+];
+
+/// System calls that move socket payload: their entry stashes the user buffer so the
+/// send/receive hook can read a turn's first bytes (see agent-ebpf/src/payload.rs).
+const PAYLOAD_SYSCALLS: [&str; 8] =
+    ["write", "read", "sendto", "recvfrom", "writev", "readv", "sendmsg", "recvmsg"];
+
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope"));
+
+/// The loaded programs. Dropping it detaches everything.
+pub struct Probes {
+    pub ebpf: Ebpf,
+    pub attached: Vec<HookAttach>,
+}
+
+pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
+    let btf = if preflight::has_btf() { Btf::from_sys_fs().ok() } else { None };
+    if config.backend == Backend::Fentry && btf.is_none() {
+        return Err(preflight::PreflightError::NoBtf.into());
+    }
+    let mut ebpf = EbpfLoader::new()
+        .btf(btf.as_ref())
+        .map_max_entries(map_name::CONNS, config.max_connections)
+        .map_max_entries(map_name::EVENTS, config.ringbuf_bytes)
+        .load(PROGRAMS)
+        .context("loading the eBPF programs")?;
+
+    for (program, category, event) in LIFECYCLE {
+        attach_tracepoint(&mut ebpf, program, category, event)?;
+    }
+    if config.capture_heads {
+        attach_payload_stash(&mut ebpf)?;
+    }
+    let mut attached = Vec::with_capacity(HOOKS.len() + 1);
+    attached.push(HookAttach { hook: "inet_sock_set_state", attach: Attach::Tracepoint });
+    for hook in &HOOKS {
+        let attach = attach_hook(&mut ebpf, hook, config.backend, btf.as_ref())?;
+        tracing::info!(hook = hook.name, backend = %attach, "hook attached");
+        attached.push(HookAttach { hook: hook.name, attach });
+    }
+    Ok(Probes { ebpf, attached })
+}
+
+fn candidates(backend: Backend, btf: Option<&Btf>) -> Vec<Attach> {
+    match backend {
+        Backend::Auto => {
+            let mut order = Vec::with_capacity(3);
+            if btf.is_some() {
+                order.push(Attach::Fentry);
+            }
+            if preflight::has_kprobes() {
+                order.push(Attach::Kprobe);
+            }
+            order.push(Attach::Tracepoint);
+            order
+        }
+        Backend::Fentry => vec![Attach::Fentry],
+        Backend::Kprobe => vec![Attach::Kprobe],
+        Backend::Tracepoint => vec![Attach::Tracepoint],
+    }
+}
+
+fn attach_hook(ebpf: &mut Ebpf, hook: &Hook, backend: Backend, btf: Option<&Btf>) -> anyhow::Result<Attach> {
+    let mut failures = Vec::new();
+    for attach in candidates(backend, btf) {
+        let result = match attach {
+            Attach::Fentry => btf
+                .ok_or_else(|| anyhow!("no kernel BTF"))
+                .and_then(|btf| attach_all(ebpf, hook.fentry, |ebpf, (p, f)| attach_btf(ebpf, p, f, btf))),
+            Attach::Kprobe => attach_all(ebpf, hook.kprobe, |ebpf, (p, f)| attach_kprobe(ebpf, p, f)),
+            Attach::Tracepoint => {
+                attach_all(ebpf, hook.tracepoint, |ebpf, (p, c, e)| attach_tracepoint(ebpf, p, c, e))
+            }
+        };
+        match result {
+            Ok(()) => return Ok(attach),
+            Err(err) => {
+                tracing::info!(hook = hook.name, backend = %attach, "backend unavailable: {err:#}");
+                failures.push(format!("{attach}: {err:#}"));
+            }
+        }
+    }
+    bail!("cannot attach {} with any backend ({})", hook.name, failures.join("; "))
+}
+
+/// Attaches every program of one backend, or none: on failure the ones already attached
+/// are unloaded so a later backend does not count the same calls twice.
+fn attach_all<T: Copy>(
+    ebpf: &mut Ebpf,
+    programs: &[T],
+    mut attach_one: impl FnMut(&mut Ebpf, T) -> anyhow::Result<&'static str>,
+) -> anyhow::Result<()> {
+    let mut done = Vec::new();
+    for &program in programs {
+        match attach_one(ebpf, program) {
+            Ok(name) => done.push(name),
+            Err(err) => {
+                for name in done {
+                    unload(ebpf, name);
+                }
+                return Err(err);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unload(ebpf: &mut Ebpf, name: &str) {
+    let result = match ebpf.program_mut(name) {
+        Some(Program::FEntry(p)) => p.unload(),
+        Some(Program::FExit(p)) => p.unload(),
+        Some(Program::KProbe(p)) => p.unload(),
+        Some(Program::TracePoint(p)) => p.unload(),
+        _ => Ok(()),
+    };
+    if let Err(err) = result {
+        tracing::warn!(program = name, "unloading after a failed attach: {err}");
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
+    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+}
+
+fn attach_btf(ebpf: &mut Ebpf, name: &'static str, function: &str, btf: &Btf) -> anyhow::Result<&'static str> {
+    match program(ebpf, name)? {
+        Program::FEntry(p) => {
+            let p: &mut FEntry = p;
+            p.load(function, btf).with_context(|| format!("loading fentry/{function}"))?;
+            p.attach().with_context(|| format!("attaching fentry/{function}"))?;
+        }
+        Program::FExit(p) => {
+            let p: &mut FExit = p;
+            p.load(function, btf).with_context(|| format!("loading fexit/{function}"))?;
+            p.attach().with_context(|| format!("attaching fexit/{function}"))?;
+        }
+        _ => bail!("{name} is not an fentry/fexit program"),
+    }
+    Ok(name)
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, name: &'static str, function: &str) -> anyhow::Result<&'static str> {
+    let p: &mut KProbe = program(ebpf, name)?.try_into()?;
+    p.load().with_context(|| format!("loading kprobe {name}"))?;
+    p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
+    Ok(name)
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, category: &str, event: &str) -> anyhow::Result<&'static str> {
+    let p: &mut TracePoint = program(ebpf, name)?.try_into()?;
+    p.load().with_context(|| format!("loading {name}"))?;
+    p.attach(category, event).with_context(|| format!("attaching tracepoint {category}:{event}"))?;
+    Ok(name)
+}
+
+fn attach_payload_stash(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let exit: &mut TracePoint = program(ebpf, "connscope_exit_payload_syscall")?.try_into()?;
+    exit.load().context("loading the payload syscall exit program")?;
+    for syscall in PAYLOAD_SYSCALLS {
+        let exit: &mut TracePoint = program(ebpf, "connscope_exit_payload_syscall")?.try_into()?;
+        exit.attach("syscalls", &format!("sys_exit_{syscall}"))
+            .with_context(|| format!("attaching tracepoint syscalls:sys_exit_{syscall}"))?;
+        let name = format!("connscope_enter_{syscall}");
+        let enter: &mut TracePoint = program(ebpf, &name)?.try_into()?;
+        enter.load().with_context(|| format!("loading {name}"))?;
+        enter
+            .attach("syscalls", &format!("sys_enter_{syscall}"))
+            .with_context(|| format!("attaching tracepoint syscalls:sys_enter_{syscall}"))?;
+    }
+    Ok(())
+}
