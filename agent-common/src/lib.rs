@@ -229,6 +229,27 @@ impl LostReason {
     }
 }
 
+/// The character a byte of a task's `comm` becomes in the `process` label: label-safe
+/// ASCII is kept, anything else (spaces, quotes, control bytes, non-ASCII) becomes `_`.
+pub const fn process_label_byte(byte: u8) -> u8 {
+    match byte {
+        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'_' | b':' | b'+' | b'-' => byte,
+        _ => b'_',
+    }
+}
+
+/// System calls whose user buffer is stashed for payload heads, in the order of the
+/// `PAYLOAD_SYSCALLS` global the agent fills with this architecture's numbers.
+pub mod payload_syscall {
+    pub const COUNT: usize = 8;
+    pub const NAMES: [&str; COUNT] = ["read", "write", "recvfrom", "sendto", "readv", "writev", "recvmsg", "sendmsg"];
+    /// `(fd, buf, len)`: the buffer is the second argument.
+    pub const FLAT_END: usize = 4;
+    /// `(fd, iov, iovcnt)`: the first iovec describes the buffer.
+    pub const VECTORED_END: usize = 6;
+    // The rest take `(fd, msghdr, flags)`.
+}
+
 /// Map names shared by both sides.
 pub mod map_name {
     pub const CONNS: &str = "CONNS";

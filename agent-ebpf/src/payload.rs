@@ -1,22 +1,26 @@
 //! Payload heads for turn starts.
 //!
 //! The socket layer's hooks see how many bytes moved but not where they came from, so the
-//! system calls that move socket payload stash their user buffer per thread on entry
-//! (syscall tracepoints: a stable ABI on every kernel), the send/receive hook takes it and
-//! reads at most `HEAD_LEN` bytes when a turn starts, and the syscall's exit drops anything
-//! left (a non-socket write, or a socket call that moved nothing).
+//! system calls that move socket payload stash their user buffer per thread on entry, the
+//! send/receive hook takes it and reads at most `HEAD_LEN` bytes when a turn starts, and the
+//! syscall's exit drops anything left (a non-socket write, or a call that moved nothing).
 //!
-//! Syscall tracepoint records: `__syscall_nr` at 8, then each argument in 8 bytes from 16
-//! (see /sys/kernel/tracing/events/syscalls/sys_enter_write/format).
+//! Raw `sys_enter`/`sys_exit` tracepoints (two attachments, detached without waiting for an
+//! RCU grace period each) with the syscall numbers given by the agent for this architecture.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_buf},
-    macros::tracepoint,
-    programs::TracePointContext,
+    bindings::pt_regs,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf},
+    macros::raw_tracepoint,
+    programs::RawTracePointContext,
 };
-use connscope_common::{HEAD_LEN, LostReason};
+use connscope_common::{HEAD_LEN, LostReason, payload_syscall};
 
 use crate::maps::{PENDING_PAYLOAD, count_lost};
+
+/// Syscall numbers of `payload_syscall::NAMES`, set by the agent at load time.
+#[unsafe(no_mangle)]
+static PAYLOAD_SYSCALLS: [u64; payload_syscall::COUNT] = [u64::MAX; payload_syscall::COUNT];
 
 /// A user buffer of a system call in progress.
 #[repr(C)]
@@ -25,9 +29,6 @@ pub struct PendingPayload {
     pub buf: u64,
     pub len: u64,
 }
-
-const ARG1: usize = 24;
-const ARG2: usize = 32;
 
 /// `struct iovec` as user space lays it out (stable ABI).
 #[repr(C)]
@@ -40,43 +41,106 @@ struct IoVec {
 /// Offset of `msg_iov` in the user `struct msghdr` (after `msg_name` and `msg_namelen`).
 const MSGHDR_IOV: u64 = 16;
 
+/// Index of `nr` in `PAYLOAD_SYSCALLS`.
+#[inline(always)]
+fn slot_of(nr: u64) -> Option<usize> {
+    for slot in 0..payload_syscall::COUNT {
+        // SAFETY: read of a global the loader may have rewritten; volatile so the compiler
+        // does not fold the default value.
+        if unsafe { core::ptr::read_volatile(&PAYLOAD_SYSCALLS[slot]) } == nr {
+            return Some(slot);
+        }
+    }
+    None
+}
+
+/// Syscall argument `n` (0-based) and number from the user registers, per architecture.
+#[cfg(bpf_target_arch = "x86_64")]
+mod regs {
+    use super::*;
+
+    pub fn arg(regs: *const pt_regs, n: usize) -> Option<u64> {
+        // SAFETY: field addresses of a kernel pointer, read through the probe helper.
+        let field = unsafe {
+            match n {
+                1 => &raw const (*regs).rsi,
+                2 => &raw const (*regs).rdx,
+                _ => &raw const (*regs).rdi,
+            }
+        };
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel(field) }.ok()
+    }
+
+    pub fn nr(regs: *const pt_regs) -> Option<u64> {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel(&raw const (*regs).orig_rax) }.ok()
+    }
+}
+
+#[cfg(bpf_target_arch = "aarch64")]
+mod regs {
+    use super::*;
+
+    pub fn arg(regs: *const pt_regs, n: usize) -> Option<u64> {
+        // SAFETY: field addresses of a kernel pointer, read through the probe helper.
+        unsafe { bpf_probe_read_kernel(&raw const (*regs).regs[n & 7]) }.ok()
+    }
+
+    pub fn nr(regs: *const pt_regs) -> Option<u64> {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_kernel(&raw const (*regs).syscallno) }.ok().map(|nr: i32| nr as u64)
+    }
+}
+
 fn stash(buf: u64, len: u64) {
     if buf == 0 || len == 0 {
         return;
     }
-    let key = bpf_get_current_pid_tgid();
-    // Full table: the turn is still counted, only its head is missing (counted on take).
-    let _ = PENDING_PAYLOAD.insert(key, PendingPayload { buf, len }, 0);
+    // Full table: the turn is still counted, only its head is missing.
+    let _ = PENDING_PAYLOAD.insert(bpf_get_current_pid_tgid(), PendingPayload { buf, len }, 0);
 }
 
-fn stash_flat(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: offsets of the syscall tracepoint record, read through the probe helper.
-    let buf: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
-    // SAFETY: as above.
-    let len: u64 = unsafe { ctx.read_at(ARG2) }.map_err(i64::from)?;
-    stash(buf, len);
-    Ok(())
-}
-
-fn stash_first_iovec(iov: u64) -> Result<(), i64> {
+fn stash_first_iovec(iov: u64) -> Option<()> {
     // SAFETY: user memory read through the fault-tolerant helper.
-    let first: IoVec = unsafe { bpf_probe_read_user(iov as *const IoVec) }?;
+    let first: IoVec = unsafe { bpf_probe_read_user(iov as *const IoVec) }.ok()?;
     stash(first.base, first.len);
-    Ok(())
+    Some(())
 }
 
-fn stash_vectored(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: as in `stash_flat`.
-    let iov: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
-    stash_first_iovec(iov)
+fn stash_syscall(slot: usize, regs: *const pt_regs) -> Option<()> {
+    let second = regs::arg(regs, 1)?;
+    if slot < payload_syscall::FLAT_END {
+        stash(second, regs::arg(regs, 2)?);
+        Some(())
+    } else if slot < payload_syscall::VECTORED_END {
+        stash_first_iovec(second)
+    } else {
+        // SAFETY: user memory read through the fault-tolerant helper.
+        let iov: u64 = unsafe { bpf_probe_read_user((second + MSGHDR_IOV) as *const u64) }.ok()?;
+        stash_first_iovec(iov)
+    }
 }
 
-fn stash_msghdr(ctx: &TracePointContext) -> Result<(), i64> {
-    // SAFETY: as in `stash_flat`.
-    let msg: u64 = unsafe { ctx.read_at(ARG1) }.map_err(i64::from)?;
-    // SAFETY: user memory read through the fault-tolerant helper.
-    let iov: u64 = unsafe { bpf_probe_read_user((msg + MSGHDR_IOV) as *const u64) }?;
-    stash_first_iovec(iov)
+/// `raw_syscalls:sys_enter(struct pt_regs *regs, long id)`.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn connscope_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let nr: u64 = ctx.arg(1);
+    if let Some(slot) = slot_of(nr) {
+        let regs: *const pt_regs = ctx.arg(0);
+        let _ = stash_syscall(slot, regs);
+    }
+    0
+}
+
+/// `raw_syscalls:sys_exit(struct pt_regs *regs, long ret)`.
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn connscope_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let regs: *const pt_regs = ctx.arg(0);
+    if regs::nr(regs).and_then(slot_of).is_some() {
+        discard();
+    }
+    0
 }
 
 /// Takes this thread's stashed buffer, if any.
@@ -112,30 +176,4 @@ pub fn read_head(pending: &PendingPayload, want: usize, dst: &mut [u8; HEAD_LEN]
             0
         }
     }
-}
-
-macro_rules! stash_program {
-    ($name:ident, $stash:ident) => {
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            let _ = $stash(&ctx);
-            0
-        }
-    };
-}
-
-stash_program!(connscope_enter_write, stash_flat);
-stash_program!(connscope_enter_read, stash_flat);
-stash_program!(connscope_enter_sendto, stash_flat);
-stash_program!(connscope_enter_recvfrom, stash_flat);
-stash_program!(connscope_enter_writev, stash_vectored);
-stash_program!(connscope_enter_readv, stash_vectored);
-stash_program!(connscope_enter_sendmsg, stash_msghdr);
-stash_program!(connscope_enter_recvmsg, stash_msghdr);
-
-/// Attached to the exit of every syscall above.
-#[tracepoint]
-pub fn connscope_exit_payload_syscall(_ctx: TracePointContext) -> u32 {
-    discard();
-    0
 }

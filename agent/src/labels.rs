@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use connscope_common::{AF_INET, Endpoints, role};
+use connscope_common::{AF_INET, Endpoints, process_label_byte, role};
 
 /// Label value for anything past a cap.
 pub const OTHER: &str = "other";
@@ -16,13 +16,7 @@ pub const UNKNOWN: &str = "unknown";
 /// `[A-Za-z0-9._:+-]` replaced by `_`, at most 16 characters.
 pub fn process_label(comm: &[u8]) -> String {
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len()).min(16);
-    let name: String = comm[..end]
-        .iter()
-        .map(|&b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'_' | b':' | b'+' | b'-' => b as char,
-            _ => '_',
-        })
-        .collect();
+    let name: String = comm[..end].iter().map(|&b| char::from(process_label_byte(b))).collect();
     if name.is_empty() { UNKNOWN.to_owned() } else { name }
 }
 

@@ -10,9 +10,9 @@ use std::fmt;
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{FEntry, FExit, KProbe, Program, TracePoint},
+    programs::{FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint},
 };
-use connscope_common::map_name;
+use connscope_common::{map_name, payload_syscall};
 
 use crate::{
     config::{Backend, Config},
@@ -103,10 +103,17 @@ const LIFECYCLE: [(&str, &str, &str); 4] = [
     ("connscope_tcp_destroy_sock", "tcp", "tcp_destroy_sock"),
 ];
 
-/// System calls that move socket payload: their entry stashes the user buffer so the
-/// send/receive hook can read a turn's first bytes (see agent-ebpf/src/payload.rs).
-const PAYLOAD_SYSCALLS: [&str; 8] =
-    ["write", "read", "sendto", "recvfrom", "writev", "readv", "sendmsg", "recvmsg"];
+/// This architecture's numbers of `payload_syscall::NAMES`, in that order.
+const PAYLOAD_SYSCALL_NUMBERS: [u64; payload_syscall::COUNT] = [
+    libc::SYS_read as u64,
+    libc::SYS_write as u64,
+    libc::SYS_recvfrom as u64,
+    libc::SYS_sendto as u64,
+    libc::SYS_readv as u64,
+    libc::SYS_writev as u64,
+    libc::SYS_recvmsg as u64,
+    libc::SYS_sendmsg as u64,
+];
 
 static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope"));
 
@@ -125,6 +132,7 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
         .btf(btf.as_ref())
         .map_max_entries(map_name::CONNS, config.max_connections)
         .map_max_entries(map_name::EVENTS, config.ringbuf_bytes)
+        .set_global("PAYLOAD_SYSCALLS", &PAYLOAD_SYSCALL_NUMBERS, true)
         .load(PROGRAMS)
         .context("loading the eBPF programs")?;
 
@@ -256,19 +264,12 @@ fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, category: &str, event:
     Ok(name)
 }
 
+/// Raw `sys_enter`/`sys_exit`: they stash and drop the user buffers of socket I/O calls.
 fn attach_payload_stash(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    let exit: &mut TracePoint = program(ebpf, "connscope_exit_payload_syscall")?.try_into()?;
-    exit.load().context("loading the payload syscall exit program")?;
-    for syscall in PAYLOAD_SYSCALLS {
-        let exit: &mut TracePoint = program(ebpf, "connscope_exit_payload_syscall")?.try_into()?;
-        exit.attach("syscalls", &format!("sys_exit_{syscall}"))
-            .with_context(|| format!("attaching tracepoint syscalls:sys_exit_{syscall}"))?;
-        let name = format!("connscope_enter_{syscall}");
-        let enter: &mut TracePoint = program(ebpf, &name)?.try_into()?;
-        enter.load().with_context(|| format!("loading {name}"))?;
-        enter
-            .attach("syscalls", &format!("sys_enter_{syscall}"))
-            .with_context(|| format!("attaching tracepoint syscalls:sys_enter_{syscall}"))?;
+    for (name, event) in [("connscope_sys_enter", "sys_enter"), ("connscope_sys_exit", "sys_exit")] {
+        let program: &mut RawTracePoint = program(ebpf, name)?.try_into()?;
+        program.load().with_context(|| format!("loading {name}"))?;
+        program.attach(event).with_context(|| format!("attaching raw tracepoint {event}"))?;
     }
     Ok(())
 }

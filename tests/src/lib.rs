@@ -1,1 +1,160 @@
+//! Test harness: start the real `connscope` binary, scrape its real `/metrics` over HTTP,
+//! and read exact values. Every kernel test runs its own agent and its own servers on
+//! ports (or loopback addresses) of its own, so tests run in parallel without sharing counts.
 
+pub mod metrics_text;
+pub mod net;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+pub use crate::metrics_text::Scrape;
+
+/// Whether kernel tests can run. In CI (`CI=true`) they must: not being root is a failure.
+/// Elsewhere they skip with the reason printed.
+pub fn kernel_tests_enabled(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: kernel tests must run as root in CI");
+    eprintln!("skipping {test}: kernel tests need root (run `sudo -E cargo xtask test`)");
+    false
+}
+
+/// The agent binary: `$CONNSCOPE_BIN`, else the workspace's debug build.
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CONNSCOPE_BIN") {
+        return PathBuf::from(path);
+    }
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let path = workspace.join("target/debug/connscope");
+    assert!(path.exists(), "{} missing: build it first (`cargo xtask test` does)", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the kernel will not hand it out
+/// again as an ephemeral port right away).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|err| panic!("no free port: {err}"))
+}
+
+/// A running agent; stopped with SIGTERM when dropped.
+pub struct Agent {
+    child: Child,
+    pub address: SocketAddr,
+}
+
+impl Agent {
+    /// Starts the agent with `extra` flags and waits until its probes are attached.
+    pub fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        let port = free_port();
+        let address: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let listen = address.to_string();
+        let mut args = vec!["--web.listen-address", &listen, "--metrics.max-servers", "100000"];
+        args.extend_from_slice(extra);
+        let child = Command::new(agent_binary())
+            .args(&args)
+            .env("CONNSCOPE_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("starting connscope")?;
+        let mut agent = Self { child, address };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = agent.get("/readyz") {
+                return Ok(agent);
+            }
+            if let Some(status) = agent.child.try_wait()? {
+                bail!("connscope exited during start-up: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("connscope not ready after 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `GET path` over a fresh HTTP/1.0 connection: (status, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        http_get(self.address, path)
+    }
+
+    pub fn scrape(&self) -> anyhow::Result<Scrape> {
+        let (status, body) = self.get("/metrics")?;
+        if status != 200 {
+            bail!("/metrics answered {status}");
+        }
+        Scrape::parse(&body)
+    }
+
+    /// Scrapes until `done` holds for the scrape (events reach the agent asynchronously),
+    /// at most `timeout`; returns the last scrape either way so the caller asserts on it.
+    pub fn scrape_until(&self, timeout: Duration, done: impl Fn(&Scrape) -> bool) -> anyhow::Result<Scrape> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let scrape = self.scrape()?;
+            if done(&scrape) || Instant::now() > deadline {
+                return Ok(scrape);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code and how long it took.
+    pub fn stop(mut self) -> anyhow::Result<(Option<i32>, Duration)> {
+        let started = Instant::now();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        Ok((status.code(), started.elapsed()))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET (the agent closes after the response).
+pub fn http_get(address: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("bad HTTP response: {response:.80}"))?;
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The current thread's `comm`, sanitised as the agent does for its `process` label.
+pub fn own_process_label() -> String {
+    let comm = std::fs::read("/proc/thread-self/comm").unwrap_or_default();
+    let comm: Vec<u8> = comm.into_iter().filter(|&b| b != b'\n').collect();
+    comm.iter().take(16).map(|&b| char::from(connscope_common::process_label_byte(b))).collect()
+}

@@ -1,0 +1,72 @@
+//! Network fixtures: network namespaces made by the test, and socket options.
+
+use std::{
+    fs::File,
+    net::TcpStream,
+    os::fd::AsRawFd as _,
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// A network namespace created for one test (with loopback up), deleted on drop.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    pub fn create(tag: &str) -> anyhow::Result<Self> {
+        let name = format!("connscope-{tag}-{}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        run("ip", &["-n", &ns.name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace (setns only moves that
+    /// thread, so the rest of the test process stays where it was).
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+        let file = File::open(format!("/run/netns/{}", self.name)).context("opening the namespace")?;
+        let handle = std::thread::spawn(move || {
+            // SAFETY: valid fd of a network namespace; affects only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        });
+        handle.join().map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "delete", &self.name]);
+    }
+}
+
+pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(program).args(args).status().with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("{program} {args:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// SO_LINGER with a zero timeout: close() then aborts the connection with a reset.
+pub fn set_linger_zero(stream: &TcpStream) -> anyhow::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a pointer to a properly sized linger struct.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
