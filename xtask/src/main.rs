@@ -1,1 +1,97 @@
-fn main() {}
+//! Project tooling: `cargo xtask <command>`. Everything a fresh Debian 12 machine needs is
+//! installed by `setup`, which every other command runs first (fast when already done).
+
+mod setup;
+mod test;
+
+use std::{
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "connscope project tooling")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install and verify the eBPF toolchain and the test tools (idempotent).
+    Setup,
+    /// Set up, build the agent in release mode and start it (arguments go to connscope).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run every test (unit, kernel, end-to-end, assets).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::Setup => setup::run(),
+        Task::Run { args } => run(&args),
+        Task::Test { args } => test::run(&args),
+    }
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `cargo` as invoked by the user (so the same toolchain is used).
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Runs a command and fails with its description when it does not succeed.
+pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
+    let binary = workspace_root().join("target/release/connscope");
+    let listen = args
+        .iter()
+        .position(|a| a == "--web.listen-address")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+        .or_else(|| args.iter().find_map(|a| a.strip_prefix("--web.listen-address=")))
+        .unwrap_or(":9477");
+    let port = listen.rsplit(':').next().unwrap_or("9477");
+    eprintln!("starting connscope; metrics at http://localhost:{port}/metrics (Ctrl-C stops it)");
+    let mut cmd = if is_root() {
+        Command::new(&binary)
+    } else {
+        eprintln!("not root: starting it with sudo (it needs CAP_BPF and CAP_PERFMON)");
+        let mut sudo = Command::new("sudo");
+        sudo.arg(&binary);
+        sudo
+    };
+    let err = cmd.args(args).exec();
+    bail!("starting {}: {err}", binary.display())
+}

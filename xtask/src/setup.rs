@@ -1,0 +1,129 @@
+//! `cargo xtask setup`: everything the eBPF build and the tests need on a fresh Debian 12
+//! machine (design.md §6), idempotent and quick when already done.
+//!
+//! - Debian's `rustc-web` toolchain ships a prebuilt `core` for `bpfel-unknown-none`; it is
+//!   linked into rustup as `connscope-bpf`, which `agent/build.rs` picks up.
+//! - `bpf-linker` 0.13.0 built against Debian's LLVM 22.
+//! - The tools the tests drive: nginx, wrk, curl, Prometheus/promtool, iproute2, and the
+//!   PyPI validators of the Kubernetes manifests.
+
+use std::{process::Command, time::Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::{is_root, run_checked};
+
+/// Debian packages: the eBPF toolchain first, then what the tests use.
+const APT_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "libstd-rust-web-dev-bpf",
+    "llvm-22-dev",
+    "nginx",
+    "wrk",
+    "curl",
+    "prometheus",
+    "iproute2",
+];
+
+/// PyPI packages for the offline manifest checks (tests/tests/assets.rs).
+const PIP_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "jsonschema==4.26.0"];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+pub const LINKED_TOOLCHAIN: &str = "connscope-bpf";
+
+pub fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    apt_packages()?;
+    pip_packages()?;
+    bpf_linker()?;
+    toolchain_link()?;
+    eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn missing_apt_packages() -> anyhow::Result<Vec<&'static str>> {
+    let output = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\\n"])
+        .args(APT_PACKAGES)
+        .output()
+        .context("running dpkg-query (is this a Debian machine?)")?;
+    let listing = String::from_utf8_lossy(&output.stdout);
+    Ok(APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|package| {
+            !listing.lines().any(|line| line.starts_with(&format!("{package} ")) && line.ends_with("install ok installed"))
+        })
+        .collect())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing = missing_apt_packages()?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}: run `sudo cargo xtask setup` (or apt-get install them)");
+    }
+    eprintln!("setup: installing {}", missing.join(" "));
+    run_checked(Command::new("apt-get").args(["update", "-q"]))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            // Packages such as nginx must not start system services on a build machine.
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("RUNLEVEL", "1"),
+    )?;
+    // nginx's postinst may start the packaged server; the tests start their own.
+    let _ = Command::new("nginx").args(["-s", "stop"]).status();
+    Ok(())
+}
+
+fn pip_packages() -> anyhow::Result<()> {
+    let check = Command::new("python3")
+        .args(["-c", "import kubernetes_validate, jsonschema"])
+        .output()
+        .context("running python3")?;
+    if check.status.success() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {}", PIP_PACKAGES.join(" "));
+    run_checked(Command::new("python3").args(["-m", "pip", "install", "--quiet"]).args(PIP_PACKAGES))
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let installed = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION))
+        .unwrap_or(false);
+    if installed {
+        return Ok(());
+    }
+    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+    run_checked(
+        Command::new("cargo")
+            .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
+}
+
+fn toolchain_link() -> anyhow::Result<()> {
+    let listing = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
+    let linked = String::from_utf8_lossy(&listing.stdout)
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some(LINKED_TOOLCHAIN));
+    if linked {
+        return Ok(());
+    }
+    let version = Command::new("/usr/bin/rustc").arg("--version").output().context("running /usr/bin/rustc")?;
+    if !version.status.success() {
+        bail!("/usr/bin/rustc does not run; is rustc-web installed?");
+    }
+    eprintln!("setup: linking Debian's {} into rustup as {LINKED_TOOLCHAIN}", String::from_utf8_lossy(&version.stdout).trim());
+    run_checked(Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]))
+}

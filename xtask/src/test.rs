@@ -1,0 +1,20 @@
+//! `cargo xtask test`: set-up, build, and every test in one `cargo test` run.
+//!
+//! Kernel tests start the real agent binary (built here, passed as `CONNSCOPE_BIN`) and need
+//! root; with `CI=true` they fail rather than skip when that is missing.
+
+use crate::{cargo, is_root, run_checked, setup, workspace_root};
+
+pub fn run(args: &[String]) -> anyhow::Result<()> {
+    setup::run()?;
+    if !is_root() {
+        let hint = "kernel tests need root: run `sudo -E cargo xtask test`";
+        if std::env::var("CI").as_deref() == Ok("true") {
+            anyhow::bail!("{hint}");
+        }
+        eprintln!("warning: {hint}; they will be skipped");
+    }
+    run_checked(cargo().args(["build", "--package", "connscope"]))?;
+    let binary = workspace_root().join("target/debug/connscope");
+    run_checked(cargo().args(["test", "--workspace", "--exclude", "connscope-ebpf"]).args(args).env("CONNSCOPE_BIN", binary))
+}
