@@ -16,6 +16,7 @@ Conventions every panel follows (checked by tests/tests/assets.rs):
 
 import json
 import os
+import sys
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 # Target selectors. F: every connscope series; FN: series that carry k8s labels.
@@ -570,7 +571,8 @@ def agent():
 
 
 def main():
-    here = os.path.dirname(os.path.abspath(__file__))
+    # Optional argument: the directory to write to (the test writes to a temporary one).
+    here = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     for name, build in (("overview", overview), ("keepalive", keepalive), ("churn", churn),
                         ("agent-health", agent)):
         with open(os.path.join(here, f"connscope-{name}.json"), "w", encoding="utf-8") as f:
