@@ -702,6 +702,7 @@ fn dashboard_queries_parse_and_use_contract_metrics() -> Result<()> {
         promql_parser::util::parse_duration(RATE_INTERVAL).map_err(anyhow::Error::msg)?;
     let mut problems = vec![];
     let mut checked = 0;
+    let mut substituted = vec![];
     for (name, d) in dashboards()? {
         let mut queries: Vec<(String, String)> = vec![];
         for p in panels(&d) {
@@ -753,10 +754,30 @@ fn dashboard_queries_parse_and_use_contract_metrics() -> Result<()> {
             for p in check_promql(&expr, &contract, Some(rate_range)) {
                 problems.push(format!("{name}: {what}: {p}\n      in `{raw}`"));
             }
+            substituted.push(expr);
         }
     }
     ensure!(checked > 40, "only {checked} dashboard queries found");
-    report("dashboard queries", &problems)
+    report("dashboard queries", &problems)?;
+
+    // Second opinion from Prometheus' own parser: every query as a recording rule.
+    if !require_tool("promtool", "promtool parse of the dashboard queries")? {
+        return Ok(());
+    }
+    let rules: Vec<Value> = substituted
+        .iter()
+        .enumerate()
+        .map(|(i, e)| json!({"record": format!("dashboard_query_{i}"), "expr": e}))
+        .collect();
+    let file = scratch("dashboard-queries")?.join("queries.yml");
+    let doc = json!({"groups": [{"name": "dashboards", "rules": rules}]});
+    fs::write(&file, serde_yaml::to_string(&doc)?)?;
+    let out = run_ok(Command::new("promtool").args(["check", "rules"]).arg(&file))?;
+    ensure!(
+        out.contains(&format!("SUCCESS: {} rules found", substituted.len())),
+        "promtool: {out}"
+    );
+    Ok(())
 }
 
 #[test]
