@@ -78,6 +78,9 @@ pub mod conn_flag {
     pub const RESET_RECEIVED: u32 = 1 << 4;
     /// The local side sent payload after the peer had started closing (keep-alive race).
     pub const SENT_AFTER_PEER_CLOSE: u32 = 1 << 5;
+    /// No request was waiting for its response when the close started (the connection was
+    /// idle between exchanges, or had none).
+    pub const IDLE_AT_CLOSE: u32 = 1 << 6;
 }
 
 /// Addresses and ports of a socket, ports in host order. IPv4 addresses use the first

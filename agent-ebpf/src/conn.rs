@@ -85,6 +85,15 @@ fn start_close(sock: u64, by: u8, kind: u8) {
         conn.closed_by = by;
         conn.close_kind = kind;
         conn.close_start_ns = now_ns();
+        mark_idle_at_close(conn);
+    }
+}
+
+/// Idle when the last payload was a response (client received, server sent) or none moved.
+fn mark_idle_at_close(conn: &mut Conn) {
+    let response_dir = if conn.role == role::CLIENT { direction::RECV } else { direction::SEND };
+    if conn.last_direction == direction::NONE || conn.last_direction == response_dir {
+        conn.flags |= conn_flag::IDLE_AT_CLOSE;
     }
 }
 
@@ -99,6 +108,7 @@ pub fn on_reset(sock: u64, sent: bool) {
         conn.closed_by = if sent { closed_by::LOCAL } else { closed_by::PEER };
         conn.close_kind = close_kind::RESET;
         conn.close_start_ns = now_ns();
+        mark_idle_at_close(conn);
     }
 }
 

@@ -58,8 +58,10 @@ struct HttpState {
     connection_close: bool,
     /// An HTTP/1.0 exchange without keep-alive on both sides.
     http10_close: bool,
-    /// Last `Keep-Alive: max=` from the server.
-    advertised_max: Option<u32>,
+    /// `Keep-Alive: max=` of the first and of the latest response. Servers either repeat a
+    /// fixed limit or count down the requests left (Apache); both reach their end.
+    first_advertised_max: Option<u32>,
+    last_advertised_max: Option<u32>,
     /// Whether the last request was HTTP/1.0 asking for keep-alive (for the response check).
     http10_request_keep_alive: Option<bool>,
 }
@@ -262,7 +264,8 @@ fn on_response(metrics: &Metrics, tracked: &mut Tracked, response: &http::Head) 
     }
     if let Some(max) = response.keep_alive.max_requests {
         metrics.advertised_max.get_or_create(&server).set(i64::from(max));
-        tracked.http.advertised_max = Some(max);
+        tracked.http.first_advertised_max.get_or_insert(max);
+        tracked.http.last_advertised_max = Some(max);
     }
 }
 
@@ -290,20 +293,23 @@ const fn close_kind_label(value: u8) -> &'static str {
     }
 }
 
-/// Why the connection ended, most specific first.
+/// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
+/// explains a `Connection: close` too, so they come before it.
 fn close_reason(conn: &Conn, tracked: &Tracked) -> &'static str {
     if conn.close_kind == close_kind::RESET {
         // An abort without any reset on the wire is a timeout or error, not a reset.
         return if conn.flags & (conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) != 0 { "reset" } else { "error" };
     }
     let http = &tracked.http;
-    if http.connection_close {
-        "connection_close"
+    let limit_reached = http.last_advertised_max.is_some_and(|left| left <= 1)
+        || http.first_advertised_max.is_some_and(|max| max > 1 && http.requests >= u64::from(max));
+    if limit_reached {
+        "max_requests"
     } else if http.http10_close {
         "http10"
-    } else if http.advertised_max.is_some_and(|max| max > 0 && http.requests >= u64::from(max)) {
-        "max_requests"
-    } else if conn.close_kind == close_kind::FIN && tracked.activity == Activity::Idle {
+    } else if http.connection_close {
+        "connection_close"
+    } else if conn.close_kind == close_kind::FIN && conn.flags & conn_flag::IDLE_AT_CLOSE != 0 {
         "idle"
     } else {
         "unknown"

@@ -76,6 +76,7 @@ fn open_gauge(metrics: &Metrics, role: &str, state: &str) -> i64 {
 
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=3\r\n\r\n";
+const OK_LAST: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5, max=1\r\n\r\n";
 
 #[test]
 fn client_keep_alive_connection_closed_idle_by_peer() {
@@ -91,6 +92,7 @@ fn client_keep_alive_connection_closed_idle_by_peer() {
     closing.exchanges = 2;
     closing.closed_by = closed_by::PEER;
     closing.close_kind = close_kind::FIN;
+    closing.flags |= conn_flag::IDLE_AT_CLOSE;
     table.handle(&conn_event(EventKind::Close, closing, 2_000_001_000));
 
     assert_eq!(closed_count(&metrics, "client", "peer", "fin", "idle"), 1);
@@ -138,7 +140,7 @@ fn http10_and_max_requests_reasons() {
     table.handle(&conn_event(EventKind::Open, conn(role::CLIENT), 6_000));
     for n in 1..=3 {
         table.handle(&turn(role::CLIENT, direction::SEND, n, 10, GET));
-        table.handle(&turn(role::CLIENT, direction::RECV, n, 0, OK));
+        table.handle(&turn(role::CLIENT, direction::RECV, n, 0, if n == 3 { OK_LAST } else { OK }));
     }
     closing.exchanges = 3;
     table.handle(&conn_event(EventKind::Close, closing, 9_000));
@@ -174,6 +176,7 @@ fn close_without_open_counts_both_and_failed_connects_count_nothing() {
     let (mut table, metrics) = table();
     let mut server = conn(role::SERVER);
     (server.closed_by, server.close_kind) = (closed_by::PEER, close_kind::FIN);
+    server.flags |= conn_flag::IDLE_AT_CLOSE;
     table.handle(&conn_event(EventKind::Close, server, 5_000));
     let opened = PlacedFlow { flow: flow("server"), placement: Placement::default() };
     assert_eq!(metrics.opened.get_or_create(&opened).get(), 1);

@@ -1,0 +1,271 @@
+//! HTTP keep-alive behaviour against the real kernel and the real agent: requests per
+//! connection, idle gaps, close reasons, races, and protocol-agnostic exchange counting.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use connscope_tests::{
+    Agent, Scrape,
+    http_server::{self, ServerBehaviour},
+    kernel_tests_enabled,
+};
+
+const WAIT: Duration = Duration::from_secs(5);
+
+fn listener() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|err| panic!("bind: {err}"));
+    let server = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    (listener, server)
+}
+
+fn closes(scrape: &Scrape, server: &str) -> f64 {
+    scrape.sum("connscope_connections_closed_total", &[("server", server)])
+}
+
+fn closed(scrape: &Scrape, server: &str, role: &str, by: &str, reason: &str) -> f64 {
+    scrape.sum(
+        "connscope_connections_closed_total",
+        &[("server", server), ("role", role), ("closed_by", by), ("reason", reason)],
+    )
+}
+
+fn join(handle: thread::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    handle.join().map_err(|_| anyhow::anyhow!("server panicked"))?
+}
+
+#[test]
+fn requests_per_connection_and_idle_gaps() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("requests_per_connection_and_idle_gaps") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    let serving = http_server::serve(listener, 1, ServerBehaviour::default());
+    const K: u32 = 4;
+    const GAP: Duration = Duration::from_millis(200);
+    let mut client = TcpStream::connect(&server)?;
+    for n in 0..K {
+        if n > 0 {
+            thread::sleep(GAP);
+        }
+        http_server::request(&mut client, "1.1", "")?;
+    }
+    drop(client);
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0)?;
+    for role in ["client", "server"] {
+        let labels = [("server", server.as_str()), ("role", role)];
+        assert_eq!(scrape.sum("connscope_connection_requests_count", &labels), 1.0, "{role}: {}", scrape.text);
+        assert_eq!(scrape.sum("connscope_connection_requests_sum", &labels), f64::from(K), "{role}");
+        assert_eq!(scrape.sum("connscope_http_requests_total", &labels), f64::from(K), "{role}");
+        assert_eq!(scrape.sum("connscope_connection_idle_seconds_count", &labels), f64::from(K - 1), "{role}");
+        let idle = scrape.sum("connscope_connection_idle_seconds_sum", &labels);
+        let expected = GAP.as_secs_f64() * f64::from(K - 1);
+        assert!((idle - expected).abs() < 0.005 * f64::from(K - 1), "{role}: idle {idle} s, slept {expected} s");
+    }
+    // Client closed first while idle; the server saw its peer close.
+    assert_eq!(closed(&scrape, &server, "client", "local", "idle"), 1.0);
+    assert_eq!(closed(&scrape, &server, "server", "peer", "idle"), 1.0);
+    assert_eq!(scrape.sum("connscope_http_keepalive_advertised_timeout_seconds", &[("server", &server)]), 60.0);
+    Ok(())
+}
+
+#[test]
+fn connection_close_request() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("connection_close_request") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    let serving = http_server::serve(listener, 1, ServerBehaviour::default());
+    let mut client = TcpStream::connect(&server)?;
+    assert!(http_server::request(&mut client, "1.1", "Connection: close\r\n")?);
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest)?;
+    drop(client);
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0)?;
+    assert_eq!(closed(&scrape, &server, "server", "local", "connection_close"), 1.0, "{}", scrape.text);
+    assert_eq!(closed(&scrape, &server, "client", "peer", "connection_close"), 1.0);
+    Ok(())
+}
+
+#[test]
+fn http10_closes_after_each_response() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("http10_closes_after_each_response") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    let serving = http_server::serve(listener, 2, ServerBehaviour::default());
+    for _ in 0..2 {
+        let mut client = TcpStream::connect(&server)?;
+        assert!(http_server::request(&mut client, "1.0", "")?);
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest)?;
+    }
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 4.0)?;
+    assert_eq!(closed(&scrape, &server, "server", "local", "http10"), 2.0, "{}", scrape.text);
+    assert_eq!(closed(&scrape, &server, "client", "peer", "http10"), 2.0);
+    assert_eq!(
+        scrape.sum("connscope_http_requests_total", &[("server", &server), ("role", "client"), ("http_version", "1.0")]),
+        2.0
+    );
+    Ok(())
+}
+
+#[test]
+fn server_idle_timeout_and_max_requests() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("server_idle_timeout_and_max_requests") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    let behaviour = ServerBehaviour { idle_timeout: Some(Duration::from_millis(300)), max_requests: Some(3) };
+    let serving = http_server::serve(listener, 2, behaviour);
+    // Connection 1: one request, then the server's idle timeout closes it.
+    let mut idle = TcpStream::connect(&server)?;
+    assert!(!http_server::request(&mut idle, "1.1", "")?);
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest)?;
+    drop(idle);
+    // Connection 2: three requests, the third answered with max=0 and Connection: close.
+    let mut limited = TcpStream::connect(&server)?;
+    for n in 1..=3 {
+        let closing = http_server::request(&mut limited, "1.1", "")?;
+        assert_eq!(closing, n == 3);
+    }
+    limited.read_to_end(&mut rest)?;
+    drop(limited);
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 4.0)?;
+    assert_eq!(closed(&scrape, &server, "client", "peer", "idle"), 1.0, "{}", scrape.text);
+    assert_eq!(closed(&scrape, &server, "server", "local", "idle"), 1.0);
+    assert_eq!(closed(&scrape, &server, "client", "peer", "max_requests"), 1.0);
+    assert_eq!(closed(&scrape, &server, "server", "local", "max_requests"), 1.0);
+    assert_eq!(scrape.sum("connscope_connection_requests_sum", &[("server", &server), ("role", "client")]), 4.0);
+    Ok(())
+}
+
+/// A client reuses a connection the server has already closed for idleness: the classic
+/// keep-alive race. The request goes out after the server's FIN and is answered by a reset.
+#[test]
+fn request_on_a_connection_the_server_closed_is_a_race() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("request_on_a_connection_the_server_closed_is_a_race") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    let behaviour = ServerBehaviour { idle_timeout: Some(Duration::from_millis(200)), max_requests: None };
+    let serving = http_server::serve(listener, 1, behaviour);
+    let mut client = TcpStream::connect(&server)?;
+    http_server::request(&mut client, "1.1", "")?;
+    // Longer than the server's idle timeout, shorter than a pool's: the FIN has arrived.
+    thread::sleep(Duration::from_millis(500));
+    client.write_all(b"GET /again HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut rest = Vec::new();
+    let _ = client.read_to_end(&mut rest);
+    drop(client);
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| {
+        closes(s, &server) >= 2.0 && s.sum("connscope_keepalive_races_total", &[("server", &server)]) >= 1.0
+    })?;
+    assert_eq!(
+        scrape.sum("connscope_keepalive_races_total", &[("server", &server), ("role", "client")]),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    // The close itself was the server's idle timeout.
+    assert_eq!(closed(&scrape, &server, "client", "peer", "idle"), 1.0);
+    assert_eq!(closed(&scrape, &server, "server", "local", "idle"), 1.0);
+    Ok(())
+}
+
+/// A line protocol (Redis-like PING/PONG): no HTTP, but exchanges are still counted.
+#[test]
+fn non_http_exchanges_are_counted() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("non_http_exchanges_are_counted") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    const EXCHANGES: usize = 5;
+    let serving = thread::spawn(move || {
+        let (mut stream, _) = listener.accept()?;
+        let mut buf = [0u8; 64];
+        for _ in 0..EXCHANGES {
+            stream.read_exact(&mut buf[..6])?;
+            stream.write_all(b"+PONG\r\n")?;
+        }
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest)?;
+        anyhow::Ok(())
+    });
+    let mut client = TcpStream::connect(&server)?;
+    let mut reply = [0u8; 7];
+    for _ in 0..EXCHANGES {
+        client.write_all(b"PING\r\n")?;
+        client.read_exact(&mut reply)?;
+    }
+    drop(client);
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0)?;
+    for role in ["client", "server"] {
+        let labels = [("server", server.as_str()), ("role", role)];
+        assert_eq!(scrape.sum("connscope_connection_requests_sum", &labels), EXCHANGES as f64, "{role}: {}", scrape.text);
+        assert_eq!(scrape.sum("connscope_http_requests_total", &labels), 0.0, "{role}");
+    }
+    Ok(())
+}
+
+/// Binary garbage and hostile heads never break the agent nor reach labels.
+#[test]
+fn hostile_payloads_are_harmless() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("hostile_payloads_are_harmless") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    const CONNECTIONS: usize = 20;
+    let serving = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            let (mut stream, _) = listener.accept()?;
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf)?;
+            stream.write_all(b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=-1, max=\xff\xfe\r\nConnection: \x00close\r\n\r\n")?;
+        }
+        anyhow::Ok(())
+    });
+    for i in 0..CONNECTIONS {
+        let mut client = TcpStream::connect(&server)?;
+        let mut payload = format!("M{i}\"{{}}\\ /secret?token=abc HTTP/1.1\r\nHost: h{i}\r\nCookie: s=1\r\n").into_bytes();
+        payload.extend_from_slice(&[0xff, 0x00, 0xc3, 0x28]);
+        payload.extend(std::iter::repeat_n(b'A', 3000));
+        client.write_all(&payload)?;
+        let mut reply = Vec::new();
+        let _ = client.read_to_end(&mut reply);
+    }
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0 * CONNECTIONS as f64)?;
+    assert_eq!(closes(&scrape, &server), 2.0 * CONNECTIONS as f64);
+    for secret in ["secret", "token", "Cookie", "\\xff"] {
+        assert!(!scrape.text.contains(secret), "{secret} leaked into /metrics");
+    }
+    assert_eq!(scrape.sum("connscope_http_requests_total", &[("server", &server)]), 0.0, "unknown methods are not HTTP");
+    assert_eq!(scrape.sum("connscope_http_keepalive_advertised_timeout_seconds", &[("server", &server)]), 0.0);
+    assert_eq!(agent.get("/healthz")?.0, 200);
+    Ok(())
+}
