@@ -3,6 +3,7 @@
 
 mod setup;
 mod test;
+mod vm;
 
 use std::{
     os::unix::process::CommandExt as _,
@@ -35,6 +36,8 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot Debian's stock kernel under QEMU and run the kernel tests once per hook backend.
+    VmTest,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Run { args } => run(&args),
         Task::Test { args } => test::run(&args),
+        Task::VmTest => vm::run(),
     }
 }
 
