@@ -515,7 +515,7 @@ def agent():
     L = Layout()
     P = []
     P.append(L.place(stat("Agents up",
-        "Scrape targets of the selected job that answered their last scrape, out of all targets.",
+        "Number of connscope scrape targets (selected job and instances) that answered their last scrape. Compare with the number of nodes.",
         "short", 'sum(up{%s})' % F,
         thresholds=[{"color": "red", "value": None}, {"color": "green", "value": 1}]), 6, 4))
     P.append(L.place(stat("Events lost /s",
