@@ -479,11 +479,12 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 for m in /lib/modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
 hostname connscope-vm
-ip link set lo up
+# busybox sh runs its own applets first (standalone shell): name iproute2's ip by path.
+/usr/bin/ip link set lo up
 ulimit -l unlimited
 
 have() { [ -e "$1" ] && echo yes || echo no; }
-echo "CONNSCOPE-VM kernel=$(uname -r) cpus=$(nproc) btf=$(have /sys/kernel/btf/vmlinux) kprobe_pmu=$(have /sys/bus/event_source/devices/kprobe/type) sock_send_length=$(have /sys/kernel/tracing/events/sock/sock_send_length) netns=$(ip netns add probe && ip netns delete probe && echo yes || echo no) veth=$(ip link add vmt0 type veth peer name vmt1 2>/dev/null && ip link delete vmt0 && echo yes || echo no)"
+echo "CONNSCOPE-VM kernel=$(uname -r) cpus=$(nproc) btf=$(have /sys/kernel/btf/vmlinux) kprobe_pmu=$(have /sys/bus/event_source/devices/kprobe/type) sock_send_length=$(have /sys/kernel/tracing/events/sock/sock_send_length) netns=$(/usr/bin/ip netns add probe && /usr/bin/ip netns delete probe && echo yes || echo no) veth=$(/usr/bin/ip link add vmt0 type veth peer name vmt1 && /usr/bin/ip link delete vmt0 && echo yes || echo no)"
 
 overall=pass
 for backend in @BACKENDS@; do
