@@ -198,6 +198,9 @@ pub struct TurnEvent {
 }
 const _: () = assert!(size_of::<TurnEvent>() == 600);
 
+/// A turn record is sent with only `head_len` bytes of `head`: this is its fixed part.
+pub const TURN_FIXED_LEN: usize = size_of::<TurnEvent>() - HEAD_LEN;
+
 /// Index into the per-CPU loss counters (`LOST` map).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

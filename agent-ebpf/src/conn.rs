@@ -10,12 +10,12 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
 };
 use connscope_common::{
-    Conn, ConnEvent, Endpoints, EventHeader, EventKind, HEAD_LEN, LostReason, TurnEvent,
+    Conn, ConnEvent, Endpoints, EventHeader, EventKind, HEAD_LEN, LostReason, TURN_FIXED_LEN, TurnEvent,
     close_kind, closed_by, conn_flag, direction, role, tcp_state,
 };
 
 use crate::{
-    maps::{CONNS, EVENTS, count_lost},
+    maps::{CONNS, EVENTS, TURN_SCRATCH, count_lost},
     payload::{self, PendingPayload},
 };
 
@@ -204,6 +204,7 @@ fn emit_conn(kind: EventKind, sock: u64, conn: &Conn) {
     entry.submit(0);
 }
 
+#[inline(always)]
 fn emit_turn(
     sock: u64,
     conn: &Conn,
@@ -213,30 +214,31 @@ fn emit_turn(
     bytes: u64,
     pending: Option<PendingPayload>,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<TurnEvent>(0) else {
-        count_lost(LostReason::RingbufFull);
-        return;
+    let Some(event) = TURN_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot; programs do not migrate CPUs while running, and the
+    // record is copied into the ring buffer before the program ends.
+    let event = unsafe { &mut *event };
+    event.header = EventHeader { kind: EventKind::Turn as u32, _pad: 0, sock, ts_ns: now };
+    event.open_ns = conn.open_ns;
+    event.gap_ns = gap_ns;
+    event.bytes_sent = conn.bytes_sent;
+    event.bytes_received = conn.bytes_received;
+    event.exchanges = conn.exchanges;
+    event.tgid = conn.tgid;
+    event.direction = dir;
+    event.role = conn.role;
+    event._pad = [0; 2];
+    event.comm = conn.comm;
+    let want = if bytes < HEAD_LEN as u64 { bytes as usize } else { HEAD_LEN };
+    let head_len = match pending {
+        Some(pending) => payload::read_head(&pending, want, &mut event.head),
+        None => 0,
     };
-    let event = entry.as_mut_ptr();
-    // SAFETY: `event` points to a reserved, exclusively owned ring buffer record of the
-    // right size; every field is written before submit (the head only up to head_len).
-    unsafe {
-        (*event).header = EventHeader { kind: EventKind::Turn as u32, _pad: 0, sock, ts_ns: now };
-        (*event).open_ns = conn.open_ns;
-        (*event).gap_ns = gap_ns;
-        (*event).bytes_sent = conn.bytes_sent;
-        (*event).bytes_received = conn.bytes_received;
-        (*event).exchanges = conn.exchanges;
-        (*event).tgid = conn.tgid;
-        (*event).direction = dir;
-        (*event).role = conn.role;
-        (*event)._pad = [0; 2];
-        (*event).comm = conn.comm;
-        let want = if bytes < HEAD_LEN as u64 { bytes as usize } else { HEAD_LEN };
-        (*event).head_len = match pending {
-            Some(pending) => payload::read_head(&pending, want, &mut (*event).head),
-            None => 0,
-        };
+    event.head_len = head_len;
+    let len = TURN_FIXED_LEN + (head_len as usize).min(HEAD_LEN);
+    // SAFETY: `len` is at most the size of the scratch record.
+    let record = unsafe { core::slice::from_raw_parts((event as *const TurnEvent).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(record, 0).is_err() {
+        count_lost(LostReason::RingbufFull);
     }
-    entry.submit(0);
 }

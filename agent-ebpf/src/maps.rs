@@ -4,7 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, PerCpuArray, RingBuf},
 };
-use connscope_common::{Conn, DEFAULT_MAX_CONNECTIONS, LostReason};
+use connscope_common::{Conn, DEFAULT_MAX_CONNECTIONS, LostReason, TurnEvent};
 
 use crate::payload::PendingPayload;
 
@@ -16,6 +16,11 @@ pub static CONNS: HashMap<u64, Conn> = HashMap::with_max_entries(DEFAULT_MAX_CON
 /// Boundary events (open, turn start, close) for the agent.
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+/// Per-CPU scratch space where a turn record is built before it is sent at its real
+/// length (fixed part plus the captured head only).
+#[map(name = "TURN_SCRATCH")]
+pub static TURN_SCRATCH: PerCpuArray<TurnEvent> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU counters of what could not be recorded, indexed by [`LostReason`].
 #[map(name = "LOST")]

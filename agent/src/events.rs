@@ -3,7 +3,7 @@
 
 use std::mem::size_of;
 
-use connscope_common::{ConnEvent, EventHeader, EventKind, TurnEvent};
+use connscope_common::{ConnEvent, EventHeader, EventKind, TURN_FIXED_LEN, TurnEvent};
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +41,24 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     match EventKind::from_u32(kind) {
         Some(kind @ EventKind::Open) => read_exact(bytes, kind).map(Event::Open),
         Some(kind @ EventKind::Close) => read_exact(bytes, kind).map(Event::Close),
-        Some(kind @ EventKind::Turn) => read_exact(bytes, kind).map(|turn| Event::Turn(Box::new(turn))),
+        Some(EventKind::Turn) => decode_turn(bytes).map(Event::Turn),
         None => Err(DecodeError::UnknownKind { kind }),
     }
+}
+
+/// Turn records carry only the captured part of the head.
+fn decode_turn(bytes: &[u8]) -> Result<Box<TurnEvent>, DecodeError> {
+    let wrong_length = DecodeError::WrongLength { kind: EventKind::Turn, len: bytes.len(), expected: TURN_FIXED_LEN };
+    if bytes.len() < TURN_FIXED_LEN || bytes.len() > size_of::<TurnEvent>() {
+        return Err(wrong_length);
+    }
+    let mut full = [0u8; size_of::<TurnEvent>()];
+    full[..bytes.len()].copy_from_slice(bytes);
+    let turn: TurnEvent = read_exact(&full, EventKind::Turn)?;
+    if turn.head_len as usize != bytes.len() - TURN_FIXED_LEN {
+        return Err(wrong_length);
+    }
+    Ok(Box::new(turn))
 }
 
 /// Raw bytes of a record, for tests and fuzzing.
@@ -88,7 +103,10 @@ mod tests {
             head: [0; HEAD_LEN],
         };
         turn.head[..3].copy_from_slice(b"GET");
-        assert_eq!(decode(&encode(&turn)), Ok(Event::Turn(Box::new(turn))));
+        let record = &encode(&turn)[..TURN_FIXED_LEN + 3];
+        assert_eq!(decode(record), Ok(Event::Turn(Box::new(turn))));
+        // A head length that disagrees with the record length is rejected.
+        assert!(matches!(decode(&encode(&turn)), Err(DecodeError::WrongLength { .. })));
     }
 
     #[test]

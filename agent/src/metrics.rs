@@ -94,8 +94,9 @@ type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 /// Connection lifetime: 1 ms to 1 h.
 pub const DURATION_BUCKETS: [f64; 16] =
     [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
-/// Exchanges per connection: 1 marks the one-request connections that cause churn.
-pub const REQUEST_BUCKETS: [f64; 11] = [1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+/// Exchanges per connection: 0 marks connections opened and never used, 1 the
+/// one-request connections that cause churn.
+pub const REQUEST_BUCKETS: [f64; 12] = [0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
 /// Idle gaps: 1 ms to 300 s, with the common keep-alive timeouts (5, 15, 60, 75 s) as bounds.
 pub const IDLE_BUCKETS: [f64; 17] =
     [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 75.0, 120.0, 300.0];

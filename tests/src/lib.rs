@@ -5,6 +5,7 @@
 pub mod http_server;
 pub mod metrics_text;
 pub mod net;
+pub mod nginx;
 
 use std::{
     io::{Read as _, Write as _},
@@ -31,13 +32,14 @@ pub fn kernel_tests_enabled(test: &str) -> bool {
     false
 }
 
-/// The agent binary: `$CONNSCOPE_BIN`, else the workspace's debug build.
+/// The agent binary: `$CONNSCOPE_BIN`, else the workspace's release (or debug) build.
 pub fn agent_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("CONNSCOPE_BIN") {
         return PathBuf::from(path);
     }
     let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let path = workspace.join("target/debug/connscope");
+    let release = workspace.join("target/release/connscope");
+    let path = if release.exists() { release } else { workspace.join("target/debug/connscope") };
     assert!(path.exists(), "{} missing: build it first (`cargo xtask test` does)", path.display());
     path
 }

@@ -24,6 +24,9 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "prometheus",
     "iproute2",
+    "python3",
+    "python3-pip",
+    "systemd",
 ];
 
 /// PyPI packages for the offline manifest checks (tests/tests/assets.rs).
@@ -37,6 +40,7 @@ pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     apt_packages()?;
     pip_packages()?;
+    kubectl()?;
     bpf_linker()?;
     toolchain_link()?;
     eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
@@ -91,7 +95,23 @@ fn pip_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing {}", PIP_PACKAGES.join(" "));
-    run_checked(Command::new("python3").args(["-m", "pip", "install", "--quiet"]).args(PIP_PACKAGES))
+    // Debian's own python3 refuses a system-wide pip install (PEP 668) unless told to.
+    run_checked(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "--break-system-packages"])
+            .args(PIP_PACKAGES),
+    )
+}
+
+/// kubectl (for its built-in kustomize) comes with the machine image; no Debian 12
+/// repository serves a recent one, and Debian's `kubernetes-client` is too old for
+/// kustomize components.
+fn kubectl() -> anyhow::Result<()> {
+    let found = Command::new("kubectl").args(["version", "--client"]).output().is_ok_and(|out| out.status.success());
+    if !found {
+        bail!("kubectl (1.27 or newer, for `kubectl kustomize`) is missing: install it from the Kubernetes packages");
+    }
+    Ok(())
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

@@ -14,7 +14,8 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         }
         eprintln!("warning: {hint}; they will be skipped");
     }
-    run_checked(cargo().args(["build", "--package", "connscope"]))?;
-    let binary = workspace_root().join("target/debug/connscope");
+    // The release agent: the end-to-end tests drive thousands of connections per second.
+    run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
+    let binary = workspace_root().join("target/release/connscope");
     run_checked(cargo().args(["test", "--workspace", "--exclude", "connscope-ebpf"]).args(args).env("CONNSCOPE_BIN", binary))
 }

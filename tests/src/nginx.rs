@@ -1,0 +1,123 @@
+//! A private nginx (Debian's package) on loopback, with the keep-alive settings a test sets
+//! and an access log of `$connection $connection_requests` as ground truth.
+
+use std::{
+    collections::BTreeMap,
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+#[derive(Clone, Copy, Debug)]
+pub struct NginxConfig {
+    pub port: u16,
+    pub keepalive_timeout: Duration,
+    pub keepalive_requests: u32,
+    /// Worker processes (1 keeps the log's `$connection` numbers unique and dense).
+    pub workers: u32,
+}
+
+/// A running nginx; stopped (and its temp dir removed) on drop.
+pub struct Nginx {
+    child: Child,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Nginx {
+    pub fn start(config: NginxConfig) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("connscope-nginx-{}-{}", std::process::id(), config.port));
+        std::fs::create_dir_all(dir.join("html"))?;
+        std::fs::write(dir.join("html/index.html"), "hello from nginx\n")?;
+        std::fs::write(dir.join("html/big.bin"), vec![b'x'; 64 * 1024])?;
+        let conf = render_config(&dir, config);
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let child = Command::new("nginx")
+            .args(["-c", &dir.join("nginx.conf").to_string_lossy(), "-p", &dir.to_string_lossy()])
+            .args(["-g", "daemon off;"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting nginx (apt: nginx)")?;
+        let nginx = Self { child, dir, port: config.port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", config.port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nginx did not listen on port {}", config.port);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(nginx)
+    }
+
+    pub fn server(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Requests per connection from nginx's own log, keyed by `$connection`, excluding the
+    /// connection the readiness probe above made (it sent no request).
+    pub fn requests_per_connection(&self) -> anyhow::Result<BTreeMap<u64, u64>> {
+        let log = std::fs::read_to_string(self.dir.join("access.log"))?;
+        let mut per_connection = BTreeMap::new();
+        for line in log.lines() {
+            let mut fields = line.split_whitespace();
+            let (Some(connection), Some(requests)) = (fields.next(), fields.next()) else { continue };
+            let connection: u64 = connection.parse()?;
+            let requests: u64 = requests.parse()?;
+            let entry = per_connection.entry(connection).or_insert(0);
+            *entry = (*entry).max(requests);
+        }
+        Ok(per_connection)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child (SIGQUIT: graceful shutdown).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGQUIT) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn render_config(dir: &Path, config: NginxConfig) -> String {
+    let dir = dir.display();
+    let NginxConfig { port, keepalive_timeout, keepalive_requests, workers } = config;
+    let timeout_ms = keepalive_timeout.as_millis();
+    format!(
+        "worker_processes {workers};\n\
+         pid {dir}/nginx.pid;\n\
+         error_log {dir}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n\
+           log_format ground_truth '$connection $connection_requests $status';\n\
+           access_log {dir}/access.log ground_truth;\n\
+           client_body_temp_path {dir}/body;\n\
+           proxy_temp_path {dir}/proxy;\n\
+           fastcgi_temp_path {dir}/fastcgi;\n\
+           uwsgi_temp_path {dir}/uwsgi;\n\
+           scgi_temp_path {dir}/scgi;\n\
+           keepalive_timeout {timeout_ms}ms;\n\
+           keepalive_requests {keepalive_requests};\n\
+           server {{\n\
+             listen 127.0.0.1:{port};\n\
+             root {dir}/html;\n\
+           }}\n\
+         }}\n"
+    )
+}
