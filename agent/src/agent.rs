@@ -21,7 +21,8 @@ use crate::{
     preflight, probes,
     server::{self, AppState},
     shutdown,
-    table::{ConnectionTable, NoPlacement},
+    placement::KubeletPlacement,
+    table::ConnectionTable,
 };
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -53,7 +54,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // SAFETY: the ring buffer owns its map fd and keeps it open until the AsyncFd drops it.
     let mut ring = unsafe { AsyncFd::register(RingBuf::try_from(events_map)?) }
         .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
-    let mut table = ConnectionTable::new(metrics, config.max_servers, config.max_processes, Box::new(NoPlacement));
+    let placement = KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
+    let mut table = ConnectionTable::new(metrics, config.max_servers, config.max_processes, Box::new(placement));
 
     let (stop_server, server_stopped) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, state.clone(), server_stopped));

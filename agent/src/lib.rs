@@ -12,6 +12,7 @@ pub mod kernel_stats;
 pub mod labels;
 pub mod logging;
 pub mod metrics;
+pub mod placement;
 pub mod preflight;
 pub mod probes;
 pub mod server;

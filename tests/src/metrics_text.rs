@@ -55,12 +55,12 @@ fn parse_line(line: &str) -> anyhow::Result<Sample> {
     let mut labels = BTreeMap::new();
     let value_part = if let Some(body) = rest.strip_prefix('{') {
         let mut chars = body.char_indices().peekable();
-        let mut end = None;
+        let end;
         loop {
             // key
             let Some(&(start, c)) = chars.peek() else { bail!("unterminated labels") };
             if c == '}' {
-                end = Some(start + 1);
+                end = start + 1;
                 break;
             }
             if c == ',' {
@@ -96,7 +96,6 @@ fn parse_line(line: &str) -> anyhow::Result<Sample> {
             }
             labels.insert(key, value);
         }
-        let end = end.context("unterminated labels")?;
         &body[end..]
     } else {
         rest
