@@ -2,6 +2,7 @@
 //! and read exact values. Every kernel test runs its own agent and its own servers on
 //! ports (or loopback addresses) of its own, so tests run in parallel without sharing counts.
 
+pub mod demo;
 pub mod http_server;
 pub mod metrics_text;
 pub mod net;

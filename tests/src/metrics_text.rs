@@ -28,7 +28,8 @@ impl Scrape {
 
     /// Sum of the samples named `name` whose labels include all of `labels`.
     pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.matching(name, labels).map(|s| s.value).sum()
+        // `+ 0.0` turns the empty sum's -0.0 into 0.
+        self.matching(name, labels).map(|s| s.value).sum::<f64>() + 0.0
     }
 
     pub fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = &'a Sample> + 'a {

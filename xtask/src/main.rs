@@ -1,6 +1,7 @@
 //! Project tooling: `cargo xtask <command>`. Everything a fresh Debian 12 machine needs is
 //! installed by `setup`, which every other command runs first (fast when already done).
 
+mod demo;
 mod setup;
 mod test;
 mod vm;
@@ -30,6 +31,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Start the agent and local servers and clients with contrasting keep-alive behaviour,
+    /// so every metric moves within a minute.
+    Demo {
+        /// How long the demo traffic runs, in seconds.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// Do not start an agent (one is already running on :9477).
+        #[arg(long)]
+        no_agent: bool,
+    },
     /// Set up, build, and run every test (unit, kernel, end-to-end, assets).
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
@@ -45,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Run { args } => run(&args),
         Task::Test { args } => test::run(&args),
+        Task::Demo { duration, no_agent } => demo::run(std::time::Duration::from_secs(duration), no_agent),
         Task::VmTest => vm::run(),
     }
 }
