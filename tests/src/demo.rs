@@ -17,7 +17,7 @@ use std::{
 };
 
 use crate::{
-    free_port,
+    free_port, net,
     nginx::{Nginx, NginxConfig},
 };
 
@@ -41,7 +41,13 @@ pub struct DemoServers {
 impl Demo {
     pub fn start(until: Duration) -> anyhow::Result<(Self, DemoServers)> {
         let nginx = |timeout: Duration, requests: u32| {
-            Nginx::start(NginxConfig { port: free_port(), keepalive_timeout: timeout, keepalive_requests: requests, workers: 1 })
+            Nginx::start(NginxConfig {
+                port: free_port(),
+                keepalive_timeout: timeout,
+                keepalive_requests: requests,
+                workers: 1,
+                advertise_keep_alive: true,
+            })
         };
         let steady = nginx(Duration::from_secs(30), 1000)?;
         let short = nginx(Duration::from_secs(1), 1000)?;
@@ -62,6 +68,7 @@ impl Demo {
         spawn("demo-racer", &servers.short_timeout, racer)?;
         spawn("demo-idler", &servers.short_timeout, idler)?;
         spawn("demo-burst", &servers.limited, burst)?;
+        spawn("demo-aborter", &servers.steady, aborter)?;
         Ok((Self { stop, clients, servers: vec![steady, short, limited] }, servers))
     }
 
@@ -202,5 +209,18 @@ fn burst(server: &str, running: &Running) {
             }
         }
         running.pause(Duration::from_millis(200));
+    }
+}
+
+/// A client that aborts its connection with a reset after each response, as health
+/// checkers and clients giving up on a timeout do.
+fn aborter(server: &str, running: &Running) {
+    while running.on() {
+        if let Some(mut stream) = connect(server) {
+            if get(&mut stream, "1.1", "").is_ok() {
+                let _ = net::set_linger_zero(&stream);
+            }
+        }
+        running.pause(Duration::from_millis(300));
     }
 }

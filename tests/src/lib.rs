@@ -3,6 +3,7 @@
 //! ports (or loopback addresses) of its own, so tests run in parallel without sharing counts.
 
 pub mod demo;
+pub mod grafana;
 pub mod http_server;
 pub mod metrics_text;
 pub mod net;

@@ -18,6 +18,9 @@ pub struct NginxConfig {
     pub keepalive_requests: u32,
     /// Worker processes (1 keeps the log's `$connection` numbers unique and dense).
     pub workers: u32,
+    /// Send `Keep-Alive: timeout=<s>, max=<requests>` on keep-alive responses, as Apache
+    /// does (nginx itself sends none by default).
+    pub advertise_keep_alive: bool,
 }
 
 /// A running nginx; stopped (and its temp dir removed) on drop.
@@ -97,8 +100,13 @@ impl Drop for Nginx {
 
 fn render_config(dir: &Path, config: NginxConfig) -> String {
     let dir = dir.display();
-    let NginxConfig { port, keepalive_timeout, keepalive_requests, workers } = config;
+    let NginxConfig { port, keepalive_timeout, keepalive_requests, workers, advertise_keep_alive } = config;
     let timeout_ms = keepalive_timeout.as_millis();
+    let advertise = if advertise_keep_alive {
+        format!("add_header Keep-Alive \"timeout={}, max={keepalive_requests}\";", keepalive_timeout.as_secs())
+    } else {
+        String::new()
+    };
     format!(
         "worker_processes {workers};\n\
          pid {dir}/nginx.pid;\n\
@@ -117,6 +125,7 @@ fn render_config(dir: &Path, config: NginxConfig) -> String {
            server {{\n\
              listen 127.0.0.1:{port};\n\
              root {dir}/html;\n\
+             {advertise}\n\
            }}\n\
          }}\n"
     )

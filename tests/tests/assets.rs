@@ -213,17 +213,9 @@ fn check_promql(expr: &str, contract: &Contract, rate_range: Option<Duration>) -
 /// The value `$__rate_interval` stands for while parsing dashboard queries.
 const RATE_INTERVAL: &str = "5m";
 
-/// Replaces the Grafana variables the dashboards use by plain values, so that the query
-/// parses as PromQL. Fails on a variable it does not know.
+/// Replaces the Grafana variables by plain values, so that the query parses as PromQL.
 fn substitute_grafana_vars(expr: &str) -> Result<String> {
-    let mut s = expr
-        .replace("${__rate_interval}", RATE_INTERVAL)
-        .replace("$__rate_interval", RATE_INTERVAL);
-    for var in ["job", "instance", "namespace"] {
-        s = s.replace(&format!("${{{var}}}"), "value").replace(&format!("${var}"), "value");
-    }
-    ensure!(!s.contains('$'), "unknown Grafana variable in `{expr}`");
-    Ok(s)
+    grafana::substitute(expr, RATE_INTERVAL, &[("job", "value"), ("instance", "value"), ("namespace", "value")])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -523,31 +515,7 @@ fn promtool_checks_and_unit_tests_pass() -> Result<()> {
 const DASHBOARD_UIDS: &[&str] =
     &["connscope-overview", "connscope-keepalive", "connscope-churn", "connscope-agent"];
 
-fn dashboards() -> Result<Vec<(String, Value)>> {
-    let dir = repo()?.join("dashboards");
-    let mut out = vec![];
-    let mut paths: Vec<PathBuf> =
-        fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>()?;
-    paths.sort();
-    for p in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
-        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let v: Value = serde_json::from_str(&read(&p)?)
-            .with_context(|| format!("{name} is not valid JSON"))?;
-        out.push((name, v));
-    }
-    ensure!(!out.is_empty(), "no dashboards in dashboards/");
-    Ok(out)
-}
-
-/// Every panel, including those nested in collapsed rows.
-fn panels(dash: &Value) -> Vec<&Value> {
-    let mut out = vec![];
-    for p in dash["panels"].as_array().into_iter().flatten() {
-        out.push(p);
-        out.extend(p["panels"].as_array().into_iter().flatten());
-    }
-    out
-}
+use connscope_tests::grafana::{self, dashboards, panels};
 
 /// Any datasource reference other than the `datasource` variable (or Grafana's built-in
 /// annotation source) is a hard-coded datasource.

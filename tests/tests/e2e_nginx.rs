@@ -40,6 +40,7 @@ fn connscope_agrees_with_nginx_access_log() -> anyhow::Result<()> {
         keepalive_timeout: Duration::from_millis(800),
         keepalive_requests: KEEPALIVE_REQUESTS,
         workers: 1,
+        advertise_keep_alive: false,
     })?;
     let agent = Agent::start(&[])?;
     let server = nginx.server();
