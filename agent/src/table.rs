@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
 use connscope_common::{
     Conn, ConnEvent, TurnEvent, close_kind, closed_by, conn_flag, direction, role,
 };
@@ -66,6 +67,42 @@ struct HttpState {
     http10_request_keep_alive: Option<bool>,
 }
 
+/// Series a connection updates on every turn, looked up once when it opens so the hot
+/// path does not hash label sets.
+#[derive(Debug)]
+struct FlowSeries {
+    bytes_sent: Counter,
+    bytes_received: Counter,
+    idle: Histogram,
+    open_active: Gauge,
+    open_idle: Gauge,
+    /// `http_requests_total` for the version last seen.
+    http_requests: Option<(Version, Counter)>,
+}
+
+impl FlowSeries {
+    fn new(metrics: &Metrics, flow: &Flow) -> Self {
+        let open = |state: Activity| {
+            metrics.open.get_or_create_owned(&OpenState { flow: flow.clone(), state: state.label().to_owned() })
+        };
+        Self {
+            bytes_sent: metrics.bytes_sent.get_or_create_owned(flow),
+            bytes_received: metrics.bytes_received.get_or_create_owned(flow),
+            idle: metrics.idle.get_or_create_owned(flow),
+            open_active: open(Activity::Active),
+            open_idle: open(Activity::Idle),
+            http_requests: None,
+        }
+    }
+
+    fn open_gauge(&self, activity: Activity) -> &Gauge {
+        match activity {
+            Activity::Active => &self.open_active,
+            Activity::Idle => &self.open_idle,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Tracked {
     open_ns: u64,
@@ -75,6 +112,7 @@ struct Tracked {
     bytes_sent: u64,
     bytes_received: u64,
     http: HttpState,
+    series: FlowSeries,
 }
 
 pub struct ConnectionTable {
@@ -137,10 +175,11 @@ impl ConnectionTable {
         let placement =
             if conn.cgroup_id != 0 { self.placement.resolve(conn.cgroup_id) } else { Placement::default() };
         self.metrics.opened.get_or_create(&PlacedFlow { flow: flow.clone(), placement: placement.clone() }).inc();
-        self.set_activity_gauge(&flow, Activity::Idle, 1);
+        let series = FlowSeries::new(&self.metrics, &flow);
+        series.open_idle.inc();
         // A replaced entry (its close was lost) must not keep its gauge up.
         if let Some(stale) = self.conns.remove(&sock) {
-            self.set_activity_gauge(&stale.flow, stale.activity, -1);
+            stale.series.open_gauge(stale.activity).dec();
         }
         let tracked = Tracked {
             open_ns: conn.open_ns,
@@ -150,20 +189,16 @@ impl ConnectionTable {
             bytes_sent: 0,
             bytes_received: 0,
             http: HttpState::default(),
+            series,
         };
         Some(self.conns.entry(sock).insert_entry(tracked).into_mut())
-    }
-
-    fn set_activity_gauge(&self, flow: &Flow, activity: Activity, delta: i64) {
-        let labels = OpenState { flow: flow.clone(), state: activity.label().to_owned() };
-        self.metrics.open.get_or_create(&labels).inc_by(delta);
     }
 
     fn turn(&mut self, turn: &TurnEvent) {
         let Some(tracked) = self.conns.get_mut(&turn.header.sock).filter(|t| t.open_ns == turn.open_ns) else {
             return;
         };
-        count_bytes(&self.metrics, tracked, turn.bytes_sent, turn.bytes_received);
+        count_bytes(tracked, turn.bytes_sent, turn.bytes_received);
         let head = &turn.head[..(turn.head_len as usize).min(turn.head.len())];
         let is_request = (turn.role == role::CLIENT) == (turn.direction == direction::SEND);
         let next = if is_request {
@@ -171,7 +206,7 @@ impl ConnectionTable {
                 on_request(&self.metrics, tracked, &request);
             }
             if turn.exchanges > 1 && turn.gap_ns > 0 {
-                self.metrics.idle.get_or_create(&tracked.flow).observe(seconds(turn.gap_ns));
+                tracked.series.idle.observe(seconds(turn.gap_ns));
             }
             Activity::Active
         } else {
@@ -181,10 +216,9 @@ impl ConnectionTable {
             Activity::Idle
         };
         if next != tracked.activity {
-            let (flow, previous) = (tracked.flow.clone(), tracked.activity);
+            tracked.series.open_gauge(tracked.activity).dec();
+            tracked.series.open_gauge(next).inc();
             tracked.activity = next;
-            self.set_activity_gauge(&flow, previous, -1);
-            self.set_activity_gauge(&flow, next, 1);
         }
     }
 
@@ -197,9 +231,9 @@ impl ConnectionTable {
             return;
         }
         let Some(tracked) = self.conns.remove(&sock) else { return };
-        self.set_activity_gauge(&tracked.flow, tracked.activity, -1);
+        tracked.series.open_gauge(tracked.activity).dec();
         let mut tracked = tracked;
-        count_bytes(&self.metrics, &mut tracked, conn.bytes_sent, conn.bytes_received);
+        count_bytes(&mut tracked, conn.bytes_sent, conn.bytes_received);
 
         let by = closed_by_label(conn.closed_by);
         let closed = Closed {
@@ -232,21 +266,27 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn count_bytes(metrics: &Metrics, tracked: &mut Tracked, sent: u64, received: u64) {
+fn count_bytes(tracked: &mut Tracked, sent: u64, received: u64) {
     if sent > tracked.bytes_sent {
-        metrics.bytes_sent.get_or_create(&tracked.flow).inc_by(sent - tracked.bytes_sent);
+        tracked.series.bytes_sent.inc_by(sent - tracked.bytes_sent);
         tracked.bytes_sent = sent;
     }
     if received > tracked.bytes_received {
-        metrics.bytes_received.get_or_create(&tracked.flow).inc_by(received - tracked.bytes_received);
+        tracked.series.bytes_received.inc_by(received - tracked.bytes_received);
         tracked.bytes_received = received;
     }
 }
 
 fn on_request(metrics: &Metrics, tracked: &mut Tracked, request: &http::Head) {
     tracked.http.requests += u64::from(request.count);
-    let labels = HttpRequest { flow: tracked.flow.clone(), http_version: request.version.label().to_owned() };
-    metrics.http_requests.get_or_create(&labels).inc_by(u64::from(request.count));
+    let counter = match &tracked.series.http_requests {
+        Some((version, counter)) if *version == request.version => counter,
+        _ => {
+            let labels = HttpRequest { flow: tracked.flow.clone(), http_version: request.version.label().to_owned() };
+            &tracked.series.http_requests.insert((request.version, metrics.http_requests.get_or_create_owned(&labels))).1
+        }
+    };
+    counter.inc_by(u64::from(request.count));
     record_persistence(&mut tracked.http, request);
     tracked.http.http10_request_keep_alive =
         (request.version == Version::Http10).then(|| request.wants_persistence());

@@ -10,8 +10,8 @@ use anyhow::{Context as _, bail};
 use connscope_tests::{Agent, demo::Demo, free_port, grafana, http_get, kernel_tests_enabled};
 use serde_json::Value;
 
-/// Prometheus scrapes every second; Grafana would pick 4 scrape intervals or more.
-const RATE_INTERVAL: &str = "15s";
+/// Prometheus scrapes every 2 s; Grafana would pick 4 scrape intervals or more.
+const RATE_INTERVAL: &str = "20s";
 
 struct Prometheus {
     child: Child,
@@ -25,7 +25,7 @@ impl Prometheus {
         std::fs::create_dir_all(&dir)?;
         let rules = grafana::repo_root().join("deploy/prometheus/connscope-rules.yml");
         let config = format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+            "global:\n  scrape_interval: 2s\n  scrape_timeout: 2s\n  evaluation_interval: 2s\nrule_files:\n  - {}\n\
              scrape_configs:\n  - job_name: connscope\n    static_configs:\n      - targets: ['{target}']\n",
             rules.display()
         );
