@@ -1,7 +1,9 @@
 //! Project tooling: `cargo xtask <command>`. Everything a fresh Debian 12 machine needs is
 //! installed by `setup`, which every other command runs first (fast when already done).
 
+mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod vm;
@@ -49,6 +51,15 @@ enum Task {
     },
     /// Boot Debian's stock kernel under QEMU and run the kernel tests once per hook backend.
     VmTest,
+    /// Measure the agent's cost: throughput with/without it, lost events, CPU, ns per BPF
+    /// program, memory per tracked connection, /metrics latency (target/bench/report.json).
+    Bench,
+    /// Run every cargo-fuzz target (nightly) for a bounded time.
+    Fuzz {
+        /// Seconds per target (default: $CONNSCOPE_FUZZ_SECONDS or 30).
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +69,8 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test::run(&args),
         Task::Demo { duration, no_agent } => demo::run(std::time::Duration::from_secs(duration), no_agent),
         Task::VmTest => vm::run(),
+        Task::Bench => bench::run(),
+        Task::Fuzz { seconds } => fuzz::run(seconds.unwrap_or_else(fuzz::seconds_from_env)),
     }
 }
 
