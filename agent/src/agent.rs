@@ -10,14 +10,14 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::maps::{PerCpuArray, RingBuf};
 use connscope_common::map_name;
-use prometheus_client::registry::Registry;
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
 
 use crate::{
     config::Config,
-    events,
+    events::{self, Event},
     kernel_stats::LossCollector,
-    metrics::{Build, Metrics, Probe, UserLosses},
+    metrics::{Build, EventKindLabel, Metrics, Probe, UserLosses},
     preflight, probes,
     server::{self, AppState},
     shutdown,
@@ -55,6 +55,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut ring = unsafe { AsyncFd::register(RingBuf::try_from(events_map)?) }
         .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
     let placement = KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
+    let counters = EventCounters::new(&metrics);
     let mut table = ConnectionTable::new(metrics, config.max_servers, config.max_processes, Box::new(placement));
 
     let (stop_server, server_stopped) = watch::channel(false);
@@ -76,13 +77,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for events")?;
-                drain(guard.get_inner_mut(), &mut table, &losses);
+                drain(guard.get_inner_mut(), &mut table, &counters, &losses);
                 guard.clear_ready();
             }
         }
     }
     // Flush what the kernel already queued, then detach by dropping the programs.
-    drain(ring.get_mut(), &mut table, &losses);
+    drain(ring.get_mut(), &mut table, &counters, &losses);
     drop(ring);
     drop(probes);
     let _ = stop_server.send(true);
@@ -90,10 +91,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn drain(ring: &mut RingBuf<aya::maps::MapData>, table: &mut ConnectionTable, losses: &UserLosses) {
+/// `events_received_total` per kind, looked up once.
+struct EventCounters {
+    open: Counter,
+    turn: Counter,
+    close: Counter,
+}
+
+impl EventCounters {
+    fn new(metrics: &Metrics) -> Self {
+        let counter = |kind: &str| metrics.events.get_or_create_owned(&EventKindLabel { kind: kind.into() });
+        Self { open: counter("open"), turn: counter("turn"), close: counter("close") }
+    }
+
+    fn count(&self, event: &Event) {
+        match event {
+            Event::Open(_) => self.open.inc(),
+            Event::Turn(_) => self.turn.inc(),
+            Event::Close(_) => self.close.inc(),
+        };
+    }
+}
+
+fn drain(ring: &mut RingBuf<aya::maps::MapData>, table: &mut ConnectionTable, counters: &EventCounters, losses: &UserLosses) {
     while let Some(record) = ring.next() {
         match events::decode(&record) {
-            Ok(event) => table.handle(&event),
+            Ok(event) => {
+                counters.count(&event);
+                table.handle(&event);
+            }
             Err(err) => {
                 losses.decode_error.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!("dropping a ring buffer record: {err}");

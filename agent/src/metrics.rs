@@ -85,6 +85,11 @@ pub struct Probe {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventKindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Build {
     pub version: String,
 }
@@ -131,6 +136,7 @@ pub struct Metrics {
     pub capacity: Gauge,
     pub probes: Family<Probe, Gauge>,
     pub build: Family<Build, Gauge>,
+    pub events: Family<EventKindLabel, Counter>,
 }
 
 impl Metrics {
@@ -153,6 +159,7 @@ impl Metrics {
             capacity: Gauge::default(),
             probes: Family::default(),
             build: Family::default(),
+            events: Family::default(),
         }
     }
 
@@ -216,6 +223,11 @@ impl Metrics {
         );
         registry.register("probe_info", "Hook backend in use for each hook", m.probes);
         registry.register("build_info", "connscope build", m.build);
+        registry.register(
+            "events_received",
+            "Events the kernel sent to the agent, by kind (open, turn, close): the agent's own load",
+            m.events,
+        );
     }
 }
 

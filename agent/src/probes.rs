@@ -132,7 +132,7 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
         .btf(btf.as_ref())
         .map_max_entries(map_name::CONNS, config.max_connections)
         .map_max_entries(map_name::EVENTS, config.ringbuf_bytes)
-        .set_global("PAYLOAD_SYSCALLS", &PAYLOAD_SYSCALL_NUMBERS, true)
+        .override_global("PAYLOAD_SYSCALLS", &PAYLOAD_SYSCALL_NUMBERS, true)
         .load(PROGRAMS)
         .context("loading the eBPF programs")?;
 
