@@ -2,7 +2,9 @@
 
 use std::{
     fs::File,
-    net::TcpStream,
+    io::Read as _,
+    net::{TcpListener, TcpStream},
+    thread::{self, JoinHandle},
     os::fd::AsRawFd as _,
     process::Command,
 };
@@ -69,4 +71,23 @@ pub fn set_linger_zero(stream: &TcpStream) -> anyhow::Result<()> {
         bail!("SO_LINGER: {}", std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Accepts `connections` connections and reads each to EOF (the client closes first), on a
+/// thread named `name` (the agent labels the accepting side with it).
+pub fn drain_server(listener: TcpListener, connections: usize, name: &str) -> JoinHandle<anyhow::Result<()>> {
+    let spawned = thread::Builder::new().name(name.into()).spawn(move || {
+        for _ in 0..connections {
+            let (mut stream, _) = listener.accept()?;
+            let mut sink = Vec::new();
+            stream.read_to_end(&mut sink)?;
+        }
+        Ok(())
+    });
+    spawned.unwrap_or_else(|err| panic!("cannot spawn the server thread: {err}"))
+}
+
+/// Joins a server thread, turning its panic into an error.
+pub fn join(handle: JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
+    handle.join().map_err(|_| anyhow::anyhow!("server thread panicked"))?
 }

@@ -12,6 +12,7 @@ use connscope_tests::{
     Agent, Scrape,
     http_server::{self, ServerBehaviour},
     kernel_tests_enabled,
+    net::join,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -31,10 +32,6 @@ fn closed(scrape: &Scrape, server: &str, role: &str, by: &str, reason: &str) -> 
         "connscope_connections_closed_total",
         &[("server", server), ("role", role), ("closed_by", by), ("reason", reason)],
     )
-}
-
-fn join(handle: thread::JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
-    handle.join().map_err(|_| anyhow::anyhow!("server panicked"))?
 }
 
 #[test]

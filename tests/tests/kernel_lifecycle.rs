@@ -38,19 +38,12 @@ fn client_closes_first() -> anyhow::Result<()> {
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("127.0.0.1");
     const N: usize = 5;
-    let acceptor = thread::spawn(move || {
-        for _ in 0..N {
-            let (mut stream, _) = listener.accept()?;
-            let mut sink = Vec::new();
-            stream.read_to_end(&mut sink)?;
-        }
-        anyhow::Ok(())
-    });
+    let acceptor = net::drain_server(listener, N, "cs-acceptor");
     for _ in 0..N {
         let mut client = TcpStream::connect(&server)?;
         client.write_all(b"ping")?;
     }
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+    net::join(acceptor)?;
 
     let scrape = agent.scrape_until(WAIT, |s| {
         closed(s, "client", &server, "local", "fin") >= N as f64 && closed(s, "server", &server, "peer", "fin") >= N as f64
@@ -84,7 +77,7 @@ fn server_closes_first() -> anyhow::Result<()> {
     let mut client = TcpStream::connect(&server)?;
     let mut sink = Vec::new();
     client.read_to_end(&mut sink)?;
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+    net::join(acceptor)?;
     drop(client);
 
     let scrape = agent.scrape_until(WAIT, |s| {
@@ -115,7 +108,7 @@ fn linger_zero_close_is_a_reset() -> anyhow::Result<()> {
     thread::sleep(Duration::from_millis(50));
     net::set_linger_zero(&client)?;
     drop(client);
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+    net::join(acceptor)?;
 
     let scrape = agent.scrape_until(WAIT, |s| {
         closed(s, "client", &server, "local", "reset") >= 1.0 && closed(s, "server", &server, "peer", "reset") >= 1.0
@@ -152,7 +145,7 @@ fn bytes_match_what_was_written() -> anyhow::Result<()> {
     let mut reply = vec![0u8; REPLY];
     client.read_exact(&mut reply)?;
     client.shutdown(Shutdown::Write)?;
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+    net::join(acceptor)?;
     drop(client);
 
     let scrape = agent.scrape_until(WAIT, |s| s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0)?;
@@ -171,17 +164,12 @@ fn process_attribution_names_this_test() -> anyhow::Result<()> {
     }
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("127.0.0.1");
-    // The accepting thread gets a name of its own so the server side is told apart.
-    let acceptor = thread::Builder::new().name("cs-acceptor".into()).spawn(move || {
-        let (mut stream, _) = listener.accept()?;
-        let mut sink = Vec::new();
-        stream.read_to_end(&mut sink)?;
-        anyhow::Ok(())
-    })?;
+    // The accepting thread has a name of its own so the server side is told apart.
+    let acceptor = net::drain_server(listener, 1, "cs-acceptor");
     let mut client = TcpStream::connect(&server)?;
     client.write_all(b"hello")?;
     drop(client);
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+    net::join(acceptor)?;
     let me = connscope_tests::own_process_label();
 
     let scrape = agent.scrape_until(WAIT, |s| s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0)?;
@@ -204,19 +192,12 @@ fn connections_in_a_network_namespace_are_counted() -> anyhow::Result<()> {
     let server = ns.run(|| {
         let (listener, server) = listener("127.0.0.77");
         let target = server.clone();
-        let acceptor = thread::spawn(move || {
-            for _ in 0..3 {
-                let (mut stream, _) = listener.accept()?;
-                let mut sink = Vec::new();
-                stream.read_to_end(&mut sink)?;
-            }
-            anyhow::Ok(())
-        });
+        let acceptor = net::drain_server(listener, 3, "cs-acceptor");
         for _ in 0..3 {
             let mut client = TcpStream::connect(&target)?;
             client.write_all(b"in a namespace")?;
         }
-        acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+        net::join(acceptor)?;
         anyhow::Ok(server)
     })??;
 

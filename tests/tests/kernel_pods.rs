@@ -2,7 +2,6 @@
 //! into it, a fake kubelet log tree, and the agent's labels for that process's connections.
 
 use std::{
-    io::Read as _,
     net::TcpListener,
     path::{Path, PathBuf},
     process::Command,
@@ -10,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use connscope_tests::{Agent, kernel_tests_enabled};
+use connscope_tests::{Agent, kernel_tests_enabled, net};
 
 const UID: &str = "7a1c2e3f-4b5d-4e6f-8a9b-0c1d2e3f4a5b";
 const NAMESPACE: &str = "shop";
@@ -69,14 +68,7 @@ fn connections_carry_namespace_pod_and_container() -> anyhow::Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let server = listener.local_addr()?.to_string();
     const N: usize = 3;
-    let acceptor = thread::spawn(move || {
-        for _ in 0..N {
-            let (mut stream, _) = listener.accept()?;
-            let mut sink = Vec::new();
-            stream.read_to_end(&mut sink)?;
-        }
-        anyhow::Ok(())
-    });
+    let acceptor = net::drain_server(listener, N, "cs-acceptor");
     // The client process joins the container's cgroup before it connects.
     let port = server.rsplit(':').next().unwrap_or_default();
     let script = format!(
@@ -85,7 +77,7 @@ fn connections_carry_namespace_pod_and_container() -> anyhow::Result<()> {
     );
     let status = Command::new("sh").args(["-c", &script]).status()?;
     anyhow::ensure!(status.success(), "client failed: {status}");
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+    net::join(acceptor)?;
 
     let placed = [("server", server.as_str()), ("role", "client"), ("namespace", NAMESPACE), ("pod", POD), ("container", CONTAINER)];
     let scrape = agent.scrape_until(Duration::from_secs(5), |s| {
