@@ -231,3 +231,25 @@ fn agent_reports_probes_and_health() -> anyhow::Result<()> {
     assert!(elapsed < Duration::from_secs(1), "SIGTERM took {elapsed:?}");
     Ok(())
 }
+
+#[test]
+fn ipv6_connections_are_labelled_with_brackets() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("ipv6_connections_are_labelled_with_brackets") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener("[::1]");
+    assert!(server.starts_with("[::1]:"), "{server}");
+    let acceptor = net::drain_server(listener, 2, "cs-acceptor");
+    for _ in 0..2 {
+        let mut client = TcpStream::connect(&server)?;
+        client.write_all(b"v6")?;
+    }
+    net::join(acceptor)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closed(s, "server", &server, "peer", "fin") >= 2.0)?;
+    assert_eq!(closed(&scrape, "client", &server, "local", "fin"), 2.0, "{}", scrape.text);
+    assert_eq!(closed(&scrape, "server", &server, "peer", "fin"), 2.0);
+    assert_eq!(scrape.sum("connscope_bytes_sent_total", &[("server", &server), ("role", "client")]), 4.0);
+    Ok(())
+}
