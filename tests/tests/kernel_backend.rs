@@ -12,23 +12,36 @@ fn probe_info_shows_the_backend_in_use() -> anyhow::Result<()> {
     if !kernel_tests_enabled("probe_info_shows_the_backend_in_use") {
         return Ok(());
     }
-    let forced = std::env::var("CONNSCOPE_PROBE_BACKEND").ok().filter(|b| !b.is_empty() && b != "auto");
+    let forced =
+        std::env::var("CONNSCOPE_PROBE_BACKEND").ok().filter(|b| !b.is_empty() && b != "auto");
     let agent = Agent::start(&[])?;
     let scrape = agent.scrape()?;
     for hook in FORCED_HOOKS {
         let modes: Vec<&str> = ATTACH_MODES
             .into_iter()
-            .filter(|mode| scrape.sum("connscope_probe_info", &[("hook", hook), ("attach", mode)]) == 1.0)
+            .filter(|mode| {
+                scrape.sum("connscope_probe_info", &[("hook", hook), ("attach", mode)]) == 1.0
+            })
             .collect();
         match &forced {
             Some(backend) => assert_eq!(modes, [backend.as_str()], "{hook}: {}", scrape.text),
-            None => assert_eq!(modes.len(), 1, "{hook} must have exactly one backend: {}", scrape.text),
+            None => {
+                assert_eq!(modes.len(), 1, "{hook} must have exactly one backend: {}", scrape.text)
+            }
         }
-        assert_eq!(scrape.sum("connscope_probe_info", &[("hook", hook)]), 1.0, "{hook}: {}", scrape.text);
+        assert_eq!(
+            scrape.sum("connscope_probe_info", &[("hook", hook)]),
+            1.0,
+            "{hook}: {}",
+            scrape.text
+        );
     }
     // The lifecycle source is the same tracepoint whatever the backend.
     assert_eq!(
-        scrape.sum("connscope_probe_info", &[("hook", "inet_sock_set_state"), ("attach", "tracepoint")]),
+        scrape.sum(
+            "connscope_probe_info",
+            &[("hook", "inet_sock_set_state"), ("attach", "tracepoint")]
+        ),
         1.0,
         "{}",
         scrape.text

