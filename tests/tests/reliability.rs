@@ -723,3 +723,71 @@ impl CappedAgent {
         }
     }
 }
+
+/// A request head written in pieces, the first ending at a line end ("GET / HTTP/1.1\r\n",
+/// then the headers): the turn's captured head is a partial head that ends exactly on a
+/// CRLF. Found by the `http_head` fuzz target; the agent must keep running and count it.
+#[test]
+fn head_split_at_a_line_end_does_not_stop_the_agent() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("head_split_at_a_line_end_does_not_stop_the_agent") {
+        return Ok(());
+    }
+    let _serial = exclusive();
+    let agent = CappedAgent::start(&[])?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?.to_string();
+    const N: usize = 3;
+    let acceptor = thread::spawn(move || {
+        for _ in 0..N {
+            let (mut stream, _) = listener.accept()?;
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut buf)?;
+                ensure!(n > 0, "closed before the head ended");
+                head.extend_from_slice(&buf[..n]);
+            }
+            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")?;
+        }
+        anyhow::Ok(())
+    });
+    for _ in 0..N {
+        let mut client = TcpStream::connect(&server)?;
+        client.set_nodelay(true)?;
+        client.write_all(b"GET / HTTP/1.1\r\n")?;
+        thread::sleep(Duration::from_millis(20));
+        client.write_all(b"Host: split\r\n\r\n")?;
+        let mut response = Vec::new();
+        client.read_to_end(&mut response)?;
+    }
+    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+    thread::sleep(Duration::from_millis(300));
+    let mut agent = agent;
+    let exited = agent.child.try_wait()?;
+    let log = String::from_utf8_lossy(&std::fs::read(&agent.log)?).into_owned();
+    assert!(exited.is_none(), "the agent stopped ({exited:?}):\n{log}");
+    let scrape = agent.scrape_until_closed_on(&server, 2 * N).with_context(|| {
+        format!("the agent stopped answering; its log:\n{}", String::from_utf8_lossy(&std::fs::read(&agent.log).unwrap_or_default()))
+    })?;
+    assert_eq!(opened(&scrape, "client", &server), N as f64, "{}", scrape.text);
+    assert_eq!(
+        scrape.sum("connscope_http_requests_total", &[("role", "client"), ("server", &server)]),
+        N as f64
+    );
+    Ok(())
+}
+
+impl CappedAgent {
+    /// Scrapes until `closes` connections to `server` (both roles) have closed.
+    fn scrape_until_closed_on(&self, server: &str, closes: usize) -> anyhow::Result<Scrape> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let scrape = self.scrape()?;
+            let done = closed(&scrape, "client", server) + closed(&scrape, "server", server) >= closes as f64;
+            if done || Instant::now() > deadline {
+                return Ok(scrape);
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
