@@ -95,8 +95,10 @@ type Parsed = (httparse::Status<usize>, Version, (ConnectionHeader, KeepAlive));
 fn parse(bytes: &[u8], parse_one: impl Fn(&[u8]) -> Option<Parsed>) -> Option<Head> {
     let (status, version, (connection, keep_alive)) = match parse_one(bytes)? {
         (httparse::Status::Partial, ..) => {
-            // The capture ended inside the head: parse the complete lines seen so far.
-            parse_one(&complete_lines(bytes)?)?
+            // The capture ended inside the head: parse the complete lines seen so far. The
+            // result stays Partial: its length is that of the completed copy, not of `bytes`.
+            let (_, version, fields) = parse_one(&complete_lines(bytes)?)?;
+            (httparse::Status::Partial, version, fields)
         }
         complete => complete,
     };
@@ -104,7 +106,7 @@ fn parse(bytes: &[u8], parse_one: impl Fn(&[u8]) -> Option<Parsed>) -> Option<He
     if let httparse::Status::Complete(mut offset) = status {
         // Pipelined heads right after this one (a body in between ends the count).
         while count < MAX_PIPELINED {
-            match parse_one(&bytes[offset..]) {
+            match bytes.get(offset..).and_then(&parse_one) {
                 Some((httparse::Status::Complete(len), ..)) => {
                     offset += len;
                     count += 1;
@@ -220,6 +222,14 @@ mod tests {
         let head = parse_response(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Ty");
         assert_eq!(head.map(|h| h.connection.close), Some(true));
         assert_eq!(parse_request(b"GET /very/long/pa"), None);
+    }
+
+    #[test]
+    fn head_split_after_the_request_line_does_not_panic() {
+        // Found by fuzzing: the completed copy is longer than the capture.
+        let head = parse_request(b"GET / HTTP/1.1\r\n");
+        assert_eq!(head.map(|h| (h.version, h.count)), Some((Version::Http11, 1)));
+        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\n").map(|h| h.count), Some(1));
     }
 
     #[test]
