@@ -127,6 +127,31 @@ pub struct Conn {
 }
 const _: () = assert!(size_of::<Conn>() == 136);
 
+/// Byte offsets of the `struct sock` fields the BTF tracepoint programs read, taken by the
+/// agent from the running kernel's BTF (`/sys/kernel/btf/vmlinux`) and set as a global:
+/// the programs then work on any kernel layout without being rebuilt.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLayout {
+    /// `sk_protocol`, and its size in bytes (2 since 5.6; 1 when it was a bitfield).
+    pub protocol: u32,
+    pub protocol_size: u32,
+    /// `__sk_common.skc_family`.
+    pub family: u32,
+    /// `__sk_common.skc_dport` (network order) and `skc_num` (host order).
+    pub dport: u32,
+    pub num: u32,
+    /// `__sk_common.skc_daddr` / `skc_rcv_saddr` (IPv4).
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    /// `__sk_common.skc_v6_daddr` / `skc_v6_rcv_saddr`.
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    /// Non-zero once the agent filled the layout in.
+    pub valid: u32,
+}
+const _: () = assert!(size_of::<SockLayout>() == 40);
+
 /// Type tag of a ring buffer record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -271,4 +296,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::EventHeader {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockLayout {}
 }

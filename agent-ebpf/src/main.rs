@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod btf_tracepoints;
 mod conn;
 mod fentry;
 mod kprobes;

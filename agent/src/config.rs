@@ -50,7 +50,8 @@ pub struct Cli {
     #[arg(long = "bpf.ringbuf-bytes", env = "CONNSCOPE_BPF_RINGBUF_BYTES")]
     pub ringbuf_bytes: Option<u32>,
 
-    /// Distinct `server` label values; the busiest are kept, the rest are reported as "other".
+    /// Distinct `server` label values: the first ones seen keep their label, the rest are
+    /// reported as "other" (a strict bound on the number of series).
     #[arg(long = "metrics.max-servers", env = "CONNSCOPE_METRICS_MAX_SERVERS")]
     pub max_servers: Option<usize>,
 

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod kernel_layout;
 pub mod kernel_stats;
 pub mod labels;
 pub mod logging;

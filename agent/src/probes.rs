@@ -3,20 +3,21 @@
 //! `tcp_connect`, `tcp_close`, `tcp_sendmsg` and `tcp_recvmsg` each try fentry/fexit, then
 //! kprobes, then tracepoints (or only the backend forced by `--probe.backend`). The lifecycle
 //! tracepoints (state changes, resets, destruction) are attached on every kernel: they are
-//! the one stable source of TCP state transitions.
+//! the one stable source of TCP state transitions. Tracepoints are attached as BTF
+//! tracepoints (`tp_btf`) when the kernel has BTF, as classic ones otherwise.
 
-use std::fmt;
+use std::{fmt, path::Path};
 
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    programs::{FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint},
 };
 use connscope_common::{map_name, payload_syscall};
 
 use crate::{
     config::{Backend, Config},
-    preflight,
+    kernel_layout, preflight,
 };
 
 /// How a hook ended up attached (`attach` label of `connscope_probe_info`).
@@ -24,6 +25,7 @@ use crate::{
 pub enum Attach {
     Fentry,
     Kprobe,
+    TpBtf,
     Tracepoint,
 }
 
@@ -32,6 +34,7 @@ impl Attach {
         match self {
             Self::Fentry => "fentry",
             Self::Kprobe => "kprobe",
+            Self::TpBtf => "tp_btf",
             Self::Tracepoint => "tracepoint",
         }
     }
@@ -57,6 +60,7 @@ struct Hook {
     fentry: &'static [(&'static str, &'static str)],
     kprobe: &'static [(&'static str, &'static str)],
     /// Empty when the always-attached lifecycle tracepoints already cover the hook.
+    tp_btf: &'static [(&'static str, &'static str)],
     tracepoint: &'static [(&'static str, &'static str, &'static str)],
 }
 
@@ -66,6 +70,7 @@ const HOOKS: [Hook; 4] = [
         fentry: &[("connscope_fentry_tcp_connect", "tcp_connect")],
         kprobe: &[("connscope_kprobe_tcp_connect", "tcp_connect")],
         // CLOSE -> SYN_SENT in sock:inet_sock_set_state runs inside connect().
+        tp_btf: &[],
         tracepoint: &[],
     },
     Hook {
@@ -73,6 +78,7 @@ const HOOKS: [Hook; 4] = [
         fentry: &[("connscope_fentry_tcp_close", "tcp_close")],
         kprobe: &[("connscope_kprobe_tcp_close", "tcp_close")],
         // State changes plus tcp:tcp_destroy_sock carry the close.
+        tp_btf: &[],
         tracepoint: &[],
     },
     Hook {
@@ -82,6 +88,7 @@ const HOOKS: [Hook; 4] = [
             ("connscope_kprobe_tcp_sendmsg", "tcp_sendmsg"),
             ("connscope_kretprobe_tcp_sendmsg", "tcp_sendmsg"),
         ],
+        tp_btf: &[("connscope_btf_sock_send_length", "sock_send_length")],
         tracepoint: &[("connscope_sock_send_length", "sock", "sock_send_length")],
     },
     Hook {
@@ -91,16 +98,18 @@ const HOOKS: [Hook; 4] = [
             ("connscope_kprobe_tcp_recvmsg", "tcp_recvmsg"),
             ("connscope_kretprobe_tcp_recvmsg", "tcp_recvmsg"),
         ],
+        tp_btf: &[("connscope_btf_sock_recv_length", "sock_recv_length")],
         tracepoint: &[("connscope_sock_recv_length", "sock", "sock_recv_length")],
     },
 ];
 
-/// Attached on every kernel, whatever the backend.
-const LIFECYCLE: [(&str, &str, &str); 4] = [
-    ("connscope_inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("connscope_tcp_receive_reset", "tcp", "tcp_receive_reset"),
-    ("connscope_tcp_send_reset", "tcp", "tcp_send_reset"),
-    ("connscope_tcp_destroy_sock", "tcp", "tcp_destroy_sock"),
+/// Attached on every kernel, whatever the backend: `(tp_btf program, classic program,
+/// category, event)`.
+const LIFECYCLE: [(&str, &str, &str, &str); 4] = [
+    ("connscope_btf_inet_sock_set_state", "connscope_inet_sock_set_state", "sock", "inet_sock_set_state"),
+    ("connscope_btf_tcp_receive_reset", "connscope_tcp_receive_reset", "tcp", "tcp_receive_reset"),
+    ("connscope_btf_tcp_send_reset", "connscope_tcp_send_reset", "tcp", "tcp_send_reset"),
+    ("connscope_btf_tcp_destroy_sock", "connscope_tcp_destroy_sock", "tcp", "tcp_destroy_sock"),
 ];
 
 /// This architecture's numbers of `payload_syscall::NAMES`, in that order.
@@ -128,50 +137,79 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     if config.backend == Backend::Fentry && btf.is_none() {
         return Err(preflight::PreflightError::NoBtf.into());
     }
+    // BTF tracepoints need the struct sock layout; without it, classic tracepoints.
+    let layout = match &btf {
+        Some(_) => kernel_layout::sock_layout(Path::new(preflight::BTF_VMLINUX))
+            .inspect_err(|err| tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}"))
+            .ok(),
+        None => None,
+    };
     let mut ebpf = EbpfLoader::new()
         .btf(btf.as_ref())
         .map_max_entries(map_name::CONNS, config.max_connections)
         .map_max_entries(map_name::EVENTS, config.ringbuf_bytes)
         .override_global("PAYLOAD_SYSCALLS", &PAYLOAD_SYSCALL_NUMBERS, true)
+        .override_global("SOCK_LAYOUT", &layout.unwrap_or_default(), true)
         .load(PROGRAMS)
         .context("loading the eBPF programs")?;
+    let btf_tracepoints = btf.as_ref().filter(|_| layout.is_some());
 
-    for (program, category, event) in LIFECYCLE {
-        attach_tracepoint(&mut ebpf, program, category, event)?;
-    }
+    let lifecycle = match btf_tracepoints {
+        Some(btf) => Attach::TpBtf.with_lifecycle(&mut ebpf, Some(btf))?,
+        None => Attach::Tracepoint.with_lifecycle(&mut ebpf, None)?,
+    };
     if config.capture_heads {
         attach_payload_stash(&mut ebpf)?;
     }
     let mut attached = Vec::with_capacity(HOOKS.len() + 1);
-    attached.push(HookAttach { hook: "inet_sock_set_state", attach: Attach::Tracepoint });
+    attached.push(HookAttach { hook: "inet_sock_set_state", attach: lifecycle });
     for hook in &HOOKS {
-        let attach = attach_hook(&mut ebpf, hook, config.backend, btf.as_ref())?;
+        let attach = attach_hook(&mut ebpf, hook, config.backend, btf.as_ref(), btf_tracepoints)?;
         tracing::info!(hook = hook.name, backend = %attach, "hook attached");
         attached.push(HookAttach { hook: hook.name, attach });
     }
     Ok(Probes { ebpf, attached })
 }
 
+impl Attach {
+    /// Attaches the lifecycle tracepoints in this form (tp_btf or classic).
+    fn with_lifecycle(self, ebpf: &mut Ebpf, btf: Option<&Btf>) -> anyhow::Result<Self> {
+        for (btf_program, classic_program, category, event) in LIFECYCLE {
+            match btf {
+                Some(btf) => attach_tp_btf(ebpf, btf_program, event, btf)?,
+                None => attach_tracepoint(ebpf, classic_program, category, event)?,
+            };
+        }
+        Ok(self)
+    }
+}
+
 fn candidates(backend: Backend, btf: Option<&Btf>) -> Vec<Attach> {
     match backend {
         Backend::Auto => {
-            let mut order = Vec::with_capacity(3);
+            let mut order = Vec::with_capacity(4);
             if btf.is_some() {
                 order.push(Attach::Fentry);
             }
             if preflight::has_kprobes() {
                 order.push(Attach::Kprobe);
             }
-            order.push(Attach::Tracepoint);
+            order.extend([Attach::TpBtf, Attach::Tracepoint]);
             order
         }
         Backend::Fentry => vec![Attach::Fentry],
         Backend::Kprobe => vec![Attach::Kprobe],
-        Backend::Tracepoint => vec![Attach::Tracepoint],
+        Backend::Tracepoint => vec![Attach::TpBtf, Attach::Tracepoint],
     }
 }
 
-fn attach_hook(ebpf: &mut Ebpf, hook: &Hook, backend: Backend, btf: Option<&Btf>) -> anyhow::Result<Attach> {
+fn attach_hook(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    backend: Backend,
+    btf: Option<&Btf>,
+    btf_tracepoints: Option<&Btf>,
+) -> anyhow::Result<Attach> {
     let mut failures = Vec::new();
     for attach in candidates(backend, btf) {
         let result = match attach {
@@ -179,6 +217,13 @@ fn attach_hook(ebpf: &mut Ebpf, hook: &Hook, backend: Backend, btf: Option<&Btf>
                 .ok_or_else(|| anyhow!("no kernel BTF"))
                 .and_then(|btf| attach_all(ebpf, hook.fentry, |ebpf, (p, f)| attach_btf(ebpf, p, f, btf))),
             Attach::Kprobe => attach_all(ebpf, hook.kprobe, |ebpf, (p, f)| attach_kprobe(ebpf, p, f)),
+            // The lifecycle tracepoints came in one form; a hook's must match it.
+            Attach::TpBtf => btf_tracepoints
+                .ok_or_else(|| anyhow!("no usable kernel BTF for tp_btf"))
+                .and_then(|btf| attach_all(ebpf, hook.tp_btf, |ebpf, (p, e)| attach_tp_btf(ebpf, p, e, btf))),
+            Attach::Tracepoint if btf_tracepoints.is_some() && hook.tracepoint.is_empty() => {
+                Err(anyhow!("covered by the tp_btf lifecycle tracepoints"))
+            }
             Attach::Tracepoint => {
                 attach_all(ebpf, hook.tracepoint, |ebpf, (p, c, e)| attach_tracepoint(ebpf, p, c, e))
             }
@@ -222,6 +267,7 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
         Some(Program::FExit(p)) => p.unload(),
         Some(Program::KProbe(p)) => p.unload(),
         Some(Program::TracePoint(p)) => p.unload(),
+        Some(Program::BtfTracePoint(p)) => p.unload(),
         _ => Ok(()),
     };
     if let Err(err) = result {
@@ -254,6 +300,13 @@ fn attach_kprobe(ebpf: &mut Ebpf, name: &'static str, function: &str) -> anyhow:
     let p: &mut KProbe = program(ebpf, name)?.try_into()?;
     p.load().with_context(|| format!("loading kprobe {name}"))?;
     p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
+    Ok(name)
+}
+
+fn attach_tp_btf(ebpf: &mut Ebpf, name: &'static str, event: &str, btf: &Btf) -> anyhow::Result<&'static str> {
+    let p: &mut BtfTracePoint = program(ebpf, name)?.try_into()?;
+    p.load(event, btf).with_context(|| format!("loading tp_btf/{event}"))?;
+    p.attach().with_context(|| format!("attaching tp_btf/{event}"))?;
     Ok(name)
 }
 

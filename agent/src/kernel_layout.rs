@@ -1,0 +1,115 @@
+//! `struct sock` field offsets from the running kernel's BTF, so the BTF tracepoint programs
+//! read the right bytes on any kernel (the relocation a C loader would do with CO-RE).
+
+use std::path::Path;
+
+use anyhow::{Context as _, anyhow, bail};
+use btf_rs::{Btf, Member, Struct, Type};
+use connscope_common::SockLayout;
+
+/// Offsets of the fields `agent-ebpf/src/btf_tracepoints.rs` reads.
+pub fn sock_layout(vmlinux: &Path) -> anyhow::Result<SockLayout> {
+    let btf = Btf::from_file(vmlinux).map_err(|err| anyhow!("{err}")).with_context(|| format!("reading {}", vmlinux.display()))?;
+    let sock = find_struct(&btf, "sock")?;
+    let (protocol_bits, bitfield, protocol_member) = find_member(&btf, &sock, "sk_protocol")?;
+    let protocol_size = match bitfield {
+        Some(8) if protocol_bits % 8 == 0 => 1,
+        Some(bits) => bail!("sk_protocol is a {bits}-bit field at bit {protocol_bits}"),
+        None => int_size(&btf, &protocol_member)?,
+    };
+    let byte = |name: &str| -> anyhow::Result<u32> {
+        let (bits, bitfield, _) = find_member(&btf, &sock, name)?;
+        if bitfield.is_some() || bits % 8 != 0 {
+            bail!("{name} is not byte-aligned");
+        }
+        Ok(bits / 8)
+    };
+    Ok(SockLayout {
+        protocol: protocol_bits / 8,
+        protocol_size,
+        family: byte("skc_family")?,
+        dport: byte("skc_dport")?,
+        num: byte("skc_num")?,
+        daddr: byte("skc_daddr")?,
+        rcv_saddr: byte("skc_rcv_saddr")?,
+        v6_daddr: byte("skc_v6_daddr")?,
+        v6_rcv_saddr: byte("skc_v6_rcv_saddr")?,
+        valid: 1,
+    })
+}
+
+fn find_struct(btf: &Btf, name: &str) -> anyhow::Result<Struct> {
+    btf.resolve_types_by_name(name)
+        .map_err(|err| anyhow!("{err}"))?
+        .into_iter()
+        .find_map(|t| match t {
+            Type::Struct(s) if !s.members.is_empty() => Some(s),
+            _ => None,
+        })
+        .with_context(|| format!("no struct {name} in the kernel BTF"))
+}
+
+/// A member by name, looking through nested structs and unions (named ones like
+/// `__sk_common` and anonymous ones): its bit offset from the start of `outer`, its
+/// bitfield size, and the member itself.
+fn find_member(btf: &Btf, outer: &Struct, name: &str) -> anyhow::Result<(u32, Option<u32>, Member)> {
+    search(btf, outer, name, 0).with_context(|| format!("no member {name} in struct sock"))
+}
+
+fn search(btf: &Btf, outer: &Struct, name: &str, depth: u32) -> Option<(u32, Option<u32>, Member)> {
+    for member in &outer.members {
+        if btf.resolve_name(member).ok().as_deref() == Some(name) {
+            // In a struct with bitfields, ordinary members have a bitfield size of 0.
+            let bitfield = member.bitfield_size().filter(|&bits| bits != 0);
+            return Some((member.bit_offset(), bitfield, member.clone()));
+        }
+    }
+    if depth >= 4 {
+        return None;
+    }
+    for member in &outer.members {
+        if let Ok(Type::Struct(inner) | Type::Union(inner)) = btf.resolve_chained_type(member)
+            && let Some((bits, bitfield, found)) = search(btf, &inner, name, depth + 1)
+        {
+            return Some((member.bit_offset() + bits, bitfield, found));
+        }
+    }
+    None
+}
+
+/// Size in bytes of an integer member, through typedefs and qualifiers.
+fn int_size(btf: &Btf, member: &Member) -> anyhow::Result<u32> {
+    let mut current = btf.resolve_chained_type(member).map_err(|err| anyhow!("{err}"))?;
+    for _ in 0..8 {
+        current = match current {
+            Type::Int(int) => return Ok(int.size() as u32),
+            Type::Typedef(t) => btf.resolve_chained_type(&t),
+            Type::Volatile(t) => btf.resolve_chained_type(&t),
+            Type::Const(t) => btf.resolve_chained_type(&t),
+            other => bail!("sk_protocol has type {}", other.name()),
+        }
+        .map_err(|err| anyhow!("{err}"))?;
+    }
+    bail!("sk_protocol's type chain is too long")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against this machine's kernel when it has BTF: the sock_common offsets have been the
+    /// same for years, so they double as a check of the member search.
+    #[test]
+    fn running_kernel_layout() -> anyhow::Result<()> {
+        let vmlinux = Path::new("/sys/kernel/btf/vmlinux");
+        if !vmlinux.exists() {
+            eprintln!("skipping: no kernel BTF");
+            return Ok(());
+        }
+        let layout = sock_layout(vmlinux)?;
+        assert_eq!((layout.daddr, layout.rcv_saddr, layout.dport, layout.num, layout.family), (0, 4, 12, 14, 16));
+        assert_eq!(layout.protocol_size, 2);
+        assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
+        Ok(())
+    }
+}
