@@ -456,6 +456,15 @@ fn build_initramfs(
         archive.add_program(&format!("tests/{name}"), path, Some(&strip_dir))?;
     }
 
+    // Python for the tests that run a client in another process (kernel_pods): the
+    // interpreter, its libraries and its standard library without tests and tools.
+    if let Ok(python) = fs::canonicalize("/usr/bin/python3") {
+        archive.add_program("usr/bin/python3", &python, None)?;
+        if let Some(name) = python.file_name().map(|n| n.to_string_lossy().into_owned()) {
+            add_tree(&mut archive, &Path::new("/usr/lib").join(&name), PYTHON_SKIP)?;
+        }
+    }
+
     let busybox = which("busybox", &["/bin/busybox", "/usr/bin/busybox"])?;
     if !shared_libraries(&busybox)?.is_empty() {
         bail!("{} is not static: install busybox-static", busybox.display());
@@ -516,6 +525,44 @@ fn build_initramfs(
         bail!("gzip failed");
     }
     fs::rename(&tmp, out)?;
+    Ok(())
+}
+
+/// Parts of Python's standard library the tests never import.
+const PYTHON_SKIP: &[&str] = &[
+    "test",
+    "__pycache__",
+    "idlelib",
+    "ensurepip",
+    "tkinter",
+    "lib2to3",
+    "pydoc_data",
+    "site-packages",
+    "dist-packages",
+    "config-3.11-x86_64-linux-gnu",
+];
+
+/// Adds a host directory tree at the same path (regular files and symlinks), minus `skip`.
+fn add_tree(archive: &mut Archive, dir: &Path, skip: &[&str]) -> anyhow::Result<()> {
+    let Ok(entries) = fs::read_dir(dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if skip.contains(&name.as_str()) || name.starts_with("config-") {
+            continue;
+        }
+        let path = entry.path();
+        let file_type = entry.file_type()?;
+        let archive_path = path.to_string_lossy().into_owned();
+        if file_type.is_dir() {
+            archive.add(&archive_path, Member::Dir);
+            add_tree(archive, &path, skip)?;
+        } else if file_type.is_symlink() {
+            let target = fs::read_link(&path)?.to_string_lossy().into_owned();
+            archive.add(&archive_path, Member::Symlink(target));
+        } else if file_type.is_file() {
+            archive.add_host_file(&archive_path, &path)?;
+        }
+    }
     Ok(())
 }
 
