@@ -1,11 +1,16 @@
 //! Which hook backend the agent attached, as `connscope_probe_info` reports it. With
 //! `CONNSCOPE_PROBE_BACKEND` set (the agent reads it too, so `cargo xtask vm-test` forces
-//! each backend in turn), every forced hook must show exactly that backend.
+//! each backend in turn), every forced hook must show exactly that backend; the tracepoint
+//! backend shows `tp_btf` on kernels with BTF and `tracepoint` without.
 
 use connscope_tests::{Agent, kernel_tests_enabled};
 
 const FORCED_HOOKS: [&str; 4] = ["tcp_connect", "tcp_close", "tcp_sendmsg", "tcp_recvmsg"];
-const ATTACH_MODES: [&str; 3] = ["fentry", "kprobe", "tracepoint"];
+const ATTACH_MODES: [&str; 4] = ["fentry", "kprobe", "tp_btf", "tracepoint"];
+/// Lifecycle tracepoints and the tracepoint backend use BTF tracepoints when the kernel has BTF.
+fn tracepoint_mode() -> &'static str {
+    if std::path::Path::new("/sys/kernel/btf/vmlinux").exists() { "tp_btf" } else { "tracepoint" }
+}
 
 #[test]
 fn probe_info_shows_the_backend_in_use() -> anyhow::Result<()> {
@@ -24,7 +29,10 @@ fn probe_info_shows_the_backend_in_use() -> anyhow::Result<()> {
             })
             .collect();
         match &forced {
-            Some(backend) => assert_eq!(modes, [backend.as_str()], "{hook}: {}", scrape.text),
+            Some(backend) => {
+                let expected = if backend == "tracepoint" { tracepoint_mode() } else { backend.as_str() };
+                assert_eq!(modes, [expected], "{hook}: {}", scrape.text)
+            }
             None => {
                 assert_eq!(modes.len(), 1, "{hook} must have exactly one backend: {}", scrape.text)
             }
@@ -40,7 +48,7 @@ fn probe_info_shows_the_backend_in_use() -> anyhow::Result<()> {
     assert_eq!(
         scrape.sum(
             "connscope_probe_info",
-            &[("hook", "inet_sock_set_state"), ("attach", "tracepoint")]
+            &[("hook", "inet_sock_set_state"), ("attach", tracepoint_mode())]
         ),
         1.0,
         "{}",
