@@ -15,7 +15,7 @@ use connscope_common::{
 };
 
 use crate::{
-    maps::{CONNS, EVENTS, TURN_SCRATCH, count_lost},
+    maps::{CONN_SCRATCH, CONNS, EVENTS, TURN_SCRATCH, count_lost},
     payload::{self, PendingPayload},
 };
 
@@ -47,22 +47,23 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, endpoints: &Endpoints) {
 }
 
 fn track(sock: u64, conn_role: u8, endpoints: &Endpoints, attribute_now: bool) {
+    let Some(conn) = CONN_SCRATCH.get_ptr_mut(0) else { return };
+    // SAFETY: this CPU's scratch slot, used only until the insert below copies it.
+    let conn = unsafe { &mut *conn };
     let now = now_ns();
-    let mut conn = Conn {
-        open_ns: now,
-        role: conn_role,
-        endpoints: *endpoints,
-        ..Conn::default()
-    };
+    *conn = Conn::default();
+    conn.open_ns = now;
+    conn.role = conn_role;
+    conn.endpoints = *endpoints;
     if conn_role == role::SERVER {
         conn.established_ns = now;
         conn.flags = conn_flag::ESTABLISHED;
     }
     if attribute_now {
-        attribute_fields(&mut conn);
+        attribute_fields(conn);
     }
     // BPF_ANY: a stale entry left by a socket whose destruction we missed is replaced.
-    if CONNS.insert(sock, conn, 0).is_err() {
+    if CONNS.insert(sock, &*conn, 0).is_err() {
         count_lost(LostReason::MapFull);
     }
 }
@@ -116,9 +117,8 @@ pub fn on_reset(sock: u64, sent: bool) {
 #[inline(always)]
 pub fn on_destroy(sock: u64) {
     let Some(conn) = CONNS.get_ptr(sock) else { return };
-    // SAFETY: as in `client_established`; copied out before the entry is removed.
-    let conn = unsafe { *conn };
-    emit_conn(EventKind::Close, sock, &conn);
+    // SAFETY: as in `client_established`; the record is written before the entry is removed.
+    emit_conn(EventKind::Close, sock, unsafe { &*conn });
     let _ = CONNS.remove(sock);
 }
 
@@ -140,7 +140,6 @@ pub fn on_process_context(sock: u64) {
 pub fn on_transfer(sock: u64, dir: u8, bytes: u64) {
     let Some(conn) = CONNS.get_ptr_mut(sock) else {
         count_lost(LostReason::UntrackedSocket);
-        payload::discard();
         return;
     };
     // SAFETY: as in `client_established`.
@@ -150,7 +149,6 @@ pub fn on_transfer(sock: u64, dir: u8, bytes: u64) {
         announce_if_ready(sock, conn);
     }
     let now = now_ns();
-    let pending = payload::take();
     if dir == direction::SEND {
         conn.bytes_sent += bytes;
         if conn.closed_by == closed_by::PEER {
@@ -167,7 +165,8 @@ pub fn on_transfer(sock: u64, dir: u8, bytes: u64) {
         let previous_other = if dir == direction::SEND { conn.last_recv_ns } else { conn.last_send_ns };
         let gap_ns = if previous_other == 0 { 0 } else { now - previous_other };
         conn.last_direction = dir;
-        emit_turn(sock, conn, now, gap_ns, dir, bytes, pending);
+        // Only a turn start reads the stashed buffer; the syscall's exit drops it otherwise.
+        emit_turn(sock, conn, now, gap_ns, dir, bytes, payload::take());
     }
     if dir == direction::SEND {
         conn.last_send_ns = now;
@@ -197,10 +196,13 @@ fn emit_conn(kind: EventKind, sock: u64, conn: &Conn) {
         count_lost(LostReason::RingbufFull);
         return;
     };
-    entry.write(ConnEvent {
-        header: EventHeader { kind: kind as u32, _pad: 0, sock, ts_ns: now_ns() },
-        conn: *conn,
-    });
+    let event = entry.as_mut_ptr();
+    // SAFETY: a reserved, exclusively owned record of the right size; both fields are
+    // written in place (no copy of the whole event on the stack).
+    unsafe {
+        (*event).header = EventHeader { kind: kind as u32, _pad: 0, sock, ts_ns: now_ns() };
+        core::ptr::copy_nonoverlapping(conn, &raw mut (*event).conn, 1);
+    }
     entry.submit(0);
 }
 

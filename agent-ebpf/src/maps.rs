@@ -17,6 +17,11 @@ pub static CONNS: HashMap<u64, Conn> = HashMap::with_max_entries(DEFAULT_MAX_CON
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
+/// Per-CPU scratch space where a new connection's state is built before it is inserted:
+/// kernels before 6.13 limit the stack of a whole call chain to 512 bytes.
+#[map(name = "CONN_SCRATCH")]
+pub static CONN_SCRATCH: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0);
+
 /// Per-CPU scratch space where a turn record is built before it is sent at its real
 /// length (fixed part plus the captured head only).
 #[map(name = "TURN_SCRATCH")]

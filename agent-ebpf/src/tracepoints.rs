@@ -122,7 +122,6 @@ pub fn transfer(sock: u64, dir: u8, ret: i64, flags: i32) {
     if ret <= 0 || (dir == direction::RECV && flags & MSG_PEEK != 0) {
         // An error, EOF or a peek moved no payload; still a process-context touch.
         conn::on_process_context(sock);
-        crate::payload::discard();
         return;
     }
     conn::on_transfer(sock, dir, ret as u64);
