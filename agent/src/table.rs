@@ -4,9 +4,12 @@
 //! adds what needs the payload heads (HTTP version, `Connection`, `Keep-Alive`, pipelining),
 //! the label values, and the close reason.
 
-use std::collections::HashMap;
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock},
+};
 
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
 use connscope_common::{
     Conn, ConnEvent, TurnEvent, close_kind, closed_by, conn_flag, direction, role,
 };
@@ -67,31 +70,49 @@ struct HttpState {
     http10_request_keep_alive: Option<bool>,
 }
 
-/// Series a connection updates on every turn, looked up once when it opens so the hot
-/// path does not hash label sets.
+/// One flow's labels and series, shared by all its connections: looked up once per flow,
+/// so neither the hot path nor each connection holds label strings of its own.
 #[derive(Debug)]
 struct FlowSeries {
+    flow: Flow,
+    placement: Placement,
+    opened: Counter,
     bytes_sent: Counter,
     bytes_received: Counter,
     idle: Histogram,
+    requests: Histogram,
+    duration: Histogram,
+    races: Counter,
     open_active: Gauge,
     open_idle: Gauge,
-    /// `http_requests_total` for the version last seen.
-    http_requests: Option<(Version, Counter)>,
+    /// Created on first use, so flows without HTTP export no HTTP series.
+    http10: OnceLock<Counter>,
+    http11: OnceLock<Counter>,
+    advertised_timeout: OnceLock<Gauge>,
+    advertised_max: OnceLock<Gauge>,
 }
 
 impl FlowSeries {
-    fn new(metrics: &Metrics, flow: &Flow) -> Self {
+    fn new(metrics: &Metrics, flow: Flow, placement: Placement) -> Self {
         let open = |state: Activity| {
             metrics.open.get_or_create_owned(&OpenState { flow: flow.clone(), state: state.label().to_owned() })
         };
         Self {
-            bytes_sent: metrics.bytes_sent.get_or_create_owned(flow),
-            bytes_received: metrics.bytes_received.get_or_create_owned(flow),
-            idle: metrics.idle.get_or_create_owned(flow),
+            opened: metrics.opened.get_or_create_owned(&PlacedFlow { flow: flow.clone(), placement: placement.clone() }),
+            bytes_sent: metrics.bytes_sent.get_or_create_owned(&flow),
+            bytes_received: metrics.bytes_received.get_or_create_owned(&flow),
+            idle: metrics.idle.get_or_create_owned(&flow),
+            requests: metrics.requests.get_or_create_owned(&flow),
+            duration: metrics.duration.get_or_create_owned(&flow),
+            races: metrics.races.get_or_create_owned(&flow),
             open_active: open(Activity::Active),
             open_idle: open(Activity::Idle),
-            http_requests: None,
+            http10: OnceLock::new(),
+            http11: OnceLock::new(),
+            advertised_timeout: OnceLock::new(),
+            advertised_max: OnceLock::new(),
+            flow,
+            placement,
         }
     }
 
@@ -101,22 +122,37 @@ impl FlowSeries {
             Activity::Idle => &self.open_idle,
         }
     }
+
+    fn http_requests(&self, metrics: &Metrics, version: Version) -> &Counter {
+        let cell = match version {
+            Version::Http10 => &self.http10,
+            Version::Http11 => &self.http11,
+        };
+        cell.get_or_init(|| {
+            let labels = HttpRequest { flow: self.flow.clone(), http_version: version.label().to_owned() };
+            metrics.http_requests.get_or_create_owned(&labels)
+        })
+    }
+
+    fn server_gauge<'a>(&self, cell: &'a OnceLock<Gauge>, family: &Family<Server, Gauge>) -> &'a Gauge {
+        cell.get_or_init(|| family.get_or_create_owned(&Server { server: self.flow.server.clone() }))
+    }
 }
 
 #[derive(Debug)]
 struct Tracked {
     open_ns: u64,
-    flow: Flow,
-    placement: Placement,
     activity: Activity,
     bytes_sent: u64,
     bytes_received: u64,
     http: HttpState,
-    series: FlowSeries,
+    series: Arc<FlowSeries>,
 }
 
 pub struct ConnectionTable {
     conns: HashMap<u64, Tracked>,
+    /// Bounded by the label caps: one entry per distinct label set.
+    flows: HashMap<PlacedFlow, Arc<FlowSeries>>,
     servers: LabelCap,
     processes: LabelCap,
     placement: Box<dyn PlacementResolver>,
@@ -127,6 +163,7 @@ impl ConnectionTable {
     pub fn new(metrics: Metrics, max_servers: usize, max_processes: usize, placement: Box<dyn PlacementResolver>) -> Self {
         Self {
             conns: HashMap::new(),
+            flows: HashMap::new(),
             servers: LabelCap::new(max_servers),
             processes: LabelCap::new(max_processes),
             placement,
@@ -174,8 +211,16 @@ impl ConnectionTable {
         };
         let placement =
             if conn.cgroup_id != 0 { self.placement.resolve(conn.cgroup_id) } else { Placement::default() };
-        self.metrics.opened.get_or_create(&PlacedFlow { flow: flow.clone(), placement: placement.clone() }).inc();
-        let series = FlowSeries::new(&self.metrics, &flow);
+        let key = PlacedFlow { flow, placement };
+        let series = match self.flows.get(&key) {
+            Some(series) => series.clone(),
+            None => {
+                let series = Arc::new(FlowSeries::new(&self.metrics, key.flow.clone(), key.placement.clone()));
+                self.flows.insert(key, series.clone());
+                series
+            }
+        };
+        series.opened.inc();
         series.open_idle.inc();
         // A replaced entry (its close was lost) must not keep its gauge up.
         if let Some(stale) = self.conns.remove(&sock) {
@@ -183,8 +228,6 @@ impl ConnectionTable {
         }
         let tracked = Tracked {
             open_ns: conn.open_ns,
-            flow,
-            placement,
             activity: Activity::Idle,
             bytes_sent: 0,
             bytes_received: 0,
@@ -237,7 +280,7 @@ impl ConnectionTable {
 
         let by = closed_by_label(conn.closed_by);
         let closed = Closed {
-            flow: PlacedFlow { flow: tracked.flow.clone(), placement: tracked.placement.clone() },
+            flow: PlacedFlow { flow: tracked.series.flow.clone(), placement: tracked.series.placement.clone() },
             closed_by: by.to_owned(),
             close_kind: close_kind_label(conn.close_kind).to_owned(),
             reason: close_reason(conn, &tracked).to_owned(),
@@ -245,19 +288,19 @@ impl ConnectionTable {
         self.metrics.closed.get_or_create(&closed).inc();
 
         let requests = tracked.http.requests.max(u64::from(conn.exchanges));
-        self.metrics.requests.get_or_create(&tracked.flow).observe(requests as f64);
+        tracked.series.requests.observe(requests as f64);
         let end_ns = event.header.ts_ns;
         if conn.established_ns != 0 && end_ns >= conn.established_ns {
-            self.metrics.duration.get_or_create(&tracked.flow).observe(seconds(end_ns - conn.established_ns));
+            tracked.series.duration.observe(seconds(end_ns - conn.established_ns));
         }
         let last_activity = conn.last_send_ns.max(conn.last_recv_ns).max(conn.established_ns);
         let close_start = if conn.close_start_ns != 0 { conn.close_start_ns } else { end_ns };
         if last_activity != 0 && close_start >= last_activity {
-            let labels = ClosedBy { flow: tracked.flow.clone(), closed_by: by.to_owned() };
+            let labels = ClosedBy { flow: tracked.series.flow.clone(), closed_by: by.to_owned() };
             self.metrics.close_idle.get_or_create(&labels).observe(seconds(close_start - last_activity));
         }
         if is_keepalive_race(conn) {
-            self.metrics.races.get_or_create(&tracked.flow).inc();
+            tracked.series.races.inc();
         }
     }
 }
@@ -279,13 +322,7 @@ fn count_bytes(tracked: &mut Tracked, sent: u64, received: u64) {
 
 fn on_request(metrics: &Metrics, tracked: &mut Tracked, request: &http::Head) {
     tracked.http.requests += u64::from(request.count);
-    let counter = match &tracked.series.http_requests {
-        Some((version, counter)) if *version == request.version => counter,
-        _ => {
-            let labels = HttpRequest { flow: tracked.flow.clone(), http_version: request.version.label().to_owned() };
-            &tracked.series.http_requests.insert((request.version, metrics.http_requests.get_or_create_owned(&labels))).1
-        }
-    };
+    let counter = tracked.series.http_requests(metrics, request.version);
     counter.inc_by(u64::from(request.count));
     record_persistence(&mut tracked.http, request);
     tracked.http.http10_request_keep_alive =
@@ -298,12 +335,12 @@ fn on_response(metrics: &Metrics, tracked: &mut Tracked, response: &http::Head) 
     if tracked.http.http10_request_keep_alive == Some(true) && response.version == Version::Http10 && !response.wants_persistence() {
         tracked.http.http10_close = true;
     }
-    let server = Server { server: tracked.flow.server.clone() };
+    let series = &tracked.series;
     if let Some(timeout) = response.keep_alive.timeout_seconds {
-        metrics.advertised_timeout.get_or_create(&server).set(i64::from(timeout));
+        series.server_gauge(&series.advertised_timeout, &metrics.advertised_timeout).set(i64::from(timeout));
     }
     if let Some(max) = response.keep_alive.max_requests {
-        metrics.advertised_max.get_or_create(&server).set(i64::from(max));
+        series.server_gauge(&series.advertised_max, &metrics.advertised_max).set(i64::from(max));
         tracked.http.first_advertised_max.get_or_insert(max);
         tracked.http.last_advertised_max = Some(max);
     }
