@@ -152,6 +152,33 @@ pub struct SockLayout {
 }
 const _: () = assert!(size_of::<SockLayout>() == 40);
 
+/// Byte offsets to go from a file descriptor of the current task to its `struct sock`
+/// (`task->files->fdt->fd[fd]->private_data->sk`), from the kernel's BTF. Used to count
+/// socket transfers at syscall exit on kernels without the `sock_send_length` and
+/// `sock_recv_length` tracepoints (before 6.3) when neither fentry nor kprobes work.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdLayout {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FdLayout>() == 32);
+
+/// Indexes of the `SETTINGS` array map, written by the agent after it attached the hooks.
+pub mod setting {
+    /// Count sends at the exit of write-like syscalls (no send hook on this kernel).
+    pub const SYSCALL_SENDS: u32 = 0;
+    /// Count receives at the exit of read-like syscalls (no receive hook on this kernel).
+    pub const SYSCALL_RECVS: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
 /// Type tag of a ring buffer record.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -286,6 +313,7 @@ pub mod map_name {
     pub const CONNS: &str = "CONNS";
     pub const EVENTS: &str = "EVENTS";
     pub const LOST: &str = "LOST";
+    pub const SETTINGS: &str = "SETTINGS";
 }
 
 #[cfg(feature = "user")]
@@ -298,4 +326,6 @@ mod pod {
     unsafe impl aya::Pod for super::EventHeader {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockLayout {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FdLayout {}
 }

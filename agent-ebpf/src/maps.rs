@@ -2,9 +2,9 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
-use connscope_common::{Conn, DEFAULT_MAX_CONNECTIONS, LostReason, TurnEvent};
+use connscope_common::{Conn, DEFAULT_MAX_CONNECTIONS, LostReason, TurnEvent, setting};
 
 use crate::payload::PendingPayload;
 
@@ -35,6 +35,15 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostReason::CO
 /// so the payload head can be read when the socket layer reports the transfer.
 #[map(name = "PENDING_PAYLOAD")]
 pub static PENDING_PAYLOAD: HashMap<u64, PendingPayload> = HashMap::with_max_entries(16_384, 0);
+
+/// Switches the agent sets after attaching (see `connscope_common::setting`).
+#[map(name = "SETTINGS")]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
+
+#[inline(always)]
+pub fn setting_on(index: u32) -> bool {
+    SETTINGS.get(index).is_some_and(|value| *value != 0)
+}
 
 /// Counts one lost item. Per-CPU, so a plain increment is race-free.
 #[inline(always)]

@@ -10,13 +10,19 @@
 
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
-use connscope_common::{HEAD_LEN, LostReason, payload_syscall};
+use connscope_common::{FdLayout, HEAD_LEN, LostReason, direction, payload_syscall, setting};
 
-use crate::maps::{PENDING_PAYLOAD, count_lost};
+use crate::{
+    maps::{CONNS, PENDING_PAYLOAD, count_lost, setting_on},
+    tracepoints::transfer,
+};
 
 /// Syscall numbers of `payload_syscall::NAMES`, set by the agent at load time.
 #[unsafe(no_mangle)]
@@ -26,6 +32,7 @@ static PAYLOAD_SYSCALLS: [u64; payload_syscall::COUNT] = [u64::MAX; payload_sysc
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PendingPayload {
+    pub fd: u64,
     pub buf: u64,
     pub len: u64,
 }
@@ -93,32 +100,30 @@ mod regs {
     }
 }
 
-fn stash(buf: u64, len: u64) {
-    if buf == 0 || len == 0 {
-        return;
-    }
+fn stash(fd: u64, buf: u64, len: u64) {
     // Full table: the turn is still counted, only its head is missing.
-    let _ = PENDING_PAYLOAD.insert(bpf_get_current_pid_tgid(), PendingPayload { buf, len }, 0);
+    let _ = PENDING_PAYLOAD.insert(bpf_get_current_pid_tgid(), PendingPayload { fd, buf, len }, 0);
 }
 
-fn stash_first_iovec(iov: u64) -> Option<()> {
+fn stash_first_iovec(fd: u64, iov: u64) -> Option<()> {
     // SAFETY: user memory read through the fault-tolerant helper.
     let first: IoVec = unsafe { bpf_probe_read_user(iov as *const IoVec) }.ok()?;
-    stash(first.base, first.len);
+    stash(fd, first.base, first.len);
     Some(())
 }
 
 fn stash_syscall(slot: usize, regs: *const pt_regs) -> Option<()> {
+    let fd = regs::arg(regs, 0)?;
     let second = regs::arg(regs, 1)?;
     if slot < payload_syscall::FLAT_END {
-        stash(second, regs::arg(regs, 2)?);
+        stash(fd, second, regs::arg(regs, 2)?);
         Some(())
     } else if slot < payload_syscall::VECTORED_END {
-        stash_first_iovec(second)
+        stash_first_iovec(fd, second)
     } else {
         // SAFETY: user memory read through the fault-tolerant helper.
         let iov: u64 = unsafe { bpf_probe_read_user((second + MSGHDR_IOV) as *const u64) }.ok()?;
-        stash_first_iovec(iov)
+        stash_first_iovec(fd, iov)
     }
 }
 
@@ -133,14 +138,76 @@ pub fn connscope_sys_enter(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// `raw_syscalls:sys_exit(struct pt_regs *regs, long ret)`.
+/// `raw_syscalls:sys_exit(struct pt_regs *regs, long ret)`: drops the stashed buffer and,
+/// on kernels without send/receive hooks, counts the transfer itself.
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn connscope_sys_exit(ctx: RawTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
-    if regs::nr(regs).and_then(slot_of).is_some() {
-        discard();
+    let Some(slot) = regs::nr(regs).and_then(slot_of) else { return 0 };
+    // Odd slots of `payload_syscall::NAMES` write, even ones read.
+    let (dir, switch) =
+        if slot % 2 == 1 { (direction::SEND, setting::SYSCALL_SENDS) } else { (direction::RECV, setting::SYSCALL_RECVS) };
+    if setting_on(switch) {
+        let ret: i64 = ctx.arg(1);
+        if ret > 0 {
+            count_syscall_transfer(dir, ret);
+        }
     }
+    discard();
     0
+}
+
+fn count_syscall_transfer(dir: u8, ret: i64) {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out; the entry stays for the head read of a turn start.
+    let Some(pending) = (unsafe { PENDING_PAYLOAD.get(key) }).copied() else { return };
+    let Some(sock) = fd_sock(pending.fd) else { return };
+    // Only tracked TCP sockets: files, pipes and other sockets are not in the map.
+    if CONNS.get_ptr(sock).is_some() {
+        transfer(sock, dir, ret, 0);
+    }
+}
+
+/// Set by the agent before loading (see `agent/src/kernel_layout.rs`).
+#[unsafe(no_mangle)]
+static FD_LAYOUT: FdLayout = FdLayout {
+    task_files: 0,
+    files_fdt: 0,
+    fdt_max_fds: 0,
+    fdt_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    valid: 0,
+    _pad: 0,
+};
+
+/// Reads a kernel pointer-sized value at `base + offset`.
+#[inline(always)]
+fn read_u64(base: u64, offset: u64) -> Option<u64> {
+    // SAFETY: kernel memory read through the fault-tolerant helper.
+    unsafe { bpf_probe_read_kernel((base + offset) as *const u64) }.ok().filter(|&v| v != 0)
+}
+
+/// `current->files->fdt->fd[fd]->private_data->sk`.
+fn fd_sock(fd: u64) -> Option<u64> {
+    // SAFETY: a global the loader rewrites; volatile so the default is not folded in.
+    let layout = unsafe { core::ptr::read_volatile(&FD_LAYOUT) };
+    if layout.valid == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let task = unsafe { bpf_get_current_task() };
+    let files = read_u64(task, u64::from(layout.task_files))?;
+    let fdt = read_u64(files, u64::from(layout.files_fdt))?;
+    // SAFETY: kernel memory read through the fault-tolerant helper.
+    let max_fds: u32 = unsafe { bpf_probe_read_kernel((fdt + u64::from(layout.fdt_max_fds)) as *const u32) }.ok()?;
+    if fd >= u64::from(max_fds) {
+        return None;
+    }
+    let fds = read_u64(fdt, u64::from(layout.fdt_fd))?;
+    let file = read_u64(fds, fd * 8)?;
+    let socket = read_u64(file, u64::from(layout.file_private_data))?;
+    read_u64(socket, u64::from(layout.socket_sk))
 }
 
 /// Takes this thread's stashed buffer, if any.

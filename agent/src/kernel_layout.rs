@@ -5,11 +5,15 @@ use std::path::Path;
 
 use anyhow::{Context as _, anyhow, bail};
 use btf_rs::{Btf, Member, Struct, Type};
-use connscope_common::SockLayout;
+use connscope_common::{FdLayout, SockLayout};
+
+fn read_btf(vmlinux: &Path) -> anyhow::Result<Btf> {
+    Btf::from_file(vmlinux).map_err(|err| anyhow!("{err}")).with_context(|| format!("reading {}", vmlinux.display()))
+}
 
 /// Offsets of the fields `agent-ebpf/src/btf_tracepoints.rs` reads.
 pub fn sock_layout(vmlinux: &Path) -> anyhow::Result<SockLayout> {
-    let btf = Btf::from_file(vmlinux).map_err(|err| anyhow!("{err}")).with_context(|| format!("reading {}", vmlinux.display()))?;
+    let btf = read_btf(vmlinux)?;
     let sock = find_struct(&btf, "sock")?;
     let (protocol_bits, bitfield, protocol_member) = find_member(&btf, &sock, "sk_protocol")?;
     let protocol_size = match bitfield {
@@ -17,13 +21,7 @@ pub fn sock_layout(vmlinux: &Path) -> anyhow::Result<SockLayout> {
         Some(bits) => bail!("sk_protocol is a {bits}-bit field at bit {protocol_bits}"),
         None => int_size(&btf, &protocol_member)?,
     };
-    let byte = |name: &str| -> anyhow::Result<u32> {
-        let (bits, bitfield, _) = find_member(&btf, &sock, name)?;
-        if bitfield.is_some() || bits % 8 != 0 {
-            bail!("{name} is not byte-aligned");
-        }
-        Ok(bits / 8)
-    };
+    let byte = |name: &str| byte_offset(&btf, &sock, name);
     Ok(SockLayout {
         protocol: protocol_bits / 8,
         protocol_size,
@@ -36,6 +34,31 @@ pub fn sock_layout(vmlinux: &Path) -> anyhow::Result<SockLayout> {
         v6_rcv_saddr: byte("skc_v6_rcv_saddr")?,
         valid: 1,
     })
+}
+
+/// Offsets of the pointer chain from a file descriptor to its socket
+/// (`agent-ebpf/src/payload.rs`, `fd_sock`).
+pub fn fd_layout(vmlinux: &Path) -> anyhow::Result<FdLayout> {
+    let btf = read_btf(vmlinux)?;
+    let offset = |structure: &str, member: &str| byte_offset(&btf, &find_struct(&btf, structure)?, member);
+    Ok(FdLayout {
+        task_files: offset("task_struct", "files")?,
+        files_fdt: offset("files_struct", "fdt")?,
+        fdt_max_fds: offset("fdtable", "max_fds")?,
+        fdt_fd: offset("fdtable", "fd")?,
+        file_private_data: offset("file", "private_data")?,
+        socket_sk: offset("socket", "sk")?,
+        valid: 1,
+        _pad: 0,
+    })
+}
+
+fn byte_offset(btf: &Btf, outer: &Struct, name: &str) -> anyhow::Result<u32> {
+    let (bits, bitfield, _) = find_member(btf, outer, name)?;
+    if bitfield.is_some() || bits % 8 != 0 {
+        bail!("{name} is not byte-aligned");
+    }
+    Ok(bits / 8)
 }
 
 fn find_struct(btf: &Btf, name: &str) -> anyhow::Result<Struct> {
@@ -53,7 +76,7 @@ fn find_struct(btf: &Btf, name: &str) -> anyhow::Result<Struct> {
 /// `__sk_common` and anonymous ones): its bit offset from the start of `outer`, its
 /// bitfield size, and the member itself.
 fn find_member(btf: &Btf, outer: &Struct, name: &str) -> anyhow::Result<(u32, Option<u32>, Member)> {
-    search(btf, outer, name, 0).with_context(|| format!("no member {name} in struct sock"))
+    search(btf, outer, name, 0).with_context(|| format!("no member {name} in the kernel BTF struct"))
 }
 
 fn search(btf: &Btf, outer: &Struct, name: &str, depth: u32) -> Option<(u32, Option<u32>, Member)> {
@@ -110,6 +133,9 @@ mod tests {
         assert_eq!((layout.daddr, layout.rcv_saddr, layout.dport, layout.num, layout.family), (0, 4, 12, 14, 16));
         assert_eq!(layout.protocol_size, 2);
         assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
+        let fds = fd_layout(vmlinux)?;
+        assert_eq!(fds.valid, 1);
+        assert!(fds.task_files > 0 && fds.fdt_fd > fds.fdt_max_fds.saturating_sub(8), "{fds:?}");
         Ok(())
     }
 }

@@ -11,9 +11,10 @@ use std::{fmt, path::Path};
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
+    maps::{Array, MapData},
     programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint},
 };
-use connscope_common::{map_name, payload_syscall};
+use connscope_common::{map_name, payload_syscall, setting};
 
 use crate::{
     config::{Backend, Config},
@@ -62,6 +63,9 @@ struct Hook {
     /// Empty when the always-attached lifecycle tracepoints already cover the hook.
     tp_btf: &'static [(&'static str, &'static str)],
     tracepoint: &'static [(&'static str, &'static str, &'static str)],
+    /// Last resort of the tracepoint backend on kernels without `sock_send_length` and
+    /// `sock_recv_length` (before 6.3): count at syscall exit (`setting` index).
+    syscall_fallback: Option<u32>,
 }
 
 const HOOKS: [Hook; 4] = [
@@ -72,6 +76,7 @@ const HOOKS: [Hook; 4] = [
         // CLOSE -> SYN_SENT in sock:inet_sock_set_state runs inside connect().
         tp_btf: &[],
         tracepoint: &[],
+        syscall_fallback: None,
     },
     Hook {
         name: "tcp_close",
@@ -80,6 +85,7 @@ const HOOKS: [Hook; 4] = [
         // State changes plus tcp:tcp_destroy_sock carry the close.
         tp_btf: &[],
         tracepoint: &[],
+        syscall_fallback: None,
     },
     Hook {
         name: "tcp_sendmsg",
@@ -90,6 +96,7 @@ const HOOKS: [Hook; 4] = [
         ],
         tp_btf: &[("connscope_btf_sock_send_length", "sock_send_length")],
         tracepoint: &[("connscope_sock_send_length", "sock", "sock_send_length")],
+        syscall_fallback: Some(setting::SYSCALL_SENDS),
     },
     Hook {
         name: "tcp_recvmsg",
@@ -100,6 +107,7 @@ const HOOKS: [Hook; 4] = [
         ],
         tp_btf: &[("connscope_btf_sock_recv_length", "sock_recv_length")],
         tracepoint: &[("connscope_sock_recv_length", "sock", "sock_recv_length")],
+        syscall_fallback: Some(setting::SYSCALL_RECVS),
     },
 ];
 
@@ -144,12 +152,20 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
             .ok(),
         None => None,
     };
+    // The syscall-exit fallback needs the fd -> socket pointer chain, and the stash programs.
+    let fd_layout = match (&btf, config.capture_heads) {
+        (Some(_), true) => kernel_layout::fd_layout(Path::new(preflight::BTF_VMLINUX))
+            .inspect_err(|err| tracing::debug!("no syscall-exit fallback: {err:#}"))
+            .ok(),
+        _ => None,
+    };
     let mut ebpf = EbpfLoader::new()
         .btf(btf.as_ref())
         .map_max_entries(map_name::CONNS, config.max_connections)
         .map_max_entries(map_name::EVENTS, config.ringbuf_bytes)
         .override_global("PAYLOAD_SYSCALLS", &PAYLOAD_SYSCALL_NUMBERS, true)
         .override_global("SOCK_LAYOUT", &layout.unwrap_or_default(), true)
+        .override_global("FD_LAYOUT", &fd_layout.unwrap_or_default(), true)
         .load(PROGRAMS)
         .context("loading the eBPF programs")?;
     let btf_tracepoints = btf.as_ref().filter(|_| layout.is_some());
@@ -164,7 +180,8 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     let mut attached = Vec::with_capacity(HOOKS.len() + 1);
     attached.push(HookAttach { hook: "inet_sock_set_state", attach: lifecycle });
     for hook in &HOOKS {
-        let attach = attach_hook(&mut ebpf, hook, config.backend, btf.as_ref(), btf_tracepoints)?;
+        let fallback = fd_layout.is_some();
+        let attach = attach_hook(&mut ebpf, hook, config.backend, btf.as_ref(), btf_tracepoints, fallback)?;
         tracing::info!(hook = hook.name, backend = %attach, "hook attached");
         attached.push(HookAttach { hook: hook.name, attach });
     }
@@ -209,6 +226,7 @@ fn attach_hook(
     backend: Backend,
     btf: Option<&Btf>,
     btf_tracepoints: Option<&Btf>,
+    syscall_fallback: bool,
 ) -> anyhow::Result<Attach> {
     let mut failures = Vec::new();
     for attach in candidates(backend, btf) {
@@ -225,7 +243,15 @@ fn attach_hook(
                 Err(anyhow!("covered by the tp_btf lifecycle tracepoints"))
             }
             Attach::Tracepoint => {
-                attach_all(ebpf, hook.tracepoint, |ebpf, (p, c, e)| attach_tracepoint(ebpf, p, c, e))
+                attach_all(ebpf, hook.tracepoint, |ebpf, (p, c, e)| attach_tracepoint(ebpf, p, c, e)).or_else(
+                    |err| match hook.syscall_fallback.filter(|_| syscall_fallback) {
+                        Some(index) => {
+                            tracing::info!(hook = hook.name, "{err:#}; counting at syscall exit instead");
+                            enable_setting(ebpf, index)
+                        }
+                        None => Err(err),
+                    },
+                )
             }
         };
         match result {
@@ -258,6 +284,14 @@ fn attach_all<T: Copy>(
             }
         }
     }
+    Ok(())
+}
+
+/// Turns on one of the kernel side's `SETTINGS` switches.
+fn enable_setting(ebpf: &mut Ebpf, index: u32) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(map_name::SETTINGS).ok_or_else(|| anyhow!("SETTINGS map missing"))?;
+    let mut settings: Array<&mut MapData, u32> = Array::try_from(map)?;
+    settings.set(index, 1, 0).context("writing SETTINGS")?;
     Ok(())
 }
 
