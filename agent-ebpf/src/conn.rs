@@ -233,7 +233,7 @@ fn emit_turn(
     event.comm = conn.comm;
     let want = if bytes < HEAD_LEN as u64 { bytes as usize } else { HEAD_LEN };
     let head_len = match pending {
-        Some(pending) => payload::read_head(&pending, want, &mut event.head),
+        Some(pending) => payload::read_head(pending.buf, pending.len.min(want as u64), &mut event.head),
         None => 0,
     };
     event.head_len = head_len;

@@ -11,12 +11,13 @@
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
-        bpf_probe_read_user_buf,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, generated,
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
 };
+use core::ffi::c_void;
+
 use connscope_common::{FdLayout, HEAD_LEN, LostReason, direction, payload_syscall, setting};
 
 use crate::{
@@ -230,17 +231,20 @@ pub fn discard() {
 
 /// Copies up to `want` bytes (at most `HEAD_LEN`) of the stashed buffer into `dst`;
 /// returns how many are valid.
-#[inline(always)]
-pub fn read_head(pending: &PendingPayload, want: usize, dst: &mut [u8; HEAD_LEN]) -> u32 {
-    let available = if pending.len < want as u64 { pending.len as usize } else { want };
-    let Some(dst) = dst.get_mut(..available) else { return 0 };
+///
+/// Kept out of line and given its arguments by value: inlined into a large program, the
+/// size could be spilled to the stack between its bound check and the helper call, and
+/// verifiers before 6.13 then reject the call ("R2 min value is negative").
+#[inline(never)]
+pub fn read_head(buf: u64, len: u64, dst: &mut [u8; HEAD_LEN]) -> u32 {
+    let size = if len < HEAD_LEN as u64 { len as u32 } else { HEAD_LEN as u32 };
     // SAFETY: user memory of the calling thread's own system call, read through the
-    // fault-tolerant helper into a bounded slice.
-    match unsafe { bpf_probe_read_user_buf(pending.buf as *const u8, dst) } {
-        Ok(()) => available as u32,
-        Err(_) => {
-            count_lost(LostReason::PayloadUnreadable);
-            0
-        }
+    // fault-tolerant helper into `dst`, which holds HEAD_LEN bytes (size is at most that).
+    let rc = unsafe { generated::bpf_probe_read_user(dst.as_mut_ptr().cast(), size, buf as *const c_void) };
+    if rc == 0 {
+        size
+    } else {
+        count_lost(LostReason::PayloadUnreadable);
+        0
     }
 }
