@@ -237,6 +237,10 @@ pub fn discard() {
 /// verifiers before 6.13 then reject the call ("R2 min value is negative").
 #[inline(never)]
 pub fn read_head(buf: u64, len: u64, dst: &mut [u8; HEAD_LEN]) -> u32 {
+    // The volatile read hides the caller's bound from LLVM, so the comparison below is
+    // emitted right before the call, where the verifier needs it.
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
     let size = if len < HEAD_LEN as u64 { len as u32 } else { HEAD_LEN as u32 };
     // SAFETY: user memory of the calling thread's own system call, read through the
     // fault-tolerant helper into `dst`, which holds HEAD_LEN bytes (size is at most that).
