@@ -26,9 +26,9 @@ fn linked_toolchain_present() -> bool {
 
 fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=CONNSCOPE_EBPF_TOOLCHAIN");
-    let chosen = env::var("CONNSCOPE_EBPF_TOOLCHAIN").ok().or_else(|| {
-        linked_toolchain_present().then(|| LINKED_TOOLCHAIN.to_owned())
-    });
+    let chosen = env::var("CONNSCOPE_EBPF_TOOLCHAIN")
+        .ok()
+        .or_else(|| linked_toolchain_present().then(|| LINKED_TOOLCHAIN.to_owned()));
     let toolchain = match chosen.as_deref() {
         Some("nightly") | None => Toolchain::Nightly,
         Some(name) => {

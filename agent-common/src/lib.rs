@@ -269,12 +269,8 @@ pub enum LostReason {
 
 impl LostReason {
     pub const COUNT: u32 = 4;
-    pub const ALL: [Self; Self::COUNT as usize] = [
-        Self::RingbufFull,
-        Self::MapFull,
-        Self::UntrackedSocket,
-        Self::PayloadUnreadable,
-    ];
+    pub const ALL: [Self; Self::COUNT as usize] =
+        [Self::RingbufFull, Self::MapFull, Self::UntrackedSocket, Self::PayloadUnreadable];
 
     /// The `reason` label value.
     pub const fn label(self) -> &'static str {
@@ -300,7 +296,8 @@ pub const fn process_label_byte(byte: u8) -> u8 {
 /// `PAYLOAD_SYSCALLS` global the agent fills with this architecture's numbers.
 pub mod payload_syscall {
     pub const COUNT: usize = 8;
-    pub const NAMES: [&str; COUNT] = ["read", "write", "recvfrom", "sendto", "readv", "writev", "recvmsg", "sendmsg"];
+    pub const NAMES: [&str; COUNT] =
+        ["read", "write", "recvfrom", "sendto", "readv", "writev", "recvmsg", "sendmsg"];
     /// `(fd, buf, len)`: the buffer is the second argument.
     pub const FLAT_END: usize = 4;
     /// `(fd, iov, iovcnt)`: the first iovec describes the buffer.

@@ -4,7 +4,9 @@
 //! under load. The arguments are the tracepoints' `TP_PROTO`; `struct sock` fields are read
 //! at offsets the agent took from the kernel's BTF (`SOCK_LAYOUT`).
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel, macros::btf_tracepoint, programs::BtfTracePointContext,
+};
 use connscope_common::{AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, SockLayout, direction};
 
 use crate::{conn, tracepoints::transfer};

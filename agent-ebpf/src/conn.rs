@@ -10,8 +10,8 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
 };
 use connscope_common::{
-    Conn, ConnEvent, Endpoints, EventHeader, EventKind, HEAD_LEN, LostReason, TURN_FIXED_LEN, TurnEvent,
-    close_kind, closed_by, conn_flag, direction, role, tcp_state,
+    Conn, ConnEvent, Endpoints, EventHeader, EventKind, HEAD_LEN, LostReason, TURN_FIXED_LEN,
+    TurnEvent, close_kind, closed_by, conn_flag, direction, role, tcp_state,
 };
 
 use crate::{
@@ -162,7 +162,8 @@ pub fn on_transfer(sock: u64, dir: u8, bytes: u64) {
         if is_request {
             conn.exchanges += 1;
         }
-        let previous_other = if dir == direction::SEND { conn.last_recv_ns } else { conn.last_send_ns };
+        let previous_other =
+            if dir == direction::SEND { conn.last_recv_ns } else { conn.last_send_ns };
         let gap_ns = if previous_other == 0 { 0 } else { now - previous_other };
         conn.last_direction = dir;
         // Only a turn start reads the stashed buffer; the syscall's exit drops it otherwise.
@@ -233,13 +234,16 @@ fn emit_turn(
     event.comm = conn.comm;
     let want = if bytes < HEAD_LEN as u64 { bytes as usize } else { HEAD_LEN };
     let head_len = match pending {
-        Some(pending) => payload::read_head(pending.buf, pending.len.min(want as u64), &mut event.head),
+        Some(pending) => {
+            payload::read_head(pending.buf, pending.len.min(want as u64), &mut event.head)
+        }
         None => 0,
     };
     event.head_len = head_len;
     let len = TURN_FIXED_LEN + (head_len as usize).min(HEAD_LEN);
     // SAFETY: `len` is at most the size of the scratch record.
-    let record = unsafe { core::slice::from_raw_parts((event as *const TurnEvent).cast::<u8>(), len) };
+    let record =
+        unsafe { core::slice::from_raw_parts((event as *const TurnEvent).cast::<u8>(), len) };
     if EVENTS.output::<[u8]>(record, 0).is_err() {
         count_lost(LostReason::RingbufFull);
     }

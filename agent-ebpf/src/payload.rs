@@ -11,7 +11,8 @@
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, generated,
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated,
     },
     macros::raw_tracepoint,
     programs::RawTracePointContext,
@@ -146,8 +147,11 @@ pub fn connscope_sys_exit(ctx: RawTracePointContext) -> i32 {
     let regs: *const pt_regs = ctx.arg(0);
     let Some(slot) = regs::nr(regs).and_then(slot_of) else { return 0 };
     // Odd slots of `payload_syscall::NAMES` write, even ones read.
-    let (dir, switch) =
-        if slot % 2 == 1 { (direction::SEND, setting::SYSCALL_SENDS) } else { (direction::RECV, setting::SYSCALL_RECVS) };
+    let (dir, switch) = if slot % 2 == 1 {
+        (direction::SEND, setting::SYSCALL_SENDS)
+    } else {
+        (direction::RECV, setting::SYSCALL_RECVS)
+    };
     if setting_on(switch) {
         let ret: i64 = ctx.arg(1);
         if ret > 0 {
@@ -201,7 +205,9 @@ fn fd_sock(fd: u64) -> Option<u64> {
     let files = read_u64(task, u64::from(layout.task_files))?;
     let fdt = read_u64(files, u64::from(layout.files_fdt))?;
     // SAFETY: kernel memory read through the fault-tolerant helper.
-    let max_fds: u32 = unsafe { bpf_probe_read_kernel((fdt + u64::from(layout.fdt_max_fds)) as *const u32) }.ok()?;
+    let max_fds: u32 =
+        unsafe { bpf_probe_read_kernel((fdt + u64::from(layout.fdt_max_fds)) as *const u32) }
+            .ok()?;
     if fd >= u64::from(max_fds) {
         return None;
     }
@@ -244,7 +250,9 @@ pub fn read_head(buf: u64, len: u64, dst: &mut [u8; HEAD_LEN]) -> u32 {
     let size = if len < HEAD_LEN as u64 { len as u32 } else { HEAD_LEN as u32 };
     // SAFETY: user memory of the calling thread's own system call, read through the
     // fault-tolerant helper into `dst`, which holds HEAD_LEN bytes (size is at most that).
-    let rc = unsafe { generated::bpf_probe_read_user(dst.as_mut_ptr().cast(), size, buf as *const c_void) };
+    let rc = unsafe {
+        generated::bpf_probe_read_user(dst.as_mut_ptr().cast(), size, buf as *const c_void)
+    };
     if rc == 0 {
         size
     } else {

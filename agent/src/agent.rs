@@ -18,10 +18,10 @@ use crate::{
     events::{self, Event},
     kernel_stats::LossCollector,
     metrics::{Build, EventKindLabel, Metrics, Probe, UserLosses},
+    placement::KubeletPlacement,
     preflight, probes,
     server::{self, AppState},
     shutdown,
-    placement::KubeletPlacement,
     table::ConnectionTable,
 };
 
@@ -37,26 +37,40 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     metrics.capacity.set(i64::from(config.max_connections));
     metrics.build.get_or_create(&Build { version: env!("CARGO_PKG_VERSION").into() }).set(1);
     for hook in &probes.attached {
-        metrics.probes.get_or_create(&Probe { hook: hook.hook.into(), attach: hook.attach.label().into() }).set(1);
+        metrics
+            .probes
+            .get_or_create(&Probe { hook: hook.hook.into(), attach: hook.attach.label().into() })
+            .set(1);
     }
 
     let losses = Arc::new(UserLosses::default());
-    let lost_map = probes.ebpf.take_map(map_name::LOST).ok_or_else(|| anyhow!("LOST map missing"))?;
+    let lost_map =
+        probes.ebpf.take_map(map_name::LOST).ok_or_else(|| anyhow!("LOST map missing"))?;
     let mut registry = Registry::with_prefix("connscope");
     metrics.register(&mut registry);
-    registry.register_collector(Box::new(LossCollector::new(PerCpuArray::try_from(lost_map)?, losses.clone())));
+    registry.register_collector(Box::new(LossCollector::new(
+        PerCpuArray::try_from(lost_map)?,
+        losses.clone(),
+    )));
 
     let state = Arc::new(AppState::new(registry));
     if let Ok(mut hooks) = state.hooks.write() {
         hooks.clone_from(&probes.attached);
     }
-    let events_map = probes.ebpf.take_map(map_name::EVENTS).ok_or_else(|| anyhow!("EVENTS map missing"))?;
+    let events_map =
+        probes.ebpf.take_map(map_name::EVENTS).ok_or_else(|| anyhow!("EVENTS map missing"))?;
     // SAFETY: the ring buffer owns its map fd and keeps it open until the AsyncFd drops it.
     let mut ring = unsafe { AsyncFd::register(RingBuf::try_from(events_map)?) }
         .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
-    let placement = KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
+    let placement =
+        KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
     let counters = EventCounters::new(&metrics);
-    let mut table = ConnectionTable::new(metrics, config.max_servers, config.max_processes, Box::new(placement));
+    let mut table = ConnectionTable::new(
+        metrics,
+        config.max_servers,
+        config.max_processes,
+        Box::new(placement),
+    );
 
     let (stop_server, server_stopped) = watch::channel(false);
     let server = tokio::spawn(server::serve(listener, state.clone(), server_stopped));
@@ -100,7 +114,8 @@ struct EventCounters {
 
 impl EventCounters {
     fn new(metrics: &Metrics) -> Self {
-        let counter = |kind: &str| metrics.events.get_or_create_owned(&EventKindLabel { kind: kind.into() });
+        let counter =
+            |kind: &str| metrics.events.get_or_create_owned(&EventKindLabel { kind: kind.into() });
         Self { open: counter("open"), turn: counter("turn"), close: counter("close") }
     }
 
@@ -113,7 +128,12 @@ impl EventCounters {
     }
 }
 
-fn drain(ring: &mut RingBuf<aya::maps::MapData>, table: &mut ConnectionTable, counters: &EventCounters, losses: &UserLosses) {
+fn drain(
+    ring: &mut RingBuf<aya::maps::MapData>,
+    table: &mut ConnectionTable,
+    counters: &EventCounters,
+    losses: &UserLosses,
+) {
     while let Some(record) = ring.next() {
         match events::decode(&record) {
             Ok(event) => {
@@ -132,7 +152,11 @@ async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
     match TcpListener::bind(address).await {
         Ok(listener) => Ok(listener),
         // ":port" means all addresses; hosts without IPv6 only have the IPv4 wildcard.
-        Err(err) if address.ip().is_unspecified() && address.is_ipv6() && err.kind() != io::ErrorKind::AddrInUse => {
+        Err(err)
+            if address.ip().is_unspecified()
+                && address.is_ipv6()
+                && err.kind() != io::ErrorKind::AddrInUse =>
+        {
             let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), address.port());
             TcpListener::bind(v4).await.map_err(|err| listen_error(v4, &err))
         }
@@ -152,7 +176,11 @@ fn listen_error(address: SocketAddr, err: &io::Error) -> anyhow::Error {
 }
 
 fn display_address(address: SocketAddr) -> String {
-    if address.ip().is_unspecified() { format!("localhost:{}", address.port()) } else { address.to_string() }
+    if address.ip().is_unspecified() {
+        format!("localhost:{}", address.port())
+    } else {
+        address.to_string()
+    }
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.

@@ -23,7 +23,11 @@ pub enum Backend {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "connscope", version, about = "eBPF agent: HTTP connection reuse, idle time, who closes and why, churn; Prometheus metrics")]
+#[command(
+    name = "connscope",
+    version,
+    about = "eBPF agent: HTTP connection reuse, idle time, who closes and why, churn; Prometheus metrics"
+)]
 pub struct Cli {
     /// Address to serve /metrics, /healthz, /readyz and / on (":9477" means all addresses).
     #[arg(long = "web.listen-address", env = "CONNSCOPE_WEB_LISTEN_ADDRESS")]
@@ -161,7 +165,10 @@ impl Config {
             bail!("--bpf.max-connections must be at least 1");
         }
         if self.ringbuf_bytes < 4096 || !self.ringbuf_bytes.is_power_of_two() {
-            bail!("--bpf.ringbuf-bytes must be a power of two of at least 4096 (got {})", self.ringbuf_bytes);
+            bail!(
+                "--bpf.ringbuf-bytes must be a power of two of at least 4096 (got {})",
+                self.ringbuf_bytes
+            );
         }
         if self.max_servers == 0 || self.max_processes == 0 {
             bail!("--metrics.max-servers and --metrics.max-processes must be at least 1");
@@ -173,7 +180,9 @@ impl Config {
 /// Accepts `host:port`, `[v6]:port` and the exporter shorthand `:port` (all addresses).
 pub fn parse_listen_address(value: &str) -> anyhow::Result<SocketAddr> {
     if let Some(port) = value.strip_prefix(':') {
-        let port: u16 = port.parse().with_context(|| format!("invalid port in --web.listen-address {value:?}"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("invalid port in --web.listen-address {value:?}"))?;
         return Ok(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port));
     }
     value.parse().with_context(|| {
@@ -204,7 +213,8 @@ mod tests {
         let config = cli(&[])?.into_config()?;
         assert_eq!(config.listen_address.port(), 9477);
         assert_eq!(config.backend, Backend::Auto);
-        let config = cli(&["--probe.backend", "tracepoint", "--metrics.max-servers", "7"])?.into_config()?;
+        let config =
+            cli(&["--probe.backend", "tracepoint", "--metrics.max-servers", "7"])?.into_config()?;
         assert_eq!(config.backend, Backend::Tracepoint);
         assert_eq!(config.max_servers, 7);
         Ok(())
@@ -226,7 +236,8 @@ mod tests {
         let path = dir.join("c.yaml");
         std::fs::write(&path, "metrics.max-servers: 3\nweb.listen-address: 127.0.0.1:1234\n")?;
         let path_str = path.to_string_lossy().into_owned();
-        let config = cli(&["--config.file", &path_str, "--web.listen-address", ":5"])?.into_config()?;
+        let config =
+            cli(&["--config.file", &path_str, "--web.listen-address", ":5"])?.into_config()?;
         assert_eq!(config.max_servers, 3);
         assert_eq!(config.listen_address.port(), 5);
         std::fs::write(&path, "no.such.key: 1\n")?;

@@ -48,7 +48,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
 
 /// Turn records carry only the captured part of the head.
 fn decode_turn(bytes: &[u8]) -> Result<Box<TurnEvent>, DecodeError> {
-    let wrong_length = DecodeError::WrongLength { kind: EventKind::Turn, len: bytes.len(), expected: TURN_FIXED_LEN };
+    let wrong_length = DecodeError::WrongLength {
+        kind: EventKind::Turn,
+        len: bytes.len(),
+        expected: TURN_FIXED_LEN,
+    };
     if bytes.len() < TURN_FIXED_LEN || bytes.len() > size_of::<TurnEvent>() {
         return Err(wrong_length);
     }
@@ -76,7 +80,12 @@ mod tests {
 
     fn conn_event(kind: EventKind) -> ConnEvent {
         ConnEvent {
-            header: EventHeader { kind: kind as u32, _pad: 0, sock: 0xffff_8880_1234_5678, ts_ns: 42 },
+            header: EventHeader {
+                kind: kind as u32,
+                _pad: 0,
+                sock: 0xffff_8880_1234_5678,
+                ts_ns: 42,
+            },
             conn: Conn { open_ns: 7, exchanges: 3, role: 1, ..Conn::default() },
         }
     }

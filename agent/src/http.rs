@@ -155,7 +155,8 @@ fn summarise(headers: &[httparse::Header<'_>]) -> (ConnectionHeader, KeepAlive) 
 fn parse_keep_alive(value: &[u8]) -> KeepAlive {
     let mut keep_alive = KeepAlive::default();
     for param in value.split(|&b| b == b',') {
-        let Some((name, number)) = std::str::from_utf8(param).ok().and_then(|p| p.split_once('=')) else {
+        let Some((name, number)) = std::str::from_utf8(param).ok().and_then(|p| p.split_once('='))
+        else {
             continue;
         };
         let number = number.trim();
@@ -180,7 +181,8 @@ mod tests {
 
     #[test]
     fn http11_request_defaults_to_keep_alive() {
-        let head = parse_request(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").unwrap_or_else(|| panic!("not parsed"));
+        let head = parse_request(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap_or_else(|| panic!("not parsed"));
         assert_eq!(head.version, Version::Http11);
         assert!(head.wants_persistence());
         assert_eq!(head.count, 1);
@@ -204,7 +206,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5, max=100\r\n\r\nbody",
         );
         let head = head.unwrap_or_else(|| panic!("not parsed"));
-        assert_eq!(head.keep_alive, KeepAlive { timeout_seconds: Some(5), max_requests: Some(100) });
+        assert_eq!(
+            head.keep_alive,
+            KeepAlive { timeout_seconds: Some(5), max_requests: Some(100) }
+        );
         assert!(head.wants_persistence());
     }
 

@@ -8,7 +8,9 @@ use btf_rs::{Btf, Member, Struct, Type};
 use connscope_common::{FdLayout, SockLayout};
 
 fn read_btf(vmlinux: &Path) -> anyhow::Result<Btf> {
-    Btf::from_file(vmlinux).map_err(|err| anyhow!("{err}")).with_context(|| format!("reading {}", vmlinux.display()))
+    Btf::from_file(vmlinux)
+        .map_err(|err| anyhow!("{err}"))
+        .with_context(|| format!("reading {}", vmlinux.display()))
 }
 
 /// Offsets of the fields `agent-ebpf/src/btf_tracepoints.rs` reads.
@@ -40,7 +42,8 @@ pub fn sock_layout(vmlinux: &Path) -> anyhow::Result<SockLayout> {
 /// (`agent-ebpf/src/payload.rs`, `fd_sock`).
 pub fn fd_layout(vmlinux: &Path) -> anyhow::Result<FdLayout> {
     let btf = read_btf(vmlinux)?;
-    let offset = |structure: &str, member: &str| byte_offset(&btf, &find_struct(&btf, structure)?, member);
+    let offset =
+        |structure: &str, member: &str| byte_offset(&btf, &find_struct(&btf, structure)?, member);
     Ok(FdLayout {
         task_files: offset("task_struct", "files")?,
         files_fdt: offset("files_struct", "fdt")?,
@@ -75,8 +78,13 @@ fn find_struct(btf: &Btf, name: &str) -> anyhow::Result<Struct> {
 /// A member by name, looking through nested structs and unions (named ones like
 /// `__sk_common` and anonymous ones): its bit offset from the start of `outer`, its
 /// bitfield size, and the member itself.
-fn find_member(btf: &Btf, outer: &Struct, name: &str) -> anyhow::Result<(u32, Option<u32>, Member)> {
-    search(btf, outer, name, 0).with_context(|| format!("no member {name} in the kernel BTF struct"))
+fn find_member(
+    btf: &Btf,
+    outer: &Struct,
+    name: &str,
+) -> anyhow::Result<(u32, Option<u32>, Member)> {
+    search(btf, outer, name, 0)
+        .with_context(|| format!("no member {name} in the kernel BTF struct"))
 }
 
 fn search(btf: &Btf, outer: &Struct, name: &str, depth: u32) -> Option<(u32, Option<u32>, Member)> {
@@ -130,7 +138,10 @@ mod tests {
             return Ok(());
         }
         let layout = sock_layout(vmlinux)?;
-        assert_eq!((layout.daddr, layout.rcv_saddr, layout.dport, layout.num, layout.family), (0, 4, 12, 14, 16));
+        assert_eq!(
+            (layout.daddr, layout.rcv_saddr, layout.dport, layout.num, layout.family),
+            (0, 4, 12, 14, 16)
+        );
         assert_eq!(layout.protocol_size, 2);
         assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
         let fds = fd_layout(vmlinux)?;

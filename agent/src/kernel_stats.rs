@@ -29,7 +29,10 @@ impl LossCollector {
         let mut totals = Vec::with_capacity(LostReason::ALL.len() + 1);
         if let Ok(kernel) = self.kernel.lock() {
             for reason in LostReason::ALL {
-                let sum = kernel.get(&(reason as u32), 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0);
+                let sum = kernel
+                    .get(&(reason as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
                 totals.push((reason.label(), sum));
             }
         }

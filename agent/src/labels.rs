@@ -102,7 +102,14 @@ mod tests {
         let mapped = Ipv4Addr::new(10, 1, 2, 3).to_ipv6_mapped().octets();
         assert_eq!(endpoint_label(10, &mapped, 443), "10.1.2.3:443");
         assert_eq!(endpoint_label(10, &Ipv6Addr::LOCALHOST.octets(), 8080), "[::1]:8080");
-        let ep = Endpoints { family: AF_INET, local_port: 8080, remote_port: 50000, local_addr: addr, remote_addr: addr, _pad: 0 };
+        let ep = Endpoints {
+            family: AF_INET,
+            local_port: 8080,
+            remote_port: 50000,
+            local_addr: addr,
+            remote_addr: addr,
+            _pad: 0,
+        };
         assert_eq!(server_label(&ep, role::SERVER), "127.0.0.1:8080");
         assert_eq!(server_label(&ep, role::CLIENT), "127.0.0.1:50000");
     }

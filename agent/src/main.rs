@@ -14,7 +14,12 @@ fn main() -> ExitCode {
         }
     };
     connscope::logging::init(&config.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("connscope").enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("connscope")
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("connscope: cannot start the async runtime: {err}");

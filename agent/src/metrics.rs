@@ -26,7 +26,9 @@ pub struct Placement {
 
 impl EncodeLabelSet for Placement {
     fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
-        for (name, value) in [("namespace", &self.namespace), ("pod", &self.pod), ("container", &self.container)] {
+        for (name, value) in
+            [("namespace", &self.namespace), ("pod", &self.pod), ("container", &self.container)]
+        {
             if let Some(value) = value {
                 (name, value.as_str()).encode(encoder.encode_label())?;
             }
@@ -97,14 +99,19 @@ pub struct Build {
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Connection lifetime: 1 ms to 1 h.
-pub const DURATION_BUCKETS: [f64; 16] =
-    [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0];
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0,
+    3600.0,
+];
 /// Exchanges per connection: 0 marks connections opened and never used, 1 the
 /// one-request connections that cause churn.
-pub const REQUEST_BUCKETS: [f64; 12] = [0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+pub const REQUEST_BUCKETS: [f64; 12] =
+    [0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
 /// Idle gaps: 1 ms to 300 s, with the common keep-alive timeouts (5, 15, 60, 75 s) as bounds.
-pub const IDLE_BUCKETS: [f64; 17] =
-    [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 75.0, 120.0, 300.0];
+pub const IDLE_BUCKETS: [f64; 17] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 75.0, 120.0,
+    300.0,
+];
 
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
@@ -172,7 +179,11 @@ impl Metrics {
             "TCP connections closed: who closed first (closed_by), by FIN or reset (close_kind), and why (reason)",
             m.closed,
         );
-        registry.register("connections_open", "Connections open now: active (an exchange in progress) or idle", m.open);
+        registry.register(
+            "connections_open",
+            "Connections open now: active (an exchange in progress) or idle",
+            m.open,
+        );
         registry.register_with_unit(
             "connection_duration",
             "Lifetime of closed connections, from establishment to destruction",
@@ -215,7 +226,11 @@ impl Metrics {
         );
         registry.register("bytes_sent", "Payload bytes sent", m.bytes_sent);
         registry.register("bytes_received", "Payload bytes received", m.bytes_received);
-        registry.register("tracked_connections", "Connections the agent is tracking now", m.tracked);
+        registry.register(
+            "tracked_connections",
+            "Connections the agent is tracking now",
+            m.tracked,
+        );
         registry.register(
             "tracked_connections_capacity",
             "Connections the kernel map can track at once (--bpf.max-connections)",

@@ -86,7 +86,8 @@ fn read_pod_dirs(dir: &Path) -> HashMap<String, (String, String)> {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let mut parts = name.splitn(3, '_');
-        if let (Some(namespace), Some(pod), Some(uid)) = (parts.next(), parts.next(), parts.next()) {
+        if let (Some(namespace), Some(pod), Some(uid)) = (parts.next(), parts.next(), parts.next())
+        {
             pods.insert(uid.to_owned(), (namespace.to_owned(), pod.to_owned()));
         }
     }
@@ -167,14 +168,22 @@ mod tests {
         assert_eq!(ids_from_cgroup_path(&cgroupfs), Some((UID.to_owned(), Some(CID.to_owned()))));
         let pod_only = PathBuf::from(format!("/sys/fs/cgroup/kubepods/pod{UID}"));
         assert_eq!(ids_from_cgroup_path(&pod_only), Some((UID.to_owned(), None)));
-        assert_eq!(ids_from_cgroup_path(Path::new("/sys/fs/cgroup/system.slice/ssh.service")), None);
+        assert_eq!(
+            ids_from_cgroup_path(Path::new("/sys/fs/cgroup/system.slice/ssh.service")),
+            None
+        );
     }
 
     #[test]
     fn names_from_the_kubelet_log_tree() -> std::io::Result<()> {
         let root = std::env::temp_dir().join(format!("connscope-placement-{}", std::process::id()));
         let logs = root.join("logs");
-        let cgroup = root.join("cgroup").join("kubepods").join("burstable").join(format!("pod{UID}")).join(CID);
+        let cgroup = root
+            .join("cgroup")
+            .join("kubepods")
+            .join("burstable")
+            .join(format!("pod{UID}"))
+            .join(CID);
         std::fs::create_dir_all(logs.join(format!("pods/shop_checkout-7d9f_{UID}/api")))?;
         std::fs::create_dir_all(logs.join("containers"))?;
         std::fs::write(logs.join(format!("containers/checkout-7d9f_shop_api-{CID}.log")), "")?;

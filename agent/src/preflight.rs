@@ -39,7 +39,11 @@ fn effective_capabilities() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
-            status.lines().find_map(|line| line.strip_prefix("CapEff:")).map(str::trim).map(String::from)
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .map(str::trim)
+                .map(String::from)
         })
         .and_then(|hex| u64::from_str_radix(&hex, 16).ok())
         .unwrap_or(0)

@@ -114,7 +114,12 @@ const HOOKS: [Hook; 4] = [
 /// Attached on every kernel, whatever the backend: `(tp_btf program, classic program,
 /// category, event)`.
 const LIFECYCLE: [(&str, &str, &str, &str); 4] = [
-    ("connscope_btf_inet_sock_set_state", "connscope_inet_sock_set_state", "sock", "inet_sock_set_state"),
+    (
+        "connscope_btf_inet_sock_set_state",
+        "connscope_inet_sock_set_state",
+        "sock",
+        "inet_sock_set_state",
+    ),
     ("connscope_btf_tcp_receive_reset", "connscope_tcp_receive_reset", "tcp", "tcp_receive_reset"),
     ("connscope_btf_tcp_send_reset", "connscope_tcp_send_reset", "tcp", "tcp_send_reset"),
     ("connscope_btf_tcp_destroy_sock", "connscope_tcp_destroy_sock", "tcp", "tcp_destroy_sock"),
@@ -148,7 +153,9 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     // BTF tracepoints need the struct sock layout; without it, classic tracepoints.
     let layout = match &btf {
         Some(_) => kernel_layout::sock_layout(Path::new(preflight::BTF_VMLINUX))
-            .inspect_err(|err| tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}"))
+            .inspect_err(|err| {
+                tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}")
+            })
             .ok(),
         None => None,
     };
@@ -181,7 +188,8 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     attached.push(HookAttach { hook: "inet_sock_set_state", attach: lifecycle });
     for hook in &HOOKS {
         let fallback = fd_layout.is_some();
-        let attach = attach_hook(&mut ebpf, hook, config.backend, btf.as_ref(), btf_tracepoints, fallback)?;
+        let attach =
+            attach_hook(&mut ebpf, hook, config.backend, btf.as_ref(), btf_tracepoints, fallback)?;
         tracing::info!(hook = hook.name, backend = %attach, "hook attached");
         attached.push(HookAttach { hook: hook.name, attach });
     }
@@ -231,28 +239,31 @@ fn attach_hook(
     let mut failures = Vec::new();
     for attach in candidates(backend, btf) {
         let result = match attach {
-            Attach::Fentry => btf
-                .ok_or_else(|| anyhow!("no kernel BTF"))
-                .and_then(|btf| attach_all(ebpf, hook.fentry, |ebpf, (p, f)| attach_btf(ebpf, p, f, btf))),
-            Attach::Kprobe => attach_all(ebpf, hook.kprobe, |ebpf, (p, f)| attach_kprobe(ebpf, p, f)),
+            Attach::Fentry => btf.ok_or_else(|| anyhow!("no kernel BTF")).and_then(|btf| {
+                attach_all(ebpf, hook.fentry, |ebpf, (p, f)| attach_btf(ebpf, p, f, btf))
+            }),
+            Attach::Kprobe => {
+                attach_all(ebpf, hook.kprobe, |ebpf, (p, f)| attach_kprobe(ebpf, p, f))
+            }
             // The lifecycle tracepoints came in one form; a hook's must match it.
             Attach::TpBtf => btf_tracepoints
                 .ok_or_else(|| anyhow!("no usable kernel BTF for tp_btf"))
-                .and_then(|btf| attach_all(ebpf, hook.tp_btf, |ebpf, (p, e)| attach_tp_btf(ebpf, p, e, btf))),
+                .and_then(|btf| {
+                    attach_all(ebpf, hook.tp_btf, |ebpf, (p, e)| attach_tp_btf(ebpf, p, e, btf))
+                }),
             Attach::Tracepoint if btf_tracepoints.is_some() && hook.tracepoint.is_empty() => {
                 Err(anyhow!("covered by the tp_btf lifecycle tracepoints"))
             }
-            Attach::Tracepoint => {
-                attach_all(ebpf, hook.tracepoint, |ebpf, (p, c, e)| attach_tracepoint(ebpf, p, c, e)).or_else(
-                    |err| match hook.syscall_fallback.filter(|_| syscall_fallback) {
-                        Some(index) => {
-                            tracing::info!(hook = hook.name, "{err:#}; counting at syscall exit instead");
-                            enable_setting(ebpf, index)
-                        }
-                        None => Err(err),
-                    },
-                )
-            }
+            Attach::Tracepoint => attach_all(ebpf, hook.tracepoint, |ebpf, (p, c, e)| {
+                attach_tracepoint(ebpf, p, c, e)
+            })
+            .or_else(|err| match hook.syscall_fallback.filter(|_| syscall_fallback) {
+                Some(index) => {
+                    tracing::info!(hook = hook.name, "{err:#}; counting at syscall exit instead");
+                    enable_setting(ebpf, index)
+                }
+                None => Err(err),
+            }),
         };
         match result {
             Ok(()) => return Ok(attach),
@@ -313,7 +324,12 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-fn attach_btf(ebpf: &mut Ebpf, name: &'static str, function: &str, btf: &Btf) -> anyhow::Result<&'static str> {
+fn attach_btf(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    function: &str,
+    btf: &Btf,
+) -> anyhow::Result<&'static str> {
     match program(ebpf, name)? {
         Program::FEntry(p) => {
             let p: &mut FEntry = p;
@@ -330,30 +346,46 @@ fn attach_btf(ebpf: &mut Ebpf, name: &'static str, function: &str, btf: &Btf) ->
     Ok(name)
 }
 
-fn attach_kprobe(ebpf: &mut Ebpf, name: &'static str, function: &str) -> anyhow::Result<&'static str> {
+fn attach_kprobe(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    function: &str,
+) -> anyhow::Result<&'static str> {
     let p: &mut KProbe = program(ebpf, name)?.try_into()?;
     p.load().with_context(|| format!("loading kprobe {name}"))?;
     p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
     Ok(name)
 }
 
-fn attach_tp_btf(ebpf: &mut Ebpf, name: &'static str, event: &str, btf: &Btf) -> anyhow::Result<&'static str> {
+fn attach_tp_btf(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    event: &str,
+    btf: &Btf,
+) -> anyhow::Result<&'static str> {
     let p: &mut BtfTracePoint = program(ebpf, name)?.try_into()?;
     p.load(event, btf).with_context(|| format!("loading tp_btf/{event}"))?;
     p.attach().with_context(|| format!("attaching tp_btf/{event}"))?;
     Ok(name)
 }
 
-fn attach_tracepoint(ebpf: &mut Ebpf, name: &'static str, category: &str, event: &str) -> anyhow::Result<&'static str> {
+fn attach_tracepoint(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    category: &str,
+    event: &str,
+) -> anyhow::Result<&'static str> {
     let p: &mut TracePoint = program(ebpf, name)?.try_into()?;
     p.load().with_context(|| format!("loading {name}"))?;
-    p.attach(category, event).with_context(|| format!("attaching tracepoint {category}:{event}"))?;
+    p.attach(category, event)
+        .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
     Ok(name)
 }
 
 /// Raw `sys_enter`/`sys_exit`: they stash and drop the user buffers of socket I/O calls.
 fn attach_payload_stash(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for (name, event) in [("connscope_sys_enter", "sys_enter"), ("connscope_sys_exit", "sys_exit")] {
+    for (name, event) in [("connscope_sys_enter", "sys_enter"), ("connscope_sys_exit", "sys_exit")]
+    {
         let program: &mut RawTracePoint = program(ebpf, name)?.try_into()?;
         program.load().with_context(|| format!("loading {name}"))?;
         program.attach(event).with_context(|| format!("attaching raw tracepoint {event}"))?;

@@ -49,14 +49,22 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 /// Routes a request; no socket involved, so it is tested directly.
 pub fn respond(state: &AppState, method: &Method, path: &str) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "only GET\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "only GET\n".into(),
+        );
     }
     match path {
         "/metrics" => {
             let mut body = String::with_capacity(16 * 1024);
             match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
                 Ok(()) => text(StatusCode::OK, OPENMETRICS, body),
-                Err(err) => text(StatusCode::INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8", format!("encoding failed: {err}\n")),
+                Err(err) => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain; charset=utf-8",
+                    format!("encoding failed: {err}\n"),
+                ),
             }
         }
         "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
@@ -64,11 +72,19 @@ pub fn respond(state: &AppState, method: &Method, path: &str) -> Response<Full<B
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "text/plain; charset=utf-8", "ready\n".into())
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain; charset=utf-8", "probes not attached yet\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain; charset=utf-8",
+                    "probes not attached yet\n".into(),
+                )
             }
         }
         "/" => text(StatusCode::OK, "text/html; charset=utf-8", index_page(state)),
-        _ => text(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found; try /metrics\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found; try /metrics\n".into(),
+        ),
     }
 }
 
@@ -85,12 +101,20 @@ fn index_page(state: &AppState) -> String {
         }
     }
     let ready = if state.ready.load(Ordering::Acquire) { "ready" } else { "starting" };
-    let _ = write!(page, "</table><p>State: {ready}. Version {}.</p></body></html>", env!("CARGO_PKG_VERSION"));
+    let _ = write!(
+        page,
+        "</table><p>State: {ready}. Version {}.</p></body></html>",
+        env!("CARGO_PKG_VERSION")
+    );
     page
 }
 
 /// Serves until `shutdown` flips to true.
-pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -110,7 +134,9 @@ pub async fn serve(listener: TcpListener, state: Arc<AppState>, mut shutdown: wa
                 let response = respond(&state, request.method(), request.uri().path());
                 async move { Ok::<_, Infallible>(response) }
             });
-            if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(err) =
+                http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
+            {
                 tracing::debug!("metrics connection: {err}");
             }
         });
@@ -142,7 +168,10 @@ mod tests {
         let state = state();
         let response = respond(&state, &Method::GET, "/metrics");
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(response.headers().get(CONTENT_TYPE).map(|v| v.as_bytes()), Some(OPENMETRICS.as_bytes()));
+        assert_eq!(
+            response.headers().get(CONTENT_TYPE).map(|v| v.as_bytes()),
+            Some(OPENMETRICS.as_bytes())
+        );
         let text = body(response).await;
         assert!(text.contains("connscope_example_total 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));
@@ -151,12 +180,18 @@ mod tests {
     #[tokio::test]
     async fn readiness_follows_attach_state() {
         let state = state();
-        assert_eq!(respond(&state, &Method::GET, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            respond(&state, &Method::GET, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         state.ready.store(true, Ordering::Release);
         assert_eq!(respond(&state, &Method::GET, "/readyz").status(), StatusCode::OK);
         assert_eq!(respond(&state, &Method::GET, "/healthz").status(), StatusCode::OK);
         assert_eq!(respond(&state, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
-        assert_eq!(respond(&state, &Method::POST, "/metrics").status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(
+            respond(&state, &Method::POST, "/metrics").status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
         assert!(body(respond(&state, &Method::GET, "/")).await.contains("/metrics"));
     }
 }

@@ -9,16 +9,20 @@ use std::{
     sync::{Arc, OnceLock},
 };
 
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
 use connscope_common::{
     Conn, ConnEvent, TurnEvent, close_kind, closed_by, conn_flag, direction, role,
+};
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
 };
 
 use crate::{
     events::Event,
     http::{self, Version},
     labels::{self, LabelCap},
-    metrics::{Closed, ClosedBy, Flow, HttpRequest, Metrics, OpenState, PlacedFlow, Placement, Server},
+    metrics::{
+        Closed, ClosedBy, Flow, HttpRequest, Metrics, OpenState, PlacedFlow, Placement, Server,
+    },
 };
 
 /// Resolves the Kubernetes placement of a process from its cgroup id.
@@ -95,10 +99,16 @@ struct FlowSeries {
 impl FlowSeries {
     fn new(metrics: &Metrics, flow: Flow, placement: Placement) -> Self {
         let open = |state: Activity| {
-            metrics.open.get_or_create_owned(&OpenState { flow: flow.clone(), state: state.label().to_owned() })
+            metrics.open.get_or_create_owned(&OpenState {
+                flow: flow.clone(),
+                state: state.label().to_owned(),
+            })
         };
         Self {
-            opened: metrics.opened.get_or_create_owned(&PlacedFlow { flow: flow.clone(), placement: placement.clone() }),
+            opened: metrics.opened.get_or_create_owned(&PlacedFlow {
+                flow: flow.clone(),
+                placement: placement.clone(),
+            }),
             bytes_sent: metrics.bytes_sent.get_or_create_owned(&flow),
             bytes_received: metrics.bytes_received.get_or_create_owned(&flow),
             idle: metrics.idle.get_or_create_owned(&flow),
@@ -129,13 +139,20 @@ impl FlowSeries {
             Version::Http11 => &self.http11,
         };
         cell.get_or_init(|| {
-            let labels = HttpRequest { flow: self.flow.clone(), http_version: version.label().to_owned() };
+            let labels =
+                HttpRequest { flow: self.flow.clone(), http_version: version.label().to_owned() };
             metrics.http_requests.get_or_create_owned(&labels)
         })
     }
 
-    fn server_gauge<'a>(&self, cell: &'a OnceLock<Gauge>, family: &Family<Server, Gauge>) -> &'a Gauge {
-        cell.get_or_init(|| family.get_or_create_owned(&Server { server: self.flow.server.clone() }))
+    fn server_gauge<'a>(
+        &self,
+        cell: &'a OnceLock<Gauge>,
+        family: &Family<Server, Gauge>,
+    ) -> &'a Gauge {
+        cell.get_or_init(|| {
+            family.get_or_create_owned(&Server { server: self.flow.server.clone() })
+        })
     }
 }
 
@@ -160,7 +177,12 @@ pub struct ConnectionTable {
 }
 
 impl ConnectionTable {
-    pub fn new(metrics: Metrics, max_servers: usize, max_processes: usize, placement: Box<dyn PlacementResolver>) -> Self {
+    pub fn new(
+        metrics: Metrics,
+        max_servers: usize,
+        max_processes: usize,
+        placement: Box<dyn PlacementResolver>,
+    ) -> Self {
         Self {
             conns: HashMap::new(),
             flows: HashMap::new(),
@@ -209,13 +231,20 @@ impl ConnectionTable {
             process,
             server: self.servers.admit(&labels::server_label(&conn.endpoints, conn.role)),
         };
-        let placement =
-            if conn.cgroup_id != 0 { self.placement.resolve(conn.cgroup_id) } else { Placement::default() };
+        let placement = if conn.cgroup_id != 0 {
+            self.placement.resolve(conn.cgroup_id)
+        } else {
+            Placement::default()
+        };
         let key = PlacedFlow { flow, placement };
         let series = match self.flows.get(&key) {
             Some(series) => series.clone(),
             None => {
-                let series = Arc::new(FlowSeries::new(&self.metrics, key.flow.clone(), key.placement.clone()));
+                let series = Arc::new(FlowSeries::new(
+                    &self.metrics,
+                    key.flow.clone(),
+                    key.placement.clone(),
+                ));
                 self.flows.insert(key, series.clone());
                 series
             }
@@ -238,7 +267,9 @@ impl ConnectionTable {
     }
 
     fn turn(&mut self, turn: &TurnEvent) {
-        let Some(tracked) = self.conns.get_mut(&turn.header.sock).filter(|t| t.open_ns == turn.open_ns) else {
+        let Some(tracked) =
+            self.conns.get_mut(&turn.header.sock).filter(|t| t.open_ns == turn.open_ns)
+        else {
             return;
         };
         count_bytes(tracked, turn.bytes_sent, turn.bytes_received);
@@ -280,7 +311,10 @@ impl ConnectionTable {
 
         let by = closed_by_label(conn.closed_by);
         let closed = Closed {
-            flow: PlacedFlow { flow: tracked.series.flow.clone(), placement: tracked.series.placement.clone() },
+            flow: PlacedFlow {
+                flow: tracked.series.flow.clone(),
+                placement: tracked.series.placement.clone(),
+            },
             closed_by: by.to_owned(),
             close_kind: close_kind_label(conn.close_kind).to_owned(),
             reason: close_reason(conn, &tracked).to_owned(),
@@ -297,7 +331,10 @@ impl ConnectionTable {
         let close_start = if conn.close_start_ns != 0 { conn.close_start_ns } else { end_ns };
         if last_activity != 0 && close_start >= last_activity {
             let labels = ClosedBy { flow: tracked.series.flow.clone(), closed_by: by.to_owned() };
-            self.metrics.close_idle.get_or_create(&labels).observe(seconds(close_start - last_activity));
+            self.metrics
+                .close_idle
+                .get_or_create(&labels)
+                .observe(seconds(close_start - last_activity));
         }
         if is_keepalive_race(conn) {
             tracked.series.races.inc();
@@ -332,12 +369,17 @@ fn on_request(metrics: &Metrics, tracked: &mut Tracked, request: &http::Head) {
 fn on_response(metrics: &Metrics, tracked: &mut Tracked, response: &http::Head) {
     record_persistence(&mut tracked.http, response);
     // HTTP/1.0 persists only when both sides said keep-alive.
-    if tracked.http.http10_request_keep_alive == Some(true) && response.version == Version::Http10 && !response.wants_persistence() {
+    if tracked.http.http10_request_keep_alive == Some(true)
+        && response.version == Version::Http10
+        && !response.wants_persistence()
+    {
         tracked.http.http10_close = true;
     }
     let series = &tracked.series;
     if let Some(timeout) = response.keep_alive.timeout_seconds {
-        series.server_gauge(&series.advertised_timeout, &metrics.advertised_timeout).set(i64::from(timeout));
+        series
+            .server_gauge(&series.advertised_timeout, &metrics.advertised_timeout)
+            .set(i64::from(timeout));
     }
     if let Some(max) = response.keep_alive.max_requests {
         series.server_gauge(&series.advertised_max, &metrics.advertised_max).set(i64::from(max));
@@ -375,7 +417,11 @@ const fn close_kind_label(value: u8) -> &'static str {
 fn close_reason(conn: &Conn, tracked: &Tracked) -> &'static str {
     if conn.close_kind == close_kind::RESET {
         // An abort without any reset on the wire is a timeout or error, not a reset.
-        return if conn.flags & (conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) != 0 { "reset" } else { "error" };
+        return if conn.flags & (conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) != 0 {
+            "reset"
+        } else {
+            "error"
+        };
     }
     let http = &tracked.http;
     let limit_reached = http.last_advertised_max.is_some_and(|left| left <= 1)

@@ -31,7 +31,8 @@ fn conn(conn_role: u8) -> Conn {
 }
 
 fn conn_event(kind: EventKind, conn: Conn, ts_ns: u64) -> Event {
-    let event = ConnEvent { header: EventHeader { kind: kind as u32, _pad: 0, sock: SOCK, ts_ns }, conn };
+    let event =
+        ConnEvent { header: EventHeader { kind: kind as u32, _pad: 0, sock: SOCK, ts_ns }, conn };
     if kind == EventKind::Open { Event::Open(event) } else { Event::Close(event) }
 }
 
@@ -71,12 +72,17 @@ fn closed_count(metrics: &Metrics, role: &str, by: &str, kind: &str, reason: &st
 }
 
 fn open_gauge(metrics: &Metrics, role: &str, state: &str) -> i64 {
-    metrics.open.get(&OpenState { flow: flow(role), state: state.into() }).map(|g| g.get()).unwrap_or(0)
+    metrics
+        .open
+        .get(&OpenState { flow: flow(role), state: state.into() })
+        .map(|g| g.get())
+        .unwrap_or(0)
 }
 
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=3\r\n\r\n";
-const OK_LAST: &[u8] = b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5, max=1\r\n\r\n";
+const OK_LAST: &[u8] =
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5, max=1\r\n\r\n";
 
 #[test]
 fn client_keep_alive_connection_closed_idle_by_peer() {
@@ -116,8 +122,20 @@ fn client_keep_alive_connection_closed_idle_by_peer() {
 fn connection_close_header_sets_reason() {
     let (mut table, metrics) = table();
     table.handle(&conn_event(EventKind::Open, conn(role::SERVER), 1_000));
-    table.handle(&turn(role::SERVER, direction::RECV, 1, 0, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
-    table.handle(&turn(role::SERVER, direction::SEND, 1, 0, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"));
+    table.handle(&turn(
+        role::SERVER,
+        direction::RECV,
+        1,
+        0,
+        b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ));
+    table.handle(&turn(
+        role::SERVER,
+        direction::SEND,
+        1,
+        0,
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+    ));
     let mut closing = conn(role::SERVER);
     closing.exchanges = 1;
     closing.closed_by = closed_by::LOCAL;
@@ -133,7 +151,8 @@ fn http10_and_max_requests_reasons() {
     table.handle(&turn(role::CLIENT, direction::SEND, 1, 0, b"GET / HTTP/1.0\r\n\r\n"));
     table.handle(&turn(role::CLIENT, direction::RECV, 1, 0, b"HTTP/1.0 200 OK\r\n\r\n"));
     let mut closing = conn(role::CLIENT);
-    (closing.exchanges, closing.closed_by, closing.close_kind) = (1, closed_by::PEER, close_kind::FIN);
+    (closing.exchanges, closing.closed_by, closing.close_kind) =
+        (1, closed_by::PEER, close_kind::FIN);
     table.handle(&conn_event(EventKind::Close, closing, 5_000));
     assert_eq!(closed_count(&metrics, "client", "peer", "fin", "http10"), 1);
 

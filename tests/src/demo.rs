@@ -52,16 +52,25 @@ impl Demo {
         let steady = nginx(Duration::from_secs(30), 1000)?;
         let short = nginx(Duration::from_secs(1), 1000)?;
         let limited = nginx(Duration::from_secs(30), 3)?;
-        let servers = DemoServers { steady: steady.server(), short_timeout: short.server(), limited: limited.server() };
+        let servers = DemoServers {
+            steady: steady.server(),
+            short_timeout: short.server(),
+            limited: limited.server(),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let deadline = Instant::now() + until;
         let mut clients = Vec::new();
-        let mut spawn = |name: &str, server: &str, behaviour: fn(&str, &Running)| -> anyhow::Result<()> {
-            let running = Running { stop: stop.clone(), deadline };
-            let server = server.to_owned();
-            clients.push(thread::Builder::new().name(name.into()).spawn(move || behaviour(&server, &running))?);
-            Ok(())
-        };
+        let mut spawn =
+            |name: &str, server: &str, behaviour: fn(&str, &Running)| -> anyhow::Result<()> {
+                let running = Running { stop: stop.clone(), deadline };
+                let server = server.to_owned();
+                clients.push(
+                    thread::Builder::new()
+                        .name(name.into())
+                        .spawn(move || behaviour(&server, &running))?,
+                );
+                Ok(())
+            };
         spawn("demo-pooled", &servers.steady, pooled)?;
         spawn("demo-oneshot", &servers.steady, one_request_per_connection)?;
         spawn("demo-http10", &servers.steady, http10)?;
@@ -104,7 +113,9 @@ impl Running {
     fn pause(&self, duration: Duration) {
         let until = Instant::now() + duration;
         while self.on() && Instant::now() < until {
-            thread::sleep(Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())));
+            thread::sleep(
+                Duration::from_millis(20).min(until.saturating_duration_since(Instant::now())),
+            );
         }
     }
 }
@@ -143,7 +154,9 @@ fn connect(server: &str) -> Option<TcpStream> {
 /// Good reuse: one connection, a request every 50 ms, renewed every 40 requests.
 fn pooled(server: &str, running: &Running) {
     while running.on() {
-        let Some(mut stream) = connect(server) else { return running.pause(Duration::from_millis(200)) };
+        let Some(mut stream) = connect(server) else {
+            return running.pause(Duration::from_millis(200));
+        };
         for _ in 0..40 {
             if !running.on() || get(&mut stream, "1.1", "").is_err() {
                 break;
@@ -177,7 +190,9 @@ fn http10(server: &str, running: &Running) {
 /// connection was closed by the server and the request is answered with a reset.
 fn racer(server: &str, running: &Running) {
     while running.on() {
-        let Some(mut stream) = connect(server) else { return running.pause(Duration::from_millis(200)) };
+        let Some(mut stream) = connect(server) else {
+            return running.pause(Duration::from_millis(200));
+        };
         while running.on() && get(&mut stream, "1.1", "").is_ok() {
             running.pause(Duration::from_millis(1200));
         }
@@ -187,7 +202,9 @@ fn racer(server: &str, running: &Running) {
 /// A client that goes quiet until the server's idle timeout closes the connection.
 fn idler(server: &str, running: &Running) {
     while running.on() {
-        let Some(mut stream) = connect(server) else { return running.pause(Duration::from_millis(200)) };
+        let Some(mut stream) = connect(server) else {
+            return running.pause(Duration::from_millis(200));
+        };
         let _ = get(&mut stream, "1.1", "");
         let _ = get(&mut stream, "1.1", "");
         // Wait for the server's FIN, then close our side.
@@ -201,7 +218,9 @@ fn idler(server: &str, running: &Running) {
 /// Back-to-back requests until the server's request limit ends the connection.
 fn burst(server: &str, running: &Running) {
     while running.on() {
-        let Some(mut stream) = connect(server) else { return running.pause(Duration::from_millis(200)) };
+        let Some(mut stream) = connect(server) else {
+            return running.pause(Duration::from_millis(200));
+        };
         while running.on() {
             match get(&mut stream, "1.1", "") {
                 Ok(false) => {}

@@ -19,8 +19,10 @@ pub fn dashboards() -> anyhow::Result<Vec<(String, Value)>> {
     let mut out = vec![];
     for path in paths.into_iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let value: Value = serde_json::from_str(&text).with_context(|| format!("{name} is not valid JSON"))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let value: Value =
+            serde_json::from_str(&text).with_context(|| format!("{name} is not valid JSON"))?;
         out.push((name, value));
     }
     ensure!(!out.is_empty(), "no dashboards in dashboards/");
@@ -54,8 +56,14 @@ pub fn panel_queries(dashboard: &Value) -> Vec<(String, String)> {
 /// Replaces the Grafana variables the dashboards use (`$__rate_interval`, `$job`,
 /// `$instance`, `$namespace`, with or without braces) by the given values; fails on any
 /// other variable.
-pub fn substitute(expr: &str, rate_interval: &str, values: &[(&str, &str)]) -> anyhow::Result<String> {
-    let mut s = expr.replace("${__rate_interval}", rate_interval).replace("$__rate_interval", rate_interval);
+pub fn substitute(
+    expr: &str,
+    rate_interval: &str,
+    values: &[(&str, &str)],
+) -> anyhow::Result<String> {
+    let mut s = expr
+        .replace("${__rate_interval}", rate_interval)
+        .replace("$__rate_interval", rate_interval);
     for (var, value) in values {
         s = s.replace(&format!("${{{var}}}"), value).replace(&format!("${var}"), value);
     }

@@ -21,13 +21,19 @@ pub struct ServerBehaviour {
 }
 
 /// Serves `connections` connections on `listener` (one thread each), then returns.
-pub fn serve(listener: TcpListener, connections: usize, behaviour: ServerBehaviour) -> JoinHandle<anyhow::Result<()>> {
+pub fn serve(
+    listener: TcpListener,
+    connections: usize,
+    behaviour: ServerBehaviour,
+) -> JoinHandle<anyhow::Result<()>> {
     let spawn = thread::Builder::new().name("cs-http-server".into());
     let handle = spawn.spawn(move || {
         let mut workers = Vec::new();
         for _ in 0..connections {
             let (stream, _) = listener.accept()?;
-            let worker = thread::Builder::new().name("cs-http-server".into()).spawn(move || handle(stream, behaviour))?;
+            let worker = thread::Builder::new()
+                .name("cs-http-server".into())
+                .spawn(move || handle(stream, behaviour))?;
             workers.push(worker);
         }
         for worker in workers {
@@ -46,7 +52,9 @@ fn handle(mut stream: TcpStream, behaviour: ServerBehaviour) -> anyhow::Result<(
             Ok(Some(head)) => head,
             // Peer closed, or our idle timeout fired: close (this side first, if idle).
             Ok(None) => return Ok(()),
-            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(()),
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Ok(());
+            }
             Err(err) if err.kind() == ErrorKind::ConnectionReset => return Ok(()),
             Err(err) => return Err(err.into()),
         };
@@ -67,7 +75,10 @@ fn handle(mut stream: TcpStream, behaviour: ServerBehaviour) -> anyhow::Result<(
             }
             let timeout = behaviour.idle_timeout.map_or(60, |t| t.as_secs().max(1));
             match behaviour.max_requests {
-                Some(_) => response.push_str(&format!("Keep-Alive: timeout={timeout}, max={}\r\n", left.unwrap_or(0))),
+                Some(_) => response.push_str(&format!(
+                    "Keep-Alive: timeout={timeout}, max={}\r\n",
+                    left.unwrap_or(0)
+                )),
                 None => response.push_str(&format!("Keep-Alive: timeout={timeout}\r\n")),
             }
         }
@@ -97,7 +108,9 @@ fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
 /// Sends one request and reads its response (this server's responses carry a 2-byte body).
 /// Returns whether the server announced it closes the connection.
 pub fn request(stream: &mut TcpStream, version: &str, extra_headers: &str) -> anyhow::Result<bool> {
-    stream.write_all(format!("GET /resource HTTP/{version}\r\nHost: test\r\n{extra_headers}\r\n").as_bytes())?;
+    stream.write_all(
+        format!("GET /resource HTTP/{version}\r\nHost: test\r\n{extra_headers}\r\n").as_bytes(),
+    )?;
     let mut response = Vec::with_capacity(1024);
     let mut buf = [0u8; 4096];
     // The head and the 2-byte body.

@@ -29,7 +29,10 @@ pub fn kernel_tests_enabled(test: &str) -> bool {
     if root {
         return true;
     }
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{test}: kernel tests must run as root in CI");
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: kernel tests must run as root in CI"
+    );
     eprintln!("skipping {test}: kernel tests need root (run `sudo -E cargo xtask test`)");
     false
 }
@@ -106,7 +109,11 @@ impl Agent {
 
     /// Scrapes until `done` holds for the scrape (events reach the agent asynchronously),
     /// at most `timeout`; returns the last scrape either way so the caller asserts on it.
-    pub fn scrape_until(&self, timeout: Duration, done: impl Fn(&Scrape) -> bool) -> anyhow::Result<Scrape> {
+    pub fn scrape_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&Scrape) -> bool,
+    ) -> anyhow::Result<Scrape> {
         let deadline = Instant::now() + timeout;
         loop {
             let scrape = self.scrape()?;

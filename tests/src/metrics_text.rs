@@ -32,16 +32,25 @@ impl Scrape {
         self.matching(name, labels).map(|s| s.value).sum::<f64>() + 0.0
     }
 
-    pub fn matching<'a>(&'a self, name: &'a str, labels: &'a [(&str, &str)]) -> impl Iterator<Item = &'a Sample> + 'a {
+    pub fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
         self.samples.iter().filter(move |s| {
-            s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            s.name == name
+                && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
         })
     }
 
     /// Values of label `key` among samples named `name`.
     pub fn label_values(&self, name: &str, key: &str) -> Vec<String> {
-        let mut values: Vec<String> =
-            self.samples.iter().filter(|s| s.name == name).filter_map(|s| s.labels.get(key).cloned()).collect();
+        let mut values: Vec<String> = self
+            .samples
+            .iter()
+            .filter(|s| s.name == name)
+            .filter_map(|s| s.labels.get(key).cloned())
+            .collect();
         values.sort();
         values.dedup();
         values

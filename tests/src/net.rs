@@ -4,9 +4,9 @@ use std::{
     fs::File,
     io::Read as _,
     net::{TcpListener, TcpStream},
-    thread::{self, JoinHandle},
     os::fd::AsRawFd as _,
     process::Command,
+    thread::{self, JoinHandle},
 };
 
 use anyhow::{Context as _, bail};
@@ -27,8 +27,12 @@ impl NetNs {
 
     /// Runs `f` on a new thread that has entered this namespace (setns only moves that
     /// thread, so the rest of the test process stays where it was).
-    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
-        let file = File::open(format!("/run/netns/{}", self.name)).context("opening the namespace")?;
+    pub fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let file =
+            File::open(format!("/run/netns/{}", self.name)).context("opening the namespace")?;
         let handle = std::thread::spawn(move || {
             // SAFETY: valid fd of a network namespace; affects only this thread.
             if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -47,7 +51,8 @@ impl Drop for NetNs {
 }
 
 pub fn run(program: &str, args: &[&str]) -> anyhow::Result<()> {
-    let status = Command::new(program).args(args).status().with_context(|| format!("running {program}"))?;
+    let status =
+        Command::new(program).args(args).status().with_context(|| format!("running {program}"))?;
     if !status.success() {
         bail!("{program} {args:?} failed: {status}");
     }
@@ -75,7 +80,11 @@ pub fn set_linger_zero(stream: &TcpStream) -> anyhow::Result<()> {
 
 /// Accepts `connections` connections and reads each to EOF (the client closes first), on a
 /// thread named `name` (the agent labels the accepting side with it).
-pub fn drain_server(listener: TcpListener, connections: usize, name: &str) -> JoinHandle<anyhow::Result<()>> {
+pub fn drain_server(
+    listener: TcpListener,
+    connections: usize,
+    name: &str,
+) -> JoinHandle<anyhow::Result<()>> {
     let spawned = thread::Builder::new().name(name.into()).spawn(move || {
         for _ in 0..connections {
             let (mut stream, _) = listener.accept()?;

@@ -32,7 +32,11 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(config: NginxConfig) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!("connscope-nginx-{}-{}", std::process::id(), config.port));
+        let dir = std::env::temp_dir().join(format!(
+            "connscope-nginx-{}-{}",
+            std::process::id(),
+            config.port
+        ));
         std::fs::create_dir_all(dir.join("html"))?;
         std::fs::write(dir.join("html/index.html"), "hello from nginx\n")?;
         std::fs::write(dir.join("html/big.bin"), vec![b'x'; 64 * 1024])?;
@@ -71,7 +75,9 @@ impl Nginx {
         let mut per_connection = BTreeMap::new();
         for line in log.lines() {
             let mut fields = line.split_whitespace();
-            let (Some(connection), Some(requests)) = (fields.next(), fields.next()) else { continue };
+            let (Some(connection), Some(requests)) = (fields.next(), fields.next()) else {
+                continue;
+            };
             let connection: u64 = connection.parse()?;
             let requests: u64 = requests.parse()?;
             let entry = per_connection.entry(connection).or_insert(0);
@@ -100,10 +106,14 @@ impl Drop for Nginx {
 
 fn render_config(dir: &Path, config: NginxConfig) -> String {
     let dir = dir.display();
-    let NginxConfig { port, keepalive_timeout, keepalive_requests, workers, advertise_keep_alive } = config;
+    let NginxConfig { port, keepalive_timeout, keepalive_requests, workers, advertise_keep_alive } =
+        config;
     let timeout_ms = keepalive_timeout.as_millis();
     let advertise = if advertise_keep_alive {
-        format!("add_header Keep-Alive \"timeout={}, max={keepalive_requests}\";", keepalive_timeout.as_secs())
+        format!(
+            "add_header Keep-Alive \"timeout={}, max={keepalive_requests}\";",
+            keepalive_timeout.as_secs()
+        )
     } else {
         String::new()
     };

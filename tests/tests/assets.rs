@@ -215,7 +215,11 @@ const RATE_INTERVAL: &str = "5m";
 
 /// Replaces the Grafana variables by plain values, so that the query parses as PromQL.
 fn substitute_grafana_vars(expr: &str) -> Result<String> {
-    grafana::substitute(expr, RATE_INTERVAL, &[("job", "value"), ("instance", "value"), ("namespace", "value")])
+    grafana::substitute(
+        expr,
+        RATE_INTERVAL,
+        &[("job", "value"), ("instance", "value"), ("namespace", "value")],
+    )
 }
 
 // ---------------------------------------------------------------------------------------

@@ -42,7 +42,15 @@ fn bad_flags_are_rejected_with_usage() -> anyhow::Result<()> {
 fn help_documents_every_flag() -> anyhow::Result<()> {
     let output = connscope(&["--help"])?;
     let help = String::from_utf8_lossy(&output.stdout);
-    for flag in ["--web.listen-address", "--log.level", "--config.file", "--probe.backend", "--bpf.max-connections", "--metrics.max-servers", "--path.kubelet-logs"] {
+    for flag in [
+        "--web.listen-address",
+        "--log.level",
+        "--config.file",
+        "--probe.backend",
+        "--bpf.max-connections",
+        "--metrics.max-servers",
+        "--path.kubelet-logs",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
     assert!(help.contains("CONNSCOPE_WEB_LISTEN_ADDRESS"), "env fallbacks are shown");
@@ -69,7 +77,13 @@ fn unprivileged_start_says_what_is_missing() -> anyhow::Result<()> {
     // Drop to nobody with no capabilities (util-linux setpriv).
     let binary = agent_binary();
     let output = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
         .arg(&binary)
         .args(["--web.listen-address", "127.0.0.1:0"])
         .output()?;

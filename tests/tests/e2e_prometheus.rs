@@ -56,8 +56,10 @@ impl Prometheus {
 
     /// Instant query: the result vector, or the error Prometheus gave.
     fn query(&self, promql: &str) -> anyhow::Result<Vec<Value>> {
-        let (status, body) = http_get(self.address(), &format!("/api/v1/query?query={}", url_encode(promql)))?;
-        let reply: Value = serde_json::from_str(&body).with_context(|| format!("HTTP {status}: {body}"))?;
+        let (status, body) =
+            http_get(self.address(), &format!("/api/v1/query?query={}", url_encode(promql)))?;
+        let reply: Value =
+            serde_json::from_str(&body).with_context(|| format!("HTTP {status}: {body}"))?;
         if reply["status"] != "success" {
             bail!("{}", reply["error"]);
         }
@@ -77,7 +79,9 @@ fn url_encode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

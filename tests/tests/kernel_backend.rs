@@ -30,7 +30,8 @@ fn probe_info_shows_the_backend_in_use() -> anyhow::Result<()> {
             .collect();
         match &forced {
             Some(backend) => {
-                let expected = if backend == "tracepoint" { tracepoint_mode() } else { backend.as_str() };
+                let expected =
+                    if backend == "tracepoint" { tracepoint_mode() } else { backend.as_str() };
                 assert_eq!(modes, [expected], "{hook}: {}", scrape.text)
             }
             None => {

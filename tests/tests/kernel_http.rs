@@ -57,18 +57,37 @@ fn requests_per_connection_and_idle_gaps() -> anyhow::Result<()> {
     let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0)?;
     for role in ["client", "server"] {
         let labels = [("server", server.as_str()), ("role", role)];
-        assert_eq!(scrape.sum("connscope_connection_requests_count", &labels), 1.0, "{role}: {}", scrape.text);
-        assert_eq!(scrape.sum("connscope_connection_requests_sum", &labels), f64::from(K), "{role}");
+        assert_eq!(
+            scrape.sum("connscope_connection_requests_count", &labels),
+            1.0,
+            "{role}: {}",
+            scrape.text
+        );
+        assert_eq!(
+            scrape.sum("connscope_connection_requests_sum", &labels),
+            f64::from(K),
+            "{role}"
+        );
         assert_eq!(scrape.sum("connscope_http_requests_total", &labels), f64::from(K), "{role}");
-        assert_eq!(scrape.sum("connscope_connection_idle_seconds_count", &labels), f64::from(K - 1), "{role}");
+        assert_eq!(
+            scrape.sum("connscope_connection_idle_seconds_count", &labels),
+            f64::from(K - 1),
+            "{role}"
+        );
         let idle = scrape.sum("connscope_connection_idle_seconds_sum", &labels);
         let expected = GAP.as_secs_f64() * f64::from(K - 1);
-        assert!((idle - expected).abs() < 0.005 * f64::from(K - 1), "{role}: idle {idle} s, slept {expected} s");
+        assert!(
+            (idle - expected).abs() < 0.005 * f64::from(K - 1),
+            "{role}: idle {idle} s, slept {expected} s"
+        );
     }
     // Client closed first while idle; the server saw its peer close.
     assert_eq!(closed(&scrape, &server, "client", "local", "idle"), 1.0);
     assert_eq!(closed(&scrape, &server, "server", "peer", "idle"), 1.0);
-    assert_eq!(scrape.sum("connscope_http_keepalive_advertised_timeout_seconds", &[("server", &server)]), 60.0);
+    assert_eq!(
+        scrape.sum("connscope_http_keepalive_advertised_timeout_seconds", &[("server", &server)]),
+        60.0
+    );
     Ok(())
 }
 
@@ -88,7 +107,12 @@ fn connection_close_request() -> anyhow::Result<()> {
     join(serving)?;
 
     let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0)?;
-    assert_eq!(closed(&scrape, &server, "server", "local", "connection_close"), 1.0, "{}", scrape.text);
+    assert_eq!(
+        closed(&scrape, &server, "server", "local", "connection_close"),
+        1.0,
+        "{}",
+        scrape.text
+    );
     assert_eq!(closed(&scrape, &server, "client", "peer", "connection_close"), 1.0);
     Ok(())
 }
@@ -113,7 +137,10 @@ fn http10_closes_after_each_response() -> anyhow::Result<()> {
     assert_eq!(closed(&scrape, &server, "server", "local", "http10"), 2.0, "{}", scrape.text);
     assert_eq!(closed(&scrape, &server, "client", "peer", "http10"), 2.0);
     assert_eq!(
-        scrape.sum("connscope_http_requests_total", &[("server", &server), ("role", "client"), ("http_version", "1.0")]),
+        scrape.sum(
+            "connscope_http_requests_total",
+            &[("server", &server), ("role", "client"), ("http_version", "1.0")]
+        ),
         2.0
     );
     Ok(())
@@ -126,7 +153,8 @@ fn server_idle_timeout_and_max_requests() -> anyhow::Result<()> {
     }
     let agent = Agent::start(&[])?;
     let (listener, server) = listener();
-    let behaviour = ServerBehaviour { idle_timeout: Some(Duration::from_millis(300)), max_requests: Some(3) };
+    let behaviour =
+        ServerBehaviour { idle_timeout: Some(Duration::from_millis(300)), max_requests: Some(3) };
     let serving = http_server::serve(listener, 2, behaviour);
     // Connection 1: one request, then the server's idle timeout closes it.
     let mut idle = TcpStream::connect(&server)?;
@@ -149,7 +177,10 @@ fn server_idle_timeout_and_max_requests() -> anyhow::Result<()> {
     assert_eq!(closed(&scrape, &server, "server", "local", "idle"), 1.0);
     assert_eq!(closed(&scrape, &server, "client", "peer", "max_requests"), 1.0);
     assert_eq!(closed(&scrape, &server, "server", "local", "max_requests"), 1.0);
-    assert_eq!(scrape.sum("connscope_connection_requests_sum", &[("server", &server), ("role", "client")]), 4.0);
+    assert_eq!(
+        scrape.sum("connscope_connection_requests_sum", &[("server", &server), ("role", "client")]),
+        4.0
+    );
     Ok(())
 }
 
@@ -162,7 +193,8 @@ fn request_on_a_connection_the_server_closed_is_a_race() -> anyhow::Result<()> {
     }
     let agent = Agent::start(&[])?;
     let (listener, server) = listener();
-    let behaviour = ServerBehaviour { idle_timeout: Some(Duration::from_millis(200)), max_requests: None };
+    let behaviour =
+        ServerBehaviour { idle_timeout: Some(Duration::from_millis(200)), max_requests: None };
     let serving = http_server::serve(listener, 1, behaviour);
     let mut client = TcpStream::connect(&server)?;
     http_server::request(&mut client, "1.1", "")?;
@@ -175,7 +207,8 @@ fn request_on_a_connection_the_server_closed_is_a_race() -> anyhow::Result<()> {
     join(serving)?;
 
     let scrape = agent.scrape_until(WAIT, |s| {
-        closes(s, &server) >= 2.0 && s.sum("connscope_keepalive_races_total", &[("server", &server)]) >= 1.0
+        closes(s, &server) >= 2.0
+            && s.sum("connscope_keepalive_races_total", &[("server", &server)]) >= 1.0
     })?;
     assert_eq!(
         scrape.sum("connscope_keepalive_races_total", &[("server", &server), ("role", "client")]),
@@ -221,7 +254,12 @@ fn non_http_exchanges_are_counted() -> anyhow::Result<()> {
     let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0)?;
     for role in ["client", "server"] {
         let labels = [("server", server.as_str()), ("role", role)];
-        assert_eq!(scrape.sum("connscope_connection_requests_sum", &labels), EXCHANGES as f64, "{role}: {}", scrape.text);
+        assert_eq!(
+            scrape.sum("connscope_connection_requests_sum", &labels),
+            EXCHANGES as f64,
+            "{role}: {}",
+            scrape.text
+        );
         assert_eq!(scrape.sum("connscope_http_requests_total", &labels), 0.0, "{role}");
     }
     Ok(())
@@ -247,7 +285,9 @@ fn hostile_payloads_are_harmless() -> anyhow::Result<()> {
     });
     for i in 0..CONNECTIONS {
         let mut client = TcpStream::connect(&server)?;
-        let mut payload = format!("M{i}\"{{}}\\ /secret?token=abc HTTP/1.1\r\nHost: h{i}\r\nCookie: s=1\r\n").into_bytes();
+        let mut payload =
+            format!("M{i}\"{{}}\\ /secret?token=abc HTTP/1.1\r\nHost: h{i}\r\nCookie: s=1\r\n")
+                .into_bytes();
         payload.extend_from_slice(&[0xff, 0x00, 0xc3, 0x28]);
         payload.extend(std::iter::repeat_n(b'A', 3000));
         client.write_all(&payload)?;
@@ -261,8 +301,15 @@ fn hostile_payloads_are_harmless() -> anyhow::Result<()> {
     for secret in ["secret", "token", "Cookie", "\\xff"] {
         assert!(!scrape.text.contains(secret), "{secret} leaked into /metrics");
     }
-    assert_eq!(scrape.sum("connscope_http_requests_total", &[("server", &server)]), 0.0, "unknown methods are not HTTP");
-    assert_eq!(scrape.sum("connscope_http_keepalive_advertised_timeout_seconds", &[("server", &server)]), 0.0);
+    assert_eq!(
+        scrape.sum("connscope_http_requests_total", &[("server", &server)]),
+        0.0,
+        "unknown methods are not HTTP"
+    );
+    assert_eq!(
+        scrape.sum("connscope_http_keepalive_advertised_timeout_seconds", &[("server", &server)]),
+        0.0
+    );
     assert_eq!(agent.get("/healthz")?.0, 200);
     Ok(())
 }

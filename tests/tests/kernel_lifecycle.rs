@@ -13,7 +13,8 @@ use connscope_tests::{Agent, Scrape, kernel_tests_enabled, net};
 const WAIT: Duration = Duration::from_secs(5);
 
 fn listener(host: &str) -> (TcpListener, String) {
-    let listener = TcpListener::bind(format!("{host}:0")).unwrap_or_else(|err| panic!("bind: {err}"));
+    let listener =
+        TcpListener::bind(format!("{host}:0")).unwrap_or_else(|err| panic!("bind: {err}"));
     let server = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     (listener, server)
 }
@@ -46,16 +47,23 @@ fn client_closes_first() -> anyhow::Result<()> {
     net::join(acceptor)?;
 
     let scrape = agent.scrape_until(WAIT, |s| {
-        closed(s, "client", &server, "local", "fin") >= N as f64 && closed(s, "server", &server, "peer", "fin") >= N as f64
+        closed(s, "client", &server, "local", "fin") >= N as f64
+            && closed(s, "server", &server, "peer", "fin") >= N as f64
     })?;
     assert_eq!(opened(&scrape, "client", &server), N as f64);
     assert_eq!(opened(&scrape, "server", &server), N as f64);
     assert_eq!(closed(&scrape, "client", &server, "local", "fin"), N as f64, "{}", scrape.text);
     assert_eq!(closed(&scrape, "server", &server, "peer", "fin"), N as f64);
     // Nothing else closed on this flow.
-    assert_eq!(scrape.sum("connscope_connections_closed_total", &[("server", &server)]), 2.0 * N as f64);
     assert_eq!(
-        scrape.sum("connscope_connection_duration_seconds_count", &[("server", &server), ("role", "client")]),
+        scrape.sum("connscope_connections_closed_total", &[("server", &server)]),
+        2.0 * N as f64
+    );
+    assert_eq!(
+        scrape.sum(
+            "connscope_connection_duration_seconds_count",
+            &[("server", &server), ("role", "client")]
+        ),
         N as f64
     );
     Ok(())
@@ -81,7 +89,8 @@ fn server_closes_first() -> anyhow::Result<()> {
     drop(client);
 
     let scrape = agent.scrape_until(WAIT, |s| {
-        closed(s, "client", &server, "peer", "fin") >= 1.0 && closed(s, "server", &server, "local", "fin") >= 1.0
+        closed(s, "client", &server, "peer", "fin") >= 1.0
+            && closed(s, "server", &server, "local", "fin") >= 1.0
     })?;
     assert_eq!(closed(&scrape, "client", &server, "peer", "fin"), 1.0, "{}", scrape.text);
     assert_eq!(closed(&scrape, "server", &server, "local", "fin"), 1.0);
@@ -111,12 +120,14 @@ fn linger_zero_close_is_a_reset() -> anyhow::Result<()> {
     net::join(acceptor)?;
 
     let scrape = agent.scrape_until(WAIT, |s| {
-        closed(s, "client", &server, "local", "reset") >= 1.0 && closed(s, "server", &server, "peer", "reset") >= 1.0
+        closed(s, "client", &server, "local", "reset") >= 1.0
+            && closed(s, "server", &server, "peer", "reset") >= 1.0
     })?;
     assert_eq!(closed(&scrape, "client", &server, "local", "reset"), 1.0, "{}", scrape.text);
     assert_eq!(closed(&scrape, "server", &server, "peer", "reset"), 1.0);
     assert_eq!(
-        scrape.sum("connscope_connections_closed_total", &[("server", &server), ("reason", "reset")]),
+        scrape
+            .sum("connscope_connections_closed_total", &[("server", &server), ("reason", "reset")]),
         2.0
     );
     Ok(())
@@ -148,7 +159,9 @@ fn bytes_match_what_was_written() -> anyhow::Result<()> {
     net::join(acceptor)?;
     drop(client);
 
-    let scrape = agent.scrape_until(WAIT, |s| s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0)?;
+    let scrape = agent.scrape_until(WAIT, |s| {
+        s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0
+    })?;
     let bytes = |name: &str, role: &str| scrape.sum(name, &[("role", role), ("server", &server)]);
     assert_eq!(bytes("connscope_bytes_sent_total", "client"), SENT as f64, "{}", scrape.text);
     assert_eq!(bytes("connscope_bytes_received_total", "server"), SENT as f64);
@@ -172,10 +185,23 @@ fn process_attribution_names_this_test() -> anyhow::Result<()> {
     net::join(acceptor)?;
     let me = connscope_tests::own_process_label();
 
-    let scrape = agent.scrape_until(WAIT, |s| s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0)?;
-    assert_eq!(scrape.sum("connscope_connections_opened_total", &[("server", &server), ("role", "client"), ("process", &me)]), 1.0, "{}", scrape.text);
+    let scrape = agent.scrape_until(WAIT, |s| {
+        s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0
+    })?;
     assert_eq!(
-        scrape.sum("connscope_connections_opened_total", &[("server", &server), ("role", "server"), ("process", "cs-acceptor")]),
+        scrape.sum(
+            "connscope_connections_opened_total",
+            &[("server", &server), ("role", "client"), ("process", &me)]
+        ),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.sum(
+            "connscope_connections_opened_total",
+            &[("server", &server), ("role", "server"), ("process", "cs-acceptor")]
+        ),
         1.0
     );
     Ok(())
@@ -201,7 +227,9 @@ fn connections_in_a_network_namespace_are_counted() -> anyhow::Result<()> {
         anyhow::Ok(server)
     })??;
 
-    let scrape = agent.scrape_until(WAIT, |s| s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 6.0)?;
+    let scrape = agent.scrape_until(WAIT, |s| {
+        s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 6.0
+    })?;
     assert_eq!(opened(&scrape, "client", &server), 3.0, "{}", scrape.text);
     assert_eq!(opened(&scrape, "server", &server), 3.0);
     assert_eq!(closed(&scrape, "client", &server, "local", "fin"), 3.0);
@@ -217,12 +245,23 @@ fn agent_reports_probes_and_health() -> anyhow::Result<()> {
     let agent = Agent::start(&[])?;
     let scrape = agent.scrape()?;
     for hook in ["tcp_connect", "tcp_close", "tcp_sendmsg", "tcp_recvmsg", "inet_sock_set_state"] {
-        assert_eq!(scrape.sum("connscope_probe_info", &[("hook", hook)]), 1.0, "{hook}: {}", scrape.text);
+        assert_eq!(
+            scrape.sum("connscope_probe_info", &[("hook", hook)]),
+            1.0,
+            "{hook}: {}",
+            scrape.text
+        );
     }
     assert_eq!(scrape.sum("connscope_build_info", &[]), 1.0);
     assert_eq!(scrape.sum("connscope_tracked_connections_capacity", &[]), 65_536.0);
-    for reason in ["ringbuf_full", "map_full", "untracked_socket", "payload_unreadable", "decode_error"] {
-        assert_eq!(scrape.matching("connscope_events_lost_total", &[("reason", reason)]).count(), 1, "{reason}");
+    for reason in
+        ["ringbuf_full", "map_full", "untracked_socket", "payload_unreadable", "decode_error"]
+    {
+        assert_eq!(
+            scrape.matching("connscope_events_lost_total", &[("reason", reason)]).count(),
+            1,
+            "{reason}"
+        );
     }
     assert_eq!(agent.get("/healthz")?.0, 200);
     assert!(agent.get("/")?.1.contains("tcp_sendmsg"));
@@ -247,9 +286,13 @@ fn ipv6_connections_are_labelled_with_brackets() -> anyhow::Result<()> {
     }
     net::join(acceptor)?;
 
-    let scrape = agent.scrape_until(WAIT, |s| closed(s, "server", &server, "peer", "fin") >= 2.0)?;
+    let scrape =
+        agent.scrape_until(WAIT, |s| closed(s, "server", &server, "peer", "fin") >= 2.0)?;
     assert_eq!(closed(&scrape, "client", &server, "local", "fin"), 2.0, "{}", scrape.text);
     assert_eq!(closed(&scrape, "server", &server, "peer", "fin"), 2.0);
-    assert_eq!(scrape.sum("connscope_bytes_sent_total", &[("server", &server), ("role", "client")]), 4.0);
+    assert_eq!(
+        scrape.sum("connscope_bytes_sent_total", &[("server", &server), ("role", "client")]),
+        4.0
+    );
     Ok(())
 }

@@ -42,7 +42,8 @@ fn connections_carry_namespace_pod_and_container() -> anyhow::Result<()> {
         return Ok(());
     }
     let cgroup_root = cgroup2_mount().ok_or_else(|| anyhow::anyhow!("no cgroup2 mount"))?;
-    let container_id: String = format!("{:064x}", u128::from(std::process::id()) * 0x9e37_79b9_7f4a_7c15);
+    let container_id: String =
+        format!("{:064x}", u128::from(std::process::id()) * 0x9e37_79b9_7f4a_7c15);
     let tag = format!("connscope-test-{}", std::process::id());
     let base = cgroup_root.join(&tag).join("kubepods").join("burstable");
     let pod_dir = base.join(format!("pod{UID}"));
@@ -59,7 +60,10 @@ fn connections_carry_namespace_pod_and_container() -> anyhow::Result<()> {
     let logs = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(logs.join(format!("pods/{NAMESPACE}_{POD}_{UID}/{CONTAINER}")))?;
     std::fs::create_dir_all(logs.join("containers"))?;
-    std::fs::write(logs.join(format!("containers/{POD}_{NAMESPACE}_{CONTAINER}-{container_id}.log")), "")?;
+    std::fs::write(
+        logs.join(format!("containers/{POD}_{NAMESPACE}_{CONTAINER}-{container_id}.log")),
+        "",
+    )?;
 
     let cgroup_flag = cgroup_root.to_string_lossy().into_owned();
     let logs_flag = logs.to_string_lossy().into_owned();
@@ -79,11 +83,22 @@ fn connections_carry_namespace_pod_and_container() -> anyhow::Result<()> {
     anyhow::ensure!(status.success(), "client failed: {status}");
     net::join(acceptor)?;
 
-    let placed = [("server", server.as_str()), ("role", "client"), ("namespace", NAMESPACE), ("pod", POD), ("container", CONTAINER)];
+    let placed = [
+        ("server", server.as_str()),
+        ("role", "client"),
+        ("namespace", NAMESPACE),
+        ("pod", POD),
+        ("container", CONTAINER),
+    ];
     let scrape = agent.scrape_until(Duration::from_secs(5), |s| {
         s.sum("connscope_connections_closed_total", &placed) >= N as f64
     })?;
-    assert_eq!(scrape.sum("connscope_connections_opened_total", &placed), N as f64, "{}", scrape.text);
+    assert_eq!(
+        scrape.sum("connscope_connections_opened_total", &placed),
+        N as f64,
+        "{}",
+        scrape.text
+    );
     assert_eq!(scrape.sum("connscope_connections_closed_total", &placed), N as f64);
     // The accepting side (this test process, not in a pod) carries no placement labels.
     let accepting = [("server", server.as_str()), ("role", "server")];

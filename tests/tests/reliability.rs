@@ -85,7 +85,12 @@ fn program_loaded(id: u32) -> bool {
     attr[0] = id;
     // SAFETY: bpf(2) with a properly sized, initialised attribute buffer.
     let fd = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_PROG_GET_FD_BY_ID, attr.as_mut_ptr(), std::mem::size_of_val(&attr))
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_GET_FD_BY_ID,
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
     };
     if fd >= 0 {
         // SAFETY: a descriptor this call just returned.
@@ -101,7 +106,8 @@ fn program_loaded(id: u32) -> bool {
 /// Sends one `GET` and reads the whole response (head and `Content-Length` body).
 fn exchange(stream: &mut TcpStream, path: &str, close: bool) -> anyhow::Result<()> {
     let connection = if close { "Connection: close\r\n" } else { "" };
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: soak\r\n{connection}\r\n").as_bytes())?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: soak\r\n{connection}\r\n").as_bytes())?;
     let mut response = Vec::with_capacity(512);
     let mut buf = [0u8; 4096];
     let body_start = loop {
@@ -214,7 +220,9 @@ fn churn(
                     while !control.stop.load(Ordering::Relaxed) {
                         if control.pause.load(Ordering::SeqCst) {
                             control.paused.fetch_add(1, Ordering::SeqCst);
-                            while control.pause.load(Ordering::SeqCst) && !control.stop.load(Ordering::Relaxed) {
+                            while control.pause.load(Ordering::SeqCst)
+                                && !control.stop.load(Ordering::Relaxed)
+                            {
                                 thread::sleep(Duration::from_millis(1));
                             }
                             control.paused.fetch_sub(1, Ordering::SeqCst);
@@ -310,14 +318,21 @@ fn full_connection_map_is_counted_and_recovers() -> anyhow::Result<()> {
     eprintln!("map full: {tracked_here} of {} sockets tracked, map_full {map_full}", 2 * N);
     assert!(tracked_here >= 1.0 && tracked_here <= 8.0, "tracked {tracked_here}: {}", scrape.text);
     // Every socket of the batch was either tracked or counted as lost.
-    assert!(map_full >= 2.0 * N as f64 - tracked_here, "map_full {map_full}, tracked {tracked_here}");
+    assert!(
+        map_full >= 2.0 * N as f64 - tracked_here,
+        "map_full {map_full}, tracked {tracked_here}"
+    );
     // Whatever was tracked was closed (no entry leaked).
     assert_eq!(closed(&scrape, "client", &server), opened(&scrape, "client", &server));
     assert_eq!(closed(&scrape, "server", &server), opened(&scrape, "server", &server));
 
     // Load has dropped: the table empties and a fresh batch is counted exactly.
     let idle = agent.scrape_until(WAIT, |s| tracked(s) <= 2.0)?;
-    assert!(tracked(&idle) <= 2.0, "tracked connections stay at {} (only the scrape's own may remain)", tracked(&idle));
+    assert!(
+        tracked(&idle) <= 2.0,
+        "tracked connections stay at {} (only the scrape's own may remain)",
+        tracked(&idle)
+    );
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let fresh = listener.local_addr()?.to_string();
     const FRESH: usize = 3;
@@ -337,7 +352,9 @@ fn full_connection_map_is_counted_and_recovers() -> anyhow::Result<()> {
         thread::sleep(Duration::from_millis(20));
     }
     acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
-    let scrape = agent.scrape_until(WAIT, |s| closed(s, "client", &fresh) + closed(s, "server", &fresh) >= 2.0 * FRESH as f64)?;
+    let scrape = agent.scrape_until(WAIT, |s| {
+        closed(s, "client", &fresh) + closed(s, "server", &fresh) >= 2.0 * FRESH as f64
+    })?;
     assert_eq!(opened(&scrape, "client", &fresh), FRESH as f64, "{}", scrape.text);
     assert_eq!(opened(&scrape, "server", &fresh), FRESH as f64);
     assert_eq!(closed(&scrape, "client", &fresh), FRESH as f64);
@@ -354,7 +371,8 @@ fn soak_mixed_churn_exact_counts_and_flat_memory() -> anyhow::Result<()> {
         return Ok(());
     }
     let _serial = exclusive();
-    let seconds: u64 = std::env::var("CONNSCOPE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+    let seconds: u64 =
+        std::env::var("CONNSCOPE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let nginx = nginx(1000)?;
     let agent = Agent::start(&[])?;
     let baseline = tracked(&agent.scrape()?);
@@ -393,7 +411,10 @@ fn soak_mixed_churn_exact_counts_and_flat_memory() -> anyhow::Result<()> {
         "soak: {seconds} s, {connections} connections, {requests} requests; agent RSS warm {:.1} MiB, end {:.1} MiB, samples {:?} MiB",
         rss_warm as f64 / 1048576.0,
         rss_end as f64 / 1048576.0,
-        rss_samples.iter().map(|r| (*r as f64 / 1048576.0 * 10.0).round() / 10.0).collect::<Vec<_>>()
+        rss_samples
+            .iter()
+            .map(|r| (*r as f64 / 1048576.0 * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
     );
     assert!(connections >= 100.0, "too little traffic: {connections}");
     for reason in REAL_LOSSES {
@@ -416,7 +437,12 @@ fn soak_mixed_churn_exact_counts_and_flat_memory() -> anyhow::Result<()> {
     // The one-request connections are nginx's closes, the rest the clients'.
     let server_closes = scrape.sum(
         "connscope_connections_closed_total",
-        &[("role", "server"), ("server", &server), ("closed_by", "local"), ("reason", "connection_close")],
+        &[
+            ("role", "server"),
+            ("server", &server),
+            ("closed_by", "local"),
+            ("reason", "connection_close"),
+        ],
     );
     assert!(server_closes > 0.0 && server_closes < connections, "{server_closes}");
     // nginx's own log agrees.
@@ -431,7 +457,11 @@ fn soak_mixed_churn_exact_counts_and_flat_memory() -> anyhow::Result<()> {
         .filter(|s| s.name == "connscope_connections_open" && s.value != 0.0)
         .map(|s| format!("{:?} {}", s.labels, s.value))
         .collect();
-    assert!(tracked(&settled) <= baseline, "tracked {} > baseline {baseline}; open: {open_now:#?}", tracked(&settled));
+    assert!(
+        tracked(&settled) <= baseline,
+        "tracked {} > baseline {baseline}; open: {open_now:#?}",
+        tracked(&settled)
+    );
     let growth = rss_end.saturating_sub(rss_warm);
     assert!(growth <= 4 << 20, "agent RSS grew {:.1} MiB after warm-up", growth as f64 / 1048576.0);
     Ok(())
@@ -455,7 +485,9 @@ fn restart_under_load_detaches_and_counts_again() -> anyhow::Result<()> {
     let control = Arc::new(Control::default());
     let (p, ph) = (phases.clone(), phase.clone());
     const THREADS: usize = 2;
-    let load = churn(server.clone(), THREADS, control.clone(), move || p[ph.load(Ordering::SeqCst) as usize].clone());
+    let load = churn(server.clone(), THREADS, control.clone(), move || {
+        p[ph.load(Ordering::SeqCst) as usize].clone()
+    });
     let _stop_load = StopOnDrop(control.clone());
 
     thread::sleep(Duration::from_secs(2));
@@ -523,7 +555,8 @@ struct CappedAgent {
 impl CappedAgent {
     fn start(args: &[&str]) -> anyhow::Result<Self> {
         let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-        let log = std::env::temp_dir().join(format!("connscope-reliability-{}.log", std::process::id()));
+        let log =
+            std::env::temp_dir().join(format!("connscope-reliability-{}.log", std::process::id()));
         let child = Command::new(agent_binary())
             .arg("--web.listen-address")
             .arg(address.to_string())
@@ -690,20 +723,43 @@ fn hostile_payloads_keep_labels_bounded() -> anyhow::Result<()> {
             process_values.insert(v.clone());
         }
         for value in sample.labels.values() {
-            assert!(!value.contains("evil") && !value.contains("EVIL"), "payload in a label: {value:?}");
+            assert!(
+                !value.contains("evil") && !value.contains("EVIL"),
+                "payload in a label: {value:?}"
+            );
         }
     }
-    eprintln!("hostile: {} server values, {} process values", server_values.len(), process_values.len());
+    eprintln!(
+        "hostile: {} server values, {} process values",
+        server_values.len(),
+        process_values.len()
+    );
     // The cap plus "other".
-    assert!(server_values.len() <= MAX_SERVERS + 1, "{} server values: {server_values:?}", server_values.len());
+    assert!(
+        server_values.len() <= MAX_SERVERS + 1,
+        "{} server values: {server_values:?}",
+        server_values.len()
+    );
     // The cap plus "other" and "unknown".
-    assert!(process_values.len() <= MAX_PROCESSES + 2, "{} process values: {process_values:?}", process_values.len());
-    assert!(server_values.contains("other") && process_values.contains("other"), "the caps were not reached");
+    assert!(
+        process_values.len() <= MAX_PROCESSES + 2,
+        "{} process values: {process_values:?}",
+        process_values.len()
+    );
+    assert!(
+        server_values.contains("other") && process_values.contains("other"),
+        "the caps were not reached"
+    );
     assert!(!scrape.text.contains("evil") && !scrape.text.contains("EVIL"), "payload in /metrics");
     // `Keep-Alive: timeout=-1` is not a timeout: no advertised value for these servers.
     for server in &servers {
         assert_eq!(
-            scrape.matching("connscope_http_keepalive_advertised_timeout_seconds", &[("server", server)]).count(),
+            scrape
+                .matching(
+                    "connscope_http_keepalive_advertised_timeout_seconds",
+                    &[("server", server)]
+                )
+                .count(),
             0,
             "{server}"
         );
@@ -712,7 +768,10 @@ fn hostile_payloads_keep_labels_bounded() -> anyhow::Result<()> {
     assert_eq!(http_get(agent.address, "/healthz")?.0, 200);
     let log = std::fs::read(&agent.log)?;
     let log = String::from_utf8_lossy(&log);
-    assert!(!log.contains("evil") && !log.contains("EVIL") && !log.contains("bbbbbbbb"), "payload in the log:\n{log}");
+    assert!(
+        !log.contains("evil") && !log.contains("EVIL") && !log.contains("bbbbbbbb"),
+        "payload in the log:\n{log}"
+    );
     assert!(!log.contains("panicked"), "{log}");
     drop(acceptors);
     Ok(())
@@ -724,7 +783,8 @@ impl CappedAgent {
         let deadline = Instant::now() + WAIT;
         loop {
             let scrape = self.scrape()?;
-            let done = scrape.sum("connscope_connections_closed_total", &[("role", "client")]) >= connections as f64;
+            let done = scrape.sum("connscope_connections_closed_total", &[("role", "client")])
+                >= connections as f64;
             if done || Instant::now() > deadline {
                 return Ok(scrape);
             }
@@ -756,7 +816,9 @@ fn head_split_at_a_line_end_does_not_stop_the_agent() -> anyhow::Result<()> {
                 ensure!(n > 0, "closed before the head ended");
                 head.extend_from_slice(&buf[..n]);
             }
-            stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")?;
+            stream.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+            )?;
         }
         anyhow::Ok(())
     });
@@ -776,7 +838,10 @@ fn head_split_at_a_line_end_does_not_stop_the_agent() -> anyhow::Result<()> {
     let log = String::from_utf8_lossy(&std::fs::read(&agent.log)?).into_owned();
     assert!(exited.is_none(), "the agent stopped ({exited:?}):\n{log}");
     let scrape = agent.scrape_until_closed_on(&server, 2 * N).with_context(|| {
-        format!("the agent stopped answering; its log:\n{}", String::from_utf8_lossy(&std::fs::read(&agent.log).unwrap_or_default()))
+        format!(
+            "the agent stopped answering; its log:\n{}",
+            String::from_utf8_lossy(&std::fs::read(&agent.log).unwrap_or_default())
+        )
     })?;
     assert_eq!(opened(&scrape, "client", &server), N as f64, "{}", scrape.text);
     assert_eq!(
@@ -792,7 +857,8 @@ impl CappedAgent {
         let deadline = Instant::now() + WAIT;
         loop {
             let scrape = self.scrape()?;
-            let done = closed(&scrape, "client", server) + closed(&scrape, "server", server) >= closes as f64;
+            let done = closed(&scrape, "client", server) + closed(&scrape, "server", server)
+                >= closes as f64;
             if done || Instant::now() > deadline {
                 return Ok(scrape);
             }

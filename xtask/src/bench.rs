@@ -44,7 +44,9 @@ struct Settings {
 
 impl Settings {
     fn from_env() -> Self {
-        let get = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+        let get = |name: &str, default: u64| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+        };
         Self {
             pairs: get("CONNSCOPE_BENCH_PAIRS", 5) as usize,
             seconds: get("CONNSCOPE_BENCH_SECONDS", 5),
@@ -100,9 +102,14 @@ pub fn run() -> anyhow::Result<()> {
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find_map(|l| l.strip_prefix("model name")).map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
         .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
     json!({ "cpu": cpu, "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": kernel })
 }
 
@@ -121,7 +128,8 @@ fn wrk(url: &str, seconds: u64, close: bool) -> anyhow::Result<WrkResult> {
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    let output = cmd.arg(url).stderr(Stdio::inherit()).output().context("running wrk (apt: wrk)")?;
+    let output =
+        cmd.arg(url).stderr(Stdio::inherit()).output().context("running wrk (apt: wrk)")?;
     ensure!(output.status.success(), "wrk failed: {}", output.status);
     let text = String::from_utf8_lossy(&output.stdout);
     let requests_per_second = text
@@ -138,7 +146,10 @@ fn wrk(url: &str, seconds: u64, close: bool) -> anyhow::Result<WrkResult> {
     let mut errors = 0;
     for line in text.lines().map(str::trim) {
         if let Some(rest) = line.strip_prefix("Socket errors:") {
-            errors += rest.split(',').filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok()).sum::<u64>();
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
         }
         if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
             errors += rest.trim().parse::<u64>().unwrap_or(0);
@@ -208,7 +219,8 @@ fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result<Val
         ensure!(code == Some(0), "the agent exited with {code:?}");
         let before_losses = real_losses(&before);
         for (reason, value) in real_losses(&after) {
-            *losses.entry(reason.clone()).or_default() += value - before_losses.get(&reason).copied().unwrap_or(0.0);
+            *losses.entry(reason.clone()).or_default() +=
+                value - before_losses.get(&reason).copied().unwrap_or(0.0);
         }
         cpu_total += cpu_after - cpu_before;
         requests_total += b.requests;
@@ -287,7 +299,11 @@ fn program_stats(ids: &BTreeSet<u32>) -> BTreeMap<String, (u64, u64)> {
 /// sys_enter/sys_exit (the payload stash of every read/write system call), the others
 /// the lifecycle hooks (state changes, resets, destruction).
 fn program_goal(name: &str) -> (u64, &'static str) {
-    if name.contains("send") || name.contains("recv") || name.contains("sock_") || name.contains("sys_e") {
+    if name.contains("send")
+        || name.contains("recv")
+        || name.contains("sock_")
+        || name.contains("sys_e")
+    {
         (100, "send/receive")
     } else {
         (200, "open/close")
@@ -343,7 +359,11 @@ fn map_memory(pid: u32) -> anyhow::Result<BTreeMap<String, Value>> {
     let mut maps = BTreeMap::new();
     for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
         let Ok(info) = std::fs::read_to_string(entry?.path()) else { continue };
-        let field = |key: &str| info.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse::<u64>().ok());
+        let field = |key: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
         let (Some(id), Some(memlock)) = (field("map_id:"), field("memlock:")) else { continue };
         let name = aya::maps::MapInfo::from_id(id as u32)
             .ok()
@@ -551,38 +571,40 @@ fn metrics_latency() -> anyhow::Result<Value> {
     let mut clients = Vec::new();
     for p in 0..PROCESSES {
         let servers = servers.clone();
-        clients.push(thread::Builder::new().name(format!("cs-bench-p{p:02}")).spawn(move || -> anyhow::Result<()> {
-            for server in servers.iter() {
-                for reset in [false, true] {
-                    let mut stream = TcpStream::connect(server)?;
-                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-                    for _ in 0..2 {
-                        stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
-                        let mut response = Vec::new();
-                        let mut buf = [0u8; 512];
-                        while !response.ends_with(b"ok") {
-                            let n = stream.read(&mut buf)?;
-                            ensure!(n > 0, "closed early");
-                            response.extend_from_slice(&buf[..n]);
+        clients.push(thread::Builder::new().name(format!("cs-bench-p{p:02}")).spawn(
+            move || -> anyhow::Result<()> {
+                for server in servers.iter() {
+                    for reset in [false, true] {
+                        let mut stream = TcpStream::connect(server)?;
+                        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        for _ in 0..2 {
+                            stream.write_all(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")?;
+                            let mut response = Vec::new();
+                            let mut buf = [0u8; 512];
+                            while !response.ends_with(b"ok") {
+                                let n = stream.read(&mut buf)?;
+                                ensure!(n > 0, "closed early");
+                                response.extend_from_slice(&buf[..n]);
+                            }
+                        }
+                        if reset {
+                            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+                            // SAFETY: valid socket and a properly sized option value.
+                            unsafe {
+                                libc::setsockopt(
+                                    stream.as_raw_fd(),
+                                    libc::SOL_SOCKET,
+                                    libc::SO_LINGER,
+                                    (&linger as *const libc::linger).cast(),
+                                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                                )
+                            };
                         }
                     }
-                    if reset {
-                        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                        // SAFETY: valid socket and a properly sized option value.
-                        unsafe {
-                            libc::setsockopt(
-                                stream.as_raw_fd(),
-                                libc::SOL_SOCKET,
-                                libc::SO_LINGER,
-                                (&linger as *const libc::linger).cast(),
-                                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                            )
-                        };
-                    }
                 }
-            }
-            Ok(())
-        })?);
+                Ok(())
+            },
+        )?);
     }
     for client in clients {
         client.join().map_err(|_| anyhow::anyhow!("client panicked"))??;

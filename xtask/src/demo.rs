@@ -14,7 +14,10 @@ const LISTEN: &str = "127.0.0.1:9477";
 pub fn run(duration: Duration, no_agent: bool) -> anyhow::Result<()> {
     let mut agent = None;
     if !no_agent {
-        anyhow::ensure!(is_root(), "the demo starts the agent, which needs root: `sudo -E cargo xtask demo`");
+        anyhow::ensure!(
+            is_root(),
+            "the demo starts the agent, which needs root: `sudo -E cargo xtask demo`"
+        );
         setup::run()?;
         run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
         let binary = workspace_root().join("target/release/connscope");
@@ -60,7 +63,10 @@ fn wait_ready() -> anyhow::Result<()> {
 fn summary() -> anyhow::Result<()> {
     let (_, body) = http_get(LISTEN.parse()?, "/metrics")?;
     let scrape = Scrape::parse(&body)?;
-    println!("{:<14} {:>11} {:>9} {:>12} {:>6}  closes (by, reason)", "client", "connections", "requests", "req/conn", "races");
+    println!(
+        "{:<14} {:>11} {:>9} {:>12} {:>6}  closes (by, reason)",
+        "client", "connections", "requests", "req/conn", "races"
+    );
     for process in scrape.label_values("connscope_connections_opened_total", "process") {
         if !process.starts_with("demo-") {
             continue;

@@ -25,7 +25,10 @@ pub const DEFAULT_SECONDS: u64 = 30;
 
 /// Seconds per target: `CONNSCOPE_FUZZ_SECONDS` or the default.
 pub fn seconds_from_env() -> u64 {
-    std::env::var("CONNSCOPE_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SECONDS)
+    std::env::var("CONNSCOPE_FUZZ_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(DEFAULT_SECONDS)
 }
 
 /// Runs each target for `seconds`. Without a nightly toolchain the fuzzing cannot be built:
@@ -36,7 +39,9 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
         return Ok(());
     }
     if !nightly_present() {
-        let why = format!("no `{NIGHTLY}` rustup toolchain (cargo-fuzz needs one: `rustup toolchain install nightly`)");
+        let why = format!(
+            "no `{NIGHTLY}` rustup toolchain (cargo-fuzz needs one: `rustup toolchain install nightly`)"
+        );
         // CI machines have one; a fuzzing step that silently does nothing there is a defect.
         if std::env::var("CI").as_deref() == Ok("true") {
             bail!("fuzz: {why}");
@@ -88,7 +93,15 @@ pub fn run(seconds: u64) -> anyhow::Result<()> {
 fn cargo_fuzz(dir: &Path) -> Command {
     let mut cmd = Command::new("rustup");
     cmd.args(["run", NIGHTLY, "cargo", "fuzz"]).current_dir(dir);
-    for key in ["CARGO", "RUSTC", "RUSTDOC", "RUSTUP_TOOLCHAIN", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR"] {
+    for key in [
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTUP_TOOLCHAIN",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+    ] {
         cmd.env_remove(key);
     }
     cmd
@@ -145,7 +158,11 @@ fn write_seeds(fuzz_dir: &Path, target: &str) -> anyhow::Result<()> {
             ("request", b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".to_vec()),
             ("request10", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".to_vec()),
             ("pipelined", b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nHEAD /b HTTP/1.1\r\n\r\n".to_vec()),
-            ("response", b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=100\r\nConnection: close\r\n\r\nok".to_vec()),
+            (
+                "response",
+                b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=100\r\nConnection: close\r\n\r\nok"
+                    .to_vec(),
+            ),
             ("partial", b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Ty".to_vec()),
         ],
     };

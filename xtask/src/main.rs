@@ -8,11 +8,7 @@ mod setup;
 mod test;
 mod vm;
 
-use std::{
-    os::unix::process::CommandExt as _,
-    path::PathBuf,
-    process::Command,
-};
+use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -67,7 +63,9 @@ fn main() -> anyhow::Result<()> {
         Task::Setup => setup::run(),
         Task::Run { args } => run(&args),
         Task::Test { args } => test::run(&args),
-        Task::Demo { duration, no_agent } => demo::run(std::time::Duration::from_secs(duration), no_agent),
+        Task::Demo { duration, no_agent } => {
+            demo::run(std::time::Duration::from_secs(duration), no_agent)
+        }
         Task::VmTest => vm::run(),
         Task::Bench => bench::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds.unwrap_or_else(fuzz::seconds_from_env)),

@@ -58,7 +58,9 @@ fn missing_apt_packages() -> anyhow::Result<Vec<&'static str>> {
         .iter()
         .copied()
         .filter(|package| {
-            !listing.lines().any(|line| line.starts_with(&format!("{package} ")) && line.ends_with("install ok installed"))
+            !listing.lines().any(|line| {
+                line.starts_with(&format!("{package} ")) && line.ends_with("install ok installed")
+            })
         })
         .collect())
 }
@@ -69,7 +71,9 @@ fn apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing Debian packages {missing:?}: run `sudo cargo xtask setup` (or apt-get install them)");
+        bail!(
+            "missing Debian packages {missing:?}: run `sudo cargo xtask setup` (or apt-get install them)"
+        );
     }
     eprintln!("setup: installing {}", missing.join(" "));
     run_checked(Command::new("apt-get").args(["update", "-q"]))?;
@@ -107,9 +111,14 @@ fn pip_packages() -> anyhow::Result<()> {
 /// repository serves a recent one, and Debian's `kubernetes-client` is too old for
 /// kustomize components.
 fn kubectl() -> anyhow::Result<()> {
-    let found = Command::new("kubectl").args(["version", "--client"]).output().is_ok_and(|out| out.status.success());
+    let found = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|out| out.status.success());
     if !found {
-        bail!("kubectl (1.27 or newer, for `kubectl kustomize`) is missing: install it from the Kubernetes packages");
+        bail!(
+            "kubectl (1.27 or newer, for `kubectl kustomize`) is missing: install it from the Kubernetes packages"
+        );
     }
     Ok(())
 }
@@ -123,7 +132,9 @@ fn bpf_linker() -> anyhow::Result<()> {
     if installed {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"
+    );
     run_checked(
         Command::new("cargo")
             .args(["install", "bpf-linker", "--locked", "--version", BPF_LINKER_VERSION])
@@ -133,17 +144,24 @@ fn bpf_linker() -> anyhow::Result<()> {
 }
 
 fn toolchain_link() -> anyhow::Result<()> {
-    let listing = Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
+    let listing =
+        Command::new("rustup").args(["toolchain", "list"]).output().context("running rustup")?;
     let linked = String::from_utf8_lossy(&listing.stdout)
         .lines()
         .any(|line| line.split_whitespace().next() == Some(LINKED_TOOLCHAIN));
     if linked {
         return Ok(());
     }
-    let version = Command::new("/usr/bin/rustc").arg("--version").output().context("running /usr/bin/rustc")?;
+    let version = Command::new("/usr/bin/rustc")
+        .arg("--version")
+        .output()
+        .context("running /usr/bin/rustc")?;
     if !version.status.success() {
         bail!("/usr/bin/rustc does not run; is rustc-web installed?");
     }
-    eprintln!("setup: linking Debian's {} into rustup as {LINKED_TOOLCHAIN}", String::from_utf8_lossy(&version.stdout).trim());
+    eprintln!(
+        "setup: linking Debian's {} into rustup as {LINKED_TOOLCHAIN}",
+        String::from_utf8_lossy(&version.stdout).trim()
+    );
     run_checked(Command::new("rustup").args(["toolchain", "link", LINKED_TOOLCHAIN, "/usr"]))
 }

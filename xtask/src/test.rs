@@ -21,7 +21,12 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
     // The release agent: the end-to-end tests drive thousands of connections per second.
     run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
     let binary = workspace_root().join("target/release/connscope");
-    run_checked(cargo().args(["test", "--workspace", "--exclude", "connscope-ebpf"]).args(&args).env("CONNSCOPE_BIN", binary))?;
+    run_checked(
+        cargo()
+            .args(["test", "--workspace", "--exclude", "connscope-ebpf"])
+            .args(&args)
+            .env("CONNSCOPE_BIN", binary),
+    )?;
     // The whole suite also fuzzes the parsers of untrusted bytes for a bounded time.
     if args.is_empty() {
         crate::fuzz::run(crate::fuzz::seconds_from_env())?;
