@@ -235,10 +235,10 @@ fn burst(server: &str, running: &Running) {
 /// checkers and clients giving up on a timeout do.
 fn aborter(server: &str, running: &Running) {
     while running.on() {
-        if let Some(mut stream) = connect(server) {
-            if get(&mut stream, "1.1", "").is_ok() {
-                let _ = net::set_linger_zero(&stream);
-            }
+        if let Some(mut stream) = connect(server)
+            && get(&mut stream, "1.1", "").is_ok()
+        {
+            let _ = net::set_linger_zero(&stream);
         }
         running.pause(Duration::from_millis(300));
     }

@@ -115,10 +115,10 @@ pub fn request(stream: &mut TcpStream, version: &str, extra_headers: &str) -> an
     let mut buf = [0u8; 4096];
     // The head and the 2-byte body.
     loop {
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            if response.len() >= end + 4 + 2 {
-                break;
-            }
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n")
+            && response.len() >= end + 4 + 2
+        {
+            break;
         }
         let n = stream.read(&mut buf).context("reading the response")?;
         if n == 0 {

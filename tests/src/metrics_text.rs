@@ -60,7 +60,7 @@ impl Scrape {
 fn parse_line(line: &str) -> anyhow::Result<Sample> {
     let (name, rest) = match line.find('{') {
         Some(open) => (&line[..open], &line[open..]),
-        None => line.split_once(' ').map(|(n, r)| (n, r)).context("no value")?,
+        None => line.split_once(' ').context("no value")?,
     };
     let mut labels = BTreeMap::new();
     let value_part = if let Some(body) = rest.strip_prefix('{') {

@@ -230,7 +230,7 @@ fn churn(
                         }
                         n = n.wrapping_add(1);
                         let (requests, server_closes) =
-                            if n % 3 == 0 { (1, true) } else { (1 + (n + t as u32) % 8, false) };
+                            if n.is_multiple_of(3) { (1, true) } else { (1 + (n + t as u32) % 8, false) };
                         let totals = totals();
                         match connection(&server, requests, server_closes) {
                             Ok(()) => {
@@ -316,7 +316,7 @@ fn full_connection_map_is_counted_and_recovers() -> anyhow::Result<()> {
     let tracked_here = opened(&scrape, "client", &server) + opened(&scrape, "server", &server);
     let map_full = lost(&scrape, "map_full") - map_full_before;
     eprintln!("map full: {tracked_here} of {} sockets tracked, map_full {map_full}", 2 * N);
-    assert!(tracked_here >= 1.0 && tracked_here <= 8.0, "tracked {tracked_here}: {}", scrape.text);
+    assert!((1.0..=8.0).contains(&tracked_here), "tracked {tracked_here}: {}", scrape.text);
     // Every socket of the batch was either tracked or counted as lost.
     assert!(
         map_full >= 2.0 * N as f64 - tracked_here,
@@ -631,11 +631,11 @@ fn read_hostile_response(stream: &mut TcpStream) -> anyhow::Result<()> {
     let mut response = Vec::new();
     let mut buf = [0u8; 8192];
     loop {
-        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
-            if response.len() >= end + 6 {
-                ensure!(response.len() == end + 6, "more than one response");
-                return Ok(());
-            }
+        if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n")
+            && response.len() >= end + 6
+        {
+            ensure!(response.len() == end + 6, "more than one response");
+            return Ok(());
         }
         let n = stream.read(&mut buf)?;
         ensure!(n > 0, "closed before the response");
