@@ -229,8 +229,11 @@ fn churn(
                             continue;
                         }
                         n = n.wrapping_add(1);
-                        let (requests, server_closes) =
-                            if n.is_multiple_of(3) { (1, true) } else { (1 + (n + t as u32) % 8, false) };
+                        let (requests, server_closes) = if n.is_multiple_of(3) {
+                            (1, true)
+                        } else {
+                            (1 + (n + t as u32) % 8, false)
+                        };
                         let totals = totals();
                         match connection(&server, requests, server_closes) {
                             Ok(()) => {
