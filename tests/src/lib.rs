@@ -8,6 +8,7 @@ pub mod http_server;
 pub mod metrics_text;
 pub mod net;
 pub mod nginx;
+pub mod procfs;
 
 use std::{
     io::{Read as _, Write as _},

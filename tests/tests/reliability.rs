@@ -23,6 +23,7 @@ use anyhow::{Context as _, bail, ensure};
 use connscope_tests::{
     Agent, Scrape, agent_binary, free_port, http_get, kernel_tests_enabled,
     nginx::{Nginx, NginxConfig},
+    procfs::{program_ids, rss_bytes},
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -51,30 +52,6 @@ fn opened(scrape: &Scrape, role: &str, server: &str) -> f64 {
 
 fn closed(scrape: &Scrape, role: &str, server: &str) -> f64 {
     scrape.sum("connscope_connections_closed_total", &[("role", role), ("server", server)])
-}
-
-/// Resident set of a process in bytes (`VmRSS` of /proc/PID/status).
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb * 1024)
-}
-
-/// Ids of the BPF programs a process holds open (`prog_id:` in /proc/PID/fdinfo/*).
-fn program_ids(pid: u32) -> anyhow::Result<BTreeSet<u32>> {
-    let mut ids = BTreeSet::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(info) = std::fs::read_to_string(entry?.path()) else { continue };
-        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
-            ids.insert(id.trim().parse()?);
-        }
-    }
-    Ok(ids)
 }
 
 /// Whether a BPF program with this id is still loaded anywhere (BPF_PROG_GET_FD_BY_ID).

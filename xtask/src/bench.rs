@@ -16,7 +16,6 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::AsRawFd as _,
     process::{Child, Command, Stdio},
     sync::{
         Arc,
@@ -28,8 +27,9 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use connscope_tests::{
-    Agent, Scrape, free_port, http_get,
+    Agent, Scrape, free_port, http_get, net,
     nginx::{Nginx, NginxConfig},
+    procfs::{program_ids, rss_bytes},
 };
 use serde_json::{Value, json};
 
@@ -268,18 +268,6 @@ fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result<Val
 // ---------------------------------------------------------------------------------------
 // 3: in-kernel cost per program
 
-/// Ids of the BPF programs a process holds open (`prog_id:` in /proc/PID/fdinfo/*).
-fn program_ids(pid: u32) -> anyhow::Result<BTreeSet<u32>> {
-    let mut ids = BTreeSet::new();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))? {
-        let Ok(info) = std::fs::read_to_string(entry?.path()) else { continue };
-        if let Some(id) = info.lines().find_map(|l| l.strip_prefix("prog_id:")) {
-            ids.insert(id.trim().parse()?);
-        }
-    }
-    Ok(ids)
-}
-
 /// (run time ns, run count) per program name, for the given ids.
 fn program_stats(ids: &BTreeSet<u32>) -> BTreeMap<String, (u64, u64)> {
     let mut stats = BTreeMap::new();
@@ -342,17 +330,6 @@ fn kernel_cost(settings: &Settings, url: &str) -> anyhow::Result<Value> {
 
 // ---------------------------------------------------------------------------------------
 // 4: memory at many idle tracked connections
-
-fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS")?;
-    Ok(kb * 1024)
-}
 
 /// `memlock` of every BPF map a process holds, by map name.
 fn map_memory(pid: u32) -> anyhow::Result<BTreeMap<String, Value>> {
@@ -588,17 +565,7 @@ fn metrics_latency() -> anyhow::Result<Value> {
                             }
                         }
                         if reset {
-                            let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                            // SAFETY: valid socket and a properly sized option value.
-                            unsafe {
-                                libc::setsockopt(
-                                    stream.as_raw_fd(),
-                                    libc::SOL_SOCKET,
-                                    libc::SO_LINGER,
-                                    (&linger as *const libc::linger).cast(),
-                                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
-                                )
-                            };
+                            net::set_linger_zero(&stream)?;
                         }
                     }
                 }
