@@ -15,7 +15,7 @@ use connscope_common::{
 };
 
 use crate::{
-    maps::{CONN_SCRATCH, CONNS, EVENTS, TURN_SCRATCH, count_lost},
+    maps::{CONN_SCRATCH, CONNS, EVENTS, TURN_SCRATCH, count_lost, submit_flags},
     payload::{self, PendingPayload},
 };
 
@@ -204,7 +204,7 @@ fn emit_conn(kind: EventKind, sock: u64, conn: &Conn) {
         (*event).header = EventHeader { kind: kind as u32, _pad: 0, sock, ts_ns: now_ns() };
         core::ptr::copy_nonoverlapping(conn, &raw mut (*event).conn, 1);
     }
-    entry.submit(0);
+    entry.submit(submit_flags());
 }
 
 #[inline(always)]
@@ -244,7 +244,7 @@ fn emit_turn(
     // SAFETY: `len` is at most the size of the scratch record.
     let record =
         unsafe { core::slice::from_raw_parts((event as *const TurnEvent).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(record, 0).is_err() {
+    if EVENTS.output::<[u8]>(record, submit_flags()).is_err() {
         count_lost(LostReason::RingbufFull);
     }
 }

@@ -27,6 +27,21 @@ pub static CONN_SCRATCH: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0)
 #[map(name = "TURN_SCRATCH")]
 pub static TURN_SCRATCH: PerCpuArray<TurnEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// `bpf_ringbuf_*` flags and query.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Wake the agent only once this much is waiting; it also drains on a short timer, so a
+/// quiet host's events are never held for long. Waking on every record costs a context
+/// switch per event.
+const WAKEUP_BYTES: u64 = 128 << 10;
+
+/// Flags for submitting a ring buffer record (see `WAKEUP_BYTES`).
+#[inline(always)]
+pub fn submit_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
+}
+
 /// Per-CPU counters of what could not be recorded, indexed by [`LostReason`].
 #[map(name = "LOST")]
 pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostReason::COUNT, 0);

@@ -25,6 +25,9 @@ use crate::{
     table::ConnectionTable,
 };
 
+/// How long queued events may wait before the agent reads them on a quiet host.
+const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     preflight::check_privileges()?;
     // Bind first: a busy port is reported before anything is loaded into the kernel.
@@ -83,12 +86,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let signal = shutdown::signal_received();
     tokio::pin!(signal);
+    // The kernel wakes us only when enough is queued (agent-ebpf/src/maps.rs); the timer
+    // drains what a quiet host leaves behind.
+    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         tokio::select! {
             name = &mut signal => {
                 tracing::info!("{name} received, stopping");
                 break;
             }
+            _ = drain_timer.tick() => drain(ring.get_mut(), &mut table, &counters, &losses),
             guard = ring.readable_mut() => {
                 let mut guard = guard.context("waiting for events")?;
                 drain(guard.get_inner_mut(), &mut table, &counters, &losses);
