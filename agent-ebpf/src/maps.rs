@@ -39,7 +39,11 @@ const WAKEUP_BYTES: u64 = 128 << 10;
 /// Flags for submitting a ring buffer record (see `WAKEUP_BYTES`).
 #[inline(always)]
 pub fn submit_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 /// Per-CPU counters of what could not be recorded, indexed by [`LostReason`].

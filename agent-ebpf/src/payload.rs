@@ -235,8 +235,8 @@ pub fn discard() {
     let _ = PENDING_PAYLOAD.remove(bpf_get_current_pid_tgid());
 }
 
-/// Copies up to `want` bytes (at most `HEAD_LEN`) of the stashed buffer into `dst`;
-/// returns how many are valid.
+/// Copies `len` bytes (at most `HEAD_LEN`) of the user buffer at `buf` into `dst`; returns
+/// how many are valid.
 ///
 /// Kept out of line and given its arguments by value: inlined into a large program, the
 /// size could be spilled to the stack between its bound check and the helper call, and

@@ -7,23 +7,36 @@ use anyhow::{Context as _, anyhow, bail};
 use btf_rs::{Btf, Member, Struct, Type};
 use connscope_common::{FdLayout, SockLayout};
 
-fn read_btf(vmlinux: &Path) -> anyhow::Result<Btf> {
-    Btf::from_file(vmlinux)
-        .map_err(|err| anyhow!("{err}"))
-        .with_context(|| format!("reading {}", vmlinux.display()))
+/// The kernel's type information, parsed once for every layout the programs need.
+pub struct KernelTypes(Btf);
+
+impl KernelTypes {
+    pub fn read(vmlinux: &Path) -> anyhow::Result<Self> {
+        Btf::from_file(vmlinux)
+            .map(Self)
+            .map_err(|err| anyhow!("{err}"))
+            .with_context(|| format!("reading {}", vmlinux.display()))
+    }
+
+    pub fn sock_layout(&self) -> anyhow::Result<SockLayout> {
+        sock_layout(&self.0)
+    }
+
+    pub fn fd_layout(&self) -> anyhow::Result<FdLayout> {
+        fd_layout(&self.0)
+    }
 }
 
 /// Offsets of the fields `agent-ebpf/src/btf_tracepoints.rs` reads.
-pub fn sock_layout(vmlinux: &Path) -> anyhow::Result<SockLayout> {
-    let btf = read_btf(vmlinux)?;
-    let sock = find_struct(&btf, "sock")?;
-    let (protocol_bits, bitfield, protocol_member) = find_member(&btf, &sock, "sk_protocol")?;
+fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
+    let sock = find_struct(btf, "sock")?;
+    let (protocol_bits, bitfield, protocol_member) = find_member(btf, &sock, "sk_protocol")?;
     let protocol_size = match bitfield {
         Some(8) if protocol_bits % 8 == 0 => 1,
         Some(bits) => bail!("sk_protocol is a {bits}-bit field at bit {protocol_bits}"),
-        None => int_size(&btf, &protocol_member)?,
+        None => int_size(btf, &protocol_member)?,
     };
-    let byte = |name: &str| byte_offset(&btf, &sock, name);
+    let byte = |name: &str| byte_offset(btf, &sock, name);
     Ok(SockLayout {
         protocol: protocol_bits / 8,
         protocol_size,
@@ -40,10 +53,9 @@ pub fn sock_layout(vmlinux: &Path) -> anyhow::Result<SockLayout> {
 
 /// Offsets of the pointer chain from a file descriptor to its socket
 /// (`agent-ebpf/src/payload.rs`, `fd_sock`).
-pub fn fd_layout(vmlinux: &Path) -> anyhow::Result<FdLayout> {
-    let btf = read_btf(vmlinux)?;
+fn fd_layout(btf: &Btf) -> anyhow::Result<FdLayout> {
     let offset =
-        |structure: &str, member: &str| byte_offset(&btf, &find_struct(&btf, structure)?, member);
+        |structure: &str, member: &str| byte_offset(btf, &find_struct(btf, structure)?, member);
     Ok(FdLayout {
         task_files: offset("task_struct", "files")?,
         files_fdt: offset("files_struct", "fdt")?,
@@ -137,14 +149,15 @@ mod tests {
             eprintln!("skipping: no kernel BTF");
             return Ok(());
         }
-        let layout = sock_layout(vmlinux)?;
+        let types = KernelTypes::read(vmlinux)?;
+        let layout = types.sock_layout()?;
         assert_eq!(
             (layout.daddr, layout.rcv_saddr, layout.dport, layout.num, layout.family),
             (0, 4, 12, 14, 16)
         );
         assert_eq!(layout.protocol_size, 2);
         assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
-        let fds = fd_layout(vmlinux)?;
+        let fds = types.fd_layout()?;
         assert_eq!(fds.valid, 1);
         assert!(fds.task_files > 0 && fds.fdt_fd > fds.fdt_max_fds.saturating_sub(8), "{fds:?}");
         Ok(())

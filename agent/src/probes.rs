@@ -18,7 +18,8 @@ use connscope_common::{map_name, payload_syscall, setting};
 
 use crate::{
     config::{Backend, Config},
-    kernel_layout, preflight,
+    kernel_layout::KernelTypes,
+    preflight,
 };
 
 /// How a hook ended up attached (`attach` label of `connscope_probe_info`).
@@ -150,22 +151,27 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     if config.backend == Backend::Fentry && btf.is_none() {
         return Err(preflight::PreflightError::NoBtf.into());
     }
+    let types = btf.as_ref().and_then(|_| {
+        KernelTypes::read(Path::new(preflight::BTF_VMLINUX))
+            .inspect_err(|err| tracing::info!("kernel BTF unreadable for field offsets: {err:#}"))
+            .ok()
+    });
     // BTF tracepoints need the struct sock layout; without it, classic tracepoints.
-    let layout = match &btf {
-        Some(_) => kernel_layout::sock_layout(Path::new(preflight::BTF_VMLINUX))
+    let layout = types.as_ref().and_then(|types| {
+        types
+            .sock_layout()
             .inspect_err(|err| {
                 tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}")
             })
-            .ok(),
-        None => None,
-    };
+            .ok()
+    });
     // The syscall-exit fallback needs the fd -> socket pointer chain, and the stash programs.
-    let fd_layout = match (&btf, config.capture_heads) {
-        (Some(_), true) => kernel_layout::fd_layout(Path::new(preflight::BTF_VMLINUX))
+    let fd_layout = types.as_ref().filter(|_| config.capture_heads).and_then(|types| {
+        types
+            .fd_layout()
             .inspect_err(|err| tracing::debug!("no syscall-exit fallback: {err:#}"))
-            .ok(),
-        _ => None,
-    };
+            .ok()
+    });
     let mut ebpf = EbpfLoader::new()
         .btf(btf.as_ref())
         .map_max_entries(map_name::CONNS, config.max_connections)
@@ -177,17 +183,14 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
         .context("loading the eBPF programs")?;
     let btf_tracepoints = btf.as_ref().filter(|_| layout.is_some());
 
-    let lifecycle = match btf_tracepoints {
-        Some(btf) => Attach::TpBtf.with_lifecycle(&mut ebpf, Some(btf))?,
-        None => Attach::Tracepoint.with_lifecycle(&mut ebpf, None)?,
-    };
+    let lifecycle = attach_lifecycle(&mut ebpf, btf_tracepoints)?;
     if config.capture_heads {
         attach_payload_stash(&mut ebpf)?;
     }
     let mut attached = Vec::with_capacity(HOOKS.len() + 1);
     attached.push(HookAttach { hook: "inet_sock_set_state", attach: lifecycle });
+    let fallback = fd_layout.is_some();
     for hook in &HOOKS {
-        let fallback = fd_layout.is_some();
         let attach =
             attach_hook(&mut ebpf, hook, config.backend, btf.as_ref(), btf_tracepoints, fallback)?;
         tracing::info!(hook = hook.name, backend = %attach, "hook attached");
@@ -196,17 +199,16 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     Ok(Probes { ebpf, attached })
 }
 
-impl Attach {
-    /// Attaches the lifecycle tracepoints in this form (tp_btf or classic).
-    fn with_lifecycle(self, ebpf: &mut Ebpf, btf: Option<&Btf>) -> anyhow::Result<Self> {
-        for (btf_program, classic_program, category, event) in LIFECYCLE {
-            match btf {
-                Some(btf) => attach_tp_btf(ebpf, btf_program, event, btf)?,
-                None => attach_tracepoint(ebpf, classic_program, category, event)?,
-            };
-        }
-        Ok(self)
+/// Attaches the lifecycle tracepoints as BTF tracepoints when `btf` is usable for them,
+/// as classic ones otherwise; returns which.
+fn attach_lifecycle(ebpf: &mut Ebpf, btf: Option<&Btf>) -> anyhow::Result<Attach> {
+    for (btf_program, classic_program, category, event) in LIFECYCLE {
+        match btf {
+            Some(btf) => attach_tp_btf(ebpf, btf_program, event, btf)?,
+            None => attach_tracepoint(ebpf, classic_program, category, event)?,
+        };
     }
+    Ok(if btf.is_some() { Attach::TpBtf } else { Attach::Tracepoint })
 }
 
 fn candidates(backend: Backend, btf: Option<&Btf>) -> Vec<Attach> {
