@@ -1,21 +1,20 @@
 //! fentry/fexit backend (BTF trampolines): the cheapest hooks, on kernels that allow them.
-//! Arguments are typed by the kernel's BTF, so only the socket pointer and return values are
-//! used here and the programs load unchanged on any kernel with these functions.
+//! Arguments are typed by the kernel's BTF; the agent picks the `tcp_recvmsg` program that
+//! matches the kernel's prototype (it lost its `nonblock` argument in 5.19).
 
 use aya_ebpf::{
     macros::{fentry, fexit},
     programs::{FEntryContext, FExitContext},
 };
-use connscope_common::direction;
+use connscope_common::Direction;
 
-use crate::{conn, tracepoints::transfer};
+use crate::conn;
 
-/// `int tcp_connect(struct sock *sk)`, called from `tcp_v4_connect` in `connect()`:
+/// `int tcp_connect(struct sock *sk)`, from `tcp_v4_connect` in `connect()`:
 /// <https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_output.c#L4150>
 #[fentry(function = "tcp_connect")]
 pub fn connscope_fentry_tcp_connect(ctx: FEntryContext) -> i32 {
-    let sock: u64 = ctx.arg(0);
-    conn::on_process_context(sock);
+    conn::on_process_context(ctx.arg(0));
     0
 }
 
@@ -23,8 +22,7 @@ pub fn connscope_fentry_tcp_connect(ctx: FEntryContext) -> i32 {
 /// <https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c#L3298>
 #[fentry(function = "tcp_close")]
 pub fn connscope_fentry_tcp_close(ctx: FEntryContext) -> i32 {
-    let sock: u64 = ctx.arg(0);
-    conn::on_process_context(sock);
+    conn::on_process_context(ctx.arg(0));
     0
 }
 
@@ -32,20 +30,29 @@ pub fn connscope_fentry_tcp_close(ctx: FEntryContext) -> i32 {
 /// <https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c#L1383>
 #[fexit(function = "tcp_sendmsg")]
 pub fn connscope_fexit_tcp_sendmsg(ctx: FExitContext) -> i32 {
-    let sock: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(3);
-    transfer(sock, direction::SEND, ret as i64, 0);
+    conn::transfer(ctx.arg(0), Direction::Send, i64::from(ret), 0, || true);
     0
 }
 
 /// `int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags,
-/// int *addr_len)` (5.19+ signature):
+/// int *addr_len)` (5.19+):
 /// <https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c#L2930>
 #[fexit(function = "tcp_recvmsg")]
 pub fn connscope_fexit_tcp_recvmsg(ctx: FExitContext) -> i32 {
-    let sock: u64 = ctx.arg(0);
     let flags: i32 = ctx.arg(3);
     let ret: i32 = ctx.arg(5);
-    transfer(sock, direction::RECV, ret as i64, flags);
+    conn::transfer(ctx.arg(0), Direction::Recv, i64::from(ret), flags, || true);
+    0
+}
+
+/// `int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int nonblock,
+/// int flags, int *addr_len)` (before 5.19):
+/// <https://elixir.bootlin.com/linux/v5.10/source/net/ipv4/tcp.c#L2519>
+#[fexit(function = "tcp_recvmsg")]
+pub fn connscope_fexit_tcp_recvmsg_nonblock(ctx: FExitContext) -> i32 {
+    let flags: i32 = ctx.arg(4);
+    let ret: i32 = ctx.arg(6);
+    conn::transfer(ctx.arg(0), Direction::Recv, i64::from(ret), flags, || true);
     0
 }

@@ -1,18 +1,32 @@
-//! connscope kernel programs.
+//! connscope kernel programs. Layers, bottom-up (no module imports one above it):
 //!
-//! `conn` holds the per-socket state machine; the other modules are thin entry points that
-//! feed it from one kind of hook each. The agent chooses, per hook, which entry point to
-//! attach (fentry where the kernel allows, kprobes otherwise, tracepoints as the fallback).
+//! 1. `maps`, `globals`: every map and the values the agent writes before loading.
+//! 2. `sock`, `syscall_args`, `syscall_stash`, `fd_socket`: reading the socket, the current
+//!    system call's user buffer, a descriptor's socket.
+//! 3. `records`, `head`: writing records; reading, fingerprinting and sending heads.
+//! 4. `exchange`, `conn`: the per-socket state machine (`conn::transfer` is the common tail
+//!    of every send/receive backend).
+//! 5. One thin file per hook backend, translating its arguments: `tp_btf`, `tracepoint`,
+//!    `fentry`, `kprobe`, `syscall_exit`; and `floor`, the benchmark's floor arm.
 #![no_std]
 #![no_main]
 
-mod btf_tracepoints;
 mod conn;
+mod exchange;
+mod fd_socket;
 mod fentry;
-mod kprobes;
+mod floor;
+mod globals;
+mod head;
+mod kprobe;
 mod maps;
-mod payload;
-mod tracepoints;
+mod records;
+mod sock;
+mod syscall_args;
+mod syscall_exit;
+mod syscall_stash;
+mod tp_btf;
+mod tracepoint;
 
 #[cfg(not(test))]
 #[panic_handler]

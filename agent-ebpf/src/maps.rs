@@ -1,39 +1,77 @@
-//! Maps shared by every program, and the small helpers that write to them.
+//! Every map of the programs, and the small helpers that write to them. The bottom layer:
+//! it imports nothing from the rest of the crate.
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use connscope_common::{Conn, DEFAULT_MAX_CONNECTIONS, LostReason, TurnEvent, setting};
+use connscope_common::{
+    Attribution, Conn, DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, HeadEvent, IN_FLIGHT_CALLS,
+    LostReason, Setting,
+};
 
-use crate::payload::PendingPayload;
+/// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
+const NO_PREALLOC: u32 = 1;
 
 /// Per-socket state, keyed by the `struct sock` address. Bounded: when full, new
 /// connections are counted as lost (`map_full`) and the host's traffic is unaffected.
-#[map(name = "CONNS")]
-pub static CONNS: HashMap<u64, Conn> = HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
+#[map]
+pub static CONNS: HashMap<u64, Conn> =
+    HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, NO_PREALLOC);
 
-/// Boundary events (open, turn start, close) for the agent.
-#[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+/// Records for the agent (see `connscope_common::records`).
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RINGBUF_BYTES, 0);
 
-/// Per-CPU scratch space where a new connection's state is built before it is inserted:
-/// kernels before 6.13 limit the stack of a whole call chain to 512 bytes.
-#[map(name = "CONN_SCRATCH")]
-pub static CONN_SCRATCH: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0);
+/// Per-CPU counters of what could not be recorded, indexed by [`LostReason`].
+#[map]
+pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostReason::COUNT, 0);
 
-/// Per-CPU scratch space where a turn record is built before it is sent at its real
-/// length (fixed part plus the captured head only).
-#[map(name = "TURN_SCRATCH")]
-pub static TURN_SCRATCH: PerCpuArray<TurnEvent> = PerCpuArray::with_max_entries(1, 0);
+/// Switches the agent sets after attaching ([`Setting`]).
+#[map]
+pub static SETTINGS: Array<u32> = Array::with_max_entries(Setting::COUNT, 0);
+
+/// The process of a `connect()` in progress, by socket, until the handshake completes and
+/// the connection is announced. LRU: a connect that fails without a state change we see
+/// leaves nothing behind for long.
+#[map]
+pub static CONNECTS_IN_FLIGHT: LruHashMap<u64, Attribution> =
+    LruHashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
+
+/// Per-CPU space where a head record is read and built before it is sent at its real length.
+#[map]
+pub static HEAD_SCRATCH: PerCpuArray<HeadEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// A user buffer: address and length.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct UserBuffer {
+    pub addr: u64,
+    pub len: u64,
+}
+
+/// Kernels without `bpf_task_pt_regs`: the buffer of a read/write-like system call in
+/// progress, by pid_tgid (stashed at `sys_enter`).
+#[map]
+pub static SYSCALL_STASH: HashMap<u64, UserBuffer> = HashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
+
+/// kprobe backend: socket and receive flags of a `tcp_sendmsg`/`tcp_recvmsg` in progress,
+/// by pid_tgid (the kretprobe cannot see the arguments).
+#[map]
+pub static CALLS_IN_FLIGHT: HashMap<u64, [u64; 2]> =
+    HashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
+
+/// The benchmark's floor arm: bytes per socket, nothing else.
+#[map]
+pub static FLOOR_BYTES: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS, 0);
 
 /// `bpf_ringbuf_*` flags and query.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
 const BPF_RB_AVAIL_DATA: u64 = 0;
 /// Wake the agent only once this much is waiting; it also drains on a short timer, so a
-/// quiet host's events are never held for long. Waking on every record costs a context
-/// switch per event.
+/// quiet host's records are never held for long. Waking on every record costs a context
+/// switch per record.
 const WAKEUP_BYTES: u64 = 128 << 10;
 
 /// Flags for submitting a ring buffer record (see `WAKEUP_BYTES`).
@@ -46,22 +84,9 @@ pub fn submit_flags() -> u64 {
     }
 }
 
-/// Per-CPU counters of what could not be recorded, indexed by [`LostReason`].
-#[map(name = "LOST")]
-pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostReason::COUNT, 0);
-
-/// The user buffer of a socket read or write system call in progress, keyed by pid_tgid,
-/// so the payload head can be read when the socket layer reports the transfer.
-#[map(name = "PENDING_PAYLOAD")]
-pub static PENDING_PAYLOAD: HashMap<u64, PendingPayload> = HashMap::with_max_entries(16_384, 0);
-
-/// Switches the agent sets after attaching (see `connscope_common::setting`).
-#[map(name = "SETTINGS")]
-pub static SETTINGS: Array<u32> = Array::with_max_entries(setting::COUNT, 0);
-
 #[inline(always)]
-pub fn setting_on(index: u32) -> bool {
-    SETTINGS.get(index).is_some_and(|value| *value != 0)
+pub fn setting_on(setting: Setting) -> bool {
+    SETTINGS.get(setting as u32).is_some_and(|value| *value != 0)
 }
 
 /// Counts one lost item. Per-CPU, so a plain increment is race-free.

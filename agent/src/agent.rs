@@ -8,16 +8,16 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use aya::maps::{PerCpuArray, RingBuf};
-use connscope_common::map_name;
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use connscope_common::{Conn, EventKind, conn::SWEEP_INTERVAL_NS, names::map};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
 
 use crate::{
     config::Config,
-    events::{self, Event},
-    kernel_stats::LossCollector,
-    metrics::{Build, EventKindLabel, Metrics, Probe, UserLosses},
+    events,
+    kernel_stats::{LossCollector, UserLosses},
+    metrics::{Build, EventKindLabel, Metrics, Probe},
     placement::KubeletPlacement,
     preflight, probes,
     server::{self, AppState},
@@ -28,130 +28,188 @@ use crate::{
 /// How long queued events may wait before the agent reads them on a quiet host.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
-    preflight::check_privileges()?;
-    // Bind first: a busy port is reported before anything is loaded into the kernel.
-    let listener = bind(config.listen_address).await?;
-    preflight::ensure_tracefs()?;
-    raise_memlock_limit();
+/// Everything the agent runs with, built before it starts serving (linkerd2-proxy's
+/// `Config::build → App → spawn`): privileges checked, port bound, programs attached.
+pub struct Agent {
+    config: Config,
+    listener: TcpListener,
+    probes: probes::Probes,
+    state: Arc<AppState>,
+    pipeline: Pipeline,
+}
 
-    let mut probes = probes::load_and_attach(&config)?;
-    let metrics = Metrics::new();
-    metrics.capacity.set(i64::from(config.max_connections));
-    metrics.build.get_or_create(&Build { version: env!("CARGO_PKG_VERSION").into() }).set(1);
-    for hook in &probes.attached {
-        metrics
-            .probes
-            .get_or_create(&Probe { hook: hook.hook.into(), attach: hook.attach.label().into() })
-            .set(1);
+/// The path from the ring buffer to the metrics.
+struct Pipeline {
+    ring: AsyncFd<RingBuf<MapData>>,
+    conns: HashMap<MapData, u64, Conn>,
+    table: ConnectionTable,
+    counters: EventCounters,
+    losses: Arc<UserLosses>,
+    /// Reused by every sweep (no allocation per sweep).
+    sweep: Vec<u64>,
+}
+
+impl Agent {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        preflight::check_privileges()?;
+        // Bind first: a busy port is reported before anything is loaded into the kernel.
+        let listener = bind(config.listen_address).await?;
+        preflight::ensure_tracefs()?;
+        raise_memlock_limit();
+
+        let mut probes = probes::load_and_attach(&config)?;
+        let metrics = Metrics::new();
+        metrics.capacity.set(i64::from(config.max_connections));
+        metrics.build.get_or_create(&Build { version: env!("CARGO_PKG_VERSION").into() }).set(1);
+        for hook in &probes.attached {
+            metrics
+                .probes
+                .get_or_create(&Probe { hook: hook.hook.into(), attach: hook.attach.label().into() })
+                .set(1);
+        }
+        let losses = Arc::new(UserLosses::default());
+        let mut registry = Registry::with_prefix("connscope");
+        metrics.register(&mut registry);
+        registry.register_collector(Box::new(LossCollector::new(
+            PerCpuArray::try_from(take_map(&mut probes, map::LOST)?)?,
+            losses.clone(),
+        )));
+        let state = Arc::new(AppState::new(registry));
+        if let Ok(mut hooks) = state.hooks.write() {
+            hooks.clone_from(&probes.attached);
+        }
+        let events = RingBuf::try_from(take_map(&mut probes, map::EVENTS)?)?;
+        // SAFETY: the ring buffer owns its map fd and keeps it open until the AsyncFd drops it.
+        let ring = unsafe { AsyncFd::register(events) }
+            .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
+        let conns = HashMap::try_from(take_map(&mut probes, map::CONNS)?)?;
+        let placement =
+            KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
+        let counters = EventCounters::new(&metrics);
+        let table = ConnectionTable::new(
+            metrics,
+            config.max_servers,
+            config.max_processes,
+            Box::new(placement),
+        );
+        let pipeline = Pipeline { ring, conns, table, counters, losses, sweep: Vec::new() };
+        Ok(Self { config, listener, probes, state, pipeline })
     }
 
-    let losses = Arc::new(UserLosses::default());
-    let lost_map =
-        probes.ebpf.take_map(map_name::LOST).ok_or_else(|| anyhow!("LOST map missing"))?;
-    let mut registry = Registry::with_prefix("connscope");
-    metrics.register(&mut registry);
-    registry.register_collector(Box::new(LossCollector::new(
-        PerCpuArray::try_from(lost_map)?,
-        losses.clone(),
-    )));
+    /// Serves and drains events until SIGTERM/SIGINT, then detaches.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let Self { config, listener, probes, state, mut pipeline } = self;
+        let (stop_server, server_stopped) = watch::channel(false);
+        let server = tokio::spawn(server::serve(listener, state.clone(), server_stopped));
+        state.ready.store(true, Ordering::Release);
+        tracing::info!(
+            address = %config.listen_address,
+            "connscope ready: metrics on http://{}/metrics",
+            display_address(config.listen_address)
+        );
 
-    let state = Arc::new(AppState::new(registry));
-    if let Ok(mut hooks) = state.hooks.write() {
-        hooks.clone_from(&probes.attached);
-    }
-    let events_map =
-        probes.ebpf.take_map(map_name::EVENTS).ok_or_else(|| anyhow!("EVENTS map missing"))?;
-    // SAFETY: the ring buffer owns its map fd and keeps it open until the AsyncFd drops it.
-    let mut ring = unsafe { AsyncFd::register(RingBuf::try_from(events_map)?) }
-        .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
-    let placement =
-        KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
-    let counters = EventCounters::new(&metrics);
-    let mut table = ConnectionTable::new(
-        metrics,
-        config.max_servers,
-        config.max_processes,
-        Box::new(placement),
-    );
-
-    let (stop_server, server_stopped) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, state.clone(), server_stopped));
-    state.ready.store(true, Ordering::Release);
-    tracing::info!(
-        address = %config.listen_address,
-        "connscope ready: metrics on http://{}/metrics",
-        display_address(config.listen_address)
-    );
-
-    let signal = shutdown::signal_received();
-    tokio::pin!(signal);
-    // The kernel wakes us only when enough is queued (agent-ebpf/src/maps.rs); the timer
-    // drains what a quiet host leaves behind.
-    let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
-    drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tokio::select! {
-            name = &mut signal => {
-                tracing::info!("{name} received, stopping");
-                break;
-            }
-            _ = drain_timer.tick() => drain(ring.get_mut(), &mut table, &counters, &losses),
-            guard = ring.readable_mut() => {
-                let mut guard = guard.context("waiting for events")?;
-                drain(guard.get_inner_mut(), &mut table, &counters, &losses);
-                guard.clear_ready();
+        let signal = shutdown::signal_received();
+        tokio::pin!(signal);
+        // The kernel wakes us only when enough is queued (agent-ebpf/src/maps.rs); the timer
+        // drains what a quiet host leaves behind.
+        let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
+        drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut sweep_timer = tokio::time::interval(Duration::from_nanos(SWEEP_INTERVAL_NS));
+        sweep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                name = &mut signal => {
+                    tracing::info!("{name} received, stopping");
+                    break;
+                }
+                _ = drain_timer.tick() => pipeline.drain(),
+                _ = sweep_timer.tick() => pipeline.sweep(),
+                guard = pipeline.ring.readable_mut() => {
+                    let mut guard = guard.context("waiting for events")?;
+                    guard.clear_ready();
+                    pipeline.drain();
+                }
             }
         }
+        // Flush what the kernel already queued, then detach by dropping the programs.
+        pipeline.drain();
+        drop(pipeline);
+        drop(probes);
+        let _ = stop_server.send(true);
+        let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
+        Ok(())
     }
-    // Flush what the kernel already queued, then detach by dropping the programs.
-    drain(ring.get_mut(), &mut table, &counters, &losses);
-    drop(ring);
-    drop(probes);
-    let _ = stop_server.send(true);
-    let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    Agent::build(config).await?.run().await
+}
+
+/// `connscope bench-floor`: the benchmark's floor arm, attached until SIGTERM/SIGINT.
+pub async fn run_floor(config: Config) -> anyhow::Result<()> {
+    preflight::check_privileges()?;
+    raise_memlock_limit();
+    let ebpf = probes::load_floor(&config)?;
+    eprintln!("connscope: floor attached (sock_send_length, sock_recv_length, inet_sock_set_state, tcp_destroy_sock)");
+    let name = shutdown::signal_received().await;
+    tracing::info!("{name} received, detaching the floor arm");
+    drop(ebpf);
     Ok(())
+}
+
+fn take_map(probes: &mut probes::Probes, name: &str) -> anyhow::Result<aya::maps::Map> {
+    probes.ebpf.take_map(name).ok_or_else(|| anyhow!("{name} map missing from the eBPF object"))
 }
 
 /// `events_received_total` per kind, looked up once.
 struct EventCounters {
-    open: Counter,
-    turn: Counter,
-    close: Counter,
+    by_kind: Vec<(EventKind, Counter)>,
 }
 
 impl EventCounters {
     fn new(metrics: &Metrics) -> Self {
-        let counter =
-            |kind: &str| metrics.events.get_or_create_owned(&EventKindLabel { kind: kind.into() });
-        Self { open: counter("open"), turn: counter("turn"), close: counter("close") }
+        let by_kind = EventKind::ALL
+            .iter()
+            .map(|&kind| {
+                let labels = EventKindLabel { kind: kind.label().into() };
+                (kind, metrics.events.get_or_create_owned(&labels))
+            })
+            .collect();
+        Self { by_kind }
     }
 
-    fn count(&self, event: &Event) {
-        match event {
-            Event::Open(_) => self.open.inc(),
-            Event::Turn(_) => self.turn.inc(),
-            Event::Close(_) => self.close.inc(),
-        };
+    fn count(&self, kind: EventKind) {
+        if let Some((_, counter)) = self.by_kind.iter().find(|(k, _)| *k == kind) {
+            counter.inc();
+        }
     }
 }
 
-fn drain(
-    ring: &mut RingBuf<aya::maps::MapData>,
-    table: &mut ConnectionTable,
-    counters: &EventCounters,
-    losses: &UserLosses,
-) {
-    while let Some(record) = ring.next() {
-        match events::decode(&record) {
-            Ok(event) => {
-                counters.count(&event);
-                table.handle(&event);
+impl Pipeline {
+    fn drain(&mut self) {
+        let ring = self.ring.get_mut();
+        while let Some(record) = ring.next() {
+            match events::decode(&record) {
+                Ok(event) => {
+                    self.counters.count(event.kind());
+                    self.table.handle(&event);
+                }
+                Err(err) => {
+                    self.losses.decode_error.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("dropping a ring buffer record: {err}");
+                }
             }
-            Err(err) => {
-                losses.decode_error.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!("dropping a ring buffer record: {err}");
-            }
+        }
+    }
+
+    /// Re-reads the connections active since the last sweep, so counts of steady traffic
+    /// (which sends no records) reach the metrics within a sweep interval.
+    fn sweep(&mut self) {
+        self.drain();
+        self.table.sweep_candidates(&mut self.sweep);
+        for &sock in &self.sweep {
+            let conn = self.conns.get(&sock, 0).ok();
+            self.table.swept(sock, conn.as_ref());
         }
     }
 }

@@ -1,16 +1,45 @@
-//! Decoding of ring buffer records. Every length is checked before a byte is read; a
-//! record that does not match its tag is an error the caller counts, never a panic.
+//! Decoding of ring buffer records (`connscope_common::records`). Every length is checked
+//! before a byte is read; a record that does not match its tag is an error the caller
+//! counts, never a panic. Nothing is allocated: a head borrows the record's bytes.
 
 use std::mem::size_of;
 
-use connscope_common::{ConnEvent, EventHeader, EventKind, TURN_FIXED_LEN, TurnEvent};
+use connscope_common::{
+    AttributeEvent, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, OpenEvent,
+    SnapshotEvent,
+};
 use thiserror::Error;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
-    Open(ConnEvent),
-    Close(ConnEvent),
-    Turn(Box<TurnEvent>),
+/// The fixed part of a `Head` record and the head bytes it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head<'a> {
+    pub header: EventHeader,
+    pub open_ns: u64,
+    pub exchanges: u32,
+    pub direction: u8,
+    pub role: u8,
+    pub bytes: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    Open(OpenEvent),
+    Attribute(AttributeEvent),
+    Head(Head<'a>),
+    Progress(SnapshotEvent),
+    Close(SnapshotEvent),
+}
+
+impl Event<'_> {
+    pub const fn kind(&self) -> EventKind {
+        match self {
+            Self::Open(_) => EventKind::Open,
+            Self::Attribute(_) => EventKind::Attribute,
+            Self::Head(_) => EventKind::Head,
+            Self::Progress(_) => EventKind::Progress,
+            Self::Close(_) => EventKind::Close,
+        }
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -33,37 +62,61 @@ fn read_exact<T: Copy>(bytes: &[u8], kind: EventKind) -> Result<T, DecodeError> 
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     if bytes.len() < size_of::<EventHeader>() {
         return Err(DecodeError::Truncated { len: bytes.len() });
     }
     let kind = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-    match EventKind::from_u32(kind) {
-        Some(kind @ EventKind::Open) => read_exact(bytes, kind).map(Event::Open),
-        Some(kind @ EventKind::Close) => read_exact(bytes, kind).map(Event::Close),
-        Some(EventKind::Turn) => decode_turn(bytes).map(Event::Turn),
-        None => Err(DecodeError::UnknownKind { kind }),
+    let Some(kind) = EventKind::from_wire(kind) else {
+        return Err(DecodeError::UnknownKind { kind });
+    };
+    match kind {
+        EventKind::Open => read_exact(bytes, kind).map(Event::Open),
+        EventKind::Attribute => read_exact(bytes, kind).map(Event::Attribute),
+        EventKind::Progress => read_exact(bytes, kind).map(Event::Progress),
+        EventKind::Close => read_exact(bytes, kind).map(Event::Close),
+        EventKind::Head => decode_head(bytes).map(Event::Head),
     }
 }
 
-/// Turn records carry only the captured part of the head.
-fn decode_turn(bytes: &[u8]) -> Result<Box<TurnEvent>, DecodeError> {
+/// Head records carry only the captured part of the head.
+fn decode_head(bytes: &[u8]) -> Result<Head<'_>, DecodeError> {
     let wrong_length = DecodeError::WrongLength {
-        kind: EventKind::Turn,
+        kind: EventKind::Head,
         len: bytes.len(),
-        expected: TURN_FIXED_LEN,
+        expected: HEAD_FIXED_LEN,
     };
-    if bytes.len() < TURN_FIXED_LEN || bytes.len() > size_of::<TurnEvent>() {
+    if bytes.len() < HEAD_FIXED_LEN || bytes.len() > size_of::<HeadEvent>() {
         return Err(wrong_length);
     }
-    let mut full = [0u8; size_of::<TurnEvent>()];
-    full[..bytes.len()].copy_from_slice(bytes);
-    let turn: TurnEvent = read_exact(&full, EventKind::Turn)?;
-    if turn.head_len as usize != bytes.len() - TURN_FIXED_LEN {
+    let fixed: HeadFixed = read_exact(&bytes[..HEAD_FIXED_LEN], EventKind::Head)?;
+    let head = &bytes[HEAD_FIXED_LEN..];
+    if fixed.head_len as usize != head.len() || head.len() > HEAD_LEN {
         return Err(wrong_length);
     }
-    Ok(Box::new(turn))
+    Ok(Head {
+        header: fixed.header,
+        open_ns: fixed.open_ns,
+        exchanges: fixed.exchanges,
+        direction: fixed.direction,
+        role: fixed.role,
+        bytes: head,
+    })
 }
+
+/// `HeadEvent` without its head bytes.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct HeadFixed {
+    header: EventHeader,
+    open_ns: u64,
+    exchanges: u32,
+    head_len: u32,
+    direction: u8,
+    role: u8,
+    _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<HeadFixed>() == HEAD_FIXED_LEN);
 
 /// Raw bytes of a record, for tests and fuzzing.
 pub fn encode<T: Copy>(value: &T) -> Vec<u8> {
@@ -71,69 +124,82 @@ pub fn encode<T: Copy>(value: &T) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
+/// The bytes of a `Head` record carrying `head`, for tests and fuzzing.
+pub fn encode_head(header: EventHeader, open_ns: u64, exchanges: u32, direction: u8, role: u8, head: &[u8]) -> Vec<u8> {
+    let fixed = HeadFixed {
+        header,
+        open_ns,
+        exchanges,
+        head_len: head.len() as u32,
+        direction,
+        role,
+        _pad: [0; 6],
+    };
+    let mut bytes = encode(&fixed);
+    bytes.extend_from_slice(head);
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
-    use connscope_common::{Conn, HEAD_LEN};
+    use connscope_common::{Conn, Direction, Role};
     use proptest::prelude::*;
 
     use super::*;
 
-    fn conn_event(kind: EventKind) -> ConnEvent {
-        ConnEvent {
-            header: EventHeader {
-                kind: kind as u32,
-                _pad: 0,
-                sock: 0xffff_8880_1234_5678,
-                ts_ns: 42,
-            },
-            conn: Conn { open_ns: 7, exchanges: 3, role: 1, ..Conn::default() },
+    fn snapshot(kind: EventKind) -> SnapshotEvent {
+        SnapshotEvent {
+            header: EventHeader::new(kind, 0xffff_8880_1234_5678, 42),
+            conn: Conn { open_ns: 7, exchanges: 3, role: Role::Client as u8, ..Conn::default() },
         }
     }
 
     #[test]
-    fn decodes_open_close_and_turn() {
-        let open = conn_event(EventKind::Open);
-        assert_eq!(decode(&encode(&open)), Ok(Event::Open(open)));
-        let close = conn_event(EventKind::Close);
+    fn decodes_every_kind() {
+        let close = snapshot(EventKind::Close);
         assert_eq!(decode(&encode(&close)), Ok(Event::Close(close)));
-        let mut turn = TurnEvent {
-            header: EventHeader { kind: EventKind::Turn as u32, _pad: 0, sock: 1, ts_ns: 2 },
-            open_ns: 3,
-            gap_ns: 4,
-            bytes_sent: 5,
-            bytes_received: 6,
-            exchanges: 1,
-            head_len: 3,
-            tgid: 9,
-            direction: 1,
-            role: 1,
-            _pad: [0; 2],
-            comm: [0; 16],
-            head: [0; HEAD_LEN],
+        let progress = snapshot(EventKind::Progress);
+        assert_eq!(decode(&encode(&progress)), Ok(Event::Progress(progress)));
+        let open = OpenEvent {
+            header: EventHeader::new(EventKind::Open, 1, 2),
+            open_ns: 2,
+            role: Role::Server as u8,
+            ..OpenEvent::default()
         };
-        turn.head[..3].copy_from_slice(b"GET");
-        let record = &encode(&turn)[..TURN_FIXED_LEN + 3];
-        assert_eq!(decode(record), Ok(Event::Turn(Box::new(turn))));
-        // A head length that disagrees with the record length is rejected.
-        assert!(matches!(decode(&encode(&turn)), Err(DecodeError::WrongLength { .. })));
+        assert_eq!(decode(&encode(&open)), Ok(Event::Open(open)));
+        let attribute = AttributeEvent {
+            header: EventHeader::new(EventKind::Attribute, 1, 3),
+            open_ns: 2,
+            ..AttributeEvent::default()
+        };
+        assert_eq!(decode(&encode(&attribute)), Ok(Event::Attribute(attribute)));
+        let header = EventHeader::new(EventKind::Head, 1, 4);
+        let record = encode_head(header, 2, 1, Direction::Send as u8, Role::Client as u8, b"GET");
+        let Ok(Event::Head(head)) = decode(&record) else { panic!("not a head: {record:?}") };
+        assert_eq!((head.open_ns, head.exchanges, head.bytes), (2, 1, &b"GET"[..]));
     }
 
     #[test]
     fn rejects_bad_records() {
         assert_eq!(decode(&[1, 0, 0]), Err(DecodeError::Truncated { len: 3 }));
-        let mut bytes = encode(&conn_event(EventKind::Open));
+        let mut bytes = encode(&snapshot(EventKind::Close));
         bytes[0] = 99;
         assert_eq!(decode(&bytes), Err(DecodeError::UnknownKind { kind: 99 }));
-        let bytes = encode(&conn_event(EventKind::Close));
+        let bytes = encode(&snapshot(EventKind::Close));
         assert!(matches!(decode(&bytes[..100]), Err(DecodeError::WrongLength { .. })));
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(matches!(decode(&longer), Err(DecodeError::WrongLength { .. })));
+        // A head length that disagrees with the record length is rejected.
+        let header = EventHeader::new(EventKind::Head, 1, 4);
+        let mut record = encode_head(header, 2, 1, 1, 1, b"GET");
+        record.push(b' ');
+        assert!(matches!(decode(&record), Err(DecodeError::WrongLength { .. })));
     }
 
     proptest! {
         #[test]
-        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
             let _ = decode(&bytes);
         }
     }

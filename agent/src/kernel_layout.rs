@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context as _, anyhow, bail};
 use btf_rs::{Btf, Member, Struct, Type};
-use connscope_common::{FdLayout, SockLayout};
+use connscope_common::{FdLayout, SockLayout, kernel_config::SOCK_COMMON_READ};
 
 /// The kernel's type information, parsed once for every layout the programs need.
 pub struct KernelTypes(Btf);
@@ -25,9 +25,20 @@ impl KernelTypes {
     pub fn fd_layout(&self) -> anyhow::Result<FdLayout> {
         fd_layout(&self.0)
     }
+
+    /// How many parameters the kernel function `name` takes, from its BTF prototype.
+    pub fn function_params(&self, name: &str) -> Option<usize> {
+        self.0.resolve_types_by_name(name).ok()?.into_iter().find_map(|t| match t {
+            Type::Func(func) => match self.0.resolve_chained_type(&func).ok()? {
+                Type::FuncProto(proto) => Some(proto.parameters.len()),
+                _ => None,
+            },
+            _ => None,
+        })
+    }
 }
 
-/// Offsets of the fields `agent-ebpf/src/btf_tracepoints.rs` reads.
+/// Offsets of the fields `agent-ebpf/src/sock.rs` reads.
 fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
     let sock = find_struct(btf, "sock")?;
     let (protocol_bits, bitfield, protocol_member) = find_member(btf, &sock, "sk_protocol")?;
@@ -37,7 +48,7 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         None => int_size(btf, &protocol_member)?,
     };
     let byte = |name: &str| byte_offset(btf, &sock, name);
-    Ok(SockLayout {
+    let layout = SockLayout {
         protocol: protocol_bits / 8,
         protocol_size,
         family: byte("skc_family")?,
@@ -48,11 +59,18 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         v6_daddr: byte("skc_v6_daddr")?,
         v6_rcv_saddr: byte("skc_v6_rcv_saddr")?,
         valid: 1,
-    })
+    };
+    // The endpoint fields are read in one copy of the start of the socket.
+    let end = layout.v6_daddr.max(layout.v6_rcv_saddr) + 16;
+    let end = end.max(layout.family.max(layout.dport).max(layout.num) + 2);
+    if end as usize > SOCK_COMMON_READ {
+        bail!("sock_common ends at byte {end}, past the {SOCK_COMMON_READ} the programs read");
+    }
+    Ok(layout)
 }
 
 /// Offsets of the pointer chain from a file descriptor to its socket
-/// (`agent-ebpf/src/payload.rs`, `fd_sock`).
+/// (`agent-ebpf/src/fd_socket.rs`).
 fn fd_layout(btf: &Btf) -> anyhow::Result<FdLayout> {
     let offset =
         |structure: &str, member: &str| byte_offset(btf, &find_struct(btf, structure)?, member);
@@ -159,6 +177,8 @@ mod tests {
         assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
         let fds = types.fd_layout()?;
         assert_eq!(fds.valid, 1);
+        // 5.19 dropped `nonblock`: (sk, msg, len, flags, addr_len).
+        assert_eq!(types.function_params("tcp_recvmsg"), Some(5));
         assert!(fds.task_files > 0 && fds.fdt_fd > fds.fdt_max_fds.saturating_sub(8), "{fds:?}");
         Ok(())
     }

@@ -1,6 +1,9 @@
 //! Values that live in BPF maps, read at scrape time: the loss counters.
 
-use std::sync::{Arc, Mutex, atomic::Ordering};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+};
 
 use aya::maps::{MapData, PerCpuArray};
 use connscope_common::LostReason;
@@ -10,7 +13,11 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter},
 };
 
-use crate::metrics::UserLosses;
+/// Losses counted in user space (the kernel's are read from the `LOST` map).
+#[derive(Debug, Default)]
+pub struct UserLosses {
+    pub decode_error: AtomicU64,
+}
 
 /// `connscope_events_lost_total{reason}`: kernel-side losses summed over CPUs, plus the
 /// agent's own (records it could not decode).
@@ -28,7 +35,7 @@ impl LossCollector {
     pub fn totals(&self) -> Vec<(&'static str, u64)> {
         let mut totals = Vec::with_capacity(LostReason::ALL.len() + 1);
         if let Ok(kernel) = self.kernel.lock() {
-            for reason in LostReason::ALL {
+            for &reason in LostReason::ALL {
                 let sum = kernel
                     .get(&(reason as u32), 0)
                     .map(|per_cpu| per_cpu.iter().sum())

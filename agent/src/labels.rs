@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use connscope_common::{AF_INET, Endpoints, process_label_byte, role};
+use connscope_common::{AF_INET, Endpoints, Role, process_label_byte};
 
 /// Label value for anything past a cap.
 pub const OTHER: &str = "other";
@@ -34,16 +34,12 @@ pub fn endpoint_label(family: u16, addr: &[u8; 16], port: u16) -> String {
 }
 
 /// The server end of a connection: the peer for clients, the local side for servers.
-pub fn server_label(endpoints: &Endpoints, conn_role: u8) -> String {
-    if conn_role == role::SERVER {
+pub fn server_label(endpoints: &Endpoints, role: Role) -> String {
+    if role == Role::Server {
         endpoint_label(endpoints.family, &endpoints.local_addr, endpoints.local_port)
     } else {
         endpoint_label(endpoints.family, &endpoints.remote_addr, endpoints.remote_port)
     }
-}
-
-pub const fn role_label(conn_role: u8) -> &'static str {
-    if conn_role == role::SERVER { "server" } else { "client" }
 }
 
 /// Bounds the distinct values of one label: the first `max` values seen keep their own
@@ -110,8 +106,8 @@ mod tests {
             remote_addr: addr,
             _pad: 0,
         };
-        assert_eq!(server_label(&ep, role::SERVER), "127.0.0.1:8080");
-        assert_eq!(server_label(&ep, role::CLIENT), "127.0.0.1:50000");
+        assert_eq!(server_label(&ep, Role::Server), "127.0.0.1:8080");
+        assert_eq!(server_label(&ep, Role::Client), "127.0.0.1:50000");
     }
 
     #[test]

@@ -5,9 +5,13 @@
 //! heads parsed by [`http`]), which updates [`metrics`]; [`server`] serves them.
 
 pub mod agent;
+pub mod classify;
 pub mod config;
 pub mod events;
+pub mod flow_series;
+pub mod gap_histogram;
 pub mod http;
+pub mod http_session;
 pub mod kernel_layout;
 pub mod kernel_stats;
 pub mod labels;

@@ -5,7 +5,13 @@ use clap::Parser as _;
 use connscope::{agent, config::Cli};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The benchmark's floor arm (`cargo xtask bench`); hidden from --help.
+    let floor = std::env::args().nth(1).as_deref() == Some("bench-floor");
+    let cli = if floor {
+        Cli::parse_from(std::env::args().take(1).chain(std::env::args().skip(2)))
+    } else {
+        Cli::parse()
+    };
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(err) => {
@@ -26,7 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(config)) {
+    let work = async {
+        if floor { agent::run_floor(config).await } else { agent::run(config).await }
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

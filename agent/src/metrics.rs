@@ -1,12 +1,14 @@
-//! Metric families of the contract in design.md §3, registered under the `connscope_` prefix.
-
-use std::sync::atomic::AtomicU64;
+//! Metric families of the metric contract (docs/architecture.md), registered under the
+//! `connscope_` prefix.
 
 use prometheus_client::{
-    encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder},
+    encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::{Registry, Unit},
 };
+
+pub use crate::gap_histogram::GapHistogram;
+use crate::placement::Placement;
 
 /// Who talks to which server: the labels of most connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -14,27 +16,6 @@ pub struct Flow {
     pub role: String,
     pub process: String,
     pub server: String,
-}
-
-/// Kubernetes placement of the local process; each label is present only when known.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
-pub struct Placement {
-    pub namespace: Option<String>,
-    pub pod: Option<String>,
-    pub container: Option<String>,
-}
-
-impl EncodeLabelSet for Placement {
-    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
-        for (name, value) in
-            [("namespace", &self.namespace), ("pod", &self.pod), ("container", &self.container)]
-        {
-            if let Some(value) = value {
-                (name, value.as_str()).encode(encoder.encode_label())?;
-            }
-        }
-        Ok(())
-    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +35,15 @@ pub struct Closed {
     pub reason: String,
 }
 
+/// Requests per connection are read differently per protocol (HTTP/1.x requests, exchanges
+/// of other request/response protocols, TLS records, WebSocket upgrades).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowProtocol {
+    #[prometheus(flatten)]
+    pub flow: Flow,
+    pub protocol: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpenState {
     #[prometheus(flatten)]
@@ -62,7 +52,7 @@ pub struct OpenState {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClosedBy {
+pub struct ClosedByLabels {
     #[prometheus(flatten)]
     pub flow: Flow,
     pub closed_by: String,
@@ -107,11 +97,11 @@ pub const DURATION_BUCKETS: [f64; 16] = [
 /// one-request connections that cause churn.
 pub const REQUEST_BUCKETS: [f64; 12] =
     [0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
-/// Idle gaps: 1 ms to 300 s, with the common keep-alive timeouts (5, 15, 60, 75 s) as bounds.
-pub const IDLE_BUCKETS: [f64; 17] = [
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 75.0, 120.0,
-    300.0,
-];
+/// Idle gaps: 1 ms to 300 s, with the common keep-alive timeouts (5, 15, 60, 75 s) as
+/// bounds. The kernel counts gaps in these buckets (`connscope_common::conn::IDLE_BOUNDS_NS`).
+pub fn idle_buckets() -> impl Iterator<Item = f64> {
+    connscope_common::conn::IDLE_BOUNDS_NS.iter().map(|&ns| ns as f64 / 1e9)
+}
 
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS)
@@ -120,7 +110,7 @@ fn request_histogram() -> Histogram {
     Histogram::new(REQUEST_BUCKETS)
 }
 fn idle_histogram() -> Histogram {
-    Histogram::new(IDLE_BUCKETS)
+    Histogram::new(idle_buckets())
 }
 
 /// Every metric family the agent updates. Cloning shares the underlying series.
@@ -130,9 +120,9 @@ pub struct Metrics {
     pub closed: Family<Closed, Counter>,
     pub open: Family<OpenState, Gauge>,
     pub duration: HistogramFamily<Flow>,
-    pub requests: HistogramFamily<Flow>,
-    pub idle: HistogramFamily<Flow>,
-    pub close_idle: HistogramFamily<ClosedBy>,
+    pub requests: HistogramFamily<FlowProtocol>,
+    pub idle: Family<Flow, GapHistogram>,
+    pub close_idle: HistogramFamily<ClosedByLabels>,
     pub http_requests: Family<HttpRequest, Counter>,
     pub advertised_timeout: Family<Server, Gauge>,
     pub advertised_max: Family<Server, Gauge>,
@@ -154,7 +144,7 @@ impl Metrics {
             open: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             requests: Family::new_with_constructor(request_histogram),
-            idle: Family::new_with_constructor(idle_histogram),
+            idle: Family::default(),
             close_idle: Family::new_with_constructor(idle_histogram),
             http_requests: Family::default(),
             advertised_timeout: Family::default(),
@@ -192,7 +182,7 @@ impl Metrics {
         );
         registry.register(
             "connection_requests",
-            "Requests (exchanges) carried per connection, observed at close",
+            "Requests carried per connection, observed at close, by protocol (http1: HTTP/1.x requests; other: request/response exchanges; tls: TLS application-data exchanges)",
             m.requests,
         );
         registry.register_with_unit(
@@ -250,10 +240,4 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// Losses counted in user space (the kernel's are read from the `LOST` map).
-#[derive(Debug, Default)]
-pub struct UserLosses {
-    pub decode_error: AtomicU64,
 }

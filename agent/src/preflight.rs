@@ -89,3 +89,26 @@ pub fn has_btf() -> bool {
 pub fn has_kprobes() -> bool {
     Path::new(KPROBE_PMU).exists()
 }
+
+/// The running kernel's `(major, minor)` version, from `/proc/sys/kernel/osrelease`.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    parse_version(&release)
+}
+
+fn parse_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn releases_parse() {
+        assert_eq!(super::parse_version("6.18.3-cloud\n"), Some((6, 18)));
+        assert_eq!(super::parse_version("5.10.0-32-amd64"), Some((5, 10)));
+        assert_eq!(super::parse_version("garbage"), None);
+    }
+}

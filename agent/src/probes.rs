@@ -3,8 +3,9 @@
 //! `tcp_connect`, `tcp_close`, `tcp_sendmsg` and `tcp_recvmsg` each try fentry/fexit, then
 //! kprobes, then tracepoints (or only the backend forced by `--probe.backend`). The lifecycle
 //! tracepoints (state changes, resets, destruction) are attached on every kernel: they are
-//! the one stable source of TCP state transitions. Tracepoints are attached as BTF
-//! tracepoints (`tp_btf`) when the kernel has BTF, as classic ones otherwise.
+//! the one stable source of TCP state transitions, as BTF tracepoints (`tp_btf`) when the
+//! kernel has BTF, classic ones otherwise. Every program, map and global is named by a
+//! constant of `connscope_common::names`.
 
 use std::{fmt, path::Path};
 
@@ -14,7 +15,10 @@ use aya::{
     maps::{Array, MapData},
     programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint},
 };
-use connscope_common::{map_name, payload_syscall, setting};
+use connscope_common::{
+    FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, ProgramConfig, Setting, SockLayout, UserBuffers,
+    names::{global, map, program},
+};
 
 use crate::{
     config::{Backend, Config},
@@ -55,25 +59,51 @@ pub struct HookAttach {
     pub attach: Attach,
 }
 
-/// A hook with its programs per backend: `(program, kernel function)` for fentry/fexit and
-/// kprobe/kretprobe, `(program, category, event)` for tracepoints.
+/// Where a program attaches.
+#[derive(Clone, Copy, Debug)]
+enum Target {
+    /// fentry/fexit or kprobe/kretprobe on a kernel function.
+    Function(&'static str),
+    /// A BTF tracepoint (`tp_btf`) by event name.
+    BtfTracepoint(&'static str),
+    /// A classic tracepoint.
+    Tracepoint { category: &'static str, event: &'static str },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Attachment {
+    program: &'static str,
+    target: Target,
+}
+
+const fn function(program: &'static str, name: &'static str) -> Attachment {
+    Attachment { program, target: Target::Function(name) }
+}
+const fn tp_btf(program: &'static str, event: &'static str) -> Attachment {
+    Attachment { program, target: Target::BtfTracepoint(event) }
+}
+const fn tracepoint(program: &'static str, category: &'static str, event: &'static str) -> Attachment {
+    Attachment { program, target: Target::Tracepoint { category, event } }
+}
+
+/// A hook with its programs per backend.
 struct Hook {
     name: &'static str,
-    fentry: &'static [(&'static str, &'static str)],
-    kprobe: &'static [(&'static str, &'static str)],
+    fentry: &'static [Attachment],
+    kprobe: &'static [Attachment],
     /// Empty when the always-attached lifecycle tracepoints already cover the hook.
-    tp_btf: &'static [(&'static str, &'static str)],
-    tracepoint: &'static [(&'static str, &'static str, &'static str)],
+    tp_btf: &'static [Attachment],
+    tracepoint: &'static [Attachment],
     /// Last resort of the tracepoint backend on kernels without `sock_send_length` and
-    /// `sock_recv_length` (before 6.3): count at syscall exit (`setting` index).
-    syscall_fallback: Option<u32>,
+    /// `sock_recv_length` (before 6.3): count at syscall exit.
+    syscall_fallback: Option<Setting>,
 }
 
 const HOOKS: [Hook; 4] = [
     Hook {
         name: "tcp_connect",
-        fentry: &[("connscope_fentry_tcp_connect", "tcp_connect")],
-        kprobe: &[("connscope_kprobe_tcp_connect", "tcp_connect")],
+        fentry: &[function(program::FENTRY_TCP_CONNECT, "tcp_connect")],
+        kprobe: &[function(program::KPROBE_TCP_CONNECT, "tcp_connect")],
         // CLOSE -> SYN_SENT in sock:inet_sock_set_state runs inside connect().
         tp_btf: &[],
         tracepoint: &[],
@@ -81,8 +111,8 @@ const HOOKS: [Hook; 4] = [
     },
     Hook {
         name: "tcp_close",
-        fentry: &[("connscope_fentry_tcp_close", "tcp_close")],
-        kprobe: &[("connscope_kprobe_tcp_close", "tcp_close")],
+        fentry: &[function(program::FENTRY_TCP_CLOSE, "tcp_close")],
+        kprobe: &[function(program::KPROBE_TCP_CLOSE, "tcp_close")],
         // State changes plus tcp:tcp_destroy_sock carry the close.
         tp_btf: &[],
         tracepoint: &[],
@@ -90,222 +120,314 @@ const HOOKS: [Hook; 4] = [
     },
     Hook {
         name: "tcp_sendmsg",
-        fentry: &[("connscope_fexit_tcp_sendmsg", "tcp_sendmsg")],
+        fentry: &[function(program::FEXIT_TCP_SENDMSG, "tcp_sendmsg")],
         kprobe: &[
-            ("connscope_kprobe_tcp_sendmsg", "tcp_sendmsg"),
-            ("connscope_kretprobe_tcp_sendmsg", "tcp_sendmsg"),
+            function(program::KPROBE_TCP_SENDMSG, "tcp_sendmsg"),
+            function(program::KRETPROBE_TCP_SENDMSG, "tcp_sendmsg"),
         ],
-        tp_btf: &[("connscope_btf_sock_send_length", "sock_send_length")],
-        tracepoint: &[("connscope_sock_send_length", "sock", "sock_send_length")],
-        syscall_fallback: Some(setting::SYSCALL_SENDS),
+        tp_btf: &[tp_btf(program::BTF_SOCK_SEND_LENGTH, "sock_send_length")],
+        tracepoint: &[tracepoint(program::SOCK_SEND_LENGTH, "sock", "sock_send_length")],
+        syscall_fallback: Some(Setting::SyscallSends),
     },
     Hook {
         name: "tcp_recvmsg",
-        fentry: &[("connscope_fexit_tcp_recvmsg", "tcp_recvmsg")],
+        fentry: &[function(program::FEXIT_TCP_RECVMSG, "tcp_recvmsg")],
         kprobe: &[
-            ("connscope_kprobe_tcp_recvmsg", "tcp_recvmsg"),
-            ("connscope_kretprobe_tcp_recvmsg", "tcp_recvmsg"),
+            function(program::KPROBE_TCP_RECVMSG, "tcp_recvmsg"),
+            function(program::KRETPROBE_TCP_RECVMSG, "tcp_recvmsg"),
         ],
-        tp_btf: &[("connscope_btf_sock_recv_length", "sock_recv_length")],
-        tracepoint: &[("connscope_sock_recv_length", "sock", "sock_recv_length")],
-        syscall_fallback: Some(setting::SYSCALL_RECVS),
+        tp_btf: &[tp_btf(program::BTF_SOCK_RECV_LENGTH, "sock_recv_length")],
+        tracepoint: &[tracepoint(program::SOCK_RECV_LENGTH, "sock", "sock_recv_length")],
+        syscall_fallback: Some(Setting::SyscallRecvs),
     },
 ];
 
-/// Attached on every kernel, whatever the backend: `(tp_btf program, classic program,
-/// category, event)`.
-const LIFECYCLE: [(&str, &str, &str, &str); 4] = [
+/// Attached on every kernel, whatever the backend: `(tp_btf form, classic form)`.
+const LIFECYCLE: [(Attachment, Attachment); 4] = [
     (
-        "connscope_btf_inet_sock_set_state",
-        "connscope_inet_sock_set_state",
-        "sock",
-        "inet_sock_set_state",
+        tp_btf(program::BTF_INET_SOCK_SET_STATE, "inet_sock_set_state"),
+        tracepoint(program::INET_SOCK_SET_STATE, "sock", "inet_sock_set_state"),
     ),
-    ("connscope_btf_tcp_receive_reset", "connscope_tcp_receive_reset", "tcp", "tcp_receive_reset"),
-    ("connscope_btf_tcp_send_reset", "connscope_tcp_send_reset", "tcp", "tcp_send_reset"),
-    ("connscope_btf_tcp_destroy_sock", "connscope_tcp_destroy_sock", "tcp", "tcp_destroy_sock"),
+    (
+        tp_btf(program::BTF_TCP_RECEIVE_RESET, "tcp_receive_reset"),
+        tracepoint(program::TCP_RECEIVE_RESET, "tcp", "tcp_receive_reset"),
+    ),
+    (
+        tp_btf(program::BTF_TCP_SEND_RESET, "tcp_send_reset"),
+        tracepoint(program::TCP_SEND_RESET, "tcp", "tcp_send_reset"),
+    ),
+    (
+        tp_btf(program::BTF_TCP_DESTROY_SOCK, "tcp_destroy_sock"),
+        tracepoint(program::TCP_DESTROY_SOCK, "tcp", "tcp_destroy_sock"),
+    ),
 ];
 
-/// This architecture's numbers of `payload_syscall::NAMES`, in that order.
-const PAYLOAD_SYSCALL_NUMBERS: [u64; payload_syscall::COUNT] = [
-    libc::SYS_read as u64,
-    libc::SYS_write as u64,
-    libc::SYS_recvfrom as u64,
-    libc::SYS_sendto as u64,
-    libc::SYS_readv as u64,
-    libc::SYS_writev as u64,
-    libc::SYS_recvmsg as u64,
-    libc::SYS_sendmsg as u64,
+/// The benchmark's floor arm: the tp_btf hooks, counting bytes per socket only.
+const FLOOR: [Attachment; 4] = [
+    tp_btf(program::FLOOR_SEND, "sock_send_length"),
+    tp_btf(program::FLOOR_RECV, "sock_recv_length"),
+    tp_btf(program::FLOOR_STATE, "inet_sock_set_state"),
+    tp_btf(program::FLOOR_DESTROY, "tcp_destroy_sock"),
 ];
 
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope"));
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope"));
 
 /// The loaded programs. Dropping it detaches everything.
 pub struct Probes {
     pub ebpf: Ebpf,
     pub attached: Vec<HookAttach>,
+    /// Where payload heads come from on this kernel.
+    pub user_buffers: UserBuffers,
+}
+
+/// What the running kernel offers, found once before loading.
+struct Kernel {
+    btf: Option<Btf>,
+    /// BTF usable for tp_btf programs (the `struct sock` layout was found).
+    sock_layout: Option<SockLayout>,
+    fd_layout: Option<FdLayout>,
+    /// `tcp_recvmsg` still has its `nonblock` argument (before 5.19).
+    recvmsg_nonblock: bool,
+    user_buffers: UserBuffers,
+}
+
+impl Kernel {
+    fn inspect(config: &Config) -> Self {
+        let btf = if preflight::has_btf() { Btf::from_sys_fs().ok() } else { None };
+        let types = btf.as_ref().and_then(|_| {
+            KernelTypes::read(Path::new(preflight::BTF_VMLINUX))
+                .inspect_err(|err| tracing::info!("kernel BTF unreadable for field offsets: {err:#}"))
+                .ok()
+        });
+        let sock_layout = types.as_ref().and_then(|types| {
+            types
+                .sock_layout()
+                .inspect_err(|err| tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}"))
+                .ok()
+        });
+        let fd_layout = types.as_ref().and_then(|types| {
+            types.fd_layout().inspect_err(|err| tracing::debug!("no syscall-exit fallback: {err:#}")).ok()
+        });
+        let recvmsg_nonblock =
+            types.as_ref().is_some_and(|types| types.function_params("tcp_recvmsg") == Some(6));
+        // `bpf_task_pt_regs` and `bpf_get_current_task_btf`: 5.15, with BTF.
+        let task_regs = btf.is_some() && preflight::kernel_version().is_some_and(|v| v >= (5, 15));
+        let user_buffers = match (config.capture_heads, task_regs) {
+            (false, _) => UserBuffers::Off,
+            (true, true) => UserBuffers::TaskPtRegs,
+            (true, false) => UserBuffers::SyscallStash,
+        };
+        Self { btf, sock_layout, fd_layout, recvmsg_nonblock, user_buffers }
+    }
+
+    /// BTF for tp_btf programs, when the `struct sock` layout is known.
+    fn btf_tracepoints(&self) -> Option<&Btf> {
+        self.btf.as_ref().filter(|_| self.sock_layout.is_some())
+    }
+
+    /// The program that fits this kernel's prototype of the hooked function.
+    fn program_for(&self, program: &'static str) -> &'static str {
+        match program {
+            program::FEXIT_TCP_RECVMSG if self.recvmsg_nonblock => program::FEXIT_TCP_RECVMSG_NONBLOCK,
+            program::KPROBE_TCP_RECVMSG if self.recvmsg_nonblock => program::KPROBE_TCP_RECVMSG_NONBLOCK,
+            other => other,
+        }
+    }
+}
+
+/// This architecture's numbers of the payload syscalls, by name.
+fn payload_syscall_table() -> [PayloadSyscall; PAYLOAD_SYSCALLS.len()] {
+    PAYLOAD_SYSCALLS.map(|spec| {
+        let nr = match spec.name {
+            "read" => libc::SYS_read,
+            "write" => libc::SYS_write,
+            "recvfrom" => libc::SYS_recvfrom,
+            "sendto" => libc::SYS_sendto,
+            "readv" => libc::SYS_readv,
+            "writev" => libc::SYS_writev,
+            "recvmsg" => libc::SYS_recvmsg,
+            "sendmsg" => libc::SYS_sendmsg,
+            _ => return PayloadSyscall::UNUSED,
+        };
+        PayloadSyscall::new(nr as u64, &spec)
+    })
+}
+
+fn load(config: &Config, kernel: &Kernel) -> anyhow::Result<Ebpf> {
+    let program_config = ProgramConfig { user_buffers: kernel.user_buffers as u32, _pad: 0 };
+    EbpfLoader::new()
+        .btf(kernel.btf.as_ref())
+        .map_max_entries(map::CONNS, config.max_connections)
+        .map_max_entries(map::EVENTS, config.ringbuf_bytes)
+        .override_global(global::PAYLOAD_SYSCALLS, &payload_syscall_table(), true)
+        .override_global(global::SOCK_LAYOUT, &kernel.sock_layout.unwrap_or_default(), true)
+        .override_global(global::FD_LAYOUT, &kernel.fd_layout.unwrap_or_default(), true)
+        .override_global(global::PROGRAM_CONFIG, &program_config, true)
+        .load(PROGRAMS)
+        .context("loading the eBPF programs")
 }
 
 pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
-    let btf = if preflight::has_btf() { Btf::from_sys_fs().ok() } else { None };
-    if config.backend == Backend::Fentry && btf.is_none() {
+    let kernel = Kernel::inspect(config);
+    if config.backend == Backend::Fentry && kernel.btf.is_none() {
         return Err(preflight::PreflightError::NoBtf.into());
     }
-    let types = btf.as_ref().and_then(|_| {
-        KernelTypes::read(Path::new(preflight::BTF_VMLINUX))
-            .inspect_err(|err| tracing::info!("kernel BTF unreadable for field offsets: {err:#}"))
-            .ok()
-    });
-    // BTF tracepoints need the struct sock layout; without it, classic tracepoints.
-    let layout = types.as_ref().and_then(|types| {
-        types
-            .sock_layout()
-            .inspect_err(|err| {
-                tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}")
-            })
-            .ok()
-    });
-    // The syscall-exit fallback needs the fd -> socket pointer chain, and the stash programs.
-    let fd_layout = types.as_ref().filter(|_| config.capture_heads).and_then(|types| {
-        types
-            .fd_layout()
-            .inspect_err(|err| tracing::debug!("no syscall-exit fallback: {err:#}"))
-            .ok()
-    });
-    let mut ebpf = EbpfLoader::new()
-        .btf(btf.as_ref())
-        .map_max_entries(map_name::CONNS, config.max_connections)
-        .map_max_entries(map_name::EVENTS, config.ringbuf_bytes)
-        .override_global("PAYLOAD_SYSCALLS", &PAYLOAD_SYSCALL_NUMBERS, true)
-        .override_global("SOCK_LAYOUT", &layout.unwrap_or_default(), true)
-        .override_global("FD_LAYOUT", &fd_layout.unwrap_or_default(), true)
-        .load(PROGRAMS)
-        .context("loading the eBPF programs")?;
-    let btf_tracepoints = btf.as_ref().filter(|_| layout.is_some());
-
-    let lifecycle = attach_lifecycle(&mut ebpf, btf_tracepoints)?;
-    if config.capture_heads {
-        attach_payload_stash(&mut ebpf)?;
+    let mut ebpf = load(config, &kernel)?;
+    let mut loader = Attacher { ebpf: &mut ebpf, kernel: &kernel };
+    let lifecycle = loader.attach_lifecycle()?;
+    if kernel.user_buffers == UserBuffers::SyscallStash {
+        loader.attach_raw_tracepoint(program::SYS_ENTER_STASH, "sys_enter")?;
     }
     let mut attached = Vec::with_capacity(HOOKS.len() + 1);
     attached.push(HookAttach { hook: "inet_sock_set_state", attach: lifecycle });
-    let fallback = fd_layout.is_some();
+    let mut exit_hook = kernel.user_buffers == UserBuffers::SyscallStash;
     for hook in &HOOKS {
-        let attach =
-            attach_hook(&mut ebpf, hook, config.backend, btf.as_ref(), btf_tracepoints, fallback)?;
+        let (attach, syscall_exit) = loader.attach_hook(hook, config.backend)?;
+        exit_hook |= syscall_exit;
         tracing::info!(hook = hook.name, backend = %attach, "hook attached");
         attached.push(HookAttach { hook: hook.name, attach });
     }
-    Ok(Probes { ebpf, attached })
-}
-
-/// Attaches the lifecycle tracepoints as BTF tracepoints when `btf` is usable for them,
-/// as classic ones otherwise; returns which.
-fn attach_lifecycle(ebpf: &mut Ebpf, btf: Option<&Btf>) -> anyhow::Result<Attach> {
-    for (btf_program, classic_program, category, event) in LIFECYCLE {
-        match btf {
-            Some(btf) => attach_tp_btf(ebpf, btf_program, event, btf)?,
-            None => attach_tracepoint(ebpf, classic_program, category, event)?,
-        };
+    if exit_hook {
+        loader.attach_raw_tracepoint(program::SYS_EXIT_TRANSFER, "sys_exit")?;
     }
-    Ok(if btf.is_some() { Attach::TpBtf } else { Attach::Tracepoint })
+    tracing::info!(heads = ?kernel.user_buffers, "payload heads");
+    Ok(Probes { ebpf, attached, user_buffers: kernel.user_buffers })
 }
 
-fn candidates(backend: Backend, btf: Option<&Btf>) -> Vec<Attach> {
-    match backend {
-        Backend::Auto => {
-            let mut order = Vec::with_capacity(4);
-            if btf.is_some() {
-                order.push(Attach::Fentry);
-            }
-            if preflight::has_kprobes() {
-                order.push(Attach::Kprobe);
-            }
-            order.extend([Attach::TpBtf, Attach::Tracepoint]);
-            order
+/// Loads the programs and attaches only the floor arm (`connscope bench-floor`).
+pub fn load_floor(config: &Config) -> anyhow::Result<Ebpf> {
+    let kernel = Kernel::inspect(config);
+    let btf = kernel.btf_tracepoints().ok_or_else(|| anyhow!("the floor arm needs kernel BTF"))?;
+    let mut ebpf = load(config, &kernel)?;
+    for attachment in FLOOR {
+        if let Target::BtfTracepoint(event) = attachment.target {
+            attach_tp_btf(&mut ebpf, attachment.program, event, btf)?;
         }
-        Backend::Fentry => vec![Attach::Fentry],
-        Backend::Kprobe => vec![Attach::Kprobe],
-        Backend::Tracepoint => vec![Attach::TpBtf, Attach::Tracepoint],
     }
+    Ok(ebpf)
 }
 
-fn attach_hook(
-    ebpf: &mut Ebpf,
-    hook: &Hook,
-    backend: Backend,
-    btf: Option<&Btf>,
-    btf_tracepoints: Option<&Btf>,
-    syscall_fallback: bool,
-) -> anyhow::Result<Attach> {
-    let mut failures = Vec::new();
-    for attach in candidates(backend, btf) {
-        let result = match attach {
-            Attach::Fentry => btf.ok_or_else(|| anyhow!("no kernel BTF")).and_then(|btf| {
-                attach_all(ebpf, hook.fentry, |ebpf, (p, f)| attach_btf(ebpf, p, f, btf))
-            }),
-            Attach::Kprobe => {
-                attach_all(ebpf, hook.kprobe, |ebpf, (p, f)| attach_kprobe(ebpf, p, f))
-            }
-            // The lifecycle tracepoints came in one form; a hook's must match it.
-            Attach::TpBtf => btf_tracepoints
-                .ok_or_else(|| anyhow!("no usable kernel BTF for tp_btf"))
-                .and_then(|btf| {
-                    attach_all(ebpf, hook.tp_btf, |ebpf, (p, e)| attach_tp_btf(ebpf, p, e, btf))
-                }),
-            Attach::Tracepoint if btf_tracepoints.is_some() && hook.tracepoint.is_empty() => {
-                Err(anyhow!("covered by the tp_btf lifecycle tracepoints"))
-            }
-            Attach::Tracepoint => attach_all(ebpf, hook.tracepoint, |ebpf, (p, c, e)| {
-                attach_tracepoint(ebpf, p, c, e)
-            })
-            .or_else(|err| match hook.syscall_fallback.filter(|_| syscall_fallback) {
-                Some(index) => {
-                    tracing::info!(hook = hook.name, "{err:#}; counting at syscall exit instead");
-                    enable_setting(ebpf, index)
+/// Attaches programs of the loaded object.
+struct Attacher<'a> {
+    ebpf: &'a mut Ebpf,
+    kernel: &'a Kernel,
+}
+
+impl Attacher<'_> {
+    /// The lifecycle tracepoints as BTF tracepoints when the kernel allows, classic ones
+    /// otherwise; returns which.
+    fn attach_lifecycle(&mut self) -> anyhow::Result<Attach> {
+        let btf = self.kernel.btf_tracepoints().is_some();
+        for (btf_form, classic_form) in LIFECYCLE {
+            self.attach(if btf { btf_form } else { classic_form })?;
+        }
+        Ok(if btf { Attach::TpBtf } else { Attach::Tracepoint })
+    }
+
+    fn candidates(&self, backend: Backend) -> Vec<Attach> {
+        match backend {
+            Backend::Auto => {
+                let mut order = Vec::with_capacity(4);
+                if self.kernel.btf.is_some() {
+                    order.push(Attach::Fentry);
                 }
-                None => Err(err),
-            }),
-        };
-        match result {
-            Ok(()) => return Ok(attach),
-            Err(err) => {
-                tracing::info!(hook = hook.name, backend = %attach, "backend unavailable: {err:#}");
-                failures.push(format!("{attach}: {err:#}"));
+                if preflight::has_kprobes() {
+                    order.push(Attach::Kprobe);
+                }
+                order.extend([Attach::TpBtf, Attach::Tracepoint]);
+                order
             }
+            Backend::Fentry => vec![Attach::Fentry],
+            Backend::Kprobe => vec![Attach::Kprobe],
+            Backend::Tracepoint => vec![Attach::TpBtf, Attach::Tracepoint],
         }
     }
-    bail!("cannot attach {} with any backend ({})", hook.name, failures.join("; "))
-}
 
-/// Attaches every program of one backend, or none: on failure the ones already attached
-/// are unloaded so a later backend does not count the same calls twice.
-fn attach_all<T: Copy>(
-    ebpf: &mut Ebpf,
-    programs: &[T],
-    mut attach_one: impl FnMut(&mut Ebpf, T) -> anyhow::Result<&'static str>,
-) -> anyhow::Result<()> {
-    let mut done = Vec::new();
-    for &program in programs {
-        match attach_one(ebpf, program) {
-            Ok(name) => done.push(name),
-            Err(err) => {
-                for name in done {
-                    unload(ebpf, name);
+    /// Attaches `hook` with the first backend that works; also says whether it needs the
+    /// syscall-exit program.
+    fn attach_hook(&mut self, hook: &Hook, backend: Backend) -> anyhow::Result<(Attach, bool)> {
+        let mut failures = Vec::new();
+        for attach in self.candidates(backend) {
+            let result = match attach {
+                Attach::Fentry => self.attach_all(hook.fentry).map(|()| false),
+                Attach::Kprobe => self.attach_all(hook.kprobe).map(|()| false),
+                // The lifecycle tracepoints came in one form; a hook's must match it.
+                Attach::TpBtf if self.kernel.btf_tracepoints().is_none() => {
+                    Err(anyhow!("no usable kernel BTF for tp_btf"))
+                }
+                Attach::TpBtf => self.attach_all(hook.tp_btf).map(|()| false),
+                Attach::Tracepoint if self.kernel.btf_tracepoints().is_some() && hook.tracepoint.is_empty() => {
+                    Err(anyhow!("covered by the tp_btf lifecycle tracepoints"))
+                }
+                Attach::Tracepoint => self.attach_all(hook.tracepoint).map(|()| false).or_else(|err| {
+                    match hook.syscall_fallback.filter(|_| self.kernel.fd_layout.is_some()) {
+                        Some(setting) => {
+                            tracing::info!(hook = hook.name, "{err:#}; counting at syscall exit instead");
+                            self.enable(setting).map(|()| true)
+                        }
+                        None => Err(err),
+                    }
+                }),
+            };
+            match result {
+                Ok(syscall_exit) => return Ok((attach, syscall_exit)),
+                Err(err) => {
+                    tracing::info!(hook = hook.name, backend = %attach, "backend unavailable: {err:#}");
+                    failures.push(format!("{attach}: {err:#}"));
+                }
+            }
+        }
+        bail!("cannot attach {} with any backend ({})", hook.name, failures.join("; "))
+    }
+
+    /// Attaches every program of one backend, or none: on failure the ones already attached
+    /// are unloaded so a later backend does not count the same calls twice.
+    fn attach_all(&mut self, attachments: &[Attachment]) -> anyhow::Result<()> {
+        for (done, &attachment) in attachments.iter().enumerate() {
+            if let Err(err) = self.attach(attachment) {
+                for &earlier in &attachments[..done] {
+                    unload(self.ebpf, self.kernel.program_for(earlier.program));
                 }
                 return Err(err);
             }
         }
+        Ok(())
     }
-    Ok(())
-}
 
-/// Turns on one of the kernel side's `SETTINGS` switches.
-fn enable_setting(ebpf: &mut Ebpf, index: u32) -> anyhow::Result<()> {
-    let map = ebpf.map_mut(map_name::SETTINGS).ok_or_else(|| anyhow!("SETTINGS map missing"))?;
-    let mut settings: Array<&mut MapData, u32> = Array::try_from(map)?;
-    settings.set(index, 1, 0).context("writing SETTINGS")?;
-    Ok(())
+    fn attach(&mut self, attachment: Attachment) -> anyhow::Result<()> {
+        let name = self.kernel.program_for(attachment.program);
+        match attachment.target {
+            Target::Function(function) => {
+                let btf = self.kernel.btf.as_ref();
+                attach_function(self.ebpf, name, function, btf)
+            }
+            Target::BtfTracepoint(event) => {
+                let btf = self.kernel.btf_tracepoints().ok_or_else(|| anyhow!("no kernel BTF"))?;
+                attach_tp_btf(self.ebpf, name, event, btf)
+            }
+            Target::Tracepoint { category, event } => {
+                let p: &mut TracePoint = program_mut(self.ebpf, name)?.try_into()?;
+                p.load().with_context(|| format!("loading {name}"))?;
+                p.attach(category, event).with_context(|| format!("attaching tracepoint {category}:{event}"))?;
+                Ok(())
+            }
+        }
+    }
+
+    fn attach_raw_tracepoint(&mut self, name: &str, event: &str) -> anyhow::Result<()> {
+        let p: &mut RawTracePoint = program_mut(self.ebpf, name)?.try_into()?;
+        p.load().with_context(|| format!("loading {name}"))?;
+        p.attach(event).with_context(|| format!("attaching raw tracepoint {event}"))?;
+        Ok(())
+    }
+
+    /// Turns on one of the kernel side's `SETTINGS` switches.
+    fn enable(&mut self, setting: Setting) -> anyhow::Result<()> {
+        let map = self.ebpf.map_mut(map::SETTINGS).ok_or_else(|| anyhow!("SETTINGS map missing"))?;
+        let mut settings: Array<&mut MapData, u32> = Array::try_from(map)?;
+        settings.set(setting as u32, 1, 0).context("writing SETTINGS")?;
+        Ok(())
+    }
 }
 
 fn unload(ebpf: &mut Ebpf, name: &str) {
@@ -322,75 +444,73 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
     }
 }
 
-fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
+fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Program> {
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-fn attach_btf(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    function: &str,
-    btf: &Btf,
-) -> anyhow::Result<&'static str> {
-    match program(ebpf, name)? {
+fn attach_function(ebpf: &mut Ebpf, name: &str, function: &str, btf: Option<&Btf>) -> anyhow::Result<()> {
+    match program_mut(ebpf, name)? {
         Program::FEntry(p) => {
+            let btf = btf.ok_or_else(|| anyhow!("no kernel BTF"))?;
             let p: &mut FEntry = p;
             p.load(function, btf).with_context(|| format!("loading fentry/{function}"))?;
             p.attach().with_context(|| format!("attaching fentry/{function}"))?;
         }
         Program::FExit(p) => {
+            let btf = btf.ok_or_else(|| anyhow!("no kernel BTF"))?;
             let p: &mut FExit = p;
             p.load(function, btf).with_context(|| format!("loading fexit/{function}"))?;
             p.attach().with_context(|| format!("attaching fexit/{function}"))?;
         }
-        _ => bail!("{name} is not an fentry/fexit program"),
-    }
-    Ok(name)
-}
-
-fn attach_kprobe(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    function: &str,
-) -> anyhow::Result<&'static str> {
-    let p: &mut KProbe = program(ebpf, name)?.try_into()?;
-    p.load().with_context(|| format!("loading kprobe {name}"))?;
-    p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
-    Ok(name)
-}
-
-fn attach_tp_btf(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    event: &str,
-    btf: &Btf,
-) -> anyhow::Result<&'static str> {
-    let p: &mut BtfTracePoint = program(ebpf, name)?.try_into()?;
-    p.load(event, btf).with_context(|| format!("loading tp_btf/{event}"))?;
-    p.attach().with_context(|| format!("attaching tp_btf/{event}"))?;
-    Ok(name)
-}
-
-fn attach_tracepoint(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-    category: &str,
-    event: &str,
-) -> anyhow::Result<&'static str> {
-    let p: &mut TracePoint = program(ebpf, name)?.try_into()?;
-    p.load().with_context(|| format!("loading {name}"))?;
-    p.attach(category, event)
-        .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
-    Ok(name)
-}
-
-/// Raw `sys_enter`/`sys_exit`: they stash and drop the user buffers of socket I/O calls.
-fn attach_payload_stash(ebpf: &mut Ebpf) -> anyhow::Result<()> {
-    for (name, event) in [("connscope_sys_enter", "sys_enter"), ("connscope_sys_exit", "sys_exit")]
-    {
-        let program: &mut RawTracePoint = program(ebpf, name)?.try_into()?;
-        program.load().with_context(|| format!("loading {name}"))?;
-        program.attach(event).with_context(|| format!("attaching raw tracepoint {event}"))?;
+        Program::KProbe(p) => {
+            let p: &mut KProbe = p;
+            p.load().with_context(|| format!("loading kprobe {name}"))?;
+            p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
+        }
+        _ => bail!("{name} is not an fentry/fexit or kprobe program"),
     }
     Ok(())
+}
+
+fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, event: &str, btf: &Btf) -> anyhow::Result<()> {
+    let p: &mut BtfTracePoint = program_mut(ebpf, name)?.try_into()?;
+    p.load(event, btf).with_context(|| format!("loading tp_btf/{event}"))?;
+    p.attach().with_context(|| format!("attaching tp_btf/{event}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use connscope_common::names;
+    use object::{Object as _, ObjectSymbol as _};
+
+    use super::*;
+
+    /// Every name of the contract is in the object, and every program of the object is in
+    /// the contract: a rename fails here, not at load time on some host.
+    #[test]
+    fn object_matches_the_names_of_the_contract() -> anyhow::Result<()> {
+        let object = aya_obj::Object::parse(PROGRAMS)?;
+        let programs: BTreeSet<&str> = object.programs.keys().map(String::as_str).collect();
+        let expected: BTreeSet<&str> = names::program::ALL.into_iter().collect();
+        assert_eq!(programs, expected);
+        for name in names::map::ALL {
+            assert!(object.maps.contains_key(name), "map {name} missing");
+        }
+        let elf = object::File::parse(PROGRAMS)?;
+        let symbols: BTreeSet<&str> = elf.symbols().filter_map(|symbol| symbol.name().ok()).collect();
+        for name in names::global::ALL {
+            assert!(symbols.contains(name), "global {name} missing");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn every_payload_syscall_has_a_number() {
+        for entry in payload_syscall_table() {
+            assert_ne!(entry, PayloadSyscall::UNUSED);
+        }
+    }
 }

@@ -1,178 +1,60 @@
-//! One entry per live connection: turns kernel events into metric updates.
+//! One entry per live connection: turns kernel records into metric updates.
 //!
-//! The kernel counts exchanges (direction changes) and records who closed first; this table
-//! adds what needs the payload heads (HTTP version, `Connection`, `Keep-Alive`, pipelining),
-//! the label values, and the close reason.
+//! The kernel counts exchanges, bytes and idle gaps per connection and reports cumulative
+//! values in snapshots (`Progress`, `Close`, or the agent's own lookups in `sweep`); this
+//! table adds the differences since the last snapshot it saw, parses the heads the kernel
+//! sends, and classifies the close.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, OnceLock},
-};
+use std::{collections::HashMap, sync::Arc};
 
 use connscope_common::{
-    Conn, ConnEvent, TurnEvent, close_kind, closed_by, conn_flag, direction, role,
-};
-use prometheus_client::metrics::{
-    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+    Attribution, AttributeEvent, CloseKind, ClosedBy, Conn, Direction, OpenEvent, Protocol, Role,
+    SnapshotEvent, conn::GAP_BUCKETS, is_request,
 };
 
 use crate::{
-    events::Event,
-    http::{self, Version},
-    labels::{self, LabelCap},
-    metrics::{
-        Closed, ClosedBy, Flow, HttpRequest, Metrics, OpenState, PlacedFlow, Placement, Server,
-    },
+    classify::{close_reason, is_keepalive_race},
+    events::{Event, Head},
+    flow_series::{Activity, FlowCache, FlowSeries},
+    http,
+    http_session::{HttpSession, RequestCounts},
+    labels,
+    metrics::{Closed, ClosedByLabels, Metrics, PlacedFlow},
+    placement::PlacementResolver,
 };
 
-/// Resolves the Kubernetes placement of a process from its cgroup id.
-pub trait PlacementResolver: Send {
-    fn resolve(&mut self, cgroup_id: u64) -> Placement;
-}
-
-/// Outside Kubernetes: no placement labels.
-#[derive(Debug, Default)]
-pub struct NoPlacement;
-
-impl PlacementResolver for NoPlacement {
-    fn resolve(&mut self, _cgroup_id: u64) -> Placement {
-        Placement::default()
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Activity {
-    /// Waiting for the next request.
-    Idle,
-    /// A request was seen and its response has not started.
-    Active,
-}
-
-impl Activity {
-    const fn label(self) -> &'static str {
-        match self {
-            Self::Idle => "idle",
-            Self::Active => "active",
-        }
-    }
-}
-
-/// What the HTTP heads of a connection said.
-#[derive(Debug, Default)]
-struct HttpState {
-    /// HTTP requests seen (pipelined ones included).
-    requests: u64,
-    /// A `Connection: close` from either side.
-    connection_close: bool,
-    /// An HTTP/1.0 exchange without keep-alive on both sides.
-    http10_close: bool,
-    /// `Keep-Alive: max=` of the first and of the latest response. Servers either repeat a
-    /// fixed limit or count down the requests left (Apache); both reach their end.
-    first_advertised_max: Option<u32>,
-    last_advertised_max: Option<u32>,
-    /// Whether the last request was HTTP/1.0 asking for keep-alive (for the response check).
-    http10_request_keep_alive: Option<bool>,
-}
-
-/// One flow's labels and series, shared by all its connections: looked up once per flow,
-/// so neither the hot path nor each connection holds label strings of its own.
-#[derive(Debug)]
-struct FlowSeries {
-    flow: Flow,
-    placement: Placement,
-    opened: Counter,
-    bytes_sent: Counter,
-    bytes_received: Counter,
-    idle: Histogram,
-    requests: Histogram,
-    duration: Histogram,
-    races: Counter,
-    open_active: Gauge,
-    open_idle: Gauge,
-    /// Created on first use, so flows without HTTP export no HTTP series.
-    http10: OnceLock<Counter>,
-    http11: OnceLock<Counter>,
-    advertised_timeout: OnceLock<Gauge>,
-    advertised_max: OnceLock<Gauge>,
-}
-
-impl FlowSeries {
-    fn new(metrics: &Metrics, flow: Flow, placement: Placement) -> Self {
-        let open = |state: Activity| {
-            metrics.open.get_or_create_owned(&OpenState {
-                flow: flow.clone(),
-                state: state.label().to_owned(),
-            })
-        };
-        Self {
-            opened: metrics.opened.get_or_create_owned(&PlacedFlow {
-                flow: flow.clone(),
-                placement: placement.clone(),
-            }),
-            bytes_sent: metrics.bytes_sent.get_or_create_owned(&flow),
-            bytes_received: metrics.bytes_received.get_or_create_owned(&flow),
-            idle: metrics.idle.get_or_create_owned(&flow),
-            requests: metrics.requests.get_or_create_owned(&flow),
-            duration: metrics.duration.get_or_create_owned(&flow),
-            races: metrics.races.get_or_create_owned(&flow),
-            open_active: open(Activity::Active),
-            open_idle: open(Activity::Idle),
-            http10: OnceLock::new(),
-            http11: OnceLock::new(),
-            advertised_timeout: OnceLock::new(),
-            advertised_max: OnceLock::new(),
-            flow,
-            placement,
-        }
-    }
-
-    fn open_gauge(&self, activity: Activity) -> &Gauge {
-        match activity {
-            Activity::Active => &self.open_active,
-            Activity::Idle => &self.open_idle,
-        }
-    }
-
-    fn http_requests(&self, metrics: &Metrics, version: Version) -> &Counter {
-        let cell = match version {
-            Version::Http10 => &self.http10,
-            Version::Http11 => &self.http11,
-        };
-        cell.get_or_init(|| {
-            let labels =
-                HttpRequest { flow: self.flow.clone(), http_version: version.label().to_owned() };
-            metrics.http_requests.get_or_create_owned(&labels)
-        })
-    }
-
-    fn server_gauge<'a>(
-        &self,
-        cell: &'a OnceLock<Gauge>,
-        family: &Family<Server, Gauge>,
-    ) -> &'a Gauge {
-        cell.get_or_init(|| {
-            family.get_or_create_owned(&Server { server: self.flow.server.clone() })
-        })
-    }
+/// The kernel's cumulative counts last added to the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+struct Seen {
+    exchanges: u32,
+    bytes_sent: u64,
+    bytes_received: u64,
+    gap_sum_ns: u64,
+    gap_buckets: [u8; GAP_BUCKETS],
 }
 
 #[derive(Debug)]
 struct Tracked {
     open_ns: u64,
+    role: Role,
+    /// Set once the owning process is known (clients at open, accepted sockets at their
+    /// first use); until then only the `server` label is kept.
+    series: Option<Arc<FlowSeries>>,
+    pending_server: Option<Box<str>>,
     activity: Activity,
-    bytes_sent: u64,
-    bytes_received: u64,
-    http: HttpState,
-    series: Arc<FlowSeries>,
+    protocol: Protocol,
+    /// Re-read by the next sweep (see `ConnectionTable::sweep_candidates`).
+    in_sweep: bool,
+    seen: Seen,
+    /// Only for connections that sent an HTTP head.
+    http: Option<Box<HttpSession>>,
 }
 
 pub struct ConnectionTable {
     conns: HashMap<u64, Tracked>,
-    /// Bounded by the label caps: one entry per distinct label set.
-    flows: HashMap<PlacedFlow, Arc<FlowSeries>>,
-    servers: LabelCap,
-    processes: LabelCap,
-    placement: Box<dyn PlacementResolver>,
+    /// Connections to re-read at the next sweep.
+    sweep: Vec<u64>,
+    flows: FlowCache,
     metrics: Metrics,
 }
 
@@ -185,10 +67,8 @@ impl ConnectionTable {
     ) -> Self {
         Self {
             conns: HashMap::new(),
-            flows: HashMap::new(),
-            servers: LabelCap::new(max_servers),
-            processes: LabelCap::new(max_processes),
-            placement,
+            sweep: Vec::new(),
+            flows: FlowCache::new(max_servers, max_processes, placement),
             metrics,
         }
     }
@@ -201,143 +81,232 @@ impl ConnectionTable {
         self.conns.is_empty()
     }
 
-    pub fn handle(&mut self, event: &Event) {
+    pub fn handle(&mut self, event: &Event<'_>) {
         match event {
-            Event::Open(open) => {
-                self.open(open);
-            }
-            Event::Turn(turn) => self.turn(turn),
-            Event::Close(close) => self.close(close),
+            Event::Open(open) => self.open(open),
+            Event::Attribute(attribute) => self.attribute(attribute),
+            Event::Head(head) => self.head(head),
+            Event::Progress(snapshot) => self.progress(snapshot.header.sock, &snapshot.conn),
+            Event::Close(snapshot) => self.close(snapshot),
         }
         self.metrics.tracked.set(self.conns.len() as i64);
     }
 
-    fn open(&mut self, event: &ConnEvent) -> Option<&mut Tracked> {
+    fn open(&mut self, event: &OpenEvent) {
+        let Some(role) = event.role() else { return };
         let sock = event.header.sock;
-        let conn = &event.conn;
-        if conn.flags & conn_flag::ESTABLISHED == 0 {
-            return None;
-        }
-        if self.conns.get(&sock).is_some_and(|t| t.open_ns == conn.open_ns) {
-            return self.conns.get_mut(&sock);
-        }
-        let process = if conn.flags & conn_flag::ATTRIBUTED != 0 {
-            self.processes.admit(&labels::process_label(&conn.comm))
-        } else {
-            labels::UNKNOWN.to_owned()
-        };
-        let flow = Flow {
-            role: labels::role_label(conn.role).to_owned(),
-            process,
-            server: self.servers.admit(&labels::server_label(&conn.endpoints, conn.role)),
-        };
-        let placement = if conn.cgroup_id != 0 {
-            self.placement.resolve(conn.cgroup_id)
-        } else {
-            Placement::default()
-        };
-        let key = PlacedFlow { flow, placement };
-        let series = match self.flows.get(&key) {
-            Some(series) => series.clone(),
-            None => {
-                let series = Arc::new(FlowSeries::new(
-                    &self.metrics,
-                    key.flow.clone(),
-                    key.placement.clone(),
-                ));
-                self.flows.insert(key, series.clone());
-                series
-            }
-        };
-        series.opened.inc();
-        series.open_idle.inc();
         // A replaced entry (its close was lost) must not keep its gauge up.
         if let Some(stale) = self.conns.remove(&sock) {
-            stale.series.open_gauge(stale.activity).dec();
+            if let Some(series) = &stale.series {
+                series.open_gauge(stale.activity).dec();
+            }
         }
-        let tracked = Tracked {
-            open_ns: conn.open_ns,
+        let server = self.flows.server_label(&labels::server_label(&event.endpoints, role));
+        let mut tracked = Tracked {
+            open_ns: event.open_ns,
+            role,
+            series: None,
+            pending_server: None,
             activity: Activity::Idle,
-            bytes_sent: 0,
-            bytes_received: 0,
-            http: HttpState::default(),
-            series,
+            protocol: Protocol::Unknown,
+            in_sweep: false,
+            seen: Seen::default(),
+            http: None,
         };
-        Some(self.conns.entry(sock).insert_entry(tracked).into_mut())
+        if event.attribution.valid != 0 {
+            self.resolve(&mut tracked, server, Some(&event.attribution));
+        } else {
+            tracked.pending_server = Some(server.into_boxed_str());
+        }
+        self.conns.insert(sock, tracked);
+        self.mark_active(sock);
     }
 
-    fn turn(&mut self, turn: &TurnEvent) {
-        let Some(tracked) =
-            self.conns.get_mut(&turn.header.sock).filter(|t| t.open_ns == turn.open_ns)
-        else {
-            return;
-        };
-        count_bytes(tracked, turn.bytes_sent, turn.bytes_received);
-        let head = &turn.head[..(turn.head_len as usize).min(turn.head.len())];
-        let is_request = (turn.role == role::CLIENT) == (turn.direction == direction::SEND);
-        let next = if is_request {
-            if let Some(request) = http::parse_request(head) {
-                on_request(&self.metrics, tracked, &request);
+    /// Gives a connection its flow's series: it now counts as opened.
+    fn resolve(
+        &mut self,
+        tracked: &mut Tracked,
+        server: String,
+        owner: Option<&Attribution>,
+    ) {
+        let series = self.flows.series(&self.metrics, tracked.role, server, owner);
+        series.opened.inc();
+        series.open_gauge(tracked.activity).inc();
+        tracked.series = Some(series);
+        tracked.pending_server = None;
+    }
+
+    fn resolve_pending(&mut self, sock: u64, owner: Option<&Attribution>) {
+        let Some(mut tracked) = self.conns.remove(&sock) else { return };
+        if let Some(server) = tracked.pending_server.take() {
+            self.resolve(&mut tracked, server.into_string(), owner);
+        }
+        self.conns.insert(sock, tracked);
+    }
+
+    fn attribute(&mut self, event: &AttributeEvent) {
+        let sock = event.header.sock;
+        if self.tracked(sock, event.open_ns).is_some_and(|t| t.series.is_none()) {
+            self.resolve_pending(sock, Some(&event.attribution));
+        }
+        self.mark_active(sock);
+    }
+
+    fn tracked(&mut self, sock: u64, open_ns: u64) -> Option<&mut Tracked> {
+        self.conns.get_mut(&sock).filter(|t| t.open_ns == open_ns)
+    }
+
+    fn mark_active(&mut self, sock: u64) {
+        if let Some(tracked) = self.conns.get_mut(&sock) {
+            if !tracked.in_sweep {
+                tracked.in_sweep = true;
+                self.sweep.push(sock);
             }
-            if turn.exchanges > 1 && turn.gap_ns > 0 {
-                tracked.series.idle.observe(seconds(turn.gap_ns));
-            }
-            Activity::Active
-        } else {
-            if let Some(response) = http::parse_response(head) {
-                on_response(&self.metrics, tracked, &response);
-            }
-            Activity::Idle
-        };
-        if next != tracked.activity {
-            tracked.series.open_gauge(tracked.activity).dec();
-            tracked.series.open_gauge(next).inc();
-            tracked.activity = next;
         }
     }
 
-    fn close(&mut self, event: &ConnEvent) {
+    fn head(&mut self, head: &Head<'_>) {
+        let metrics = self.metrics.clone();
+        let Some(tracked) = self.tracked(head.header.sock, head.open_ns) else { return };
+        let Some(series) = tracked.series.clone() else { return };
+        let direction = Direction::from_wire(head.direction).unwrap_or(Direction::None);
+        if is_request(tracked.role, direction) {
+            if let Some(request) = http::parse_request(head.bytes) {
+                let session = tracked.http.get_or_insert_default();
+                let counts = session.on_request(&request, head.exchanges);
+                add_requests(&metrics, &series, counts);
+                tracked.protocol = Protocol::Http1;
+            }
+            set_activity(tracked, &series, Activity::Active);
+        } else {
+            if let Some(response) = http::parse_response(head.bytes) {
+                on_response(&metrics, tracked, &series, &response);
+            }
+            set_activity(tracked, &series, Activity::Idle);
+        }
+        let sock = head.header.sock;
+        self.mark_active(sock);
+    }
+
+    fn progress(&mut self, sock: u64, conn: &Conn) {
+        if self.apply(sock, conn) {
+            self.mark_active(sock);
+        }
+    }
+
+    /// Adds what changed since the last snapshot; false when nothing did (or the snapshot
+    /// is older than one already applied).
+    fn apply(&mut self, sock: u64, conn: &Conn) -> bool {
+        let metrics = self.metrics.clone();
+        let Some(tracked) = self.tracked(sock, conn.open_ns) else { return false };
+        let Some(series) = tracked.series.clone() else { return false };
+        let seen = tracked.seen;
+        if conn.exchanges < seen.exchanges
+            || conn.bytes_sent < seen.bytes_sent
+            || conn.bytes_received < seen.bytes_received
+        {
+            return false;
+        }
+        let changed = conn.exchanges != seen.exchanges
+            || conn.bytes_sent != seen.bytes_sent
+            || conn.bytes_received != seen.bytes_received;
+        series.bytes_sent.inc_by(conn.bytes_sent - seen.bytes_sent);
+        series.bytes_received.inc_by(conn.bytes_received - seen.bytes_received);
+        let mut gaps = [0u64; GAP_BUCKETS];
+        for (added, (now, before)) in gaps.iter_mut().zip(conn.gap_buckets.iter().zip(seen.gap_buckets)) {
+            *added = u64::from(now.wrapping_sub(before));
+        }
+        let gap_sum_ns = conn.gap_sum_ns.saturating_sub(seen.gap_sum_ns);
+        if gaps.iter().any(|&n| n != 0) {
+            series.idle.add(&gaps, gap_sum_ns as f64 / 1e9);
+        }
+        if let Some(session) = tracked.http.as_deref_mut() {
+            add_requests(&metrics, &series, session.repeat_until(conn.exchanges));
+        }
+        let protocol = conn.protocol();
+        if protocol != Protocol::Unknown {
+            tracked.protocol = protocol;
+        }
+        tracked.seen = Seen {
+            exchanges: conn.exchanges,
+            bytes_sent: conn.bytes_sent,
+            bytes_received: conn.bytes_received,
+            gap_sum_ns: conn.gap_sum_ns,
+            gap_buckets: conn.gap_buckets,
+        };
+        let waiting = conn.last_direction() != Direction::None
+            && is_request(tracked.role, conn.last_direction());
+        set_activity(tracked, &series, if waiting { Activity::Active } else { Activity::Idle });
+        changed
+    }
+
+    /// Connections to re-read from the kernel map now: those active since the last sweep.
+    /// Each is re-read until a sweep finds it unchanged (`swept`).
+    pub fn sweep_candidates(&mut self, into: &mut Vec<u64>) {
+        into.clear();
+        into.append(&mut self.sweep);
+    }
+
+    /// Applies a swept snapshot: a changed connection stays in the next sweep.
+    pub fn swept(&mut self, sock: u64, conn: Option<&Conn>) {
+        let changed = conn.is_some_and(|conn| self.apply(sock, conn));
+        if let Some(tracked) = self.conns.get_mut(&sock) {
+            tracked.in_sweep = false;
+        }
+        if changed {
+            self.mark_active(sock);
+        }
+    }
+
+    fn close(&mut self, event: &SnapshotEvent) {
         let sock = event.header.sock;
         let conn = &event.conn;
-        let known = self.conns.get(&sock).is_some_and(|t| t.open_ns == conn.open_ns);
-        if !known && self.open(event).is_none() {
-            // Never established (a failed connect): not a connection.
+        if self.tracked(sock, conn.open_ns).is_none() {
+            // Its Open was lost (counted as ringbuf_full): no labels to count it under.
             return;
         }
+        if self.conns.get(&sock).is_some_and(|t| t.series.is_none()) {
+            // Accepted, never used by its process.
+            self.resolve_pending(sock, None);
+        }
+        self.apply(sock, conn);
         let Some(tracked) = self.conns.remove(&sock) else { return };
-        tracked.series.open_gauge(tracked.activity).dec();
-        let mut tracked = tracked;
-        count_bytes(&mut tracked, conn.bytes_sent, conn.bytes_received);
-
-        let by = closed_by_label(conn.closed_by);
+        let Some(series) = tracked.series.clone() else { return };
+        series.open_gauge(tracked.activity).dec();
+        let no_http = HttpSession::default();
+        let http = tracked.http.as_deref().unwrap_or(&no_http);
+        let by = conn.closed_by();
         let closed = Closed {
-            flow: PlacedFlow {
-                flow: tracked.series.flow.clone(),
-                placement: tracked.series.placement.clone(),
-            },
-            closed_by: by.to_owned(),
-            close_kind: close_kind_label(conn.close_kind).to_owned(),
-            reason: close_reason(conn, &tracked).to_owned(),
+            flow: PlacedFlow { flow: series.flow.clone(), placement: series.placement.clone() },
+            closed_by: by.label().to_owned(),
+            close_kind: CloseKind::from_wire(conn.close_kind)
+                .unwrap_or(CloseKind::None)
+                .label()
+                .to_owned(),
+            reason: close_reason(conn, http).label().to_owned(),
         };
         self.metrics.closed.get_or_create(&closed).inc();
-
-        let requests = tracked.http.requests.max(u64::from(conn.exchanges));
-        tracked.series.requests.observe(requests as f64);
+        let protocol = if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
+        if let Some(histogram) = series.requests(&self.metrics, protocol) {
+            let requests = match protocol {
+                Protocol::Http1 => http.requests.max(u64::from(conn.exchanges)),
+                _ => u64::from(conn.exchanges),
+            };
+            histogram.observe(requests as f64);
+        }
         let end_ns = event.header.ts_ns;
-        if conn.established_ns != 0 && end_ns >= conn.established_ns {
-            tracked.series.duration.observe(seconds(end_ns - conn.established_ns));
+        if end_ns >= conn.open_ns {
+            series.duration.observe(seconds(end_ns - conn.open_ns));
         }
-        let last_activity = conn.last_send_ns.max(conn.last_recv_ns).max(conn.established_ns);
-        let close_start = if conn.close_start_ns != 0 { conn.close_start_ns } else { end_ns };
-        if last_activity != 0 && close_start >= last_activity {
-            let labels = ClosedBy { flow: tracked.series.flow.clone(), closed_by: by.to_owned() };
-            self.metrics
-                .close_idle
-                .get_or_create(&labels)
-                .observe(seconds(close_start - last_activity));
-        }
+        let close_idle_seconds = if by == ClosedBy::Unknown {
+            seconds(end_ns.saturating_sub(conn.last_ns.max(conn.open_ns)))
+        } else {
+            f64::from(conn.close_idle_us) / 1e6
+        };
+        let labels = ClosedByLabels { flow: series.flow.clone(), closed_by: by.label().to_owned() };
+        self.metrics.close_idle.get_or_create(&labels).observe(close_idle_seconds);
         if is_keepalive_race(conn) {
-            tracked.series.races.inc();
+            series.races.inc();
         }
     }
 }
@@ -346,121 +315,30 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn count_bytes(tracked: &mut Tracked, sent: u64, received: u64) {
-    if sent > tracked.bytes_sent {
-        tracked.series.bytes_sent.inc_by(sent - tracked.bytes_sent);
-        tracked.bytes_sent = sent;
-    }
-    if received > tracked.bytes_received {
-        tracked.series.bytes_received.inc_by(received - tracked.bytes_received);
-        tracked.bytes_received = received;
+fn set_activity(tracked: &mut Tracked, series: &FlowSeries, next: Activity) {
+    if next != tracked.activity {
+        series.open_gauge(tracked.activity).dec();
+        series.open_gauge(next).inc();
+        tracked.activity = next;
     }
 }
 
-fn on_request(metrics: &Metrics, tracked: &mut Tracked, request: &http::Head) {
-    tracked.http.requests += u64::from(request.count);
-    let counter = tracked.series.http_requests(metrics, request.version);
-    counter.inc_by(u64::from(request.count));
-    record_persistence(&mut tracked.http, request);
-    tracked.http.http10_request_keep_alive =
-        (request.version == Version::Http10).then(|| request.wants_persistence());
+fn add_requests(metrics: &Metrics, series: &FlowSeries, counts: RequestCounts) {
+    if counts.http10 > 0 {
+        series.http_requests(metrics, http::Version::Http10).inc_by(counts.http10);
+    }
+    if counts.http11 > 0 {
+        series.http_requests(metrics, http::Version::Http11).inc_by(counts.http11);
+    }
 }
 
-fn on_response(metrics: &Metrics, tracked: &mut Tracked, response: &http::Head) {
-    record_persistence(&mut tracked.http, response);
-    // HTTP/1.0 persists only when both sides said keep-alive.
-    if tracked.http.http10_request_keep_alive == Some(true)
-        && response.version == Version::Http10
-        && !response.wants_persistence()
-    {
-        tracked.http.http10_close = true;
-    }
-    let series = &tracked.series;
+fn on_response(metrics: &Metrics, tracked: &mut Tracked, series: &FlowSeries, response: &http::Head) {
+    tracked.http.get_or_insert_default().on_response(response);
     if let Some(timeout) = response.keep_alive.timeout_seconds {
-        series
-            .server_gauge(&series.advertised_timeout, &metrics.advertised_timeout)
-            .set(i64::from(timeout));
+        series.advertised_timeout(metrics).set(i64::from(timeout));
     }
     if let Some(max) = response.keep_alive.max_requests {
-        series.server_gauge(&series.advertised_max, &metrics.advertised_max).set(i64::from(max));
-        tracked.http.first_advertised_max.get_or_insert(max);
-        tracked.http.last_advertised_max = Some(max);
+        series.advertised_max(metrics).set(i64::from(max));
     }
 }
 
-fn record_persistence(http: &mut HttpState, head: &http::Head) {
-    if head.connection.close {
-        http.connection_close = true;
-    } else if head.version == Version::Http10 && !head.connection.keep_alive {
-        http.http10_close = true;
-    }
-}
-
-const fn closed_by_label(value: u8) -> &'static str {
-    match value {
-        closed_by::LOCAL => "local",
-        closed_by::PEER => "peer",
-        _ => "unknown",
-    }
-}
-
-const fn close_kind_label(value: u8) -> &'static str {
-    match value {
-        close_kind::FIN => "fin",
-        close_kind::RESET => "reset",
-        _ => "unknown",
-    }
-}
-
-/// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
-/// explains a `Connection: close` too, so they come before it.
-fn close_reason(conn: &Conn, tracked: &Tracked) -> &'static str {
-    if conn.close_kind == close_kind::RESET {
-        // An abort without any reset on the wire is a timeout or error, not a reset.
-        return if conn.flags & (conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) != 0 {
-            "reset"
-        } else {
-            "error"
-        };
-    }
-    let http = &tracked.http;
-    let limit_reached = http.last_advertised_max.is_some_and(|left| left <= 1)
-        || http.first_advertised_max.is_some_and(|max| max > 1 && http.requests >= u64::from(max));
-    if limit_reached {
-        "max_requests"
-    } else if http.http10_close {
-        "http10"
-    } else if http.connection_close {
-        "connection_close"
-    } else if conn.close_kind == close_kind::FIN && conn.flags & conn_flag::IDLE_AT_CLOSE != 0 {
-        "idle"
-    } else {
-        "unknown"
-    }
-}
-
-/// A request sent on a connection the peer had started closing, or a reset from the peer
-/// right after a request on a reused connection (client side); on the server side, a
-/// request that arrived after the server closed an idle connection (answered by a reset).
-fn is_keepalive_race(conn: &Conn) -> bool {
-    let reused = conn.exchanges > 1;
-    match conn.role {
-        role::CLIENT => {
-            conn.flags & conn_flag::SENT_AFTER_PEER_CLOSE != 0
-                || (reused
-                    && conn.closed_by == closed_by::PEER
-                    && conn.flags & conn_flag::RESET_RECEIVED != 0
-                    && conn.last_direction == direction::SEND)
-        }
-        _ => {
-            conn.closed_by == closed_by::LOCAL
-                && conn.close_kind == close_kind::FIN
-                && conn.flags & conn_flag::RESET_SENT != 0
-                && conn.exchanges >= 1
-        }
-    }
-}
-
-#[cfg(test)]
-#[path = "table_tests.rs"]
-mod tests;

@@ -1,0 +1,171 @@
+//! Values the agent writes into the programs before loading them (globals in `.rodata`,
+//! frozen, so the verifier prunes what a kernel does not need) and the `SETTINGS` switches
+//! it sets after attaching.
+
+use core::mem::size_of;
+
+use crate::Direction;
+
+/// Byte offsets of the `struct sock` fields the programs read, taken by the agent from the
+/// running kernel's BTF: the programs then work on any kernel layout without a rebuild.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLayout {
+    /// `sk_protocol`, and its size in bytes (2 since 5.6; 1 when it was a bitfield).
+    pub protocol: u32,
+    pub protocol_size: u32,
+    /// `__sk_common.skc_family`.
+    pub family: u32,
+    /// `__sk_common.skc_dport` (network order) and `skc_num` (host order).
+    pub dport: u32,
+    pub num: u32,
+    /// `__sk_common.skc_daddr` / `skc_rcv_saddr` (IPv4).
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    /// `__sk_common.skc_v6_daddr` / `skc_v6_rcv_saddr`.
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    /// Non-zero once the agent filled the layout in.
+    pub valid: u32,
+}
+const _: () = assert!(size_of::<SockLayout>() == 40);
+
+/// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
+/// `sock_common` field above lies in them (the agent checks this against the BTF).
+pub const SOCK_COMMON_READ: usize = 96;
+
+/// Byte offsets to go from a file descriptor of the current task to its `struct sock`
+/// (`task->files->fdt->fd[fd]->private_data->sk`), from the kernel's BTF. Used to count
+/// socket transfers at syscall exit on kernels without the `sock_send_length` and
+/// `sock_recv_length` tracepoints (before 6.3) when neither fentry nor kprobes work.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FdLayout {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_max_fds: u32,
+    pub fdt_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<FdLayout>() == 32);
+
+/// Where a send/receive hook finds the user buffer of the system call it runs in.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserBuffers {
+    /// Payload heads are not read (`--http.capture-heads=false`).
+    Off = 0,
+    /// The task's saved user registers (`bpf_task_pt_regs`, 5.15+ with BTF): no syscall hook.
+    TaskPtRegs = 1,
+    /// A raw `sys_enter` hook stashes the buffer per thread (older kernels): a small cost on
+    /// every read/write-like system call of the host.
+    SyscallStash = 2,
+}
+
+/// Switches for the programs, set as the `PROGRAM_CONFIG` global before loading.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProgramConfig {
+    /// A [`UserBuffers`] as `u32`.
+    pub user_buffers: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<ProgramConfig>() == 8);
+
+impl Default for ProgramConfig {
+    fn default() -> Self {
+        Self { user_buffers: UserBuffers::Off as u32, _pad: 0 }
+    }
+}
+
+/// How a system call passes its buffer.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BufferLayout {
+    /// `(fd, buf, len)`.
+    Flat = 0,
+    /// `(fd, iov, iovcnt)`: the first iovec describes the head.
+    Vectored = 1,
+    /// `(fd, msghdr, flags)`: the first iovec of `msg_iov`.
+    Message = 2,
+}
+
+/// A system call that moves socket payload through a user buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct PayloadSyscallSpec {
+    pub name: &'static str,
+    pub direction: Direction,
+    pub layout: BufferLayout,
+}
+
+/// The system calls whose buffer holds a payload head, by name: the agent resolves each
+/// name to this architecture's number and writes the table as the `PAYLOAD_SYSCALLS` global.
+pub const PAYLOAD_SYSCALLS: [PayloadSyscallSpec; 8] = [
+    PayloadSyscallSpec { name: "read", direction: Direction::Recv, layout: BufferLayout::Flat },
+    PayloadSyscallSpec { name: "write", direction: Direction::Send, layout: BufferLayout::Flat },
+    PayloadSyscallSpec {
+        name: "recvfrom",
+        direction: Direction::Recv,
+        layout: BufferLayout::Flat,
+    },
+    PayloadSyscallSpec { name: "sendto", direction: Direction::Send, layout: BufferLayout::Flat },
+    PayloadSyscallSpec {
+        name: "readv",
+        direction: Direction::Recv,
+        layout: BufferLayout::Vectored,
+    },
+    PayloadSyscallSpec {
+        name: "writev",
+        direction: Direction::Send,
+        layout: BufferLayout::Vectored,
+    },
+    PayloadSyscallSpec {
+        name: "recvmsg",
+        direction: Direction::Recv,
+        layout: BufferLayout::Message,
+    },
+    PayloadSyscallSpec {
+        name: "sendmsg",
+        direction: Direction::Send,
+        layout: BufferLayout::Message,
+    },
+];
+
+/// One entry of the `PAYLOAD_SYSCALLS` global as the programs read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadSyscall {
+    /// This architecture's syscall number (`u64::MAX` for an unused slot).
+    pub nr: u64,
+    /// A [`Direction`] as `u8`.
+    pub direction: u8,
+    /// A [`BufferLayout`] as `u8`.
+    pub layout: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<PayloadSyscall>() == 16);
+
+impl PayloadSyscall {
+    pub const UNUSED: Self = Self { nr: u64::MAX, direction: 0, layout: 0, _pad: [0; 6] };
+
+    pub const fn new(nr: u64, spec: &PayloadSyscallSpec) -> Self {
+        Self { nr, direction: spec.direction as u8, layout: spec.layout as u8, _pad: [0; 6] }
+    }
+}
+
+/// Indexes of the `SETTINGS` array map, written by the agent after it attached the hooks.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Setting {
+    /// Count sends at the exit of write-like syscalls (no send hook on this kernel).
+    SyscallSends = 0,
+    /// Count receives at the exit of read-like syscalls (no receive hook on this kernel).
+    SyscallRecvs = 1,
+}
+
+impl Setting {
+    pub const COUNT: u32 = 2;
+}

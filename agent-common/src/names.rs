@@ -1,0 +1,115 @@
+//! Names by which the agent finds programs, maps and globals in the eBPF object. The
+//! programs are Rust functions and maps are statics of the same names in `connscope-ebpf`;
+//! a unit test of the agent checks every name here against the object it embeds, so a
+//! rename fails `cargo test`, not a load on some host.
+
+/// Program (function) names.
+pub mod program {
+    // Lifecycle: BTF tracepoints where the kernel has BTF, classic tracepoints otherwise.
+    pub const BTF_INET_SOCK_SET_STATE: &str = "connscope_btf_inet_sock_set_state";
+    pub const BTF_TCP_DESTROY_SOCK: &str = "connscope_btf_tcp_destroy_sock";
+    pub const BTF_TCP_RECEIVE_RESET: &str = "connscope_btf_tcp_receive_reset";
+    pub const BTF_TCP_SEND_RESET: &str = "connscope_btf_tcp_send_reset";
+    pub const INET_SOCK_SET_STATE: &str = "connscope_inet_sock_set_state";
+    pub const TCP_DESTROY_SOCK: &str = "connscope_tcp_destroy_sock";
+    pub const TCP_RECEIVE_RESET: &str = "connscope_tcp_receive_reset";
+    pub const TCP_SEND_RESET: &str = "connscope_tcp_send_reset";
+    // Send/receive, tracepoint backend.
+    pub const BTF_SOCK_SEND_LENGTH: &str = "connscope_btf_sock_send_length";
+    pub const BTF_SOCK_RECV_LENGTH: &str = "connscope_btf_sock_recv_length";
+    pub const SOCK_SEND_LENGTH: &str = "connscope_sock_send_length";
+    pub const SOCK_RECV_LENGTH: &str = "connscope_sock_recv_length";
+    // fentry/fexit backend.
+    pub const FENTRY_TCP_CONNECT: &str = "connscope_fentry_tcp_connect";
+    pub const FENTRY_TCP_CLOSE: &str = "connscope_fentry_tcp_close";
+    pub const FEXIT_TCP_SENDMSG: &str = "connscope_fexit_tcp_sendmsg";
+    /// `tcp_recvmsg(sk, msg, len, flags, addr_len)`, 5.19 and later.
+    pub const FEXIT_TCP_RECVMSG: &str = "connscope_fexit_tcp_recvmsg";
+    /// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, before 5.19.
+    pub const FEXIT_TCP_RECVMSG_NONBLOCK: &str = "connscope_fexit_tcp_recvmsg_nonblock";
+    // kprobe/kretprobe backend.
+    pub const KPROBE_TCP_CONNECT: &str = "connscope_kprobe_tcp_connect";
+    pub const KPROBE_TCP_CLOSE: &str = "connscope_kprobe_tcp_close";
+    pub const KPROBE_TCP_SENDMSG: &str = "connscope_kprobe_tcp_sendmsg";
+    pub const KRETPROBE_TCP_SENDMSG: &str = "connscope_kretprobe_tcp_sendmsg";
+    pub const KPROBE_TCP_RECVMSG: &str = "connscope_kprobe_tcp_recvmsg";
+    pub const KPROBE_TCP_RECVMSG_NONBLOCK: &str = "connscope_kprobe_tcp_recvmsg_nonblock";
+    pub const KRETPROBE_TCP_RECVMSG: &str = "connscope_kretprobe_tcp_recvmsg";
+    // System calls (older kernels only).
+    pub const SYS_ENTER_STASH: &str = "connscope_sys_enter";
+    pub const SYS_EXIT_TRANSFER: &str = "connscope_sys_exit";
+    // The benchmark's floor arm (`connscope bench-floor`).
+    pub const FLOOR_SEND: &str = "connscope_floor_send";
+    pub const FLOOR_RECV: &str = "connscope_floor_recv";
+    pub const FLOOR_STATE: &str = "connscope_floor_state";
+    pub const FLOOR_DESTROY: &str = "connscope_floor_destroy";
+
+    /// Every program of the object.
+    pub const ALL: [&str; 30] = [
+        BTF_INET_SOCK_SET_STATE,
+        BTF_TCP_DESTROY_SOCK,
+        BTF_TCP_RECEIVE_RESET,
+        BTF_TCP_SEND_RESET,
+        INET_SOCK_SET_STATE,
+        TCP_DESTROY_SOCK,
+        TCP_RECEIVE_RESET,
+        TCP_SEND_RESET,
+        BTF_SOCK_SEND_LENGTH,
+        BTF_SOCK_RECV_LENGTH,
+        SOCK_SEND_LENGTH,
+        SOCK_RECV_LENGTH,
+        FENTRY_TCP_CONNECT,
+        FENTRY_TCP_CLOSE,
+        FEXIT_TCP_SENDMSG,
+        FEXIT_TCP_RECVMSG,
+        FEXIT_TCP_RECVMSG_NONBLOCK,
+        KPROBE_TCP_CONNECT,
+        KPROBE_TCP_CLOSE,
+        KPROBE_TCP_SENDMSG,
+        KRETPROBE_TCP_SENDMSG,
+        KPROBE_TCP_RECVMSG,
+        KPROBE_TCP_RECVMSG_NONBLOCK,
+        KRETPROBE_TCP_RECVMSG,
+        SYS_ENTER_STASH,
+        SYS_EXIT_TRANSFER,
+        FLOOR_SEND,
+        FLOOR_RECV,
+        FLOOR_STATE,
+        FLOOR_DESTROY,
+    ];
+}
+
+/// Map (static) names.
+pub mod map {
+    pub const CONNS: &str = "CONNS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const LOST: &str = "LOST";
+    pub const SETTINGS: &str = "SETTINGS";
+    pub const CONNECTS_IN_FLIGHT: &str = "CONNECTS_IN_FLIGHT";
+    pub const HEAD_SCRATCH: &str = "HEAD_SCRATCH";
+    pub const SYSCALL_STASH: &str = "SYSCALL_STASH";
+    pub const CALLS_IN_FLIGHT: &str = "CALLS_IN_FLIGHT";
+    pub const FLOOR_BYTES: &str = "FLOOR_BYTES";
+
+    pub const ALL: [&str; 9] = [
+        CONNS,
+        EVENTS,
+        LOST,
+        SETTINGS,
+        CONNECTS_IN_FLIGHT,
+        HEAD_SCRATCH,
+        SYSCALL_STASH,
+        CALLS_IN_FLIGHT,
+        FLOOR_BYTES,
+    ];
+}
+
+/// Globals the agent sets before loading (see [`crate::kernel_config`]).
+pub mod global {
+    pub const SOCK_LAYOUT: &str = "SOCK_LAYOUT";
+    pub const FD_LAYOUT: &str = "FD_LAYOUT";
+    pub const PAYLOAD_SYSCALLS: &str = "PAYLOAD_SYSCALLS";
+    pub const PROGRAM_CONFIG: &str = "PROGRAM_CONFIG";
+
+    pub const ALL: [&str; 4] = [SOCK_LAYOUT, FD_LAYOUT, PAYLOAD_SYSCALLS, PROGRAM_CONFIG];
+}

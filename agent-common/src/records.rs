@@ -1,0 +1,138 @@
+//! Ring buffer records. Each starts with an [`EventHeader`] whose `kind` ([`EventKind`])
+//! tells which struct follows; the agent checks the length of every record before reading it.
+//!
+//! | kind | struct | when |
+//! |---|---|---|
+//! | `Open` | [`OpenEvent`] | a connection is established (endpoints; the process for clients) |
+//! | `Attribute` | [`AttributeEvent`] | an accepted socket is first used by its process |
+//! | `Head` | [`HeadEvent`] | a request or response head differs from the last one sent |
+//! | `Progress` | [`SnapshotEvent`] | counts the agent could otherwise miss (idle restart, bucket wrap) |
+//! | `Close` | [`SnapshotEvent`] | the socket is destroyed: its final state |
+
+use core::mem::size_of;
+
+use crate::{COMM_LEN, Conn, Direction, EventKind, HEAD_LEN, Role};
+
+/// First bytes of every ring buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// An [`EventKind`] as `u32`.
+    pub kind: u32,
+    pub _pad: u32,
+    /// Kernel address of the `struct sock`.
+    pub sock: u64,
+    /// `bpf_ktime_get_ns()` when the event happened.
+    pub ts_ns: u64,
+}
+const _: () = assert!(size_of::<EventHeader>() == 24);
+
+impl EventHeader {
+    pub const fn new(kind: EventKind, sock: u64, ts_ns: u64) -> Self {
+        Self { kind: kind as u32, _pad: 0, sock, ts_ns }
+    }
+}
+
+/// Addresses and ports of a socket, ports in host order. IPv4 addresses use the first
+/// four bytes of each address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoints {
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Endpoints>() == 40);
+
+/// The process that owns a socket, taken in its own context (never from softirq).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attribution {
+    pub cgroup_id: u64,
+    pub tgid: u32,
+    /// Non-zero when the fields were filled in.
+    pub valid: u32,
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(size_of::<Attribution>() == 32);
+
+/// `Open`: a connection is established.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenEvent {
+    pub header: EventHeader,
+    /// Identifies the connection together with `header.sock` (its `Conn::open_ns`).
+    pub open_ns: u64,
+    pub endpoints: Endpoints,
+    /// Valid for clients (taken in `connect()`); accepted sockets get an `Attribute` later.
+    pub attribution: Attribution,
+    /// A [`Role`] as `u8`.
+    pub role: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<OpenEvent>() == 112);
+
+impl OpenEvent {
+    pub const fn role(&self) -> Option<Role> {
+        Role::from_wire(self.role)
+    }
+}
+
+/// `Attribute`: the process of an accepted connection, at its first use by that process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttributeEvent {
+    pub header: EventHeader,
+    pub open_ns: u64,
+    pub attribution: Attribution,
+}
+const _: () = assert!(size_of::<AttributeEvent>() == 64);
+
+/// `Progress` and `Close`: the connection's state at that moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SnapshotEvent {
+    pub header: EventHeader,
+    pub conn: Conn,
+}
+const _: () = assert!(size_of::<SnapshotEvent>() == 112);
+
+/// `Head`: the first bytes of a request or response whose head differs from the last one
+/// sent in that direction (identical heads are counted in the kernel only). Sent with only
+/// `head_len` bytes of `head`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadEvent {
+    pub header: EventHeader,
+    pub open_ns: u64,
+    /// `Conn::exchanges` when the head was seen: the exchange a request head starts.
+    pub exchanges: u32,
+    /// How many bytes of `head` are valid.
+    pub head_len: u32,
+    /// A [`Direction`] as `u8`.
+    pub direction: u8,
+    /// A [`Role`] as `u8`.
+    pub role: u8,
+    pub _pad: [u8; 6],
+    pub head: [u8; HEAD_LEN],
+}
+const _: () = assert!(size_of::<HeadEvent>() == 48 + HEAD_LEN);
+
+/// A head record is sent with only `head_len` bytes of `head`: this is its fixed part.
+pub const HEAD_FIXED_LEN: usize = size_of::<HeadEvent>() - HEAD_LEN;
+
+impl HeadEvent {
+    pub const fn direction(&self) -> Direction {
+        match Direction::from_wire(self.direction) {
+            Some(direction) => direction,
+            None => Direction::None,
+        }
+    }
+
+    pub const fn role(&self) -> Option<Role> {
+        Role::from_wire(self.role)
+    }
+}

@@ -1,0 +1,145 @@
+//! Enums of the kernel↔user contract. Records carry them as plain integers (a wire value
+//! the other side does not know must not be undefined behaviour), and each enum converts
+//! from its integer with a check, as aya-log-common does for its records.
+
+/// Declares a wire enum with `ALL`, a checked `from_wire` and a `label()`.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident: $repr:ty {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal => $label:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr($repr)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)+
+        }
+
+        impl $name {
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)+];
+
+            /// The enum for a value read off the wire; `None` for a value this build does
+            /// not know.
+            pub const fn from_wire(value: $repr) -> Option<Self> {
+                match value {
+                    $($value => Some(Self::$variant),)+
+                    _ => None,
+                }
+            }
+
+            /// Label value in the exported metrics.
+            pub const fn label(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $label,)+
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// Which end of the connection a socket is.
+    pub enum Role: u8 {
+        /// The local side called `connect()`.
+        Client = 1 => "client",
+        /// The local side accepted the connection.
+        Server = 2 => "server",
+    }
+}
+
+wire_enum! {
+    /// Which side sent the first FIN or reset.
+    pub enum ClosedBy: u8 {
+        Unknown = 0 => "unknown",
+        Local = 1 => "local",
+        Peer = 2 => "peer",
+    }
+}
+
+wire_enum! {
+    /// How the first close happened.
+    pub enum CloseKind: u8 {
+        None = 0 => "unknown",
+        Fin = 1 => "fin",
+        Reset = 2 => "reset",
+    }
+}
+
+wire_enum! {
+    /// Direction of payload on a socket.
+    pub enum Direction: u8 {
+        None = 0 => "none",
+        Send = 1 => "send",
+        Recv = 2 => "recv",
+    }
+}
+
+wire_enum! {
+    /// What the first payload bytes of a connection say it speaks (the `protocol` label).
+    pub enum Protocol: u8 {
+        /// No payload inspected yet (or none readable).
+        Unknown = 0 => "other",
+        Http1 = 1 => "http1",
+        /// The HTTP/2 client preface in cleartext.
+        Http2 = 2 => "http2",
+        /// TLS records whose plaintext is not visible.
+        Tls = 3 => "tls",
+        /// HTTP/1.x upgraded by `101 Switching Protocols`.
+        WebSocket = 4 => "websocket",
+        Other = 5 => "other",
+    }
+}
+
+wire_enum! {
+    /// Type tag of a ring buffer record (`EventHeader::kind`).
+    pub enum EventKind: u32 {
+        /// A connection was established ([`crate::OpenEvent`]).
+        Open = 1 => "open",
+        /// A connection's socket was destroyed: its final state ([`crate::SnapshotEvent`]).
+        Close = 2 => "close",
+        /// A request or response head that differs from the previous one in its direction
+        /// ([`crate::HeadEvent`]).
+        Head = 3 => "head",
+        /// The state of a live connection, sent when the agent could otherwise miss counts
+        /// ([`crate::SnapshotEvent`]).
+        Progress = 4 => "progress",
+        /// The owning process of an accepted connection ([`crate::AttributeEvent`]).
+        Attribute = 5 => "attribute",
+    }
+}
+
+wire_enum! {
+    /// Index of the per-CPU loss counters (`LOST` map).
+    pub enum LostReason: u32 {
+        /// The ring buffer had no room for a record.
+        RingbufFull = 0 => "ringbuf_full",
+        /// The per-socket map was full: a connection was not tracked.
+        MapFull = 1 => "map_full",
+        /// Payload on a socket the agent does not track (opened before it started).
+        UntrackedSocket = 2 => "untracked_socket",
+        /// A payload head could not be read from the caller's memory.
+        PayloadUnreadable = 3 => "payload_unreadable",
+    }
+}
+
+impl LostReason {
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_values_round_trip_and_unknown_values_are_rejected() {
+        for role in Role::ALL {
+            assert_eq!(Role::from_wire(*role as u8), Some(*role));
+        }
+        assert_eq!(Role::from_wire(0), None);
+        assert_eq!(EventKind::from_wire(99), None);
+        assert_eq!(Protocol::from_wire(Protocol::Tls as u8).map(Protocol::label), Some("tls"));
+        assert_eq!(LostReason::COUNT, 4);
+    }
+}

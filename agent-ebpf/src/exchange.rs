@@ -1,0 +1,152 @@
+//! Exchange counting: which transfers start a request, with the HTTP/1.x and TLS framing
+//! rules that need a look at the payload, and the idle gaps between exchanges.
+//!
+//! A change of direction from response to request starts an exchange (protocol-agnostic, so
+//! Redis or PostgreSQL get reuse figures too), except:
+//! - after a `1xx` interim response, the request body and the final response belong to the
+//!   same exchange (`100 Continue`, `103 Early Hints`);
+//! - after `101 Switching Protocols`, frames are not HTTP requests;
+//! - on undecrypted TLS, handshake records are not requests: an exchange starts at the
+//!   first application-data record of a request-direction turn.
+//!
+//! Heads are read only on HTTP/1.x connections (and once to tell what a connection speaks).
+
+use connscope_common::{
+    Conn, Direction, Protocol, conn::GAP_REPORT_EVERY, conn::PROGRESS_AFTER_IDLE_NS,
+    conn::gap_bucket, conn_flag, is_request,
+};
+
+use crate::head::{self, Status, TLS_APPLICATION_DATA};
+
+/// Updates the exchange state for `bytes` moved in `direction` at `now` (before `last_ns`
+/// and `last_direction` are updated). Returns whether the agent must get a snapshot now.
+#[inline(always)]
+pub fn on_payload(sock: u64, conn: &mut Conn, direction: Direction, bytes: u64, now: u64) -> bool {
+    let Some(role) = conn.role() else { return false };
+    let turn_start = conn.last_direction != direction as u8;
+    // A connection quiet for a while may have dropped out of the agent's sweeps.
+    let idle_restart =
+        turn_start && now.saturating_sub(conn.last_ns.max(conn.open_ns)) >= PROGRESS_AFTER_IDLE_NS;
+    if conn.has(conn_flag::UPGRADED) {
+        return idle_restart;
+    }
+    let wrapped = if is_request(role, direction) {
+        request_payload(sock, conn, direction, bytes, now, turn_start)
+    } else {
+        response_payload(sock, conn, direction, bytes, now, turn_start);
+        false
+    };
+    wrapped || idle_restart
+}
+
+#[inline(always)]
+fn request_payload(
+    sock: u64,
+    conn: &mut Conn,
+    direction: Direction,
+    bytes: u64,
+    now: u64,
+    turn_start: bool,
+) -> bool {
+    let protocol = conn.protocol();
+    if protocol == Protocol::Tls {
+        let pending = conn.has(conn_flag::TLS_REQUEST_PENDING);
+        if !turn_start && !pending {
+            return false;
+        }
+        if head::first_byte(direction) != Some(TLS_APPLICATION_DATA) {
+            conn.flags |= conn_flag::TLS_REQUEST_PENDING;
+            return false;
+        }
+        conn.flags &= !conn_flag::TLS_REQUEST_PENDING;
+        return new_exchange(conn, now);
+    }
+    if !turn_start {
+        return false;
+    }
+    if protocol != Protocol::Http1 && protocol != Protocol::Unknown {
+        return new_exchange(conn, now);
+    }
+    let head = head::read(direction, bytes);
+    if conn.has(conn_flag::INTERIM) {
+        conn.flags &= !conn_flag::INTERIM;
+        // After `100 Continue` the client sends the body: the same exchange. Only a new
+        // request line starts the next one.
+        if !head.as_ref().is_some_and(|head| head::starts_request(head)) {
+            return false;
+        }
+    }
+    if protocol == Protocol::Unknown {
+        if let Some(head) = head.as_ref() {
+            conn.protocol = head::sniff_request(head) as u8;
+        }
+        if conn.protocol == Protocol::Tls as u8 {
+            // The first flight is a ClientHello: the request comes after the handshake.
+            conn.flags |= conn_flag::TLS_REQUEST_PENDING;
+            return false;
+        }
+    }
+    let report = new_exchange(conn, now);
+    if let Some(head) = head {
+        if conn.protocol == Protocol::Http1 as u8 {
+            head::send_if_changed(sock, conn, head, true, now);
+        }
+    }
+    report
+}
+
+#[inline(always)]
+fn response_payload(
+    sock: u64,
+    conn: &mut Conn,
+    direction: Direction,
+    bytes: u64,
+    now: u64,
+    turn_start: bool,
+) {
+    let protocol = conn.protocol();
+    if protocol != Protocol::Http1 && protocol != Protocol::Unknown {
+        return;
+    }
+    // Inside a response only the write after an interim one can start a new head.
+    if !turn_start && !conn.has(conn_flag::INTERIM) {
+        return;
+    }
+    let Some(head) = head::read(direction, bytes) else { return };
+    let Some(status) = head::status(head) else {
+        // A response that is not HTTP/1.x (or a server that speaks first).
+        if protocol == Protocol::Unknown {
+            conn.protocol = Protocol::Other as u8;
+        }
+        return;
+    };
+    conn.protocol = Protocol::Http1 as u8;
+    match status {
+        Status::Interim => conn.flags |= conn_flag::INTERIM,
+        Status::SwitchingProtocols => {
+            conn.flags = (conn.flags & !conn_flag::INTERIM) | conn_flag::UPGRADED;
+            conn.protocol = Protocol::WebSocket as u8;
+            // Always sent: the agent reads which protocol it became.
+            head::send(sock, conn, head, false, now);
+        }
+        Status::Final => {
+            conn.flags &= !conn_flag::INTERIM;
+            head::send_if_changed(sock, conn, head, false, now);
+        }
+    }
+}
+
+/// Counts a new exchange and its idle gap since the previous transfer. Returns whether a
+/// gap bucket reached a multiple of [`GAP_REPORT_EVERY`] (the agent must see it).
+#[inline(always)]
+fn new_exchange(conn: &mut Conn, now: u64) -> bool {
+    conn.exchanges += 1;
+    if conn.exchanges == 1 || conn.last_ns == 0 {
+        return false;
+    }
+    let gap = now.saturating_sub(conn.last_ns);
+    conn.gap_sum_ns += gap;
+    let Some(count) = conn.gap_buckets.get_mut(gap_bucket(gap)) else { return false };
+    *count = count.wrapping_add(1);
+    *count % GAP_REPORT_EVERY == 0
+}

@@ -1,0 +1,212 @@
+//! Payload heads: read into a per-CPU record, looked at cheaply (start line, TLS record
+//! type), fingerprinted, and sent to the agent only when they differ from the previous head
+//! in the same direction. Steady keep-alive traffic repeats the same heads, so the agent
+//! parses a head once and the kernel counts its repeats.
+
+use aya_ebpf::helpers::{bpf_probe_read_user, generated};
+use connscope_common::{
+    Conn, Direction, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, LostReason,
+    Protocol,
+};
+use core::ffi::c_void;
+
+use crate::{
+    maps::{EVENTS, HEAD_SCRATCH, count_lost, submit_flags},
+    syscall_args::current_buffer,
+};
+
+/// TLS record content types (RFC 8446 §5.1).
+pub const TLS_HANDSHAKE: u8 = 0x16;
+pub const TLS_APPLICATION_DATA: u8 = 0x17;
+
+/// The head of the current transfer, read into this CPU's scratch record (`head_len` set).
+/// `None` when the call has no user buffer (sendfile, io_uring) or it cannot be read.
+#[inline(always)]
+pub fn read(direction: Direction, bytes: u64) -> Option<&'static mut HeadEvent> {
+    let buffer = current_buffer(direction)?;
+    let record = HEAD_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; programs do not migrate CPUs while running, and the
+    // record is used only until this program ends.
+    let record = unsafe { &mut *record };
+    let len = read_bytes(buffer.addr, buffer.len.min(bytes), &mut record.head);
+    if len == 0 {
+        return None;
+    }
+    record.head_len = len;
+    Some(record)
+}
+
+/// Copies at most `HEAD_LEN` bytes of the user buffer at `addr` into `dst`; returns how
+/// many are valid (0 when unreadable, counted as `payload_unreadable`).
+///
+/// Kept out of line and given its arguments by value: inlined into a large program, the
+/// size could be spilled to the stack between its bound check and the helper call, and
+/// verifiers before 6.13 then reject the call ("R2 min value is negative").
+#[inline(never)]
+fn read_bytes(addr: u64, len: u64, dst: &mut [u8; HEAD_LEN]) -> u32 {
+    // The volatile read hides the caller's bound from LLVM, so the comparison below is
+    // emitted right before the call, where the verifier needs it.
+    // SAFETY: reading a local.
+    let len = unsafe { core::ptr::read_volatile(&len) };
+    let size = if len < HEAD_LEN as u64 { len as u32 } else { HEAD_LEN as u32 };
+    if size == 0 {
+        return 0;
+    }
+    // SAFETY: user memory of the calling thread's own system call, read through the
+    // fault-tolerant helper into `dst`, which holds HEAD_LEN bytes (size is at most that).
+    let rc = unsafe { generated::bpf_probe_read_user(dst.as_mut_ptr().cast(), size, addr as *const c_void) };
+    if rc == 0 {
+        size
+    } else {
+        count_lost(LostReason::PayloadUnreadable);
+        0
+    }
+}
+
+/// The first byte of the current transfer (a TLS record's content type).
+#[inline(always)]
+pub fn first_byte(direction: Direction) -> Option<u8> {
+    let buffer = current_buffer(direction)?;
+    if buffer.len == 0 {
+        return None;
+    }
+    // SAFETY: user memory read through the fault-tolerant helper.
+    unsafe { bpf_probe_read_user(buffer.addr as *const u8) }.ok()
+}
+
+#[inline(always)]
+fn prefix(head: &HeadEvent) -> u32 {
+    u32::from_le_bytes([head.head[0], head.head[1], head.head[2], head.head[3]])
+}
+
+const fn word(bytes: &[u8; 4]) -> u32 {
+    u32::from_le_bytes(*bytes)
+}
+
+/// First four bytes of the request lines of the registered methods (HTTP/1.x).
+const METHOD_PREFIXES: [u32; 9] = [
+    word(b"GET "),
+    word(b"POST"),
+    word(b"PUT "),
+    word(b"HEAD"),
+    word(b"DELE"),
+    word(b"OPTI"),
+    word(b"PATC"),
+    word(b"CONN"),
+    word(b"TRAC"),
+];
+const HTTP2_PREFACE: u32 = word(b"PRI ");
+const STATUS_PREFIX: u32 = word(b"HTTP");
+
+/// Whether the head starts like an HTTP/1.x request line (the agent checks the rest).
+#[inline(always)]
+pub fn starts_request(head: &HeadEvent) -> bool {
+    head.head_len >= 4 && METHOD_PREFIXES.contains(&prefix(head))
+}
+
+/// What a connection speaks, from the first head of its first request.
+#[inline(always)]
+pub fn sniff_request(head: &HeadEvent) -> Protocol {
+    if starts_request(head) {
+        Protocol::Http1
+    } else if head.head_len >= 4 && prefix(head) == HTTP2_PREFACE {
+        Protocol::Http2
+    } else if head.head_len >= 3 && head.head[0] == TLS_HANDSHAKE && head.head[1] == 3 {
+        Protocol::Tls
+    } else {
+        Protocol::Other
+    }
+}
+
+/// The class of an HTTP/1.x status line (`HTTP/1.x NNN`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// `101 Switching Protocols`.
+    SwitchingProtocols,
+    /// Any other `1xx`: the exchange goes on.
+    Interim,
+    Final,
+}
+
+#[inline(always)]
+pub fn status(head: &HeadEvent) -> Option<Status> {
+    if head.head_len < 12 || prefix(head) != STATUS_PREFIX || head.head[4] != b'/' {
+        return None;
+    }
+    let code = &head.head;
+    Some(match (code[9], code[10], code[11]) {
+        (b'1', b'0', b'1') => Status::SwitchingProtocols,
+        (b'1', _, _) => Status::Interim,
+        _ => Status::Final,
+    })
+}
+
+/// A 32-bit fingerprint of the head's bytes (FNV-1a over 8-byte words, then folded).
+/// Identical heads have identical metric effects; a differing head is sent to the agent.
+#[inline(always)]
+fn fingerprint(head: &HeadEvent) -> u32 {
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    let len = (head.head_len as usize).min(HEAD_LEN);
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ len as u64;
+    let words = len / 8;
+    let base = head.head.as_ptr();
+    for index in 0..HEAD_LEN / 8 {
+        if index >= words {
+            break;
+        }
+        // SAFETY: `index < HEAD_LEN / 8`, so the 8 bytes lie inside `head.head`.
+        let word = unsafe { core::ptr::read_unaligned(base.add(index * 8).cast::<u64>()) };
+        hash = (hash ^ word).wrapping_mul(PRIME);
+    }
+    let tail = len % 8;
+    if tail != 0 && words < HEAD_LEN / 8 {
+        // SAFETY: `words < HEAD_LEN / 8`: in bounds; bytes past `len` are masked off.
+        let word = unsafe { core::ptr::read_unaligned(base.add(words * 8).cast::<u64>()) };
+        hash = (hash ^ (word & ((1u64 << (tail * 8)) - 1))).wrapping_mul(PRIME);
+    }
+    (hash ^ (hash >> 32)) as u32
+}
+
+/// Sends the head unless it repeats the last one sent for its direction (`request` says
+/// which). A head that could not be sent is forgotten, so the next one is sent again.
+#[inline(always)]
+pub fn send_if_changed(sock: u64, conn: &mut Conn, record: &mut HeadEvent, request: bool, now: u64) {
+    let print = fingerprint(record);
+    let last = if request { conn.request_print } else { conn.response_print };
+    if last == print && print != 0 {
+        return;
+    }
+    let sent = if send(sock, conn, record, request, now) { print } else { 0 };
+    if request {
+        conn.request_print = sent;
+    } else {
+        conn.response_print = sent;
+    }
+}
+
+/// Sends the head record at its real length.
+#[inline(always)]
+pub fn send(sock: u64, conn: &Conn, record: &mut HeadEvent, request: bool, now: u64) -> bool {
+    record.header = EventHeader::new(EventKind::Head, sock, now);
+    record.open_ns = conn.open_ns;
+    record.exchanges = conn.exchanges;
+    record.direction = direction_of(conn.role, request);
+    record.role = conn.role;
+    record._pad = [0; 6];
+    let len = HEAD_FIXED_LEN + (record.head_len as usize).min(HEAD_LEN);
+    // SAFETY: `len` is at most the size of the scratch record.
+    let bytes =
+        unsafe { core::slice::from_raw_parts((record as *const HeadEvent).cast::<u8>(), len) };
+    if EVENTS.output::<[u8]>(bytes, submit_flags()).is_err() {
+        count_lost(LostReason::RingbufFull);
+        return false;
+    }
+    true
+}
+
+/// The direction of a request (`request`) or response for a socket of `role`.
+#[inline(always)]
+fn direction_of(role: u8, request: bool) -> u8 {
+    let client = role == connscope_common::Role::Client as u8;
+    if client == request { Direction::Send as u8 } else { Direction::Recv as u8 }
+}

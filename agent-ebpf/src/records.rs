@@ -1,0 +1,99 @@
+//! Writing the `Open`, `Attribute`, `Progress` and `Close` records (heads are in `head`).
+//! Records are reserved in the ring buffer and filled in place: no copy on the stack.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+};
+use connscope_common::{
+    Attribution, AttributeEvent, Conn, EventHeader, EventKind, LostReason, OpenEvent,
+    Role, SnapshotEvent,
+};
+
+use aya_ebpf::maps::ring_buf::RingBufEntry;
+
+use crate::{
+    maps::{EVENTS, count_lost, submit_flags},
+    sock::SocketView,
+};
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// The current task as the owner of a socket; only meaningful in process context.
+#[inline(always)]
+pub fn current_attribution() -> Attribution {
+    Attribution {
+        // SAFETY: helper without pointer arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        valid: 1,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}
+
+/// Reserves a `T` in the ring buffer, lets `fill` write it, and submits it.
+#[inline(always)]
+fn emit<T: 'static>(fill: impl FnOnce(*mut T)) {
+    let Some(mut entry) = EVENTS.reserve::<T>(0) else {
+        count_lost(LostReason::RingbufFull);
+        return;
+    };
+    fill(entry.as_mut_ptr());
+    entry.submit(submit_flags());
+}
+
+/// Reserves and fills the `Open` record of a connection, unsubmitted: the caller submits it
+/// once the connection is tracked, or discards it.
+pub fn open(
+    sock: u64,
+    open_ns: u64,
+    role: Role,
+    view: &impl SocketView,
+    owner: Option<&Attribution>,
+) -> Option<RingBufEntry<OpenEvent>> {
+    let Some(mut entry) = EVENTS.reserve::<OpenEvent>(0) else {
+        count_lost(LostReason::RingbufFull);
+        return None;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: a reserved, exclusively owned record of the right size, written field by
+    // field in place.
+    let filled = unsafe {
+        (*event).header = EventHeader::new(EventKind::Open, sock, open_ns);
+        (*event).open_ns = open_ns;
+        (*event).attribution = owner.copied().unwrap_or_default();
+        (*event).role = role as u8;
+        (*event)._pad = [0; 7];
+        view.endpoints(&mut (*event).endpoints)
+    };
+    if !filled {
+        entry.discard(0);
+        return None;
+    }
+    Some(entry)
+}
+
+pub fn attribute(sock: u64, conn: &Conn, owner: &Attribution) {
+    emit::<AttributeEvent>(|event| {
+        // SAFETY: as in `open`.
+        unsafe {
+            (*event).header = EventHeader::new(EventKind::Attribute, sock, now_ns());
+            (*event).open_ns = conn.open_ns;
+            (*event).attribution = *owner;
+        }
+    });
+}
+
+/// `Progress` or `Close`: the connection's state now.
+pub fn snapshot(kind: EventKind, sock: u64, conn: &Conn) {
+    emit::<SnapshotEvent>(|event| {
+        // SAFETY: as in `open`; `conn` points to a map value or a local, not into the record.
+        unsafe {
+            (*event).header = EventHeader::new(kind, sock, now_ns());
+            core::ptr::copy_nonoverlapping(conn, &raw mut (*event).conn, 1);
+        }
+    });
+}

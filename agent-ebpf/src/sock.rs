@@ -1,0 +1,87 @@
+//! Reading `struct sock` at the offsets the agent took from the kernel's BTF.
+
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use connscope_common::{
+    AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, SockLayout, kernel_config::SOCK_COMMON_READ,
+};
+
+use crate::globals::sock_layout;
+
+/// What a lifecycle hook can tell about the socket it fires for. Each backend reads it its
+/// own way (BTF offsets or a tracepoint's record); only the transitions that start tracking
+/// ask, so other state changes cost no reads.
+pub trait SocketView {
+    fn is_tcp(&self) -> bool;
+    /// Fills `out` (a record in the ring buffer: no copy on the small stack); false when
+    /// the socket is not IPv4/IPv6 or cannot be read.
+    fn endpoints(&self, out: &mut Endpoints) -> bool;
+}
+
+/// A socket read through the BTF offsets in `SOCK_LAYOUT`.
+pub struct BtfSocket {
+    pub sock: u64,
+}
+
+#[inline(always)]
+fn read<T>(address: u64) -> Option<T> {
+    // SAFETY: kernel memory read through the fault-tolerant helper.
+    unsafe { bpf_probe_read_kernel(address as *const T) }.ok()
+}
+
+/// A `T` at `offset` in a copy of the start of the socket; `None` past the copy.
+#[inline(always)]
+fn field<T: Copy>(bytes: &[u8; SOCK_COMMON_READ], offset: u32) -> Option<T> {
+    let offset = offset as usize;
+    if offset > SOCK_COMMON_READ - core::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: in bounds (checked above); any bit pattern is a valid `T` (plain integers).
+    Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().add(offset).cast::<T>()) })
+}
+
+impl SocketView for BtfSocket {
+    fn is_tcp(&self) -> bool {
+        let layout = sock_layout();
+        let address = self.sock + u64::from(layout.protocol);
+        let protocol = if layout.protocol_size == 1 {
+            read::<u8>(address).map(u16::from)
+        } else {
+            read::<u16>(address)
+        };
+        layout.valid != 0 && protocol == Some(IPPROTO_TCP)
+    }
+
+    fn endpoints(&self, out: &mut Endpoints) -> bool {
+        fill_endpoints(self.sock, out).is_some()
+    }
+}
+
+fn fill_endpoints(sock: u64, out: &mut Endpoints) -> Option<()> {
+    {
+        let layout: SockLayout = sock_layout();
+        // One read of the `sock_common` block instead of one per field.
+        let bytes: [u8; SOCK_COMMON_READ] = read(sock)?;
+        let family: u16 = field(&bytes, layout.family)?;
+        let dport: u16 = field(&bytes, layout.dport)?;
+        *out = Endpoints {
+            family,
+            local_port: field(&bytes, layout.num)?,
+            remote_port: u16::from_be(dport),
+            ..Endpoints::default()
+        };
+        match family {
+            AF_INET => {
+                let local: [u8; 4] = field(&bytes, layout.rcv_saddr)?;
+                let remote: [u8; 4] = field(&bytes, layout.daddr)?;
+                out.local_addr[..4].copy_from_slice(&local);
+                out.remote_addr[..4].copy_from_slice(&remote);
+            }
+            AF_INET6 => {
+                out.local_addr = field(&bytes, layout.v6_rcv_saddr)?;
+                out.remote_addr = field(&bytes, layout.v6_daddr)?;
+            }
+            _ => return None,
+        }
+        Some(())
+    }
+}

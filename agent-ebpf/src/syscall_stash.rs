@@ -1,0 +1,54 @@
+//! The syscall stash, for kernels without `bpf_task_pt_regs` (before 5.15) or without BTF:
+//! `sys_enter` keeps the user buffer of read/write-like system calls per thread, the
+//! send/receive hook takes it, and `sys_exit` drops what is left (a non-socket call).
+//! This costs every such system call of the host a hash update, which is why kernels with
+//! the helper do not attach it.
+
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext};
+use connscope_common::Direction;
+
+use crate::{
+    maps::{SYSCALL_STASH, UserBuffer},
+    syscall_args::{head_buffer, payload_call, payload_syscall_of},
+};
+
+/// A stashed buffer also records its direction in the top bit of `len` (lengths never
+/// reach it), so a hook of the other direction does not take it.
+const SEND_BIT: u64 = 1 << 63;
+
+/// `raw_syscalls:sys_enter(struct pt_regs *regs, long id)`.
+#[raw_tracepoint(tracepoint = "sys_enter")]
+pub fn connscope_sys_enter(ctx: RawTracePointContext) -> i32 {
+    let nr: u64 = ctx.arg(1);
+    // Cheap reject first: most system calls move no payload.
+    if payload_syscall_of(nr).is_none() {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    let Some(call) = payload_call(regs) else { return 0 };
+    let Some(mut buffer) = head_buffer(&call) else { return 0 };
+    if call.direction == Direction::Send as u8 {
+        buffer.len |= SEND_BIT;
+    }
+    // A full table only loses this call's head; the transfer is still counted.
+    let _ = SYSCALL_STASH.insert(&bpf_get_current_pid_tgid(), &buffer, 0);
+    0
+}
+
+/// Takes this thread's stashed buffer if it is for `direction`.
+#[inline(always)]
+pub fn take(direction: Direction) -> Option<UserBuffer> {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out before the entry is removed.
+    let mut buffer = unsafe { SYSCALL_STASH.get(&key) }.copied()?;
+    let _ = SYSCALL_STASH.remove(&key);
+    let is_send = buffer.len & SEND_BIT != 0;
+    buffer.len &= !SEND_BIT;
+    (is_send == (direction == Direction::Send)).then_some(buffer)
+}
+
+/// Drops this thread's stashed buffer (at syscall exit).
+#[inline(always)]
+pub fn discard() {
+    let _ = SYSCALL_STASH.remove(&bpf_get_current_pid_tgid());
+}

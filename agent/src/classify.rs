@@ -1,0 +1,133 @@
+//! Pure classifiers of a closed connection: why it ended, and whether it was a keep-alive
+//! race. Inputs are the kernel's final state and what the HTTP heads said.
+
+use connscope_common::{CloseKind, ClosedBy, Conn, Direction, Role, conn_flag};
+
+use crate::http_session::HttpSession;
+
+/// The `reason` label of `connscope_connections_closed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    ConnectionClose,
+    Http10,
+    MaxRequests,
+    Idle,
+    Reset,
+    Error,
+    Unknown,
+}
+
+impl CloseReason {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::ConnectionClose => "connection_close",
+            Self::Http10 => "http10",
+            Self::MaxRequests => "max_requests",
+            Self::Idle => "idle",
+            Self::Reset => "reset",
+            Self::Error => "error",
+            Self::Unknown => "unknown",
+        }
+    }
+}
+
+/// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
+/// explains a `Connection: close` too, so they come before it.
+pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
+    let kind = CloseKind::from_wire(conn.close_kind);
+    if kind == Some(CloseKind::Reset) {
+        // An abort without any reset on the wire is a timeout or error, not a reset.
+        return if conn.has(conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) {
+            CloseReason::Reset
+        } else {
+            CloseReason::Error
+        };
+    }
+    if http.limit_reached() {
+        CloseReason::MaxRequests
+    } else if http.http10_close {
+        CloseReason::Http10
+    } else if http.connection_close {
+        CloseReason::ConnectionClose
+    } else if kind == Some(CloseKind::Fin) && conn.has(conn_flag::IDLE_AT_CLOSE) {
+        CloseReason::Idle
+    } else {
+        CloseReason::Unknown
+    }
+}
+
+/// A request sent on a connection the peer had started closing, or a reset from the peer
+/// right after a request on a reused connection (client side); on the server side, a
+/// request that arrived after the server closed an idle connection (answered by a reset).
+pub fn is_keepalive_race(conn: &Conn) -> bool {
+    let reused = conn.exchanges > 1;
+    match conn.role() {
+        Some(Role::Client) => {
+            conn.has(conn_flag::SENT_AFTER_PEER_CLOSE)
+                || (reused
+                    && conn.closed_by() == ClosedBy::Peer
+                    && conn.has(conn_flag::RESET_RECEIVED)
+                    && conn.last_direction() == Direction::Send)
+        }
+        _ => {
+            conn.closed_by() == ClosedBy::Local
+                && conn.close_kind == CloseKind::Fin as u8
+                && conn.has(conn_flag::RESET_SENT)
+                && conn.exchanges >= 1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn closed(role: Role, by: ClosedBy, kind: CloseKind, flags: u16) -> Conn {
+        Conn {
+            role: role as u8,
+            closed_by: by as u8,
+            close_kind: kind as u8,
+            flags,
+            exchanges: 2,
+            ..Conn::default()
+        }
+    }
+
+    #[test]
+    fn resets_without_a_reset_on_the_wire_are_errors() {
+        let http = HttpSession::default();
+        let reset = closed(Role::Client, ClosedBy::Peer, CloseKind::Reset, conn_flag::RESET_RECEIVED);
+        assert_eq!(close_reason(&reset, &http), CloseReason::Reset);
+        let abort = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, 0);
+        assert_eq!(close_reason(&abort, &http), CloseReason::Error);
+    }
+
+    #[test]
+    fn http_reasons_take_precedence_over_idle() {
+        let idle = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, conn_flag::IDLE_AT_CLOSE);
+        assert_eq!(close_reason(&idle, &HttpSession::default()), CloseReason::Idle);
+        let close = HttpSession { connection_close: true, ..HttpSession::default() };
+        assert_eq!(close_reason(&idle, &close), CloseReason::ConnectionClose);
+        let old = HttpSession { connection_close: true, http10_close: true, ..HttpSession::default() };
+        assert_eq!(close_reason(&idle, &old), CloseReason::Http10);
+        let limited = HttpSession { last_advertised_max: Some(1), ..HttpSession::default() };
+        assert_eq!(close_reason(&idle, &limited), CloseReason::MaxRequests);
+        let busy = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0);
+        assert_eq!(close_reason(&busy, &HttpSession::default()), CloseReason::Unknown);
+    }
+
+    #[test]
+    fn races() {
+        let late = closed(Role::Client, ClosedBy::Peer, CloseKind::Fin, conn_flag::SENT_AFTER_PEER_CLOSE);
+        assert!(is_keepalive_race(&late));
+        let mut reset = closed(Role::Client, ClosedBy::Peer, CloseKind::Reset, conn_flag::RESET_RECEIVED);
+        reset.last_direction = Direction::Send as u8;
+        assert!(is_keepalive_race(&reset));
+        reset.exchanges = 1;
+        assert!(!is_keepalive_race(&reset), "a first request is not a reuse race");
+        let server = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, conn_flag::RESET_SENT);
+        assert!(is_keepalive_race(&server));
+        let idle = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0);
+        assert!(!is_keepalive_race(&idle));
+    }
+}
