@@ -106,11 +106,7 @@ pub struct PayloadSyscallSpec {
 pub const PAYLOAD_SYSCALLS: [PayloadSyscallSpec; 8] = [
     PayloadSyscallSpec { name: "read", direction: Direction::Recv, layout: BufferLayout::Flat },
     PayloadSyscallSpec { name: "write", direction: Direction::Send, layout: BufferLayout::Flat },
-    PayloadSyscallSpec {
-        name: "recvfrom",
-        direction: Direction::Recv,
-        layout: BufferLayout::Flat,
-    },
+    PayloadSyscallSpec { name: "recvfrom", direction: Direction::Recv, layout: BufferLayout::Flat },
     PayloadSyscallSpec { name: "sendto", direction: Direction::Send, layout: BufferLayout::Flat },
     PayloadSyscallSpec {
         name: "readv",

@@ -26,7 +26,7 @@ pub use kernel_config::{
     Setting, SockLayout, UserBuffers,
 };
 pub use records::{
-    Attribution, AttributeEvent, Endpoints, EventHeader, HEAD_FIXED_LEN, HeadEvent, OpenEvent,
+    AttributeEvent, Attribution, Endpoints, EventHeader, HEAD_FIXED_LEN, HeadEvent, OpenEvent,
     SnapshotEvent,
 };
 pub use wire::{CloseKind, ClosedBy, Direction, EventKind, LostReason, Protocol, Role};
@@ -67,10 +67,7 @@ pub const IPPROTO_TCP: u16 = 6;
 /// Whether payload moving in `direction` on a socket of `role` belongs to a request (client
 /// sends, server receives) rather than a response.
 pub const fn is_request(role: Role, direction: Direction) -> bool {
-    matches!(
-        (role, direction),
-        (Role::Client, Direction::Send) | (Role::Server, Direction::Recv)
-    )
+    matches!((role, direction), (Role::Client, Direction::Send) | (Role::Server, Direction::Recv))
 }
 
 /// The character a byte of a task's `comm` becomes in the `process` label: label-safe

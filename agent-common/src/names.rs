@@ -27,6 +27,8 @@ pub mod program {
     pub const FEXIT_TCP_RECVMSG: &str = "connscope_fexit_tcp_recvmsg";
     /// `tcp_recvmsg(sk, msg, len, nonblock, flags, addr_len)`, before 5.19.
     pub const FEXIT_TCP_RECVMSG_NONBLOCK: &str = "connscope_fexit_tcp_recvmsg_nonblock";
+    /// `tcp_recvmsg(sk, msg, len, flags)`, kernels without `addr_len` (6.18 has it so).
+    pub const FEXIT_TCP_RECVMSG_NO_ADDR_LEN: &str = "connscope_fexit_tcp_recvmsg_no_addr_len";
     // kprobe/kretprobe backend.
     pub const KPROBE_TCP_CONNECT: &str = "connscope_kprobe_tcp_connect";
     pub const KPROBE_TCP_CLOSE: &str = "connscope_kprobe_tcp_close";
@@ -45,7 +47,7 @@ pub mod program {
     pub const FLOOR_DESTROY: &str = "connscope_floor_destroy";
 
     /// Every program of the object.
-    pub const ALL: [&str; 30] = [
+    pub const ALL: [&str; 31] = [
         BTF_INET_SOCK_SET_STATE,
         BTF_TCP_DESTROY_SOCK,
         BTF_TCP_RECEIVE_RESET,
@@ -63,6 +65,7 @@ pub mod program {
         FEXIT_TCP_SENDMSG,
         FEXIT_TCP_RECVMSG,
         FEXIT_TCP_RECVMSG_NONBLOCK,
+        FEXIT_TCP_RECVMSG_NO_ADDR_LEN,
         KPROBE_TCP_CONNECT,
         KPROBE_TCP_CLOSE,
         KPROBE_TCP_SENDMSG,

@@ -26,10 +26,9 @@ pub fn fd_sock(fd: u64) -> Option<u64> {
     let files = read_pointer(task, layout.task_files)?;
     let fdt = read_pointer(files, layout.files_fdt)?;
     // SAFETY: kernel memory read through the fault-tolerant helper.
-    let max_fds: u32 = unsafe {
-        bpf_probe_read_kernel((fdt + u64::from(layout.fdt_max_fds)) as *const u32)
-    }
-    .ok()?;
+    let max_fds: u32 =
+        unsafe { bpf_probe_read_kernel((fdt + u64::from(layout.fdt_max_fds)) as *const u32) }
+            .ok()?;
     if fd >= u64::from(max_fds) {
         return None;
     }

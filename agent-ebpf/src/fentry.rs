@@ -1,6 +1,7 @@
 //! fentry/fexit backend (BTF trampolines): the cheapest hooks, on kernels that allow them.
 //! Arguments are typed by the kernel's BTF; the agent picks the `tcp_recvmsg` program that
-//! matches the kernel's prototype (it lost its `nonblock` argument in 5.19).
+//! matches the kernel's prototype (it lost its `nonblock` argument in 5.19, and `addr_len`
+//! later).
 
 use aya_ebpf::{
     macros::{fentry, fexit},
@@ -53,6 +54,16 @@ pub fn connscope_fexit_tcp_recvmsg(ctx: FExitContext) -> i32 {
 pub fn connscope_fexit_tcp_recvmsg_nonblock(ctx: FExitContext) -> i32 {
     let flags: i32 = ctx.arg(4);
     let ret: i32 = ctx.arg(6);
+    conn::transfer(ctx.arg(0), Direction::Recv, i64::from(ret), flags, || true);
+    0
+}
+
+/// `int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags)` (kernels
+/// that dropped `addr_len`).
+#[fexit(function = "tcp_recvmsg")]
+pub fn connscope_fexit_tcp_recvmsg_no_addr_len(ctx: FExitContext) -> i32 {
+    let flags: i32 = ctx.arg(3);
+    let ret: i32 = ctx.arg(4);
     conn::transfer(ctx.arg(0), Direction::Recv, i64::from(ret), flags, || true);
     0
 }

@@ -54,7 +54,9 @@ fn read_bytes(addr: u64, len: u64, dst: &mut [u8; HEAD_LEN]) -> u32 {
     }
     // SAFETY: user memory of the calling thread's own system call, read through the
     // fault-tolerant helper into `dst`, which holds HEAD_LEN bytes (size is at most that).
-    let rc = unsafe { generated::bpf_probe_read_user(dst.as_mut_ptr().cast(), size, addr as *const c_void) };
+    let rc = unsafe {
+        generated::bpf_probe_read_user(dst.as_mut_ptr().cast(), size, addr as *const c_void)
+    };
     if rc == 0 {
         size
     } else {
@@ -170,7 +172,13 @@ fn fingerprint(head: &HeadEvent) -> u32 {
 /// Sends the head unless it repeats the last one sent for its direction (`request` says
 /// which). A head that could not be sent is forgotten, so the next one is sent again.
 #[inline(always)]
-pub fn send_if_changed(sock: u64, conn: &mut Conn, record: &mut HeadEvent, request: bool, now: u64) {
+pub fn send_if_changed(
+    sock: u64,
+    conn: &mut Conn,
+    record: &mut HeadEvent,
+    request: bool,
+    now: u64,
+) {
     let print = fingerprint(record);
     let last = if request { conn.request_print } else { conn.response_print };
     if last == print && print != 0 {

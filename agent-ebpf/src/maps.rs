@@ -58,8 +58,7 @@ pub static SYSCALL_STASH: HashMap<u64, UserBuffer> = HashMap::with_max_entries(I
 /// kprobe backend: socket and receive flags of a `tcp_sendmsg`/`tcp_recvmsg` in progress,
 /// by pid_tgid (the kretprobe cannot see the arguments).
 #[map]
-pub static CALLS_IN_FLIGHT: HashMap<u64, [u64; 2]> =
-    HashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
+pub static CALLS_IN_FLIGHT: HashMap<u64, [u64; 2]> = HashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
 
 /// The benchmark's floor arm: bytes per socket, nothing else.
 #[map]

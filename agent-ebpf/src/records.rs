@@ -5,8 +5,8 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
 };
 use connscope_common::{
-    Attribution, AttributeEvent, Conn, EventHeader, EventKind, LostReason, OpenEvent,
-    Role, SnapshotEvent,
+    AttributeEvent, Attribution, Conn, EventHeader, EventKind, LostReason, OpenEvent, Role,
+    SnapshotEvent,
 };
 
 use aya_ebpf::maps::ring_buf::RingBufEntry;

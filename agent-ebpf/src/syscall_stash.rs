@@ -4,7 +4,9 @@
 //! This costs every such system call of the host a hash update, which is why kernels with
 //! the helper do not attach it.
 
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
+};
 use connscope_common::Direction;
 
 use crate::{

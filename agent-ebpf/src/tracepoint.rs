@@ -119,9 +119,11 @@ fn sock_length(ctx: &TracePointContext, direction: Direction) {
     if protocol != Some(IPPROTO_TCP) {
         return;
     }
-    let (Ok(sock), Ok(ret), Ok(flags)) = (unsafe { ctx.read_at::<u64>(8) }, unsafe {
-        ctx.read_at::<i32>(20)
-    }, unsafe { ctx.read_at::<i32>(24) }) else {
+    let (Ok(sock), Ok(ret), Ok(flags)) =
+        (unsafe { ctx.read_at::<u64>(8) }, unsafe { ctx.read_at::<i32>(20) }, unsafe {
+            ctx.read_at::<i32>(24)
+        })
+    else {
         return;
     };
     conn::transfer(sock, direction, i64::from(ret), flags, || true);

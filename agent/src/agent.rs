@@ -64,7 +64,10 @@ impl Agent {
         for hook in &probes.attached {
             metrics
                 .probes
-                .get_or_create(&Probe { hook: hook.hook.into(), attach: hook.attach.label().into() })
+                .get_or_create(&Probe {
+                    hook: hook.hook.into(),
+                    attach: hook.attach.label().into(),
+                })
                 .set(1);
         }
         let losses = Arc::new(UserLosses::default());
@@ -150,7 +153,9 @@ pub async fn run_floor(config: Config) -> anyhow::Result<()> {
     preflight::check_privileges()?;
     raise_memlock_limit();
     let ebpf = probes::load_floor(&config)?;
-    eprintln!("connscope: floor attached (sock_send_length, sock_recv_length, inet_sock_set_state, tcp_destroy_sock)");
+    eprintln!(
+        "connscope: floor attached (sock_send_length, sock_recv_length, inet_sock_set_state, tcp_destroy_sock)"
+    );
     let name = shutdown::signal_received().await;
     tracing::info!("{name} received, detaching the floor arm");
     drop(ebpf);

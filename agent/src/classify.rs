@@ -96,7 +96,8 @@ mod tests {
     #[test]
     fn resets_without_a_reset_on_the_wire_are_errors() {
         let http = HttpSession::default();
-        let reset = closed(Role::Client, ClosedBy::Peer, CloseKind::Reset, conn_flag::RESET_RECEIVED);
+        let reset =
+            closed(Role::Client, ClosedBy::Peer, CloseKind::Reset, conn_flag::RESET_RECEIVED);
         assert_eq!(close_reason(&reset, &http), CloseReason::Reset);
         let abort = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, 0);
         assert_eq!(close_reason(&abort, &http), CloseReason::Error);
@@ -106,21 +107,24 @@ mod tests {
     fn http_reasons_take_precedence_over_idle() {
         let idle = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, conn_flag::IDLE_AT_CLOSE);
         assert_eq!(close_reason(&idle, &HttpSession::default()), CloseReason::Idle);
-        let close = HttpSession { connection_close: true, ..HttpSession::default() };
-        assert_eq!(close_reason(&idle, &close), CloseReason::ConnectionClose);
-        let old = HttpSession { connection_close: true, http10_close: true, ..HttpSession::default() };
-        assert_eq!(close_reason(&idle, &old), CloseReason::Http10);
-        let limited = HttpSession { last_advertised_max: Some(1), ..HttpSession::default() };
-        assert_eq!(close_reason(&idle, &limited), CloseReason::MaxRequests);
+        let mut http = HttpSession::default();
+        http.connection_close = true;
+        assert_eq!(close_reason(&idle, &http), CloseReason::ConnectionClose);
+        http.http10_close = true;
+        assert_eq!(close_reason(&idle, &http), CloseReason::Http10);
+        http.last_advertised_max = Some(1);
+        assert_eq!(close_reason(&idle, &http), CloseReason::MaxRequests);
         let busy = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0);
         assert_eq!(close_reason(&busy, &HttpSession::default()), CloseReason::Unknown);
     }
 
     #[test]
     fn races() {
-        let late = closed(Role::Client, ClosedBy::Peer, CloseKind::Fin, conn_flag::SENT_AFTER_PEER_CLOSE);
+        let late =
+            closed(Role::Client, ClosedBy::Peer, CloseKind::Fin, conn_flag::SENT_AFTER_PEER_CLOSE);
         assert!(is_keepalive_race(&late));
-        let mut reset = closed(Role::Client, ClosedBy::Peer, CloseKind::Reset, conn_flag::RESET_RECEIVED);
+        let mut reset =
+            closed(Role::Client, ClosedBy::Peer, CloseKind::Reset, conn_flag::RESET_RECEIVED);
         reset.last_direction = Direction::Send as u8;
         assert!(is_keepalive_race(&reset));
         reset.exchanges = 1;

@@ -125,7 +125,14 @@ pub fn encode<T: Copy>(value: &T) -> Vec<u8> {
 }
 
 /// The bytes of a `Head` record carrying `head`, for tests and fuzzing.
-pub fn encode_head(header: EventHeader, open_ns: u64, exchanges: u32, direction: u8, role: u8, head: &[u8]) -> Vec<u8> {
+pub fn encode_head(
+    header: EventHeader,
+    open_ns: u64,
+    exchanges: u32,
+    direction: u8,
+    role: u8,
+    head: &[u8],
+) -> Vec<u8> {
     let fixed = HeadFixed {
         header,
         open_ns,

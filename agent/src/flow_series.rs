@@ -15,7 +15,9 @@ use prometheus_client::metrics::{
 use crate::{
     http::Version,
     labels::{self, LabelCap},
-    metrics::{Flow, FlowProtocol, GapHistogram, HttpRequest, Metrics, OpenState, PlacedFlow, Server},
+    metrics::{
+        Flow, FlowProtocol, GapHistogram, HttpRequest, Metrics, OpenState, PlacedFlow, Server,
+    },
     placement::{Placement, PlacementResolver},
 };
 
@@ -125,8 +127,14 @@ impl FlowSeries {
         self.server_gauge(&self.advertised_max, &metrics.advertised_max)
     }
 
-    fn server_gauge<'a>(&self, cell: &'a OnceLock<Gauge>, family: &Family<Server, Gauge>) -> &'a Gauge {
-        cell.get_or_init(|| family.get_or_create_owned(&Server { server: self.flow.server.clone() }))
+    fn server_gauge<'a>(
+        &self,
+        cell: &'a OnceLock<Gauge>,
+        family: &Family<Server, Gauge>,
+    ) -> &'a Gauge {
+        cell.get_or_init(|| {
+            family.get_or_create_owned(&Server { server: self.flow.server.clone() })
+        })
     }
 }
 
@@ -139,7 +147,11 @@ pub struct FlowCache {
 }
 
 impl FlowCache {
-    pub fn new(max_servers: usize, max_processes: usize, placement: Box<dyn PlacementResolver>) -> Self {
+    pub fn new(
+        max_servers: usize,
+        max_processes: usize,
+        placement: Box<dyn PlacementResolver>,
+    ) -> Self {
         Self {
             flows: HashMap::new(),
             servers: LabelCap::new(max_servers),
@@ -171,7 +183,8 @@ impl FlowCache {
             Some(owner) if owner.cgroup_id != 0 => self.placement.resolve(owner.cgroup_id),
             _ => Placement::default(),
         };
-        let key = PlacedFlow { flow: Flow { role: role.label().to_owned(), process, server }, placement };
+        let key =
+            PlacedFlow { flow: Flow { role: role.label().to_owned(), process, server }, placement };
         if let Some(series) = self.flows.get(&key) {
             return series.clone();
         }

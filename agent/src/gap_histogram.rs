@@ -64,7 +64,9 @@ impl EncodeMetric for GapHistogram {
 
 #[cfg(test)]
 mod tests {
-    use prometheus_client::{encoding::text::encode, metrics::histogram::Histogram, registry::Registry};
+    use prometheus_client::{
+        encoding::text::encode, metrics::histogram::Histogram, registry::Registry,
+    };
 
     use super::*;
 

@@ -177,8 +177,10 @@ mod tests {
         assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
         let fds = types.fd_layout()?;
         assert_eq!(fds.valid, 1);
-        // 5.19 dropped `nonblock`: (sk, msg, len, flags, addr_len).
-        assert_eq!(types.function_params("tcp_recvmsg"), Some(5));
+        // 6 parameters before 5.19 (`nonblock`), 5 after, 4 without `addr_len`.
+        let params = types.function_params("tcp_recvmsg");
+        assert!(matches!(params, Some(4..=6)), "{params:?}");
+        assert_eq!(types.function_params("tcp_connect"), Some(1));
         assert!(fds.task_files > 0 && fds.fdt_fd > fds.fdt_max_fds.saturating_sub(8), "{fds:?}");
         Ok(())
     }

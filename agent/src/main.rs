@@ -32,9 +32,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let work = async {
-        if floor { agent::run_floor(config).await } else { agent::run(config).await }
-    };
+    let work =
+        async { if floor { agent::run_floor(config).await } else { agent::run(config).await } };
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -82,7 +82,11 @@ const fn function(program: &'static str, name: &'static str) -> Attachment {
 const fn tp_btf(program: &'static str, event: &'static str) -> Attachment {
     Attachment { program, target: Target::BtfTracepoint(event) }
 }
-const fn tracepoint(program: &'static str, category: &'static str, event: &'static str) -> Attachment {
+const fn tracepoint(
+    program: &'static str,
+    category: &'static str,
+    event: &'static str,
+) -> Attachment {
     Attachment { program, target: Target::Tracepoint { category, event } }
 }
 
@@ -186,8 +190,9 @@ struct Kernel {
     /// BTF usable for tp_btf programs (the `struct sock` layout was found).
     sock_layout: Option<SockLayout>,
     fd_layout: Option<FdLayout>,
-    /// `tcp_recvmsg` still has its `nonblock` argument (before 5.19).
-    recvmsg_nonblock: bool,
+    /// Parameters of `tcp_recvmsg` in this kernel's BTF: 6 before 5.19 (`nonblock`), 5
+    /// after, 4 once `addr_len` was dropped.
+    recvmsg_params: Option<usize>,
     user_buffers: UserBuffers,
 }
 
@@ -196,20 +201,26 @@ impl Kernel {
         let btf = if preflight::has_btf() { Btf::from_sys_fs().ok() } else { None };
         let types = btf.as_ref().and_then(|_| {
             KernelTypes::read(Path::new(preflight::BTF_VMLINUX))
-                .inspect_err(|err| tracing::info!("kernel BTF unreadable for field offsets: {err:#}"))
+                .inspect_err(|err| {
+                    tracing::info!("kernel BTF unreadable for field offsets: {err:#}")
+                })
                 .ok()
         });
         let sock_layout = types.as_ref().and_then(|types| {
             types
                 .sock_layout()
-                .inspect_err(|err| tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}"))
+                .inspect_err(|err| {
+                    tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}")
+                })
                 .ok()
         });
         let fd_layout = types.as_ref().and_then(|types| {
-            types.fd_layout().inspect_err(|err| tracing::debug!("no syscall-exit fallback: {err:#}")).ok()
+            types
+                .fd_layout()
+                .inspect_err(|err| tracing::debug!("no syscall-exit fallback: {err:#}"))
+                .ok()
         });
-        let recvmsg_nonblock =
-            types.as_ref().is_some_and(|types| types.function_params("tcp_recvmsg") == Some(6));
+        let recvmsg_params = types.as_ref().and_then(|types| types.function_params("tcp_recvmsg"));
         // `bpf_task_pt_regs` and `bpf_get_current_task_btf`: 5.15, with BTF.
         let task_regs = btf.is_some() && preflight::kernel_version().is_some_and(|v| v >= (5, 15));
         let user_buffers = match (config.capture_heads, task_regs) {
@@ -217,7 +228,7 @@ impl Kernel {
             (true, true) => UserBuffers::TaskPtRegs,
             (true, false) => UserBuffers::SyscallStash,
         };
-        Self { btf, sock_layout, fd_layout, recvmsg_nonblock, user_buffers }
+        Self { btf, sock_layout, fd_layout, recvmsg_params, user_buffers }
     }
 
     /// BTF for tp_btf programs, when the `struct sock` layout is known.
@@ -227,10 +238,11 @@ impl Kernel {
 
     /// The program that fits this kernel's prototype of the hooked function.
     fn program_for(&self, program: &'static str) -> &'static str {
-        match program {
-            program::FEXIT_TCP_RECVMSG if self.recvmsg_nonblock => program::FEXIT_TCP_RECVMSG_NONBLOCK,
-            program::KPROBE_TCP_RECVMSG if self.recvmsg_nonblock => program::KPROBE_TCP_RECVMSG_NONBLOCK,
-            other => other,
+        match (program, self.recvmsg_params) {
+            (program::FEXIT_TCP_RECVMSG, Some(6)) => program::FEXIT_TCP_RECVMSG_NONBLOCK,
+            (program::FEXIT_TCP_RECVMSG, Some(4)) => program::FEXIT_TCP_RECVMSG_NO_ADDR_LEN,
+            (program::KPROBE_TCP_RECVMSG, Some(6)) => program::KPROBE_TCP_RECVMSG_NONBLOCK,
+            (other, _) => other,
         }
     }
 }
@@ -356,18 +368,25 @@ impl Attacher<'_> {
                     Err(anyhow!("no usable kernel BTF for tp_btf"))
                 }
                 Attach::TpBtf => self.attach_all(hook.tp_btf).map(|()| false),
-                Attach::Tracepoint if self.kernel.btf_tracepoints().is_some() && hook.tracepoint.is_empty() => {
+                Attach::Tracepoint
+                    if self.kernel.btf_tracepoints().is_some() && hook.tracepoint.is_empty() =>
+                {
                     Err(anyhow!("covered by the tp_btf lifecycle tracepoints"))
                 }
-                Attach::Tracepoint => self.attach_all(hook.tracepoint).map(|()| false).or_else(|err| {
-                    match hook.syscall_fallback.filter(|_| self.kernel.fd_layout.is_some()) {
-                        Some(setting) => {
-                            tracing::info!(hook = hook.name, "{err:#}; counting at syscall exit instead");
-                            self.enable(setting).map(|()| true)
+                Attach::Tracepoint => {
+                    self.attach_all(hook.tracepoint).map(|()| false).or_else(|err| {
+                        match hook.syscall_fallback.filter(|_| self.kernel.fd_layout.is_some()) {
+                            Some(setting) => {
+                                tracing::info!(
+                                    hook = hook.name,
+                                    "{err:#}; counting at syscall exit instead"
+                                );
+                                self.enable(setting).map(|()| true)
+                            }
+                            None => Err(err),
                         }
-                        None => Err(err),
-                    }
-                }),
+                    })
+                }
             };
             match result {
                 Ok(syscall_exit) => return Ok((attach, syscall_exit)),
@@ -408,7 +427,8 @@ impl Attacher<'_> {
             Target::Tracepoint { category, event } => {
                 let p: &mut TracePoint = program_mut(self.ebpf, name)?.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
-                p.attach(category, event).with_context(|| format!("attaching tracepoint {category}:{event}"))?;
+                p.attach(category, event)
+                    .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
                 Ok(())
             }
         }
@@ -423,7 +443,8 @@ impl Attacher<'_> {
 
     /// Turns on one of the kernel side's `SETTINGS` switches.
     fn enable(&mut self, setting: Setting) -> anyhow::Result<()> {
-        let map = self.ebpf.map_mut(map::SETTINGS).ok_or_else(|| anyhow!("SETTINGS map missing"))?;
+        let map =
+            self.ebpf.map_mut(map::SETTINGS).ok_or_else(|| anyhow!("SETTINGS map missing"))?;
         let mut settings: Array<&mut MapData, u32> = Array::try_from(map)?;
         settings.set(setting as u32, 1, 0).context("writing SETTINGS")?;
         Ok(())
@@ -448,7 +469,12 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Pro
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
-fn attach_function(ebpf: &mut Ebpf, name: &str, function: &str, btf: Option<&Btf>) -> anyhow::Result<()> {
+fn attach_function(
+    ebpf: &mut Ebpf,
+    name: &str,
+    function: &str,
+    btf: Option<&Btf>,
+) -> anyhow::Result<()> {
     match program_mut(ebpf, name)? {
         Program::FEntry(p) => {
             let btf = btf.ok_or_else(|| anyhow!("no kernel BTF"))?;
@@ -500,7 +526,8 @@ mod tests {
             assert!(object.maps.contains_key(name), "map {name} missing");
         }
         let elf = object::File::parse(PROGRAMS)?;
-        let symbols: BTreeSet<&str> = elf.symbols().filter_map(|symbol| symbol.name().ok()).collect();
+        let symbols: BTreeSet<&str> =
+            elf.symbols().filter_map(|symbol| symbol.name().ok()).collect();
         for name in names::global::ALL {
             assert!(symbols.contains(name), "global {name} missing");
         }

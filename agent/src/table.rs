@@ -8,7 +8,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use connscope_common::{
-    Attribution, AttributeEvent, CloseKind, ClosedBy, Conn, Direction, OpenEvent, Protocol, Role,
+    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, Direction, OpenEvent, Protocol, Role,
     SnapshotEvent, conn::GAP_BUCKETS, is_request,
 };
 
@@ -123,12 +123,7 @@ impl ConnectionTable {
     }
 
     /// Gives a connection its flow's series: it now counts as opened.
-    fn resolve(
-        &mut self,
-        tracked: &mut Tracked,
-        server: String,
-        owner: Option<&Attribution>,
-    ) {
+    fn resolve(&mut self, tracked: &mut Tracked, server: String, owner: Option<&Attribution>) {
         let series = self.flows.series(&self.metrics, tracked.role, server, owner);
         series.opened.inc();
         series.open_gauge(tracked.activity).inc();
@@ -213,7 +208,9 @@ impl ConnectionTable {
         series.bytes_sent.inc_by(conn.bytes_sent - seen.bytes_sent);
         series.bytes_received.inc_by(conn.bytes_received - seen.bytes_received);
         let mut gaps = [0u64; GAP_BUCKETS];
-        for (added, (now, before)) in gaps.iter_mut().zip(conn.gap_buckets.iter().zip(seen.gap_buckets)) {
+        for (added, (now, before)) in
+            gaps.iter_mut().zip(conn.gap_buckets.iter().zip(seen.gap_buckets))
+        {
             *added = u64::from(now.wrapping_sub(before));
         }
         let gap_sum_ns = conn.gap_sum_ns.saturating_sub(seen.gap_sum_ns);
@@ -286,7 +283,8 @@ impl ConnectionTable {
             reason: close_reason(conn, http).label().to_owned(),
         };
         self.metrics.closed.get_or_create(&closed).inc();
-        let protocol = if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
+        let protocol =
+            if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
         if let Some(histogram) = series.requests(&self.metrics, protocol) {
             let requests = match protocol {
                 Protocol::Http1 => http.requests.max(u64::from(conn.exchanges)),
@@ -332,7 +330,12 @@ fn add_requests(metrics: &Metrics, series: &FlowSeries, counts: RequestCounts) {
     }
 }
 
-fn on_response(metrics: &Metrics, tracked: &mut Tracked, series: &FlowSeries, response: &http::Head) {
+fn on_response(
+    metrics: &Metrics,
+    tracked: &mut Tracked,
+    series: &FlowSeries,
+    response: &http::Head,
+) {
     tracked.http.get_or_insert_default().on_response(response);
     if let Some(timeout) = response.keep_alive.timeout_seconds {
         series.advertised_timeout(metrics).set(i64::from(timeout));
@@ -342,3 +345,6 @@ fn on_response(metrics: &Metrics, tracked: &mut Tracked, series: &FlowSeries, re
     }
 }
 
+#[cfg(test)]
+#[path = "table_tests.rs"]
+mod tests;

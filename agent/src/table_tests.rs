@@ -1,0 +1,340 @@
+//! Connection table tests: synthetic kernel records in, metric values out.
+
+use connscope_common::{
+    AF_INET, Attribution, CloseKind, Conn, Direction, EventHeader, EventKind, OpenEvent, Role,
+    SnapshotEvent, conn::gap_bucket, conn_flag,
+};
+
+use super::*;
+use crate::{
+    events::{self, Event},
+    metrics::{Flow, FlowProtocol, HttpRequest, OpenState, Server},
+    placement::{NoPlacement, Placement},
+};
+
+const SOCK: u64 = 0xffff_0000_0000_1000;
+const OPEN_NS: u64 = 1_000;
+
+fn flow(role: &str) -> Flow {
+    Flow { role: role.into(), process: "curl".into(), server: "127.0.0.1:8080".into() }
+}
+
+fn open(role: Role) -> Event<'static> {
+    let mut event = OpenEvent {
+        header: EventHeader::new(EventKind::Open, SOCK, OPEN_NS),
+        open_ns: OPEN_NS,
+        role: role as u8,
+        attribution: Attribution { valid: 1, tgid: 7, ..Attribution::default() },
+        ..OpenEvent::default()
+    };
+    event.attribution.comm[..4].copy_from_slice(b"curl");
+    let endpoints = &mut event.endpoints;
+    endpoints.family = AF_INET;
+    endpoints.local_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    endpoints.remote_addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+    (endpoints.local_port, endpoints.remote_port) =
+        if role == Role::Client { (40_000, 8080) } else { (8080, 40_000) };
+    Event::Open(event)
+}
+
+fn state(role: Role) -> Conn {
+    Conn { open_ns: OPEN_NS, role: role as u8, flags: conn_flag::ATTRIBUTED, ..Conn::default() }
+}
+
+fn snapshot(kind: EventKind, conn: Conn, ts_ns: u64) -> Event<'static> {
+    let event = SnapshotEvent { header: EventHeader::new(kind, SOCK, ts_ns), conn };
+    if kind == EventKind::Close { Event::Close(event) } else { Event::Progress(event) }
+}
+
+/// A head record as the kernel sends it (bytes kept alive by the caller).
+fn head_record(role: Role, direction: Direction, exchanges: u32, head: &[u8]) -> Vec<u8> {
+    let header = EventHeader::new(EventKind::Head, SOCK, 0);
+    events::encode_head(header, OPEN_NS, exchanges, direction as u8, role as u8, head)
+}
+
+fn handle_bytes(table: &mut ConnectionTable, record: &[u8]) {
+    match events::decode(record) {
+        Ok(event) => table.handle(&event),
+        Err(err) => panic!("bad test record: {err}"),
+    }
+}
+
+fn table() -> (ConnectionTable, Metrics) {
+    let metrics = Metrics::new();
+    (ConnectionTable::new(metrics.clone(), 100, 100, Box::new(NoPlacement)), metrics)
+}
+
+fn closed_count(metrics: &Metrics, role: &str, by: &str, kind: &str, reason: &str) -> u64 {
+    let labels = Closed {
+        flow: PlacedFlow { flow: flow(role), placement: Placement::default() },
+        closed_by: by.into(),
+        close_kind: kind.into(),
+        reason: reason.into(),
+    };
+    metrics.closed.get(&labels).map(|c| c.get()).unwrap_or(0)
+}
+
+fn open_gauge(metrics: &Metrics, role: &str, state: &str) -> i64 {
+    metrics
+        .open
+        .get(&OpenState { flow: flow(role), state: state.into() })
+        .map(|g| g.get())
+        .unwrap_or(0)
+}
+
+fn requests(metrics: &Metrics, role: &str) -> (f64, u64) {
+    let labels = FlowProtocol { flow: flow(role), protocol: "http1".into() };
+    metrics.requests.get(&labels).map(|h| (h.sum(), h.count())).unwrap_or_default()
+}
+
+fn http11(metrics: &Metrics, role: &str) -> u64 {
+    let version = HttpRequest { flow: flow(role), http_version: "1.1".into() };
+    metrics.http_requests.get(&version).map(|c| c.get()).unwrap_or(0)
+}
+
+fn closing(mut conn: Conn, by: ClosedBy, kind: CloseKind) -> Conn {
+    conn.closed_by = by as u8;
+    conn.close_kind = kind as u8;
+    conn
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nKeep-Alive: timeout=5, max=3\r\n\r\n";
+const OK_LAST: &[u8] =
+    b"HTTP/1.1 200 OK\r\nConnection: close\r\nKeep-Alive: timeout=5, max=1\r\n\r\n";
+
+#[test]
+fn client_keep_alive_connection_closed_idle_by_peer() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Client));
+    assert_eq!(open_gauge(&metrics, "client", "idle"), 1);
+    handle_bytes(&mut table, &head_record(Role::Client, Direction::Send, 1, GET));
+    assert_eq!(open_gauge(&metrics, "client", "active"), 1);
+    handle_bytes(&mut table, &head_record(Role::Client, Direction::Recv, 1, OK));
+    // The second exchange repeated both heads: only the kernel's counts say so.
+    let mut last = state(Role::Client);
+    last.exchanges = 2;
+    last.gap_sum_ns = 200_000_000;
+    last.gap_buckets[gap_bucket(200_000_000)] = 1;
+    last.last_direction = Direction::Recv as u8;
+    last.flags |= conn_flag::IDLE_AT_CLOSE;
+    table.handle(&snapshot(
+        EventKind::Close,
+        closing(last, ClosedBy::Peer, CloseKind::Fin),
+        2_000_001_000,
+    ));
+
+    assert_eq!(closed_count(&metrics, "client", "peer", "fin", "idle"), 1);
+    assert_eq!(open_gauge(&metrics, "client", "idle"), 0);
+    assert_eq!(open_gauge(&metrics, "client", "active"), 0);
+    assert_eq!(table.len(), 0);
+    let (count, sum) = metrics.idle.get_or_create(&flow("client")).totals();
+    assert_eq!(count, 1, "one idle gap (before the second request)");
+    assert!((sum - 0.2).abs() < 1e-9);
+    let server = Server { server: "127.0.0.1:8080".into() };
+    assert_eq!(metrics.advertised_timeout.get_or_create(&server).get(), 5);
+    assert_eq!(metrics.advertised_max.get_or_create(&server).get(), 3);
+    assert_eq!(http11(&metrics, "client"), 2);
+    let duration = metrics.duration.get_or_create(&flow("client"));
+    assert_eq!(duration.count(), 1);
+    assert!((duration.sum() - 2.0).abs() < 1e-9);
+}
+
+/// One record per turn, or one head and batched snapshots: the same observations.
+#[test]
+fn batched_snapshots_equal_one_record_per_turn() {
+    let gaps_ns: Vec<u64> =
+        (0..1500u64).map(|n| (n % 7) * 3_000_000 + (n % 3) * 700_000_000).collect();
+    let run = |batch: usize| {
+        let (mut table, metrics) = table();
+        table.handle(&open(Role::Server));
+        handle_bytes(&mut table, &head_record(Role::Server, Direction::Recv, 1, GET));
+        handle_bytes(&mut table, &head_record(Role::Server, Direction::Send, 1, OK));
+        let mut conn = state(Role::Server);
+        conn.exchanges = 1;
+        for (n, gap) in gaps_ns.iter().enumerate() {
+            conn.exchanges += 1;
+            conn.gap_sum_ns += gap;
+            let bucket = &mut conn.gap_buckets[gap_bucket(*gap)];
+            *bucket = bucket.wrapping_add(1);
+            conn.bytes_received += 30;
+            conn.bytes_sent += 50;
+            // The kernel reports before a bucket could wrap unseen.
+            if (n + 1) % batch == 0 || *bucket % 128 == 0 {
+                table.handle(&snapshot(EventKind::Progress, conn, 0));
+            }
+        }
+        conn.last_direction = Direction::Send as u8;
+        table.handle(&snapshot(EventKind::Close, closing(conn, ClosedBy::Peer, CloseKind::Fin), 1));
+        let idle = metrics.idle.get_or_create(&flow("server"));
+        let bytes = metrics.bytes_sent.get_or_create(&flow("server")).get();
+        let mut text = String::new();
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("idle", "gaps", idle.clone());
+        let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        (text, idle.totals().0, bytes, http11(&metrics, "server"), requests(&metrics, "server"))
+    };
+    let per_turn = run(1);
+    assert_eq!(per_turn.1, gaps_ns.len() as u64);
+    assert_eq!(per_turn.3, gaps_ns.len() as u64 + 1);
+    assert_eq!(per_turn.4, ((gaps_ns.len() + 1) as f64, 1));
+    for batch in [10, 100, 5000] {
+        let batched = run(batch);
+        assert_eq!(batched.1, per_turn.1, "batch {batch}");
+        assert_eq!((batched.2, batched.3, batched.4), (per_turn.2, per_turn.3, per_turn.4));
+        // Same buckets; sums equal up to float rounding of the additions.
+        let buckets = |text: &str| {
+            text.lines().filter(|l| l.contains("_bucket")).map(str::to_owned).collect::<Vec<_>>()
+        };
+        assert_eq!(buckets(&batched.0), buckets(&per_turn.0), "batch {batch}");
+    }
+}
+
+#[test]
+fn connection_close_header_sets_reason() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Server));
+    handle_bytes(
+        &mut table,
+        &head_record(
+            Role::Server,
+            Direction::Recv,
+            1,
+            b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ),
+    );
+    handle_bytes(
+        &mut table,
+        &head_record(
+            Role::Server,
+            Direction::Send,
+            1,
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+        ),
+    );
+    let mut last = state(Role::Server);
+    last.exchanges = 1;
+    table.handle(&snapshot(
+        EventKind::Close,
+        closing(last, ClosedBy::Local, CloseKind::Fin),
+        5_000,
+    ));
+    assert_eq!(closed_count(&metrics, "server", "local", "fin", "connection_close"), 1);
+}
+
+#[test]
+fn http10_and_max_requests_reasons() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Client));
+    handle_bytes(
+        &mut table,
+        &head_record(Role::Client, Direction::Send, 1, b"GET / HTTP/1.0\r\n\r\n"),
+    );
+    handle_bytes(
+        &mut table,
+        &head_record(Role::Client, Direction::Recv, 1, b"HTTP/1.0 200 OK\r\n\r\n"),
+    );
+    let mut last = state(Role::Client);
+    last.exchanges = 1;
+    let last = closing(last, ClosedBy::Peer, CloseKind::Fin);
+    table.handle(&snapshot(EventKind::Close, last, 5_000));
+    assert_eq!(closed_count(&metrics, "client", "peer", "fin", "http10"), 1);
+
+    table.handle(&open(Role::Client));
+    handle_bytes(&mut table, &head_record(Role::Client, Direction::Send, 1, GET));
+    handle_bytes(&mut table, &head_record(Role::Client, Direction::Recv, 1, OK));
+    // Exchange 2 repeated both heads; exchange 3 got the last response.
+    handle_bytes(&mut table, &head_record(Role::Client, Direction::Recv, 3, OK_LAST));
+    let mut third = last;
+    third.exchanges = 3;
+    table.handle(&snapshot(EventKind::Close, third, 9_000));
+    assert_eq!(closed_count(&metrics, "client", "peer", "fin", "max_requests"), 1);
+    assert_eq!(requests(&metrics, "client"), (4.0, 2), "1 + 3 requests over two connections");
+}
+
+#[test]
+fn resets_and_races() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Client));
+    let mut reset = closing(state(Role::Client), ClosedBy::Peer, CloseKind::Reset);
+    reset.exchanges = 2;
+    reset.flags |= conn_flag::RESET_RECEIVED;
+    reset.last_direction = Direction::Send as u8;
+    table.handle(&snapshot(EventKind::Close, reset, 5_000));
+    assert_eq!(closed_count(&metrics, "client", "peer", "reset", "reset"), 1);
+    assert_eq!(metrics.races.get_or_create(&flow("client")).get(), 1);
+
+    // An abort with no reset on the wire (e.g. a timeout) is an error.
+    table.handle(&open(Role::Client));
+    let aborted = closing(state(Role::Client), ClosedBy::Local, CloseKind::Reset);
+    table.handle(&snapshot(EventKind::Close, aborted, 7_000));
+    assert_eq!(closed_count(&metrics, "client", "local", "reset", "error"), 1);
+}
+
+#[test]
+fn accepted_sockets_count_once_their_process_is_known() {
+    let (mut table, metrics) = table();
+    let Event::Open(mut accepted) = open(Role::Server) else { return };
+    accepted.attribution = Attribution::default();
+    table.handle(&Event::Open(accepted));
+    let opened = PlacedFlow { flow: flow("server"), placement: Placement::default() };
+    assert_eq!(metrics.opened.get(&opened).map(|c| c.get()), None);
+    let Event::Open(owner) = open(Role::Server) else { return };
+    let attribute = connscope_common::AttributeEvent {
+        header: EventHeader::new(EventKind::Attribute, SOCK, 2_000),
+        open_ns: OPEN_NS,
+        attribution: owner.attribution,
+    };
+    table.handle(&Event::Attribute(attribute));
+    assert_eq!(metrics.opened.get(&opened).map(|c| c.get()), Some(1));
+    assert_eq!(open_gauge(&metrics, "server", "idle"), 1);
+}
+
+#[test]
+fn records_of_other_generations_and_stale_snapshots_are_ignored() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Client));
+    let header = EventHeader::new(EventKind::Head, SOCK, 0);
+    let stale = events::encode_head(header, 999, 1, Direction::Send as u8, Role::Client as u8, GET);
+    handle_bytes(&mut table, &stale);
+    assert_eq!(http11(&metrics, "client"), 0);
+    let mut newer = state(Role::Client);
+    (newer.exchanges, newer.bytes_sent) = (5, 500);
+    table.handle(&snapshot(EventKind::Progress, newer, 0));
+    let mut older = newer;
+    (older.exchanges, older.bytes_sent) = (4, 400);
+    table.handle(&snapshot(EventKind::Progress, older, 0));
+    assert_eq!(metrics.bytes_sent.get_or_create(&flow("client")).get(), 500);
+}
+
+#[test]
+fn bytes_are_counted_once() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Client));
+    let mut progress = state(Role::Client);
+    progress.bytes_sent = 100;
+    table.handle(&snapshot(EventKind::Progress, progress, 0));
+    let mut last = closing(state(Role::Client), ClosedBy::Local, CloseKind::Fin);
+    (last.bytes_sent, last.bytes_received) = (150, 70);
+    table.handle(&snapshot(EventKind::Close, last, 2_000));
+    assert_eq!(metrics.bytes_sent.get_or_create(&flow("client")).get(), 150);
+    assert_eq!(metrics.bytes_received.get_or_create(&flow("client")).get(), 70);
+}
+
+#[test]
+fn sweeps_read_active_connections_until_they_are_quiet() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Client));
+    let mut candidates = Vec::new();
+    table.sweep_candidates(&mut candidates);
+    assert_eq!(candidates, [SOCK]);
+    let mut busy = state(Role::Client);
+    busy.bytes_sent = 10;
+    table.swept(SOCK, Some(&busy));
+    table.sweep_candidates(&mut candidates);
+    assert_eq!(candidates, [SOCK], "changed: read again");
+    table.swept(SOCK, Some(&busy));
+    table.sweep_candidates(&mut candidates);
+    assert!(candidates.is_empty(), "unchanged: dropped until the kernel reports it");
+    assert_eq!(metrics.bytes_sent.get_or_create(&flow("client")).get(), 10);
+}
