@@ -12,6 +12,11 @@ Conventions every panel follows (checked by tests/tests/assets_dashboards.rs):
 - `namespace=~"$namespace"` only on the metrics that carry Kubernetes labels
   (connections_opened_total, connections_closed_total); its All value is `.*`, which also
   matches series without the label (plain hosts).
+
+Every dashboard must also type-check against Grafana's own types (@grafana/schema, with the
+panel plugins' option types): tests/tests/assets_grafana_schema.rs, types in
+tests/node/grafana-dashboard.ts. That is why stat panels set showPercentChange, tables
+frameIndex, heatmaps showValue, and query variables have no `definition` field.
 """
 
 import json
@@ -119,6 +124,7 @@ def stat(title, desc, unit, expr, decimals=None, thresholds=None):
         "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
         "colorMode": "value", "graphMode": "area", "justifyMode": "auto",
         "orientation": "auto", "textMode": "auto", "wideLayout": True,
+        "showPercentChange": False, "percentChangeColorMode": "standard",
     }
     return p
 
@@ -126,8 +132,7 @@ def stat(title, desc, unit, expr, decimals=None, thresholds=None):
 def table(title, desc, unit, targets, rename, sort_by, overrides=None):
     p = base_panel("table", title, desc, unit, targets)
     p["fieldConfig"]["overrides"] = overrides or []
-    p["options"] = {"showHeader": True, "cellHeight": "sm",
-                    "footer": {"show": False, "reducer": ["sum"], "fields": ""},
+    p["options"] = {"showHeader": True, "cellHeight": "sm", "frameIndex": 0,
                     "sortBy": [{"displayName": sort_by, "desc": True}]}
     transforms = []
     if len(targets) > 1:
@@ -143,6 +148,7 @@ def heatmap(title, desc, yunit, expr):
     p = base_panel("heatmap", title, desc, "short", [target(expr, legend="{{le}}", fmt="heatmap")])
     p["options"] = {
         "calculate": False,
+        "showValue": "auto",
         "cellGap": 1,
         "color": {"mode": "scheme", "scheme": "Oranges", "exponent": 0.5, "fill": "dark-orange",
                   "reverse": False, "scale": "exponential", "steps": 64},
@@ -171,7 +177,6 @@ def variables():
         return {
             "type": "query", "name": name, "label": label, "description": desc,
             "datasource": DATASOURCE,
-            "definition": query,
             "query": {"qryType": 1, "query": query, "refId": "PrometheusVariableQueryEditor-VariableQuery"},
             "refresh": 2, "regex": "", "sort": 1,
             "includeAll": True, "allValue": all_value, "multi": True,
@@ -183,7 +188,7 @@ def variables():
         {"type": "datasource", "name": "datasource", "label": "Data source",
          "description": "Prometheus server that scrapes the connscope agents.",
          "query": "prometheus", "regex": "", "refresh": 1, "hide": 0, "includeAll": False,
-         "multi": False, "current": {}, "options": [], "skipUrlSync": False},
+         "multi": False, "options": [], "skipUrlSync": False},
         query_var("job", "Job", "label_values(connscope_build_info, job)",
                   "Prometheus job(s) that scrape connscope.", ".+"),
         query_var("instance", "Instance", 'label_values(connscope_build_info{job=~"$job"}, instance)',

@@ -6,6 +6,7 @@ pub mod asset_files;
 pub mod demo;
 pub mod external_tools;
 pub mod grafana;
+pub mod grafana_schema;
 pub mod http_server;
 pub mod kubernetes;
 pub mod metric_contract;

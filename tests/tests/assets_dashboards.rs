@@ -114,8 +114,10 @@ fn dashboards_are_importable_grafana_json() -> Result<()> {
                 problems
                     .push(format!("{name}: `{var}` must be a query variable on ${{datasource}}"));
             }
-            if !str_at(v, "/definition").starts_with("label_values(")
-                || str_at(v, "/query/query") != str_at(v, "/definition")
+            // The Prometheus variable editor's form: qryType 1 is "label values". (Grafana's
+            // schema has no `definition` field, so the query is only here.)
+            if !str_at(v, "/query/query").starts_with("label_values(")
+                || v["query"]["qryType"] != json!(1)
             {
                 problems.push(format!("{name}: `{var}` must be a label_values() query"));
             }
@@ -202,7 +204,7 @@ fn dashboard_queries_parse_and_use_contract_metrics() -> Result<()> {
                 continue;
             }
             // label_values(selector, label): the selector is PromQL, the label must exist.
-            let def = str_at(v, "/definition");
+            let def = str_at(v, "/query/query");
             let inner = def.strip_prefix("label_values(").and_then(|r| r.strip_suffix(')'));
             match inner.and_then(|i| i.rsplit_once(',')) {
                 Some((sel, label)) => {

@@ -41,6 +41,7 @@ pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
     pip_packages()?;
     kubectl()?;
+    crate::node_tools::install()?;
     bpf_linker()?;
     toolchain_link()?;
     eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
