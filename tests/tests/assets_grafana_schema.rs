@@ -66,6 +66,7 @@ fn breakages() -> Vec<Breakage> {
         ("impossible stat option value", "{stat}/options", "colorMode", json!("rainbow"), Plugin),
         ("unknown target field", "{ts}/targets/0", "legendFromat", json!("x"), Plugin),
         ("wrong target type", "{ts}/targets/0", "instant", json!("false"), Plugin),
+        ("panel type without plugin types", "{stat}", "type", json!("piechart"), Plugin),
     ];
     cases
         .into_iter()
