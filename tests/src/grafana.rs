@@ -1,14 +1,11 @@
 //! Reading the bundled Grafana dashboards: their panels, queries and template variables.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, ensure};
 use serde_json::Value;
 
-/// The repository root.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+pub use crate::asset_files::repo_root;
 
 /// Every dashboard in `dashboards/`, by file name, sorted.
 pub fn dashboards() -> anyhow::Result<Vec<(String, Value)>> {

@@ -2,13 +2,19 @@
 //! and read exact values. Every kernel test runs its own agent and its own servers on
 //! ports (or loopback addresses) of its own, so tests run in parallel without sharing counts.
 
+pub mod asset_files;
 pub mod demo;
+pub mod external_tools;
 pub mod grafana;
+pub mod grafana_schema;
 pub mod http_server;
+pub mod kubernetes;
+pub mod metric_contract;
 pub mod metrics_text;
 pub mod net;
 pub mod nginx;
 pub mod procfs;
+pub mod prometheus_rules;
 
 use std::{
     io::{Read as _, Write as _},

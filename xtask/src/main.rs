@@ -4,6 +4,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod node_tools;
 mod setup;
 mod test;
 mod vm;

@@ -29,7 +29,7 @@ const APT_PACKAGES: &[&str] = &[
     "systemd",
 ];
 
-/// PyPI packages for the offline manifest checks (tests/tests/assets.rs).
+/// PyPI packages for the offline manifest checks (tests/tests/assets_kubernetes.rs).
 const PIP_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "jsonschema==4.26.0"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -41,6 +41,7 @@ pub fn run() -> anyhow::Result<()> {
     apt_packages()?;
     pip_packages()?;
     kubectl()?;
+    crate::node_tools::install()?;
     bpf_linker()?;
     toolchain_link()?;
     eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
