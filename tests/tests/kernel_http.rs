@@ -313,3 +313,99 @@ fn hostile_payloads_are_harmless() -> anyhow::Result<()> {
     assert_eq!(agent.get("/healthz")?.0, 200);
     Ok(())
 }
+
+/// Steady keep-alive traffic stays in the kernel: one connection carries more than 1,000
+/// requests with gaps the test chooses across several bucket ranges. Requests, gap count,
+/// gap buckets and gap sum equal what the test did; while the connection is still open a
+/// scrape shows its requests and its idle state.
+#[test]
+fn long_connection_counts_requests_and_gaps_in_the_kernel() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("long_connection_counts_requests_and_gaps_in_the_kernel") {
+        return Ok(());
+    }
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    let serving = http_server::serve(listener, 1, ServerBehaviour::default());
+    // (sleep before the request, how many): back-to-back, then one range per bucket span.
+    let plan: [(Duration, u32); 5] = [
+        (Duration::ZERO, 1000),
+        (Duration::from_millis(2), 100),
+        (Duration::from_millis(20), 40),
+        (Duration::from_millis(120), 10),
+        (Duration::from_millis(600), 3),
+    ];
+    let total: u32 = plan.iter().map(|(_, n)| n).sum();
+    let mut client = TcpStream::connect(&server)?;
+    let mut slept = 0.0;
+    let mut first = true;
+    for (pause, count) in plan {
+        for _ in 0..count {
+            if !first && !pause.is_zero() {
+                let start = std::time::Instant::now();
+                thread::sleep(pause);
+                slept += start.elapsed().as_secs_f64();
+            }
+            first = false;
+            http_server::request(&mut client, "1.1", "")?;
+        }
+    }
+    // Still open: the agent's sweeps (every second) bring the kernel's counts and the
+    // connection's state to /metrics.
+    let open = agent.scrape_until(WAIT, |s| {
+        ["client", "server"].iter().all(|role| {
+            s.sum("connscope_http_requests_total", &[("server", &server), ("role", role)])
+                == f64::from(total)
+                && s.sum(
+                    "connscope_connections_open",
+                    &[("server", &server), ("role", role), ("state", "idle")],
+                ) == 1.0
+        })
+    })?;
+    for role in ["client", "server"] {
+        let labels = [("server", server.as_str()), ("role", role)];
+        assert_eq!(
+            open.sum("connscope_http_requests_total", &labels),
+            f64::from(total),
+            "{role}: {}",
+            open.text
+        );
+        let idle = [("server", server.as_str()), ("role", role), ("state", "idle")];
+        assert_eq!(
+            open.sum("connscope_connections_open", &idle),
+            1.0,
+            "{role} open and idle: {:?}",
+            open.text.lines().filter(|l| l.contains("connections_open")).collect::<Vec<_>>()
+        );
+    }
+    drop(client);
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0)?;
+    let gaps = f64::from(total - 1);
+    for role in ["client", "server"] {
+        let labels = [("server", server.as_str()), ("role", role)];
+        assert_eq!(scrape.sum("connscope_connection_requests_sum", &labels), f64::from(total));
+        assert_eq!(scrape.sum("connscope_connection_idle_seconds_count", &labels), gaps, "{role}");
+        let bucket = |le: &str| {
+            scrape.sum(
+                "connscope_connection_idle_seconds_bucket",
+                &[("server", server.as_str()), ("role", role), ("le", le)],
+            )
+        };
+        // Gaps are at least the sleeps (scheduling only adds): exact counts above the
+        // bounds no shorter range can reach, a lower bound at 1 ms.
+        let above = |le: &str| bucket("+Inf") - bucket(le);
+        assert_eq!(above("0.5"), 3.0, "{role} 600 ms sleeps");
+        assert_eq!(above("0.1"), 13.0, "{role} 120 ms sleeps and longer");
+        assert_eq!(above("0.01"), 53.0, "{role} 20 ms sleeps and longer");
+        assert!(above("0.001") >= 153.0, "{role} 2 ms sleeps and longer");
+        assert_eq!(bucket("+Inf"), gaps);
+        // The sum is the sleeps plus each back-to-back gap's few microseconds.
+        let idle = scrape.sum("connscope_connection_idle_seconds_sum", &labels);
+        assert!(
+            idle >= slept * 0.999 && idle - slept < 0.001 * gaps,
+            "{role}: idle {idle} s, slept {slept} s"
+        );
+    }
+    Ok(())
+}
