@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod config;
 pub mod events;
+pub mod flows;
 pub mod http;
 pub mod kernel_layout;
 pub mod kernel_stats;

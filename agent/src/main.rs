@@ -1,11 +1,23 @@
-//! `connscope`: parse flags, set up logging, run the agent; errors end as one clear line.
-use std::process::ExitCode;
+//! `connscope`: parse flags, set up logging, run the agent (or a subcommand); errors end as
+//! one clear line.
+use std::{future::Future, process::ExitCode};
 
 use clap::Parser as _;
-use connscope::{agent, config::Cli};
+use connscope::{
+    agent,
+    config::{Cli, Command},
+    flows,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        None => run_agent(cli),
+        Some(Command::Flows(args)) => block_on(flows::run(args)),
+    }
+}
+
+fn run_agent(cli: Cli) -> ExitCode {
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(err) => {
@@ -14,6 +26,11 @@ fn main() -> ExitCode {
         }
     };
     connscope::logging::init(&config.log_level);
+    block_on(agent::run(config))
+}
+
+/// Runs `task` on a small runtime; its error becomes the one line the user reads.
+fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("connscope")
@@ -26,7 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agent::run(config)) {
+    match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
