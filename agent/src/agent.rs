@@ -29,6 +29,7 @@ use crate::{
 const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let web = Arc::new(crate::web::WebSettings::load(config.web_config_file.as_deref())?);
     preflight::check_privileges()?;
     // Bind first: a busy port is reported before anything is loaded into the kernel.
     let listener = bind(config.listen_address).await?;
@@ -76,7 +77,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let (stop_server, server_stopped) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, state.clone(), server_stopped));
+    let server = tokio::spawn(server::serve(listener, web, state.clone(), server_stopped));
     state.ready.store(true, Ordering::Release);
     tracing::info!(
         address = %config.listen_address,

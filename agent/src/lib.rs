@@ -20,3 +20,4 @@ pub mod probes;
 pub mod server;
 pub mod shutdown;
 pub mod table;
+pub mod web;
