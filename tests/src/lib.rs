@@ -9,6 +9,7 @@ pub mod metrics_text;
 pub mod net;
 pub mod nginx;
 pub mod procfs;
+pub mod prometheus;
 
 use std::{
     io::{Read as _, Write as _},
