@@ -111,12 +111,7 @@ impl TlsServerConfig {
         };
         let cert_file = base.join(cert_file);
         let key_file = base.join(key_file);
-        let certs = CertificateDer::pem_file_iter(&cert_file)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|err| anyhow::anyhow!("cert_file {}: {err}", cert_file.display()))?;
-        if certs.is_empty() {
-            bail!("cert_file {}: no certificate in it", cert_file.display());
-        }
+        let certs = read_certs(&cert_file, "cert_file")?;
         let key = PrivateKeyDer::from_pem_file(&key_file)
             .map_err(|err| anyhow::anyhow!("key_file {}: {err}", key_file.display()))?;
         files.extend([cert_file.clone(), key_file.clone()]);
@@ -184,18 +179,23 @@ impl TlsServerConfig {
 
 fn read_roots(ca_file: &Path) -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    let certs = CertificateDer::pem_file_iter(ca_file)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|err| anyhow::anyhow!("client_ca_file {}: {err}", ca_file.display()))?;
-    for cert in certs {
+    for cert in read_certs(ca_file, "client_ca_file")? {
         roots
             .add(cert)
             .map_err(|err| anyhow::anyhow!("client_ca_file {}: {err}", ca_file.display()))?;
     }
-    if roots.is_empty() {
-        bail!("client_ca_file {}: no certificate in it", ca_file.display());
-    }
     Ok(roots)
+}
+
+/// Every certificate of a PEM file (at least one); `what` names the setting in errors.
+pub fn read_certs(path: &Path, what: &str) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| anyhow::anyhow!("{what} {}: {err}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{what} {}: no certificate in it", path.display());
+    }
+    Ok(certs)
 }
 
 /// The provider every TLS config of the agent uses (ring).
