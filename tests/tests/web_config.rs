@@ -258,6 +258,25 @@ fn tls_port_demands_credentials_and_refuses_plain_http() -> anyhow::Result<()> {
         assert_eq!(agent.curl(&pki, "/healthz", &["-u", "prometheus:wrong"])?.0, 401);
     }
 
+    // `connscope flows` with the client side of the same settings.
+    let password_file = pki.path("password");
+    std::fs::write(&password_file, "s3cret\n")?;
+    let ca = pki.path("ca.crt");
+    let flows = |extra: &[&str]| {
+        Command::new(agent_binary())
+            .args(["flows", "--url", &agent.url("https", ""), "--interval", "0", "--tls.ca-file"])
+            .arg(&ca)
+            .args(["--basic-auth.username", "prometheus"])
+            .args(extra)
+            .output()
+    };
+    let output = flows(&["--basic-auth.password-file", &password_file.to_string_lossy()])?;
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("totals since the agent started"));
+    let output = flows(&["--basic-auth.password", "wrong"])?;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("401"), "{output:?}");
+
     // Plain HTTP on the TLS port: no HTTP answer, no metrics.
     let (status, body) = curl(&[&agent.url("http", "/metrics")])?;
     assert_ne!(status, 200);
