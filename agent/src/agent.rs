@@ -33,6 +33,7 @@ const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 pub struct Agent {
     config: Config,
     listener: TcpListener,
+    web: Arc<crate::web::WebSettings>,
     probes: probes::Probes,
     state: Arc<AppState>,
     pipeline: Pipeline,
@@ -51,6 +52,7 @@ struct Pipeline {
 
 impl Agent {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let web = Arc::new(crate::web::WebSettings::load(config.web_config_file.as_deref())?);
         preflight::check_privileges()?;
         // Bind first: a busy port is reported before anything is loaded into the kernel.
         let listener = bind(config.listen_address).await?;
@@ -97,14 +99,14 @@ impl Agent {
             Box::new(placement),
         );
         let pipeline = Pipeline { ring, conns, table, counters, losses, sweep: Vec::new() };
-        Ok(Self { config, listener, probes, state, pipeline })
+        Ok(Self { config, listener, web, probes, state, pipeline })
     }
 
     /// Serves and drains events until SIGTERM/SIGINT, then detaches.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Self { config, listener, probes, state, mut pipeline } = self;
+        let Self { config, listener, web, probes, state, mut pipeline } = self;
         let (stop_server, server_stopped) = watch::channel(false);
-        let server = tokio::spawn(server::serve(listener, state.clone(), server_stopped));
+        let server = tokio::spawn(server::serve(listener, web, state.clone(), server_stopped));
         state.ready.store(true, Ordering::Release);
         tracing::info!(
             address = %config.listen_address,

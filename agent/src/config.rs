@@ -1,6 +1,9 @@
-//! Flags (exporter style, each with an environment variable) and the optional YAML file.
+//! The command line (exporter-style flags, each with an environment variable), the optional
+//! YAML `--config.file`, and the subcommands.
 //!
-//! Precedence: flag > environment variable > `--config.file` > built-in default.
+//! Every agent setting is described once, in [`settings!`] below: its flag (also its file
+//! key), environment variable, type and default. Precedence: flag > environment variable >
+//! `--config.file` > built-in default.
 
 use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr},
@@ -8,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 /// Which hook mechanism to use for `tcp_connect`, `tcp_close`, `tcp_sendmsg`, `tcp_recvmsg`.
@@ -26,128 +29,161 @@ pub enum Backend {
 #[command(
     name = "connscope",
     version,
-    about = "eBPF agent: HTTP connection reuse, idle time, who closes and why, churn; Prometheus metrics"
+    about = "eBPF agent: HTTP connection reuse, idle time, who closes and why, churn; Prometheus metrics",
+    // `connscope` alone runs the agent with these flags; a subcommand takes its own.
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
-    /// Address to serve /metrics, /healthz, /readyz and / on (":9477" means all addresses).
-    #[arg(long = "web.listen-address", env = "CONNSCOPE_WEB_LISTEN_ADDRESS")]
-    pub listen_address: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
 
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long = "log.level", env = "CONNSCOPE_LOG_LEVEL")]
-    pub log_level: Option<String>,
-
-    /// Optional YAML file with the same settings (keys as in the flags, e.g. `web.listen-address`).
+    /// Optional YAML file with the agent's settings (keys as in the flags, e.g. `web.listen-address`).
     #[arg(long = "config.file", env = "CONNSCOPE_CONFIG_FILE")]
     pub config_file: Option<PathBuf>,
 
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// What `connscope` does besides running the agent (adding one: a variant here, an arm in main.rs).
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a running agent's flows, sorted by churn (reads its /metrics twice for rates).
+    Flows(crate::flows::FlowsArgs),
+    /// The benchmark's floor arm (`cargo xtask bench`): the same tp_btf hooks, each program
+    /// only looking the socket up and adding its bytes, until SIGTERM.
+    #[command(hide = true)]
+    BenchFloor,
+}
+
+/// A setting's raw value (as clap and serde read it) turned into the type the agent uses.
+trait FromSetting<Raw>: Sized {
+    fn from_setting(raw: Raw) -> anyhow::Result<Self>;
+}
+
+impl<T> FromSetting<T> for T {
+    fn from_setting(raw: T) -> anyhow::Result<T> {
+        Ok(raw)
+    }
+}
+
+impl FromSetting<String> for SocketAddr {
+    fn from_setting(raw: String) -> anyhow::Result<Self> {
+        parse_listen_address(&raw)
+    }
+}
+
+impl FromSetting<PathBuf> for Option<PathBuf> {
+    fn from_setting(raw: PathBuf) -> anyhow::Result<Self> {
+        Ok(Some(raw))
+    }
+}
+
+/// Declares [`Settings`] (as given: clap flags + `--config.file` keys, all optional) and
+/// [`Config`] (resolved: every value filled). One entry per setting:
+/// `docs, attributes; field: RawType [as ConfigType] = default, "flag.name", "ENV_VAR";`
+macro_rules! settings {
+    (@typed $raw:ty) => { $raw };
+    (@typed $raw:ty, $typed:ty) => { $typed };
+    ($(
+        $(#[$attr:meta])*
+        $field:ident: $raw:ty $(as $typed:ty)? = $default:expr, $key:literal, $env:literal;
+    )*) => {
+        /// The agent's settings as given on the command line, in the environment or in
+        /// `--config.file` (whose keys are the flag names).
+        #[derive(Debug, Default, clap::Args, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $(
+                $(#[$attr])*
+                #[arg(long = $key, env = $env)]
+                #[serde(rename = $key, default)]
+                pub $field: Option<$raw>,
+            )*
+        }
+
+        /// Validated settings.
+        #[derive(Clone, Debug)]
+        pub struct Config {
+            $(pub $field: settings!(@typed $raw $(, $typed)?),)*
+        }
+
+        impl Settings {
+            /// Each value of `self`, else the one of `fallback`.
+            fn or(self, fallback: Self) -> Self {
+                Self { $($field: self.$field.or(fallback.$field),)* }
+            }
+
+            fn resolve(self) -> anyhow::Result<Config> {
+                Ok(Config {
+                    $($field: match self.$field {
+                        Some(raw) => FromSetting::from_setting(raw)?,
+                        None => $default,
+                    },)*
+                })
+            }
+        }
+    };
+}
+
+settings! {
+    /// Address to serve /metrics, /healthz, /readyz and / on (":9477" means all addresses).
+    listen_address: String as SocketAddr =
+        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 9477),
+        "web.listen-address", "CONNSCOPE_WEB_LISTEN_ADDRESS";
+
+    /// Exporter-toolkit web configuration (YAML): TLS, client certificates, basic auth,
+    /// as node_exporter's --web.config.file. Re-read when it or its certificates change.
+    web_config_file: PathBuf as Option<PathBuf> = None,
+        "web.config.file", "CONNSCOPE_WEB_CONFIG_FILE";
+
+    /// Log level: error, warn, info, debug or trace.
+    log_level: String = "info".into(), "log.level", "CONNSCOPE_LOG_LEVEL";
+
     /// Hook backend: auto picks fentry, then kprobe, then tracepoint for each hook.
-    #[arg(long = "probe.backend", env = "CONNSCOPE_PROBE_BACKEND", value_enum)]
-    pub backend: Option<Backend>,
+    #[arg(value_enum)]
+    backend: Backend = Backend::Auto, "probe.backend", "CONNSCOPE_PROBE_BACKEND";
 
     /// Connections tracked at once in the kernel map; beyond it new ones are counted in
     /// connscope_events_lost_total{reason="map_full"}.
-    #[arg(long = "bpf.max-connections", env = "CONNSCOPE_BPF_MAX_CONNECTIONS")]
-    pub max_connections: Option<u32>,
+    max_connections: u32 = connscope_common::DEFAULT_MAX_CONNECTIONS,
+        "bpf.max-connections", "CONNSCOPE_BPF_MAX_CONNECTIONS";
 
     /// Size of the kernel-to-agent ring buffer in bytes (a power of two, at least 4096).
-    #[arg(long = "bpf.ringbuf-bytes", env = "CONNSCOPE_BPF_RINGBUF_BYTES")]
-    pub ringbuf_bytes: Option<u32>,
+    ringbuf_bytes: u32 = 4 << 20, "bpf.ringbuf-bytes", "CONNSCOPE_BPF_RINGBUF_BYTES";
 
     /// Distinct `server` label values: the first ones seen keep their label, the rest are
     /// reported as "other" (a strict bound on the number of series).
-    #[arg(long = "metrics.max-servers", env = "CONNSCOPE_METRICS_MAX_SERVERS")]
-    pub max_servers: Option<usize>,
+    max_servers: usize = 100, "metrics.max-servers", "CONNSCOPE_METRICS_MAX_SERVERS";
 
     /// Distinct `process` label values; the rest are reported as "other".
-    #[arg(long = "metrics.max-processes", env = "CONNSCOPE_METRICS_MAX_PROCESSES")]
-    pub max_processes: Option<usize>,
+    max_processes: usize = 100, "metrics.max-processes", "CONNSCOPE_METRICS_MAX_PROCESSES";
 
     /// Read the first bytes of each request/response turn to parse HTTP/1.x heads. Off: only
     /// protocol-agnostic exchange counting (no payload is read at all).
-    #[arg(long = "http.capture-heads", env = "CONNSCOPE_HTTP_CAPTURE_HEADS")]
-    pub capture_heads: Option<bool>,
+    capture_heads: bool = true, "http.capture-heads", "CONNSCOPE_HTTP_CAPTURE_HEADS";
 
     /// cgroup v2 mount used to resolve pod and container of a connection's process.
-    #[arg(long = "path.cgroup", env = "CONNSCOPE_PATH_CGROUP")]
-    pub cgroup_path: Option<PathBuf>,
+    cgroup_path: PathBuf = default_cgroup_path(), "path.cgroup", "CONNSCOPE_PATH_CGROUP";
 
     /// Directory holding the kubelet's `pods/` and `containers/` log trees (usually /var/log).
-    #[arg(long = "path.kubelet-logs", env = "CONNSCOPE_PATH_KUBELET_LOGS")]
-    pub kubelet_logs_path: Option<PathBuf>,
-}
-
-/// `--config.file` contents; every key optional.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(rename = "web.listen-address")]
-    listen_address: Option<String>,
-    #[serde(rename = "log.level")]
-    log_level: Option<String>,
-    #[serde(rename = "probe.backend")]
-    backend: Option<Backend>,
-    #[serde(rename = "bpf.max-connections")]
-    max_connections: Option<u32>,
-    #[serde(rename = "bpf.ringbuf-bytes")]
-    ringbuf_bytes: Option<u32>,
-    #[serde(rename = "metrics.max-servers")]
-    max_servers: Option<usize>,
-    #[serde(rename = "metrics.max-processes")]
-    max_processes: Option<usize>,
-    #[serde(rename = "http.capture-heads")]
-    capture_heads: Option<bool>,
-    #[serde(rename = "path.cgroup")]
-    cgroup_path: Option<PathBuf>,
-    #[serde(rename = "path.kubelet-logs")]
-    kubelet_logs_path: Option<PathBuf>,
-}
-
-/// Validated settings.
-#[derive(Clone, Debug)]
-pub struct Config {
-    pub listen_address: SocketAddr,
-    pub log_level: String,
-    pub backend: Backend,
-    pub max_connections: u32,
-    pub ringbuf_bytes: u32,
-    pub max_servers: usize,
-    pub max_processes: usize,
-    pub capture_heads: bool,
-    pub cgroup_path: PathBuf,
-    pub kubelet_logs_path: PathBuf,
+    kubelet_logs_path: PathBuf = PathBuf::from("/var/log"),
+        "path.kubelet-logs", "CONNSCOPE_PATH_KUBELET_LOGS";
 }
 
 impl Cli {
+    /// The agent's settings: flags and environment over `--config.file` over defaults.
     pub fn into_config(self) -> anyhow::Result<Config> {
         let file = match &self.config_file {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read --config.file {}", path.display()))?;
-                serde_yaml::from_str::<FileConfig>(&text)
+                serde_yaml::from_str::<Settings>(&text)
                     .with_context(|| format!("invalid --config.file {}", path.display()))?
             }
-            None => FileConfig::default(),
+            None => Settings::default(),
         };
-        let listen = self.listen_address.or(file.listen_address).unwrap_or_else(|| ":9477".into());
-        let config = Config {
-            listen_address: parse_listen_address(&listen)?,
-            log_level: self.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
-            backend: self.backend.or(file.backend).unwrap_or(Backend::Auto),
-            max_connections: self
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(connscope_common::DEFAULT_MAX_CONNECTIONS),
-            ringbuf_bytes: self.ringbuf_bytes.or(file.ringbuf_bytes).unwrap_or(4 << 20),
-            max_servers: self.max_servers.or(file.max_servers).unwrap_or(100),
-            max_processes: self.max_processes.or(file.max_processes).unwrap_or(100),
-            capture_heads: self.capture_heads.or(file.capture_heads).unwrap_or(true),
-            cgroup_path: self.cgroup_path.or(file.cgroup_path).unwrap_or_else(default_cgroup_path),
-            kubelet_logs_path: self
-                .kubelet_logs_path
-                .or(file.kubelet_logs_path)
-                .unwrap_or_else(|| PathBuf::from("/var/log")),
-        };
+        let config = self.settings.or(file).resolve()?;
         config.validate()?;
         Ok(config)
     }

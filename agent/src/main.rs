@@ -1,17 +1,29 @@
-//! `connscope`: parse flags, set up logging, run the agent; errors end as one clear line.
-use std::process::ExitCode;
+//! `connscope`: parse flags, set up logging, run the agent (or a subcommand); errors end as
+//! one clear line.
+use std::{future::Future, process::ExitCode};
 
 use clap::Parser as _;
-use connscope::{agent, config::Cli};
+use connscope::{
+    agent,
+    config::{Cli, Command},
+    flows,
+};
 
 fn main() -> ExitCode {
-    // The benchmark's floor arm (`cargo xtask bench`); hidden from --help.
-    let floor = std::env::args().nth(1).as_deref() == Some("bench-floor");
-    let cli = if floor {
-        Cli::parse_from(std::env::args().take(1).chain(std::env::args().skip(2)))
-    } else {
-        Cli::parse()
-    };
+    let cli = Cli::parse();
+    match cli.command {
+        None => run_agent(cli),
+        Some(Command::Flows(args)) => block_on(flows::run(args)),
+        Some(Command::BenchFloor) => with_config(cli, |config| block_on(agent::run_floor(config))),
+    }
+}
+
+fn run_agent(cli: Cli) -> ExitCode {
+    with_config(cli, |config| block_on(agent::run(config)))
+}
+
+/// Validates the settings (exit code 2 with one line when they are wrong), sets up logging.
+fn with_config(cli: Cli, run: impl FnOnce(connscope::config::Config) -> ExitCode) -> ExitCode {
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(err) => {
@@ -20,6 +32,11 @@ fn main() -> ExitCode {
         }
     };
     connscope::logging::init(&config.log_level);
+    run(config)
+}
+
+/// Runs `task` on a small runtime; its error becomes the one line the user reads.
+fn block_on(task: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("connscope")
@@ -32,9 +49,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let work =
-        async { if floor { agent::run_floor(config).await } else { agent::run(config).await } };
-    match runtime.block_on(work) {
+    match runtime.block_on(task) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

@@ -13,15 +13,26 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{CONTENT_TYPE, HeaderValue},
+    header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE},
     server::conn::http1,
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpListener,
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
 
-use crate::probes::HookAttach;
+use crate::{
+    probes::HookAttach,
+    web::{WebConfig, WebSettings, auth::basic_credentials},
+};
+
+/// A TLS client that does not finish its handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -109,9 +120,10 @@ fn index_page(state: &AppState) -> String {
     page
 }
 
-/// Serves until `shutdown` flips to true.
+/// Serves until `shutdown` flips to true, with TLS and basic auth as `web` says.
 pub async fn serve(
     listener: TcpListener,
+    web: Arc<WebSettings>,
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -128,19 +140,74 @@ pub async fn serve(
                 continue;
             }
         };
-        let state = state.clone();
+        let config = web.current();
+        let (web, state) = (web.clone(), state.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request: Request<Incoming>| {
-                let response = respond(&state, request.method(), request.uri().path());
-                async move { Ok::<_, Infallible>(response) }
-            });
-            if let Err(err) =
-                http1::Builder::new().serve_connection(TokioIo::new(stream), service).await
-            {
-                tracing::debug!("metrics connection: {err}");
+            match config.tls.clone() {
+                Some(tls) => {
+                    let handshake = TlsAcceptor::from(tls).accept(stream);
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                        Ok(Ok(stream)) => serve_connection(stream, config, web, state).await,
+                        Ok(Err(err)) => tracing::debug!("TLS handshake failed: {err}"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    }
+                }
+                None => serve_connection(stream, config, web, state).await,
             }
         });
     }
+}
+
+async fn serve_connection(
+    stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    config: Arc<WebConfig>,
+    web: Arc<WebSettings>,
+    state: Arc<AppState>,
+) {
+    let service = service_fn(move |request: Request<Incoming>| {
+        let (config, web, state) = (config.clone(), web.clone(), state.clone());
+        async move {
+            let response = if authorized(&config, &web, &request).await {
+                respond(&state, request.method(), request.uri().path())
+            } else {
+                unauthorized()
+            };
+            Ok::<_, Infallible>(response)
+        }
+    });
+    if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+        tracing::debug!("metrics connection: {err}");
+    }
+}
+
+/// Every endpoint needs the credentials when users are configured (as in node_exporter).
+async fn authorized(
+    config: &Arc<WebConfig>,
+    web: &Arc<WebSettings>,
+    request: &Request<Incoming>,
+) -> bool {
+    if config.users.is_empty() {
+        return true;
+    }
+    let Some((user, password)) =
+        request.headers().get(AUTHORIZATION).and_then(|value| basic_credentials(value.as_bytes()))
+    else {
+        return false;
+    };
+    if let Some(verdict) = web.auth.cached(&config.users, &user, &password) {
+        return verdict;
+    }
+    let (config, web) = (config.clone(), web.clone());
+    tokio::task::spawn_blocking(move || web.auth.verify(&config.users, &user, &password))
+        .await
+        .unwrap_or(false)
+}
+
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut response =
+        text(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "Unauthorized\n".into());
+    response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
+    response
 }
 
 #[cfg(test)]

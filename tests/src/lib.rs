@@ -14,6 +14,7 @@ pub mod metrics_text;
 pub mod net;
 pub mod nginx;
 pub mod procfs;
+pub mod prometheus;
 pub mod prometheus_rules;
 
 use std::{

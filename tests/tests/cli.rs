@@ -39,6 +39,32 @@ fn bad_flags_are_rejected_with_usage() -> anyhow::Result<()> {
 }
 
 #[test]
+fn flag_beats_environment_beats_file() -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("connscope-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("config.yaml");
+    std::fs::write(&file, "web.listen-address: from-file\n")?;
+    let file = file.to_string_lossy().into_owned();
+    let run = |env: Option<&str>, flag: Option<&str>| -> anyhow::Result<Output> {
+        let mut command = Command::new(agent_binary());
+        command.args(["--config.file", &file]).env("CONNSCOPE_LOG_LEVEL", "error");
+        if let Some(flag) = flag {
+            command.args(["--web.listen-address", flag]);
+        }
+        match env {
+            Some(env) => command.env("CONNSCOPE_WEB_LISTEN_ADDRESS", env),
+            None => command.env_remove("CONNSCOPE_WEB_LISTEN_ADDRESS"),
+        };
+        Ok(command.output()?)
+    };
+    assert_clean_failure(&run(None, None)?, "\"from-file\"");
+    assert_clean_failure(&run(Some("from-env"), None)?, "\"from-env\"");
+    assert_clean_failure(&run(Some("from-env"), Some("from-flag"))?, "\"from-flag\"");
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
 fn help_documents_every_flag() -> anyhow::Result<()> {
     let output = connscope(&["--help"])?;
     let help = String::from_utf8_lossy(&output.stdout);
@@ -50,6 +76,7 @@ fn help_documents_every_flag() -> anyhow::Result<()> {
         "--bpf.max-connections",
         "--metrics.max-servers",
         "--path.kubelet-logs",
+        "--web.config.file",
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
