@@ -150,7 +150,7 @@ settings! {
         "bpf.max-connections", "CONNSCOPE_BPF_MAX_CONNECTIONS";
 
     /// Size of the kernel-to-agent ring buffer in bytes (a power of two, at least 4096).
-    ringbuf_bytes: u32 = 4 << 20, "bpf.ringbuf-bytes", "CONNSCOPE_BPF_RINGBUF_BYTES";
+    ringbuf_bytes: u32 = connscope_common::DEFAULT_RINGBUF_BYTES, "bpf.ringbuf-bytes", "CONNSCOPE_BPF_RINGBUF_BYTES";
 
     /// Distinct `server` label values: the first ones seen keep their label, the rest are
     /// reported as "other" (a strict bound on the number of series).
