@@ -33,6 +33,8 @@ pub enum Attach {
     Kprobe,
     TpBtf,
     Tracepoint,
+    /// No backend works on this kernel: the hook's figures are missing (lifecycle-only mode).
+    Unavailable,
 }
 
 impl Attach {
@@ -42,6 +44,7 @@ impl Attach {
             Self::Kprobe => "kprobe",
             Self::TpBtf => "tp_btf",
             Self::Tracepoint => "tracepoint",
+            Self::Unavailable => "none",
         }
     }
 }
@@ -294,9 +297,23 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     attached.push(HookAttach { hook: "inet_sock_set_state", attach: lifecycle });
     let mut exit_hook = kernel.user_buffers == UserBuffers::SyscallStash;
     for hook in &HOOKS {
-        let (attach, syscall_exit) = loader.attach_hook(hook, config.backend)?;
-        exit_hook |= syscall_exit;
-        tracing::info!(hook = hook.name, backend = %attach, "hook attached");
+        let attach = match loader.attach_hook(hook, config.backend) {
+            Ok((attach, syscall_exit)) => {
+                exit_hook |= syscall_exit;
+                tracing::info!(hook = hook.name, backend = %attach, "hook attached");
+                attach
+            }
+            // Without send/receive hooks the agent still reports connections, closes and
+            // durations (lifecycle-only), rather than nothing at all.
+            Err(err) if config.backend == Backend::Auto => {
+                tracing::warn!(
+                    hook = hook.name,
+                    "{err:#}; running without it: requests, bytes and idle gaps are not measured"
+                );
+                Attach::Unavailable
+            }
+            Err(err) => return Err(err),
+        };
         attached.push(HookAttach { hook: hook.name, attach });
     }
     if exit_hook {
