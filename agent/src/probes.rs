@@ -385,6 +385,7 @@ impl Attacher<'_> {
                     Err(anyhow!("no usable kernel BTF for tp_btf"))
                 }
                 Attach::TpBtf => self.attach_all(hook.tp_btf).map(|()| false),
+                Attach::Unavailable => Err(anyhow!("not a backend")),
                 Attach::Tracepoint
                     if self.kernel.btf_tracepoints().is_some() && hook.tracepoint.is_empty() =>
                 {
