@@ -90,17 +90,21 @@ pub mod map {
     pub const SETTINGS: &str = "SETTINGS";
     pub const CONNECTS_IN_FLIGHT: &str = "CONNECTS_IN_FLIGHT";
     pub const HEAD_SCRATCH: &str = "HEAD_SCRATCH";
+    pub const CONN_SCRATCH: &str = "CONN_SCRATCH";
+    pub const SOCK_SCRATCH: &str = "SOCK_SCRATCH";
     pub const SYSCALL_STASH: &str = "SYSCALL_STASH";
     pub const CALLS_IN_FLIGHT: &str = "CALLS_IN_FLIGHT";
     pub const FLOOR_BYTES: &str = "FLOOR_BYTES";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 11] = [
         CONNS,
         EVENTS,
         LOST,
         SETTINGS,
         CONNECTS_IN_FLIGHT,
         HEAD_SCRATCH,
+        CONN_SCRATCH,
+        SOCK_SCRATCH,
         SYSCALL_STASH,
         CALLS_IN_FLIGHT,
         FLOOR_BYTES,

@@ -13,7 +13,7 @@ use connscope_common::{
 
 use crate::{
     exchange,
-    maps::{CONNECTS_IN_FLIGHT, CONNS, count_lost, submit_flags},
+    maps::{CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, count_lost, submit_flags},
     records::{self, current_attribution, now_ns},
     sock::SocketView,
 };
@@ -59,14 +59,21 @@ fn track(sock: u64, role: Role, view: &impl SocketView) {
     if attributed {
         let _ = CONNECTS_IN_FLIGHT.remove(&sock);
     }
-    let conn = Conn {
-        open_ns,
-        role: role as u8,
-        flags: if attributed { conn_flag::ATTRIBUTED } else { 0 },
-        ..Conn::default()
+    let Some(conn) = CONN_SCRATCH.get_ptr_mut(0) else {
+        open.discard(0);
+        return;
     };
+    // SAFETY: this CPU's scratch slot, used only until the insert below copies it; zeroed
+    // in place (a `Conn` literal would be built on the small stack first).
+    let conn = unsafe {
+        core::ptr::write_bytes(conn, 0, 1);
+        &mut *conn
+    };
+    conn.open_ns = open_ns;
+    conn.role = role as u8;
+    conn.flags = if attributed { conn_flag::ATTRIBUTED } else { 0 };
     // BPF_ANY: a stale entry left by a socket whose destruction we missed is replaced.
-    if CONNS.insert(&sock, &conn, 0).is_err() {
+    if CONNS.insert(&sock, &*conn, 0).is_err() {
         count_lost(LostReason::MapFull);
         open.discard(0);
         return;

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use connscope_common::{
     Attribution, Conn, DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, HeadEvent, IN_FLIGHT_CALLS,
-    LostReason, Setting,
+    LostReason, Setting, kernel_config::SOCK_COMMON_READ,
 };
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
@@ -37,6 +37,14 @@ pub static SETTINGS: Array<u32> = Array::with_max_entries(Setting::COUNT, 0);
 #[map]
 pub static CONNECTS_IN_FLIGHT: LruHashMap<u64, Attribution> =
     LruHashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
+
+/// Per-CPU space where a new connection's state is built before it is inserted, and where
+/// the start of a `struct sock` is read at once: kernels before 6.13 allow 512 bytes of
+/// stack for a program's whole call chain.
+#[map]
+pub static CONN_SCRATCH: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0);
+#[map]
+pub static SOCK_SCRATCH: PerCpuArray<[u8; SOCK_COMMON_READ]> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

@@ -1,11 +1,11 @@
 //! Reading `struct sock` at the offsets the agent took from the kernel's BTF.
 
-use aya_ebpf::helpers::bpf_probe_read_kernel;
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use connscope_common::{
     AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, SockLayout, kernel_config::SOCK_COMMON_READ,
 };
 
-use crate::globals::sock_layout;
+use crate::{globals::sock_layout, maps::SOCK_SCRATCH};
 
 /// What a lifecycle hook can tell about the socket it fires for. Each backend reads it its
 /// own way (BTF offsets or a tracepoint's record); only the transitions that start tracking
@@ -59,26 +59,31 @@ impl SocketView for BtfSocket {
 fn fill_endpoints(sock: u64, out: &mut Endpoints) -> Option<()> {
     {
         let layout: SockLayout = sock_layout();
-        // One read of the `sock_common` block instead of one per field.
-        let bytes: [u8; SOCK_COMMON_READ] = read(sock)?;
-        let family: u16 = field(&bytes, layout.family)?;
-        let dport: u16 = field(&bytes, layout.dport)?;
+        // One read of the `sock_common` block instead of one per field, into per-CPU space.
+        let bytes = SOCK_SCRATCH.get_ptr_mut(0)?;
+        // SAFETY: this CPU's scratch slot, used only until this program ends.
+        let bytes = unsafe { &mut *bytes };
+        // SAFETY: kernel memory read through the fault-tolerant helper into `bytes`.
+        unsafe { bpf_probe_read_kernel_buf(sock as *const u8, bytes) }.ok()?;
+        let bytes = &*bytes;
+        let family: u16 = field(bytes, layout.family)?;
+        let dport: u16 = field(bytes, layout.dport)?;
         *out = Endpoints {
             family,
-            local_port: field(&bytes, layout.num)?,
+            local_port: field(bytes, layout.num)?,
             remote_port: u16::from_be(dport),
             ..Endpoints::default()
         };
         match family {
             AF_INET => {
-                let local: [u8; 4] = field(&bytes, layout.rcv_saddr)?;
-                let remote: [u8; 4] = field(&bytes, layout.daddr)?;
+                let local: [u8; 4] = field(bytes, layout.rcv_saddr)?;
+                let remote: [u8; 4] = field(bytes, layout.daddr)?;
                 out.local_addr[..4].copy_from_slice(&local);
                 out.remote_addr[..4].copy_from_slice(&remote);
             }
             AF_INET6 => {
-                out.local_addr = field(&bytes, layout.v6_rcv_saddr)?;
-                out.remote_addr = field(&bytes, layout.v6_daddr)?;
+                out.local_addr = field(bytes, layout.v6_rcv_saddr)?;
+                out.remote_addr = field(bytes, layout.v6_daddr)?;
             }
             _ => return None,
         }
