@@ -360,3 +360,49 @@ fn bad_web_config_is_one_clear_line() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read --web.config.file"));
     Ok(())
 }
+
+#[test]
+fn kubernetes_overlay_mounts_the_secret_read_only() -> anyhow::Result<()> {
+    let overlay =
+        connscope_tests::grafana::repo_root().join("deploy/kubernetes/overlays/web-config");
+    let output = Command::new("kubectl").arg("kustomize").arg(&overlay).output();
+    let output = match output {
+        Ok(output) => output,
+        Err(err) => {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "kubectl missing in CI: {err}");
+            eprintln!("skipping: kubectl missing ({err}); `cargo xtask setup` installs it");
+            return Ok(());
+        }
+    };
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout)?;
+    let daemonset = text
+        .split("\n---\n")
+        .map(serde_yaml::from_str::<serde_yaml::Value>)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .context("no DaemonSet rendered")?;
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let has = |list: &serde_yaml::Value, wanted: &serde_yaml::Value| {
+        list.as_sequence().into_iter().flatten().any(|item| item == wanted)
+    };
+    let flag = serde_yaml::Value::from("--web.config.file=/etc/connscope/web/web-config.yml");
+    assert!(has(&container["args"], &flag), "{container:?}");
+    let mount: serde_yaml::Value =
+        serde_yaml::from_str("{name: web-config, mountPath: /etc/connscope/web, readOnly: true}")?;
+    assert!(has(&container["volumeMounts"], &mount), "{container:?}");
+    let volumes = pod["volumes"].as_sequence().into_iter().flatten();
+    let secret = volumes
+        .filter(|volume| volume["name"] == "web-config")
+        .map(|volume| &volume["secret"]["secretName"])
+        .next();
+    assert_eq!(secret, Some(&serde_yaml::Value::from("connscope-web-config")));
+    // Every endpoint needs credentials the kubelet does not have: TCP probes.
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert!(container[probe]["httpGet"].is_null(), "{probe}: {:?}", container[probe]);
+        assert_eq!(container[probe]["tcpSocket"]["port"], "metrics");
+    }
+    Ok(())
+}
