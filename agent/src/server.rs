@@ -32,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     probes::HookAttach,
     scrape_cache::{REFRESH_EVERY, ScrapeCache},
-    web::{WebConfig, WebSettings, auth::basic_credentials},
+    web::{WebSettings, auth::basic_credentials},
 };
 
 /// A TLS client that does not finish its handshake in this time is dropped.
@@ -170,19 +170,20 @@ pub async fn serve(
                 continue;
             }
         };
-        let config = web.current();
+        // TLS settings are taken per connection (a changed certificate applies to the next one).
+        let tls = web.current().tls.clone();
         let (web, state) = (web.clone(), state.clone());
         tokio::spawn(async move {
-            match config.tls.clone() {
+            match tls {
                 Some(tls) => {
                     let handshake = TlsAcceptor::from(tls).accept(stream);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(stream, config, web, state).await,
+                        Ok(Ok(stream)) => serve_connection(stream, web, state).await,
                         Ok(Err(err)) => tracing::debug!("TLS handshake failed: {err}"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-                None => serve_connection(stream, config, web, state).await,
+                None => serve_connection(stream, web, state).await,
             }
         });
     }
@@ -211,14 +212,13 @@ async fn refresh_while_scraped(state: Arc<AppState>, mut stop: watch::Receiver<b
 
 async fn serve_connection(
     stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    config: Arc<WebConfig>,
     web: Arc<WebSettings>,
     state: Arc<AppState>,
 ) {
     let service = service_fn(move |request: Request<Incoming>| {
-        let (config, web, state) = (config.clone(), web.clone(), state.clone());
+        let (web, state) = (web.clone(), state.clone());
         async move {
-            let response = if authorized(&config, &web, &request).await {
+            let response = if authorized(&web, &request).await {
                 respond(
                     &state,
                     request.method(),
@@ -236,12 +236,10 @@ async fn serve_connection(
     }
 }
 
-/// Every endpoint needs the credentials when users are configured (as in node_exporter).
-async fn authorized(
-    config: &Arc<WebConfig>,
-    web: &Arc<WebSettings>,
-    request: &Request<Incoming>,
-) -> bool {
+/// Every endpoint needs the credentials when users are configured (as in node_exporter);
+/// the users are those of the file as it is now, also on a kept-alive connection.
+async fn authorized(web: &Arc<WebSettings>, request: &Request<Incoming>) -> bool {
+    let config = web.current();
     if config.users.is_empty() {
         return true;
     }
@@ -253,7 +251,7 @@ async fn authorized(
     if let Some(verdict) = web.auth.cached(&config.users, &user, &password) {
         return verdict;
     }
-    let (config, web) = (config.clone(), web.clone());
+    let web = web.clone();
     tokio::task::spawn_blocking(move || web.auth.verify(&config.users, &user, &password))
         .await
         .unwrap_or(false)

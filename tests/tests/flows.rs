@@ -38,6 +38,17 @@ fn connection(server: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An agent and a server that closes each of its `connections` after `REQUESTS` requests.
+fn agent_and_server(
+    connections: usize,
+) -> anyhow::Result<(Agent, SocketAddr, std::thread::JoinHandle<anyhow::Result<()>>)> {
+    let agent = Agent::start(&[])?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    let behaviour = ServerBehaviour { max_requests: Some(REQUESTS), ..Default::default() };
+    Ok((agent, server, http_server::serve(listener, connections, behaviour)))
+}
+
 fn flow<'a>(json: &'a Value, role: &str, process: &str, server: &str) -> anyhow::Result<&'a Value> {
     json["flows"]
         .as_array()
@@ -53,11 +64,7 @@ fn flows_shows_requests_per_connection_and_close_sides() -> anyhow::Result<()> {
         return Ok(());
     }
     const CONNECTIONS: usize = 8;
-    let agent = Agent::start(&[])?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let server = listener.local_addr()?;
-    let behaviour = ServerBehaviour { max_requests: Some(REQUESTS), ..Default::default() };
-    let serving = http_server::serve(listener, CONNECTIONS, behaviour);
+    let (agent, server, serving) = agent_and_server(CONNECTIONS)?;
     for _ in 0..CONNECTIONS {
         connection(server)?;
     }
@@ -106,12 +113,8 @@ fn flows_rates_come_from_two_scrapes() -> anyhow::Result<()> {
         return Ok(());
     }
     const MAX_CONNECTIONS: usize = 300;
-    let agent = Agent::start(&[])?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let server = listener.local_addr()?;
-    let behaviour = ServerBehaviour { max_requests: Some(REQUESTS), ..Default::default() };
     // The server thread is left waiting for connections that never come when the test ends.
-    let _serving = http_server::serve(listener, MAX_CONNECTIONS, behaviour);
+    let (agent, server, _serving) = agent_and_server(MAX_CONNECTIONS)?;
     let url = format!("http://{}", agent.address);
     let mut child = Command::new(agent_binary())
         .args(["flows", "--url", &url, "--interval", "2", "--output", "json"])

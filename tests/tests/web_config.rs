@@ -41,55 +41,33 @@ impl Pki {
         Ok(())
     }
 
+    /// `openssl req` making a P-256 key `{name}.key` and, with `extra`, a request or a
+    /// self-signed certificate.
+    fn new_key(&self, name: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let (key, subject) = (format!("{name}.key"), format!("/CN={name}"));
+        let curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let args = [&["req"], &curve[..], &["-keyout", &key, "-subj", &subject], extra].concat();
+        self.openssl(&args)
+    }
+
     fn ca(&self, name: &str) -> anyhow::Result<()> {
-        let (key, crt, subject) =
-            (format!("{name}.key"), format!("{name}.crt"), format!("/CN={name}"));
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &crt,
-            "-days",
-            "1",
-            "-subj",
-            &subject,
-        ])
+        self.new_key(name, &["-x509", "-days", "1", "-out", &format!("{name}.crt")])
     }
 
     fn signed(&self, name: &str, ca: &str, extension: &str) -> anyhow::Result<()> {
-        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-        let ext = format!("{name}.ext");
+        let (csr, crt, ext) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
         std::fs::write(self.path(&ext), format!("{extension}\n"))?;
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ])?;
+        self.new_key(name, &["-out", &csr])?;
+        let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
         self.openssl(&[
             "x509",
             "-req",
             "-in",
             &csr,
             "-CA",
-            &format!("{ca}.crt"),
+            &ca_crt,
             "-CAkey",
-            &format!("{ca}.key"),
+            &ca_key,
             "-CAcreateserial",
             "-out",
             &crt,
