@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
+    signal::unix::{SignalKind, signal},
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
@@ -157,6 +158,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     tokio::spawn(refresh_while_scraped(state.clone(), shutdown.clone()));
+    tokio::spawn(reload_on_sighup(web.clone()));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -186,6 +188,19 @@ pub async fn serve(
                 None => serve_connection(stream, web, state).await,
             }
         });
+    }
+}
+
+/// SIGHUP reads the web configuration again (and no longer ends the agent, its default).
+async fn reload_on_sighup(web: Arc<WebSettings>) {
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::debug!("cannot listen for SIGHUP; the web configuration still reloads on change");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reading the web configuration again");
+        web.reload_on_next_use();
+        drop(web.current());
     }
 }
 

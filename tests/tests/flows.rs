@@ -141,5 +141,23 @@ fn flows_rates_come_from_two_scrapes() -> anyhow::Result<()> {
         "{rate}/s over {interval} s, {made} made"
     );
     assert_eq!(client["requests_per_connection"], f64::from(REQUESTS), "{client}");
+
+    // --watch: one JSON document per refresh, each over the last N seconds.
+    let mut watching = Command::new(agent_binary())
+        .args(["flows", "--url", &url, "--watch", "1", "--output", "json"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = watching.stdout.take().context("no stdout")?;
+    let documents: Vec<Value> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .take(2)
+        .map(|line| Ok(serde_json::from_str(&line?)?))
+        .collect::<anyhow::Result<_>>()?;
+    watching.kill()?;
+    watching.wait()?;
+    assert_eq!(documents.len(), 2);
+    for document in &documents {
+        let interval = document["interval_seconds"].as_f64().unwrap_or(0.0);
+        assert!((1.0..3.0).contains(&interval), "{document}");
+    }
     Ok(())
 }

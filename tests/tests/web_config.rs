@@ -213,7 +213,7 @@ fn tls_port_demands_credentials_and_refuses_plain_http() -> anyhow::Result<()> {
     }
     let pki = Pki::create("auth")?;
     let web_config = pki.web_config("VerifyClientCertIfGiven", &[("prometheus", "s3cret")])?;
-    let agent = TlsAgent::start(&web_config, &pki, &["-u", "prometheus:s3cret"])?;
+    let mut agent = TlsAgent::start(&web_config, &pki, &["-u", "prometheus:s3cret"])?;
 
     for path in ["/metrics", "/healthz", "/readyz", "/"] {
         let (status, _) = agent.curl(&pki, path, &[])?;
@@ -283,6 +283,14 @@ fn tls_port_demands_credentials_and_refuses_plain_http() -> anyhow::Result<()> {
         0,
         "old CA no longer matches"
     );
+    // SIGHUP reads the files again and does not end the agent.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agent.child.try_wait()?.is_none(), "SIGHUP must not stop the agent");
+    let after_hangup =
+        curl(&["--cacert", &ca2, "-u", "prometheus:s3cret", &agent.url("https", "/healthz")])?;
+    assert_eq!(after_hangup.0, 200);
     Ok(())
 }
 
