@@ -87,10 +87,19 @@ fn main() -> anyhow::Result<()> {
         encodes.push(started.elapsed());
     }
     let samples = body.lines().filter(|line| !line.starts_with('#')).count();
+    let mut gzips = Vec::new();
+    for _ in 0..5 {
+        let started = Instant::now();
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        encoder.write_all(body.as_bytes())?;
+        encoder.finish()?;
+        gzips.push(started.elapsed());
+    }
     println!(
-        "full caps: {samples} samples, {:.1} MB; encode median {:?}",
+        "full caps: {samples} samples, {:.1} MB; encode median {:?}, gzip (fast) median {:?}",
         body.len() as f64 / 1e6,
-        median(encodes)
+        median(encodes),
+        median(gzips)
     );
 
     // Real scrapes over HTTP of the real server, 200 ms apart, as a busy scraper would.
