@@ -266,6 +266,23 @@ mod tests {
     }
 
     #[test]
+    fn every_agent_flag_is_a_file_key() -> anyhow::Result<()> {
+        use clap::CommandFactory as _;
+        let command = Cli::command();
+        let keys: Vec<&str> = command
+            .get_arguments()
+            .filter_map(|arg| arg.get_long())
+            .filter(|long| !["config.file", "help", "version"].contains(long))
+            .collect();
+        assert!(keys.len() >= 11, "{keys:?}");
+        for key in keys {
+            let parsed = serde_yaml::from_str::<Settings>(&format!("{key}: null\n"));
+            assert!(parsed.is_ok(), "--{key} is not accepted in --config.file: {parsed:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn file_settings_yield_to_flags() -> anyhow::Result<()> {
         let dir = std::env::temp_dir().join(format!("connscope-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;

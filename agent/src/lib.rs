@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod placement;
 pub mod preflight;
 pub mod probes;
+pub mod scrape_cache;
 pub mod server;
 pub mod shutdown;
 pub mod table;

@@ -11,6 +11,7 @@ use connscope::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A subcommand is one variant of `config::Command` and one arm here.
     match cli.command {
         None => run_agent(cli),
         Some(Command::Flows(args)) => block_on(flows::run(args)),

@@ -13,7 +13,10 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode,
     body::{Bytes, Incoming},
-    header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, WWW_AUTHENTICATE},
+    header::{
+        ACCEPT_ENCODING, AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderValue, VARY,
+        WWW_AUTHENTICATE,
+    },
     server::conn::http1,
     service::service_fn,
 };
@@ -22,13 +25,15 @@ use prometheus_client::registry::Registry;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpListener,
+    signal::unix::{SignalKind, signal},
     sync::watch,
 };
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
     probes::HookAttach,
-    web::{WebConfig, WebSettings, auth::basic_credentials},
+    scrape_cache::{REFRESH_EVERY, ScrapeCache},
+    web::{WebSettings, auth::basic_credentials},
 };
 
 /// A TLS client that does not finish its handshake in this time is dropped.
@@ -39,6 +44,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 /// What the handlers read.
 pub struct AppState {
     pub registry: Registry,
+    pub scrapes: ScrapeCache,
     /// Set once every hook is attached.
     pub ready: AtomicBool,
     pub hooks: std::sync::RwLock<Vec<HookAttach>>,
@@ -46,56 +52,80 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(registry: Registry) -> Self {
-        Self { registry, ready: AtomicBool::new(false), hooks: std::sync::RwLock::new(Vec::new()) }
+        Self {
+            registry,
+            scrapes: ScrapeCache::default(),
+            ready: AtomicBool::new(false),
+            hooks: std::sync::RwLock::new(Vec::new()),
+        }
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
 }
 
+/// Whether an `Accept-Encoding` value allows gzip (and does not refuse it with `q=0`).
+fn accepts_gzip(accept_encoding: Option<&HeaderValue>) -> bool {
+    let Some(value) = accept_encoding.and_then(|value| value.to_str().ok()) else { return false };
+    value.split(',').any(|coding| {
+        let mut parts = coding.split(';').map(str::trim);
+        let named = parts.next().is_some_and(|name| name.eq_ignore_ascii_case("gzip"));
+        let refused = parts
+            .any(|param| param.strip_prefix("q=").and_then(|q| q.parse::<f64>().ok()) == Some(0.0));
+        named && !refused
+    })
+}
+
 /// Routes a request; no socket involved, so it is tested directly.
-pub fn respond(state: &AppState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+pub fn respond(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    gzip_ok: bool,
+) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain; charset=utf-8",
-            "only GET\n".into(),
-        );
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain; charset=utf-8", "only GET\n");
     }
     match path {
-        "/metrics" => {
-            let mut body = String::with_capacity(16 * 1024);
-            match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
-                Ok(()) => text(StatusCode::OK, OPENMETRICS, body),
-                Err(err) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain; charset=utf-8",
-                    format!("encoding failed: {err}\n"),
-                ),
+        "/metrics" => match state.scrapes.body(&state.registry, gzip_ok) {
+            Ok((body, gzipped)) => {
+                let mut response = text(StatusCode::OK, OPENMETRICS, body);
+                response.headers_mut().insert(VARY, HeaderValue::from_static("Accept-Encoding"));
+                if gzipped {
+                    response
+                        .headers_mut()
+                        .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+                }
+                response
             }
-        }
-        "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n".into()),
+            Err(err) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain; charset=utf-8",
+                format!("encoding failed: {err}\n"),
+            ),
+        },
+        "/healthz" => text(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/readyz" => {
             if state.ready.load(Ordering::Acquire) {
-                text(StatusCode::OK, "text/plain; charset=utf-8", "ready\n".into())
+                text(StatusCode::OK, "text/plain; charset=utf-8", "ready\n")
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain; charset=utf-8",
-                    "probes not attached yet\n".into(),
+                    "probes not attached yet\n",
                 )
             }
         }
         "/" => text(StatusCode::OK, "text/html; charset=utf-8", index_page(state)),
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "text/plain; charset=utf-8",
-            "not found; try /metrics\n".into(),
-        ),
+        _ => text(StatusCode::NOT_FOUND, "text/plain; charset=utf-8", "not found; try /metrics\n"),
     }
 }
 
@@ -127,6 +157,8 @@ pub async fn serve(
     state: Arc<AppState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    tokio::spawn(refresh_while_scraped(state.clone(), shutdown.clone()));
+    tokio::spawn(reload_on_sighup(web.clone()));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -140,35 +172,74 @@ pub async fn serve(
                 continue;
             }
         };
-        let config = web.current();
+        // TLS settings are taken per connection (a changed certificate applies to the next one).
+        let tls = web.current().tls.clone();
         let (web, state) = (web.clone(), state.clone());
         tokio::spawn(async move {
-            match config.tls.clone() {
+            match tls {
                 Some(tls) => {
                     let handshake = TlsAcceptor::from(tls).accept(stream);
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
-                        Ok(Ok(stream)) => serve_connection(stream, config, web, state).await,
+                        Ok(Ok(stream)) => serve_connection(stream, web, state).await,
                         Ok(Err(err)) => tracing::debug!("TLS handshake failed: {err}"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
                     }
                 }
-                None => serve_connection(stream, config, web, state).await,
+                None => serve_connection(stream, web, state).await,
             }
         });
     }
 }
 
+/// SIGHUP reads the web configuration again (and no longer ends the agent, its default).
+async fn reload_on_sighup(web: Arc<WebSettings>) {
+    let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+        tracing::debug!("cannot listen for SIGHUP; the web configuration still reloads on change");
+        return;
+    };
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reading the web configuration again");
+        web.reload_on_next_use();
+        drop(web.current());
+    }
+}
+
+/// Re-encodes `/metrics` in the background while scrapes come and encoding is slow (see
+/// [`ScrapeCache`]); the encode runs on a blocking thread so the async threads keep serving.
+async fn refresh_while_scraped(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !state.scrapes.wants_refresh(std::time::Instant::now()) {
+            continue;
+        }
+        let state = state.clone();
+        let encoded = tokio::task::spawn_blocking(move || state.scrapes.encode(&state.registry));
+        if let Ok(Err(err)) = encoded.await {
+            tracing::warn!("encoding /metrics in the background failed: {err}");
+        }
+    }
+}
+
 async fn serve_connection(
     stream: impl AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    config: Arc<WebConfig>,
     web: Arc<WebSettings>,
     state: Arc<AppState>,
 ) {
     let service = service_fn(move |request: Request<Incoming>| {
-        let (config, web, state) = (config.clone(), web.clone(), state.clone());
+        let (web, state) = (web.clone(), state.clone());
         async move {
-            let response = if authorized(&config, &web, &request).await {
-                respond(&state, request.method(), request.uri().path())
+            let response = if authorized(&web, &request).await {
+                respond(
+                    &state,
+                    request.method(),
+                    request.uri().path(),
+                    accepts_gzip(request.headers().get(ACCEPT_ENCODING)),
+                )
             } else {
                 unauthorized()
             };
@@ -180,12 +251,10 @@ async fn serve_connection(
     }
 }
 
-/// Every endpoint needs the credentials when users are configured (as in node_exporter).
-async fn authorized(
-    config: &Arc<WebConfig>,
-    web: &Arc<WebSettings>,
-    request: &Request<Incoming>,
-) -> bool {
+/// Every endpoint needs the credentials when users are configured (as in node_exporter);
+/// the users are those of the file as it is now, also on a kept-alive connection.
+async fn authorized(web: &Arc<WebSettings>, request: &Request<Incoming>) -> bool {
+    let config = web.current();
     if config.users.is_empty() {
         return true;
     }
@@ -197,7 +266,7 @@ async fn authorized(
     if let Some(verdict) = web.auth.cached(&config.users, &user, &password) {
         return verdict;
     }
-    let (config, web) = (config.clone(), web.clone());
+    let web = web.clone();
     tokio::task::spawn_blocking(move || web.auth.verify(&config.users, &user, &password))
         .await
         .unwrap_or(false)
@@ -205,7 +274,7 @@ async fn authorized(
 
 fn unauthorized() -> Response<Full<Bytes>> {
     let mut response =
-        text(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "Unauthorized\n".into());
+        text(StatusCode::UNAUTHORIZED, "text/plain; charset=utf-8", "Unauthorized\n");
     response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic"));
     response
 }
@@ -233,7 +302,7 @@ mod tests {
     #[tokio::test]
     async fn metrics_endpoint_serves_openmetrics() {
         let state = state();
-        let response = respond(&state, &Method::GET, "/metrics");
+        let response = respond(&state, &Method::GET, "/metrics", false);
         assert_eq!(response.status(), StatusCode::OK);
         assert_eq!(
             response.headers().get(CONTENT_TYPE).map(|v| v.as_bytes()),
@@ -244,21 +313,31 @@ mod tests {
         assert!(text.ends_with("# EOF\n"));
     }
 
+    #[test]
+    fn gzip_negotiation() {
+        let accepts = |value: &'static str| accepts_gzip(Some(&HeaderValue::from_static(value)));
+        assert!(accepts("gzip"));
+        assert!(accepts("deflate, GZIP;q=0.5"));
+        assert!(!accepts("gzip;q=0"));
+        assert!(!accepts("identity"));
+        assert!(!accepts_gzip(None));
+    }
+
     #[tokio::test]
     async fn readiness_follows_attach_state() {
         let state = state();
         assert_eq!(
-            respond(&state, &Method::GET, "/readyz").status(),
+            respond(&state, &Method::GET, "/readyz", false).status(),
             StatusCode::SERVICE_UNAVAILABLE
         );
         state.ready.store(true, Ordering::Release);
-        assert_eq!(respond(&state, &Method::GET, "/readyz").status(), StatusCode::OK);
-        assert_eq!(respond(&state, &Method::GET, "/healthz").status(), StatusCode::OK);
-        assert_eq!(respond(&state, &Method::GET, "/nope").status(), StatusCode::NOT_FOUND);
+        assert_eq!(respond(&state, &Method::GET, "/readyz", false).status(), StatusCode::OK);
+        assert_eq!(respond(&state, &Method::GET, "/healthz", false).status(), StatusCode::OK);
+        assert_eq!(respond(&state, &Method::GET, "/nope", false).status(), StatusCode::NOT_FOUND);
         assert_eq!(
-            respond(&state, &Method::POST, "/metrics").status(),
+            respond(&state, &Method::POST, "/metrics", false).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
-        assert!(body(respond(&state, &Method::GET, "/")).await.contains("/metrics"));
+        assert!(body(respond(&state, &Method::GET, "/", false)).await.contains("/metrics"));
     }
 }

@@ -38,6 +38,17 @@ fn connection(server: SocketAddr) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An agent and a server that closes each of its `connections` after `REQUESTS` requests.
+fn agent_and_server(
+    connections: usize,
+) -> anyhow::Result<(Agent, SocketAddr, std::thread::JoinHandle<anyhow::Result<()>>)> {
+    let agent = Agent::start(&[])?;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?;
+    let behaviour = ServerBehaviour { max_requests: Some(REQUESTS), ..Default::default() };
+    Ok((agent, server, http_server::serve(listener, connections, behaviour)))
+}
+
 fn flow<'a>(json: &'a Value, role: &str, process: &str, server: &str) -> anyhow::Result<&'a Value> {
     json["flows"]
         .as_array()
@@ -53,11 +64,7 @@ fn flows_shows_requests_per_connection_and_close_sides() -> anyhow::Result<()> {
         return Ok(());
     }
     const CONNECTIONS: usize = 8;
-    let agent = Agent::start(&[])?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let server = listener.local_addr()?;
-    let behaviour = ServerBehaviour { max_requests: Some(REQUESTS), ..Default::default() };
-    let serving = http_server::serve(listener, CONNECTIONS, behaviour);
+    let (agent, server, serving) = agent_and_server(CONNECTIONS)?;
     for _ in 0..CONNECTIONS {
         connection(server)?;
     }
@@ -106,12 +113,8 @@ fn flows_rates_come_from_two_scrapes() -> anyhow::Result<()> {
         return Ok(());
     }
     const MAX_CONNECTIONS: usize = 300;
-    let agent = Agent::start(&[])?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let server = listener.local_addr()?;
-    let behaviour = ServerBehaviour { max_requests: Some(REQUESTS), ..Default::default() };
     // The server thread is left waiting for connections that never come when the test ends.
-    let _serving = http_server::serve(listener, MAX_CONNECTIONS, behaviour);
+    let (agent, server, _serving) = agent_and_server(MAX_CONNECTIONS)?;
     let url = format!("http://{}", agent.address);
     let mut child = Command::new(agent_binary())
         .args(["flows", "--url", &url, "--interval", "2", "--output", "json"])
@@ -138,5 +141,23 @@ fn flows_rates_come_from_two_scrapes() -> anyhow::Result<()> {
         "{rate}/s over {interval} s, {made} made"
     );
     assert_eq!(client["requests_per_connection"], f64::from(REQUESTS), "{client}");
+
+    // --watch: one JSON document per refresh, each over the last N seconds.
+    let mut watching = Command::new(agent_binary())
+        .args(["flows", "--url", &url, "--watch", "1", "--output", "json"])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let stdout = watching.stdout.take().context("no stdout")?;
+    let documents: Vec<Value> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .take(2)
+        .map(|line| Ok(serde_json::from_str(&line?)?))
+        .collect::<anyhow::Result<_>>()?;
+    watching.kill()?;
+    watching.wait()?;
+    assert_eq!(documents.len(), 2);
+    for document in &documents {
+        let interval = document["interval_seconds"].as_f64().unwrap_or(0.0);
+        assert!((1.0..3.0).contains(&interval), "{document}");
+    }
     Ok(())
 }

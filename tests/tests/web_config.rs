@@ -41,55 +41,33 @@ impl Pki {
         Ok(())
     }
 
+    /// `openssl req` making a P-256 key `{name}.key` and, with `extra`, a request or a
+    /// self-signed certificate.
+    fn new_key(&self, name: &str, extra: &[&str]) -> anyhow::Result<()> {
+        let (key, subject) = (format!("{name}.key"), format!("/CN={name}"));
+        let curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let args = [&["req"], &curve[..], &["-keyout", &key, "-subj", &subject], extra].concat();
+        self.openssl(&args)
+    }
+
     fn ca(&self, name: &str) -> anyhow::Result<()> {
-        let (key, crt, subject) =
-            (format!("{name}.key"), format!("{name}.crt"), format!("/CN={name}"));
-        self.openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &crt,
-            "-days",
-            "1",
-            "-subj",
-            &subject,
-        ])
+        self.new_key(name, &["-x509", "-days", "1", "-out", &format!("{name}.crt")])
     }
 
     fn signed(&self, name: &str, ca: &str, extension: &str) -> anyhow::Result<()> {
-        let (key, csr, crt) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"));
-        let ext = format!("{name}.ext");
+        let (csr, crt, ext) = (format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
         std::fs::write(self.path(&ext), format!("{extension}\n"))?;
-        self.openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={name}"),
-        ])?;
+        self.new_key(name, &["-out", &csr])?;
+        let (ca_crt, ca_key) = (format!("{ca}.crt"), format!("{ca}.key"));
         self.openssl(&[
             "x509",
             "-req",
             "-in",
             &csr,
             "-CA",
-            &format!("{ca}.crt"),
+            &ca_crt,
             "-CAkey",
-            &format!("{ca}.key"),
+            &ca_key,
             "-CAcreateserial",
             "-out",
             &crt,
@@ -235,7 +213,7 @@ fn tls_port_demands_credentials_and_refuses_plain_http() -> anyhow::Result<()> {
     }
     let pki = Pki::create("auth")?;
     let web_config = pki.web_config("VerifyClientCertIfGiven", &[("prometheus", "s3cret")])?;
-    let agent = TlsAgent::start(&web_config, &pki, &["-u", "prometheus:s3cret"])?;
+    let mut agent = TlsAgent::start(&web_config, &pki, &["-u", "prometheus:s3cret"])?;
 
     for path in ["/metrics", "/healthz", "/readyz", "/"] {
         let (status, _) = agent.curl(&pki, path, &[])?;
@@ -305,6 +283,14 @@ fn tls_port_demands_credentials_and_refuses_plain_http() -> anyhow::Result<()> {
         0,
         "old CA no longer matches"
     );
+    // SIGHUP reads the files again and does not end the agent.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(agent.child.try_wait()?.is_none(), "SIGHUP must not stop the agent");
+    let after_hangup =
+        curl(&["--cacert", &ca2, "-u", "prometheus:s3cret", &agent.url("https", "/healthz")])?;
+    assert_eq!(after_hangup.0, 200);
     Ok(())
 }
 
@@ -358,5 +344,51 @@ fn bad_web_config_is_one_clear_line() -> anyhow::Result<()> {
     let output = start_with(&pki.path("absent.yml"))?;
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read --web.config.file"));
+    Ok(())
+}
+
+#[test]
+fn kubernetes_overlay_mounts_the_secret_read_only() -> anyhow::Result<()> {
+    let overlay =
+        connscope_tests::grafana::repo_root().join("deploy/kubernetes/overlays/web-config");
+    let output = Command::new("kubectl").arg("kustomize").arg(&overlay).output();
+    let output = match output {
+        Ok(output) => output,
+        Err(err) => {
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "kubectl missing in CI: {err}");
+            eprintln!("skipping: kubectl missing ({err}); `cargo xtask setup` installs it");
+            return Ok(());
+        }
+    };
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8(output.stdout)?;
+    let daemonset = text
+        .split("\n---\n")
+        .map(serde_yaml::from_str::<serde_yaml::Value>)
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .find(|doc| doc["kind"] == "DaemonSet")
+        .context("no DaemonSet rendered")?;
+    let pod = &daemonset["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let has = |list: &serde_yaml::Value, wanted: &serde_yaml::Value| {
+        list.as_sequence().into_iter().flatten().any(|item| item == wanted)
+    };
+    let flag = serde_yaml::Value::from("--web.config.file=/etc/connscope/web/web-config.yml");
+    assert!(has(&container["args"], &flag), "{container:?}");
+    let mount: serde_yaml::Value =
+        serde_yaml::from_str("{name: web-config, mountPath: /etc/connscope/web, readOnly: true}")?;
+    assert!(has(&container["volumeMounts"], &mount), "{container:?}");
+    let volumes = pod["volumes"].as_sequence().into_iter().flatten();
+    let secret = volumes
+        .filter(|volume| volume["name"] == "web-config")
+        .map(|volume| &volume["secret"]["secretName"])
+        .next();
+    assert_eq!(secret, Some(&serde_yaml::Value::from("connscope-web-config")));
+    // Every endpoint needs credentials the kubelet does not have: TCP probes.
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert!(container[probe]["httpGet"].is_null(), "{probe}: {:?}", container[probe]);
+        assert_eq!(container[probe]["tcpSocket"]["port"], "metrics");
+    }
     Ok(())
 }

@@ -73,7 +73,9 @@ pub struct MetricsClient {
 
 impl MetricsClient {
     pub fn new(url: &str, args: &ClientArgs) -> anyhow::Result<Self> {
-        let uri: Uri = url.parse().with_context(|| format!("invalid --url {url:?}"))?;
+        // `host:port` alone means plain HTTP, as in Prometheus' targets.
+        let full = if url.contains("://") { url.to_owned() } else { format!("http://{url}") };
+        let uri: Uri = full.parse().with_context(|| format!("invalid --url {url:?}"))?;
         let https = match uri.scheme_str() {
             Some("http") => false,
             Some("https") => true,

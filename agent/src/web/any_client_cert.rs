@@ -20,7 +20,7 @@ pub struct AnyClientCert {
 }
 
 impl AnyClientCert {
-    pub fn new(provider: &CryptoProvider, mandatory: bool) -> Arc<dyn ClientCertVerifier> {
+    pub fn verifier(provider: &CryptoProvider, mandatory: bool) -> Arc<dyn ClientCertVerifier> {
         Arc::new(Self { algorithms: provider.signature_verification_algorithms, mandatory })
     }
 }

@@ -131,8 +131,8 @@ impl TlsServerConfig {
                 bail!("tls_server_config: client_auth_type {auth:?} needs client_ca_file")
             }
             (_, ClientAuth::NoClientCert) => None,
-            (_, ClientAuth::RequestClientCert) => Some(AnyClientCert::new(&provider, false)),
-            (_, ClientAuth::RequireAnyClientCert) => Some(AnyClientCert::new(&provider, true)),
+            (_, ClientAuth::RequestClientCert) => Some(AnyClientCert::verifier(&provider, false)),
+            (_, ClientAuth::RequireAnyClientCert) => Some(AnyClientCert::verifier(&provider, true)),
             (Some(ca_file), verify) => {
                 let ca_file = base.join(ca_file);
                 let roots = read_roots(&ca_file)?;

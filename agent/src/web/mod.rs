@@ -1,6 +1,7 @@
 //! `--web.config.file`: TLS and basic auth for every endpoint, as node_exporter does it
 //! (exporter-toolkit). The file and the certificates it names are read again when one of
-//! them changes (checked on each new connection), so renewed certificates need no restart.
+//! them changes (checked on each new connection and request), or on SIGHUP, so renewed
+//! certificates need no restart.
 
 mod any_client_cert;
 pub mod auth;
@@ -49,6 +50,13 @@ impl WebSettings {
             current: RwLock::new((Arc::new(config), stamps)),
             auth: auth::AuthCache::default(),
         })
+    }
+
+    /// Reads the files again on the next use, changed or not (SIGHUP).
+    pub fn reload_on_next_use(&self) {
+        if let Ok(mut current) = self.current.write() {
+            current.1.clear();
+        }
     }
 
     /// The configuration for a new connection, read again first if a file changed. A file
