@@ -7,7 +7,7 @@ use std::{process::Command, time::Duration};
 use anyhow::Context as _;
 use connscope_tests::{Scrape, demo::Demo, http_get};
 
-use crate::{cargo, is_root, run_checked, setup, workspace_root};
+use crate::{is_root, setup};
 
 const LISTEN: &str = "127.0.0.1:9477";
 
@@ -19,8 +19,7 @@ pub fn run(duration: Duration, no_agent: bool) -> anyhow::Result<()> {
             "the demo starts the agent, which needs root: `sudo -E cargo xtask demo`"
         );
         setup::run()?;
-        run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
-        let binary = workspace_root().join("target/release/connscope");
+        let binary = crate::binaries::release_agent()?;
         agent = Some(
             Command::new(binary)
                 .args(["--web.listen-address", LISTEN, "--log.level", "warn"])

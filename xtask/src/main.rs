@@ -2,6 +2,8 @@
 //! installed by `setup`, which every other command runs first (fast when already done).
 
 mod bench;
+mod binaries;
+mod debian_packages;
 mod demo;
 mod fuzz;
 mod setup;
@@ -100,8 +102,7 @@ pub fn is_root() -> bool {
 
 fn run(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
-    run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
-    let binary = workspace_root().join("target/release/connscope");
+    let binary = binaries::release_agent()?;
     let listen = args
         .iter()
         .position(|a| a == "--web.listen-address")

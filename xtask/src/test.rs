@@ -5,7 +5,7 @@
 //! (`cargo xtask vm-test`) runs the kernel tests per backend on Debian's 6.1 kernel;
 //! `--no-vm` leaves it out.
 
-use crate::{cargo, is_root, run_checked, setup, workspace_root};
+use crate::{cargo, is_root, run_checked, setup};
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let vm = !args.iter().any(|a| a == "--no-vm");
@@ -19,8 +19,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         eprintln!("warning: {hint}; they will be skipped");
     }
     // The release agent: the end-to-end tests drive thousands of connections per second.
-    run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
-    let binary = workspace_root().join("target/release/connscope");
+    let binary = crate::binaries::release_agent()?;
     run_checked(
         cargo()
             .args(["test", "--workspace", "--exclude", "connscope-ebpf"])
