@@ -47,8 +47,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Boot Debian's stock kernel under QEMU and run the kernel tests once per hook backend.
-    VmTest,
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under QEMU and run the kernel tests once per
+    /// hook backend of the matrix.
+    VmTest {
+        /// `ci`: the subset `cargo xtask test` runs; `full`: every kernel x backend cell.
+        #[arg(long, value_enum, default_value = "ci")]
+        matrix: vm::Matrix,
+        /// Only these kernels (e.g. `--kernel 5.10`; repeatable).
+        #[arg(long)]
+        kernel: Vec<String>,
+    },
     /// Measure the agent's cost: throughput with/without it, lost events, CPU, ns per BPF
     /// program, memory per tracked connection, /metrics latency (target/bench/report.json).
     Bench,
@@ -68,7 +76,7 @@ fn main() -> anyhow::Result<()> {
         Task::Demo { duration, no_agent } => {
             demo::run(std::time::Duration::from_secs(duration), no_agent)
         }
-        Task::VmTest => vm::run(),
+        Task::VmTest { matrix, kernel } => vm::run(matrix, &kernel),
         Task::Bench => bench::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds.unwrap_or_else(fuzz::seconds_from_env)),
     }

@@ -1,12 +1,10 @@
 //! `/init` of the VM: mounts, loopback, then every kernel test binary once per backend,
 //! printing the `CONNSCOPE-VM` lines the host watches for.
 
-const BACKENDS: &str = "fentry kprobe tracepoint";
-
-/// `/init`: mounts, loopback, then every kernel test binary once per backend.
-pub fn init_script(accel: &str) -> String {
+/// `/init`: mounts, loopback, then every kernel test binary once per backend of `backends`.
+pub fn init_script(accel: &str, backends: &[&str]) -> String {
     let strict = std::env::var("CONNSCOPE_VM_STRICT").unwrap_or_default();
-    let backends = std::env::var("CONNSCOPE_VM_BACKENDS").unwrap_or_else(|_| BACKENDS.to_owned());
+    let backends = backends.join(" ");
     let test_args = std::env::var("CONNSCOPE_VM_TEST_ARGS").unwrap_or_default();
     INIT_SCRIPT
         .replace("@BACKENDS@", &backends)
@@ -52,16 +50,22 @@ agent_check() {
         sleep 0.2
     done
     started_cs=$(( $(now_cs) - t0 ))
-    attach=$(wget -q -O- http://127.0.0.1:9598/metrics 2>/dev/null | grep '^connscope_probe_info{' | grep 'hook="tcp_sendmsg"' | sed 's/.*attach="\([a-z_]*\)".*/\1/')
+    wget -q -O- http://127.0.0.1:9598/metrics 2>/dev/null | grep '^connscope_probe_info{' >/tmp/probes
+    attach=$(grep 'hook="tcp_sendmsg"' /tmp/probes | sed 's/.*attach="\([a-z_]*\)".*/\1/')
+    # hook:attach of every hook, e.g. tcp_sendmsg:fentry,inet_sock_set_state:tp_btf
+    hooks=$(sed 's/.*hook="\([a-z_0-9]*\)".*attach="\([a-z_]*\)".*/\1:\2/' /tmp/probes | tr '\n' ',' | sed 's/,$//')
     t1=$(now_cs)
     kill -TERM $pid 2>/dev/null
     wait $pid
     rc=$?
     stop_cs=$(( $(now_cs) - t1 ))
     echo "CONNSCOPE-VM agent backend=$1 ready=$ready start_s=$((started_cs / 100)).$(printf %02d $((started_cs % 100))) probe_info_tcp_sendmsg=$attach stop_s=$((stop_cs / 100)).$(printf %02d $((stop_cs % 100))) exit=$rc"
-    # The tracepoint backend attaches BTF tracepoints where the kernel has them.
+    echo "CONNSCOPE-VM hooks backend=$1 $hooks"
+    # The tracepoint backend attaches BTF tracepoints where the kernel has them; auto picks
+    # per hook (any backend that attached will do).
     expected=$1
     [ "$1" = tracepoint ] && [ "$attach" = tp_btf ] && expected=tp_btf
+    [ "$1" = auto ] && [ -n "$attach" ] && expected=$attach
     [ "$ready" = yes ] && [ "$attach" = "$expected" ] && [ "$rc" = 0 ]
 }
 

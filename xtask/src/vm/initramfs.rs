@@ -75,13 +75,22 @@ fn shared_libraries(binary: &Path) -> anyhow::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// What the VM runs, the same for every kernel.
+pub struct Contents<'a> {
+    pub agent: &'a Path,
+    /// `(name, path)` of the test binaries.
+    pub tests: &'a [(String, PathBuf)],
+}
+
+/// Writes the gzipped initramfs for `kernel`, whose `/init` runs `backends`, to `out`.
 pub fn build(
     vm_dir: &Path,
     kernel: &Kernel,
-    agent: &Path,
-    tests: &[(String, PathBuf)],
+    backends: &[&str],
+    contents: &Contents,
     out: &Path,
 ) -> anyhow::Result<()> {
+    let Contents { agent, tests } = *contents;
     let strip_dir = vm_dir.join("stripped");
     fs::create_dir_all(&strip_dir)?;
     let mut archive = Archive::default();
@@ -164,7 +173,7 @@ pub fn build(
     archive.add(
         "init",
         Member::File {
-            data: init_script(if kvm_usable() { "kvm" } else { "tcg" }).into_bytes(),
+            data: init_script(if kvm_usable() { "kvm" } else { "tcg" }, backends).into_bytes(),
             mode: 0o755,
         },
     );

@@ -12,7 +12,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// Boot and set-up, and each backend's run: generous for software emulation on a busy host
+/// (a backend takes 3-4 minutes there).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(8 * 60);
 
 pub fn kvm_usable() -> bool {
     let cpu_virt = fs::read_to_string("/proc/cpuinfo")
@@ -25,17 +28,19 @@ pub fn kvm_usable() -> bool {
     cpu_virt && fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
 }
 
-/// Boots the VM and returns the `CONNSCOPE-VM` lines, the last being the result line.
+/// Boots the VM and returns the `CONNSCOPE-VM` kernel, hooks and per-backend lines, the last
+/// being the result line. The timeout grows with the number of `backends` the VM runs.
 pub fn boot_and_watch(
     vmlinuz: &Path,
     initramfs: &Path,
     log_path: &Path,
+    backends: usize,
 ) -> anyhow::Result<Vec<String>> {
     let timeout = std::env::var("CONNSCOPE_VM_TIMEOUT_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .map(Duration::from_secs)
-        .unwrap_or(DEFAULT_TIMEOUT);
+        .unwrap_or(BOOT_TIMEOUT + BACKEND_TIMEOUT * backends as u32);
     let mut qemu = Command::new("qemu-system-x86_64");
     qemu.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot"]);
     if kvm_usable() {
@@ -85,6 +90,8 @@ pub fn boot_and_watch(
                 if let Some(pos) = trimmed.find("CONNSCOPE-VM") {
                     let marker = &trimmed[pos..];
                     if marker.starts_with("CONNSCOPE-VM backend=")
+                        || marker.starts_with("CONNSCOPE-VM kernel=")
+                        || marker.starts_with("CONNSCOPE-VM hooks ")
                         || marker.starts_with("CONNSCOPE-VM-RESULT")
                     {
                         results.push(marker.to_owned());
