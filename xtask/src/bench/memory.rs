@@ -12,7 +12,11 @@ use anyhow::{Context as _, ensure};
 use connscope_tests::{Agent, Scrape, procfs::rss_bytes};
 use serde_json::{Value, json};
 
-use super::{real_losses, round};
+use super::{
+    real_losses,
+    report::{Figure, Part, Target},
+    round,
+};
 
 /// `memlock` of every BPF map a process holds, by map name.
 fn map_memory(pid: u32) -> anyhow::Result<BTreeMap<String, Value>> {
@@ -79,7 +83,7 @@ print("ready", flush=True)
 sys.stdin.read()
 "#;
 
-pub fn idle_memory(connections: usize) -> anyhow::Result<Value> {
+pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
     const PER_HOLDER: usize = 8_500;
     let capacity = (2 * connections).next_power_of_two().max(1024);
     let agent = Agent::start(&["--bpf.max-connections", &capacity.to_string()])?;
@@ -114,7 +118,14 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Value> {
     thread::sleep(Duration::from_secs(1));
     let rss = rss_bytes(agent.pid())?;
     let maps = map_memory(agent.pid())?;
-    let conns_bytes = maps.get("CONNS").and_then(|m| m["memlock_bytes"].as_u64()).unwrap_or(0);
+    // The per-socket maps are the ones sized by --bpf.max-connections.
+    let per_socket: Vec<&String> = maps
+        .iter()
+        .filter(|(_, m)| m["max_entries"].as_u64() == Some(capacity as u64))
+        .map(|(name, _)| name)
+        .collect();
+    let conns_bytes: u64 =
+        per_socket.iter().filter_map(|name| maps[*name]["memlock_bytes"].as_u64()).sum();
     let total_bytes: u64 = maps.values().filter_map(|m| m["memlock_bytes"].as_u64()).sum();
     let lost = real_losses(&scrape);
     // Clean up and check that the agent lets go of them all.
@@ -127,7 +138,7 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Value> {
     agent.stop()?;
     let per_conn = conns_bytes as f64 / tracked_now.max(1.0);
     let per_conn_total = total_bytes as f64 / tracked_now.max(1.0);
-    Ok(json!({
+    let details = json!({
         "connections": connections,
         "sockets_tracked": tracked_now,
         "map_capacity": capacity,
@@ -135,16 +146,32 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Value> {
         "agent_rss_start_bytes": rss_start,
         "agent_rss_bytes": rss,
         "agent_rss_after_close_bytes": rss_after,
-        "rss_goal_bytes": 30u64 << 20,
-        "rss_goal_met": rss <= 30 << 20,
         "bpf_maps": maps,
         "bpf_map_bytes_total": total_bytes,
-        "conns_map_bytes_per_tracked_connection": round(per_conn, 1),
+        "per_socket_maps": per_socket,
+        "per_socket_map_bytes_per_tracked_socket": round(per_conn, 1),
         "all_maps_bytes_per_tracked_connection": round(per_conn_total, 1),
-        "conns_map_bytes_per_slot": round(conns_bytes as f64 / capacity as f64, 1),
-        "kernel_bytes_goal": 200,
-        "kernel_bytes_goal_met": per_conn <= 200.0,
+        "per_socket_map_bytes_per_slot": round(conns_bytes as f64 / capacity as f64, 1),
         "events_lost": lost,
         "tracked_after_close": tracked(&after),
-    }))
+    });
+    let rss_mib = rss as f64 / f64::from(1 << 20);
+    let figures = vec![
+        Figure::new(
+            "kernel bytes per tracked socket",
+            per_conn,
+            format!(
+                "{per_conn:.0} B (maps {})",
+                per_socket.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("+")
+            ),
+            Target::AtMost(150.0),
+        ),
+        Figure::new(
+            format!("agent RSS at {tracked_now} tracked sockets"),
+            rss_mib,
+            format!("{rss_mib:.1} MiB"),
+            Target::AtMost(30.0),
+        ),
+    ];
+    Ok(Part { key: "memory", details, figures })
 }

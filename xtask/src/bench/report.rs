@@ -1,68 +1,82 @@
-//! The printed summary of `target/bench/report.json`.
+//! The figures of the benchmark against their targets (issue 14's table), printed as one table
+//! and written with the raw measurements to `target/bench/report.json`.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-pub fn print_table(report: &Value) {
-    println!("\nconnscope benchmark ({})", report["machine"]["kernel"].as_str().unwrap_or("?"));
-    println!("{:-<96}", "");
-    for key in ["throughput_keepalive", "throughput_close"] {
-        let t = &report[key];
-        println!(
-            "{:<22} without {:>8} req/s  with {:>8} req/s  ratio {:.3} (min {:.3}, max {:.3})  goal >= {}  {}",
-            t["mode"].as_str().unwrap_or(""),
-            t["median_without_rps"],
-            t["median_with_rps"],
-            t["ratio_median"].as_f64().unwrap_or(0.0),
-            t["ratio_min"].as_f64().unwrap_or(0.0),
-            t["ratio_max"].as_f64().unwrap_or(0.0),
-            t["goal"],
-            if t["goal_met"].as_bool() == Some(true) { "met" } else { "NOT met" }
-        );
-        println!(
-            "{:<22} agent CPU {} s per 10k {}; events lost {} {}",
-            "",
-            t["agent_cpu_seconds_per_10k"],
-            t["agent_cpu_per_10k_unit"].as_str().unwrap_or(""),
-            t["events_lost_total"],
-            t["events_lost"]
-        );
+/// What a figure must reach.
+#[derive(Clone, Copy)]
+pub enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+    /// Reported without a target.
+    None,
+}
+
+/// One row of the table.
+pub struct Figure {
+    pub name: String,
+    pub value: f64,
+    /// How the value is shown (with its unit or spread).
+    pub shown: String,
+    pub target: Target,
+}
+
+impl Figure {
+    pub fn new(name: impl Into<String>, value: f64, shown: String, target: Target) -> Self {
+        Self { name: name.into(), value, shown, target }
     }
-    println!("{:-<96}", "");
-    if let Some(programs) = report["bpf_programs"].as_object() {
-        for (name, p) in programs {
-            println!(
-                "{:<32} {:>10} runs {:>8} ns/run  goal <= {} ns ({})  {}",
-                name,
-                p["runs"],
-                p["ns_per_run"],
-                p["goal_ns"],
-                p["kind"].as_str().unwrap_or(""),
-                if p["goal_met"].as_bool() == Some(true) { "met" } else { "NOT met" }
-            );
+
+    pub fn met(&self) -> Option<bool> {
+        match self.target {
+            Target::AtLeast(goal) => Some(self.value >= goal),
+            Target::AtMost(goal) => Some(self.value <= goal),
+            Target::None => None,
         }
     }
-    println!("{:-<96}", "");
-    let m = &report["memory"];
-    println!(
-        "{} idle connections ({} sockets tracked): agent RSS {:.1} MiB (goal <= 30: {}), CONNS map {} B per tracked socket ({} B per slot; all maps {} B) goal <= 200: {}",
-        m["connections"],
-        m["sockets_tracked"],
-        m["agent_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
-        if m["rss_goal_met"].as_bool() == Some(true) { "met" } else { "NOT met" },
-        m["conns_map_bytes_per_tracked_connection"],
-        m["conns_map_bytes_per_slot"],
-        m["all_maps_bytes_per_tracked_connection"],
-        if m["kernel_bytes_goal_met"].as_bool() == Some(true) { "met" } else { "NOT met" },
-    );
-    let e = &report["metrics_endpoint"];
-    println!(
-        "/metrics with {} servers x {} processes: {} samples, {} bytes, median {} ms, max {} ms (goal <= 10 ms: {})",
-        e["servers"],
-        e["processes"],
-        e["samples"],
-        e["body_bytes"],
-        e["latency_ms_median"],
-        e["latency_ms_max"],
-        if e["goal_met"].as_bool() == Some(true) { "met" } else { "NOT met" }
-    );
+
+    fn target_text(&self) -> String {
+        match self.target {
+            Target::AtLeast(goal) => format!(">= {goal}"),
+            Target::AtMost(goal) => format!("<= {goal}"),
+            Target::None => String::new(),
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "figure": self.name,
+            "value": self.value,
+            "shown": self.shown,
+            "target": self.target_text(),
+            "met": self.met(),
+        })
+    }
+}
+
+/// The result of one part of the benchmark: its raw measurements and its figures.
+pub struct Part {
+    pub key: &'static str,
+    pub details: Value,
+    pub figures: Vec<Figure>,
+}
+
+pub fn print_table(kernel: &str, figures: &[Figure]) {
+    let width = figures.iter().map(|f| f.name.len()).max().unwrap_or(10).max(6);
+    let value_width = figures.iter().map(|f| f.shown.len()).max().unwrap_or(5).max(5);
+    println!("\nconnscope benchmark (kernel {kernel})");
+    println!("{:<width$} | {:<value_width$} | {:<9} | met", "figure", "value", "target");
+    println!("{:-<width$}-|-{:-<value_width$}-|-{:-<9}-|-----", "", "", "");
+    for figure in figures {
+        let met = match figure.met() {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "",
+        };
+        println!(
+            "{:<width$} | {:<value_width$} | {:<9} | {met}",
+            figure.name,
+            figure.shown,
+            figure.target_text()
+        );
+    }
 }
