@@ -10,7 +10,7 @@ mod setup;
 mod test;
 mod vm;
 
-use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -28,6 +28,10 @@ enum Task {
     Setup,
     /// Set up, build the agent in release mode and start it (arguments go to connscope).
     Run {
+        /// Also start the demo's local servers and clients, and print what connscope sees
+        /// every 20 s until Ctrl-C (at most an hour).
+        #[arg(long)]
+        demo: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -57,8 +61,10 @@ enum Task {
         #[arg(long)]
         kernel: Vec<String>,
     },
-    /// Measure the agent's cost: throughput with/without it, lost events, CPU, ns per BPF
-    /// program, memory per tracked connection, /metrics latency (target/bench/report.json).
+    /// Measure the agent's cost against issue 14's targets: throughput without an observer,
+    /// with the floor and with connscope, lost events, CPU, ns per BPF program, the tax on a
+    /// no-network workload, memory per tracked socket, /metrics latency
+    /// (target/bench/report.json).
     Bench,
     /// Run every cargo-fuzz target (nightly) for a bounded time.
     Fuzz {
@@ -71,11 +77,23 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
-        Task::Run { args } => run(&args),
-        Task::Test { args } => test::run(&args),
-        Task::Demo { duration, no_agent } => {
-            demo::run(std::time::Duration::from_secs(duration), no_agent)
+        Task::Run { demo: false, args } => run(&args),
+        Task::Run { demo: true, args } => {
+            if !args.is_empty() {
+                bail!("`cargo xtask run --demo` takes no agent arguments (got {args:?})");
+            }
+            demo::run(&demo::DemoRun {
+                duration: Duration::from_secs(3600),
+                start_agent: true,
+                summary_every: Some(Duration::from_secs(20)),
+            })
         }
+        Task::Test { args } => test::run(&args),
+        Task::Demo { duration, no_agent } => demo::run(&demo::DemoRun {
+            duration: Duration::from_secs(duration),
+            start_agent: !no_agent,
+            summary_every: None,
+        }),
         Task::VmTest { matrix, kernel } => vm::run(matrix, &kernel),
         Task::Bench => bench::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds.unwrap_or_else(fuzz::seconds_from_env)),
