@@ -163,6 +163,8 @@ impl PrivateApt {
         ] {
             cmd.arg("-o").arg(option(key, &self.dir.join(sub)));
         }
+        // The files live in the build tree, which apt's `_apt` sandbox user cannot write.
+        cmd.args(["-o", "APT::Sandbox::User=root"]);
         cmd
     }
 
