@@ -66,24 +66,15 @@ fn build(args: &[&str]) -> anyhow::Result<Built> {
     Ok(built)
 }
 
-fn agent(profile_args: &[&str]) -> anyhow::Result<PathBuf> {
-    let args = [&["build", "--package", "connscope"], profile_args].concat();
-    build(&args)?
+/// The agent in release mode, built now: what users run and what the tests, the VM tier and
+/// the bench drive.
+pub fn release_agent() -> anyhow::Result<PathBuf> {
+    build(&["build", "--release", "--package", "connscope"])?
         .executables
         .into_iter()
         .find(|e| e.name == "connscope" && e.kind.iter().any(|k| k == "bin"))
         .map(|e| e.path)
         .context("cargo built no connscope binary")
-}
-
-/// The agent in release mode, built now: what users run and what the tests and the bench drive.
-pub fn release_agent() -> anyhow::Result<PathBuf> {
-    agent(&["--release"])
-}
-
-/// The agent in debug mode (debug assertions on), for the VM tier.
-pub fn debug_agent() -> anyhow::Result<PathBuf> {
-    agent(&[])
 }
 
 /// `(name, path)` of every `kernel_*` integration test binary of `connscope-tests`, built now.

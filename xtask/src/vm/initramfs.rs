@@ -41,7 +41,7 @@ fn add_program(
     Ok(())
 }
 
-/// A copy of `binary` without debug information (the debug agent is ~70 MB otherwise).
+/// A copy of `binary` without debug information (the test binaries are tens of MB otherwise).
 fn strip_copy(binary: &Path, dir: &Path) -> Option<PathBuf> {
     let target = dir.join(binary.file_name()?);
     let status = Command::new("strip")

@@ -52,7 +52,9 @@ pub fn run(matrix: Matrix, kernels: &[String]) -> anyhow::Result<()> {
     let mirror = private_apt::system_mirror()?;
     eprintln!("vm-test: Debian mirror {} (from {})", mirror.uri, mirror.source.display());
 
-    let agent = binaries::debug_agent()?;
+    // The release agent, as shipped: under software emulation the debug build needs 15-30 s
+    // to start (parsing the kernel's BTF), close to the test harness's 30 s readiness bound.
+    let agent = binaries::release_agent()?;
     let tests = binaries::kernel_test_binaries()?;
     if tests.is_empty() {
         bail!("no kernel_* test binary in connscope-tests");
