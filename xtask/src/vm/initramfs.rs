@@ -152,13 +152,12 @@ pub fn build(
         }
     }
     for module in MODULES {
-        let host = kernel.modules.join(module);
-        if host.exists() {
+        if let Some(data) = module_file(&kernel.modules.join(module))? {
             let name = Path::new(module)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            archive.add_host_file(&format!("lib/modules/{name}"), &host)?;
+            archive.add(&format!("lib/modules/{name}"), Member::File { data, mode: 0o644 });
         }
     }
     archive.add(
@@ -194,6 +193,27 @@ pub fn build(
     }
     fs::rename(&tmp, out)?;
     Ok(())
+}
+
+/// A kernel module's bytes, uncompressed (busybox's insmod reads plain `.ko` files; newer
+/// Debian kernels ship `.ko.xz`). `None` when the kernel has it built in.
+fn module_file(plain: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    if plain.exists() {
+        return Ok(Some(fs::read(plain)?));
+    }
+    let compressed = plain.with_extension("ko.xz");
+    if !compressed.exists() {
+        return Ok(None);
+    }
+    let output = Command::new("xz")
+        .arg("-dc")
+        .arg(&compressed)
+        .output()
+        .context("running xz (apt: xz-utils)")?;
+    if !output.status.success() {
+        bail!("xz -dc {} failed: {}", compressed.display(), output.status);
+    }
+    Ok(Some(output.stdout))
 }
 
 /// Parts of Python's standard library the tests never import.

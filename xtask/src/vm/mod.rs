@@ -33,7 +33,7 @@ pub use matrix::Matrix;
 use crate::{binaries, debian_packages, workspace_root};
 
 /// Debian packages only the VM tier needs (the kernels themselves are downloaded, not installed).
-const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "iproute2"];
+const VM_APT_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "iproute2", "xz-utils"];
 
 /// Runs `matrix` (only the kernels named in `kernels`, when any).
 pub fn run(matrix: Matrix, kernels: &[String]) -> anyhow::Result<()> {
