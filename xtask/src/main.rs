@@ -2,6 +2,8 @@
 //! installed by `setup`, which every other command runs first (fast when already done).
 
 mod bench;
+mod binaries;
+mod debian_packages;
 mod demo;
 mod fuzz;
 mod node_tools;
@@ -9,7 +11,7 @@ mod setup;
 mod test;
 mod vm;
 
-use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command};
+use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
@@ -27,6 +29,10 @@ enum Task {
     Setup,
     /// Set up, build the agent in release mode and start it (arguments go to connscope).
     Run {
+        /// Also start the demo's local servers and clients, and print what connscope sees
+        /// every 20 s until Ctrl-C (at most an hour).
+        #[arg(long)]
+        demo: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -46,10 +52,21 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Boot Debian's stock kernel under QEMU and run the kernel tests once per hook backend.
-    VmTest,
-    /// Measure the agent's cost: throughput with/without it, lost events, CPU, ns per BPF
-    /// program, memory per tracked connection, /metrics latency (target/bench/report.json).
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under QEMU and run the kernel tests once per
+    /// hook backend of the matrix.
+    VmTest {
+        /// `full`: every kernel x backend cell (what `cargo xtask test` runs); `quick`: one
+        /// backend per kernel.
+        #[arg(long, value_enum, default_value = "full")]
+        matrix: vm::Matrix,
+        /// Only these kernels (e.g. `--kernel 5.10`; repeatable).
+        #[arg(long)]
+        kernel: Vec<String>,
+    },
+    /// Measure the agent's cost against issue 14's targets: throughput without an observer,
+    /// with the floor and with connscope, lost events, CPU, ns per BPF program, the tax on a
+    /// no-network workload, memory per tracked socket, /metrics latency
+    /// (target/bench/report.json).
     Bench,
     /// Run every cargo-fuzz target (nightly) for a bounded time.
     Fuzz {
@@ -62,12 +79,24 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
-        Task::Run { args } => run(&args),
-        Task::Test { args } => test::run(&args),
-        Task::Demo { duration, no_agent } => {
-            demo::run(std::time::Duration::from_secs(duration), no_agent)
+        Task::Run { demo: false, args } => run(&args),
+        Task::Run { demo: true, args } => {
+            if !args.is_empty() {
+                bail!("`cargo xtask run --demo` takes no agent arguments (got {args:?})");
+            }
+            demo::run(&demo::DemoRun {
+                duration: Duration::from_secs(3600),
+                start_agent: true,
+                summary_every: Some(Duration::from_secs(20)),
+            })
         }
-        Task::VmTest => vm::run(),
+        Task::Test { args } => test::run(&args),
+        Task::Demo { duration, no_agent } => demo::run(&demo::DemoRun {
+            duration: Duration::from_secs(duration),
+            start_agent: !no_agent,
+            summary_every: None,
+        }),
+        Task::VmTest { matrix, kernel } => vm::run(matrix, &kernel),
         Task::Bench => bench::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds.unwrap_or_else(fuzz::seconds_from_env)),
     }
@@ -101,8 +130,7 @@ pub fn is_root() -> bool {
 
 fn run(args: &[String]) -> anyhow::Result<()> {
     setup::run()?;
-    run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
-    let binary = workspace_root().join("target/release/connscope");
+    let binary = binaries::release_agent()?;
     let listen = args
         .iter()
         .position(|a| a == "--web.listen-address")

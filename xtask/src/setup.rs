@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: everything the eBPF build and the tests need on a fresh Debian 12
-//! machine (design.md §6), idempotent and quick when already done.
+//! machine (see [docs/architecture.md](../../docs/architecture.md)), idempotent and quick when
+//! already done. Each step checks first and installs only what is missing.
 //!
 //! - Debian's `rustc-web` toolchain ships a prebuilt `core` for `bpfel-unknown-none`; it is
 //!   linked into rustup as `connscope-bpf`, which `agent/build.rs` picks up.
@@ -11,7 +12,7 @@ use std::{process::Command, time::Instant};
 
 use anyhow::{Context as _, bail};
 
-use crate::{is_root, run_checked};
+use crate::{debian_packages, run_checked};
 
 /// Debian packages: the eBPF toolchain first, then what the tests use.
 const APT_PACKAGES: &[&str] = &[
@@ -27,6 +28,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3",
     "python3-pip",
     "systemd",
+    // Test certificates (TLS tests) and bcrypt hashes as users make them (web config).
+    "openssl",
+    "apache2-utils",
 ];
 
 /// PyPI packages for the offline manifest checks (tests/tests/assets_kubernetes.rs).
@@ -36,58 +40,32 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 pub const LINKED_TOOLCHAIN: &str = "connscope-bpf";
 
+type Step = fn() -> anyhow::Result<()>;
+
+/// The set-up steps in order, each named for the error of a failed install.
+const STEPS: &[(&str, Step)] = &[
+    ("Debian packages", apt_packages),
+    ("PyPI packages", pip_packages),
+    ("kubectl", kubectl),
+    ("npm packages", crate::node_tools::install),
+    ("bpf-linker", bpf_linker),
+    ("rustup toolchain link", toolchain_link),
+];
+
 pub fn run() -> anyhow::Result<()> {
     let started = Instant::now();
-    apt_packages()?;
-    pip_packages()?;
-    kubectl()?;
-    crate::node_tools::install()?;
-    bpf_linker()?;
-    toolchain_link()?;
+    for (name, step) in STEPS {
+        step().with_context(|| format!("setup step: {name}"))?;
+    }
     eprintln!("setup: ready in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn missing_apt_packages() -> anyhow::Result<Vec<&'static str>> {
-    let output = Command::new("dpkg-query")
-        .args(["-W", "-f=${Package} ${Status}\\n"])
-        .args(APT_PACKAGES)
-        .output()
-        .context("running dpkg-query (is this a Debian machine?)")?;
-    let listing = String::from_utf8_lossy(&output.stdout);
-    Ok(APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|package| {
-            !listing.lines().any(|line| {
-                line.starts_with(&format!("{package} ")) && line.ends_with("install ok installed")
-            })
-        })
-        .collect())
-}
-
 fn apt_packages() -> anyhow::Result<()> {
-    let missing = missing_apt_packages()?;
-    if missing.is_empty() {
-        return Ok(());
+    if debian_packages::ensure_installed(APT_PACKAGES, "setup")? {
+        // nginx's postinst may start the packaged server; the tests start their own.
+        let _ = Command::new("nginx").args(["-s", "stop"]).status();
     }
-    if !is_root() {
-        bail!(
-            "missing Debian packages {missing:?}: run `sudo cargo xtask setup` (or apt-get install them)"
-        );
-    }
-    eprintln!("setup: installing {}", missing.join(" "));
-    run_checked(Command::new("apt-get").args(["update", "-q"]))?;
-    run_checked(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            // Packages such as nginx must not start system services on a build machine.
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("RUNLEVEL", "1"),
-    )?;
-    // nginx's postinst may start the packaged server; the tests start their own.
-    let _ = Command::new("nginx").args(["-s", "stop"]).status();
     Ok(())
 }
 

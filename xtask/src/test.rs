@@ -2,10 +2,11 @@
 //!
 //! Kernel tests start the real agent binary (built here, passed as `CONNSCOPE_BIN`) and need
 //! root; with `CI=true` they fail rather than skip when that is missing. Then the VM tier
-//! (`cargo xtask vm-test`) runs the kernel tests per backend on Debian's 6.1 kernel;
+//! (`cargo xtask vm-test`, the whole kernel matrix) runs the kernel tests per backend on
+//! Debian's 5.10, 6.1 and 6.12 kernels;
 //! `--no-vm` leaves it out.
 
-use crate::{cargo, is_root, run_checked, setup, workspace_root};
+use crate::{cargo, is_root, run_checked, setup};
 
 pub fn run(args: &[String]) -> anyhow::Result<()> {
     let vm = !args.iter().any(|a| a == "--no-vm");
@@ -19,8 +20,7 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         eprintln!("warning: {hint}; they will be skipped");
     }
     // The release agent: the end-to-end tests drive thousands of connections per second.
-    run_checked(cargo().args(["build", "--release", "--package", "connscope"]))?;
-    let binary = workspace_root().join("target/release/connscope");
+    let binary = crate::binaries::release_agent()?;
     run_checked(
         cargo()
             .args(["test", "--workspace", "--exclude", "connscope-ebpf"])
@@ -32,5 +32,5 @@ pub fn run(args: &[String]) -> anyhow::Result<()> {
         crate::fuzz::run(crate::fuzz::seconds_from_env())?;
     }
     // Then the same kernel tests per hook backend on Debian's stock kernel under QEMU.
-    if vm { crate::vm::run() } else { Ok(()) }
+    if vm { crate::vm::run(crate::vm::Matrix::Full, &[]) } else { Ok(()) }
 }

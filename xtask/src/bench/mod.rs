@@ -1,0 +1,183 @@
+//! `cargo xtask bench`: what the agent costs the host it watches, measured side by side in
+//! one run (a benchmark, not a test: it prints one table of figures against their targets and
+//! writes `target/bench/report.json`).
+//!
+//! 1. Throughput: wrk against a local nginx, keep-alive and `Connection: close`, in three arms
+//!    per round (no observer, the floor `connscope bench-floor`, connscope), rounds repeated:
+//!    ratios connscope/none and connscope/floor per round, median, min and max. In the
+//!    connscope arm: events lost, events to userspace per request, agent CPU per 10k requests.
+//! 2. In-kernel cost per program (`kernel.bpf_stats_enabled`): ns per run, by hook class.
+//! 3. No network at all: `dd bs=1` without and with the agent, and the ns connscope's
+//!    programs spend per system call of it.
+//! 4. Memory at 100k tracked idle sockets: agent RSS and kernel bytes per tracked socket.
+//! 5. `/metrics` latency with the default label caps filled.
+//!
+//! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
+//! time and count, and is cleaned up.
+
+mod floor;
+mod kernel_cost;
+mod memory;
+mod metrics_latency;
+mod no_network;
+mod report;
+mod throughput;
+mod wrk;
+
+use std::{collections::BTreeMap, thread, time::Duration};
+
+use anyhow::bail;
+use connscope_tests::{
+    Scrape, free_port,
+    nginx::{Nginx, NginxConfig},
+};
+use serde_json::{Value, json};
+
+use crate::{binaries, is_root, setup, workspace_root};
+
+/// Knobs (environment variables) so a quick run is possible; defaults are the documented run.
+struct Settings {
+    /// Rounds of the alternating arms (each a pair or triple of runs).
+    pairs: usize,
+    /// Seconds per wrk run.
+    seconds: u64,
+    /// Connections; both ends are on this host, so twice as many sockets are tracked.
+    idle_connections: usize,
+    /// Bytes (= reads = writes) per dd run.
+    dd_count: u64,
+}
+
+impl Settings {
+    fn from_env() -> Self {
+        let get = |name: &str, default: u64| {
+            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+        };
+        Self {
+            pairs: get("CONNSCOPE_BENCH_PAIRS", 7).max(1) as usize,
+            seconds: get("CONNSCOPE_BENCH_SECONDS", 5).max(1),
+            idle_connections: get("CONNSCOPE_BENCH_IDLE_CONNECTIONS", 50_000) as usize,
+            dd_count: get("CONNSCOPE_BENCH_DD_COUNT", 4 << 20).max(1000),
+        }
+    }
+}
+
+pub fn run() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads BPF programs: run it as root (`sudo -E cargo xtask bench`)");
+    }
+    setup::run()?;
+    let binary = binaries::release_agent()?;
+    let object = binaries::release_ebpf_object()?;
+    // SAFETY: set before any thread of ours starts; read by the test harness.
+    unsafe { std::env::set_var("CONNSCOPE_BIN", &binary) };
+    let settings = Settings::from_env();
+
+    let mut parts = Vec::new();
+    let nginx = Nginx::start(NginxConfig {
+        port: free_port(),
+        keepalive_timeout: Duration::from_secs(60),
+        keepalive_requests: 1_000_000,
+        workers: 1,
+        advertise_keep_alive: false,
+    })?;
+    let url = nginx.url("/index.html");
+    parts.push(throughput::throughput(&settings, &url, false)?);
+    parts.push(throughput::throughput(&settings, &url, true)?);
+    parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
+    drop(nginx);
+    parts.push(no_network::no_network(&settings)?);
+    parts.push(memory::idle_memory(settings.idle_connections)?);
+    parts.push(metrics_latency::metrics_latency()?);
+    // Events lost across an agent restart (issue 10) will be one more part here, with its
+    // own module returning a `report::Part`.
+
+    let machine = machine();
+    let kernel = machine["kernel"].as_str().unwrap_or("?").to_owned();
+    let figures: Vec<report::Figure> = parts.iter_mut().flat_map(|p| p.figures.drain(..)).collect();
+    let mut report = serde_json::Map::new();
+    report.insert("machine".into(), machine);
+    report.insert("figures".into(), figures.iter().map(report::Figure::to_json).collect());
+    for part in parts {
+        report.insert(part.key.into(), part.details);
+    }
+    let dir = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report))?)?;
+    report::print_table(&kernel, &figures);
+    eprintln!("bench: report written to {}", path.display());
+    Ok(())
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    json!({ "cpu": cpu, "cpus": thread::available_parallelism().map(|n| n.get()).unwrap_or(0), "kernel": kernel })
+}
+
+/// Median, min and max of per-round values.
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+    values: Vec<f64>,
+}
+
+impl Spread {
+    fn to_json(&self) -> Value {
+        json!({
+            "median": round(self.median, 4),
+            "min": round(self.min, 4),
+            "max": round(self.max, 4),
+            "per_round": self.values.iter().map(|v| round(*v, 4)).collect::<Vec<_>>(),
+        })
+    }
+
+    /// `0.733 (0.655-0.771)`.
+    fn shown(&self, digits: usize) -> String {
+        format!("{:.digits$} ({:.digits$}-{:.digits$})", self.median, self.min, self.max)
+    }
+}
+
+fn spread(values: &[f64]) -> Spread {
+    Spread {
+        median: median(values),
+        min: values.iter().copied().fold(f64::INFINITY, f64::min),
+        max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        values: values.to_vec(),
+    }
+}
+
+/// Losses other than `untracked_socket` (payload on sockets older than the agent).
+fn real_losses(scrape: &Scrape) -> BTreeMap<String, f64> {
+    scrape
+        .matching("connscope_events_lost_total", &[])
+        .filter_map(|s| {
+            let reason = s.labels.get("reason")?;
+            (reason != "untracked_socket").then(|| (reason.clone(), s.value))
+        })
+        .collect()
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
+}

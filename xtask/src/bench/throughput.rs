@@ -1,0 +1,166 @@
+//! Throughput in three arms, alternating in one run: no observer, the floor
+//! (`connscope bench-floor`) and connscope; keep-alive and `Connection: close`. In the
+//! connscope arm: events lost at that rate, events per request and the agent's CPU time.
+
+use std::{collections::BTreeMap, thread, time::Duration};
+
+use anyhow::ensure;
+use connscope_tests::{Agent, Scrape, procfs::cpu_seconds};
+use serde_json::json;
+
+use super::{
+    Settings,
+    floor::Floor,
+    real_losses,
+    report::{Figure, Part, Target},
+    round, spread,
+    wrk::{WrkResult, wrk},
+};
+
+/// What the connscope arm saw besides throughput.
+#[derive(Default)]
+struct AgentLoad {
+    cpu_seconds: f64,
+    requests: u64,
+    events: f64,
+    losses: BTreeMap<String, f64>,
+}
+
+fn events_received(scrape: &Scrape) -> f64 {
+    scrape.sum("connscope_events_received_total", &[])
+}
+
+/// One wrk run with connscope attached, adding what it cost to `load`.
+fn connscope_arm(
+    url: &str,
+    seconds: u64,
+    close: bool,
+    load: &mut AgentLoad,
+) -> anyhow::Result<WrkResult> {
+    let agent = Agent::start(&[])?;
+    let before = agent.scrape()?;
+    let cpu_before = cpu_seconds(agent.pid())?;
+    let result = wrk(url, seconds, close)?;
+    let cpu_after = cpu_seconds(agent.pid())?;
+    // Let the agent drain what the kernel queued before reading its counters.
+    thread::sleep(Duration::from_millis(300));
+    let after = agent.scrape()?;
+    let (code, _) = agent.stop()?;
+    ensure!(code == Some(0), "the agent exited with {code:?}");
+    let before_losses = real_losses(&before);
+    for (reason, value) in real_losses(&after) {
+        *load.losses.entry(reason.clone()).or_default() +=
+            value - before_losses.get(&reason).copied().unwrap_or(0.0);
+    }
+    load.cpu_seconds += cpu_after - cpu_before;
+    load.requests += result.requests;
+    load.events += events_received(&after) - events_received(&before);
+    Ok(result)
+}
+
+pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result<Part> {
+    let mode = if close { "Connection: close" } else { "keep-alive" };
+    // Warm-up (page cache, nginx, TCP) before the measured runs.
+    wrk(url, 1, close)?;
+    let (mut none, mut floor, mut connscope) = (Vec::new(), Vec::new(), Vec::new());
+    let mut load = AgentLoad::default();
+    let mut errors = 0;
+    for round in 1..=settings.pairs {
+        let a = wrk(url, settings.seconds, close)?;
+        let running = Floor::start()?;
+        let f = wrk(url, settings.seconds, close)?;
+        running.stop()?;
+        let c = connscope_arm(url, settings.seconds, close, &mut load)?;
+        errors += a.errors + f.errors + c.errors;
+        eprintln!(
+            "bench: {mode} round {round}: none {:.0}, floor {:.0}, connscope {:.0} req/s; connscope/none {:.3}, connscope/floor {:.3}",
+            a.requests_per_second,
+            f.requests_per_second,
+            c.requests_per_second,
+            c.requests_per_second / a.requests_per_second,
+            c.requests_per_second / f.requests_per_second
+        );
+        none.push(a.requests_per_second);
+        floor.push(f.requests_per_second);
+        connscope.push(c.requests_per_second);
+    }
+    let ratio = |over: &[f64], under: &[f64]| -> Vec<f64> {
+        over.iter().zip(under).map(|(o, u)| o / u).collect()
+    };
+    let vs_none = spread(&ratio(&connscope, &none));
+    let vs_floor = spread(&ratio(&connscope, &floor));
+    let floor_vs_none = spread(&ratio(&floor, &none));
+    let per_10k = load.cpu_seconds / load.requests.max(1) as f64 * 10_000.0;
+    let events_per_request = load.events / load.requests.max(1) as f64;
+    let lost_total: f64 = load.losses.values().sum();
+    let rps = |values: &[f64]| values.iter().map(|v| round(*v, 0)).collect::<Vec<_>>();
+    let details = json!({
+        "mode": mode,
+        "wrk": format!("wrk -t1 -c16 -d{}s{} {url}", settings.seconds, if close { " -H 'Connection: close'" } else { "" }),
+        "rounds": settings.pairs,
+        "none_rps": rps(&none),
+        "floor_rps": rps(&floor),
+        "connscope_rps": rps(&connscope),
+        "connscope_over_none": vs_none.to_json(),
+        "connscope_over_floor": vs_floor.to_json(),
+        "floor_over_none": floor_vs_none.to_json(),
+        "wrk_errors": errors,
+        "requests_with_agent": load.requests,
+        "events_received_with_agent": load.events,
+        "events_per_request": round(events_per_request, 4),
+        // In close mode every request is a connection.
+        "agent_cpu_seconds_per_10k": round(per_10k, 4),
+        "agent_cpu_per_10k_unit": if close { "connections (one request each)" } else { "requests" },
+        "events_lost": load.losses,
+        "events_lost_total": lost_total,
+    });
+    let mut figures = vec![
+        Figure::new(
+            format!("{mode} req/s, connscope / none"),
+            vs_none.median,
+            vs_none.shown(3),
+            Target::AtLeast(0.95),
+        ),
+        Figure::new(
+            format!("{mode} req/s, connscope / floor"),
+            vs_floor.median,
+            vs_floor.shown(3),
+            if close { Target::None } else { Target::AtLeast(0.97) },
+        ),
+        Figure::new(
+            format!("{mode} req/s, floor / none"),
+            floor_vs_none.median,
+            floor_vs_none.shown(3),
+            Target::None,
+        ),
+        Figure::new(
+            format!("events lost at {mode} load"),
+            lost_total,
+            format!("{lost_total}"),
+            Target::AtMost(0.0),
+        ),
+    ];
+    if close {
+        figures.push(Figure::new(
+            "agent CPU per 10k connections (one request each)",
+            per_10k,
+            format!("{per_10k:.4} s"),
+            Target::None,
+        ));
+    } else {
+        figures.push(Figure::new(
+            "events to userspace per steady keep-alive request",
+            events_per_request,
+            format!("{events_per_request:.3}"),
+            Target::AtMost(0.1),
+        ));
+        figures.push(Figure::new(
+            "agent CPU per 10k keep-alive requests",
+            per_10k,
+            format!("{per_10k:.4} s"),
+            Target::AtMost(0.003),
+        ));
+    }
+    let key = if close { "throughput_close" } else { "throughput_keepalive" };
+    Ok(Part { key, details, figures })
+}

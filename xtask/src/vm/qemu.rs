@@ -1,0 +1,133 @@
+//! Booting the VM under QEMU (KVM when usable, else software emulation) and watching its
+//! serial console for the result lines.
+
+use std::{
+    fs,
+    io::{BufRead as _, BufReader, Write},
+    path::Path,
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Boot and set-up, and each backend's run: generous for software emulation on a busy host
+/// (a backend takes 3-4 minutes there).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(3 * 60);
+const BACKEND_TIMEOUT: Duration = Duration::from_secs(8 * 60);
+
+pub fn kvm_usable() -> bool {
+    let cpu_virt = fs::read_to_string("/proc/cpuinfo")
+        .map(|c| {
+            c.lines().any(|l| {
+                l.starts_with("flags") && l.split_whitespace().any(|f| f == "vmx" || f == "svm")
+            })
+        })
+        .unwrap_or(false);
+    cpu_virt && fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+}
+
+/// Boots the VM and returns the `CONNSCOPE-VM` kernel, hooks and per-backend lines, the last
+/// being the result line. The timeout grows with the number of `backends` the VM runs.
+pub fn boot_and_watch(
+    vmlinuz: &Path,
+    initramfs: &Path,
+    log_path: &Path,
+    backends: usize,
+) -> anyhow::Result<Vec<String>> {
+    let timeout = std::env::var("CONNSCOPE_VM_TIMEOUT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map(Duration::from_secs)
+        .unwrap_or(BOOT_TIMEOUT + BACKEND_TIMEOUT * backends as u32);
+    let mut qemu = Command::new("qemu-system-x86_64");
+    qemu.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot"]);
+    if kvm_usable() {
+        qemu.args(["-enable-kvm", "-cpu", "host"]);
+    } else {
+        eprintln!("vm-test: no usable KVM (needs /dev/kvm and vmx/svm): software emulation");
+        qemu.args(["-cpu", "max"]);
+    }
+    qemu.arg("-kernel").arg(vmlinuz).arg("-initrd").arg(initramfs);
+    qemu.args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
+    let stdout = child.stdout.take().context("qemu stdout")?;
+    let mut log =
+        fs::File::create(log_path).with_context(|| format!("creating {}", log_path.display()))?;
+
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stdout);
+        let mut raw = Vec::new();
+        loop {
+            raw.clear();
+            match reader.read_until(b'\n', &mut raw) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&raw).replace('\r', "");
+                    if lines_tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+
+    let deadline = Instant::now() + timeout;
+    let mut results = Vec::new();
+    let mut stop_at: Option<Instant> = None;
+    let mut failure: Option<String> = None;
+    let mut terminal = std::io::stderr();
+    loop {
+        let wait = stop_at.unwrap_or(deadline).saturating_duration_since(Instant::now());
+        match lines_rx.recv_timeout(wait) {
+            Ok(line) => {
+                let _ = terminal.write_all(line.as_bytes());
+                let _ = log.write_all(line.as_bytes());
+                let trimmed = line.trim_end();
+                if let Some(pos) = trimmed.find("CONNSCOPE-VM") {
+                    let marker = &trimmed[pos..];
+                    if marker.starts_with("CONNSCOPE-VM backend=")
+                        || marker.starts_with("CONNSCOPE-VM kernel=")
+                        || marker.starts_with("CONNSCOPE-VM hooks ")
+                        || marker.starts_with("CONNSCOPE-VM-RESULT")
+                    {
+                        results.push(marker.to_owned());
+                    }
+                    if marker.starts_with("CONNSCOPE-VM-RESULT") && stop_at.is_none() {
+                        // Give `poweroff -f` a moment, then stop QEMU regardless.
+                        stop_at = Some(Instant::now() + Duration::from_secs(15));
+                    }
+                }
+                if trimmed.contains("Kernel panic") && stop_at.is_none() {
+                    failure = Some(format!("kernel panic: {trimmed}"));
+                    // Keep reading briefly for the stack trace.
+                    stop_at = Some(Instant::now() + Duration::from_secs(3));
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if stop_at.is_none() {
+                    failure =
+                        Some(format!("timeout: no result line after {} s", timeout.as_secs()));
+                }
+                break;
+            }
+        }
+    }
+    if child.try_wait()?.is_none() {
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+    let _ = reader.join();
+    let _ = log.flush();
+    if let Some(failure) = failure {
+        bail!("{failure} (serial console in {})", log_path.display());
+    }
+    if !results.last().is_some_and(|l| l.starts_with("CONNSCOPE-VM-RESULT")) {
+        bail!("the VM stopped without a result line (serial console in {})", log_path.display());
+    }
+    Ok(results)
+}
