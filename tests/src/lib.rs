@@ -5,6 +5,7 @@
 pub mod asset_files;
 pub mod demo;
 pub mod external_tools;
+pub mod framing_server;
 pub mod grafana;
 pub mod grafana_schema;
 pub mod http_server;
