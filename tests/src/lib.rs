@@ -4,6 +4,7 @@
 
 pub mod asset_files;
 pub mod demo;
+pub mod exchange_counts;
 pub mod external_tools;
 pub mod framing_server;
 pub mod grafana;
