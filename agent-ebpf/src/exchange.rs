@@ -4,10 +4,10 @@
 //! A change of direction from response to request starts an exchange (protocol-agnostic, so
 //! Redis or PostgreSQL get reuse figures too), except:
 //! - on HTTP/1.x, a request-direction turn that does not start with a request line is the
-//!   body of the current request: after a `1xx` interim response (`100 Continue`), or after
-//!   a final response the server sent before reading the whole body (RFC 9112 §9.3 lets it,
-//!   nginx does for `return`). The next request line, even within that turn, starts the next
-//!   exchange;
+//!   body of the current request: after a `1xx` interim response (`100 Continue`, RFC 9110
+//!   §15.2), or after a final response the server sent before reading the whole body
+//!   (RFC 9110 §10.1.1 lets it; nginx does for `return`). The next request line, even
+//!   within that turn, starts the next exchange;
 //! - after `101 Switching Protocols`, frames are not HTTP requests;
 //! - on undecrypted TLS, handshake records and alerts are not requests: an exchange starts
 //!   at the first application-data record of a request-direction turn
