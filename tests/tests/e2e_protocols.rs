@@ -168,16 +168,20 @@ fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
                 "{version} {role}: connections"
             );
         }
-        // Close sides agree: whoever sent the first FIN, the other side saw it as the peer.
+        // Close sides agree: a side says `peer` only when the other sent the first FIN.
+        // When nginx ends a connection at its request limit and Python closes at once, the
+        // FINs may cross and both sides say `local` (as in e2e_nginx). Nobody is `unknown`.
         let closed = |role: &str, by: &str| {
             scrape.sum(
                 "connscope_connections_closed_total",
                 &[("server", &server), ("role", role), ("closed_by", by)],
             )
         };
-        assert_eq!(closed("server", "local"), closed("client", "peer"), "{}", scrape.text);
-        assert_eq!(closed("server", "peer"), closed("client", "local"));
-        assert_eq!(closed("server", "unknown") + closed("client", "unknown"), 0.0);
+        assert!(closed("server", "peer") <= closed("client", "local"), "{}", scrape.text);
+        assert!(closed("client", "peer") <= closed("server", "local"), "{}", scrape.text);
+        for role in ROLES {
+            assert_eq!(closed(role, "local") + closed(role, "peer"), 3.0, "{role}");
+        }
     }
     Ok(())
 }
