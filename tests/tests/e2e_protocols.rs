@@ -268,6 +268,6 @@ fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
             &cert.to_string_lossy(),
         ],
     )
-    .context("openssl makes the test's self-signed certificate")?;
+    .context("making the self-signed certificate with openssl (Debian package openssl)")?;
     Ok((cert, key))
 }
