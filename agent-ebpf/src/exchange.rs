@@ -3,11 +3,15 @@
 //!
 //! A change of direction from response to request starts an exchange (protocol-agnostic, so
 //! Redis or PostgreSQL get reuse figures too), except:
-//! - after a `1xx` interim response, the request body and the final response belong to the
-//!   same exchange (`100 Continue`, `103 Early Hints`);
+//! - on HTTP/1.x, a request-direction turn that does not start with a request line is the
+//!   body of the current request: after a `1xx` interim response (`100 Continue`, RFC 9110
+//!   §15.2), or after a final response the server sent before reading the whole body
+//!   (RFC 9110 §10.1.1 lets it; nginx does for `return`). The next request line, even
+//!   within that turn, starts the next exchange;
 //! - after `101 Switching Protocols`, frames are not HTTP requests;
-//! - on undecrypted TLS, handshake records are not requests: an exchange starts at the
-//!   first application-data record of a request-direction turn.
+//! - on undecrypted TLS, handshake records and alerts are not requests: an exchange starts
+//!   at the first application-data record of a request-direction turn
+//!   (`head::tls_carries_request`).
 //!
 //! Heads are read only on HTTP/1.x connections (and once to tell what a connection speaks).
 
@@ -16,7 +20,13 @@ use connscope_common::{
     conn::gap_bucket, conn_flag, is_request,
 };
 
-use crate::head::{self, Status, TLS_APPLICATION_DATA};
+use crate::head::{self, Status};
+
+/// A request-direction turn started and its request has not been seen yet: TLS handshake
+/// records, or the body of an HTTP/1.x request. While set, every request-direction transfer
+/// is looked at (TLS: record headers; HTTP/1.x: its first four bytes) until the request
+/// starts. The bit is `TLS_REQUEST_PENDING`'s: a connection is either TLS or HTTP/1.x.
+const REQUEST_PENDING: u16 = conn_flag::TLS_REQUEST_PENDING;
 
 /// Updates the exchange state for `bytes` moved in `direction` at `now` (before `last_ns`
 /// and `last_direction` are updated). Returns whether the agent must get a snapshot now.
@@ -49,32 +59,42 @@ fn request_payload(
     turn_start: bool,
 ) -> bool {
     let protocol = conn.protocol();
-    if protocol == Protocol::Tls {
-        let pending = conn.has(conn_flag::TLS_REQUEST_PENDING);
-        if !turn_start && !pending {
-            return false;
-        }
-        if head::first_byte(direction) != Some(TLS_APPLICATION_DATA) {
-            conn.flags |= conn_flag::TLS_REQUEST_PENDING;
-            return false;
-        }
-        conn.flags &= !conn_flag::TLS_REQUEST_PENDING;
-        return new_exchange(conn, now);
-    }
-    if !turn_start {
+    let pending = conn.has(REQUEST_PENDING);
+    if !turn_start && !pending {
         return false;
     }
+    if protocol == Protocol::Tls {
+        if !head::tls_carries_request(direction, bytes) {
+            conn.flags |= REQUEST_PENDING;
+            return false;
+        }
+        conn.flags &= !REQUEST_PENDING;
+        return new_exchange(conn, now);
+    }
+    // Only HTTP/1.x and TLS set `REQUEST_PENDING`: other protocols get here at turn starts.
     if protocol != Protocol::Http1 && protocol != Protocol::Unknown {
         return new_exchange(conn, now);
     }
-    let head = head::read(direction, bytes);
-    if conn.has(conn_flag::INTERIM) {
-        conn.flags &= !conn_flag::INTERIM;
-        // After `100 Continue` the client sends the body: the same exchange. Only a new
-        // request line starts the next one.
-        if !head.as_ref().is_some_and(|head| head::starts_request(head)) {
+    // A request-direction transfer ends any interim response.
+    conn.flags &= !conn_flag::INTERIM;
+    let head = if turn_start {
+        head::read(direction, bytes)
+    } else {
+        // Inside a request body: only a request line matters.
+        let head = head::read_request(direction, bytes);
+        if head.is_none() {
             return false;
         }
+        head
+    };
+    if protocol == Protocol::Http1 {
+        if head.as_ref().is_some_and(|head| !head::starts_request(head)) {
+            // The request's body (after `100 Continue` or an early response): the same
+            // exchange. An unreadable head still counts, by direction change.
+            conn.flags |= REQUEST_PENDING;
+            return false;
+        }
+        conn.flags &= !REQUEST_PENDING;
     }
     if protocol == Protocol::Unknown {
         if let Some(head) = head.as_ref() {
@@ -82,7 +102,7 @@ fn request_payload(
         }
         if conn.protocol == Protocol::Tls as u8 {
             // The first flight is a ClientHello: the request comes after the handshake.
-            conn.flags |= conn_flag::TLS_REQUEST_PENDING;
+            conn.flags |= REQUEST_PENDING;
             return false;
         }
     }

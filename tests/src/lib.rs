@@ -4,7 +4,9 @@
 
 pub mod asset_files;
 pub mod demo;
+pub mod exchange_counts;
 pub mod external_tools;
+pub mod framing_server;
 pub mod grafana;
 pub mod grafana_schema;
 pub mod http_server;

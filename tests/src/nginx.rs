@@ -32,6 +32,12 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(config: NginxConfig) -> anyhow::Result<Self> {
+        Self::start_with(config, "")
+    }
+
+    /// Like [`Nginx::start`], with `extra` added to the `http` block (more `server`s, e.g.
+    /// with `ssl` or `http2`, each with an access log of its own).
+    pub fn start_with(config: NginxConfig, extra: &str) -> anyhow::Result<Self> {
         let dir = std::env::temp_dir().join(format!(
             "connscope-nginx-{}-{}",
             std::process::id(),
@@ -40,7 +46,7 @@ impl Nginx {
         std::fs::create_dir_all(dir.join("html"))?;
         std::fs::write(dir.join("html/index.html"), "hello from nginx\n")?;
         std::fs::write(dir.join("html/big.bin"), vec![b'x'; 64 * 1024])?;
-        let conf = render_config(&dir, config);
+        let conf = render_config(&dir, config, extra);
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let child = Command::new("nginx")
             .args(["-c", &dir.join("nginx.conf").to_string_lossy(), "-p", &dir.to_string_lossy()])
@@ -71,7 +77,12 @@ impl Nginx {
     /// Requests per connection from nginx's own log, keyed by `$connection`, excluding the
     /// connection the readiness probe above made (it sent no request).
     pub fn requests_per_connection(&self) -> anyhow::Result<BTreeMap<u64, u64>> {
-        let log = std::fs::read_to_string(self.dir.join("access.log"))?;
+        self.requests_per_connection_in("access.log")
+    }
+
+    /// The same from the `ground_truth` access log `log` in [`Nginx::dir`].
+    pub fn requests_per_connection_in(&self, log: &str) -> anyhow::Result<BTreeMap<u64, u64>> {
+        let log = std::fs::read_to_string(self.dir.join(log))?;
         let mut per_connection = BTreeMap::new();
         for line in log.lines() {
             let mut fields = line.split_whitespace();
@@ -104,7 +115,7 @@ impl Drop for Nginx {
     }
 }
 
-fn render_config(dir: &Path, config: NginxConfig) -> String {
+fn render_config(dir: &Path, config: NginxConfig, extra: &str) -> String {
     let dir = dir.display();
     let NginxConfig { port, keepalive_timeout, keepalive_requests, workers, advertise_keep_alive } =
         config;
@@ -137,6 +148,7 @@ fn render_config(dir: &Path, config: NginxConfig) -> String {
              root {dir}/html;\n\
              {advertise}\n\
            }}\n\
+           {extra}\n\
          }}\n"
     )
 }

@@ -1,0 +1,273 @@
+//! Exchange counting for real servers and clients: nginx answering `100 Continue` (early
+//! and after reading the body), nginx `ssl` with curl and Python over TLS 1.3 and 1.2
+//! (undecrypted: requests, not handshake flights), and HTTP/2 in cleartext. Counts are exact
+//! against nginx's own log and the requests the clients made.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use connscope_tests::{
+    Agent,
+    exchange_counts::{
+        ROLES, WAIT, assert_counts, distribution, expected_distribution, scrape_closed, side,
+    },
+    free_port, kernel_tests_enabled,
+    nginx::{Nginx, NginxConfig},
+};
+
+/// Runs a program to success; returns its stdout and stderr.
+fn run(program: &str, args: &[&str]) -> anyhow::Result<(String, String)> {
+    let output = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    anyhow::ensure!(output.status.success(), "{program} {args:?}: {}: {stderr}", output.status);
+    Ok((String::from_utf8_lossy(&output.stdout).into_owned(), stderr))
+}
+
+/// curl with `-v`: its stderr shows the interim responses it got.
+fn curl_verbose(args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["-sS", "-v"];
+    all.extend_from_slice(args);
+    Ok(run("curl", &all)?.1)
+}
+
+fn count_lines(text: &str, prefix: &str) -> usize {
+    text.lines().filter(|line| line.starts_with(prefix)).count()
+}
+
+fn nginx_config(port: u16, keepalive_requests: u32) -> NginxConfig {
+    NginxConfig {
+        port,
+        keepalive_timeout: Duration::from_secs(30),
+        keepalive_requests,
+        workers: 1,
+        advertise_keep_alive: false,
+    }
+}
+
+/// `curl --data-binary @file` with a body over 1 MB sends `Expect: 100-continue`; nginx
+/// answers `100 Continue`. `/early` (`return 200`) sends the final response before reading
+/// the body, `/proxied` reads the whole body first (to pass it upstream). Each POST is one
+/// request, on both sides, whichever way.
+#[test]
+fn expect_100_continue_bodies_are_one_exchange() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("expect_100_continue_bodies_are_one_exchange") {
+        return Ok(());
+    }
+    let (early, proxied, upstream) = (free_port(), free_port(), free_port());
+    let extra = format!(
+        "client_max_body_size 16m;\n\
+         server {{ listen 127.0.0.1:{early}; access_log early.log ground_truth;\n\
+           location / {{ return 200 \"ok\\n\"; }} }}\n\
+         server {{ listen 127.0.0.1:{proxied}; access_log proxied.log ground_truth;\n\
+           location / {{ proxy_pass http://127.0.0.1:{upstream}; }} }}\n\
+         server {{ listen 127.0.0.1:{upstream}; access_log off; return 200 \"ok\\n\"; }}\n"
+    );
+    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+    let agent = Agent::start(&[])?;
+    let body = nginx.dir.join("body.bin");
+    std::fs::write(&body, vec![b'b'; 2 << 20])?;
+    let data = format!("@{}", body.display());
+    const POSTS: usize = 3;
+    for (port, log) in [(early, "early.log"), (proxied, "proxied.log")] {
+        let url = format!("http://127.0.0.1:{port}/upload");
+        let mut args = vec![];
+        for _ in 0..POSTS {
+            args.extend(["-o", "/dev/null", "--data-binary", data.as_str(), url.as_str()]);
+        }
+        let trace = curl_verbose(&args)?;
+        assert_eq!(count_lines(&trace, "> Expect: 100-continue"), POSTS, "{trace}");
+        assert_eq!(count_lines(&trace, "< HTTP/1.1 100 Continue"), POSTS, "{trace}");
+        assert_eq!(count_lines(&trace, "< HTTP/1.1 200"), POSTS, "{trace}");
+        let truth = logged_requests(&nginx, log, POSTS)?;
+        assert_eq!(truth.values().copied().collect::<Vec<_>>(), [POSTS as u64], "{log}");
+        let server = format!("127.0.0.1:{port}");
+        let scrape = scrape_closed(&agent, &server, 1.0)?;
+        assert_counts(&scrape, &server, "http1", 1.0, POSTS as f64, POSTS as f64);
+    }
+    Ok(())
+}
+
+/// Undecrypted TLS (nginx `ssl`, self-signed): requests per connection equal nginx's
+/// `$connection_requests` on both sides, not the handshake flights nor TLS 1.3's encrypted
+/// `close_notify`, for TLS 1.3 and 1.2, with curl (3 URLs) and Python's `http.client`
+/// (7 requests with `keepalive_requests 5`: connections of 5 and 2).
+#[test]
+fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("undecrypted_tls_counts_requests_not_handshakes") {
+        return Ok(());
+    }
+    let (tls13, tls12) = (free_port(), free_port());
+    let cert_dir = std::env::temp_dir().join(format!("connscope-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&cert_dir)?;
+    let (cert, key) = self_signed_certificate(&cert_dir)?;
+    let log_format = "log_format tls '$connection $connection_requests $ssl_protocol';";
+    let server = |port: u16, protocols: &str, log: &str| {
+        format!(
+            "server {{ listen 127.0.0.1:{port} ssl; ssl_protocols {protocols};\n\
+               ssl_certificate {cert}; ssl_certificate_key {key};\n\
+               access_log {log} tls; root html; }}\n",
+            cert = cert.display(),
+            key = key.display(),
+        )
+    };
+    let extra = format!(
+        "{log_format}\n{}{}",
+        server(tls13, "TLSv1.2 TLSv1.3", "tls13.log"),
+        server(tls12, "TLSv1.2", "tls12.log")
+    );
+    let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra);
+    let _ = std::fs::remove_dir_all(&cert_dir);
+    let nginx = nginx?;
+    let agent = Agent::start(&[])?;
+    for (port, log, version) in [(tls13, "tls13.log", "TLSv1.3"), (tls12, "tls12.log", "TLSv1.2")] {
+        let url = format!("https://127.0.0.1:{port}/index.html");
+        let mut args = vec!["-sS", "-k"];
+        for _ in 0..3 {
+            args.extend(["-o", "/dev/null", url.as_str()]);
+        }
+        run("curl", &args)?;
+        let script = format!(
+            "import http.client, ssl\n\
+             c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ssl._create_unverified_context())\n\
+             for _ in range(7):\n    c.request('GET', '/index.html')\n    c.getresponse().read()\n\
+             c.close()\n"
+        );
+        run("python3", &["-c", &script])?;
+
+        let truth = logged_requests(&nginx, log, 10)?;
+        let log_text = std::fs::read_to_string(nginx.dir.join(log))?;
+        assert!(
+            !log_text.is_empty() && log_text.lines().all(|line| line.ends_with(version)),
+            "{log}: not all {version}: {log_text}"
+        );
+        let mut sizes: Vec<u64> = truth.values().copied().collect();
+        sizes.sort();
+        assert_eq!(sizes, [2, 3, 5], "{log}");
+        let server = format!("127.0.0.1:{port}");
+        let scrape = scrape_closed(&agent, &server, 3.0)?;
+        assert_counts(&scrape, &server, "tls", 3.0, 10.0, 0.0);
+        for role in ROLES {
+            assert_eq!(
+                distribution(&scrape, &server, role),
+                expected_distribution(&truth),
+                "{version} {role}: requests per connection"
+            );
+            assert_eq!(
+                scrape.sum("connscope_connections_opened_total", &side(&server, role)),
+                3.0,
+                "{version} {role}: connections"
+            );
+        }
+        // Close sides agree: a side says `peer` only when the other sent the first FIN.
+        // When nginx ends a connection at its request limit and Python closes at once, the
+        // FINs may cross and both sides say `local` (as in e2e_nginx). Nobody is `unknown`.
+        let closed = |role: &str, by: &str| {
+            scrape.sum(
+                "connscope_connections_closed_total",
+                &[("server", &server), ("role", role), ("closed_by", by)],
+            )
+        };
+        assert!(closed("server", "peer") <= closed("client", "local"), "{}", scrape.text);
+        assert!(closed("client", "peer") <= closed("server", "local"), "{}", scrape.text);
+        for role in ROLES {
+            assert_eq!(closed(role, "local") + closed(role, "peer"), 3.0, "{role}");
+        }
+    }
+    Ok(())
+}
+
+/// HTTP/2 in cleartext (nginx `listen … http2`, curl `--http2-prior-knowledge`): the
+/// connection is `http2`, so neither HTTP/1.x requests nor requests per connection are
+/// reported for it (streams are not direction changes).
+#[test]
+fn http2_cleartext_is_not_counted_as_http1() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("http2_cleartext_is_not_counted_as_http1") {
+        return Ok(());
+    }
+    let h2c = free_port();
+    let extra = format!(
+        "server {{ listen 127.0.0.1:{h2c} http2; access_log h2c.log ground_truth;\n\
+           root html; }}\n"
+    );
+    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+    let agent = Agent::start(&[])?;
+    let url = format!("http://127.0.0.1:{h2c}/index.html");
+    // One stream per connection: curl 7.88 fails reusing a prior-knowledge connection.
+    const CONNECTIONS: usize = 3;
+    for _ in 0..CONNECTIONS {
+        let (version, _) = run(
+            "curl",
+            &["-sS", "--http2-prior-knowledge", "-w", "%{http_version}", "-o", "/dev/null", &url],
+        )?;
+        assert_eq!(version, "2", "curl spoke HTTP/2");
+    }
+    let truth = logged_requests(&nginx, "h2c.log", CONNECTIONS)?;
+    assert_eq!(truth.len(), CONNECTIONS, "{truth:?}");
+    let server = format!("127.0.0.1:{h2c}");
+    let scrape = scrape_closed(&agent, &server, CONNECTIONS as f64)?;
+    for role in ROLES {
+        let labels = side(&server, role);
+        let opened = scrape.sum("connscope_connections_opened_total", &labels);
+        assert_eq!(opened, CONNECTIONS as f64, "{role}");
+        assert_eq!(scrape.sum("connscope_http_requests_total", &labels), 0.0, "{role}");
+        assert_eq!(
+            scrape.sum("connscope_connection_requests_count", &labels),
+            0.0,
+            "{role}: HTTP/2 has no requests-per-connection observation: {}",
+            scrape.text
+        );
+    }
+    Ok(())
+}
+
+/// nginx's requests per connection from `log`, once it holds `requests` requests (nginx
+/// logs a request when it is done with it, which may be after the client has finished:
+/// a body it answered early is still read and discarded).
+fn logged_requests(
+    nginx: &Nginx,
+    log: &str,
+    requests: usize,
+) -> anyhow::Result<BTreeMap<u64, u64>> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let truth = nginx.requests_per_connection_in(log)?;
+        if truth.values().sum::<u64>() >= requests as u64 || Instant::now() > deadline {
+            return Ok(truth);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key.to_string_lossy(),
+            "-out",
+            &cert.to_string_lossy(),
+        ],
+    )
+    .context("making the self-signed certificate with openssl (Debian package openssl)")?;
+    Ok((cert, key))
+}
