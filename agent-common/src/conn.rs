@@ -74,11 +74,15 @@ pub mod conn_flag {
     /// A `1xx` interim response was seen: the request body and the final response that
     /// follow belong to the same exchange.
     pub const INTERIM: u16 = 1 << 5;
-    /// TLS: a request-direction turn started with handshake records and its application
-    /// data (the request) has not been seen yet.
-    pub const TLS_REQUEST_PENDING: u16 = 1 << 6;
+    /// A request-direction turn started and its request has not been seen yet: TLS
+    /// handshake records, or the body of an HTTP/1.x request.
+    pub const REQUEST_PENDING: u16 = 1 << 6;
     /// `101 Switching Protocols`: no more HTTP/1.x exchanges on this connection.
     pub const UPGRADED: u16 = 1 << 7;
+    /// An exchange started and no response-direction payload followed yet: the connection
+    /// is busy (the close reason `idle` and the `active` state need this, not the last
+    /// direction: a TLS `close_notify` is sent in the request direction but asks nothing).
+    pub const AWAITING_RESPONSE: u16 = 1 << 8;
 }
 
 /// Per-socket state kept in the kernel for a connection's whole life (map value). All

@@ -106,11 +106,8 @@ fn begin_close(conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
     conn.close_kind = kind as u8;
     let last = conn.last_ns.max(conn.open_ns);
     conn.close_idle_us = ((now_ns().saturating_sub(last)) / 1000).min(u64::from(u32::MAX)) as u32;
-    // Idle when the last payload was a response (client received, server sent), or none.
-    let waiting = match (conn.role(), conn.last_direction()) {
-        (Some(role), direction) if direction != Direction::None => is_request(role, direction),
-        _ => false,
-    };
+    // Idle when no exchange waits for its response.
+    let waiting = conn.flags & conn_flag::AWAITING_RESPONSE != 0;
     if !waiting {
         conn.flags |= conn_flag::IDLE_AT_CLOSE;
     }

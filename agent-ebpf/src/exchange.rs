@@ -22,11 +22,9 @@ use connscope_common::{
 
 use crate::head::{self, Status};
 
-/// A request-direction turn started and its request has not been seen yet: TLS handshake
-/// records, or the body of an HTTP/1.x request. While set, every request-direction transfer
-/// is looked at (TLS: record headers; HTTP/1.x: its first four bytes) until the request
-/// starts. The bit is `TLS_REQUEST_PENDING`'s: a connection is either TLS or HTTP/1.x.
-const REQUEST_PENDING: u16 = conn_flag::TLS_REQUEST_PENDING;
+/// While set, every request-direction transfer is looked at (TLS: record headers; HTTP/1.x:
+/// its first four bytes) until the request starts.
+const REQUEST_PENDING: u16 = conn_flag::REQUEST_PENDING;
 
 /// Updates the exchange state for `bytes` moved in `direction` at `now` (before `last_ns`
 /// and `last_direction` are updated). Returns whether the agent must get a snapshot now.
@@ -43,6 +41,7 @@ pub fn on_payload(sock: u64, conn: &mut Conn, direction: Direction, bytes: u64, 
     let wrapped = if is_request(role, direction) {
         request_payload(sock, conn, direction, bytes, now, turn_start)
     } else {
+        conn.flags &= !conn_flag::AWAITING_RESPONSE;
         response_payload(sock, conn, direction, bytes, now, turn_start);
         false
     };
@@ -161,6 +160,7 @@ fn response_payload(
 #[inline(always)]
 fn new_exchange(conn: &mut Conn, now: u64) -> bool {
     conn.exchanges += 1;
+    conn.flags |= conn_flag::AWAITING_RESPONSE;
     if conn.exchanges == 1 || conn.last_ns == 0 {
         return false;
     }

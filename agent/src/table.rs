@@ -9,7 +9,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use connscope_common::{
     AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, Direction, OpenEvent, Protocol, Role,
-    SnapshotEvent, conn::GAP_BUCKETS, is_request,
+    SnapshotEvent, conn::GAP_BUCKETS, conn_flag, is_request,
 };
 
 use crate::{
@@ -231,8 +231,7 @@ impl ConnectionTable {
             gap_sum_ns: conn.gap_sum_ns,
             gap_buckets: conn.gap_buckets,
         };
-        let waiting = conn.last_direction() != Direction::None
-            && is_request(tracked.role, conn.last_direction());
+        let waiting = conn.has(conn_flag::AWAITING_RESPONSE);
         set_activity(tracked, &series, if waiting { Activity::Active } else { Activity::Idle });
         changed
     }
