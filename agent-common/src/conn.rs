@@ -79,6 +79,9 @@ pub mod conn_flag {
     pub const TLS_REQUEST_PENDING: u16 = 1 << 6;
     /// `101 Switching Protocols`: no more HTTP/1.x exchanges on this connection.
     pub const UPGRADED: u16 = 1 << 7;
+    /// Established before the agent started, tracked from its first send or receive on:
+    /// counts before adoption are unknown.
+    pub const ADOPTED: u16 = 1 << 8;
 }
 
 /// Per-socket state kept in the kernel for a connection's whole life (map value). All

@@ -27,8 +27,17 @@ pub struct SockLayout {
     pub v6_rcv_saddr: u32,
     /// Non-zero once the agent filled the layout in.
     pub valid: u32,
+    /// `__sk_common.skc_state` (one byte).
+    pub state: u32,
+    /// `__sk_common.skc_net`: the socket's `struct net *`.
+    pub net: u32,
+    /// `ns.inum` in `struct net`: the network namespace's inode number.
+    pub net_inum: u32,
+    /// Non-zero when the three fields above are known: sockets established before the agent
+    /// started are adopted at their first send or receive.
+    pub adopt: u32,
 }
-const _: () = assert!(size_of::<SockLayout>() == 40);
+const _: () = assert!(size_of::<SockLayout>() == 56);
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).

@@ -93,8 +93,9 @@ pub mod map {
     pub const SYSCALL_STASH: &str = "SYSCALL_STASH";
     pub const CALLS_IN_FLIGHT: &str = "CALLS_IN_FLIGHT";
     pub const FLOOR_BYTES: &str = "FLOOR_BYTES";
+    pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
 
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         CONNS,
         EVENTS,
         LOST,
@@ -104,6 +105,7 @@ pub mod map {
         SYSCALL_STASH,
         CALLS_IN_FLIGHT,
         FLOOR_BYTES,
+        LISTEN_PORTS,
     ];
 }
 

@@ -16,6 +16,10 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     v6_daddr: 0,
     v6_rcv_saddr: 0,
     valid: 0,
+    state: 0,
+    net: 0,
+    net_inum: 0,
+    adopt: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use connscope_common::{
     Attribution, Conn, DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, HeadEvent, IN_FLIGHT_CALLS,
-    LostReason, Setting,
+    ListenKey, LostReason, MAX_LISTEN_PORTS, Setting,
 };
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
@@ -37,6 +37,12 @@ pub static SETTINGS: Array<u32> = Array::with_max_entries(Setting::COUNT, 0);
 #[map]
 pub static CONNECTS_IN_FLIGHT: LruHashMap<u64, Attribution> =
     LruHashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
+
+/// Listening sockets per {network namespace, port} (a count: `SO_REUSEPORT` and dual-stack
+/// servers listen more than once on a port). Tells the role of an adopted socket. Kept by
+/// the state changes to and from `LISTEN`; seeded by the agent from `/proc` at start.
+#[map]
+pub static LISTEN_PORTS: HashMap<ListenKey, u32> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

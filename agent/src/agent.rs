@@ -3,8 +3,9 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
@@ -14,10 +15,11 @@ use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
 
 use crate::{
+    adoption,
     config::Config,
     events,
     kernel_stats::{LossCollector, UserLosses},
-    metrics::{Build, EventKindLabel, Metrics, Probe},
+    metrics::{Build, EventKindLabel, Metrics, Probe, SkipReason},
     placement::KubeletPlacement,
     preflight, probes,
     server::{self, AppState},
@@ -69,6 +71,9 @@ impl Agent {
                     attach: hook.attach.label().into(),
                 })
                 .set(1);
+        }
+        if probes.adoption {
+            seed_listening_ports(&mut probes, &metrics)?;
         }
         let losses = Arc::new(UserLosses::default());
         let mut registry = Registry::with_prefix("connscope");
@@ -159,6 +164,28 @@ pub async fn run_floor(config: Config) -> anyhow::Result<()> {
     let name = shutdown::signal_received().await;
     tracing::info!("{name} received, detaching the floor arm");
     drop(ebpf);
+    Ok(())
+}
+
+/// Gives the kernel the ports that were listening before it attached, so connections older
+/// than the agent are adopted with the right role (see `adoption`).
+fn seed_listening_ports(probes: &mut probes::Probes, metrics: &Metrics) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut ports = HashMap::try_from(take_map(probes, map::LISTEN_PORTS)?)?;
+    let scan = adoption::scan_listening(Path::new("/proc"));
+    let written = adoption::seed(&mut ports, &scan);
+    for reason in adoption::Skip::ALL {
+        let skipped = scan.skipped.get(&reason).copied().unwrap_or(0);
+        let labels = SkipReason { reason: reason.label().into() };
+        metrics.adoption_skipped.get_or_create(&labels).inc_by(skipped);
+    }
+    tracing::info!(
+        namespaces = scan.namespaces,
+        ports = written,
+        skipped = scan.skipped.values().sum::<u64>(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "listening ports read for adopting older connections"
+    );
     Ok(())
 }
 

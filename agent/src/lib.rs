@@ -4,6 +4,7 @@
 //! buffer through [`events`] (decoding) into [`table`] (one entry per live connection, HTTP
 //! heads parsed by [`http`]), which updates [`metrics`]; [`server`] serves them.
 
+pub mod adoption;
 pub mod agent;
 pub mod classify;
 pub mod config;

@@ -182,6 +182,9 @@ pub struct Probes {
     pub attached: Vec<HookAttach>,
     /// Where payload heads come from on this kernel.
     pub user_buffers: UserBuffers,
+    /// Established sockets that predate the agent are adopted (the kernel's BTF gave the
+    /// offsets of their state and network namespace).
+    pub adoption: bool,
 }
 
 /// What the running kernel offers, found once before loading.
@@ -303,7 +306,8 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
         loader.attach_raw_tracepoint(program::SYS_EXIT_TRANSFER, "sys_exit")?;
     }
     tracing::info!(heads = ?kernel.user_buffers, "payload heads");
-    Ok(Probes { ebpf, attached, user_buffers: kernel.user_buffers })
+    let adoption = kernel.sock_layout.is_some_and(|layout| layout.adopt != 0);
+    Ok(Probes { ebpf, attached, user_buffers: kernel.user_buffers, adoption })
 }
 
 /// Loads the programs and attaches only the floor arm (`connscope bench-floor`).

@@ -37,6 +37,9 @@ struct Seen {
 struct Tracked {
     open_ns: u64,
     role: Role,
+    /// Established before the agent started: its lifetime and request count are partial,
+    /// so it stays out of the duration and requests-per-connection histograms.
+    adopted: bool,
     /// Set once the owning process is known (clients at open, accepted sockets at their
     /// first use); until then only the `server` label is kept.
     series: Option<Arc<FlowSeries>>,
@@ -105,6 +108,7 @@ impl ConnectionTable {
         let mut tracked = Tracked {
             open_ns: event.open_ns,
             role,
+            adopted: event.adopted != 0,
             series: None,
             pending_server: None,
             activity: Activity::Idle,
@@ -125,7 +129,13 @@ impl ConnectionTable {
     /// Gives a connection its flow's series: it now counts as opened.
     fn resolve(&mut self, tracked: &mut Tracked, server: String, owner: Option<&Attribution>) {
         let series = self.flows.series(&self.metrics, tracked.role, server, owner);
-        series.opened.inc();
+        if tracked.adopted {
+            let flow =
+                PlacedFlow { flow: series.flow.clone(), placement: series.placement.clone() };
+            self.metrics.adopted.get_or_create(&flow).inc();
+        } else {
+            series.opened.inc();
+        }
         series.open_gauge(tracked.activity).inc();
         tracked.series = Some(series);
         tracked.pending_server = None;
@@ -285,15 +295,16 @@ impl ConnectionTable {
         self.metrics.closed.get_or_create(&closed).inc();
         let protocol =
             if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
-        if let Some(histogram) = series.requests(&self.metrics, protocol) {
+        let end_ns = event.header.ts_ns;
+        let exact = !tracked.adopted;
+        if let Some(histogram) = exact.then(|| series.requests(&self.metrics, protocol)).flatten() {
             let requests = match protocol {
                 Protocol::Http1 => http.requests.max(u64::from(conn.exchanges)),
                 _ => u64::from(conn.exchanges),
             };
             histogram.observe(requests as f64);
         }
-        let end_ns = event.header.ts_ns;
-        if end_ns >= conn.open_ns {
+        if exact && end_ns >= conn.open_ns {
             series.duration.observe(seconds(end_ns - conn.open_ns));
         }
         let close_idle_seconds = if by == ClosedBy::Unknown {
