@@ -174,3 +174,47 @@ pub enum Setting {
 impl Setting {
     pub const COUNT: u32 = 2;
 }
+
+/// Slots of the pinned `PIN_STATE` array (`u64` each).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinSlot {
+    /// The generation whose programs run; programs of any other generation return at once.
+    /// Set by an agent after it attached its own, so a takeover neither counts twice nor
+    /// leaves a gap.
+    ActiveGeneration = 0,
+    /// [`contract_fingerprint`] of the agent that pinned the state.
+    Fingerprint = 1,
+}
+
+impl PinSlot {
+    pub const COUNT: u32 = 2;
+}
+
+/// Bumped whenever the meaning of pinned state changes without a change of size.
+pub const PIN_FORMAT: u64 = 1;
+
+/// Identifies the layout of the pinned state: the format number and the sizes of every
+/// shared struct. An agent finding another fingerprint replaces the pinned state.
+pub const fn contract_fingerprint() -> u64 {
+    let sizes = [
+        PIN_FORMAT as usize,
+        size_of::<crate::Conn>(),
+        size_of::<crate::OpenEvent>(),
+        size_of::<crate::AttributeEvent>(),
+        size_of::<crate::SnapshotEvent>(),
+        size_of::<crate::HeadEvent>(),
+        size_of::<crate::Attribution>(),
+        size_of::<crate::ListenKey>(),
+        crate::conn::GAP_BUCKETS,
+    ];
+    // FNV-1a over the sizes.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut index = 0;
+    while index < sizes.len() {
+        hash ^= sizes[index] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        index += 1;
+    }
+    hash
+}

@@ -22,8 +22,8 @@ pub mod wire;
 
 pub use conn::{Conn, conn_flag};
 pub use kernel_config::{
-    BufferLayout, FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, PayloadSyscallSpec, ProgramConfig,
-    Setting, SockLayout, UserBuffers,
+    BufferLayout, FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, PayloadSyscallSpec, PinSlot,
+    ProgramConfig, Setting, SockLayout, UserBuffers,
 };
 pub use records::{
     AttributeEvent, Attribution, Endpoints, EventHeader, HEAD_FIXED_LEN, HeadEvent, ListenKey,

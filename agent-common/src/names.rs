@@ -94,8 +94,14 @@ pub mod map {
     pub const CALLS_IN_FLIGHT: &str = "CALLS_IN_FLIGHT";
     pub const FLOOR_BYTES: &str = "FLOOR_BYTES";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
+    pub const PIN_STATE: &str = "PIN_STATE";
 
-    pub const ALL: [&str; 10] = [
+    /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
+    /// records waiting for the next agent, and what the programs share.
+    pub const PINNED: [&str; 7] =
+        [CONNS, EVENTS, LOST, SETTINGS, CONNECTS_IN_FLIGHT, LISTEN_PORTS, PIN_STATE];
+
+    pub const ALL: [&str; 11] = [
         CONNS,
         EVENTS,
         LOST,
@@ -106,6 +112,7 @@ pub mod map {
         CALLS_IN_FLIGHT,
         FLOOR_BYTES,
         LISTEN_PORTS,
+        PIN_STATE,
     ];
 }
 
@@ -115,6 +122,8 @@ pub mod global {
     pub const FD_LAYOUT: &str = "FD_LAYOUT";
     pub const PAYLOAD_SYSCALLS: &str = "PAYLOAD_SYSCALLS";
     pub const PROGRAM_CONFIG: &str = "PROGRAM_CONFIG";
+    pub const GENERATION: &str = "GENERATION";
 
-    pub const ALL: [&str; 4] = [SOCK_LAYOUT, FD_LAYOUT, PAYLOAD_SYSCALLS, PROGRAM_CONFIG];
+    pub const ALL: [&str; 5] =
+        [SOCK_LAYOUT, FD_LAYOUT, PAYLOAD_SYSCALLS, PROGRAM_CONFIG, GENERATION];
 }

@@ -7,13 +7,14 @@
 //! accepted sockets, never from a state change that may run in softirq for another task.
 
 use connscope_common::{
-    CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, Role, conn_flag, is_request,
-    tcp_state,
+    CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role, conn_flag,
+    is_request, tcp_state,
 };
 
 use crate::{
     exchange,
-    maps::{CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, count_lost, submit_flags},
+    globals::generation,
+    maps::{CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, PIN_STATE, count_lost, submit_flags},
     records::{self, current_attribution, now_ns},
     sock::{BtfSocket, SocketView, state_and_port},
 };
@@ -24,9 +25,24 @@ const NOEXIST: u64 = 1;
 /// `MSG_PEEK`: a receive that leaves the data queued moves no payload.
 const MSG_PEEK: i32 = 2;
 
+/// Whether these programs are the ones that count. With pinned state two agents' programs
+/// are attached during a takeover; only the generation in `PIN_STATE` runs (one array
+/// lookup; none when nothing is pinned, a frozen global the verifier folds).
+#[inline(always)]
+fn active() -> bool {
+    let generation = generation();
+    generation == 0
+        || PIN_STATE
+            .get(PinSlot::ActiveGeneration as u32)
+            .is_some_and(|active| *active == generation)
+}
+
 /// Handles `inet_sock_set_state(sk, old, new)`.
 #[inline(always)]
 pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
+    if !active() {
+        return;
+    }
     match (old, new) {
         // connect(): runs in the calling process, so its attribution is taken here.
         (tcp_state::CLOSE, tcp_state::SYN_SENT) if view.is_tcp() => {
@@ -136,6 +152,9 @@ fn begin_close(conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
 /// Handles `tcp_send_reset` (`by` local) and `tcp_receive_reset` (`by` peer).
 #[inline(always)]
 pub fn on_reset(sock: u64, by: ClosedBy) {
+    if !active() {
+        return;
+    }
     let Some(conn) = tracked(sock) else { return };
     conn.flags |=
         if by == ClosedBy::Local { conn_flag::RESET_SENT } else { conn_flag::RESET_RECEIVED };
@@ -145,6 +164,9 @@ pub fn on_reset(sock: u64, by: ClosedBy) {
 /// Handles the destruction of a socket: sends its final state and forgets it.
 #[inline(always)]
 pub fn on_destroy(sock: u64) {
+    if !active() {
+        return;
+    }
     let Some(conn) = tracked(sock) else { return };
     records::snapshot(EventKind::Close, sock, conn);
     let _ = CONNS.remove(&sock);
@@ -153,6 +175,13 @@ pub fn on_destroy(sock: u64) {
 /// Called from any hook that runs in the owning process's context (send, receive, close).
 #[inline(always)]
 pub fn on_process_context(sock: u64) {
+    if active() {
+        process_context(sock);
+    }
+}
+
+#[inline(always)]
+fn process_context(sock: u64) {
     if let Some(conn) = tracked(sock) {
         attribute_once(sock, conn);
     }
@@ -176,9 +205,12 @@ pub fn transfer(
     recv_flags: i32,
     is_tcp: impl FnOnce() -> bool,
 ) {
+    if !active() {
+        return;
+    }
     if ret <= 0 || (direction == Direction::Recv && recv_flags & MSG_PEEK != 0) {
         // An error, EOF or a peek moved no payload; still a process-context touch.
-        on_process_context(sock);
+        process_context(sock);
         return;
     }
     let Some(conn) = tracked(sock).or_else(|| if is_tcp() { adopt(sock) } else { None }) else {

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use connscope_common::{
     Attribution, Conn, DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, HeadEvent, IN_FLIGHT_CALLS,
-    ListenKey, LostReason, MAX_LISTEN_PORTS, Setting,
+    ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting,
 };
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
@@ -43,6 +43,10 @@ pub static CONNECTS_IN_FLIGHT: LruHashMap<u64, Attribution> =
 /// the state changes to and from `LISTEN`; seeded by the agent from `/proc` at start.
 #[map]
 pub static LISTEN_PORTS: HashMap<ListenKey, u32> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
+
+/// [`PinSlot`] values: which generation of programs runs, and the pinned state's layout.
+#[map]
+pub static PIN_STATE: Array<u64> = Array::with_max_entries(PinSlot::COUNT, 0);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

@@ -100,7 +100,10 @@ impl Agent {
             config.max_processes,
             Box::new(placement),
         );
-        let pipeline = Pipeline { ring, conns, table, counters, losses, sweep: Vec::new() };
+        let mut pipeline = Pipeline { ring, conns, table, counters, losses, sweep: Vec::new() };
+        if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
+            pipeline.take_over_connections();
+        }
         Ok(Self { config, listener, probes, state, pipeline })
     }
 
@@ -157,13 +160,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 pub async fn run_floor(config: Config) -> anyhow::Result<()> {
     preflight::check_privileges()?;
     raise_memlock_limit();
-    let ebpf = probes::load_floor(&config)?;
+    let floor = probes::load_floor(&config)?;
     eprintln!(
         "connscope: floor attached (sock_send_length, sock_recv_length, inet_sock_set_state, tcp_destroy_sock)"
     );
     let name = shutdown::signal_received().await;
     tracing::info!("{name} received, detaching the floor arm");
-    drop(ebpf);
+    drop(floor);
     Ok(())
 }
 
@@ -234,6 +237,30 @@ impl Pipeline {
         }
     }
 
+    /// After a takeover: reads what waited in the pinned ring buffer (connections opened
+    /// while no agent ran, with their requests), then forgets the connections only the
+    /// previous agent could label; the kernel adopts them again at their next send or
+    /// receive. Connections opened from now on are announced in the ring buffer.
+    fn take_over_connections(&mut self) {
+        let now_ns = monotonic_ns();
+        self.drain();
+        let unknown: Vec<u64> = self
+            .conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(sock, conn)| conn.open_ns < now_ns && !self.table.knows(*sock))
+            .map(|(sock, _)| sock)
+            .collect();
+        for sock in &unknown {
+            let _ = self.conns.remove(sock);
+        }
+        tracing::info!(
+            known = self.table.len(),
+            readopted = unknown.len(),
+            "took over the pinned kernel state"
+        );
+    }
+
     /// Re-reads the connections active since the last sweep, so counts of steady traffic
     /// (which sends no records) reach the metrics within a sweep interval.
     fn sweep(&mut self) {
@@ -279,6 +306,14 @@ fn display_address(address: SocketAddr) -> String {
     } else {
         address.to_string()
     }
+}
+
+/// `bpf_ktime_get_ns()`'s clock.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: plain syscall with a pointer to a local struct.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.

@@ -54,6 +54,12 @@ pub struct Cli {
     #[arg(long = "bpf.ringbuf-bytes", env = "CONNSCOPE_BPF_RINGBUF_BYTES")]
     pub ringbuf_bytes: Option<u32>,
 
+    /// BPF filesystem directory where the kernel state is pinned, so programs stay attached
+    /// and counting while no agent runs and the next agent takes over; "" turns pinning
+    /// off (the programs detach when the agent exits).
+    #[arg(long = "bpf.pin-path", env = "CONNSCOPE_BPF_PIN_PATH")]
+    pub pin_path: Option<String>,
+
     /// Distinct `server` label values: the first ones seen keep their label, the rest are
     /// reported as "other" (a strict bound on the number of series).
     #[arg(long = "metrics.max-servers", env = "CONNSCOPE_METRICS_MAX_SERVERS")]
@@ -91,6 +97,8 @@ struct FileConfig {
     max_connections: Option<u32>,
     #[serde(rename = "bpf.ringbuf-bytes")]
     ringbuf_bytes: Option<u32>,
+    #[serde(rename = "bpf.pin-path")]
+    pin_path: Option<String>,
     #[serde(rename = "metrics.max-servers")]
     max_servers: Option<usize>,
     #[serde(rename = "metrics.max-processes")]
@@ -111,6 +119,8 @@ pub struct Config {
     pub backend: Backend,
     pub max_connections: u32,
     pub ringbuf_bytes: u32,
+    /// `None`: pinning off.
+    pub pin_path: Option<PathBuf>,
     pub max_servers: usize,
     pub max_processes: usize,
     pub capture_heads: bool,
@@ -139,6 +149,11 @@ impl Cli {
                 .or(file.max_connections)
                 .unwrap_or(connscope_common::DEFAULT_MAX_CONNECTIONS),
             ringbuf_bytes: self.ringbuf_bytes.or(file.ringbuf_bytes).unwrap_or(4 << 20),
+            pin_path: Some(
+                self.pin_path.or(file.pin_path).unwrap_or_else(|| DEFAULT_PIN_PATH.into()),
+            )
+            .filter(|path| !path.is_empty())
+            .map(PathBuf::from),
             max_servers: self.max_servers.or(file.max_servers).unwrap_or(100),
             max_processes: self.max_processes.or(file.max_processes).unwrap_or(100),
             capture_heads: self.capture_heads.or(file.capture_heads).unwrap_or(true),
@@ -152,6 +167,8 @@ impl Cli {
         Ok(config)
     }
 }
+
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/connscope";
 
 /// cgroup v2 hierarchy: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 fn default_cgroup_path() -> PathBuf {
@@ -213,6 +230,8 @@ mod tests {
         let config = cli(&[])?.into_config()?;
         assert_eq!(config.listen_address.port(), 9477);
         assert_eq!(config.backend, Backend::Auto);
+        assert_eq!(config.pin_path, Some(PathBuf::from(DEFAULT_PIN_PATH)));
+        assert_eq!(cli(&["--bpf.pin-path", ""])?.into_config()?.pin_path, None);
         let config =
             cli(&["--probe.backend", "tracepoint", "--metrics.max-servers", "7"])?.into_config()?;
         assert_eq!(config.backend, Backend::Tracepoint);

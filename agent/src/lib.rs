@@ -18,6 +18,7 @@ pub mod kernel_stats;
 pub mod labels;
 pub mod logging;
 pub mod metrics;
+pub mod pinning;
 pub mod placement;
 pub mod preflight;
 pub mod probes;

@@ -7,7 +7,9 @@ use connscope::{agent, config::Cli};
 fn main() -> ExitCode {
     // The benchmark's floor arm (`cargo xtask bench`); hidden from --help.
     let floor = std::env::args().nth(1).as_deref() == Some("bench-floor");
-    let cli = if floor {
+    // `connscope cleanup [--bpf.pin-path DIR]`: remove what the agent pinned (uninstall).
+    let cleanup = std::env::args().nth(1).as_deref() == Some("cleanup");
+    let cli = if floor || cleanup {
         Cli::parse_from(std::env::args().take(1).chain(std::env::args().skip(2)))
     } else {
         Cli::parse()
@@ -19,6 +21,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cleanup {
+        return connscope::pinning::cleanup_command(config.pin_path.as_deref());
+    }
     connscope::logging::init(&config.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

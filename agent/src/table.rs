@@ -84,6 +84,11 @@ impl ConnectionTable {
         self.conns.is_empty()
     }
 
+    /// Whether `sock` is a connection this table can label.
+    pub fn knows(&self, sock: u64) -> bool {
+        self.conns.contains_key(&sock)
+    }
+
     pub fn handle(&mut self, event: &Event<'_>) {
         match event {
             Event::Open(open) => self.open(open),
