@@ -206,6 +206,7 @@ pub const fn contract_fingerprint() -> u64 {
         size_of::<crate::HeadEvent>(),
         size_of::<crate::Attribution>(),
         size_of::<crate::ListenKey>(),
+        size_of::<crate::Handover>(),
         crate::conn::GAP_BUCKETS,
     ];
     // FNV-1a over the sizes.

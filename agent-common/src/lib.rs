@@ -15,12 +15,14 @@
 #![no_std]
 
 pub mod conn;
+pub mod handover;
 pub mod kernel_config;
 pub mod names;
 pub mod records;
 pub mod wire;
 
 pub use conn::{Conn, conn_flag};
+pub use handover::{Handover, handover_flag};
 pub use kernel_config::{
     BufferLayout, FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, PayloadSyscallSpec, PinSlot,
     ProgramConfig, Setting, SockLayout, UserBuffers,
@@ -95,4 +97,6 @@ mod pod {
     unsafe impl aya::Pod for super::PayloadSyscall {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ListenKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Handover {}
 }

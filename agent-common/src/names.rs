@@ -95,13 +95,14 @@ pub mod map {
     pub const FLOOR_BYTES: &str = "FLOOR_BYTES";
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const PIN_STATE: &str = "PIN_STATE";
+    pub const HANDOVER: &str = "HANDOVER";
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
-    pub const PINNED: [&str; 7] =
-        [CONNS, EVENTS, LOST, SETTINGS, CONNECTS_IN_FLIGHT, LISTEN_PORTS, PIN_STATE];
+    pub const PINNED: [&str; 8] =
+        [CONNS, EVENTS, LOST, SETTINGS, CONNECTS_IN_FLIGHT, LISTEN_PORTS, PIN_STATE, HANDOVER];
 
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         CONNS,
         EVENTS,
         LOST,
@@ -113,6 +114,7 @@ pub mod map {
         FLOOR_BYTES,
         LISTEN_PORTS,
         PIN_STATE,
+        HANDOVER,
     ];
 }
 

@@ -10,14 +10,14 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use connscope_common::{Conn, EventKind, conn::SWEEP_INTERVAL_NS, names::map};
+use connscope_common::{Conn, EventKind, Handover, conn::SWEEP_INTERVAL_NS, names::map};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
 
 use crate::{
     adoption,
     config::Config,
-    events,
+    events, handover,
     kernel_stats::{LossCollector, UserLosses},
     metrics::{Build, EventKindLabel, Metrics, Probe, SkipReason},
     placement::KubeletPlacement,
@@ -49,6 +49,8 @@ struct Pipeline {
     losses: Arc<UserLosses>,
     /// Reused by every sweep (no allocation per sweep).
     sweep: Vec<u64>,
+    /// With pinned state: where this agent leaves its connections for the next one.
+    handover: Option<HashMap<MapData, u64, Handover>>,
 }
 
 impl Agent {
@@ -100,7 +102,12 @@ impl Agent {
             config.max_processes,
             Box::new(placement),
         );
-        let mut pipeline = Pipeline { ring, conns, table, counters, losses, sweep: Vec::new() };
+        let handover = match &probes.pins {
+            Some(_) => Some(HashMap::try_from(take_map(&mut probes, map::HANDOVER)?)?),
+            None => None,
+        };
+        let mut pipeline =
+            Pipeline { ring, conns, table, counters, losses, sweep: Vec::new(), handover };
         if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
             pipeline.take_over_connections();
         }
@@ -112,6 +119,16 @@ impl Agent {
         let Self { config, listener, probes, state, mut pipeline } = self;
         let (stop_server, server_stopped) = watch::channel(false);
         let server = tokio::spawn(server::serve(listener, state.clone(), server_stopped));
+        let signal = shutdown::signal_received();
+        tokio::pin!(signal);
+        // Polled once before /readyz says ready, so the handlers are installed: a SIGTERM
+        // right after would otherwise end the agent with the default action (no handover).
+        let mut early = None;
+        tokio::select! {
+            biased;
+            name = &mut signal => early = Some(name),
+            () = std::future::ready(()) => {}
+        }
         state.ready.store(true, Ordering::Release);
         tracing::info!(
             address = %config.listen_address,
@@ -119,31 +136,34 @@ impl Agent {
             display_address(config.listen_address)
         );
 
-        let signal = shutdown::signal_received();
-        tokio::pin!(signal);
         // The kernel wakes us only when enough is queued (agent-ebpf/src/maps.rs); the timer
         // drains what a quiet host leaves behind.
         let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
         drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut sweep_timer = tokio::time::interval(Duration::from_nanos(SWEEP_INTERVAL_NS));
         sweep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                name = &mut signal => {
-                    tracing::info!("{name} received, stopping");
-                    break;
+        match early {
+            Some(name) => tracing::info!("{name} received, stopping"),
+            None => loop {
+                tokio::select! {
+                    name = &mut signal => {
+                        tracing::info!("{name} received, stopping");
+                        break;
+                    }
+                    _ = drain_timer.tick() => pipeline.drain(),
+                    _ = sweep_timer.tick() => pipeline.sweep(),
+                    guard = pipeline.ring.readable_mut() => {
+                        let mut guard = guard.context("waiting for events")?;
+                        guard.clear_ready();
+                        pipeline.drain();
+                    }
                 }
-                _ = drain_timer.tick() => pipeline.drain(),
-                _ = sweep_timer.tick() => pipeline.sweep(),
-                guard = pipeline.ring.readable_mut() => {
-                    let mut guard = guard.context("waiting for events")?;
-                    guard.clear_ready();
-                    pipeline.drain();
-                }
-            }
+            },
         }
-        // Flush what the kernel already queued, then detach by dropping the programs.
+        // Flush what the kernel already queued, leave the connections to the next agent
+        // when the programs stay pinned, and drop the programs (detached unless pinned).
         pipeline.drain();
+        pipeline.hand_over();
         drop(pipeline);
         drop(probes);
         let _ = stop_server.send(true);
@@ -242,7 +262,10 @@ impl Pipeline {
     /// previous agent could label; the kernel adopts them again at their next send or
     /// receive. Connections opened from now on are announced in the ring buffer.
     fn take_over_connections(&mut self) {
-        let now_ns = monotonic_ns();
+        let now_ns = handover::monotonic_ns();
+        let entries = self.handover.as_mut().map(handover::take).unwrap_or_default();
+        let restored =
+            entries.iter().filter(|(sock, entry)| self.table.restore(*sock, entry)).count();
         self.drain();
         let unknown: Vec<u64> = self
             .conns
@@ -255,9 +278,22 @@ impl Pipeline {
             let _ = self.conns.remove(sock);
         }
         tracing::info!(
+            restored,
             known = self.table.len(),
             readopted = unknown.len(),
             "took over the pinned kernel state"
+        );
+    }
+
+    /// Leaves this agent's connections to the next one (pinned state only).
+    fn hand_over(&mut self) {
+        let Some(map) = self.handover.as_mut() else { return };
+        let started = Instant::now();
+        let written = handover::write(map, self.table.handover());
+        tracing::info!(
+            connections = written,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "connections handed over to the next agent"
         );
     }
 
@@ -306,14 +342,6 @@ fn display_address(address: SocketAddr) -> String {
     } else {
         address.to_string()
     }
-}
-
-/// `bpf_ktime_get_ns()`'s clock.
-fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: plain syscall with a pointer to a local struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod events;
 pub mod flow_series;
 pub mod gap_histogram;
+pub mod handover;
 pub mod http;
 pub mod http_session;
 pub mod kernel_layout;

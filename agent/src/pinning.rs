@@ -25,8 +25,8 @@ use aya::{
     programs::links::FdLink,
 };
 use connscope_common::{
-    Attribution, Conn, IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting,
-    kernel_config::contract_fingerprint, names::map,
+    Attribution, Conn, Handover, IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot,
+    Setting, kernel_config::contract_fingerprint, names::map,
 };
 
 use crate::config::Config;
@@ -72,6 +72,7 @@ fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
         }
         map::LISTEN_PORTS => shape(MapType::Hash, size_of::<ListenKey>(), 4, MAX_LISTEN_PORTS),
         map::PIN_STATE => shape(MapType::Array, 4, 8, PinSlot::COUNT),
+        map::HANDOVER => shape(MapType::Hash, 8, size_of::<Handover>(), config.max_connections + 1),
         _ => return None,
     })
 }
@@ -259,7 +260,7 @@ mod tests {
                 (shape.key, shape.value),
                 "{name}"
             );
-            if name != map::CONNS && name != map::EVENTS {
+            if ![map::CONNS, map::EVENTS, map::HANDOVER].contains(&name) {
                 assert_eq!(defined.max_entries(), shape.entries, "{name}");
             }
         }

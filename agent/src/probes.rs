@@ -287,6 +287,7 @@ fn load(config: &Config, kernel: &Kernel, pins: Option<&Pins>) -> anyhow::Result
         .btf(kernel.btf.as_ref())
         .override_global(global::GENERATION, &generation, true)
         .map_max_entries(map::CONNS, config.max_connections)
+        .map_max_entries(map::HANDOVER, config.max_connections + 1)
         .map_max_entries(map::EVENTS, config.ringbuf_bytes)
         .override_global(global::PAYLOAD_SYSCALLS, &payload_syscall_table(), true)
         .override_global(global::SOCK_LAYOUT, &kernel.sock_layout.unwrap_or_default(), true)

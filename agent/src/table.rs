@@ -8,15 +8,15 @@
 use std::{collections::HashMap, sync::Arc};
 
 use connscope_common::{
-    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, Direction, OpenEvent, Protocol, Role,
-    SnapshotEvent, conn::GAP_BUCKETS, is_request,
+    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, Direction, Handover, OpenEvent,
+    Protocol, Role, SnapshotEvent, conn::GAP_BUCKETS, handover_flag, is_request,
 };
 
 use crate::{
     classify::{close_reason, is_keepalive_race},
     events::{Event, Head},
     flow_series::{Activity, FlowCache, FlowSeries},
-    http,
+    handover, http,
     http_session::{HttpSession, RequestCounts},
     labels,
     metrics::{Closed, ClosedByLabels, Metrics, PlacedFlow},
@@ -40,6 +40,8 @@ struct Tracked {
     /// Established before the agent started: its lifetime and request count are partial,
     /// so it stays out of the duration and requests-per-connection histograms.
     adopted: bool,
+    /// The owner's cgroup (placement), kept for the handover to the next agent.
+    cgroup_id: u64,
     /// Set once the owning process is known (clients at open, accepted sockets at their
     /// first use); until then only the `server` label is kept.
     series: Option<Arc<FlowSeries>>,
@@ -114,6 +116,7 @@ impl ConnectionTable {
             open_ns: event.open_ns,
             role,
             adopted: event.adopted != 0,
+            cgroup_id: 0,
             series: None,
             pending_server: None,
             activity: Activity::Idle,
@@ -144,6 +147,61 @@ impl ConnectionTable {
         series.open_gauge(tracked.activity).inc();
         tracked.series = Some(series);
         tracked.pending_server = None;
+        tracked.cgroup_id = owner.map_or(0, |owner| owner.cgroup_id);
+    }
+
+    /// The connections for the next agent (`handover`): labels, counts already exported,
+    /// HTTP session.
+    pub fn handover(&self) -> impl Iterator<Item = (u64, Handover)> + '_ {
+        self.conns.iter().filter_map(|(&sock, tracked)| Some((sock, tracked.handover()?)))
+    }
+
+    /// Takes over a connection from the previous agent: labelled as it was, counted from
+    /// where that agent stopped, not counted as opened again.
+    pub fn restore(&mut self, sock: u64, entry: &Handover) -> bool {
+        let (Some(role), Some(server)) =
+            (Role::from_wire(entry.role), handover::label(&entry.server, entry.server_len))
+        else {
+            return false;
+        };
+        let activity =
+            if entry.has(handover_flag::ACTIVE) { Activity::Active } else { Activity::Idle };
+        let mut tracked = Tracked {
+            open_ns: entry.open_ns,
+            role,
+            adopted: entry.has(handover_flag::ADOPTED),
+            cgroup_id: entry.cgroup_id,
+            series: None,
+            pending_server: None,
+            activity,
+            protocol: Protocol::from_wire(entry.protocol).unwrap_or(Protocol::Unknown),
+            in_sweep: false,
+            seen: Seen {
+                exchanges: entry.exchanges,
+                bytes_sent: entry.bytes_sent,
+                bytes_received: entry.bytes_received,
+                gap_sum_ns: entry.gap_sum_ns,
+                gap_buckets: entry.gap_buckets,
+            },
+            http: handover::session(entry).map(Box::new),
+        };
+        if entry.has(handover_flag::ATTRIBUTED) {
+            let owner =
+                Attribution { cgroup_id: entry.cgroup_id, tgid: 0, valid: 1, comm: entry.comm };
+            let series = self.flows.series(&self.metrics, role, server, Some(&owner));
+            series.open_gauge(activity).inc();
+            tracked.series = Some(series);
+        } else {
+            tracked.pending_server = Some(server.into_boxed_str());
+        }
+        if let Some(stale) = self.conns.insert(sock, tracked) {
+            if let Some(series) = &stale.series {
+                series.open_gauge(stale.activity).dec();
+            }
+        }
+        self.mark_active(sock);
+        self.metrics.tracked.set(self.conns.len() as i64);
+        true
     }
 
     fn resolve_pending(&mut self, sock: u64, owner: Option<&Attribution>) {
@@ -322,6 +380,44 @@ impl ConnectionTable {
         if is_keepalive_race(conn) {
             series.races.inc();
         }
+    }
+}
+
+impl Tracked {
+    fn handover(&self) -> Option<Handover> {
+        let seen = &self.seen;
+        let mut entry = Handover {
+            open_ns: self.open_ns,
+            cgroup_id: self.cgroup_id,
+            bytes_sent: seen.bytes_sent,
+            bytes_received: seen.bytes_received,
+            gap_sum_ns: seen.gap_sum_ns,
+            exchanges: seen.exchanges,
+            gap_buckets: seen.gap_buckets,
+            role: self.role as u8,
+            protocol: self.protocol as u8,
+            ..Handover::zeroed()
+        };
+        let server = match (&self.series, &self.pending_server) {
+            (Some(series), _) => {
+                entry.flags |= handover_flag::ATTRIBUTED;
+                handover::put_label(&mut entry.comm, &series.flow.process)?;
+                series.flow.server.as_str()
+            }
+            (None, Some(server)) => server,
+            (None, None) => return None,
+        };
+        entry.server_len = handover::put_label(&mut entry.server, server)?;
+        if self.adopted {
+            entry.flags |= handover_flag::ADOPTED;
+        }
+        if self.activity == Activity::Active {
+            entry.flags |= handover_flag::ACTIVE;
+        }
+        if let Some(http) = &self.http {
+            handover::put_session(&mut entry, http);
+        }
+        Some(entry)
     }
 }
 
