@@ -194,10 +194,10 @@ impl ConnectionTable {
         } else {
             tracked.pending_server = Some(server.into_boxed_str());
         }
-        if let Some(stale) = self.conns.insert(sock, tracked) {
-            if let Some(series) = &stale.series {
-                series.open_gauge(stale.activity).dec();
-            }
+        if let Some(stale) = self.conns.insert(sock, tracked)
+            && let Some(series) = &stale.series
+        {
+            series.open_gauge(stale.activity).dec();
         }
         self.mark_active(sock);
         self.metrics.tracked.set(self.conns.len() as i64);
