@@ -488,6 +488,8 @@ fn start_default_agent() -> anyhow::Result<RawAgent> {
     let child = Command::new(workspace_root().join("target/release/connscope"))
         .args(["--web.listen-address", &address.to_string()])
         .env("CONNSCOPE_LOG_LEVEL", "warn")
+        // The arms without the agent must run without its programs: nothing stays pinned.
+        .env("CONNSCOPE_BPF_PIN_PATH", "")
         .stdin(Stdio::null())
         .spawn()?;
     let agent = RawAgent { child, address };
