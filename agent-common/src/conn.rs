@@ -79,10 +79,13 @@ pub mod conn_flag {
     pub const REQUEST_PENDING: u16 = 1 << 6;
     /// `101 Switching Protocols`: no more HTTP/1.x exchanges on this connection.
     pub const UPGRADED: u16 = 1 << 7;
+    /// Established before the agent started, tracked from its first send or receive on:
+    /// counts before adoption are unknown.
+    pub const ADOPTED: u16 = 1 << 8;
     /// An exchange started and no response-direction payload followed yet: the connection
     /// is busy (the close reason `idle` and the `active` state need this, not the last
     /// direction: a TLS `close_notify` is sent in the request direction but asks nothing).
-    pub const AWAITING_RESPONSE: u16 = 1 << 8;
+    pub const AWAITING_RESPONSE: u16 = 1 << 9;
 }
 
 /// Per-socket state kept in the kernel for a connection's whole life (map value). All

@@ -27,8 +27,17 @@ pub struct SockLayout {
     pub v6_rcv_saddr: u32,
     /// Non-zero once the agent filled the layout in.
     pub valid: u32,
+    /// `__sk_common.skc_state` (one byte).
+    pub state: u32,
+    /// `__sk_common.skc_net`: the socket's `struct net *`.
+    pub net: u32,
+    /// `ns.inum` in `struct net`: the network namespace's inode number.
+    pub net_inum: u32,
+    /// Non-zero when the three fields above are known: sockets established before the agent
+    /// started are adopted at their first send or receive.
+    pub adopt: u32,
 }
-const _: () = assert!(size_of::<SockLayout>() == 40);
+const _: () = assert!(size_of::<SockLayout>() == 56);
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).
@@ -164,4 +173,49 @@ pub enum Setting {
 
 impl Setting {
     pub const COUNT: u32 = 2;
+}
+
+/// Slots of the pinned `PIN_STATE` array (`u64` each).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinSlot {
+    /// The generation whose programs run; programs of any other generation return at once.
+    /// Set by an agent after it attached its own, so a takeover neither counts twice nor
+    /// leaves a gap.
+    ActiveGeneration = 0,
+    /// [`contract_fingerprint`] of the agent that pinned the state.
+    Fingerprint = 1,
+}
+
+impl PinSlot {
+    pub const COUNT: u32 = 2;
+}
+
+/// Bumped whenever the meaning of pinned state changes without a change of size.
+pub const PIN_FORMAT: u64 = 1;
+
+/// Identifies the layout of the pinned state: the format number and the sizes of every
+/// shared struct. An agent finding another fingerprint replaces the pinned state.
+pub const fn contract_fingerprint() -> u64 {
+    let sizes = [
+        PIN_FORMAT as usize,
+        size_of::<crate::Conn>(),
+        size_of::<crate::OpenEvent>(),
+        size_of::<crate::AttributeEvent>(),
+        size_of::<crate::SnapshotEvent>(),
+        size_of::<crate::HeadEvent>(),
+        size_of::<crate::Attribution>(),
+        size_of::<crate::ListenKey>(),
+        size_of::<crate::Handover>(),
+        crate::conn::GAP_BUCKETS,
+    ];
+    // FNV-1a over the sizes.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut index = 0;
+    while index < sizes.len() {
+        hash ^= sizes[index] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        index += 1;
+    }
+    hash
 }

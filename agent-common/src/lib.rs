@@ -15,19 +15,21 @@
 #![no_std]
 
 pub mod conn;
+pub mod handover;
 pub mod kernel_config;
 pub mod names;
 pub mod records;
 pub mod wire;
 
 pub use conn::{Conn, conn_flag};
+pub use handover::{Handover, handover_flag};
 pub use kernel_config::{
-    BufferLayout, FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, PayloadSyscallSpec, ProgramConfig,
-    Setting, SockLayout, UserBuffers,
+    BufferLayout, FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, PayloadSyscallSpec, PinSlot,
+    ProgramConfig, Setting, SockLayout, UserBuffers,
 };
 pub use records::{
-    AttributeEvent, Attribution, Endpoints, EventHeader, HEAD_FIXED_LEN, HeadEvent, OpenEvent,
-    SnapshotEvent,
+    AttributeEvent, Attribution, Endpoints, EventHeader, HEAD_FIXED_LEN, HeadEvent, ListenKey,
+    OpenEvent, SnapshotEvent,
 };
 pub use wire::{CloseKind, ClosedBy, Direction, EventKind, LostReason, Protocol, Role};
 
@@ -44,6 +46,8 @@ pub const DEFAULT_RINGBUF_BYTES: u32 = 4 << 20;
 /// Capacity of the per-thread maps that live for one call (connects in progress, kprobe
 /// arguments, the syscall stash): threads inside such a call at once, host-wide.
 pub const IN_FLIGHT_CALLS: u32 = 16_384;
+/// Capacity of `LISTEN_PORTS`: listening ports, host-wide (all network namespaces).
+pub const MAX_LISTEN_PORTS: u32 = 16_384;
 
 /// TCP states, as in the kernel's `include/net/tcp_states.h`.
 pub mod tcp_state {
@@ -91,4 +95,8 @@ mod pod {
     unsafe impl aya::Pod for super::ProgramConfig {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PayloadSyscall {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Handover {}
 }

@@ -95,8 +95,16 @@ pub mod map {
     pub const SYSCALL_STASH: &str = "SYSCALL_STASH";
     pub const CALLS_IN_FLIGHT: &str = "CALLS_IN_FLIGHT";
     pub const FLOOR_BYTES: &str = "FLOOR_BYTES";
+    pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
+    pub const PIN_STATE: &str = "PIN_STATE";
+    pub const HANDOVER: &str = "HANDOVER";
 
-    pub const ALL: [&str; 11] = [
+    /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
+    /// records waiting for the next agent, and what the programs share.
+    pub const PINNED: [&str; 8] =
+        [CONNS, EVENTS, LOST, SETTINGS, CONNECTS_IN_FLIGHT, LISTEN_PORTS, PIN_STATE, HANDOVER];
+
+    pub const ALL: [&str; 14] = [
         CONNS,
         EVENTS,
         LOST,
@@ -108,6 +116,9 @@ pub mod map {
         SYSCALL_STASH,
         CALLS_IN_FLIGHT,
         FLOOR_BYTES,
+        LISTEN_PORTS,
+        PIN_STATE,
+        HANDOVER,
     ];
 }
 
@@ -117,6 +128,8 @@ pub mod global {
     pub const FD_LAYOUT: &str = "FD_LAYOUT";
     pub const PAYLOAD_SYSCALLS: &str = "PAYLOAD_SYSCALLS";
     pub const PROGRAM_CONFIG: &str = "PROGRAM_CONFIG";
+    pub const GENERATION: &str = "GENERATION";
 
-    pub const ALL: [&str; 4] = [SOCK_LAYOUT, FD_LAYOUT, PAYLOAD_SYSCALLS, PROGRAM_CONFIG];
+    pub const ALL: [&str; 5] =
+        [SOCK_LAYOUT, FD_LAYOUT, PAYLOAD_SYSCALLS, PROGRAM_CONFIG, GENERATION];
 }

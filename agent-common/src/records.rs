@@ -71,13 +71,34 @@ pub struct OpenEvent {
     pub attribution: Attribution,
     /// A [`Role`] as `u8`.
     pub role: u8,
-    pub _pad: [u8; 7],
+    /// Non-zero for a connection established before the agent started (adopted at its first
+    /// send or receive; `open_ns` is the adoption time).
+    pub adopted: u8,
+    pub _pad: [u8; 6],
 }
 const _: () = assert!(size_of::<OpenEvent>() == 112);
 
 impl OpenEvent {
     pub const fn role(&self) -> Option<Role> {
         Role::from_wire(self.role)
+    }
+}
+
+/// Key of the `LISTEN_PORTS` map: a listening port in one network namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenKey {
+    /// Inode number of the network namespace (`/proc/<pid>/ns/net`).
+    pub netns: u32,
+    /// Local port, host order.
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(size_of::<ListenKey>() == 8);
+
+impl ListenKey {
+    pub const fn new(netns: u32, port: u16) -> Self {
+        Self { netns, port, _pad: 0 }
     }
 }
 

@@ -7,23 +7,44 @@
 //! accepted sockets, never from a state change that may run in softirq for another task.
 
 use connscope_common::{
-    CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, Role, conn_flag, is_request,
-    tcp_state,
+    CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role, conn_flag,
+    is_request, tcp_state,
 };
 
 use crate::{
     exchange,
-    maps::{CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, count_lost, submit_flags},
+    globals::generation,
+    maps::{
+        CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, PIN_STATE, count_lost, submit_flags,
+    },
     records::{self, current_attribution, now_ns},
-    sock::SocketView,
+    sock::{BtfSocket, SocketView, state_and_port},
 };
+
+/// `BPF_NOEXIST`: insert only if the key is absent.
+const NOEXIST: u64 = 1;
 
 /// `MSG_PEEK`: a receive that leaves the data queued moves no payload.
 const MSG_PEEK: i32 = 2;
 
+/// Whether these programs are the ones that count. With pinned state two agents' programs
+/// are attached during a takeover; only the generation in `PIN_STATE` runs (one array
+/// lookup; none when nothing is pinned, a frozen global the verifier folds).
+#[inline(always)]
+fn active() -> bool {
+    let generation = generation();
+    generation == 0
+        || PIN_STATE
+            .get(PinSlot::ActiveGeneration as u32)
+            .is_some_and(|active| *active == generation)
+}
+
 /// Handles `inet_sock_set_state(sk, old, new)`.
 #[inline(always)]
 pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
+    if !active() {
+        return;
+    }
     match (old, new) {
         // connect(): runs in the calling process, so its attribution is taken here.
         (tcp_state::CLOSE, tcp_state::SYN_SENT) if view.is_tcp() => {
@@ -39,6 +60,9 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
         (tcp_state::SYN_SENT, tcp_state::CLOSE) => {
             let _ = CONNECTS_IN_FLIGHT.remove(&sock);
         }
+        // listen() (inet_csk_listen_start) and the close of a listener.
+        (tcp_state::CLOSE, tcp_state::LISTEN) if view.is_tcp() => listening(view, true),
+        (tcp_state::LISTEN, tcp_state::CLOSE) if view.is_tcp() => listening(view, false),
         (_, tcp_state::FIN_WAIT1) => close_started(sock, ClosedBy::Local, CloseKind::Fin),
         (_, tcp_state::CLOSE_WAIT) => close_started(sock, ClosedBy::Peer, CloseKind::Fin),
         // A jump to CLOSE with no FIN exchanged is an abort: a reset from the peer was
@@ -46,6 +70,24 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
         // 0, unread data at close, or a timeout), and its reset follows.
         (_, tcp_state::CLOSE) => close_started(sock, ClosedBy::Local, CloseKind::Reset),
         _ => {}
+    }
+}
+
+/// Counts a listening socket of a {namespace, port} in or out. Not atomic: two listeners
+/// of one port changing state at the same instant on two CPUs may miscount by one.
+fn listening(view: &impl SocketView, started: bool) {
+    let Some(key) = view.listen_key() else { return };
+    match LISTEN_PORTS.get_ptr_mut(&key) {
+        // SAFETY (both): map value pointer from a successful lookup.
+        Some(count) if started => unsafe { *count += 1 },
+        Some(count) if unsafe { *count } > 1 => unsafe { *count -= 1 },
+        Some(_) => {
+            let _ = LISTEN_PORTS.remove(&key);
+        }
+        None if started => {
+            let _ = LISTEN_PORTS.insert(&key, &1, NOEXIST);
+        }
+        None => {}
     }
 }
 
@@ -116,6 +158,9 @@ fn begin_close(conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
 /// Handles `tcp_send_reset` (`by` local) and `tcp_receive_reset` (`by` peer).
 #[inline(always)]
 pub fn on_reset(sock: u64, by: ClosedBy) {
+    if !active() {
+        return;
+    }
     let Some(conn) = tracked(sock) else { return };
     conn.flags |=
         if by == ClosedBy::Local { conn_flag::RESET_SENT } else { conn_flag::RESET_RECEIVED };
@@ -125,6 +170,9 @@ pub fn on_reset(sock: u64, by: ClosedBy) {
 /// Handles the destruction of a socket: sends its final state and forgets it.
 #[inline(always)]
 pub fn on_destroy(sock: u64) {
+    if !active() {
+        return;
+    }
     let Some(conn) = tracked(sock) else { return };
     records::snapshot(EventKind::Close, sock, conn);
     let _ = CONNS.remove(&sock);
@@ -133,6 +181,13 @@ pub fn on_destroy(sock: u64) {
 /// Called from any hook that runs in the owning process's context (send, receive, close).
 #[inline(always)]
 pub fn on_process_context(sock: u64) {
+    if active() {
+        process_context(sock);
+    }
+}
+
+#[inline(always)]
+fn process_context(sock: u64) {
     if let Some(conn) = tracked(sock) {
         attribute_once(sock, conn);
     }
@@ -156,15 +211,15 @@ pub fn transfer(
     recv_flags: i32,
     is_tcp: impl FnOnce() -> bool,
 ) {
-    if ret <= 0 || (direction == Direction::Recv && recv_flags & MSG_PEEK != 0) {
-        // An error, EOF or a peek moved no payload; still a process-context touch.
-        on_process_context(sock);
+    if !active() {
         return;
     }
-    let Some(conn) = tracked(sock) else {
-        if is_tcp() {
-            count_lost(LostReason::UntrackedSocket);
-        }
+    if ret <= 0 || (direction == Direction::Recv && recv_flags & MSG_PEEK != 0) {
+        // An error, EOF or a peek moved no payload; still a process-context touch.
+        process_context(sock);
+        return;
+    }
+    let Some(conn) = tracked(sock).or_else(|| if is_tcp() { adopt(sock) } else { None }) else {
         return;
     };
     attribute_once(sock, conn);
@@ -186,3 +241,40 @@ pub fn transfer(
         records::snapshot(EventKind::Progress, sock, conn);
     }
 }
+
+/// Adopts an untracked TCP socket at its first send or receive: an established connection
+/// that predates the agent (or whose `Open` was lost). Its role comes from `LISTEN_PORTS`
+/// (server when its local port listens in its namespace), its process from the caller's
+/// context. Payload on a socket that cannot be adopted (another state, no BTF offsets, a
+/// full map) is counted as `untracked_socket` (or `map_full`). Runs once per socket: out of
+/// line, so the tracked path stays small.
+#[inline(never)]
+fn adopt(sock: u64) -> Option<&'static mut Conn> {
+    let Some((_, key)) = state_and_port(sock).filter(|(state, _)| *state == ESTABLISHED) else {
+        count_lost(LostReason::UntrackedSocket);
+        return None;
+    };
+    let role = if LISTEN_PORTS.get_ptr(&key).is_some() { Role::Server } else { Role::Client };
+    let open_ns = now_ns();
+    let owner = current_attribution();
+    let mut open = records::open(sock, open_ns, role, &BtfSocket { sock }, Some(&owner))?;
+    records::mark_adopted(&mut open);
+    let conn = Conn {
+        open_ns,
+        role: role as u8,
+        flags: conn_flag::ATTRIBUTED | conn_flag::ADOPTED,
+        ..Conn::default()
+    };
+    // NOEXIST: another CPU may have adopted it first; that one stands.
+    if CONNS.insert(&sock, &conn, NOEXIST).is_err() {
+        open.discard(0);
+        if CONNS.get_ptr(&sock).is_none() {
+            count_lost(LostReason::MapFull);
+        }
+        return tracked(sock);
+    }
+    open.submit(submit_flags());
+    tracked(sock)
+}
+
+const ESTABLISHED: u8 = tcp_state::ESTABLISHED as u8;

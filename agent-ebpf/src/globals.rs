@@ -16,6 +16,10 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     v6_daddr: 0,
     v6_rcv_saddr: 0,
     valid: 0,
+    state: 0,
+    net: 0,
+    net_inum: 0,
+    adopt: 0,
 };
 
 #[unsafe(no_mangle)]
@@ -34,6 +38,11 @@ static FD_LAYOUT: FdLayout = FdLayout {
 static PAYLOAD_SYSCALLS: [PayloadSyscall; PAYLOAD_SYSCALL_SLOTS] =
     [PayloadSyscall::UNUSED; PAYLOAD_SYSCALL_SLOTS];
 
+/// This object's generation when state is pinned (`--bpf.pin-path`); 0: not pinned, the
+/// programs always run.
+#[unsafe(no_mangle)]
+static GENERATION: u64 = 0;
+
 #[unsafe(no_mangle)]
 static PROGRAM_CONFIG: ProgramConfig = ProgramConfig { user_buffers: 0, _pad: 0 };
 
@@ -44,6 +53,12 @@ static PROGRAM_CONFIG: ProgramConfig = ProgramConfig { user_buffers: 0, _pad: 0 
 pub fn sock_layout() -> SockLayout {
     // SAFETY: see above.
     unsafe { core::ptr::read_volatile(&SOCK_LAYOUT) }
+}
+
+#[inline(always)]
+pub fn generation() -> u64 {
+    // SAFETY: see above.
+    unsafe { core::ptr::read_volatile(&GENERATION) }
 }
 
 #[inline(always)]

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use connscope_common::{
-    Attribution, Conn, DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, HeadEvent, IN_FLIGHT_CALLS,
-    LostReason, Setting, kernel_config::SOCK_COMMON_READ,
+    Attribution, Conn, DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, Handover, HeadEvent,
+    IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting,
+    kernel_config::SOCK_COMMON_READ,
 };
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
@@ -45,6 +46,22 @@ pub static CONNECTS_IN_FLIGHT: LruHashMap<u64, Attribution> =
 pub static CONN_SCRATCH: PerCpuArray<Conn> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static SOCK_SCRATCH: PerCpuArray<[u8; SOCK_COMMON_READ]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Listening sockets per {network namespace, port} (a count: `SO_REUSEPORT` and dual-stack
+/// servers listen more than once on a port). Tells the role of an adopted socket. Kept by
+/// the state changes to and from `LISTEN`; seeded by the agent from `/proc` at start.
+#[map]
+pub static LISTEN_PORTS: HashMap<ListenKey, u32> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
+
+/// [`PinSlot`] values: which generation of programs runs, and the pinned state's layout.
+#[map]
+pub static PIN_STATE: Array<u64> = Array::with_max_entries(PinSlot::COUNT, 0);
+
+/// Written by a stopping agent, read and emptied by the next (`connscope_common::handover`);
+/// no program touches it. It lives here so the loader creates and pins it with the rest.
+#[map]
+pub static HANDOVER: HashMap<u64, Handover> =
+    HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS + 1, NO_PREALLOC);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

@@ -66,7 +66,8 @@ pub fn open(
         (*event).open_ns = open_ns;
         (*event).attribution = owner.copied().unwrap_or_default();
         (*event).role = role as u8;
-        (*event)._pad = [0; 7];
+        (*event).adopted = 0;
+        (*event)._pad = [0; 6];
         view.endpoints(&mut (*event).endpoints)
     };
     if !filled {
@@ -74,6 +75,12 @@ pub fn open(
         return None;
     }
     Some(entry)
+}
+
+/// Marks a reserved `Open` record as an adopted connection's.
+pub fn mark_adopted(entry: &mut RingBufEntry<OpenEvent>) {
+    // SAFETY: a reserved record filled by `open`, owned by the caller.
+    unsafe { (*entry.as_mut_ptr()).adopted = 1 };
 }
 
 pub fn attribute(sock: u64, conn: &Conn, owner: &Attribution) {

@@ -2,7 +2,8 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use connscope_common::{
-    AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, SockLayout, kernel_config::SOCK_COMMON_READ,
+    AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, ListenKey, SockLayout,
+    kernel_config::SOCK_COMMON_READ,
 };
 
 use crate::{globals::sock_layout, maps::SOCK_SCRATCH};
@@ -15,6 +16,11 @@ pub trait SocketView {
     /// Fills `out` (a record in the ring buffer: no copy on the small stack); false when
     /// the socket is not IPv4/IPv6 or cannot be read.
     fn endpoints(&self, out: &mut Endpoints) -> bool;
+    /// The {network namespace, local port} of a socket entering or leaving `LISTEN`; `None`
+    /// where the namespace cannot be read (no BTF: adoption is off).
+    fn listen_key(&self) -> Option<ListenKey> {
+        None
+    }
 }
 
 /// A socket read through the BTF offsets in `SOCK_LAYOUT`.
@@ -54,6 +60,26 @@ impl SocketView for BtfSocket {
     fn endpoints(&self, out: &mut Endpoints) -> bool {
         fill_endpoints(self.sock, out).is_some()
     }
+
+    fn listen_key(&self) -> Option<ListenKey> {
+        state_and_port(self.sock).map(|(_, key)| key)
+    }
+}
+
+/// The TCP state of `sock` and its {network namespace, local port}: what adopting it
+/// takes, from one copy of `sock_common` and one read of the namespace's inode number.
+/// `None` without the adoption offsets (`SockLayout::adopt`).
+pub fn state_and_port(sock: u64) -> Option<(u8, ListenKey)> {
+    let layout = sock_layout();
+    if layout.adopt == 0 {
+        return None;
+    }
+    let bytes: [u8; SOCK_COMMON_READ] = read(sock)?;
+    let state: u8 = field(&bytes, layout.state)?;
+    let port: u16 = field(&bytes, layout.num)?;
+    let net: u64 = field(&bytes, layout.net)?;
+    let netns: u32 = read(net + u64::from(layout.net_inum))?;
+    Some((state, ListenKey::new(netns, port)))
 }
 
 fn fill_endpoints(sock: u64, out: &mut Endpoints) -> Option<()> {

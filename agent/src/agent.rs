@@ -3,21 +3,23 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
     sync::{Arc, atomic::Ordering},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use connscope_common::{Conn, EventKind, conn::SWEEP_INTERVAL_NS, names::map};
+use connscope_common::{Conn, EventKind, Handover, conn::SWEEP_INTERVAL_NS, names::map};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
 
 use crate::{
+    adoption,
     config::Config,
-    events,
+    events, handover,
     kernel_stats::{LossCollector, UserLosses},
-    metrics::{Build, EventKindLabel, Metrics, Probe},
+    metrics::{Build, EventKindLabel, Metrics, Probe, SkipReason},
     placement::KubeletPlacement,
     preflight, probes,
     server::{self, AppState},
@@ -48,6 +50,8 @@ struct Pipeline {
     losses: Arc<UserLosses>,
     /// Reused by every sweep (no allocation per sweep).
     sweep: Vec<u64>,
+    /// With pinned state: where this agent leaves its connections for the next one.
+    handover: Option<HashMap<MapData, u64, Handover>>,
 }
 
 impl Agent {
@@ -72,6 +76,9 @@ impl Agent {
                     attach: hook.attach.label().into(),
                 })
                 .set(1);
+        }
+        if probes.adoption {
+            seed_listening_ports(&mut probes, &metrics)?;
         }
         let losses = Arc::new(UserLosses::default());
         let mut registry = Registry::with_prefix("connscope");
@@ -98,7 +105,15 @@ impl Agent {
             config.max_processes,
             Box::new(placement),
         );
-        let pipeline = Pipeline { ring, conns, table, counters, losses, sweep: Vec::new() };
+        let handover = match &probes.pins {
+            Some(_) => Some(HashMap::try_from(take_map(&mut probes, map::HANDOVER)?)?),
+            None => None,
+        };
+        let mut pipeline =
+            Pipeline { ring, conns, table, counters, losses, sweep: Vec::new(), handover };
+        if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
+            pipeline.take_over_connections();
+        }
         Ok(Self { config, listener, web, probes, state, pipeline })
     }
 
@@ -107,6 +122,16 @@ impl Agent {
         let Self { config, listener, web, probes, state, mut pipeline } = self;
         let (stop_server, server_stopped) = watch::channel(false);
         let server = tokio::spawn(server::serve(listener, web, state.clone(), server_stopped));
+        let signal = shutdown::signal_received();
+        tokio::pin!(signal);
+        // Polled once before /readyz says ready, so the handlers are installed: a SIGTERM
+        // right after would otherwise end the agent with the default action (no handover).
+        let mut early = None;
+        tokio::select! {
+            biased;
+            name = &mut signal => early = Some(name),
+            () = std::future::ready(()) => {}
+        }
         state.ready.store(true, Ordering::Release);
         tracing::info!(
             address = %config.listen_address,
@@ -114,31 +139,34 @@ impl Agent {
             display_address(config.listen_address)
         );
 
-        let signal = shutdown::signal_received();
-        tokio::pin!(signal);
         // The kernel wakes us only when enough is queued (agent-ebpf/src/maps.rs); the timer
         // drains what a quiet host leaves behind.
         let mut drain_timer = tokio::time::interval(DRAIN_INTERVAL);
         drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut sweep_timer = tokio::time::interval(Duration::from_nanos(SWEEP_INTERVAL_NS));
         sweep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                name = &mut signal => {
-                    tracing::info!("{name} received, stopping");
-                    break;
+        match early {
+            Some(name) => tracing::info!("{name} received, stopping"),
+            None => loop {
+                tokio::select! {
+                    name = &mut signal => {
+                        tracing::info!("{name} received, stopping");
+                        break;
+                    }
+                    _ = drain_timer.tick() => pipeline.drain(),
+                    _ = sweep_timer.tick() => pipeline.sweep(),
+                    guard = pipeline.ring.readable_mut() => {
+                        let mut guard = guard.context("waiting for events")?;
+                        guard.clear_ready();
+                        pipeline.drain();
+                    }
                 }
-                _ = drain_timer.tick() => pipeline.drain(),
-                _ = sweep_timer.tick() => pipeline.sweep(),
-                guard = pipeline.ring.readable_mut() => {
-                    let mut guard = guard.context("waiting for events")?;
-                    guard.clear_ready();
-                    pipeline.drain();
-                }
-            }
+            },
         }
-        // Flush what the kernel already queued, then detach by dropping the programs.
+        // Flush what the kernel already queued, leave the connections to the next agent
+        // when the programs stay pinned, and drop the programs (detached unless pinned).
         pipeline.drain();
+        pipeline.hand_over();
         drop(pipeline);
         drop(probes);
         let _ = stop_server.send(true);
@@ -155,13 +183,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 pub async fn run_floor(config: Config) -> anyhow::Result<()> {
     preflight::check_privileges()?;
     raise_memlock_limit();
-    let ebpf = probes::load_floor(&config)?;
+    let floor = probes::load_floor(&config)?;
     eprintln!(
         "connscope: floor attached (sock_send_length, sock_recv_length, inet_sock_set_state, tcp_destroy_sock)"
     );
     let name = shutdown::signal_received().await;
     tracing::info!("{name} received, detaching the floor arm");
-    drop(ebpf);
+    drop(floor);
+    Ok(())
+}
+
+/// Gives the kernel the ports that were listening before it attached, so connections older
+/// than the agent are adopted with the right role (see `adoption`).
+fn seed_listening_ports(probes: &mut probes::Probes, metrics: &Metrics) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut ports = HashMap::try_from(take_map(probes, map::LISTEN_PORTS)?)?;
+    let scan = adoption::scan_listening(Path::new("/proc"));
+    let written = adoption::seed(&mut ports, &scan);
+    for reason in adoption::Skip::ALL {
+        let skipped = scan.skipped.get(&reason).copied().unwrap_or(0);
+        let labels = SkipReason { reason: reason.label().into() };
+        metrics.adoption_skipped.get_or_create(&labels).inc_by(skipped);
+    }
+    tracing::info!(
+        namespaces = scan.namespaces,
+        ports = written,
+        skipped = scan.skipped.values().sum::<u64>(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "listening ports read for adopting older connections"
+    );
     Ok(())
 }
 
@@ -208,6 +258,46 @@ impl Pipeline {
                 }
             }
         }
+    }
+
+    /// After a takeover: reads what waited in the pinned ring buffer (connections opened
+    /// while no agent ran, with their requests), then forgets the connections only the
+    /// previous agent could label; the kernel adopts them again at their next send or
+    /// receive. Connections opened from now on are announced in the ring buffer.
+    fn take_over_connections(&mut self) {
+        let now_ns = handover::monotonic_ns();
+        let entries = self.handover.as_mut().map(handover::take).unwrap_or_default();
+        let restored =
+            entries.iter().filter(|(sock, entry)| self.table.restore(*sock, entry)).count();
+        self.drain();
+        let unknown: Vec<u64> = self
+            .conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(sock, conn)| conn.open_ns < now_ns && !self.table.knows(*sock))
+            .map(|(sock, _)| sock)
+            .collect();
+        for sock in &unknown {
+            let _ = self.conns.remove(sock);
+        }
+        tracing::info!(
+            restored,
+            known = self.table.len(),
+            readopted = unknown.len(),
+            "took over the pinned kernel state"
+        );
+    }
+
+    /// Leaves this agent's connections to the next one (pinned state only).
+    fn hand_over(&mut self) {
+        let Some(map) = self.handover.as_mut() else { return };
+        let started = Instant::now();
+        let written = handover::write(map, self.table.handover());
+        tracing::info!(
+            connections = written,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "connections handed over to the next agent"
+        );
     }
 
     /// Re-reads the connections active since the last sweep, so counts of steady traffic

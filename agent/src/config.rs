@@ -54,6 +54,21 @@ pub enum Command {
     /// only looking the socket up and adding its bytes, until SIGTERM.
     #[command(hide = true)]
     BenchFloor,
+    /// Remove everything the agent pinned (programs detach, maps are freed): uninstall.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CleanupArgs {
+    /// The agent's --bpf.pin-path ("" means nothing is pinned).
+    #[arg(long = "bpf.pin-path", env = "CONNSCOPE_BPF_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
+    pin_path: String,
+}
+
+impl CleanupArgs {
+    pub fn pin_path(self) -> anyhow::Result<Option<PathBuf>> {
+        PinPath::from_setting(self.pin_path).map(|path| path.0)
+    }
 }
 
 /// A setting's raw value (as clap and serde read it) turned into the type the agent uses.
@@ -70,6 +85,25 @@ impl<T> FromSetting<T> for T {
 impl FromSetting<String> for SocketAddr {
     fn from_setting(raw: String) -> anyhow::Result<Self> {
         parse_listen_address(&raw)
+    }
+}
+
+/// Where the kernel state is pinned; `None`: pinning off.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PinPath(pub Option<PathBuf>);
+
+/// The default `--bpf.pin-path`.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/connscope";
+
+impl PinPath {
+    pub fn as_deref(&self) -> Option<&std::path::Path> {
+        self.0.as_deref()
+    }
+}
+
+impl FromSetting<String> for PinPath {
+    fn from_setting(raw: String) -> anyhow::Result<Self> {
+        Ok(Self((!raw.is_empty()).then(|| PathBuf::from(raw))))
     }
 }
 
@@ -150,7 +184,14 @@ settings! {
         "bpf.max-connections", "CONNSCOPE_BPF_MAX_CONNECTIONS";
 
     /// Size of the kernel-to-agent ring buffer in bytes (a power of two, at least 4096).
-    ringbuf_bytes: u32 = connscope_common::DEFAULT_RINGBUF_BYTES, "bpf.ringbuf-bytes", "CONNSCOPE_BPF_RINGBUF_BYTES";
+    ringbuf_bytes: u32 = connscope_common::DEFAULT_RINGBUF_BYTES,
+        "bpf.ringbuf-bytes", "CONNSCOPE_BPF_RINGBUF_BYTES";
+
+    /// BPF filesystem directory where the kernel state is pinned, so programs stay attached
+    /// and counting while no agent runs and the next agent takes over; "" turns pinning
+    /// off (the programs detach when the agent exits).
+    pin_path: String as PinPath = PinPath(Some(PathBuf::from(DEFAULT_PIN_PATH))),
+        "bpf.pin-path", "CONNSCOPE_BPF_PIN_PATH";
 
     /// Distinct `server` label values: the first ones seen keep their label, the rest are
     /// reported as "other" (a strict bound on the number of series).
@@ -249,6 +290,8 @@ mod tests {
         let config = cli(&[])?.into_config()?;
         assert_eq!(config.listen_address.port(), 9477);
         assert_eq!(config.backend, Backend::Auto);
+        assert_eq!(config.pin_path.as_deref(), Some(std::path::Path::new(DEFAULT_PIN_PATH)));
+        assert_eq!(cli(&["--bpf.pin-path", ""])?.into_config()?.pin_path, PinPath(None));
         let config =
             cli(&["--probe.backend", "tracepoint", "--metrics.max-servers", "7"])?.into_config()?;
         assert_eq!(config.backend, Backend::Tracepoint);

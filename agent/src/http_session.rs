@@ -106,6 +106,19 @@ impl HttpSession {
         }
     }
 
+    /// What the next agent needs to carry on after a restart (`crate::handover`):
+    /// (last request's version and count, exchanges accounted).
+    pub fn resumable(&self) -> (Option<(Version, u32)>, u32) {
+        (self.last_request.map(|shape| (shape.version, shape.count)), self.accounted_exchanges)
+    }
+
+    /// Carries on a session from what [`Self::resumable`] gave (and its public fields).
+    pub fn resume(mut self, last_request: Option<(Version, u32)>, accounted: u32) -> Self {
+        self.last_request = last_request.map(|(version, count)| RequestShape { version, count });
+        self.accounted_exchanges = accounted;
+        self
+    }
+
     /// The server's advertised request limit was reached.
     pub fn limit_reached(&self) -> bool {
         self.last_advertised_max.is_some_and(|left| left <= 1)

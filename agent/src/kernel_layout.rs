@@ -59,6 +59,7 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         v6_daddr: byte("skc_v6_daddr")?,
         v6_rcv_saddr: byte("skc_v6_rcv_saddr")?,
         valid: 1,
+        ..SockLayout::default()
     };
     // The endpoint fields are read in one copy of the start of the socket.
     let end = layout.v6_daddr.max(layout.v6_rcv_saddr) + 16;
@@ -66,7 +67,27 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
     if end as usize > SOCK_COMMON_READ {
         bail!("sock_common ends at byte {end}, past the {SOCK_COMMON_READ} the programs read");
     }
-    Ok(layout)
+    match adoption_offsets(btf, &sock) {
+        Ok((state, net, net_inum)) => Ok(SockLayout { state, net, net_inum, adopt: 1, ..layout }),
+        Err(err) => {
+            tracing::info!("connections older than the agent are not adopted: {err:#}");
+            Ok(layout)
+        }
+    }
+}
+
+/// `skc_state`, `skc_net` (in the `sock_common` copy) and `struct net`'s `ns.inum`: what
+/// adopting an established socket takes (`agent-ebpf/src/sock.rs`, `state_and_port`).
+fn adoption_offsets(btf: &Btf, sock: &Struct) -> anyhow::Result<(u32, u32, u32)> {
+    let state = byte_offset(btf, sock, "skc_state")?;
+    // `possible_net_t` holds only the pointer (none at all without CONFIG_NET_NS).
+    let net = byte_offset(btf, sock, "skc_net")?;
+    let (net_struct, ns) = (find_struct(btf, "net")?, find_struct(btf, "ns_common")?);
+    let inum = byte_offset(btf, &net_struct, "ns")? + byte_offset(btf, &ns, "inum")?;
+    if (state + 1).max(net + 8) as usize > SOCK_COMMON_READ {
+        bail!("skc_state or skc_net lies past the {SOCK_COMMON_READ} bytes the programs read");
+    }
+    Ok((state, net, inum))
 }
 
 /// Offsets of the pointer chain from a file descriptor to its socket
@@ -175,6 +196,8 @@ mod tests {
         );
         assert_eq!(layout.protocol_size, 2);
         assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
+        assert_eq!((layout.adopt, layout.state), (1, 18), "{layout:?}");
+        assert!(layout.net >= 24 && layout.net < layout.v6_daddr, "{layout:?}");
         let fds = types.fd_layout()?;
         assert_eq!(fds.valid, 1);
         // 6 parameters before 5.19 (`nonblock`), 5 after, 4 without `addr_len`.

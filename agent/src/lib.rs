@@ -4,6 +4,7 @@
 //! buffer through [`events`] (decoding) into [`table`] (one entry per live connection, HTTP
 //! heads parsed by [`http`]), which updates [`metrics`]; [`server`] serves them.
 
+pub mod adoption;
 pub mod agent;
 pub mod classify;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod events;
 pub mod flow_series;
 pub mod flows;
 pub mod gap_histogram;
+pub mod handover;
 pub mod http;
 pub mod http_session;
 pub mod kernel_layout;
@@ -18,6 +20,7 @@ pub mod kernel_stats;
 pub mod labels;
 pub mod logging;
 pub mod metrics;
+pub mod pinning;
 pub mod placement;
 pub mod preflight;
 pub mod probes;

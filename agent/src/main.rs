@@ -16,6 +16,13 @@ fn main() -> ExitCode {
         None => run_agent(cli),
         Some(Command::Flows(args)) => block_on(flows::run(args)),
         Some(Command::BenchFloor) => with_config(cli, |config| block_on(agent::run_floor(config))),
+        Some(Command::Cleanup(args)) => match args.pin_path() {
+            Ok(path) => connscope::pinning::cleanup_command(path.as_deref()),
+            Err(err) => {
+                eprintln!("connscope: {err:#}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -82,6 +82,11 @@ pub struct EventKindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipReason {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Build {
     pub version: String,
 }
@@ -117,6 +122,8 @@ fn idle_histogram() -> Histogram {
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub opened: Family<PlacedFlow, Counter>,
+    pub adopted: Family<PlacedFlow, Counter>,
+    pub adoption_skipped: Family<SkipReason, Counter>,
     pub closed: Family<Closed, Counter>,
     pub open: Family<OpenState, Gauge>,
     pub duration: HistogramFamily<Flow>,
@@ -140,6 +147,8 @@ impl Metrics {
     pub fn new() -> Self {
         Self {
             opened: Family::default(),
+            adopted: Family::default(),
+            adoption_skipped: Family::default(),
             closed: Family::default(),
             open: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
@@ -164,6 +173,16 @@ impl Metrics {
     pub fn register(&self, registry: &mut Registry) {
         let m = self.clone();
         registry.register("connections_opened", "TCP connections established, by flow", m.opened);
+        registry.register(
+            "connections_adopted",
+            "TCP connections established before the agent started, tracked from their first send or receive on (not in connections_opened, connection_duration or connection_requests)",
+            m.adopted,
+        );
+        registry.register(
+            "adoption_skipped",
+            "Entries of the start-up scan of listening ports that were skipped: process_vanished, unreadable, unparsable",
+            m.adoption_skipped,
+        );
         registry.register(
             "connections_closed",
             "TCP connections closed: who closed first (closed_by), by FIN or reset (close_kind), and why (reason)",

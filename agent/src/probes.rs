@@ -13,7 +13,9 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::{BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint},
+    programs::{
+        BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint, links::FdLink,
+    },
 };
 use connscope_common::{
     FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, ProgramConfig, Setting, SockLayout, UserBuffers,
@@ -23,6 +25,7 @@ use connscope_common::{
 use crate::{
     config::{Backend, Config},
     kernel_layout::KernelTypes,
+    pinning::Pins,
     preflight,
 };
 
@@ -179,12 +182,19 @@ const FLOOR: [Attachment; 4] = [
 
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope"));
 
-/// The loaded programs. Dropping it detaches everything.
+/// The loaded programs. Dropping it detaches everything that is not pinned.
 pub struct Probes {
     pub ebpf: Ebpf,
+    /// Links of the attached programs when nothing is pinned (dropping one detaches it).
+    _links: Vec<(String, FdLink)>,
+    /// Where the state is pinned (`--bpf.pin-path`), if it is.
+    pub pins: Option<Pins>,
     pub attached: Vec<HookAttach>,
     /// Where payload heads come from on this kernel.
     pub user_buffers: UserBuffers,
+    /// Established sockets that predate the agent are adopted (the kernel's BTF gave the
+    /// offsets of their state and network namespace).
+    pub adoption: bool,
 }
 
 /// What the running kernel offers, found once before loading.
@@ -268,11 +278,19 @@ fn payload_syscall_table() -> [PayloadSyscall; PAYLOAD_SYSCALLS.len()] {
     })
 }
 
-fn load(config: &Config, kernel: &Kernel) -> anyhow::Result<Ebpf> {
+fn load(config: &Config, kernel: &Kernel, pins: Option<&Pins>) -> anyhow::Result<Ebpf> {
     let program_config = ProgramConfig { user_buffers: kernel.user_buffers as u32, _pad: 0 };
-    EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    // Pinned maps are reused when they exist, created and pinned otherwise.
+    for (name, path) in pins.iter().flat_map(|pins| pins.map_paths()) {
+        loader.map_pin_path(name, path);
+    }
+    let generation = pins.map_or(0, |pins| pins.generation);
+    loader
         .btf(kernel.btf.as_ref())
+        .override_global(global::GENERATION, &generation, true)
         .map_max_entries(map::CONNS, config.max_connections)
+        .map_max_entries(map::HANDOVER, config.max_connections + 1)
         .map_max_entries(map::EVENTS, config.ringbuf_bytes)
         .override_global(global::PAYLOAD_SYSCALLS, &payload_syscall_table(), true)
         .override_global(global::SOCK_LAYOUT, &kernel.sock_layout.unwrap_or_default(), true)
@@ -287,8 +305,15 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     if config.backend == Backend::Fentry && kernel.btf.is_none() {
         return Err(preflight::PreflightError::NoBtf.into());
     }
-    let mut ebpf = load(config, &kernel)?;
-    let mut loader = Attacher { ebpf: &mut ebpf, kernel: &kernel };
+    let pins = config.pin_path.as_deref().and_then(|dir| {
+        Pins::prepare(dir, config)
+            .inspect_err(|err| {
+                tracing::warn!("kernel state will not outlive this agent: {err:#}");
+            })
+            .ok()
+    });
+    let mut ebpf = load(config, &kernel, pins.as_ref())?;
+    let mut loader = Attacher { ebpf: &mut ebpf, kernel: &kernel, links: Vec::new() };
     let lifecycle = loader.attach_lifecycle()?;
     if kernel.user_buffers == UserBuffers::SyscallStash {
         loader.attach_raw_tracepoint(program::SYS_ENTER_STASH, "sys_enter")?;
@@ -320,26 +345,35 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
         loader.attach_raw_tracepoint(program::SYS_EXIT_TRANSFER, "sys_exit")?;
     }
     tracing::info!(heads = ?kernel.user_buffers, "payload heads");
-    Ok(Probes { ebpf, attached, user_buffers: kernel.user_buffers })
+    let mut links = std::mem::take(&mut loader.links);
+    if let Some(pins) = &pins {
+        pins.take_over(&mut ebpf, std::mem::take(&mut links))?;
+    }
+    let adoption = kernel.sock_layout.is_some_and(|layout| layout.adopt != 0);
+    Ok(Probes { ebpf, _links: links, pins, attached, user_buffers: kernel.user_buffers, adoption })
 }
 
-/// Loads the programs and attaches only the floor arm (`connscope bench-floor`).
-pub fn load_floor(config: &Config) -> anyhow::Result<Ebpf> {
+/// Loads the programs and attaches only the floor arm (`connscope bench-floor`); detached
+/// when the result is dropped.
+pub fn load_floor(config: &Config) -> anyhow::Result<(Ebpf, Vec<FdLink>)> {
     let kernel = Kernel::inspect(config);
     let btf = kernel.btf_tracepoints().ok_or_else(|| anyhow!("the floor arm needs kernel BTF"))?;
-    let mut ebpf = load(config, &kernel)?;
+    let mut ebpf = load(config, &kernel, None)?;
+    let mut links = Vec::new();
     for attachment in FLOOR {
         if let Target::BtfTracepoint(event) = attachment.target {
-            attach_tp_btf(&mut ebpf, attachment.program, event, btf)?;
+            links.push(attach_tp_btf(&mut ebpf, attachment.program, event, btf)?);
         }
     }
-    Ok(ebpf)
+    Ok((ebpf, links))
 }
 
 /// Attaches programs of the loaded object.
 struct Attacher<'a> {
     ebpf: &'a mut Ebpf,
     kernel: &'a Kernel,
+    /// Every link made, by program name: pinned, or held until the agent exits.
+    links: Vec<(String, FdLink)>,
 }
 
 impl Attacher<'_> {
@@ -420,8 +454,11 @@ impl Attacher<'_> {
     /// Attaches every program of one backend, or none: on failure the ones already attached
     /// are unloaded so a later backend does not count the same calls twice.
     fn attach_all(&mut self, attachments: &[Attachment]) -> anyhow::Result<()> {
+        let before = self.links.len();
         for (done, &attachment) in attachments.iter().enumerate() {
             if let Err(err) = self.attach(attachment) {
+                // Dropping the links detaches them.
+                self.links.truncate(before);
                 for &earlier in &attachments[..done] {
                     unload(self.ebpf, self.kernel.program_for(earlier.program));
                 }
@@ -433,7 +470,7 @@ impl Attacher<'_> {
 
     fn attach(&mut self, attachment: Attachment) -> anyhow::Result<()> {
         let name = self.kernel.program_for(attachment.program);
-        match attachment.target {
+        let link = match attachment.target {
             Target::Function(function) => {
                 let btf = self.kernel.btf.as_ref();
                 attach_function(self.ebpf, name, function, btf)
@@ -445,17 +482,21 @@ impl Attacher<'_> {
             Target::Tracepoint { category, event } => {
                 let p: &mut TracePoint = program_mut(self.ebpf, name)?.try_into()?;
                 p.load().with_context(|| format!("loading {name}"))?;
-                p.attach(category, event)
+                let id = p
+                    .attach(category, event)
                     .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
-                Ok(())
+                FdLink::try_from(p.take_link(id)?).map_err(anyhow::Error::from)
             }
-        }
+        }?;
+        self.links.push((name.to_owned(), link));
+        Ok(())
     }
 
     fn attach_raw_tracepoint(&mut self, name: &str, event: &str) -> anyhow::Result<()> {
         let p: &mut RawTracePoint = program_mut(self.ebpf, name)?.try_into()?;
         p.load().with_context(|| format!("loading {name}"))?;
-        p.attach(event).with_context(|| format!("attaching raw tracepoint {event}"))?;
+        let id = p.attach(event).with_context(|| format!("attaching raw tracepoint {event}"))?;
+        self.links.push((name.to_owned(), p.take_link(id)?.into()));
         Ok(())
     }
 
@@ -492,35 +533,38 @@ fn attach_function(
     name: &str,
     function: &str,
     btf: Option<&Btf>,
-) -> anyhow::Result<()> {
-    match program_mut(ebpf, name)? {
+) -> anyhow::Result<FdLink> {
+    Ok(match program_mut(ebpf, name)? {
         Program::FEntry(p) => {
             let btf = btf.ok_or_else(|| anyhow!("no kernel BTF"))?;
             let p: &mut FEntry = p;
             p.load(function, btf).with_context(|| format!("loading fentry/{function}"))?;
-            p.attach().with_context(|| format!("attaching fentry/{function}"))?;
+            let id = p.attach().with_context(|| format!("attaching fentry/{function}"))?;
+            p.take_link(id)?.into()
         }
         Program::FExit(p) => {
             let btf = btf.ok_or_else(|| anyhow!("no kernel BTF"))?;
             let p: &mut FExit = p;
             p.load(function, btf).with_context(|| format!("loading fexit/{function}"))?;
-            p.attach().with_context(|| format!("attaching fexit/{function}"))?;
+            let id = p.attach().with_context(|| format!("attaching fexit/{function}"))?;
+            p.take_link(id)?.into()
         }
         Program::KProbe(p) => {
             let p: &mut KProbe = p;
             p.load().with_context(|| format!("loading kprobe {name}"))?;
-            p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
+            let id =
+                p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
+            FdLink::try_from(p.take_link(id)?)?
         }
         _ => bail!("{name} is not an fentry/fexit or kprobe program"),
-    }
-    Ok(())
+    })
 }
 
-fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, event: &str, btf: &Btf) -> anyhow::Result<()> {
+fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, event: &str, btf: &Btf) -> anyhow::Result<FdLink> {
     let p: &mut BtfTracePoint = program_mut(ebpf, name)?.try_into()?;
     p.load(event, btf).with_context(|| format!("loading tp_btf/{event}"))?;
-    p.attach().with_context(|| format!("attaching tp_btf/{event}"))?;
-    Ok(())
+    let id = p.attach().with_context(|| format!("attaching tp_btf/{event}"))?;
+    Ok(p.take_link(id)?.into())
 }
 
 #[cfg(test)]

@@ -8,15 +8,15 @@
 use std::{collections::HashMap, sync::Arc};
 
 use connscope_common::{
-    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, Direction, OpenEvent, Protocol, Role,
-    SnapshotEvent, conn::GAP_BUCKETS, conn_flag, is_request,
+    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, Direction, Handover, OpenEvent,
+    Protocol, Role, SnapshotEvent, conn::GAP_BUCKETS, conn_flag, handover_flag, is_request,
 };
 
 use crate::{
     classify::{close_reason, is_keepalive_race},
     events::{Event, Head},
     flow_series::{Activity, FlowCache, FlowSeries},
-    http,
+    handover, http,
     http_session::{HttpSession, RequestCounts},
     labels,
     metrics::{Closed, ClosedByLabels, Metrics, PlacedFlow},
@@ -37,6 +37,11 @@ struct Seen {
 struct Tracked {
     open_ns: u64,
     role: Role,
+    /// Established before the agent started: its lifetime and request count are partial,
+    /// so it stays out of the duration and requests-per-connection histograms.
+    adopted: bool,
+    /// The owner's cgroup (placement), kept for the handover to the next agent.
+    cgroup_id: u64,
     /// Set once the owning process is known (clients at open, accepted sockets at their
     /// first use); until then only the `server` label is kept.
     series: Option<Arc<FlowSeries>>,
@@ -81,6 +86,11 @@ impl ConnectionTable {
         self.conns.is_empty()
     }
 
+    /// Whether `sock` is a connection this table can label.
+    pub fn knows(&self, sock: u64) -> bool {
+        self.conns.contains_key(&sock)
+    }
+
     pub fn handle(&mut self, event: &Event<'_>) {
         match event {
             Event::Open(open) => self.open(open),
@@ -105,6 +115,8 @@ impl ConnectionTable {
         let mut tracked = Tracked {
             open_ns: event.open_ns,
             role,
+            adopted: event.adopted != 0,
+            cgroup_id: 0,
             series: None,
             pending_server: None,
             activity: Activity::Idle,
@@ -125,10 +137,71 @@ impl ConnectionTable {
     /// Gives a connection its flow's series: it now counts as opened.
     fn resolve(&mut self, tracked: &mut Tracked, server: String, owner: Option<&Attribution>) {
         let series = self.flows.series(&self.metrics, tracked.role, server, owner);
-        series.opened.inc();
+        if tracked.adopted {
+            let flow =
+                PlacedFlow { flow: series.flow.clone(), placement: series.placement.clone() };
+            self.metrics.adopted.get_or_create(&flow).inc();
+        } else {
+            series.opened.inc();
+        }
         series.open_gauge(tracked.activity).inc();
         tracked.series = Some(series);
         tracked.pending_server = None;
+        tracked.cgroup_id = owner.map_or(0, |owner| owner.cgroup_id);
+    }
+
+    /// The connections for the next agent (`handover`): labels, counts already exported,
+    /// HTTP session.
+    pub fn handover(&self) -> impl Iterator<Item = (u64, Handover)> + '_ {
+        self.conns.iter().filter_map(|(&sock, tracked)| Some((sock, tracked.handover()?)))
+    }
+
+    /// Takes over a connection from the previous agent: labelled as it was, counted from
+    /// where that agent stopped, not counted as opened again.
+    pub fn restore(&mut self, sock: u64, entry: &Handover) -> bool {
+        let (Some(role), Some(server)) =
+            (Role::from_wire(entry.role), handover::label(&entry.server, entry.server_len))
+        else {
+            return false;
+        };
+        let activity =
+            if entry.has(handover_flag::ACTIVE) { Activity::Active } else { Activity::Idle };
+        let mut tracked = Tracked {
+            open_ns: entry.open_ns,
+            role,
+            adopted: entry.has(handover_flag::ADOPTED),
+            cgroup_id: entry.cgroup_id,
+            series: None,
+            pending_server: None,
+            activity,
+            protocol: Protocol::from_wire(entry.protocol).unwrap_or(Protocol::Unknown),
+            in_sweep: false,
+            seen: Seen {
+                exchanges: entry.exchanges,
+                bytes_sent: entry.bytes_sent,
+                bytes_received: entry.bytes_received,
+                gap_sum_ns: entry.gap_sum_ns,
+                gap_buckets: entry.gap_buckets,
+            },
+            http: handover::session(entry).map(Box::new),
+        };
+        if entry.has(handover_flag::ATTRIBUTED) {
+            let owner =
+                Attribution { cgroup_id: entry.cgroup_id, tgid: 0, valid: 1, comm: entry.comm };
+            let series = self.flows.series(&self.metrics, role, server, Some(&owner));
+            series.open_gauge(activity).inc();
+            tracked.series = Some(series);
+        } else {
+            tracked.pending_server = Some(server.into_boxed_str());
+        }
+        if let Some(stale) = self.conns.insert(sock, tracked)
+            && let Some(series) = &stale.series
+        {
+            series.open_gauge(stale.activity).dec();
+        }
+        self.mark_active(sock);
+        self.metrics.tracked.set(self.conns.len() as i64);
+        true
     }
 
     fn resolve_pending(&mut self, sock: u64, owner: Option<&Attribution>) {
@@ -284,15 +357,16 @@ impl ConnectionTable {
         self.metrics.closed.get_or_create(&closed).inc();
         let protocol =
             if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
-        if let Some(histogram) = series.requests(&self.metrics, protocol) {
+        let end_ns = event.header.ts_ns;
+        let exact = !tracked.adopted;
+        if let Some(histogram) = exact.then(|| series.requests(&self.metrics, protocol)).flatten() {
             let requests = match protocol {
                 Protocol::Http1 => http.requests.max(u64::from(conn.exchanges)),
                 _ => u64::from(conn.exchanges),
             };
             histogram.observe(requests as f64);
         }
-        let end_ns = event.header.ts_ns;
-        if end_ns >= conn.open_ns {
+        if exact && end_ns >= conn.open_ns {
             series.duration.observe(seconds(end_ns - conn.open_ns));
         }
         let close_idle_seconds = if by == ClosedBy::Unknown {
@@ -305,6 +379,44 @@ impl ConnectionTable {
         if is_keepalive_race(conn) {
             series.races.inc();
         }
+    }
+}
+
+impl Tracked {
+    fn handover(&self) -> Option<Handover> {
+        let seen = &self.seen;
+        let mut entry = Handover {
+            open_ns: self.open_ns,
+            cgroup_id: self.cgroup_id,
+            bytes_sent: seen.bytes_sent,
+            bytes_received: seen.bytes_received,
+            gap_sum_ns: seen.gap_sum_ns,
+            exchanges: seen.exchanges,
+            gap_buckets: seen.gap_buckets,
+            role: self.role as u8,
+            protocol: self.protocol as u8,
+            ..Handover::zeroed()
+        };
+        let server = match (&self.series, &self.pending_server) {
+            (Some(series), _) => {
+                entry.flags |= handover_flag::ATTRIBUTED;
+                handover::put_label(&mut entry.comm, &series.flow.process)?;
+                series.flow.server.as_str()
+            }
+            (None, Some(server)) => server,
+            (None, None) => return None,
+        };
+        entry.server_len = handover::put_label(&mut entry.server, server)?;
+        if self.adopted {
+            entry.flags |= handover_flag::ADOPTED;
+        }
+        if self.activity == Activity::Active {
+            entry.flags |= handover_flag::ACTIVE;
+        }
+        if let Some(http) = &self.http {
+            handover::put_session(&mut entry, http);
+        }
+        Some(entry)
     }
 }
 

@@ -85,6 +85,8 @@ impl Agent {
         let child = Command::new(agent_binary())
             .args(&args)
             .env("CONNSCOPE_LOG_LEVEL", "warn")
+            // Tests run agents in parallel: none shares pinned state unless it asks to.
+            .env("CONNSCOPE_BPF_PIN_PATH", "")
             .stdin(Stdio::null())
             .spawn()
             .context("starting connscope")?;

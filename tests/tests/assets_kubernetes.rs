@@ -131,7 +131,15 @@ fn check_daemonset(ds: &Value, privileged: bool, problems: &mut Vec<String>) {
             &format!("needs a read-only mount of {host}"),
         );
     }
-    want(mounts.iter().all(|(_, _, ro)| *ro), "every host mount must be read-only");
+    // The pinned kernel state (--bpf.pin-path) is the one writable host mount.
+    want(
+        mounts.iter().any(|(h, path, ro)| *h == "/sys/fs/bpf" && *path == "/sys/fs/bpf" && !*ro),
+        "needs a writable mount of /sys/fs/bpf (pinned state across restarts)",
+    );
+    want(
+        mounts.iter().all(|(h, _, ro)| *ro || *h == "/sys/fs/bpf"),
+        "every host mount but /sys/fs/bpf must be read-only",
+    );
     // The flags must point where the mounts are.
     want(
         mounts.iter().any(|(h, m, _)| *h == "/sys/fs/cgroup" && *m == "/host/sys/fs/cgroup"),

@@ -27,6 +27,8 @@ impl Floor {
     pub fn start() -> anyhow::Result<Self> {
         let mut child = Command::new(connscope_tests::agent_binary())
             .arg("bench-floor")
+            // Nothing may stay attached after the arm: no pinning.
+            .env("CONNSCOPE_BPF_PIN_PATH", "")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -41,6 +41,8 @@ fn start_default_agent() -> anyhow::Result<RawAgent> {
     let child = Command::new(connscope_tests::agent_binary())
         .args(["--web.listen-address", &address.to_string()])
         .env("CONNSCOPE_LOG_LEVEL", "warn")
+        // The arms after this one must run without its programs: nothing stays pinned.
+        .env("CONNSCOPE_BPF_PIN_PATH", "")
         .stdin(Stdio::null())
         .spawn()?;
     let agent = RawAgent { child, address };

@@ -1,0 +1,87 @@
+//! What a stopping agent leaves for the next one in the pinned `HANDOVER` map: the parts of
+//! its per-connection state the kernel does not keep (labels, the counts already exported,
+//! the HTTP session), so a connection that spans a restart is reported as if none happened.
+//! Key 0 holds a header entry (no socket lives at address 0).
+
+use core::mem::size_of;
+
+/// Bits of [`Handover::flags`].
+pub mod handover_flag {
+    /// Established before an agent started (`connections_adopted_total`).
+    pub const ADOPTED: u8 = 1 << 0;
+    /// The process is known (`comm`, `cgroup_id` are set).
+    pub const ATTRIBUTED: u8 = 1 << 1;
+    /// Waiting for a response (the `active` state).
+    pub const ACTIVE: u8 = 1 << 2;
+    /// An HTTP session follows in the `http_*` fields.
+    pub const HTTP: u8 = 1 << 3;
+    pub const CONNECTION_CLOSE: u8 = 1 << 4;
+    pub const HTTP10_CLOSE: u8 = 1 << 5;
+    /// The last request head was HTTP/1.0 (else 1.1).
+    pub const LAST_REQUEST_HTTP10: u8 = 1 << 6;
+}
+
+/// One tracked connection, or (key 0) the header: `open_ns` is when the handover was
+/// written (`CLOCK_MONOTONIC`) and `exchanges` how many connections follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Handover {
+    pub open_ns: u64,
+    pub cgroup_id: u64,
+    /// Counts already added to the metrics (the agent's `Seen`).
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub gap_sum_ns: u64,
+    /// HTTP requests counted on the connection.
+    pub http_requests: u64,
+    pub exchanges: u32,
+    /// Exchanges whose requests are counted, and the advertised `Keep-Alive: max=` (first,
+    /// latest; `u32::MAX`: none).
+    pub http_accounted: u32,
+    pub first_advertised_max: u32,
+    pub last_advertised_max: u32,
+    /// Requests in the last request head (0: none seen).
+    pub last_request_count: u32,
+    /// A `Role` and a `Protocol` as bytes.
+    pub role: u8,
+    pub protocol: u8,
+    /// [`handover_flag`] bits.
+    pub flags: u8,
+    pub server_len: u8,
+    pub gap_buckets: [u8; crate::conn::GAP_BUCKETS],
+    pub comm: [u8; crate::COMM_LEN],
+    /// The `server` label, `server_len` bytes.
+    pub server: [u8; 48],
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(size_of::<Handover>() == 160);
+
+impl Handover {
+    pub const fn zeroed() -> Self {
+        Self {
+            open_ns: 0,
+            cgroup_id: 0,
+            bytes_sent: 0,
+            bytes_received: 0,
+            gap_sum_ns: 0,
+            http_requests: 0,
+            exchanges: 0,
+            http_accounted: 0,
+            first_advertised_max: u32::MAX,
+            last_advertised_max: u32::MAX,
+            last_request_count: 0,
+            role: 0,
+            protocol: 0,
+            flags: 0,
+            server_len: 0,
+            gap_buckets: [0; crate::conn::GAP_BUCKETS],
+            comm: [0; crate::COMM_LEN],
+            server: [0; 48],
+            _pad: [0; 6],
+        }
+    }
+
+    pub const fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+}

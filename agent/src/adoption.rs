@@ -1,0 +1,249 @@
+//! Connections older than the agent. The kernel adopts an established socket at its first
+//! send or receive (`agent-ebpf/src/conn.rs`, `adopt`) and tells its role from the listening
+//! ports of its network namespace. The kernel keeps those ports current from the state
+//! changes it sees; the ports that were already listening when the agent started are read
+//! here, once, from `/proc/<pid>/net/tcp` and `tcp6` of one process per network namespace
+//! (each file lists the sockets of the reader's namespace: no `setns` needed).
+
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    path::Path,
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use connscope_common::ListenKey;
+
+/// `st` of a listening socket in `/proc/net/tcp`.
+const TCP_LISTEN_HEX: &str = "0A";
+
+/// Why an item of the scan was skipped (`connscope_adoption_skipped_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Skip {
+    /// The process exited between listing and reading.
+    ProcessVanished,
+    /// A file could not be read (permissions, a kernel refusing).
+    Unreadable,
+    /// A namespace link or a socket line that does not parse.
+    Unparsable,
+}
+
+impl Skip {
+    pub const ALL: [Self; 3] = [Self::ProcessVanished, Self::Unreadable, Self::Unparsable];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::ProcessVanished => "process_vanished",
+            Self::Unreadable => "unreadable",
+            Self::Unparsable => "unparsable",
+        }
+    }
+}
+
+/// What the scan found: listening sockets per {namespace, port}, and what it skipped.
+#[derive(Debug, Default)]
+pub struct ListenScan {
+    pub ports: HashMap<ListenKey, u32>,
+    pub namespaces: usize,
+    pub skipped: HashMap<Skip, u64>,
+}
+
+impl ListenScan {
+    fn skip(&mut self, reason: Skip) {
+        *self.skipped.entry(reason).or_default() += 1;
+    }
+}
+
+/// Scans the listening TCP ports of every network namespace that has a process under
+/// `proc_root` (normally `/proc`). Nothing here is an error: what cannot be read is counted.
+pub fn scan_listening(proc_root: &Path) -> ListenScan {
+    let mut scan = ListenScan::default();
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        scan.skip(Skip::Unreadable);
+        return scan;
+    };
+    let mut done = HashSet::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_str().is_some_and(|pid| pid.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let dir = entry.path();
+        let netns = match std::fs::read_link(dir.join("ns/net")) {
+            Ok(link) => match parse_netns_link(&link.to_string_lossy()) {
+                Some(inode) => inode,
+                None => {
+                    scan.skip(Skip::Unparsable);
+                    continue;
+                }
+            },
+            Err(err) => {
+                scan.skip(classify(&err, &dir));
+                continue;
+            }
+        };
+        if done.contains(&netns) {
+            continue;
+        }
+        // The namespace counts as scanned once its IPv4 table was read; a process that
+        // exits first leaves the namespace to the next process in it.
+        match read_table(&dir.join("net/tcp"), netns, &mut scan) {
+            Ok(()) => {}
+            Err(err) => {
+                scan.skip(classify(&err, &dir));
+                continue;
+            }
+        }
+        match read_table(&dir.join("net/tcp6"), netns, &mut scan) {
+            // No tcp6 file: IPv6 is off in this kernel.
+            Err(err) if err.kind() == io::ErrorKind::NotFound && dir.exists() => {}
+            Err(err) => scan.skip(classify(&err, &dir)),
+            Ok(()) => {}
+        }
+        done.insert(netns);
+    }
+    scan.namespaces = done.len();
+    scan
+}
+
+fn classify(err: &io::Error, process_dir: &Path) -> Skip {
+    // ESRCH: the process is exiting; ENOENT once it is gone.
+    if err.raw_os_error() == Some(libc::ESRCH)
+        || (err.kind() == io::ErrorKind::NotFound && !process_dir.exists())
+    {
+        Skip::ProcessVanished
+    } else {
+        Skip::Unreadable
+    }
+}
+
+/// `net:[4026531840]` → the namespace's inode number.
+fn parse_netns_link(link: &str) -> Option<u32> {
+    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+}
+
+fn read_table(path: &Path, netns: u32, scan: &mut ListenScan) -> io::Result<()> {
+    let text = std::fs::read_to_string(path)?;
+    for line in text.lines().skip(1) {
+        match listening_port(line) {
+            Some(Some(port)) => *scan.ports.entry(ListenKey::new(netns, port)).or_default() += 1,
+            Some(None) => {}
+            None => scan.skip(Skip::Unparsable),
+        }
+    }
+    Ok(())
+}
+
+/// A `/proc/net/tcp{,6}` line: `Some(Some(port))` for a listening socket, `Some(None)` for
+/// another state, `None` when the line does not parse.
+/// (`  0: 0100007F:1F90 00000000:0000 0A ...`: local address, remote address, state.)
+fn listening_port(line: &str) -> Option<Option<u16>> {
+    let mut fields = line.split_whitespace().skip(1);
+    let (local, _remote, state) = (fields.next()?, fields.next()?, fields.next()?);
+    let (_, port) = local.rsplit_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    u8::from_str_radix(state, 16).ok()?;
+    Some((state == TCP_LISTEN_HEX).then_some(port))
+}
+
+/// Writes the scan into the kernel's `LISTEN_PORTS`. A port the kernel already counted
+/// (a `listen()` between attaching and the scan) keeps the larger count.
+pub fn seed(map: &mut BpfHashMap<MapData, ListenKey, u32>, scan: &ListenScan) -> usize {
+    let mut written = 0;
+    for (key, &count) in &scan.ports {
+        let current = map.get(key, 0).unwrap_or(0);
+        if let Err(err) = map.insert(key, count.max(current), 0) {
+            tracing::warn!("listening ports: {} of {} written: {err}", written, scan.ports.len());
+            break;
+        }
+        written += 1;
+    }
+    written
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::symlink;
+
+    use super::*;
+
+    const HEADER: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+
+    fn process(root: &Path, pid: u32, netns: &str, tcp: Option<&str>) -> anyhow::Result<()> {
+        let dir = root.join(pid.to_string());
+        std::fs::create_dir_all(dir.join("ns"))?;
+        std::fs::create_dir_all(dir.join("net"))?;
+        symlink(netns, dir.join("ns/net"))?;
+        if let Some(tcp) = tcp {
+            std::fs::write(dir.join("net/tcp"), format!("{HEADER}{tcp}"))?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn one_process_per_namespace_and_every_bad_entry_counted() -> anyhow::Result<()> {
+        let root = std::env::temp_dir().join(format!("connscope-proc-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root)?;
+        let listen = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n\
+                      1: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 2\n\
+                      2: 0100007F:A000 0100007F:1F90 01 00000000:00000000 00:00000000 00000000 0 0 3\n";
+        process(&root, 10, "net:[111]", Some(listen))?;
+        // Same namespace, same table: read once (the counts would double otherwise).
+        process(&root, 11, "net:[111]", Some(listen))?;
+        process(&root, 20, "net:[222]", Some("   0: 00000000:0016 00000000:0000 0A\n  1: bad\n"))?;
+        std::fs::write(
+            root.join("20/net/tcp6"),
+            format!(
+                "{HEADER}   0: 00000000000000000000000000000000:0016 00000000000000000000000000000000:0000 0A\n"
+            ),
+        )?;
+        // A process that vanished (no ns link), a namespace link that does not parse, and
+        // a table that cannot be read (a directory in its place).
+        std::fs::create_dir_all(root.join("30"))?;
+        process(&root, 40, "mnt:[1]", None)?;
+        process(&root, 50, "net:[555]", None)?;
+        std::fs::create_dir_all(root.join("50/net/tcp"))?;
+        std::fs::create_dir_all(root.join("self"))?;
+
+        let scan = scan_listening(&root);
+        assert_eq!(scan.namespaces, 2);
+        let expected = HashMap::from([
+            (ListenKey::new(111, 8080), 1),
+            (ListenKey::new(111, 80), 1),
+            (ListenKey::new(222, 22), 2),
+        ]);
+        assert_eq!(scan.ports, expected);
+        assert_eq!(scan.skipped.get(&Skip::Unparsable), Some(&2), "{:?}", scan.skipped);
+        // `30` has no ns link although its directory exists (unreadable, not vanished), and
+        // `50`'s table is a directory.
+        assert_eq!(scan.skipped.get(&Skip::Unreadable), Some(&2));
+        assert_eq!(scan.skipped.get(&Skip::ProcessVanished), None);
+        std::fs::remove_dir_all(&root)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_process_counts_as_vanished() {
+        let err = io::Error::from(io::ErrorKind::NotFound);
+        assert_eq!(classify(&err, Path::new("/proc/no-such-process")), Skip::ProcessVanished);
+        assert_eq!(
+            classify(&io::Error::from_raw_os_error(libc::ESRCH), Path::new("/")),
+            Skip::ProcessVanished
+        );
+        assert_eq!(
+            classify(&io::Error::from_raw_os_error(libc::EACCES), Path::new("/")),
+            Skip::Unreadable
+        );
+    }
+
+    #[test]
+    fn lines_parse_or_are_rejected() {
+        assert_eq!(listening_port("0: 0100007F:1F90 00000000:0000 0A x"), Some(Some(8080)));
+        assert_eq!(listening_port("0: 0100007F:1F90 0100007F:0050 01"), Some(None));
+        assert_eq!(listening_port("0: 0100007F:ZZZZ 00000000:0000 0A"), None);
+        assert_eq!(listening_port("0: 0100007F:1F90"), None);
+        assert_eq!(parse_netns_link("net:[4026531840]"), Some(4026531840));
+        assert_eq!(parse_netns_link("net:[x]"), None);
+    }
+}

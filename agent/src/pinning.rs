@@ -1,0 +1,269 @@
+//! Kernel state kept across agent restarts (`--bpf.pin-path`). The maps of
+//! `names::map::PINNED` and the program links are pinned in a BPF filesystem:
+//!
+//! ```text
+//! <pin-path>/maps/<MAP>                    reused by the next agent
+//! <pin-path>/links/<generation>/<program>  keeps the programs attached while no agent runs
+//! ```
+//!
+//! A stopping agent leaves both in place, so the programs keep counting and their records
+//! wait in the pinned ring buffer. The next agent loads its programs against the same maps
+//! with the next generation number; its programs do nothing until it writes that number into
+//! `PIN_STATE` (after attaching), and from that write on the old programs do nothing. Then
+//! it removes the old links, which detaches the old programs: no gap, nothing counted twice.
+//! Pinned state of another layout is replaced (one log line).
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData, MapInfo, MapType},
+    programs::links::FdLink,
+};
+use connscope_common::{
+    Attribution, Conn, Handover, IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot,
+    Setting, kernel_config::contract_fingerprint, names::map,
+};
+
+use crate::config::Config;
+
+/// `statfs` type of a BPF filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where this agent's state is pinned, and which generation its programs are.
+#[derive(Debug)]
+pub struct Pins {
+    dir: PathBuf,
+    pub generation: u64,
+    /// The generation found pinned (its programs are still attached), if any.
+    pub previous: Option<u64>,
+    fingerprint: u64,
+}
+
+/// Key, value and entry count of a map, as `bpf_map_info` reports them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Shape {
+    map_type: MapType,
+    key: u32,
+    value: u32,
+    entries: u32,
+}
+
+/// The shape every pinned map must have for this build and configuration.
+fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
+    use std::mem::size_of;
+    let shape = |map_type, key: usize, value: usize, entries| Shape {
+        map_type,
+        key: key as u32,
+        value: value as u32,
+        entries,
+    };
+    Some(match name {
+        map::CONNS => shape(MapType::Hash, 8, size_of::<Conn>(), config.max_connections),
+        map::EVENTS => shape(MapType::RingBuf, 0, 0, config.ringbuf_bytes),
+        map::LOST => shape(MapType::PerCpuArray, 4, 8, LostReason::COUNT),
+        map::SETTINGS => shape(MapType::Array, 4, 4, Setting::COUNT),
+        map::CONNECTS_IN_FLIGHT => {
+            shape(MapType::LruHash, 8, size_of::<Attribution>(), IN_FLIGHT_CALLS)
+        }
+        map::LISTEN_PORTS => shape(MapType::Hash, size_of::<ListenKey>(), 4, MAX_LISTEN_PORTS),
+        map::PIN_STATE => shape(MapType::Array, 4, 8, PinSlot::COUNT),
+        map::HANDOVER => shape(MapType::Hash, 8, size_of::<Handover>(), config.max_connections + 1),
+        _ => return None,
+    })
+}
+
+fn pinned_shape(path: &Path) -> anyhow::Result<Shape> {
+    let info = MapInfo::from_pin(path)?;
+    Ok(Shape {
+        map_type: info.map_type()?,
+        key: info.key_size(),
+        value: info.value_size(),
+        entries: info.max_entries(),
+    })
+}
+
+impl Pins {
+    /// Checks what is pinned under `dir`: state of this layout is taken over, anything else
+    /// is removed (one log line) and the programs start at generation 1.
+    pub fn prepare(dir: &Path, config: &Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir.join("maps"))
+            .with_context(|| format!("creating --bpf.pin-path {}", dir.display()))?;
+        if !on_bpf_fs(dir)? {
+            anyhow::bail!(
+                "--bpf.pin-path {} is not on a BPF filesystem (mount -t bpf bpf /sys/fs/bpf), \
+                 or turn pinning off with --bpf.pin-path \"\"",
+                dir.display()
+            );
+        }
+        let fingerprint = contract_fingerprint();
+        let mut pins = Self { dir: dir.to_owned(), generation: 1, previous: None, fingerprint };
+        match pins.pinned_generation(config) {
+            Ok(None) => {}
+            Ok(Some(previous)) => {
+                pins.previous = Some(previous);
+                pins.generation = previous + 1;
+            }
+            Err(err) => {
+                tracing::warn!("replacing the pinned state in {}: {err:#}", dir.display());
+                remove_contents(dir)?;
+                std::fs::create_dir_all(dir.join("maps"))?;
+            }
+        }
+        Ok(pins)
+    }
+
+    /// The active generation of compatible pinned state; `None` when nothing is pinned;
+    /// an error when what is pinned does not fit this build.
+    fn pinned_generation(&self, config: &Config) -> anyhow::Result<Option<u64>> {
+        let maps = self.dir.join("maps");
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&maps)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let expected =
+                expected_shape(&name, config).ok_or_else(|| anyhow!("unknown map {name}"))?;
+            let pinned = pinned_shape(&maps.join(&name))
+                .with_context(|| format!("reading the pinned map {name}"))?;
+            if pinned != expected {
+                anyhow::bail!("map {name} is {pinned:?}, this build needs {expected:?}");
+            }
+            found.push(name);
+        }
+        if found.is_empty() && !self.dir.join("links").exists() {
+            return Ok(None);
+        }
+        let state = MapData::from_pin(maps.join(map::PIN_STATE))?;
+        let state: Array<MapData, u64> = aya::maps::Map::from_map_data(state)?.try_into()?;
+        let fingerprint = state.get(&(PinSlot::Fingerprint as u32), 0)?;
+        if fingerprint != self.fingerprint {
+            anyhow::bail!(
+                "layout fingerprint {fingerprint:#x}, this build has {:#x}",
+                self.fingerprint
+            );
+        }
+        Ok(Some(state.get(&(PinSlot::ActiveGeneration as u32), 0)?))
+    }
+
+    /// Where the loader finds (or creates and pins) each pinned map.
+    pub fn map_paths(&self) -> impl Iterator<Item = (&'static str, PathBuf)> + '_ {
+        map::PINNED.into_iter().map(|name| (name, self.dir.join("maps").join(name)))
+    }
+
+    /// Makes this agent's programs the counting ones, detaches the previous generation's
+    /// and pins this generation's links so they outlive the agent.
+    pub fn take_over(&self, ebpf: &mut Ebpf, links: Vec<(String, FdLink)>) -> anyhow::Result<()> {
+        let state = ebpf.map_mut(map::PIN_STATE).ok_or_else(|| anyhow!("PIN_STATE missing"))?;
+        let mut state: Array<&mut MapData, u64> = Array::try_from(state)?;
+        state.set(PinSlot::Fingerprint as u32, self.fingerprint, 0)?;
+        state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
+        let links_dir = self.dir.join("links");
+        if links_dir.exists() {
+            for entry in std::fs::read_dir(&links_dir)? {
+                // Removing the last pin of a link detaches its program.
+                remove_path(&entry?.path())?;
+            }
+        }
+        let own = links_dir.join(self.generation.to_string());
+        std::fs::create_dir_all(&own)?;
+        for (program, link) in links {
+            link.pin(own.join(&program))
+                .with_context(|| format!("pinning the link of {program}"))?;
+        }
+        tracing::info!(
+            generation = self.generation,
+            previous = ?self.previous,
+            "kernel state pinned in {}",
+            self.dir.display()
+        );
+        Ok(())
+    }
+}
+
+fn on_bpf_fs(dir: &Path) -> anyhow::Result<bool> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs with a NUL-terminated path and a zeroed out-struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
+        return Err(io::Error::last_os_error()).context(format!("statfs {}", dir.display()));
+    }
+    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+}
+
+fn remove_path(path: &Path) -> io::Result<()> {
+    if path.is_dir() { std::fs::remove_dir_all(path) } else { std::fs::remove_file(path) }
+}
+
+fn remove_contents(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        remove_path(&entry?.path())?;
+    }
+    Ok(())
+}
+
+/// `connscope cleanup`: removes everything pinned under `dir`, which detaches the programs
+/// no agent runs. Returns whether there was anything.
+pub fn cleanup(dir: &Path) -> anyhow::Result<bool> {
+    match std::fs::symlink_metadata(dir) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(err).with_context(|| format!("reading {}", dir.display())),
+        Ok(_) => {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+            Ok(true)
+        }
+    }
+}
+
+/// `connscope cleanup`, with its one line of output.
+pub fn cleanup_command(dir: Option<&Path>) -> std::process::ExitCode {
+    let Some(dir) = dir else {
+        eprintln!("connscope: --bpf.pin-path is \"\": nothing is pinned");
+        return std::process::ExitCode::SUCCESS;
+    };
+    match cleanup(dir) {
+        Ok(true) => {
+            eprintln!("connscope: removed {} (programs detached, maps freed)", dir.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(false) => {
+            eprintln!("connscope: nothing pinned at {}", dir.display());
+            std::process::ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("connscope: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::{config::Cli, probes::PROGRAMS};
+
+    /// The shapes checked against pinned maps are those of the object this agent loads.
+    #[test]
+    fn expected_shapes_match_the_object() -> anyhow::Result<()> {
+        let config = Cli::try_parse_from(["connscope"])?.into_config()?;
+        let object = aya_obj::Object::parse(PROGRAMS)?;
+        for name in map::PINNED {
+            let shape = expected_shape(name, &config).ok_or_else(|| anyhow!("{name}"))?;
+            let defined = object.maps.get(name).ok_or_else(|| anyhow!("{name} missing"))?;
+            assert_eq!(
+                (defined.key_size(), defined.value_size()),
+                (shape.key, shape.value),
+                "{name}"
+            );
+            if ![map::CONNS, map::EVENTS, map::HANDOVER].contains(&name) {
+                assert_eq!(defined.max_entries(), shape.entries, "{name}");
+            }
+        }
+        Ok(())
+    }
+}
