@@ -8,7 +8,7 @@
 
 use connscope_common::{
     CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role, conn_flag,
-    is_request, tcp_state,
+    tcp_state,
 };
 
 use crate::{
