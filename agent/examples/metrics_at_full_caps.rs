@@ -12,8 +12,10 @@ use std::{
 
 use connscope::{
     metrics::{
-        Closed, ClosedBy, Flow, HttpRequest, Metrics, OpenState, PlacedFlow, Placement, Server,
+        Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, Metrics, OpenState, PlacedFlow,
+        Server,
     },
+    placement::Placement,
     server::{self, AppState},
     web::WebSettings,
 };
@@ -44,7 +46,10 @@ fn fill(metrics: &Metrics) {
                 metrics.closed.get_or_create(&closed).inc();
                 metrics
                     .close_idle
-                    .get_or_create(&ClosedBy { flow: flow.clone(), closed_by: closed_by.into() })
+                    .get_or_create(&ClosedByLabels {
+                        flow: flow.clone(),
+                        closed_by: closed_by.into(),
+                    })
                     .observe(0.5);
             }
             for state in ["active", "idle"] {
@@ -54,8 +59,11 @@ fn fill(metrics: &Metrics) {
                     .set(1);
             }
             metrics.duration.get_or_create(&flow).observe(1.0);
-            metrics.requests.get_or_create(&flow).observe(3.0);
-            metrics.idle.get_or_create(&flow).observe(0.2);
+            let protocol = FlowProtocol { flow: flow.clone(), protocol: "http1".into() };
+            metrics.requests.get_or_create(&protocol).observe(3.0);
+            let mut gaps = [0; connscope_common::conn::GAP_BUCKETS];
+            gaps[connscope_common::conn::gap_bucket(200_000_000)] = 1;
+            metrics.idle.get_or_create(&flow).add(&gaps, 0.2);
             for version in ["1.0", "1.1"] {
                 let request = HttpRequest { flow: flow.clone(), http_version: version.into() };
                 metrics.http_requests.get_or_create(&request).inc();
