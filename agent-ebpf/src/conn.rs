@@ -75,6 +75,9 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
 
 /// Counts a listening socket of a {namespace, port} in or out. Not atomic: two listeners
 /// of one port changing state at the same instant on two CPUs may miscount by one.
+/// Out of line, like `track`: the state-change program's own frame stays small, since
+/// kernels before 6.13 allow 512 bytes of stack for a whole call chain.
+#[inline(never)]
 fn listening(view: &impl SocketView, started: bool) {
     let Some(key) = view.listen_key() else { return };
     match LISTEN_PORTS.get_ptr_mut(&key) {
@@ -92,6 +95,7 @@ fn listening(view: &impl SocketView, started: bool) {
 }
 
 /// Starts tracking an established connection and announces it.
+#[inline(never)]
 fn track(sock: u64, role: Role, view: &impl SocketView) {
     let open_ns = now_ns();
     // SAFETY: the attribution is copied into the record before the entry is removed.
