@@ -105,19 +105,11 @@ fn track(sock: u64, role: Role, view: &impl SocketView) {
     if attributed {
         let _ = CONNECTS_IN_FLIGHT.remove(&sock);
     }
-    let Some(conn) = CONN_SCRATCH.get_ptr_mut(0) else {
+    let flags = if attributed { conn_flag::ATTRIBUTED } else { 0 };
+    let Some(conn) = new_conn(open_ns, role, flags) else {
         open.discard(0);
         return;
     };
-    // SAFETY: this CPU's scratch slot, used only until the insert below copies it; zeroed
-    // in place (a `Conn` literal would be built on the small stack first).
-    let conn = unsafe {
-        core::ptr::write_bytes(conn, 0, 1);
-        &mut *conn
-    };
-    conn.open_ns = open_ns;
-    conn.role = role as u8;
-    conn.flags = if attributed { conn_flag::ATTRIBUTED } else { 0 };
     // BPF_ANY: a stale entry left by a socket whose destruction we missed is replaced.
     if CONNS.insert(&sock, &*conn, 0).is_err() {
         count_lost(LostReason::MapFull);
@@ -125,6 +117,22 @@ fn track(sock: u64, role: Role, view: &impl SocketView) {
         return;
     }
     open.submit(submit_flags());
+}
+
+/// A new connection's state, built in this CPU's scratch space (a `Conn` literal would be
+/// built on the small stack first) until the caller's insert copies it.
+#[inline(always)]
+fn new_conn(open_ns: u64, role: Role, flags: u16) -> Option<&'static mut Conn> {
+    let conn = CONN_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot, zeroed in place and used only by this program.
+    let conn = unsafe {
+        core::ptr::write_bytes(conn, 0, 1);
+        &mut *conn
+    };
+    conn.open_ns = open_ns;
+    conn.role = role as u8;
+    conn.flags = flags;
+    Some(conn)
 }
 
 /// The tracked connection of `sock`.
@@ -263,14 +271,12 @@ fn adopt(sock: u64) -> Option<&'static mut Conn> {
     let owner = current_attribution();
     let mut open = records::open(sock, open_ns, role, &BtfSocket { sock }, Some(&owner))?;
     records::mark_adopted(&mut open);
-    let conn = Conn {
-        open_ns,
-        role: role as u8,
-        flags: conn_flag::ATTRIBUTED | conn_flag::ADOPTED,
-        ..Conn::default()
+    let Some(conn) = new_conn(open_ns, role, conn_flag::ATTRIBUTED | conn_flag::ADOPTED) else {
+        open.discard(0);
+        return None;
     };
     // NOEXIST: another CPU may have adopted it first; that one stands.
-    if CONNS.insert(&sock, &conn, NOEXIST).is_err() {
+    if CONNS.insert(&sock, &*conn, NOEXIST).is_err() {
         open.discard(0);
         if CONNS.get_ptr(&sock).is_none() {
             count_lost(LostReason::MapFull);

@@ -74,24 +74,31 @@ pub fn state_and_port(sock: u64) -> Option<(u8, ListenKey)> {
     if layout.adopt == 0 {
         return None;
     }
-    let bytes: [u8; SOCK_COMMON_READ] = read(sock)?;
-    let state: u8 = field(&bytes, layout.state)?;
-    let port: u16 = field(&bytes, layout.num)?;
-    let net: u64 = field(&bytes, layout.net)?;
+    let bytes = sock_common(sock)?;
+    let state: u8 = field(bytes, layout.state)?;
+    let port: u16 = field(bytes, layout.num)?;
+    let net: u64 = field(bytes, layout.net)?;
     let netns: u32 = read(net + u64::from(layout.net_inum))?;
     Some((state, ListenKey::new(netns, port)))
+}
+
+/// The start of `sock` (the `sock_common` block), read at once into this CPU's scratch
+/// space: one helper call instead of one per field, and off the small stack. Valid until
+/// the next call in the same program.
+#[inline(always)]
+fn sock_common(sock: u64) -> Option<&'static [u8; SOCK_COMMON_READ]> {
+    let bytes = SOCK_SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot, used only until this program ends.
+    let bytes = unsafe { &mut *bytes };
+    // SAFETY: kernel memory read through the fault-tolerant helper into `bytes`.
+    unsafe { bpf_probe_read_kernel_buf(sock as *const u8, bytes) }.ok()?;
+    Some(bytes)
 }
 
 fn fill_endpoints(sock: u64, out: &mut Endpoints) -> Option<()> {
     {
         let layout: SockLayout = sock_layout();
-        // One read of the `sock_common` block instead of one per field, into per-CPU space.
-        let bytes = SOCK_SCRATCH.get_ptr_mut(0)?;
-        // SAFETY: this CPU's scratch slot, used only until this program ends.
-        let bytes = unsafe { &mut *bytes };
-        // SAFETY: kernel memory read through the fault-tolerant helper into `bytes`.
-        unsafe { bpf_probe_read_kernel_buf(sock as *const u8, bytes) }.ok()?;
-        let bytes = &*bytes;
+        let bytes = sock_common(sock)?;
         let family: u16 = field(bytes, layout.family)?;
         let dport: u16 = field(bytes, layout.dport)?;
         *out = Endpoints {
