@@ -227,23 +227,28 @@ pub fn status(head: &HeadEvent) -> Option<Status> {
 #[inline(always)]
 fn fingerprint(head: &HeadEvent) -> u32 {
     const PRIME: u64 = 0x0000_0100_0000_01b3;
+    /// Keeps a word's byte offset inside `head` for any index (verifiers before 6.x lose
+    /// the loop's bound; the mask keeps the access provably in range).
+    const WORD_OFFSETS: usize = HEAD_LEN - 8;
     let len = (head.head_len as usize).min(HEAD_LEN);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ len as u64;
     let words = len / 8;
-    let base = head.head.as_ptr();
+    // `head` starts 8-aligned in the record (48 bytes in), so every word read is aligned.
+    let word_at = |index: usize| -> u64 {
+        let offset = (index * 8) & WORD_OFFSETS;
+        // SAFETY: `offset + 8 <= HEAD_LEN` by the mask, and the address is 8-aligned.
+        unsafe { core::ptr::read(head.head.as_ptr().add(offset).cast::<u64>()) }
+    };
     for index in 0..HEAD_LEN / 8 {
         if index >= words {
             break;
         }
-        // SAFETY: `index < HEAD_LEN / 8`, so the 8 bytes lie inside `head.head`.
-        let word = unsafe { core::ptr::read_unaligned(base.add(index * 8).cast::<u64>()) };
-        hash = (hash ^ word).wrapping_mul(PRIME);
+        hash = (hash ^ word_at(index)).wrapping_mul(PRIME);
     }
     let tail = len % 8;
-    if tail != 0 && words < HEAD_LEN / 8 {
-        // SAFETY: `words < HEAD_LEN / 8`: in bounds; bytes past `len` are masked off.
-        let word = unsafe { core::ptr::read_unaligned(base.add(words * 8).cast::<u64>()) };
-        hash = (hash ^ (word & ((1u64 << (tail * 8)) - 1))).wrapping_mul(PRIME);
+    if tail != 0 {
+        // Bytes past `len` are masked off.
+        hash = (hash ^ (word_at(words) & ((1u64 << (tail * 8)) - 1))).wrapping_mul(PRIME);
     }
     (hash ^ (hash >> 32)) as u32
 }
@@ -280,15 +285,25 @@ pub fn send(sock: u64, conn: &Conn, record: &mut HeadEvent, request: bool, now: 
     record.direction = direction_of(conn.role, request);
     record.role = conn.role;
     record._pad = [0; 6];
-    let len = HEAD_FIXED_LEN + (record.head_len as usize).min(HEAD_LEN);
-    // SAFETY: `len` is at most the size of the scratch record.
+    let sent = output(record, record.head_len);
+    if !sent {
+        count_lost(LostReason::RingbufFull);
+    }
+    sent
+}
+
+/// Copies the record with `head_len` bytes of head into the ring buffer. Out of line with
+/// the length by value, for the same reason as `read_bytes`: the bound must be checked
+/// right before the helper call, or older verifiers lose it ("R3 unbounded memory access").
+#[inline(never)]
+fn output(record: &HeadEvent, head_len: u32) -> bool {
+    // SAFETY: reading a local (hides the caller's bound from LLVM; see `read_bytes`).
+    let head_len = unsafe { core::ptr::read_volatile(&head_len) } as usize;
+    let len = HEAD_FIXED_LEN + if head_len < HEAD_LEN { head_len } else { HEAD_LEN };
+    // SAFETY: `len` is at most the size of the record.
     let bytes =
         unsafe { core::slice::from_raw_parts((record as *const HeadEvent).cast::<u8>(), len) };
-    if EVENTS.output::<[u8]>(bytes, submit_flags()).is_err() {
-        count_lost(LostReason::RingbufFull);
-        return false;
-    }
-    true
+    EVENTS.output::<[u8]>(bytes, submit_flags()).is_ok()
 }
 
 /// The direction of a request (`request`) or response for a socket of `role`.
