@@ -1,6 +1,9 @@
 //! Connections established before the agent started: adopted at their first send or
 //! receive, with the right role, server, process and close, and counted as adopted (not
 //! opened, and outside the lifetime and requests-per-connection histograms).
+//!
+//! Host tier only (not `kernel_*`, so not in `cargo xtask vm-test`): they drive nginx and
+//! thousands of sockets, which the VM's initramfs does not carry.
 
 use std::{
     io::Write as _,

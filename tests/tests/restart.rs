@@ -2,6 +2,9 @@
 //! while no agent runs, the next agent takes over, `connscope cleanup` removes everything,
 //! and pinned state of another layout is replaced. Each test pins in a BPF filesystem
 //! mounted for it alone (unmounting it detaches whatever a failed test left attached).
+//!
+//! Host tier only (not `kernel_*`, so not in `cargo xtask vm-test`): they drive nginx and
+//! thousands of sockets, which the VM's initramfs does not carry.
 
 use std::{
     fs::File,
