@@ -49,7 +49,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print a running agent's flows, sorted by churn (reads its /metrics twice for rates).
-    Flows(crate::flows::FlowsArgs),
+    Flows(Box<crate::flows::FlowsArgs>),
     /// The benchmark's floor arm (`cargo xtask bench`): the same tp_btf hooks, each program
     /// only looking the socket up and adding its bytes, until SIGTERM.
     #[command(hide = true)]

@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     // A subcommand is one variant of `config::Command` and one arm here.
     match cli.command {
         None => run_agent(cli),
-        Some(Command::Flows(args)) => block_on(flows::run(args)),
+        Some(Command::Flows(args)) => block_on(flows::run(*args)),
         Some(Command::BenchFloor) => with_config(cli, |config| block_on(agent::run_floor(config))),
         Some(Command::Cleanup(args)) => match args.pin_path() {
             Ok(path) => connscope::pinning::cleanup_command(path.as_deref()),

@@ -106,10 +106,10 @@ impl ConnectionTable {
         let Some(role) = event.role() else { return };
         let sock = event.header.sock;
         // A replaced entry (its close was lost) must not keep its gauge up.
-        if let Some(stale) = self.conns.remove(&sock) {
-            if let Some(series) = &stale.series {
-                series.open_gauge(stale.activity).dec();
-            }
+        if let Some(stale) = self.conns.remove(&sock)
+            && let Some(series) = &stale.series
+        {
+            series.open_gauge(stale.activity).dec();
         }
         let server = self.flows.server_label(&labels::server_label(&event.endpoints, role));
         let mut tracked = Tracked {
@@ -225,11 +225,11 @@ impl ConnectionTable {
     }
 
     fn mark_active(&mut self, sock: u64) {
-        if let Some(tracked) = self.conns.get_mut(&sock) {
-            if !tracked.in_sweep {
-                tracked.in_sweep = true;
-                self.sweep.push(sock);
-            }
+        if let Some(tracked) = self.conns.get_mut(&sock)
+            && !tracked.in_sweep
+        {
+            tracked.in_sweep = true;
+            self.sweep.push(sock);
         }
     }
 

@@ -160,7 +160,7 @@ fn batched_snapshots_equal_one_record_per_turn() {
             conn.bytes_received += 30;
             conn.bytes_sent += 50;
             // The kernel reports before a bucket could wrap unseen.
-            if (n + 1) % batch == 0 || *bucket % 128 == 0 {
+            if (n + 1) % batch == 0 || bucket.is_multiple_of(128) {
                 table.handle(&snapshot(EventKind::Progress, conn, 0));
             }
         }
