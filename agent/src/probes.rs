@@ -203,6 +203,9 @@ struct Kernel {
     /// BTF usable for tp_btf programs (the `struct sock` layout was found).
     sock_layout: Option<SockLayout>,
     fd_layout: Option<FdLayout>,
+    /// kprobes and classic tracepoints attach through BPF links (pinnable) since 5.15;
+    /// before, through perf events that only their program can hold.
+    perf_event_links: bool,
     /// Parameters of `tcp_recvmsg` in this kernel's BTF: 6 before 5.19 (`nonblock`), 5
     /// after, 4 once `addr_len` was dropped.
     recvmsg_params: Option<usize>,
@@ -241,7 +244,8 @@ impl Kernel {
             (true, true) => UserBuffers::TaskPtRegs,
             (true, false) => UserBuffers::SyscallStash,
         };
-        Self { btf, sock_layout, fd_layout, recvmsg_params, user_buffers }
+        let perf_event_links = preflight::kernel_version().is_some_and(|v| v >= (5, 15));
+        Self { btf, sock_layout, fd_layout, perf_event_links, recvmsg_params, user_buffers }
     }
 
     /// BTF for tp_btf programs, when the `struct sock` layout is known.
@@ -473,11 +477,11 @@ impl Attacher<'_> {
         let link = match attachment.target {
             Target::Function(function) => {
                 let btf = self.kernel.btf.as_ref();
-                attach_function(self.ebpf, name, function, btf)
+                attach_function(self.ebpf, name, function, btf, self.kernel.perf_event_links)
             }
             Target::BtfTracepoint(event) => {
                 let btf = self.kernel.btf_tracepoints().ok_or_else(|| anyhow!("no kernel BTF"))?;
-                attach_tp_btf(self.ebpf, name, event, btf)
+                attach_tp_btf(self.ebpf, name, event, btf).map(Some)
             }
             Target::Tracepoint { category, event } => {
                 let p: &mut TracePoint = program_mut(self.ebpf, name)?.try_into()?;
@@ -485,10 +489,16 @@ impl Attacher<'_> {
                 let id = p
                     .attach(category, event)
                     .with_context(|| format!("attaching tracepoint {category}:{event}"))?;
-                FdLink::try_from(p.take_link(id)?).map_err(anyhow::Error::from)
+                if self.kernel.perf_event_links {
+                    FdLink::try_from(p.take_link(id)?).map(Some).map_err(anyhow::Error::from)
+                } else {
+                    Ok(None)
+                }
             }
         }?;
-        self.links.push((name.to_owned(), link));
+        if let Some(link) = link {
+            self.links.push((name.to_owned(), link));
+        }
         Ok(())
     }
 
@@ -528,13 +538,17 @@ fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Pro
     ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
 }
 
+/// Attaches a function hook. Its link is returned to be pinned when it is a BPF link; a
+/// kprobe on kernels before 5.15 is a perf event that cannot be pinned, so it stays owned by
+/// its program (detached when the agent exits).
 fn attach_function(
     ebpf: &mut Ebpf,
     name: &str,
     function: &str,
     btf: Option<&Btf>,
-) -> anyhow::Result<FdLink> {
-    Ok(match program_mut(ebpf, name)? {
+    perf_event_links: bool,
+) -> anyhow::Result<Option<FdLink>> {
+    Ok(Some(match program_mut(ebpf, name)? {
         Program::FEntry(p) => {
             let btf = btf.ok_or_else(|| anyhow!("no kernel BTF"))?;
             let p: &mut FEntry = p;
@@ -554,10 +568,13 @@ fn attach_function(
             p.load().with_context(|| format!("loading kprobe {name}"))?;
             let id =
                 p.attach(function, 0).with_context(|| format!("attaching kprobe to {function}"))?;
+            if !perf_event_links {
+                return Ok(None);
+            }
             FdLink::try_from(p.take_link(id)?)?
         }
         _ => bail!("{name} is not an fentry/fexit or kprobe program"),
-    })
+    }))
 }
 
 fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, event: &str, btf: &Btf) -> anyhow::Result<FdLink> {
