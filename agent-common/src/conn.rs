@@ -7,7 +7,7 @@
 
 use core::mem::size_of;
 
-use crate::{ClosedBy, Direction, Protocol, Role};
+use crate::{CloseKind, ClosedBy, Direction, Protocol, Role};
 
 /// Upper bounds of the idle-gap histogram (`connscope_connection_idle_seconds`), in
 /// nanoseconds: 1 ms to 300 s, with the common keep-alive timeouts (5, 15, 60, 75 s).
@@ -86,22 +86,29 @@ pub mod conn_flag {
     /// is busy (the close reason `idle` and the `active` state need this, not the last
     /// direction: a TLS `close_notify` is sent in the request direction but asks nothing).
     pub const AWAITING_RESPONSE: u16 = 1 << 9;
+    // Bit 10 is reserved for TLS plaintext (libssl uprobes).
+    /// The close started with a reset (an abort), not a FIN: the `CloseKind`, kept as a
+    /// flag so the map value stays small.
+    pub const CLOSED_BY_RESET: u16 = 1 << 11;
 }
 
 /// Per-socket state kept in the kernel for a connection's whole life (map value). All
-/// counters are cumulative from the start of tracking.
+/// counters are cumulative from the start of tracking; the narrow ones wrap and are
+/// reported before a wrap could hide (see [`WRAP_REPORT_BIT`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Conn {
-    /// When tracking started (the connection was established). With the socket address it
-    /// identifies the connection.
-    pub open_ns: u64,
-    /// The last payload transfer, either direction (0 before the first).
+    /// The last payload transfer, either direction; the open time until the first one.
     pub last_ns: u64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    /// Sum of the idle gaps counted in `gap_buckets`.
-    pub gap_sum_ns: u64,
+    /// The low 32 bits of the open time (`CLOCK_MONOTONIC` ns): with the socket address
+    /// it tells this connection from an earlier one on the same socket (the agent keeps
+    /// the full open time from the `Open` record).
+    pub open_token: u32,
+    /// Sum of the idle gaps counted in `gap_buckets`, in µs, wrapping.
+    pub gap_sum_us: u32,
+    /// Payload bytes, wrapping.
+    pub bytes_sent: u32,
+    pub bytes_received: u32,
     /// Exchanges (requests) started on this connection.
     pub exchanges: u32,
     /// Fingerprints of the last request and response heads sent to the agent.
@@ -111,18 +118,50 @@ pub struct Conn {
     pub close_idle_us: u32,
     /// [`conn_flag`] bits.
     pub flags: u16,
-    /// [`Role`], [`ClosedBy`], `CloseKind`, last [`Direction`] and [`Protocol`] as bytes.
+    /// [`Role`], [`ClosedBy`], last [`Direction`] and [`Protocol`] as bytes (the
+    /// `CloseKind` is [`conn_flag::CLOSED_BY_RESET`]).
     pub role: u8,
     pub closed_by: u8,
-    pub close_kind: u8,
     pub last_direction: u8,
     pub protocol: u8,
-    pub _pad: u8,
     /// Idle gaps per bucket of [`IDLE_BOUNDS_NS`], wrapping (see [`GAP_REPORT_EVERY`]).
     pub gap_buckets: [u8; GAP_BUCKETS],
-    pub _pad2: [u8; 6],
 }
-const _: () = assert!(size_of::<Conn>() == 88);
+/// 64 bytes: with the hash map's 48-byte element header, the key and the allocator's
+/// 8-byte list node, a tracked socket takes one 128-byte kernel allocation.
+const _: () = assert!(size_of::<Conn>() == 64);
+
+/// The low 32 bits of a monotonic time, as [`Conn::open_token`] keeps them.
+pub const fn open_token(open_ns: u64) -> u32 {
+    open_ns as u32
+}
+
+/// Whether adding to a wrapping `u32` counter flipped its top bit: the kernel then sends a
+/// `Progress` snapshot. Consecutive snapshots the agent sees therefore differ by less than
+/// 2^31 plus the last addition; for bytes that is one transfer (at most `MAX_RW_COUNT`, just
+/// under 2^31), so differences modulo 2^32 are exact. For the gap sum the last addition is
+/// one idle gap, which may be longer than 2^31 µs (36 min); the agent resolves that from
+/// the time between the snapshots (`gap_sum_delta`).
+pub const WRAP_REPORT_BIT: u32 = 1 << 31;
+
+#[inline(always)]
+pub const fn flipped_top_bit(before: u32, after: u32) -> bool {
+    (before ^ after) & WRAP_REPORT_BIT != 0
+}
+
+/// Idle time (µs) added to a gap sum between two snapshots of one connection, given the
+/// sums' wrapping difference and the time between the snapshots' last transfers: the
+/// added gaps lie within that time, and the agent's previous snapshot is recent (it
+/// re-reads active connections every sweep), so the difference is the largest value
+/// congruent to `wrapped` modulo 2^32 that fits in `interval_ns`.
+pub const fn gap_sum_delta(wrapped: u32, interval_ns: u64) -> u64 {
+    let wrapped = wrapped as u64;
+    let interval_us = interval_ns / 1000;
+    if interval_us <= wrapped {
+        return wrapped;
+    }
+    wrapped + ((interval_us - wrapped) >> 32 << 32)
+}
 
 impl Conn {
     pub const fn role(&self) -> Option<Role> {
@@ -133,6 +172,17 @@ impl Conn {
         match ClosedBy::from_wire(self.closed_by) {
             Some(by) => by,
             None => ClosedBy::Unknown,
+        }
+    }
+
+    /// How the close started: `None` while open.
+    pub const fn close_kind(&self) -> CloseKind {
+        if self.closed_by == ClosedBy::Unknown as u8 {
+            CloseKind::None
+        } else if self.has(conn_flag::CLOSED_BY_RESET) {
+            CloseKind::Reset
+        } else {
+            CloseKind::Fin
         }
     }
 
@@ -166,5 +216,19 @@ mod tests {
         assert_eq!(gap_bucket(1_000_001), 1);
         assert_eq!(gap_bucket(300_000_000_000), 16);
         assert_eq!(gap_bucket(u64::MAX), GAP_BUCKETS - 1);
+    }
+
+    #[test]
+    fn gap_sums_resolve_wraps_from_the_time_between_snapshots() {
+        // Short gaps: the wrapping difference is the answer.
+        assert_eq!(gap_sum_delta(1_500, 2_000_000), 1_500);
+        assert_eq!(gap_sum_delta(0u32.wrapping_sub(10).wrapping_add(20), 1_000_000), 10);
+        // One gap of 2 h (more than a whole wrap of µs) right after the last snapshot.
+        let two_hours_us: u64 = 7_200_000_000;
+        let wrapped = two_hours_us as u32;
+        assert_eq!(gap_sum_delta(wrapped, two_hours_us * 1000 + 3_000_000), two_hours_us);
+        assert!(flipped_top_bit(WRAP_REPORT_BIT - 1, WRAP_REPORT_BIT));
+        assert!(flipped_top_bit(u32::MAX, 0));
+        assert!(!flipped_top_bit(5, 500));
     }
 }

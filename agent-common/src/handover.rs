@@ -28,10 +28,13 @@ pub mod handover_flag {
 pub struct Handover {
     pub open_ns: u64,
     pub cgroup_id: u64,
-    /// Counts already added to the metrics (the agent's `Seen`).
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub gap_sum_ns: u64,
+    /// The kernel's counts already added to the metrics (the agent's `Seen`): its
+    /// wrapping counters, and the last transfer they include.
+    pub last_ns: u64,
+    pub bytes_sent: u32,
+    pub bytes_received: u32,
+    pub gap_sum_us: u32,
+    pub _pad_counts: u32,
     /// HTTP requests counted on the connection.
     pub http_requests: u64,
     pub exchanges: u32,
@@ -61,9 +64,11 @@ impl Handover {
         Self {
             open_ns: 0,
             cgroup_id: 0,
+            last_ns: 0,
             bytes_sent: 0,
             bytes_received: 0,
-            gap_sum_ns: 0,
+            _pad_counts: 0,
+            gap_sum_us: 0,
             http_requests: 0,
             exchanges: 0,
             http_accounted: 0,

@@ -192,7 +192,7 @@ impl PinSlot {
 }
 
 /// Bumped whenever the meaning of pinned state changes without a change of size.
-pub const PIN_FORMAT: u64 = 1;
+pub const PIN_FORMAT: u64 = 2;
 
 /// Identifies the layout of the pinned state: the format number and the sizes of every
 /// shared struct. An agent finding another fingerprint replaces the pinned state.

@@ -64,7 +64,8 @@ const _: () = assert!(size_of::<Attribution>() == 32);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct OpenEvent {
     pub header: EventHeader,
-    /// Identifies the connection together with `header.sock` (its `Conn::open_ns`).
+    /// When the connection was established (or adopted); its low bits are the
+    /// connection's [`Conn::open_token`].
     pub open_ns: u64,
     pub endpoints: Endpoints,
     /// Valid for clients (taken in `connect()`); accepted sockets get an `Attribute` later.
@@ -107,7 +108,9 @@ impl ListenKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct AttributeEvent {
     pub header: EventHeader,
-    pub open_ns: u64,
+    /// [`Conn::open_token`] of the connection.
+    pub open_token: u32,
+    pub _pad: u32,
     pub attribution: Attribution,
 }
 const _: () = assert!(size_of::<AttributeEvent>() == 64);
@@ -119,7 +122,7 @@ pub struct SnapshotEvent {
     pub header: EventHeader,
     pub conn: Conn,
 }
-const _: () = assert!(size_of::<SnapshotEvent>() == 112);
+const _: () = assert!(size_of::<SnapshotEvent>() == 88);
 
 /// `Head`: the first bytes of a request or response whose head differs from the last one
 /// sent in that direction (identical heads are counted in the kernel only). Sent with only
@@ -128,7 +131,9 @@ const _: () = assert!(size_of::<SnapshotEvent>() == 112);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadEvent {
     pub header: EventHeader,
-    pub open_ns: u64,
+    /// [`Conn::open_token`] of the connection.
+    pub open_token: u32,
+    pub _pad0: u32,
     /// `Conn::exchanges` when the head was seen: the exchange a request head starts.
     pub exchanges: u32,
     /// How many bytes of `head` are valid.

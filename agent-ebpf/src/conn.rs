@@ -7,8 +7,9 @@
 //! accepted sockets, never from a state change that may run in softirq for another task.
 
 use connscope_common::{
-    CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role, conn_flag,
-    tcp_state,
+    CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role,
+    conn::{flipped_top_bit, open_token},
+    conn_flag, tcp_state,
 };
 
 use crate::{
@@ -129,7 +130,8 @@ fn new_conn(open_ns: u64, role: Role, flags: u16) -> Option<&'static mut Conn> {
         core::ptr::write_bytes(conn, 0, 1);
         &mut *conn
     };
-    conn.open_ns = open_ns;
+    conn.open_token = open_token(open_ns);
+    conn.last_ns = open_ns;
     conn.role = role as u8;
     conn.flags = flags;
     Some(conn)
@@ -157,9 +159,11 @@ fn begin_close(conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
         return;
     }
     conn.closed_by = by as u8;
-    conn.close_kind = kind as u8;
-    let last = conn.last_ns.max(conn.open_ns);
-    conn.close_idle_us = ((now_ns().saturating_sub(last)) / 1000).min(u64::from(u32::MAX)) as u32;
+    if kind == CloseKind::Reset {
+        conn.flags |= conn_flag::CLOSED_BY_RESET;
+    }
+    conn.close_idle_us =
+        ((now_ns().saturating_sub(conn.last_ns)) / 1000).min(u64::from(u32::MAX)) as u32;
     // Idle when no exchange waits for its response.
     let waiting = conn.flags & conn_flag::AWAITING_RESPONSE != 0;
     if !waiting {
@@ -236,22 +240,32 @@ pub fn transfer(
     };
     attribute_once(sock, conn);
     let bytes = ret as u64;
-    match direction {
+    // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
+    let moved = ret as u32;
+    let wrapped = match direction {
         Direction::Send => {
-            conn.bytes_sent += bytes;
             if conn.closed_by == ClosedBy::Peer as u8 {
                 conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
             }
+            add_wrapping(&mut conn.bytes_sent, moved)
         }
-        _ => conn.bytes_received += bytes,
-    }
+        _ => add_wrapping(&mut conn.bytes_received, moved),
+    };
     let now = now_ns();
-    let report = exchange::on_payload(sock, conn, direction, bytes, now);
+    let report = exchange::on_payload(sock, conn, direction, bytes, now) || wrapped;
     conn.last_direction = direction as u8;
     conn.last_ns = now;
     if report {
         records::snapshot(EventKind::Progress, sock, conn);
     }
+}
+
+/// Adds to a wrapping counter; true when the agent must see it now ([`flipped_top_bit`]).
+#[inline(always)]
+fn add_wrapping(counter: &mut u32, added: u32) -> bool {
+    let before = *counter;
+    *counter = before.wrapping_add(added);
+    flipped_top_bit(before, *counter)
 }
 
 /// Adopts an untracked TCP socket at its first send or receive: an established connection

@@ -16,8 +16,9 @@
 //! Heads are read only on HTTP/1.x connections (and once to tell what a connection speaks).
 
 use connscope_common::{
-    Conn, Direction, Protocol, conn::GAP_REPORT_EVERY, conn::PROGRESS_AFTER_IDLE_NS,
-    conn::gap_bucket, conn_flag, is_request,
+    Conn, Direction, Protocol,
+    conn::{GAP_REPORT_EVERY, PROGRESS_AFTER_IDLE_NS, flipped_top_bit, gap_bucket},
+    conn_flag, is_request,
 };
 
 use crate::head::{self, Status};
@@ -33,8 +34,7 @@ pub fn on_payload(sock: u64, conn: &mut Conn, direction: Direction, bytes: u64, 
     let Some(role) = conn.role() else { return false };
     let turn_start = conn.last_direction != direction as u8;
     // A connection quiet for a while may have dropped out of the agent's sweeps.
-    let idle_restart =
-        turn_start && now.saturating_sub(conn.last_ns.max(conn.open_ns)) >= PROGRESS_AFTER_IDLE_NS;
+    let idle_restart = turn_start && now.saturating_sub(conn.last_ns) >= PROGRESS_AFTER_IDLE_NS;
     if conn.has(conn_flag::UPGRADED) {
         return idle_restart;
     }
@@ -161,12 +161,14 @@ fn response_payload(
 fn new_exchange(conn: &mut Conn, now: u64) -> bool {
     conn.exchanges += 1;
     conn.flags |= conn_flag::AWAITING_RESPONSE;
-    if conn.exchanges == 1 || conn.last_ns == 0 {
+    if conn.exchanges == 1 {
         return false;
     }
     let gap = now.saturating_sub(conn.last_ns);
-    conn.gap_sum_ns += gap;
-    let Some(count) = conn.gap_buckets.get_mut(gap_bucket(gap)) else { return false };
+    let before = conn.gap_sum_us;
+    conn.gap_sum_us = before.wrapping_add((gap / 1000) as u32);
+    let sum_wrapped = flipped_top_bit(before, conn.gap_sum_us);
+    let Some(count) = conn.gap_buckets.get_mut(gap_bucket(gap)) else { return sum_wrapped };
     *count = count.wrapping_add(1);
-    *count % GAP_REPORT_EVERY == 0
+    *count % GAP_REPORT_EVERY == 0 || sum_wrapped
 }

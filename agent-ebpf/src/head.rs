@@ -280,7 +280,8 @@ pub fn send_if_changed(
 #[inline(always)]
 pub fn send(sock: u64, conn: &Conn, record: &mut HeadEvent, request: bool, now: u64) -> bool {
     record.header = EventHeader::new(EventKind::Head, sock, now);
-    record.open_ns = conn.open_ns;
+    record.open_token = conn.open_token;
+    record._pad0 = 0;
     record.exchanges = conn.exchanges;
     record.direction = direction_of(conn.role, request);
     record.role = conn.role;

@@ -90,7 +90,8 @@ pub fn attribute(sock: u64, conn: &Conn, owner: &Attribution) {
         // SAFETY: as in `open`.
         unsafe {
             (*event).header = EventHeader::new(EventKind::Attribute, sock, now_ns());
-            (*event).open_ns = conn.open_ns;
+            (*event).open_token = conn.open_token;
+            (*event)._pad = 0;
             (*event).attribution = *owner;
         }
     });

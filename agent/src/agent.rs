@@ -265,18 +265,21 @@ impl Pipeline {
     /// previous agent could label; the kernel adopts them again at their next send or
     /// receive. Connections opened from now on are announced in the ring buffer.
     fn take_over_connections(&mut self) {
-        let now_ns = handover::monotonic_ns();
         let entries = self.handover.as_mut().map(handover::take).unwrap_or_default();
         let restored =
             entries.iter().filter(|(sock, entry)| self.table.restore(*sock, entry)).count();
         self.drain();
-        let unknown: Vec<u64> = self
+        let mut unknown: Vec<u64> = self
             .conns
             .iter()
             .filter_map(Result::ok)
-            .filter(|(sock, conn)| conn.open_ns < now_ns && !self.table.knows(*sock))
+            .filter(|(sock, _)| !self.table.knows(*sock))
             .map(|(sock, _)| sock)
             .collect();
+        // A connection opened while the map was read is announced in the ring buffer:
+        // read it again, so only connections no record will announce are forgotten.
+        self.drain();
+        unknown.retain(|sock| !self.table.knows(*sock));
         for sock in &unknown {
             let _ = self.conns.remove(sock);
         }

@@ -34,8 +34,8 @@ impl CloseReason {
 /// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
 /// explains a `Connection: close` too, so they come before it.
 pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
-    let kind = CloseKind::from_wire(conn.close_kind);
-    if kind == Some(CloseKind::Reset) {
+    let kind = conn.close_kind();
+    if kind == CloseKind::Reset {
         // An abort without any reset on the wire is a timeout or error, not a reset.
         return if conn.has(conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) {
             CloseReason::Reset
@@ -49,7 +49,7 @@ pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
         CloseReason::Http10
     } else if http.connection_close {
         CloseReason::ConnectionClose
-    } else if kind == Some(CloseKind::Fin) && conn.has(conn_flag::IDLE_AT_CLOSE) {
+    } else if kind == CloseKind::Fin && conn.has(conn_flag::IDLE_AT_CLOSE) {
         CloseReason::Idle
     } else {
         CloseReason::Unknown
@@ -71,7 +71,7 @@ pub fn is_keepalive_race(conn: &Conn) -> bool {
         }
         _ => {
             conn.closed_by() == ClosedBy::Local
-                && conn.close_kind == CloseKind::Fin as u8
+                && conn.close_kind() == CloseKind::Fin
                 && conn.has(conn_flag::RESET_SENT)
                 && conn.exchanges >= 1
         }
@@ -86,8 +86,7 @@ mod tests {
         Conn {
             role: role as u8,
             closed_by: by as u8,
-            close_kind: kind as u8,
-            flags,
+            flags: flags | if kind == CloseKind::Reset { conn_flag::CLOSED_BY_RESET } else { 0 },
             exchanges: 2,
             ..Conn::default()
         }

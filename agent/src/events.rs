@@ -14,7 +14,7 @@ use thiserror::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Head<'a> {
     pub header: EventHeader,
-    pub open_ns: u64,
+    pub open_token: u32,
     pub exchanges: u32,
     pub direction: u8,
     pub role: u8,
@@ -96,7 +96,7 @@ fn decode_head(bytes: &[u8]) -> Result<Head<'_>, DecodeError> {
     }
     Ok(Head {
         header: fixed.header,
-        open_ns: fixed.open_ns,
+        open_token: fixed.open_token,
         exchanges: fixed.exchanges,
         direction: fixed.direction,
         role: fixed.role,
@@ -109,7 +109,8 @@ fn decode_head(bytes: &[u8]) -> Result<Head<'_>, DecodeError> {
 #[derive(Clone, Copy)]
 struct HeadFixed {
     header: EventHeader,
-    open_ns: u64,
+    open_token: u32,
+    _pad0: u32,
     exchanges: u32,
     head_len: u32,
     direction: u8,
@@ -127,7 +128,7 @@ pub fn encode<T: Copy>(value: &T) -> Vec<u8> {
 /// The bytes of a `Head` record carrying `head`, for tests and fuzzing.
 pub fn encode_head(
     header: EventHeader,
-    open_ns: u64,
+    open_token: u32,
     exchanges: u32,
     direction: u8,
     role: u8,
@@ -135,7 +136,8 @@ pub fn encode_head(
 ) -> Vec<u8> {
     let fixed = HeadFixed {
         header,
-        open_ns,
+        open_token,
+        _pad0: 0,
         exchanges,
         head_len: head.len() as u32,
         direction,
@@ -157,7 +159,7 @@ mod tests {
     fn snapshot(kind: EventKind) -> SnapshotEvent {
         SnapshotEvent {
             header: EventHeader::new(kind, 0xffff_8880_1234_5678, 42),
-            conn: Conn { open_ns: 7, exchanges: 3, role: Role::Client as u8, ..Conn::default() },
+            conn: Conn { open_token: 7, exchanges: 3, role: Role::Client as u8, ..Conn::default() },
         }
     }
 
@@ -176,14 +178,14 @@ mod tests {
         assert_eq!(decode(&encode(&open)), Ok(Event::Open(open)));
         let attribute = AttributeEvent {
             header: EventHeader::new(EventKind::Attribute, 1, 3),
-            open_ns: 2,
+            open_token: 2,
             ..AttributeEvent::default()
         };
         assert_eq!(decode(&encode(&attribute)), Ok(Event::Attribute(attribute)));
         let header = EventHeader::new(EventKind::Head, 1, 4);
         let record = encode_head(header, 2, 1, Direction::Send as u8, Role::Client as u8, b"GET");
         let Ok(Event::Head(head)) = decode(&record) else { panic!("not a head: {record:?}") };
-        assert_eq!((head.open_ns, head.exchanges, head.bytes), (2, 1, &b"GET"[..]));
+        assert_eq!((head.open_token, head.exchanges, head.bytes), (2, 1, &b"GET"[..]));
     }
 
     #[test]
@@ -193,7 +195,7 @@ mod tests {
         bytes[0] = 99;
         assert_eq!(decode(&bytes), Err(DecodeError::UnknownKind { kind: 99 }));
         let bytes = encode(&snapshot(EventKind::Close));
-        assert!(matches!(decode(&bytes[..100]), Err(DecodeError::WrongLength { .. })));
+        assert!(matches!(decode(&bytes[..bytes.len() - 12]), Err(DecodeError::WrongLength { .. })));
         let mut longer = bytes.clone();
         longer.push(0);
         assert!(matches!(decode(&longer), Err(DecodeError::WrongLength { .. })));

@@ -8,8 +8,10 @@
 use std::{collections::HashMap, sync::Arc};
 
 use connscope_common::{
-    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, Direction, Handover, OpenEvent,
-    Protocol, Role, SnapshotEvent, conn::GAP_BUCKETS, conn_flag, handover_flag, is_request,
+    AttributeEvent, Attribution, ClosedBy, Conn, Direction, Handover, OpenEvent, Protocol, Role,
+    SnapshotEvent,
+    conn::{GAP_BUCKETS, gap_sum_delta, open_token},
+    conn_flag, handover_flag, is_request,
 };
 
 use crate::{
@@ -26,11 +28,32 @@ use crate::{
 /// The kernel's cumulative counts last added to the metrics.
 #[derive(Debug, Default, Clone, Copy)]
 struct Seen {
+    /// The last transfer included (the open time before the first): orders snapshots.
+    last_ns: u64,
     exchanges: u32,
-    bytes_sent: u64,
-    bytes_received: u64,
-    gap_sum_ns: u64,
+    /// The kernel's wrapping counters (differences are taken modulo 2^32).
+    bytes_sent: u32,
+    bytes_received: u32,
+    gap_sum_us: u32,
     gap_buckets: [u8; GAP_BUCKETS],
+}
+
+impl Seen {
+    fn of(conn: &Conn) -> Self {
+        Self {
+            last_ns: conn.last_ns,
+            exchanges: conn.exchanges,
+            bytes_sent: conn.bytes_sent,
+            bytes_received: conn.bytes_received,
+            gap_sum_us: conn.gap_sum_us,
+            gap_buckets: conn.gap_buckets,
+        }
+    }
+
+    /// Before the first snapshot: nothing counted, as of the open time.
+    fn opened_at(open_ns: u64) -> Self {
+        Self { last_ns: open_ns, ..Self::default() }
+    }
 }
 
 #[derive(Debug)]
@@ -122,7 +145,7 @@ impl ConnectionTable {
             activity: Activity::Idle,
             protocol: Protocol::Unknown,
             in_sweep: false,
-            seen: Seen::default(),
+            seen: Seen::opened_at(event.open_ns),
             http: None,
         };
         if event.attribution.valid != 0 {
@@ -177,10 +200,11 @@ impl ConnectionTable {
             protocol: Protocol::from_wire(entry.protocol).unwrap_or(Protocol::Unknown),
             in_sweep: false,
             seen: Seen {
+                last_ns: entry.last_ns,
                 exchanges: entry.exchanges,
                 bytes_sent: entry.bytes_sent,
                 bytes_received: entry.bytes_received,
-                gap_sum_ns: entry.gap_sum_ns,
+                gap_sum_us: entry.gap_sum_us,
                 gap_buckets: entry.gap_buckets,
             },
             http: handover::session(entry).map(Box::new),
@@ -214,14 +238,16 @@ impl ConnectionTable {
 
     fn attribute(&mut self, event: &AttributeEvent) {
         let sock = event.header.sock;
-        if self.tracked(sock, event.open_ns).is_some_and(|t| t.series.is_none()) {
+        if self.tracked(sock, event.open_token).is_some_and(|t| t.series.is_none()) {
             self.resolve_pending(sock, Some(&event.attribution));
         }
         self.mark_active(sock);
     }
 
-    fn tracked(&mut self, sock: u64, open_ns: u64) -> Option<&mut Tracked> {
-        self.conns.get_mut(&sock).filter(|t| t.open_ns == open_ns)
+    /// The connection of `sock` whose open time has `token` as its low bits (not an
+    /// earlier one on the same socket).
+    fn tracked(&mut self, sock: u64, token: u32) -> Option<&mut Tracked> {
+        self.conns.get_mut(&sock).filter(|t| open_token(t.open_ns) == token)
     }
 
     fn mark_active(&mut self, sock: u64) {
@@ -235,7 +261,7 @@ impl ConnectionTable {
 
     fn head(&mut self, head: &Head<'_>) {
         let metrics = self.metrics.clone();
-        let Some(tracked) = self.tracked(head.header.sock, head.open_ns) else { return };
+        let Some(tracked) = self.tracked(head.header.sock, head.open_token) else { return };
         let Some(series) = tracked.series.clone() else { return };
         let direction = Direction::from_wire(head.direction).unwrap_or(Direction::None);
         if is_request(tracked.role, direction) {
@@ -266,29 +292,31 @@ impl ConnectionTable {
     /// is older than one already applied).
     fn apply(&mut self, sock: u64, conn: &Conn) -> bool {
         let metrics = self.metrics.clone();
-        let Some(tracked) = self.tracked(sock, conn.open_ns) else { return false };
+        let Some(tracked) = self.tracked(sock, conn.open_token) else { return false };
         let Some(series) = tracked.series.clone() else { return false };
         let seen = tracked.seen;
-        if conn.exchanges < seen.exchanges
-            || conn.bytes_sent < seen.bytes_sent
-            || conn.bytes_received < seen.bytes_received
-        {
+        if conn.last_ns < seen.last_ns || conn.exchanges < seen.exchanges {
             return false;
         }
         let changed = conn.exchanges != seen.exchanges
             || conn.bytes_sent != seen.bytes_sent
             || conn.bytes_received != seen.bytes_received;
-        series.bytes_sent.inc_by(conn.bytes_sent - seen.bytes_sent);
-        series.bytes_received.inc_by(conn.bytes_received - seen.bytes_received);
+        series.bytes_sent.inc_by(u64::from(conn.bytes_sent.wrapping_sub(seen.bytes_sent)));
+        series
+            .bytes_received
+            .inc_by(u64::from(conn.bytes_received.wrapping_sub(seen.bytes_received)));
         let mut gaps = [0u64; GAP_BUCKETS];
         for (added, (now, before)) in
             gaps.iter_mut().zip(conn.gap_buckets.iter().zip(seen.gap_buckets))
         {
             *added = u64::from(now.wrapping_sub(before));
         }
-        let gap_sum_ns = conn.gap_sum_ns.saturating_sub(seen.gap_sum_ns);
+        let gap_sum_us = gap_sum_delta(
+            conn.gap_sum_us.wrapping_sub(seen.gap_sum_us),
+            conn.last_ns - seen.last_ns,
+        );
         if gaps.iter().any(|&n| n != 0) {
-            series.idle.add(&gaps, gap_sum_ns as f64 / 1e9);
+            series.idle.add(&gaps, gap_sum_us as f64 / 1e6);
         }
         if let Some(session) = tracked.http.as_deref_mut() {
             add_requests(&metrics, &series, session.repeat_until(conn.exchanges));
@@ -297,13 +325,7 @@ impl ConnectionTable {
         if protocol != Protocol::Unknown {
             tracked.protocol = protocol;
         }
-        tracked.seen = Seen {
-            exchanges: conn.exchanges,
-            bytes_sent: conn.bytes_sent,
-            bytes_received: conn.bytes_received,
-            gap_sum_ns: conn.gap_sum_ns,
-            gap_buckets: conn.gap_buckets,
-        };
+        tracked.seen = Seen::of(conn);
         let waiting = conn.has(conn_flag::AWAITING_RESPONSE);
         set_activity(tracked, &series, if waiting { Activity::Active } else { Activity::Idle });
         changed
@@ -330,7 +352,7 @@ impl ConnectionTable {
     fn close(&mut self, event: &SnapshotEvent) {
         let sock = event.header.sock;
         let conn = &event.conn;
-        if self.tracked(sock, conn.open_ns).is_none() {
+        if self.tracked(sock, conn.open_token).is_none() {
             // Its Open was lost (counted as ringbuf_full): no labels to count it under.
             return;
         }
@@ -348,10 +370,7 @@ impl ConnectionTable {
         let closed = Closed {
             flow: PlacedFlow { flow: series.flow.clone(), placement: series.placement.clone() },
             closed_by: by.label().to_owned(),
-            close_kind: CloseKind::from_wire(conn.close_kind)
-                .unwrap_or(CloseKind::None)
-                .label()
-                .to_owned(),
+            close_kind: conn.close_kind().label().to_owned(),
             reason: close_reason(conn, http).label().to_owned(),
         };
         self.metrics.closed.get_or_create(&closed).inc();
@@ -366,11 +385,11 @@ impl ConnectionTable {
             };
             histogram.observe(requests as f64);
         }
-        if exact && end_ns >= conn.open_ns {
-            series.duration.observe(seconds(end_ns - conn.open_ns));
+        if exact && end_ns >= tracked.open_ns {
+            series.duration.observe(seconds(end_ns - tracked.open_ns));
         }
         let close_idle_seconds = if by == ClosedBy::Unknown {
-            seconds(end_ns.saturating_sub(conn.last_ns.max(conn.open_ns)))
+            seconds(end_ns.saturating_sub(conn.last_ns))
         } else {
             f64::from(conn.close_idle_us) / 1e6
         };
@@ -388,9 +407,10 @@ impl Tracked {
         let mut entry = Handover {
             open_ns: self.open_ns,
             cgroup_id: self.cgroup_id,
+            last_ns: seen.last_ns,
             bytes_sent: seen.bytes_sent,
             bytes_received: seen.bytes_received,
-            gap_sum_ns: seen.gap_sum_ns,
+            gap_sum_us: seen.gap_sum_us,
             exchanges: seen.exchanges,
             gap_buckets: seen.gap_buckets,
             role: self.role as u8,

@@ -38,7 +38,13 @@ fn open(role: Role) -> Event<'static> {
 }
 
 fn state(role: Role) -> Conn {
-    Conn { open_ns: OPEN_NS, role: role as u8, flags: conn_flag::ATTRIBUTED, ..Conn::default() }
+    Conn {
+        open_token: open_token(OPEN_NS),
+        last_ns: OPEN_NS,
+        role: role as u8,
+        flags: conn_flag::ATTRIBUTED,
+        ..Conn::default()
+    }
 }
 
 fn snapshot(kind: EventKind, conn: Conn, ts_ns: u64) -> Event<'static> {
@@ -49,7 +55,7 @@ fn snapshot(kind: EventKind, conn: Conn, ts_ns: u64) -> Event<'static> {
 /// A head record as the kernel sends it (bytes kept alive by the caller).
 fn head_record(role: Role, direction: Direction, exchanges: u32, head: &[u8]) -> Vec<u8> {
     let header = EventHeader::new(EventKind::Head, SOCK, 0);
-    events::encode_head(header, OPEN_NS, exchanges, direction as u8, role as u8, head)
+    events::encode_head(header, open_token(OPEN_NS), exchanges, direction as u8, role as u8, head)
 }
 
 fn handle_bytes(table: &mut ConnectionTable, record: &[u8]) {
@@ -94,7 +100,9 @@ fn http11(metrics: &Metrics, role: &str) -> u64 {
 
 fn closing(mut conn: Conn, by: ClosedBy, kind: CloseKind) -> Conn {
     conn.closed_by = by as u8;
-    conn.close_kind = kind as u8;
+    if kind == CloseKind::Reset {
+        conn.flags |= conn_flag::CLOSED_BY_RESET;
+    }
     conn
 }
 
@@ -114,7 +122,8 @@ fn client_keep_alive_connection_closed_idle_by_peer() {
     // The second exchange repeated both heads: only the kernel's counts say so.
     let mut last = state(Role::Client);
     last.exchanges = 2;
-    last.gap_sum_ns = 200_000_000;
+    last.gap_sum_us = 200_000;
+    last.last_ns = OPEN_NS + 300_000_000;
     last.gap_buckets[gap_bucket(200_000_000)] = 1;
     last.last_direction = Direction::Recv as u8;
     last.flags |= conn_flag::IDLE_AT_CLOSE;
@@ -154,7 +163,8 @@ fn batched_snapshots_equal_one_record_per_turn() {
         conn.exchanges = 1;
         for (n, gap) in gaps_ns.iter().enumerate() {
             conn.exchanges += 1;
-            conn.gap_sum_ns += gap;
+            conn.last_ns += gap + 1_000;
+            conn.gap_sum_us = conn.gap_sum_us.wrapping_add((gap / 1000) as u32);
             let bucket = &mut conn.gap_buckets[gap_bucket(*gap)];
             *bucket = bucket.wrapping_add(1);
             conn.bytes_received += 30;
@@ -282,7 +292,8 @@ fn accepted_sockets_count_once_their_process_is_known() {
     let Event::Open(owner) = open(Role::Server) else { return };
     let attribute = connscope_common::AttributeEvent {
         header: EventHeader::new(EventKind::Attribute, SOCK, 2_000),
-        open_ns: OPEN_NS,
+        open_token: open_token(OPEN_NS),
+        _pad: 0,
         attribution: owner.attribution,
     };
     table.handle(&Event::Attribute(attribute));
@@ -319,6 +330,34 @@ fn bytes_are_counted_once() {
     table.handle(&snapshot(EventKind::Close, last, 2_000));
     assert_eq!(metrics.bytes_sent.get_or_create(&flow("client")).get(), 150);
     assert_eq!(metrics.bytes_received.get_or_create(&flow("client")).get(), 70);
+}
+
+#[test]
+fn wrapping_counters_count_across_their_wrap() {
+    let (mut table, metrics) = table();
+    table.handle(&open(Role::Client));
+    let mut before = state(Role::Client);
+    before.bytes_sent = u32::MAX - 9;
+    before.gap_sum_us = u32::MAX - 99;
+    before.exchanges = 2;
+    before.gap_buckets[GAP_BUCKETS - 1] = 1;
+    before.last_ns = OPEN_NS + 5_000_000_000_000;
+    table.handle(&snapshot(EventKind::Progress, before, 0));
+    let mut after = before;
+    after.bytes_sent = 20;
+    // One more gap of 2 h: longer than a whole wrap of the µs sum.
+    let gap_us: u64 = 7_200_000_000;
+    after.gap_sum_us = before.gap_sum_us.wrapping_add(gap_us as u32);
+    after.exchanges = 3;
+    after.gap_buckets[GAP_BUCKETS - 1] = 2;
+    after.last_ns = before.last_ns + gap_us * 1000 + 40_000;
+    table.handle(&snapshot(EventKind::Progress, after, 0));
+    let bytes = metrics.bytes_sent.get_or_create(&flow("client")).get();
+    assert_eq!(bytes, u64::from(u32::MAX - 9) + 30);
+    let (count, sum) = metrics.idle.get_or_create(&flow("client")).totals();
+    assert_eq!(count, 2);
+    let expected = (u64::from(u32::MAX - 99) + gap_us) as f64 / 1e6;
+    assert!((sum - expected).abs() < 1e-6, "{sum} != {expected}");
 }
 
 #[test]

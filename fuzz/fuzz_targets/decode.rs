@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(Event::Head(head)) => {
             let again = events::encode_head(
                 head.header,
-                head.open_ns,
+                head.open_token,
                 head.exchanges,
                 head.direction,
                 head.role,

@@ -117,6 +117,7 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
     let tracked_now = tracked(&scrape);
     thread::sleep(Duration::from_secs(1));
     let rss = rss_bytes(agent.pid())?;
+    let rss_parts = rss_breakdown(agent.pid());
     let maps = map_memory(agent.pid())?;
     // The per-socket maps are the ones sized by --bpf.max-connections.
     let per_socket: Vec<&String> = maps
@@ -145,6 +146,7 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
         "open_seconds": round(open_seconds, 1),
         "agent_rss_start_bytes": rss_start,
         "agent_rss_bytes": rss,
+        "agent_rss_kib_by_kind": rss_parts,
         "agent_rss_after_close_bytes": rss_after,
         "bpf_maps": maps,
         "bpf_map_bytes_total": total_bytes,
@@ -174,4 +176,19 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
         ),
     ];
     Ok(Part { key: "memory", details, figures })
+}
+
+/// `RssAnon`, `RssFile` and `RssShmem` (KiB) of `/proc/PID/status`: the ring buffer's pages
+/// are mapped from the kernel, the agent's own heap is anonymous.
+fn rss_breakdown(pid: u32) -> Value {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kinds: serde_json::Map<String, Value> = status
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            let kib: u64 = value.split_whitespace().next()?.parse().ok()?;
+            name.starts_with("Rss").then(|| (name.to_owned(), Value::from(kib)))
+        })
+        .collect();
+    Value::Object(kinds)
 }

@@ -45,7 +45,13 @@ struct Settings {
     idle_connections: usize,
     /// Bytes (= reads = writes) per dd run.
     dd_count: u64,
+    /// Parts to run (`CONNSCOPE_BENCH_PARTS`, comma-separated names of [`PARTS`]); all
+    /// when unset.
+    parts: Vec<String>,
 }
+
+/// The bench's parts, by the names `CONNSCOPE_BENCH_PARTS` takes.
+const PARTS: [&str; 5] = ["throughput", "kernel-cost", "no-network", "memory", "metrics"];
 
 impl Settings {
     fn from_env() -> Self {
@@ -57,7 +63,14 @@ impl Settings {
             seconds: get("CONNSCOPE_BENCH_SECONDS", 5).max(1),
             idle_connections: get("CONNSCOPE_BENCH_IDLE_CONNECTIONS", 50_000) as usize,
             dd_count: get("CONNSCOPE_BENCH_DD_COUNT", 4 << 20).max(1000),
+            parts: std::env::var("CONNSCOPE_BENCH_PARTS")
+                .map(|v| v.split(',').map(|p| p.trim().to_owned()).collect())
+                .unwrap_or_else(|_| PARTS.iter().map(|p| (*p).to_owned()).collect()),
         }
+    }
+
+    fn runs(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
     }
 }
 
@@ -71,6 +84,9 @@ pub fn run() -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours starts; read by the test harness.
     unsafe { std::env::set_var("CONNSCOPE_BIN", &binary) };
     let settings = Settings::from_env();
+    if let Some(unknown) = settings.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
+        bail!("CONNSCOPE_BENCH_PARTS: unknown part {unknown:?} (parts: {})", PARTS.join(","));
+    }
 
     let mut parts = Vec::new();
     let nginx = Nginx::start(NginxConfig {
@@ -81,13 +97,23 @@ pub fn run() -> anyhow::Result<()> {
         advertise_keep_alive: false,
     })?;
     let url = nginx.url("/index.html");
-    parts.push(throughput::throughput(&settings, &url, false)?);
-    parts.push(throughput::throughput(&settings, &url, true)?);
-    parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
+    if settings.runs("throughput") {
+        parts.push(throughput::throughput(&settings, &url, false)?);
+        parts.push(throughput::throughput(&settings, &url, true)?);
+    }
+    if settings.runs("kernel-cost") {
+        parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
+    }
     drop(nginx);
-    parts.push(no_network::no_network(&settings)?);
-    parts.push(memory::idle_memory(settings.idle_connections)?);
-    parts.push(metrics_latency::metrics_latency()?);
+    if settings.runs("no-network") {
+        parts.push(no_network::no_network(&settings)?);
+    }
+    if settings.runs("memory") {
+        parts.push(memory::idle_memory(settings.idle_connections)?);
+    }
+    if settings.runs("metrics") {
+        parts.push(metrics_latency::metrics_latency()?);
+    }
     // Events lost across an agent restart (issue 10) will be one more part here, with its
     // own module returning a `report::Part`.
 
