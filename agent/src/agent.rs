@@ -101,6 +101,7 @@ impl Agent {
         let counters = EventCounters::new(&metrics);
         let table = ConnectionTable::new(
             metrics,
+            config.max_connections as usize,
             config.max_servers,
             config.max_processes,
             Box::new(placement),

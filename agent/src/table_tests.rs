@@ -67,7 +67,7 @@ fn handle_bytes(table: &mut ConnectionTable, record: &[u8]) {
 
 fn table() -> (ConnectionTable, Metrics) {
     let metrics = Metrics::new();
-    (ConnectionTable::new(metrics.clone(), 100, 100, Box::new(NoPlacement)), metrics)
+    (ConnectionTable::new(metrics.clone(), 1024, 100, 100, Box::new(NoPlacement)), metrics)
 }
 
 fn closed_count(metrics: &Metrics, role: &str, by: &str, kind: &str, reason: &str) -> u64 {

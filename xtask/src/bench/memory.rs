@@ -88,6 +88,7 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
     let capacity = (2 * connections).next_power_of_two().max(1024);
     let agent = Agent::start(&["--bpf.max-connections", &capacity.to_string()])?;
     let rss_start = rss_bytes(agent.pid())?;
+    let rss_parts_start = rss_breakdown(agent.pid());
     let baseline = tracked(&agent.scrape()?);
     let started = Instant::now();
     let mut holders = Vec::new();
@@ -118,6 +119,7 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
     thread::sleep(Duration::from_secs(1));
     let rss = rss_bytes(agent.pid())?;
     let rss_parts = rss_breakdown(agent.pid());
+    let largest = largest_mappings(agent.pid(), 8);
     let maps = map_memory(agent.pid())?;
     // The per-socket maps are the ones sized by --bpf.max-connections.
     let per_socket: Vec<&String> = maps
@@ -147,6 +149,8 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
         "agent_rss_start_bytes": rss_start,
         "agent_rss_bytes": rss,
         "agent_rss_kib_by_kind": rss_parts,
+        "agent_rss_kib_by_kind_at_start": rss_parts_start,
+        "agent_largest_mappings_rss_kib": largest,
         "agent_rss_after_close_bytes": rss_after,
         "bpf_maps": maps,
         "bpf_map_bytes_total": total_bytes,
@@ -158,6 +162,8 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
         "tracked_after_close": tracked(&after),
     });
     let rss_mib = rss as f64 / f64::from(1 << 20);
+    let ring_kib = mapping_rss_kib(&largest, "anon_inode:bpf-map");
+    let own_mib = rss_mib - ring_kib as f64 / 1024.0;
     let figures = vec![
         Figure::new(
             "kernel bytes per tracked socket",
@@ -171,8 +177,20 @@ pub fn idle_memory(connections: usize) -> anyhow::Result<Part> {
         Figure::new(
             format!("agent RSS at {tracked_now} tracked sockets"),
             rss_mib,
-            format!("{rss_mib:.1} MiB"),
+            format!("{rss_mib:.1} MiB (VmRSS)"),
             Target::AtMost(30.0),
+        ),
+        Figure::new(
+            "  of which the ring buffer's kernel pages, mapped (data pages twice)",
+            ring_kib as f64 / 1024.0,
+            format!("{:.1} MiB (also counted in the maps' memory)", ring_kib as f64 / 1024.0),
+            Target::None,
+        ),
+        Figure::new(
+            "  agent RSS without the ring buffer mapping",
+            own_mib,
+            format!("{own_mib:.1} MiB"),
+            Target::None,
         ),
     ];
     Ok(Part { key: "memory", details, figures })
@@ -191,4 +209,39 @@ fn rss_breakdown(pid: u32) -> Value {
         })
         .collect();
     Value::Object(kinds)
+}
+
+/// The `count` mappings of `/proc/PID/smaps` with the most resident memory, as
+/// `[name, KiB]` (anonymous mappings are named `[anon]`).
+fn largest_mappings(pid: u32, count: usize) -> Value {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut mappings: Vec<(String, u64)> = Vec::new();
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let first = fields.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header line: range perms offset dev inode [name].
+            let name = fields.nth(4).unwrap_or("[anon]").to_owned();
+            mappings.push((name, 0));
+        } else if first == "Rss:"
+            && let (Some(last), Some(kib)) =
+                (mappings.last_mut(), fields.next().and_then(|v| v.parse::<u64>().ok()))
+        {
+            last.1 = kib;
+        }
+    }
+    mappings.sort_by(|a, b| b.1.cmp(&a.1));
+    mappings.truncate(count);
+    mappings.into_iter().map(|(name, kib)| json!([name, kib])).collect()
+}
+
+/// Resident KiB of the mapping named `name` in a [`largest_mappings`] list.
+fn mapping_rss_kib(largest: &Value, name: &str) -> u64 {
+    largest
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m[0].as_str() == Some(name))
+        .filter_map(|m| m[1].as_u64())
+        .sum()
 }
