@@ -111,9 +111,11 @@ pub struct Conn {
     pub bytes_received: u32,
     /// Exchanges (requests) started on this connection.
     pub exchanges: u32,
-    /// Fingerprints of the last request and response heads sent to the agent.
-    pub request_print: u32,
-    pub response_print: u32,
+    /// Lengths of the transfers whose request and response heads were last read and sent
+    /// to the agent (0: read the next one). A later turn of the same length repeats that
+    /// head and is counted without reading it: see `exchange.rs` in the eBPF crate.
+    pub request_len: u32,
+    pub response_len: u32,
     /// Idle time from the last transfer to the start of the close, in µs (saturating).
     pub close_idle_us: u32,
     /// [`conn_flag`] bits.

@@ -13,7 +13,8 @@
 //!   at the first application-data record of a request-direction turn
 //!   (`head::tls_carries_request`).
 //!
-//! Heads are read only on HTTP/1.x connections (and once to tell what a connection speaks).
+//! Heads are read only on HTTP/1.x connections (and once to tell what a connection speaks),
+//! and there only when a turn's length differs from the last head's (`steady_repeat`).
 
 use connscope_common::{
     Conn, Direction, Protocol,
@@ -74,6 +75,9 @@ fn request_payload(
     if protocol != Protocol::Http1 && protocol != Protocol::Unknown {
         return new_exchange(conn, now);
     }
+    if turn_start && !pending && steady_repeat(conn, conn.request_len, bytes) {
+        return new_exchange(conn, now);
+    }
     // A request-direction transfer ends any interim response.
     conn.flags &= !conn_flag::INTERIM;
     let head = if turn_start {
@@ -108,7 +112,8 @@ fn request_payload(
     let report = new_exchange(conn, now);
     if let Some(head) = head {
         if conn.protocol == Protocol::Http1 as u8 {
-            head::send_if_changed(sock, conn, head, true, now);
+            let sent = head::send(sock, conn, head, true, now);
+            conn.request_len = if sent { bytes as u32 } else { 0 };
         }
     }
     report
@@ -131,6 +136,9 @@ fn response_payload(
     if !turn_start && !conn.has(conn_flag::INTERIM) {
         return;
     }
+    if turn_start && steady_repeat(conn, conn.response_len, bytes) {
+        return;
+    }
     let Some(head) = head::read(direction, bytes) else { return };
     let Some(status) = head::status(head) else {
         // A response that is not HTTP/1.x (or a server that speaks first).
@@ -150,9 +158,27 @@ fn response_payload(
         }
         Status::Final => {
             conn.flags &= !conn_flag::INTERIM;
-            head::send_if_changed(sock, conn, head, false, now);
+            let sent = head::send(sock, conn, head, false, now);
+            conn.response_len = if sent { bytes as u32 } else { 0 };
         }
     }
+}
+
+/// Whether a turn on an HTTP/1.x connection repeats the last head read in its direction:
+/// it moves as many bytes as the transfer that head came in (`last_len`), and no interim
+/// response is in progress. Steady keep-alive traffic (the same request, the same
+/// response) then costs no read of user memory at all. The heads that change a metric
+/// change their transfer's length: `Connection: close` for `keep-alive`, a `Keep-Alive`
+/// parameter, an interim or `101` status, a pipelined second request, another body size.
+/// The exception would be a head that changes one of those while keeping its length
+/// exactly (a header of the same size dropped in exchange); its exchange is still
+/// counted, with the previous head's version and keep-alive terms.
+#[inline(always)]
+fn steady_repeat(conn: &Conn, last_len: u32, bytes: u64) -> bool {
+    conn.protocol == Protocol::Http1 as u8
+        && last_len != 0
+        && u64::from(last_len) == bytes
+        && !conn.has(conn_flag::INTERIM)
 }
 
 /// Counts a new exchange and its idle gap since the previous transfer. Returns whether a

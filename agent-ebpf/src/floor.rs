@@ -20,19 +20,19 @@ fn add_bytes(ctx: &BtfTracePointContext) {
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
-pub fn connscope_floor_send(ctx: BtfTracePointContext) -> i32 {
+pub fn floor_sock_send(ctx: BtfTracePointContext) -> i32 {
     add_bytes(&ctx);
     0
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
-pub fn connscope_floor_recv(ctx: BtfTracePointContext) -> i32 {
+pub fn floor_sock_recv(ctx: BtfTracePointContext) -> i32 {
     add_bytes(&ctx);
     0
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
-pub fn connscope_floor_state(ctx: BtfTracePointContext) -> i32 {
+pub fn floor_set_state(ctx: BtfTracePointContext) -> i32 {
     let sock: u64 = ctx.arg(0);
     let new: i32 = ctx.arg(2);
     if new == tcp_state::ESTABLISHED {
@@ -44,7 +44,7 @@ pub fn connscope_floor_state(ctx: BtfTracePointContext) -> i32 {
 }
 
 #[btf_tracepoint(function = "tcp_destroy_sock")]
-pub fn connscope_floor_destroy(ctx: BtfTracePointContext) -> i32 {
+pub fn floor_destroy(ctx: BtfTracePointContext) -> i32 {
     let sock: u64 = ctx.arg(0);
     let _ = FLOOR_BYTES.remove(&sock);
     0

@@ -1,7 +1,7 @@
 //! Payload heads: read into a per-CPU record, looked at cheaply (start line, TLS record
-//! type), fingerprinted, and sent to the agent only when they differ from the previous head
-//! in the same direction. Steady keep-alive traffic repeats the same heads, so the agent
-//! parses a head once and the kernel counts its repeats.
+//! type) and sent to the agent, which parses them. Steady keep-alive traffic repeats the
+//! same heads, which are not read again (`exchange::steady_repeat`): the kernel counts the
+//! repeats and the agent applies the last head it parsed to them.
 
 use aya_ebpf::helpers::{bpf_probe_read_user, generated};
 use connscope_common::{
@@ -220,60 +220,6 @@ pub fn status(head: &HeadEvent) -> Option<Status> {
         (b'1', _, _) => Status::Interim,
         _ => Status::Final,
     })
-}
-
-/// A 32-bit fingerprint of the head's bytes (FNV-1a over 8-byte words, then folded).
-/// Identical heads have identical metric effects; a differing head is sent to the agent.
-#[inline(always)]
-fn fingerprint(head: &HeadEvent) -> u32 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    /// Keeps a word's byte offset inside `head` for any index (verifiers before 6.x lose
-    /// the loop's bound; the mask keeps the access provably in range).
-    const WORD_OFFSETS: usize = HEAD_LEN - 8;
-    let len = (head.head_len as usize).min(HEAD_LEN);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325 ^ len as u64;
-    let words = len / 8;
-    // `head` starts 8-aligned in the record (48 bytes in), so every word read is aligned.
-    let word_at = |index: usize| -> u64 {
-        let offset = (index * 8) & WORD_OFFSETS;
-        // SAFETY: `offset + 8 <= HEAD_LEN` by the mask, and the address is 8-aligned.
-        unsafe { core::ptr::read(head.head.as_ptr().add(offset).cast::<u64>()) }
-    };
-    for index in 0..HEAD_LEN / 8 {
-        if index >= words {
-            break;
-        }
-        hash = (hash ^ word_at(index)).wrapping_mul(PRIME);
-    }
-    let tail = len % 8;
-    if tail != 0 {
-        // Bytes past `len` are masked off.
-        hash = (hash ^ (word_at(words) & ((1u64 << (tail * 8)) - 1))).wrapping_mul(PRIME);
-    }
-    (hash ^ (hash >> 32)) as u32
-}
-
-/// Sends the head unless it repeats the last one sent for its direction (`request` says
-/// which). A head that could not be sent is forgotten, so the next one is sent again.
-#[inline(always)]
-pub fn send_if_changed(
-    sock: u64,
-    conn: &mut Conn,
-    record: &mut HeadEvent,
-    request: bool,
-    now: u64,
-) {
-    let print = fingerprint(record);
-    let last = if request { conn.request_print } else { conn.response_print };
-    if last == print && print != 0 {
-        return;
-    }
-    let sent = if send(sock, conn, record, request, now) { print } else { 0 };
-    if request {
-        conn.request_print = sent;
-    } else {
-        conn.response_print = sent;
-    }
 }
 
 /// Sends the head record at its real length.

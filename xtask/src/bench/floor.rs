@@ -62,6 +62,10 @@ impl Floor {
         Ok(floor)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         if self.child.try_wait()?.is_none() {
             // SAFETY: signalling our own child.

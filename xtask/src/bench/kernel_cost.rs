@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 
 use super::{
     Settings,
+    floor::Floor,
     report::{Figure, Part, Target},
     round,
     wrk::wrk,
@@ -138,6 +139,43 @@ fn describe(kernel_name: &str, programs: &[(String, String)]) -> (Vec<String>, C
     (hooks, class)
 }
 
+type Stats = BTreeMap<String, (u64, u64)>;
+
+/// Program statistics of `pid`'s programs before and after one keep-alive and one
+/// `Connection: close` wrk run (per-request hooks and per-connection hooks).
+fn program_stats_across_load(
+    pid: u32,
+    settings: &Settings,
+    url: &str,
+) -> anyhow::Result<(Stats, Stats)> {
+    let ids = program_ids(pid)?;
+    let before = program_stats(&ids);
+    wrk(url, settings.seconds, false)?;
+    wrk(url, settings.seconds, true)?;
+    Ok((before, program_stats(&ids)))
+}
+
+/// Σ run time and Σ runs per class between two statistics.
+fn class_totals(
+    before: &Stats,
+    after: &Stats,
+    programs: &[(String, String)],
+) -> BTreeMap<&'static str, (u64, u64)> {
+    let mut classes = BTreeMap::new();
+    for (name, (time, count)) in after {
+        let (time0, count0) = before.get(name).copied().unwrap_or((0, 0));
+        let entry = classes.entry(describe(name, programs).1.label()).or_insert((0, 0));
+        entry.0 += time - time0;
+        entry.1 += count - count0;
+    }
+    classes
+}
+
+fn per_run(classes: &BTreeMap<&'static str, (u64, u64)>, class: Class) -> f64 {
+    let (time, runs) = classes.get(class.label()).copied().unwrap_or((0, 0));
+    if runs == 0 { f64::NAN } else { time as f64 / runs as f64 }
+}
+
 pub fn kernel_cost(settings: &Settings, url: &str, object: &Path) -> anyhow::Result<Part> {
     let programs = object_programs(object).unwrap_or_else(|err| {
         eprintln!("bench: cannot read program names from {}: {err:#}", object.display());
@@ -145,27 +183,25 @@ pub fn kernel_cost(settings: &Settings, url: &str, object: &Path) -> anyhow::Res
     });
     let stats = BpfStats::enable()?;
     let agent = Agent::start(&[])?;
-    let ids = program_ids(agent.pid())?;
-    let before = program_stats(&ids);
-    // Both traffic shapes: per-request hooks and per-connection hooks.
-    wrk(url, settings.seconds, false)?;
-    wrk(url, settings.seconds, true)?;
-    let after = program_stats(&ids);
+    let (before, after) = program_stats_across_load(agent.pid(), settings, url)?;
     agent.stop()?;
+    // The floor arm under the same load: what looking the socket up and adding its bytes
+    // costs on this machine, for comparison.
+    let floor = Floor::start()?;
+    let (floor_before, floor_after) = program_stats_across_load(floor.pid(), settings, url)?;
+    floor.stop()?;
     drop(stats);
+    let floor_classes = class_totals(&floor_before, &floor_after, &programs);
 
     let mut rows = serde_json::Map::new();
     let mut figures = Vec::new();
     // (time, runs) per class.
-    let mut classes: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+    let classes = class_totals(&before, &after, &programs);
     for (name, (time, count)) in &after {
         let (time0, count0) = before.get(name).copied().unwrap_or((0, 0));
         let (time, runs) = (time - time0, count - count0);
         let ns = if runs == 0 { 0.0 } else { time as f64 / runs as f64 };
         let (hooks, class) = describe(name, &programs);
-        let entry = classes.entry(class.label()).or_default();
-        entry.0 += time;
-        entry.1 += runs;
         figures.push(Figure::new(
             format!("  {name} ({})", if hooks.is_empty() { "?".into() } else { hooks.join(", ") }),
             ns,
@@ -177,22 +213,21 @@ pub fn kernel_cost(settings: &Settings, url: &str, object: &Path) -> anyhow::Res
             json!({ "hooks": hooks, "class": class.label(), "runs": runs, "ns_per_run": round(ns, 1) }),
         );
     }
-    let per_run = |class: Class| {
-        let (time, runs) = classes.get(class.label()).copied().unwrap_or((0, 0));
-        if runs == 0 { f64::NAN } else { time as f64 / runs as f64 }
-    };
-    let (send_receive, state_change) = (per_run(Class::SendReceive), per_run(Class::StateChange));
+    let (send_receive, state_change) =
+        (per_run(&classes, Class::SendReceive), per_run(&classes, Class::StateChange));
+    let (floor_send_receive, floor_state_change) =
+        (per_run(&floor_classes, Class::SendReceive), per_run(&floor_classes, Class::StateChange));
     let mut summary = vec![
         Figure::new(
             "ns per send/recv program run",
             send_receive,
-            format!("{send_receive:.0} ns"),
+            format!("{send_receive:.0} ns (floor arm: {floor_send_receive:.0} ns)"),
             Target::AtMost(120.0),
         ),
         Figure::new(
             "ns per state-change run",
             state_change,
-            format!("{state_change:.0} ns"),
+            format!("{state_change:.0} ns (floor arm: {floor_state_change:.0} ns)"),
             Target::AtMost(150.0),
         ),
     ];
@@ -201,7 +236,11 @@ pub fn kernel_cost(settings: &Settings, url: &str, object: &Path) -> anyhow::Res
         .iter()
         .map(|(label, (time, runs))| (*label, json!({ "runs": runs, "run_time_ns": time })))
         .collect();
-    let details = json!({ "programs": rows, "classes": class_json });
+    let floor_json: BTreeMap<&str, Value> = floor_classes
+        .iter()
+        .map(|(label, (time, runs))| (*label, json!({ "runs": runs, "run_time_ns": time })))
+        .collect();
+    let details = json!({ "programs": rows, "classes": class_json, "floor_classes": floor_json });
     Ok(Part { key: "bpf_programs", details, figures: summary })
 }
 
