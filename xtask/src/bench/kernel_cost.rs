@@ -141,18 +141,19 @@ fn describe(kernel_name: &str, programs: &[(String, String)]) -> (Vec<String>, C
 
 type Stats = BTreeMap<String, (u64, u64)>;
 
-/// Program statistics of `pid`'s programs before and after one keep-alive and one
-/// `Connection: close` wrk run (per-request hooks and per-connection hooks).
+/// Program statistics of `pid`'s programs before, between and after one keep-alive and
+/// one `Connection: close` wrk run (per-request hooks and per-connection hooks).
 fn program_stats_across_load(
     pid: u32,
     settings: &Settings,
     url: &str,
-) -> anyhow::Result<(Stats, Stats)> {
+) -> anyhow::Result<[Stats; 3]> {
     let ids = program_ids(pid)?;
     let before = program_stats(&ids);
     wrk(url, settings.seconds, false)?;
+    let keep_alive = program_stats(&ids);
     wrk(url, settings.seconds, true)?;
-    Ok((before, program_stats(&ids)))
+    Ok([before, keep_alive, program_stats(&ids)])
 }
 
 /// Σ run time and Σ runs per class between two statistics.
@@ -183,15 +184,20 @@ pub fn kernel_cost(settings: &Settings, url: &str, object: &Path) -> anyhow::Res
     });
     let stats = BpfStats::enable()?;
     let agent = Agent::start(&[])?;
-    let (before, after) = program_stats_across_load(agent.pid(), settings, url)?;
+    let [before, keep_alive, after] = program_stats_across_load(agent.pid(), settings, url)?;
     agent.stop()?;
     // The floor arm under the same load: what looking the socket up and adding its bytes
     // costs on this machine, for comparison.
     let floor = Floor::start()?;
-    let (floor_before, floor_after) = program_stats_across_load(floor.pid(), settings, url)?;
+    let [floor_before, floor_keep_alive, floor_after] =
+        program_stats_across_load(floor.pid(), settings, url)?;
     floor.stop()?;
     drop(stats);
     let floor_classes = class_totals(&floor_before, &floor_after, &programs);
+    let steady = per_run(&class_totals(&before, &keep_alive, &programs), Class::SendReceive);
+    let floor_steady =
+        per_run(&class_totals(&floor_before, &floor_keep_alive, &programs), Class::SendReceive);
+    let churn = per_run(&class_totals(&keep_alive, &after, &programs), Class::SendReceive);
 
     let mut rows = serde_json::Map::new();
     let mut figures = Vec::new();
@@ -223,6 +229,18 @@ pub fn kernel_cost(settings: &Settings, url: &str, object: &Path) -> anyhow::Res
             send_receive,
             format!("{send_receive:.0} ns (floor arm: {floor_send_receive:.0} ns)"),
             Target::AtMost(120.0),
+        ),
+        Figure::new(
+            "  keep-alive run only",
+            steady,
+            format!("{steady:.0} ns (floor arm: {floor_steady:.0} ns)"),
+            Target::None,
+        ),
+        Figure::new(
+            "  Connection: close run only (every turn reads its head)",
+            churn,
+            format!("{churn:.0} ns"),
+            Target::None,
         ),
         Figure::new(
             "ns per state-change run",
