@@ -17,6 +17,61 @@ use super::{
     wrk::{WrkResult, wrk},
 };
 
+/// CPU time (user + system) of our descendant processes named `comm` (the bench's nginx:
+/// its master and workers), from `/proc`.
+fn descendant_cpu_seconds(comm: &str) -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return 0.0 };
+    let mut parent = BTreeMap::new();
+    let mut named = Vec::new();
+    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((head, rest)) = stat.rsplit_once(')') else { continue };
+        let Some(ppid) = rest.split_whitespace().nth(1).and_then(|v| v.parse::<u32>().ok()) else {
+            continue;
+        };
+        parent.insert(pid, ppid);
+        if head.split_once('(').is_some_and(|(_, name)| name == comm) {
+            named.push(pid);
+        }
+    }
+    let me = std::process::id();
+    let descends = |mut pid: u32| {
+        for _ in 0..64 {
+            match parent.get(&pid) {
+                Some(&ppid) if ppid == me => return true,
+                Some(&ppid) if ppid > 1 => pid = ppid,
+                _ => return false,
+            }
+        }
+        false
+    };
+    named.into_iter().filter(|&pid| descends(pid)).filter_map(|pid| cpu_seconds(pid).ok()).sum()
+}
+
+/// One wrk run's throughput and the CPU per request of everything the run needs: nginx,
+/// wrk and the observer (floor or agent, by pid). On a saturated host every cycle an
+/// observer costs is a cycle nginx or wrk lacks, so `cpu_none / cpu_arm` is the throughput
+/// ratio without the host's noise: CPU accounting leaves out time stolen by a hypervisor,
+/// which wall-clock req/s do not.
+struct Arm {
+    cpu_per_request: f64,
+}
+
+fn measured_run(
+    url: &str,
+    seconds: u64,
+    close: bool,
+    observer: Option<u32>,
+) -> anyhow::Result<(WrkResult, Arm)> {
+    let observer_cpu = || observer.and_then(|pid| cpu_seconds(pid).ok()).unwrap_or(0.0);
+    let (nginx_before, observer_before) = (descendant_cpu_seconds("nginx"), observer_cpu());
+    let result = wrk(url, seconds, close)?;
+    let cpu = descendant_cpu_seconds("nginx") - nginx_before + result.cpu_seconds + observer_cpu()
+        - observer_before;
+    let arm = Arm { cpu_per_request: cpu / result.requests.max(1) as f64 };
+    Ok((result, arm))
+}
+
 /// What the connscope arm saw besides throughput.
 #[derive(Default)]
 struct AgentLoad {
@@ -36,11 +91,11 @@ fn connscope_arm(
     seconds: u64,
     close: bool,
     load: &mut AgentLoad,
-) -> anyhow::Result<WrkResult> {
+) -> anyhow::Result<(WrkResult, Arm)> {
     let agent = Agent::start(&[])?;
     let before = agent.scrape()?;
     let cpu_before = cpu_seconds(agent.pid())?;
-    let result = wrk(url, seconds, close)?;
+    let (result, arm) = measured_run(url, seconds, close, Some(agent.pid()))?;
     let cpu_after = cpu_seconds(agent.pid())?;
     // Let the agent drain what the kernel queued before reading its counters.
     thread::sleep(Duration::from_millis(300));
@@ -55,7 +110,7 @@ fn connscope_arm(
     load.cpu_seconds += cpu_after - cpu_before;
     load.requests += result.requests;
     load.events += events_received(&after) - events_received(&before);
-    Ok(result)
+    Ok((result, arm))
 }
 
 pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result<Part> {
@@ -63,14 +118,18 @@ pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result
     // Warm-up (page cache, nginx, TCP) before the measured runs.
     wrk(url, 1, close)?;
     let (mut none, mut floor, mut connscope) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_none, mut cpu_floor, mut cpu_connscope) = (Vec::new(), Vec::new(), Vec::new());
     let mut load = AgentLoad::default();
     let mut errors = 0;
     for round in 1..=settings.pairs {
-        let a = wrk(url, settings.seconds, close)?;
+        let (a, arm_none) = measured_run(url, settings.seconds, close, None)?;
         let running = Floor::start()?;
-        let f = wrk(url, settings.seconds, close)?;
+        let (f, arm_floor) = measured_run(url, settings.seconds, close, Some(running.pid()))?;
         running.stop()?;
-        let c = connscope_arm(url, settings.seconds, close, &mut load)?;
+        let (c, arm_connscope) = connscope_arm(url, settings.seconds, close, &mut load)?;
+        cpu_none.push(arm_none.cpu_per_request);
+        cpu_floor.push(arm_floor.cpu_per_request);
+        cpu_connscope.push(arm_connscope.cpu_per_request);
         errors += a.errors + f.errors + c.errors;
         eprintln!(
             "bench: {mode} round {round}: none {:.0}, floor {:.0}, connscope {:.0} req/s; connscope/none {:.3}, connscope/floor {:.3}",
@@ -87,6 +146,9 @@ pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result
     let ratio = |over: &[f64], under: &[f64]| -> Vec<f64> {
         over.iter().zip(under).map(|(o, u)| o / u).collect()
     };
+    // CPU per request: the ratio is none's cost over the arm's (higher is better, like req/s).
+    let cpu_vs_none = spread(&ratio(&cpu_none, &cpu_connscope));
+    let cpu_vs_floor = spread(&ratio(&cpu_floor, &cpu_connscope));
     let vs_none = spread(&ratio(&connscope, &none));
     let vs_floor = spread(&ratio(&connscope, &floor));
     let floor_vs_none = spread(&ratio(&floor, &none));
@@ -104,6 +166,13 @@ pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result
         "connscope_over_none": vs_none.to_json(),
         "connscope_over_floor": vs_floor.to_json(),
         "floor_over_none": floor_vs_none.to_json(),
+        "cpu_us_per_request": {
+            "none": cpu_none.iter().map(|v| round(v * 1e6, 3)).collect::<Vec<_>>(),
+            "floor": cpu_floor.iter().map(|v| round(v * 1e6, 3)).collect::<Vec<_>>(),
+            "connscope": cpu_connscope.iter().map(|v| round(v * 1e6, 3)).collect::<Vec<_>>(),
+        },
+        "cpu_none_over_connscope": cpu_vs_none.to_json(),
+        "cpu_floor_over_connscope": cpu_vs_floor.to_json(),
         "wrk_errors": errors,
         "requests_with_agent": load.requests,
         "events_received_with_agent": load.events,
@@ -132,6 +201,18 @@ pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result
             floor_vs_none.median,
             floor_vs_none.shown(3),
             Target::None,
+        ),
+        Figure::new(
+            format!("{mode} CPU per request (nginx + wrk + observer), none / connscope"),
+            cpu_vs_none.median,
+            cpu_vs_none.shown(3),
+            Target::AtLeast(0.95),
+        ),
+        Figure::new(
+            format!("{mode} CPU per request, floor / connscope"),
+            cpu_vs_floor.median,
+            cpu_vs_floor.shown(3),
+            if close { Target::None } else { Target::AtLeast(0.97) },
         ),
         Figure::new(
             format!("events lost at {mode} load"),

@@ -1,6 +1,9 @@
 //! One wrk run against the local nginx: req/s, requests and errors.
 
-use std::process::{Command, Stdio};
+use std::{
+    io::Read as _,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, ensure};
 
@@ -8,6 +11,8 @@ pub struct WrkResult {
     pub requests_per_second: f64,
     pub requests: u64,
     pub errors: u64,
+    /// CPU time (user + system) wrk itself used.
+    pub cpu_seconds: f64,
 }
 
 /// `wrk -t1 -c16 -d<seconds>s` (with `Connection: close` when `close`).
@@ -17,10 +22,16 @@ pub fn wrk(url: &str, seconds: u64, close: bool) -> anyhow::Result<WrkResult> {
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    let output =
-        cmd.arg(url).stderr(Stdio::inherit()).output().context("running wrk (apt: wrk)")?;
-    ensure!(output.status.success(), "wrk failed: {}", output.status);
-    let text = String::from_utf8_lossy(&output.stdout);
+    let mut child = cmd
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("running wrk (apt: wrk)")?;
+    let mut text = String::new();
+    child.stdout.take().context("wrk stdout")?.read_to_string(&mut text)?;
+    let (status, cpu_seconds) = wait_with_cpu(child.id())?;
+    ensure!(status == 0, "wrk failed: wait status {status}");
     let requests_per_second = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
@@ -44,5 +55,17 @@ pub fn wrk(url: &str, seconds: u64, close: bool) -> anyhow::Result<WrkResult> {
             errors += rest.trim().parse::<u64>().unwrap_or(0);
         }
     }
-    Ok(WrkResult { requests_per_second, requests, errors })
+    Ok(WrkResult { requests_per_second, requests, errors, cpu_seconds })
+}
+
+/// Reaps our child `pid`: its wait status and the CPU time it used (`wait4`'s rusage).
+fn wait_with_cpu(pid: u32) -> anyhow::Result<(i32, f64)> {
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers to locals; `pid` is a child we spawned and did not reap.
+    let rc = unsafe { libc::wait4(pid as i32, &mut status, 0, &mut usage) };
+    ensure!(rc == pid as i32, "wait4 on wrk: {}", std::io::Error::last_os_error());
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Ok((status, seconds(usage.ru_utime) + seconds(usage.ru_stime)))
 }
