@@ -4,19 +4,21 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
 };
 
-use connscope_common::{Attribution, Protocol, Role};
+use connscope_common::{Attribution, CloseKind, ClosedBy, Protocol, Role};
 use prometheus_client::metrics::{
     counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
 };
 
 use crate::{
+    classify::CloseReason,
     http::Version,
     labels::{self, LabelCap},
     metrics::{
-        Flow, FlowProtocol, GapHistogram, HttpRequest, Metrics, OpenState, PlacedFlow, Server,
+        Closed, ClosedByLabels, Flow, FlowProtocol, GapHistogram, HttpRequest, Metrics, OpenState,
+        PlacedFlow, Server,
     },
     placement::{Placement, PlacementResolver},
 };
@@ -60,6 +62,11 @@ pub struct FlowSeries {
     http11: OnceLock<Counter>,
     advertised_timeout: OnceLock<Gauge>,
     advertised_max: OnceLock<Gauge>,
+    /// `connections_closed_total` by (closed_by, close_kind, reason) as seen so far: a
+    /// flow has a few, and a close then costs no label allocation.
+    closes: Mutex<Vec<((ClosedBy, CloseKind, CloseReason), Counter)>>,
+    /// `close_idle_seconds` by `closed_by` (in `ClosedBy` wire order).
+    close_idle: [OnceLock<Histogram>; ClosedBy::ALL.len()],
 }
 
 impl FlowSeries {
@@ -85,6 +92,8 @@ impl FlowSeries {
             http11: OnceLock::new(),
             advertised_timeout: OnceLock::new(),
             advertised_max: OnceLock::new(),
+            closes: Mutex::new(Vec::new()),
+            close_idle: Default::default(),
             placement: key.placement.clone(),
             flow,
         }
@@ -116,6 +125,41 @@ impl FlowSeries {
             let labels =
                 HttpRequest { flow: self.flow.clone(), http_version: version.label().to_owned() };
             metrics.http_requests.get_or_create_owned(&labels)
+        })
+    }
+
+    /// Counts one close of this flow's connections.
+    pub fn count_close(
+        &self,
+        metrics: &Metrics,
+        by: ClosedBy,
+        kind: CloseKind,
+        reason: CloseReason,
+    ) {
+        let Ok(mut closes) = self.closes.lock() else { return };
+        let key = (by, kind, reason);
+        if let Some((_, counter)) = closes.iter().find(|(k, _)| *k == key) {
+            counter.inc();
+            return;
+        }
+        let labels = Closed {
+            flow: PlacedFlow { flow: self.flow.clone(), placement: self.placement.clone() },
+            closed_by: by.label().to_owned(),
+            close_kind: kind.label().to_owned(),
+            reason: reason.label().to_owned(),
+        };
+        let counter = metrics.closed.get_or_create_owned(&labels);
+        counter.inc();
+        closes.push((key, counter));
+    }
+
+    /// The idle time before the close, by who closed first.
+    pub fn close_idle(&self, metrics: &Metrics, by: ClosedBy) -> &Histogram {
+        let slot = ClosedBy::ALL.iter().position(|&b| b == by).unwrap_or(0);
+        self.close_idle[slot].get_or_init(|| {
+            let labels =
+                ClosedByLabels { flow: self.flow.clone(), closed_by: by.label().to_owned() };
+            metrics.close_idle.get_or_create_owned(&labels)
         })
     }
 

@@ -21,7 +21,7 @@ use crate::{
     handover, http,
     http_session::{HttpSession, RequestCounts},
     labels,
-    metrics::{Closed, ClosedByLabels, Metrics, PlacedFlow},
+    metrics::{Metrics, PlacedFlow},
     placement::PlacementResolver,
 };
 
@@ -379,13 +379,7 @@ impl ConnectionTable {
         let no_http = HttpSession::default();
         let http = tracked.http.as_deref().unwrap_or(&no_http);
         let by = conn.closed_by();
-        let closed = Closed {
-            flow: PlacedFlow { flow: series.flow.clone(), placement: series.placement.clone() },
-            closed_by: by.label().to_owned(),
-            close_kind: conn.close_kind().label().to_owned(),
-            reason: close_reason(conn, http).label().to_owned(),
-        };
-        self.metrics.closed.get_or_create(&closed).inc();
+        series.count_close(&self.metrics, by, conn.close_kind(), close_reason(conn, http));
         let protocol =
             if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
         let end_ns = event.header.ts_ns;
@@ -405,8 +399,7 @@ impl ConnectionTable {
         } else {
             f64::from(conn.close_idle_us) / 1e6
         };
-        let labels = ClosedByLabels { flow: series.flow.clone(), closed_by: by.label().to_owned() };
-        self.metrics.close_idle.get_or_create(&labels).observe(close_idle_seconds);
+        series.close_idle(&self.metrics, by).observe(close_idle_seconds);
         if is_keepalive_race(conn) {
             series.races.inc();
         }

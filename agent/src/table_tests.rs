@@ -8,7 +8,7 @@ use connscope_common::{
 use super::*;
 use crate::{
     events::{self, Event},
-    metrics::{Flow, FlowProtocol, HttpRequest, OpenState, Server},
+    metrics::{Closed, Flow, FlowProtocol, HttpRequest, OpenState, Server},
     placement::{NoPlacement, Placement},
 };
 
