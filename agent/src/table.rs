@@ -78,15 +78,20 @@ struct Tracked {
     http: Option<Box<HttpSession>>,
 }
 
+/// Socket addresses are kernel pointers, not input anyone chooses: a fast hash will do.
+type SockMap<V> = HashMap<u64, V, foldhash::fast::RandomState>;
+
 pub struct ConnectionTable {
-    conns: HashMap<u64, Tracked>,
+    conns: SockMap<Tracked>,
     /// The `server` label of accepted connections not used by their process yet (kept
     /// apart: few connections are pending at a time, and every `Tracked` stays small).
-    pending_servers: HashMap<u64, Box<str>>,
+    pending_servers: SockMap<Box<str>>,
     /// Connections to re-read at the next sweep.
     sweep: Vec<u64>,
     flows: FlowCache,
-    metrics: Metrics,
+    /// Shared with the per-event paths by reference count (a `Metrics` clone copies every
+    /// family handle).
+    metrics: Arc<Metrics>,
 }
 
 impl ConnectionTable {
@@ -102,11 +107,11 @@ impl ConnectionTable {
         placement: Box<dyn PlacementResolver>,
     ) -> Self {
         Self {
-            conns: HashMap::with_capacity(max_connections / 8 * 7),
-            pending_servers: HashMap::new(),
+            conns: SockMap::with_capacity_and_hasher(max_connections / 8 * 7, Default::default()),
+            pending_servers: SockMap::default(),
             sweep: Vec::new(),
             flows: FlowCache::new(max_servers, max_processes, placement),
-            metrics,
+            metrics: Arc::new(metrics),
         }
     }
 
