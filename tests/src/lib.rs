@@ -59,6 +59,18 @@ pub fn agent_binary() -> PathBuf {
     path
 }
 
+/// `$CONNSCOPE_TEST_WAIT_SCALE` (default 1): how much longer to wait for the agent's counts.
+/// The VM tier sets it under software emulation, where a busy 2-core host runs the guest
+/// 10-50x slower and the agent's records can take seconds to show in `/metrics` (which may
+/// also serve a body up to 2 s old). Only waits scale: every assertion stays exact.
+pub fn wait_scale() -> u32 {
+    std::env::var("CONNSCOPE_TEST_WAIT_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .filter(|scale| *scale > 0)
+        .unwrap_or(1)
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; the kernel will not hand it out
 /// again as an ephemeral port right away).
 pub fn free_port() -> u16 {
@@ -120,13 +132,14 @@ impl Agent {
     }
 
     /// Scrapes until `done` holds for the scrape (events reach the agent asynchronously),
-    /// at most `timeout`; returns the last scrape either way so the caller asserts on it.
+    /// at most `timeout` (times [`wait_scale`]); returns the last scrape either way so the
+    /// caller asserts on it.
     pub fn scrape_until(
         &self,
         timeout: Duration,
         done: impl Fn(&Scrape) -> bool,
     ) -> anyhow::Result<Scrape> {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout * wait_scale();
         loop {
             let scrape = self.scrape()?;
             if done(&scrape) || Instant::now() > deadline {
