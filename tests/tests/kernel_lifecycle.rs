@@ -50,8 +50,8 @@ fn client_closes_first() -> anyhow::Result<()> {
         closed(s, "client", &server, "local", "fin") >= N as f64
             && closed(s, "server", &server, "peer", "fin") >= N as f64
     })?;
-    assert_eq!(opened(&scrape, "client", &server), N as f64);
-    assert_eq!(opened(&scrape, "server", &server), N as f64);
+    assert_eq!(opened(&scrape, "client", &server), N as f64, "{}", scrape.text);
+    assert_eq!(opened(&scrape, "server", &server), N as f64, "{}", scrape.text);
     assert_eq!(closed(&scrape, "client", &server, "local", "fin"), N as f64, "{}", scrape.text);
     assert_eq!(closed(&scrape, "server", &server, "peer", "fin"), N as f64);
     // Nothing else closed on this flow.

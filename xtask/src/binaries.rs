@@ -77,15 +77,20 @@ pub fn release_agent() -> anyhow::Result<PathBuf> {
         .context("cargo built no connscope binary")
 }
 
+/// The `cargo test` of `cargo xtask test`: every package but the eBPF one (bpf target only).
+pub const WORKSPACE_TESTS: &[&str] = &["test", "--workspace", "--exclude", "connscope-ebpf"];
+
 /// `(name, path)` of every `kernel_*` integration test binary of `connscope-tests`, built now.
+/// Built with the same package selection as [`WORKSPACE_TESTS`]: the same feature
+/// resolution, so after `cargo xtask test`'s host tier nothing is built again.
 pub fn kernel_test_binaries() -> anyhow::Result<Vec<(String, PathBuf)>> {
-    let mut binaries: Vec<(String, PathBuf)> =
-        build(&["test", "--package", "connscope-tests", "--no-run"])?
-            .executables
-            .into_iter()
-            .filter(|e| e.name.starts_with("kernel_") && e.kind.iter().any(|k| k == "test"))
-            .map(|e| (e.name, e.path))
-            .collect();
+    let args: Vec<&str> = WORKSPACE_TESTS.iter().copied().chain(["--no-run"]).collect();
+    let mut binaries: Vec<(String, PathBuf)> = build(&args)?
+        .executables
+        .into_iter()
+        .filter(|e| e.name.starts_with("kernel_") && e.kind.iter().any(|k| k == "test"))
+        .map(|e| (e.name, e.path))
+        .collect();
     binaries.sort();
     binaries.dedup();
     Ok(binaries)

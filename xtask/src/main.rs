@@ -46,16 +46,18 @@ enum Task {
         #[arg(long)]
         no_agent: bool,
     },
-    /// Set up, build, and run every test (unit, kernel, end-to-end, assets).
+    /// Set up, build, and run every test (unit, kernel, end-to-end, assets, fuzzing), then the
+    /// VM tier's quick matrix (`--vm-matrix full`: every cell; `--no-vm`: none).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test` (e.g. a test name filter), besides `--no-vm` and
+        /// `--vm-matrix full|quick`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under QEMU and run the kernel tests once per
     /// hook backend of the matrix.
     VmTest {
-        /// `full`: every kernel x backend cell (what `cargo xtask test` runs); `quick`: one
+        /// `full`: every kernel x backend cell; `quick` (what `cargo xtask test` runs): one
         /// backend per kernel.
         #[arg(long, value_enum, default_value = "full")]
         matrix: vm::Matrix,

@@ -13,7 +13,8 @@
 //! console is streamed to the terminal and to `target/vm/<kernel>/console.log`; QEMU is
 //! stopped on a kernel panic, on the result line or on the timeout.
 //!
-//! Overrides: `--kernel 6.1` (repeatable), `--matrix quick` (one backend per kernel), `CONNSCOPE_VM_BACKENDS` (e.g.
+//! Overrides: `--kernel 6.1` (repeatable), `--matrix quick` (one backend per kernel: what
+//! `cargo xtask test` runs), `CONNSCOPE_VM_BACKENDS` (e.g.
 //! `kprobe`), `CONNSCOPE_VM_TEST_ARGS` (extra test-binary arguments, e.g. a test name
 //! filter), `CONNSCOPE_VM_TIMEOUT_SECS` (per VM), `CONNSCOPE_VM_DEBIAN_MIRROR`.
 
