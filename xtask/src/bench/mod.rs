@@ -11,6 +11,8 @@
 //!    programs spend per system call of it.
 //! 4. Memory at 100k tracked idle sockets: agent RSS and kernel bytes per tracked socket.
 //! 5. `/metrics` latency with the default label caps filled.
+//! 6. Restart loss: requests and connections lost across consecutive agent restarts under
+//!    wrk load, with the kernel state pinned, against nginx's own counts.
 //!
 //! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
 //! time and count, and is cleaned up.
@@ -21,6 +23,7 @@ mod memory;
 mod metrics_latency;
 mod no_network;
 mod report;
+mod restart_loss;
 mod throughput;
 mod wrk;
 
@@ -35,6 +38,10 @@ use serde_json::{Value, json};
 
 use crate::{binaries, is_root, setup, workspace_root};
 
+/// The parts, in the order they run (`CONNSCOPE_BENCH_PARTS` picks some).
+const PARTS: [&str; 6] =
+    ["throughput", "kernel_cost", "no_network", "memory", "metrics_latency", "restart_loss"];
+
 /// Knobs (environment variables) so a quick run is possible; defaults are the documented run.
 struct Settings {
     /// Rounds of the alternating arms (each a pair or triple of runs).
@@ -45,6 +52,12 @@ struct Settings {
     idle_connections: usize,
     /// Bytes (= reads = writes) per dd run.
     dd_count: u64,
+    /// Agent restarts under load, per load mode.
+    restarts: usize,
+    /// How long each agent runs under load before the next restart.
+    restart_run_ms: u64,
+    /// The parts to run (`CONNSCOPE_BENCH_PARTS`, comma separated); empty: all.
+    parts: Vec<String>,
 }
 
 impl Settings {
@@ -57,7 +70,20 @@ impl Settings {
             seconds: get("CONNSCOPE_BENCH_SECONDS", 5).max(1),
             idle_connections: get("CONNSCOPE_BENCH_IDLE_CONNECTIONS", 50_000) as usize,
             dd_count: get("CONNSCOPE_BENCH_DD_COUNT", 4 << 20).max(1000),
+            restarts: get("CONNSCOPE_BENCH_RESTARTS", 10).max(1) as usize,
+            restart_run_ms: get("CONNSCOPE_BENCH_RESTART_RUN_MS", 1000).max(100),
+            parts: std::env::var("CONNSCOPE_BENCH_PARTS")
+                .unwrap_or_default()
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
         }
+    }
+
+    /// Whether the part `name` (one of [`PARTS`]) runs.
+    fn runs(&self, name: &str) -> bool {
+        self.parts.is_empty() || self.parts.iter().any(|p| p == name)
     }
 }
 
@@ -71,25 +97,40 @@ pub fn run() -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours starts; read by the test harness.
     unsafe { std::env::set_var("CONNSCOPE_BIN", &binary) };
     let settings = Settings::from_env();
+    if let Some(unknown) = settings.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
+        bail!("CONNSCOPE_BENCH_PARTS: no part `{unknown}` (parts: {})", PARTS.join(", "));
+    }
 
     let mut parts = Vec::new();
-    let nginx = Nginx::start(NginxConfig {
-        port: free_port(),
-        keepalive_timeout: Duration::from_secs(60),
-        keepalive_requests: 1_000_000,
-        workers: 1,
-        advertise_keep_alive: false,
-    })?;
-    let url = nginx.url("/index.html");
-    parts.push(throughput::throughput(&settings, &url, false)?);
-    parts.push(throughput::throughput(&settings, &url, true)?);
-    parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
-    drop(nginx);
-    parts.push(no_network::no_network(&settings)?);
-    parts.push(memory::idle_memory(settings.idle_connections)?);
-    parts.push(metrics_latency::metrics_latency()?);
-    // Events lost across an agent restart (issue 10) will be one more part here, with its
-    // own module returning a `report::Part`.
+    if settings.runs("throughput") || settings.runs("kernel_cost") {
+        let nginx = Nginx::start(NginxConfig {
+            port: free_port(),
+            keepalive_timeout: Duration::from_secs(60),
+            keepalive_requests: 1_000_000,
+            workers: 1,
+            advertise_keep_alive: false,
+        })?;
+        let url = nginx.url("/index.html");
+        if settings.runs("throughput") {
+            parts.push(throughput::throughput(&settings, &url, false)?);
+            parts.push(throughput::throughput(&settings, &url, true)?);
+        }
+        if settings.runs("kernel_cost") {
+            parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
+        }
+    }
+    if settings.runs("no_network") {
+        parts.push(no_network::no_network(&settings)?);
+    }
+    if settings.runs("memory") {
+        parts.push(memory::idle_memory(settings.idle_connections)?);
+    }
+    if settings.runs("metrics_latency") {
+        parts.push(metrics_latency::metrics_latency()?);
+    }
+    if settings.runs("restart_loss") {
+        parts.push(restart_loss::restart_loss(&settings)?);
+    }
 
     let machine = machine();
     let kernel = machine["kernel"].as_str().unwrap_or("?").to_owned();

@@ -1,6 +1,7 @@
-//! One wrk run against the local nginx: req/s, requests and errors.
+//! wrk against the local nginx: req/s, requests and errors, for a fixed duration or until
+//! interrupted (wrk prints its summary on SIGINT too).
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context as _, ensure};
 
@@ -11,16 +12,45 @@ pub struct WrkResult {
 }
 
 /// `wrk -t1 -c16 -d<seconds>s` (with `Connection: close` when `close`).
-pub fn wrk(url: &str, seconds: u64, close: bool) -> anyhow::Result<WrkResult> {
+fn command(url: &str, seconds: u64, close: bool) -> Command {
     let mut cmd = Command::new("wrk");
     cmd.args(["-t1", "-c16", &format!("-d{seconds}s")]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    let output =
-        cmd.arg(url).stderr(Stdio::inherit()).output().context("running wrk (apt: wrk)")?;
+    cmd.arg(url);
+    cmd
+}
+
+/// One run of `seconds`.
+pub fn wrk(url: &str, seconds: u64, close: bool) -> anyhow::Result<WrkResult> {
+    let output = command(url, seconds, close)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running wrk (apt: wrk)")?;
     ensure!(output.status.success(), "wrk failed: {}", output.status);
-    let text = String::from_utf8_lossy(&output.stdout);
+    parse(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// A run of at most `max_seconds`, ended earlier by [`interrupt`].
+pub fn spawn(url: &str, max_seconds: u64, close: bool) -> anyhow::Result<Child> {
+    command(url, max_seconds, close)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting wrk (apt: wrk)")
+}
+
+/// Ends a [`spawn`]ed run with SIGINT and reads its summary.
+pub fn interrupt(child: Child) -> anyhow::Result<WrkResult> {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output()?;
+    ensure!(output.status.success(), "wrk failed: {}", output.status);
+    parse(&String::from_utf8_lossy(&output.stdout))
+}
+
+fn parse(text: &str) -> anyhow::Result<WrkResult> {
     let requests_per_second = text
         .lines()
         .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
