@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use connscope_tests::{
     Agent, Scrape,
-    bpffs::{BpfFs, cleanup},
+    continuity::{BpfFs, cleanup},
     free_port, http_get,
     nginx::{Nginx, NginxConfig},
 };
