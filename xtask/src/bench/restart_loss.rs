@@ -14,6 +14,7 @@
 //! agent came before the SIGTERM does not see it, since the next agent's counters start at 0.
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::Path,
     thread,
@@ -49,13 +50,11 @@ struct Counts {
     connections: [f64; 2],
     adopted: [f64; 2],
     closed: [f64; 2],
-    events_lost: f64,
 }
 
 impl Counts {
     fn of(scrape: &Scrape, server: &str) -> Self {
-        let mut counts =
-            Self { events_lost: real_losses(scrape).values().sum(), ..Self::default() };
+        let mut counts = Self::default();
         for (i, role) in ROLES.iter().enumerate() {
             let labels = [("role", *role), ("server", server)];
             counts.requests[i] = scrape.sum("connscope_http_requests_total", &labels);
@@ -76,8 +75,6 @@ impl Counts {
             self.adopted[i] += other.adopted[i];
             self.closed[i] += other.closed[i];
         }
-        // The kernel's losses are pinned with the rest: each agent reports the sum so far.
-        self.events_lost = self.events_lost.max(other.events_lost);
     }
 
     fn minus(&self, earlier: &Self) -> Self {
@@ -89,7 +86,6 @@ impl Counts {
             out.adopted[i] -= earlier.adopted[i];
             out.closed[i] -= earlier.closed[i];
         }
-        out.events_lost -= earlier.events_lost;
         out
     }
 
@@ -101,7 +97,6 @@ impl Counts {
             "connections_opened_or_adopted": by_role(&self.connections),
             "connections_adopted": by_role(&self.adopted),
             "connections_closed": by_role(&self.closed),
-            "events_lost": self.events_lost,
         })
     }
 }
@@ -110,22 +105,37 @@ fn start_agent(pin_path: &str) -> anyhow::Result<Agent> {
     Agent::start(&["--bpf.pin-path", pin_path])
 }
 
-/// SIGTERM, then scrapes until the agent stops answering; returns the scrape just before
-/// the signal, the last one, and how long the agent took to exit.
-fn stop_agent(agent: Agent, server: &str) -> anyhow::Result<(Counts, Counts, Duration)> {
-    let before = Counts::of(&agent.scrape()?, server);
+/// What a stopped agent counted.
+struct Stopped {
+    /// At the scrape just before SIGTERM.
+    before: Counts,
+    /// At its last answer.
+    last: Counts,
+    /// `events_lost_total` but `untracked_socket`, by reason, at its last answer (the
+    /// kernel's part is pinned with the rest: the sum over the agents so far).
+    losses: BTreeMap<String, f64>,
+    /// SIGTERM to exit.
+    took: Duration,
+}
+
+/// SIGTERM, then scrapes until the agent stops answering.
+fn stop_agent(agent: Agent, server: &str) -> anyhow::Result<Stopped> {
+    let scrape = agent.scrape()?;
+    let before = Counts::of(&scrape, server);
+    let mut losses = real_losses(&scrape);
     let signalled = Instant::now();
     // SAFETY: signalling our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
     let mut last = before;
     while let Ok(scrape) = agent.scrape() {
         last = Counts::of(&scrape, server);
+        losses = real_losses(&scrape);
     }
     // Reaps the child (a second SIGTERM to a stopping agent is ignored).
     let (code, _) = agent.stop()?;
-    let stopped = signalled.elapsed();
+    let took = signalled.elapsed();
     ensure!(code == Some(0), "the agent exited with {code:?}");
-    Ok((before, last, stopped))
+    Ok(Stopped { before, last, losses, took })
 }
 
 /// nginx's `stub_status`: (accepted connections, requests), each including the status
@@ -171,6 +181,8 @@ struct ModeRun {
     /// What each agent counted, in order.
     per_agent: Vec<Counts>,
     after_last_scrape: Counts,
+    /// The last agent's losses (see [`Stopped::losses`]).
+    losses: BTreeMap<String, f64>,
     stop_seconds: Vec<f64>,
     gap_seconds: Vec<f64>,
 }
@@ -221,17 +233,17 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
     for restart in 1..=settings.restarts {
         thread::sleep(run);
         let signalled = Instant::now();
-        let (before, last, stopped) = stop_agent(agent, &server)?;
+        let stopped = stop_agent(agent, &server)?;
         agent = start_agent(pin_path)?;
         let gap = signalled.elapsed();
-        counted.add(&last);
-        per_agent.push(last);
-        after_last_scrape.add(&last.minus(&before));
-        stop_seconds.push(stopped.as_secs_f64());
+        counted.add(&stopped.last);
+        per_agent.push(stopped.last);
+        after_last_scrape.add(&stopped.last.minus(&stopped.before));
+        stop_seconds.push(stopped.took.as_secs_f64());
         gap_seconds.push(gap.as_secs_f64());
         eprintln!(
             "bench: restart loss, {mode}, restart {restart}: exit {:.3} s, ready again {:.3} s after SIGTERM",
-            stopped.as_secs_f64(),
+            stopped.took.as_secs_f64(),
             gap.as_secs_f64()
         );
     }
@@ -244,10 +256,10 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
         })
     };
     agent.scrape_until(SETTLE, settled)?;
-    let (before, last, _) = stop_agent(agent, &server)?;
-    counted.add(&last);
-    per_agent.push(last);
-    after_last_scrape.add(&last.minus(&before));
+    let stopped = stop_agent(agent, &server)?;
+    counted.add(&stopped.last);
+    per_agent.push(stopped.last);
+    after_last_scrape.add(&stopped.last.minus(&stopped.before));
     let (accepts_after, requests_after) = stub_status(status)?;
     let logged = std::fs::read_to_string(nginx.dir.join("access.log"))
         .context("reading nginx's access log")?
@@ -269,6 +281,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
         counted,
         per_agent,
         after_last_scrape,
+        losses: stopped.losses,
         stop_seconds,
         gap_seconds,
     })
@@ -338,6 +351,7 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
                 "connections_lost": run.connections_lost(),
                 "counted_by_the_agents": run.counted.to_json(),
                 "counted_by_each_agent": run.per_agent.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+                "events_lost_by_reason": run.losses,
                 "counted_after_last_scrape_before_sigterm": run.after_last_scrape.to_json(),
                 "exit_seconds": run.stop_seconds.iter().map(|s| round(*s, 3)).collect::<Vec<_>>(),
                 "gap_seconds": spread(&run.gap_seconds).to_json(),
