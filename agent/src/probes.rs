@@ -353,6 +353,15 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     }
     tracing::info!(heads = ?kernel.user_buffers, "payload heads");
     let mut links = std::mem::take(&mut loader.links);
+    if pins.is_some()
+        && !kernel.perf_event_links
+        && attached.iter().any(|hook| hook.attach == Attach::Kprobe)
+    {
+        tracing::warn!(
+            "kprobes cannot stay attached without an agent before Linux 5.15: what their hooks \
+             see while no agent runs (sends, receives, process attribution) is not counted"
+        );
+    }
     if let Some(pins) = &pins {
         pins.take_over(&mut ebpf, std::mem::take(&mut links))?;
     }

@@ -90,6 +90,31 @@ pub fn backend_adopts(scrape: &Scrape) -> bool {
     btf && !counted_at_syscall_exit
 }
 
+/// The running kernel's (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// Payload heads come from the `sys_enter` stash (kernels before 5.15, no
+/// `bpf_task_pt_regs`): a receive already blocked in the kernel when the agent starts was
+/// not stashed, so the first request an adopted server end then receives has no head and
+/// counts as an exchange, not as an HTTP request.
+pub fn heads_from_stash() -> bool {
+    kernel_version() < (5, 15)
+}
+
+/// Kprobes are perf events that cannot be pinned before 5.15: while no agent runs, sends
+/// and receives on the kprobe backend are not counted.
+pub fn transfers_stop_without_an_agent(scrape: &Scrape) -> bool {
+    let send_attach = scrape
+        .matching("connscope_probe_info", &[("hook", "tcp_sendmsg")])
+        .find_map(|s| s.labels.get("attach").cloned())
+        .unwrap_or_default();
+    send_attach == "kprobe" && kernel_version() < (5, 15)
+}
+
 fn flow<'a>(role: &'a str, server: &'a str, process: &'a str) -> [(&'a str, &'a str); 3] {
     [("role", role), ("server", server), ("process", process)]
 }
@@ -129,7 +154,8 @@ pub fn assert_opened_before_the_agent(
         assert_eq!(adopted, 1.0, "adopted {context}");
         assert_eq!(scrape.sum("connscope_connections_opened_total", &labels), 0.0, "{context}");
         let counted = scrape.sum("connscope_http_requests_total", &labels);
-        assert_eq!(counted, requests as f64, "requests {context}");
+        let missed = u64::from(role == "server" && heads_from_stash());
+        assert_eq!(counted, (requests - missed) as f64, "requests {context}");
         let closed = [
             ("role", role),
             ("server", server),
@@ -209,24 +235,40 @@ fn requests_per_connection(scrape: &Scrape, role: &str, server: &str) -> (f64, f
     )
 }
 
-/// Waits until the second agent of [`restart_under_traffic`] saw every connection close.
+/// Waits until the second agent of [`restart_under_traffic`] saw every connection close
+/// (in every family: `/metrics` encodes them one after the other while events arrive).
 pub fn scrape_after_restart(agent: &Agent, server: &str) -> anyhow::Result<Scrape> {
     let closed = (SHORT + 1) as f64;
     agent.scrape_until(WAIT, |s| {
-        requests_per_connection(s, "server", server).0 >= closed
-            && requests_per_connection(s, "client", server).0 >= closed
+        ["client", "server"].iter().all(|role| {
+            let labels = [("role", *role), ("server", server)];
+            requests_per_connection(s, role, server).0 >= closed
+                && s.sum("connscope_connections_closed_total", &labels) >= closed
+        })
     })
 }
 
 /// What the second agent reports: every connection with its full request count on both
 /// ends, as if no restart had happened. The pooled connection was opened under the first
-/// agent: the second counts only the short ones as opened, and adopts none.
+/// agent: the second counts only the short ones as opened, and adopts none. Where kprobes
+/// cannot stay attached ([`transfers_stop_without_an_agent`]), the short connections are
+/// counted with 0 requests each (their opens and closes come from pinned tracepoints).
 pub fn assert_nothing_lost(scrape: &Scrape, server: &str, pooled_requests: u64) {
     let closed = (SHORT + 1) as f64;
     let all = (closed, (SHORT as u64 * SHORT_REQUESTS + pooled_requests) as f64);
+    let gap_uncounted = transfers_stop_without_an_agent(scrape);
     for role in ["client", "server"] {
         let labels = [("role", role), ("server", server)];
-        assert_eq!(requests_per_connection(scrape, role, server), all, "{role}: {}", scrape.text);
+        let (count, sum) = requests_per_connection(scrape, role, server);
+        if gap_uncounted {
+            assert_eq!(count, closed, "{role}: {}", scrape.text);
+            assert!(sum < all.1, "{role}: {}", scrape.text);
+            let zero = [("role", role), ("server", server), ("le", "0.0")];
+            let none = scrape.sum("connscope_connection_requests_bucket", &zero);
+            assert_eq!(none, SHORT as f64, "{role}: {}", scrape.text);
+        } else {
+            assert_eq!((count, sum), all, "{role}: {}", scrape.text);
+        }
         let opened = scrape.sum("connscope_connections_opened_total", &labels);
         assert_eq!(opened, SHORT as f64, "{role}: {}", scrape.text);
         let adopted = scrape.sum("connscope_connections_adopted_total", &labels);
