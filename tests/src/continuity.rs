@@ -97,12 +97,16 @@ fn kernel_version() -> (u32, u32) {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
-/// Payload heads come from the `sys_enter` stash (kernels before 5.15, no
-/// `bpf_task_pt_regs`): a receive already blocked in the kernel when the agent starts was
-/// not stashed, so the first request an adopted server end then receives has no head and
-/// counts as an exchange, not as an HTTP request.
-pub fn heads_from_stash() -> bool {
-    kernel_version() < (5, 15)
+/// The hook of `tcp_recvmsg` runs at the function's exit (fexit, kretprobe): a receive
+/// already in progress when it is attached (a server blocked waiting for its next request
+/// when the agent starts) entered the function unhooked and is not seen when it returns, so
+/// the first request an adopted server end then receives is not counted.
+pub fn receive_hook_at_function_exit(scrape: &Scrape) -> bool {
+    let attach = scrape
+        .matching("connscope_probe_info", &[("hook", "tcp_recvmsg")])
+        .find_map(|s| s.labels.get("attach").cloned())
+        .unwrap_or_default();
+    attach == "fentry" || attach == "kprobe"
 }
 
 /// Kprobes are perf events that cannot be pinned before 5.15: while no agent runs, sends
@@ -154,7 +158,7 @@ pub fn assert_opened_before_the_agent(
         assert_eq!(adopted, 1.0, "adopted {context}");
         assert_eq!(scrape.sum("connscope_connections_opened_total", &labels), 0.0, "{context}");
         let counted = scrape.sum("connscope_http_requests_total", &labels);
-        let missed = u64::from(role == "server" && heads_from_stash());
+        let missed = u64::from(role == "server" && receive_hook_at_function_exit(scrape));
         assert_eq!(counted, (requests - missed) as f64, "requests {context}");
         let closed = [
             ("role", role),
