@@ -38,10 +38,6 @@ use serde_json::{Value, json};
 
 use crate::{binaries, is_root, setup, workspace_root};
 
-/// The parts, in the order they run (`CONNSCOPE_BENCH_PARTS` picks some).
-const PARTS: [&str; 6] =
-    ["throughput", "kernel_cost", "no_network", "memory", "metrics_latency", "restart_loss"];
-
 /// Knobs (environment variables) so a quick run is possible; defaults are the documented run.
 struct Settings {
     /// Rounds of the alternating arms (each a pair or triple of runs).
@@ -56,9 +52,14 @@ struct Settings {
     restarts: usize,
     /// How long each agent runs under load before the next restart.
     restart_run_ms: u64,
-    /// The parts to run (`CONNSCOPE_BENCH_PARTS`, comma separated); empty: all.
+    /// Parts to run (`CONNSCOPE_BENCH_PARTS`, comma-separated names of [`PARTS`]); all
+    /// when unset.
     parts: Vec<String>,
 }
+
+/// The bench's parts, by the names `CONNSCOPE_BENCH_PARTS` takes.
+const PARTS: [&str; 6] =
+    ["throughput", "kernel-cost", "no-network", "memory", "metrics", "restart-loss"];
 
 impl Settings {
     fn from_env() -> Self {
@@ -73,17 +74,13 @@ impl Settings {
             restarts: get("CONNSCOPE_BENCH_RESTARTS", 10).max(1) as usize,
             restart_run_ms: get("CONNSCOPE_BENCH_RESTART_RUN_MS", 1000).max(100),
             parts: std::env::var("CONNSCOPE_BENCH_PARTS")
-                .unwrap_or_default()
-                .split(',')
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect(),
+                .map(|v| v.split(',').map(|p| p.trim().to_owned()).collect())
+                .unwrap_or_else(|_| PARTS.iter().map(|p| (*p).to_owned()).collect()),
         }
     }
 
-    /// Whether the part `name` (one of [`PARTS`]) runs.
-    fn runs(&self, name: &str) -> bool {
-        self.parts.is_empty() || self.parts.iter().any(|p| p == name)
+    fn runs(&self, part: &str) -> bool {
+        self.parts.iter().any(|p| p == part)
     }
 }
 
@@ -98,37 +95,36 @@ pub fn run() -> anyhow::Result<()> {
     unsafe { std::env::set_var("CONNSCOPE_BIN", &binary) };
     let settings = Settings::from_env();
     if let Some(unknown) = settings.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
-        bail!("CONNSCOPE_BENCH_PARTS: no part `{unknown}` (parts: {})", PARTS.join(", "));
+        bail!("CONNSCOPE_BENCH_PARTS: unknown part {unknown:?} (parts: {})", PARTS.join(","));
     }
 
     let mut parts = Vec::new();
-    if settings.runs("throughput") || settings.runs("kernel_cost") {
-        let nginx = Nginx::start(NginxConfig {
-            port: free_port(),
-            keepalive_timeout: Duration::from_secs(60),
-            keepalive_requests: 1_000_000,
-            workers: 1,
-            advertise_keep_alive: false,
-        })?;
-        let url = nginx.url("/index.html");
-        if settings.runs("throughput") {
-            parts.push(throughput::throughput(&settings, &url, false)?);
-            parts.push(throughput::throughput(&settings, &url, true)?);
-        }
-        if settings.runs("kernel_cost") {
-            parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
-        }
+    let nginx = Nginx::start(NginxConfig {
+        port: free_port(),
+        keepalive_timeout: Duration::from_secs(60),
+        keepalive_requests: 1_000_000,
+        workers: 1,
+        advertise_keep_alive: false,
+    })?;
+    let url = nginx.url("/index.html");
+    if settings.runs("throughput") {
+        parts.push(throughput::throughput(&settings, &url, false)?);
+        parts.push(throughput::throughput(&settings, &url, true)?);
     }
-    if settings.runs("no_network") {
+    if settings.runs("kernel-cost") {
+        parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
+    }
+    drop(nginx);
+    if settings.runs("no-network") {
         parts.push(no_network::no_network(&settings)?);
     }
     if settings.runs("memory") {
         parts.push(memory::idle_memory(settings.idle_connections)?);
     }
-    if settings.runs("metrics_latency") {
+    if settings.runs("metrics") {
         parts.push(metrics_latency::metrics_latency()?);
     }
-    if settings.runs("restart_loss") {
+    if settings.runs("restart-loss") {
         parts.push(restart_loss::restart_loss(&settings)?);
     }
 

@@ -177,6 +177,7 @@ struct ModeRun {
     nginx_connections: f64,
     wrk_requests: u64,
     wrk_errors: u64,
+    wrk_cpu_seconds: f64,
     counted: Counts,
     /// What each agent counted, in order.
     per_agent: Vec<Counts>,
@@ -278,6 +279,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
         nginx_connections,
         wrk_requests: result.requests,
         wrk_errors: result.errors,
+        wrk_cpu_seconds: result.cpu_seconds,
         counted,
         per_agent,
         after_last_scrape,
@@ -347,6 +349,7 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
                 "nginx_connections_accepted": run.nginx_connections,
                 "wrk_requests": run.wrk_requests,
                 "wrk_errors": run.wrk_errors,
+                "wrk_cpu_seconds": round(run.wrk_cpu_seconds, 3),
                 "requests_lost": run.requests_lost(),
                 "connections_lost": run.connections_lost(),
                 "counted_by_the_agents": run.counted.to_json(),
