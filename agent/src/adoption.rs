@@ -4,6 +4,10 @@
 //! changes it sees; the ports that were already listening when the agent started are read
 //! here, once, from `/proc/<pid>/net/tcp` and `tcp6` of one process per network namespace
 //! (each file lists the sockets of the reader's namespace: no `setns` needed).
+//!
+//! Where the kernel cannot adopt (no BTF offsets, or sends and receives counted at system
+//! call exit, which sees descriptors rather than sockets), the established connections the
+//! scan finds are counted as skipped with `reason="backend"` instead.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -16,6 +20,8 @@ use connscope_common::ListenKey;
 
 /// `st` of a listening socket in `/proc/net/tcp`.
 const TCP_LISTEN_HEX: &str = "0A";
+/// `st` of an established one.
+const TCP_ESTABLISHED_HEX: &str = "01";
 
 /// Why an item of the scan was skipped (`connscope_adoption_skipped_total{reason}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -26,16 +32,20 @@ pub enum Skip {
     Unreadable,
     /// A namespace link or a socket line that does not parse.
     Unparsable,
+    /// An established connection this kernel or hook backend cannot adopt.
+    Backend,
 }
 
 impl Skip {
-    pub const ALL: [Self; 3] = [Self::ProcessVanished, Self::Unreadable, Self::Unparsable];
+    pub const ALL: [Self; 4] =
+        [Self::ProcessVanished, Self::Unreadable, Self::Unparsable, Self::Backend];
 
     pub const fn label(self) -> &'static str {
         match self {
             Self::ProcessVanished => "process_vanished",
             Self::Unreadable => "unreadable",
             Self::Unparsable => "unparsable",
+            Self::Backend => "backend",
         }
     }
 }
@@ -44,6 +54,8 @@ impl Skip {
 #[derive(Debug, Default)]
 pub struct ListenScan {
     pub ports: HashMap<ListenKey, u32>,
+    /// Established sockets (both ends of a connection on this host count twice).
+    pub established: u64,
     pub namespaces: usize,
     pub skipped: HashMap<Skip, u64>,
 }
@@ -51,6 +63,11 @@ pub struct ListenScan {
 impl ListenScan {
     fn skip(&mut self, reason: Skip) {
         *self.skipped.entry(reason).or_default() += 1;
+    }
+
+    /// Counts the established sockets as not adoptable (`Skip::Backend`).
+    pub fn skip_established(&mut self) {
+        *self.skipped.entry(Skip::Backend).or_default() += self.established;
     }
 }
 
@@ -125,25 +142,39 @@ fn parse_netns_link(link: &str) -> Option<u32> {
 fn read_table(path: &Path, netns: u32, scan: &mut ListenScan) -> io::Result<()> {
     let text = std::fs::read_to_string(path)?;
     for line in text.lines().skip(1) {
-        match listening_port(line) {
-            Some(Some(port)) => *scan.ports.entry(ListenKey::new(netns, port)).or_default() += 1,
-            Some(None) => {}
+        match socket_line(line) {
+            Some(Socket::Listening(port)) => {
+                *scan.ports.entry(ListenKey::new(netns, port)).or_default() += 1;
+            }
+            Some(Socket::Established) => scan.established += 1,
+            Some(Socket::Other) => {}
             None => scan.skip(Skip::Unparsable),
         }
     }
     Ok(())
 }
 
-/// A `/proc/net/tcp{,6}` line: `Some(Some(port))` for a listening socket, `Some(None)` for
-/// another state, `None` when the line does not parse.
+/// What a `/proc/net/tcp{,6}` line is about.
+#[derive(Debug, PartialEq, Eq)]
+enum Socket {
+    Listening(u16),
+    Established,
+    Other,
+}
+
+/// A `/proc/net/tcp{,6}` line, `None` when it does not parse.
 /// (`  0: 0100007F:1F90 00000000:0000 0A ...`: local address, remote address, state.)
-fn listening_port(line: &str) -> Option<Option<u16>> {
+fn socket_line(line: &str) -> Option<Socket> {
     let mut fields = line.split_whitespace().skip(1);
     let (local, _remote, state) = (fields.next()?, fields.next()?, fields.next()?);
     let (_, port) = local.rsplit_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     u8::from_str_radix(state, 16).ok()?;
-    Some((state == TCP_LISTEN_HEX).then_some(port))
+    Some(match state {
+        TCP_LISTEN_HEX => Socket::Listening(port),
+        TCP_ESTABLISHED_HEX => Socket::Established,
+        _ => Socket::Other,
+    })
 }
 
 /// Writes the scan into the kernel's `LISTEN_PORTS`. A port the kernel already counted
@@ -214,6 +245,8 @@ mod tests {
             (ListenKey::new(222, 22), 2),
         ]);
         assert_eq!(scan.ports, expected);
+        // Namespace 111's table once.
+        assert_eq!(scan.established, 1);
         assert_eq!(scan.skipped.get(&Skip::Unparsable), Some(&2), "{:?}", scan.skipped);
         // `30` has no ns link although its directory exists (unreadable, not vanished), and
         // `50`'s table is a directory.
@@ -239,10 +272,12 @@ mod tests {
 
     #[test]
     fn lines_parse_or_are_rejected() {
-        assert_eq!(listening_port("0: 0100007F:1F90 00000000:0000 0A x"), Some(Some(8080)));
-        assert_eq!(listening_port("0: 0100007F:1F90 0100007F:0050 01"), Some(None));
-        assert_eq!(listening_port("0: 0100007F:ZZZZ 00000000:0000 0A"), None);
-        assert_eq!(listening_port("0: 0100007F:1F90"), None);
+        let line = socket_line;
+        assert_eq!(line("0: 0100007F:1F90 00000000:0000 0A x"), Some(Socket::Listening(8080)));
+        assert_eq!(line("0: 0100007F:1F90 0100007F:0050 01"), Some(Socket::Established));
+        assert_eq!(line("0: 0100007F:1F90 0100007F:0050 06"), Some(Socket::Other));
+        assert_eq!(line("0: 0100007F:ZZZZ 00000000:0000 0A"), None);
+        assert_eq!(line("0: 0100007F:1F90"), None);
         assert_eq!(parse_netns_link("net:[4026531840]"), Some(4026531840));
         assert_eq!(parse_netns_link("net:[x]"), None);
     }

@@ -77,9 +77,7 @@ impl Agent {
                 })
                 .set(1);
         }
-        if probes.adoption {
-            seed_listening_ports(&mut probes, &metrics)?;
-        }
+        read_existing_connections(&mut probes, &metrics)?;
         let losses = Arc::new(UserLosses::default());
         let mut registry = Registry::with_prefix("connscope");
         metrics.register(&mut registry);
@@ -195,12 +193,25 @@ pub async fn run_floor(config: Config) -> anyhow::Result<()> {
 }
 
 /// Gives the kernel the ports that were listening before it attached, so connections older
-/// than the agent are adopted with the right role (see `adoption`).
-fn seed_listening_ports(probes: &mut probes::Probes, metrics: &Metrics) -> anyhow::Result<()> {
+/// than the agent are adopted with the right role (see `adoption`); where they cannot be
+/// adopted, counts them as skipped (`reason="backend"`) and says why in one line.
+fn read_existing_connections(probes: &mut probes::Probes, metrics: &Metrics) -> anyhow::Result<()> {
     let started = Instant::now();
-    let mut ports = HashMap::try_from(take_map(probes, map::LISTEN_PORTS)?)?;
-    let scan = adoption::scan_listening(Path::new("/proc"));
-    let written = adoption::seed(&mut ports, &scan);
+    let mut scan = adoption::scan_listening(Path::new("/proc"));
+    let written = match probes.no_adoption {
+        None => {
+            let mut ports = HashMap::try_from(take_map(probes, map::LISTEN_PORTS)?)?;
+            adoption::seed(&mut ports, &scan)
+        }
+        Some(why) => {
+            tracing::warn!(
+                connections = scan.established,
+                "connections older than the agent are not adopted: {why}"
+            );
+            scan.skip_established();
+            0
+        }
+    };
     for reason in adoption::Skip::ALL {
         let skipped = scan.skipped.get(&reason).copied().unwrap_or(0);
         let labels = SkipReason { reason: reason.label().into() };

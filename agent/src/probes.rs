@@ -192,9 +192,10 @@ pub struct Probes {
     pub attached: Vec<HookAttach>,
     /// Where payload heads come from on this kernel.
     pub user_buffers: UserBuffers,
-    /// Established sockets that predate the agent are adopted (the kernel's BTF gave the
-    /// offsets of their state and network namespace).
-    pub adoption: bool,
+    /// Why established sockets that predate the agent are not adopted; `None` when they
+    /// are (the kernel's BTF gave the offsets of their state and network namespace, and
+    /// sends and receives are seen with their socket).
+    pub no_adoption: Option<&'static str>,
 }
 
 /// What the running kernel offers, found once before loading.
@@ -325,10 +326,12 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     let mut attached = Vec::with_capacity(HOOKS.len() + 1);
     attached.push(HookAttach { hook: "inet_sock_set_state", attach: lifecycle });
     let mut exit_hook = kernel.user_buffers == UserBuffers::SyscallStash;
+    let mut counted_at_exit = false;
     for hook in &HOOKS {
         let attach = match loader.attach_hook(hook, config.backend) {
             Ok((attach, syscall_exit)) => {
                 exit_hook |= syscall_exit;
+                counted_at_exit |= syscall_exit;
                 tracing::info!(hook = hook.name, backend = %attach, "hook attached");
                 attach
             }
@@ -350,11 +353,37 @@ pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
     }
     tracing::info!(heads = ?kernel.user_buffers, "payload heads");
     let mut links = std::mem::take(&mut loader.links);
+    if pins.is_some()
+        && !kernel.perf_event_links
+        && attached.iter().any(|hook| hook.attach == Attach::Kprobe)
+    {
+        tracing::warn!(
+            "kprobes cannot stay attached without an agent before Linux 5.15: what their hooks \
+             see while no agent runs (sends, receives, process attribution) is not counted"
+        );
+    }
     if let Some(pins) = &pins {
         pins.take_over(&mut ebpf, std::mem::take(&mut links))?;
     }
-    let adoption = kernel.sock_layout.is_some_and(|layout| layout.adopt != 0);
-    Ok(Probes { ebpf, _links: links, pins, attached, user_buffers: kernel.user_buffers, adoption })
+    let no_adoption = if kernel.sock_layout.is_none_or(|layout| layout.adopt == 0) {
+        Some("the kernel's BTF does not give the socket fields adoption reads")
+    } else if counted_at_exit {
+        // agent-ebpf/src/syscall_exit.rs: a descriptor is a tracked socket only when it is
+        // in CONNS already; nothing there tells a socket from another file to adopt.
+        Some(
+            "sends and receives are counted at system call exit, which sees file descriptors, not sockets",
+        )
+    } else {
+        None
+    };
+    Ok(Probes {
+        ebpf,
+        _links: links,
+        pins,
+        attached,
+        user_buffers: kernel.user_buffers,
+        no_adoption,
+    })
 }
 
 /// Loads the programs and attaches only the floor arm (`connscope bench-floor`); detached

@@ -3,6 +3,7 @@
 //! ports (or loopback addresses) of its own, so tests run in parallel without sharing counts.
 
 pub mod asset_files;
+pub mod continuity;
 pub mod demo;
 pub mod exchange_counts;
 pub mod external_tools;

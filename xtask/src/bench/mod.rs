@@ -11,6 +11,8 @@
 //!    programs spend per system call of it.
 //! 4. Memory at 100k tracked idle sockets: agent RSS and kernel bytes per tracked socket.
 //! 5. `/metrics` latency with the default label caps filled.
+//! 6. Restart loss: requests and connections lost across consecutive agent restarts under
+//!    wrk load, with the kernel state pinned, against nginx's own counts.
 //!
 //! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
 //! time and count, and is cleaned up.
@@ -21,6 +23,7 @@ mod memory;
 mod metrics_latency;
 mod no_network;
 mod report;
+mod restart_loss;
 mod throughput;
 mod wrk;
 
@@ -45,13 +48,18 @@ struct Settings {
     idle_connections: usize,
     /// Bytes (= reads = writes) per dd run.
     dd_count: u64,
+    /// Agent restarts under load, per load mode.
+    restarts: usize,
+    /// How long each agent runs under load before the next restart.
+    restart_run_ms: u64,
     /// Parts to run (`CONNSCOPE_BENCH_PARTS`, comma-separated names of [`PARTS`]); all
     /// when unset.
     parts: Vec<String>,
 }
 
 /// The bench's parts, by the names `CONNSCOPE_BENCH_PARTS` takes.
-const PARTS: [&str; 5] = ["throughput", "kernel-cost", "no-network", "memory", "metrics"];
+const PARTS: [&str; 6] =
+    ["throughput", "kernel-cost", "no-network", "memory", "metrics", "restart-loss"];
 
 impl Settings {
     fn from_env() -> Self {
@@ -63,6 +71,8 @@ impl Settings {
             seconds: get("CONNSCOPE_BENCH_SECONDS", 5).max(1),
             idle_connections: get("CONNSCOPE_BENCH_IDLE_CONNECTIONS", 50_000) as usize,
             dd_count: get("CONNSCOPE_BENCH_DD_COUNT", 4 << 20).max(1000),
+            restarts: get("CONNSCOPE_BENCH_RESTARTS", 10).max(1) as usize,
+            restart_run_ms: get("CONNSCOPE_BENCH_RESTART_RUN_MS", 1000).max(100),
             parts: std::env::var("CONNSCOPE_BENCH_PARTS")
                 .map(|v| v.split(',').map(|p| p.trim().to_owned()).collect())
                 .unwrap_or_else(|_| PARTS.iter().map(|p| (*p).to_owned()).collect()),
@@ -114,8 +124,9 @@ pub fn run() -> anyhow::Result<()> {
     if settings.runs("metrics") {
         parts.push(metrics_latency::metrics_latency()?);
     }
-    // Events lost across an agent restart (issue 10) will be one more part here, with its
-    // own module returning a `report::Part`.
+    if settings.runs("restart-loss") {
+        parts.push(restart_loss::restart_loss(&settings)?);
+    }
 
     let machine = machine();
     let kernel = machine["kernel"].as_str().unwrap_or("?").to_owned();

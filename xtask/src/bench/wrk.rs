@@ -1,8 +1,9 @@
-//! One wrk run against the local nginx: req/s, requests and errors.
+//! wrk against the local nginx: req/s, requests, errors and wrk's own CPU time, for a fixed
+//! duration or until interrupted (wrk prints its summary on SIGINT too).
 
 use std::{
     io::Read as _,
-    process::{Command, Stdio},
+    process::{Child, Command, Stdio},
 };
 
 use anyhow::{Context as _, ensure};
@@ -17,17 +18,32 @@ pub struct WrkResult {
 
 /// `wrk -t1 -c16 -d<seconds>s` (with `Connection: close` when `close`).
 pub fn wrk(url: &str, seconds: u64, close: bool) -> anyhow::Result<WrkResult> {
+    finish(spawn(url, seconds, close)?)
+}
+
+/// The same run of at most `max_seconds`, ended earlier by [`interrupt`].
+pub fn spawn(url: &str, max_seconds: u64, close: bool) -> anyhow::Result<Child> {
     let mut cmd = Command::new("wrk");
-    cmd.args(["-t1", "-c16", &format!("-d{seconds}s")]);
+    cmd.args(["-t1", "-c16", &format!("-d{max_seconds}s")]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
-    let mut child = cmd
-        .arg(url)
+    cmd.arg(url)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .context("running wrk (apt: wrk)")?;
+        .context("running wrk (apt: wrk)")
+}
+
+/// Ends a [`spawn`]ed run with SIGINT and reads its summary.
+pub fn interrupt(child: Child) -> anyhow::Result<WrkResult> {
+    // SAFETY: signalling our own child, not reaped yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    finish(child)
+}
+
+/// Reads the summary of a [`spawn`]ed run and reaps it.
+fn finish(mut child: Child) -> anyhow::Result<WrkResult> {
     let mut text = String::new();
     child.stdout.take().context("wrk stdout")?.read_to_string(&mut text)?;
     let (status, cpu_seconds) = wait_with_cpu(child.id())?;

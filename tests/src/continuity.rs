@@ -1,0 +1,283 @@
+//! Fixtures of the tests of connections that outlive an agent (issue 10): a BPF filesystem
+//! of one test's own for `--bpf.pin-path`, `connscope cleanup`, what an adopted connection
+//! must report, and the restart-under-traffic scenario. Used by `kernel_continuity` (every
+//! backend, also in the VM tier) and the host tier's nginx variants (`adoption`, `restart`).
+
+use std::{
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::bail;
+
+use crate::{Agent, Scrape, agent_binary, http_server, net};
+
+/// How long events may take to reach a scrape.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// A private BPF filesystem, unmounted on drop (which also detaches whatever a failed test
+/// left pinned there).
+pub struct BpfFs {
+    pub mount: PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount(tag: &str) -> anyhow::Result<Self> {
+        let mount =
+            std::env::temp_dir().join(format!("connscope-bpffs-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&mount)?;
+        net::run("mount", &["-t", "bpf", "bpf", &mount.to_string_lossy()])?;
+        Ok(Self { mount })
+    }
+
+    pub fn pin_path(&self) -> String {
+        self.mount.join("connscope").to_string_lossy().into_owned()
+    }
+
+    /// An agent pinning its state here.
+    pub fn agent(&self) -> anyhow::Result<Agent> {
+        Agent::start(&["--bpf.pin-path", &self.pin_path()])
+    }
+
+    /// The names pinned under `<pin path>/<under>`, sorted.
+    pub fn pinned(&self, under: &str) -> Vec<String> {
+        let dir = self.mount.join("connscope").join(under);
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = net::run("umount", &[&self.mount.to_string_lossy()]);
+        let _ = std::fs::remove_dir(&self.mount);
+    }
+}
+
+/// `connscope cleanup --bpf.pin-path <pin_path>`; returns what it logged.
+pub fn cleanup(pin_path: &str) -> anyhow::Result<String> {
+    let out =
+        Command::new(agent_binary()).args(["cleanup", "--bpf.pin-path", pin_path]).output()?;
+    if !out.status.success() {
+        bail!("connscope cleanup failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Whether the agent's hooks can adopt a connection older than it, from what it attached
+/// (`connscope_probe_info`) and what the kernel offers, independently of what the agent
+/// claims: not without BTF, and not where the tracepoint backend counts sends and receives
+/// at system call exit (before `sock_send_length`, Linux 6.3), which sees descriptors only.
+pub fn backend_adopts(scrape: &Scrape) -> bool {
+    let send_attach = scrape
+        .matching("connscope_probe_info", &[("hook", "tcp_sendmsg")])
+        .find_map(|s| s.labels.get("attach").cloned())
+        .unwrap_or_default();
+    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
+    let send_tracepoint = Path::new("/sys/kernel/tracing/events/sock/sock_send_length").exists();
+    let counted_at_syscall_exit = send_attach == "tracepoint" && !send_tracepoint;
+    btf && !counted_at_syscall_exit
+}
+
+/// The running kernel's (major, minor).
+fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The hook of `tcp_recvmsg` runs at the function's exit (fexit, kretprobe): a receive
+/// already in progress when it is attached (a server blocked waiting for its next request
+/// when the agent starts) entered the function unhooked and is not seen when it returns, so
+/// the first request an adopted server end then receives is not counted.
+pub fn receive_hook_at_function_exit(scrape: &Scrape) -> bool {
+    let attach = scrape
+        .matching("connscope_probe_info", &[("hook", "tcp_recvmsg")])
+        .find_map(|s| s.labels.get("attach").cloned())
+        .unwrap_or_default();
+    attach == "fentry" || attach == "kprobe"
+}
+
+/// Kprobes are perf events that cannot be pinned before 5.15: while no agent runs, sends
+/// and receives on the kprobe backend are not counted.
+pub fn transfers_stop_without_an_agent(scrape: &Scrape) -> bool {
+    let send_attach = scrape
+        .matching("connscope_probe_info", &[("hook", "tcp_sendmsg")])
+        .find_map(|s| s.labels.get("attach").cloned())
+        .unwrap_or_default();
+    send_attach == "kprobe" && kernel_version() < (5, 15)
+}
+
+fn flow<'a>(role: &'a str, server: &'a str, process: &'a str) -> [(&'a str, &'a str); 3] {
+    [("role", role), ("server", server), ("process", process)]
+}
+
+/// What both ends of one connection opened before the agent report after `requests` more
+/// requests and the client's close. Where the backend adopts: `requests` requests,
+/// adopted once, never opened, closed once by the client with a FIN while idle, and no
+/// histogram sample (partial figures stay out of the histograms users read as exact).
+/// Where it cannot: nothing of the connection, and both ends counted as skipped.
+pub fn assert_opened_before_the_agent(
+    scrape: &Scrape,
+    server: &str,
+    client_process: &str,
+    server_process: &str,
+    requests: u64,
+) {
+    let skipped = scrape.sum("connscope_adoption_skipped_total", &[("reason", "backend")]);
+    if !backend_adopts(scrape) {
+        assert!(skipped >= 2.0, "both ends skipped as not adoptable: {}", scrape.text);
+        for metric in [
+            "connscope_connections_adopted_total",
+            "connscope_connections_opened_total",
+            "connscope_connections_closed_total",
+            "connscope_http_requests_total",
+        ] {
+            assert_eq!(scrape.sum(metric, &[("server", server)]), 0.0, "{metric}: {}", scrape.text);
+        }
+        return;
+    }
+    assert_eq!(skipped, 0.0, "{}", scrape.text);
+    for (role, process, closed_by) in
+        [("client", client_process, "local"), ("server", server_process, "peer")]
+    {
+        let labels = flow(role, server, process);
+        let context = format!("{role} {process}\n{}", scrape.text);
+        let adopted = scrape.sum("connscope_connections_adopted_total", &labels);
+        assert_eq!(adopted, 1.0, "adopted {context}");
+        assert_eq!(scrape.sum("connscope_connections_opened_total", &labels), 0.0, "{context}");
+        let counted = scrape.sum("connscope_http_requests_total", &labels);
+        let missed = u64::from(role == "server" && receive_hook_at_function_exit(scrape));
+        assert_eq!(counted, (requests - missed) as f64, "requests {context}");
+        let closed = [
+            ("role", role),
+            ("server", server),
+            ("process", process),
+            ("closed_by", closed_by),
+            ("close_kind", "fin"),
+            ("reason", "idle"),
+        ];
+        assert_eq!(scrape.sum("connscope_connections_closed_total", &closed), 1.0, "{context}");
+        let all_closed = scrape.sum("connscope_connections_closed_total", &[("server", server)]);
+        assert_eq!(all_closed, 2.0, "{context}");
+        for histogram in
+            ["connscope_connection_duration_seconds_count", "connscope_connection_requests_count"]
+        {
+            assert_eq!(scrape.sum(histogram, &[("server", server)]), 0.0, "{histogram} {context}");
+        }
+    }
+}
+
+/// Whether both ends of the connection to `server` were seen closed, or the backend
+/// cannot adopt it (then there is nothing to wait for).
+pub fn both_closed(server: &str) -> impl Fn(&Scrape) -> bool + '_ {
+    move |s| {
+        !backend_adopts(s)
+            || s.sum("connscope_connections_closed_total", &[("server", server)]) >= 2.0
+    }
+}
+
+/// Short connections opened and closed while no agent runs, and their requests each.
+pub const SHORT: usize = 5;
+pub const SHORT_REQUESTS: u64 = 3;
+
+/// Restart under traffic against the HTTP server at `server` (which serves `/resource`
+/// with a 2-byte body, for `SHORT + 1` connections): a pooled connection sends a request
+/// every 20 ms across an agent restart, and `SHORT` connections of `SHORT_REQUESTS`
+/// requests each open and close while no agent runs. Returns the second agent and the
+/// pooled connection's requests.
+pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<(Agent, u64)> {
+    let first = fs.agent()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let pooled = {
+        let (server, stop) = (server.to_owned(), stop.clone());
+        std::thread::spawn(move || {
+            let mut client = TcpStream::connect(&server)?;
+            let mut requests = 0u64;
+            // Bounded: the test stops it within seconds; 30 s at most.
+            while !stop.load(Ordering::Relaxed) && requests < 1500 {
+                http_server::request(&mut client, "1.1", "")?;
+                requests += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            anyhow::Ok(requests)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    first.stop()?;
+    for _ in 0..SHORT {
+        let mut client = TcpStream::connect(server)?;
+        for _ in 0..SHORT_REQUESTS {
+            http_server::request(&mut client, "1.1", "")?;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let second = fs.agent()?;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let pooled_requests =
+        pooled.join().map_err(|_| anyhow::anyhow!("pooled client panicked"))??;
+    Ok((second, pooled_requests))
+}
+
+fn requests_per_connection(scrape: &Scrape, role: &str, server: &str) -> (f64, f64) {
+    let labels = [("role", role), ("server", server)];
+    (
+        scrape.sum("connscope_connection_requests_count", &labels),
+        scrape.sum("connscope_connection_requests_sum", &labels),
+    )
+}
+
+/// Waits until the second agent of [`restart_under_traffic`] saw every connection close
+/// (in every family: `/metrics` encodes them one after the other while events arrive).
+pub fn scrape_after_restart(agent: &Agent, server: &str) -> anyhow::Result<Scrape> {
+    let closed = (SHORT + 1) as f64;
+    agent.scrape_until(WAIT, |s| {
+        ["client", "server"].iter().all(|role| {
+            let labels = [("role", *role), ("server", server)];
+            requests_per_connection(s, role, server).0 >= closed
+                && s.sum("connscope_connections_closed_total", &labels) >= closed
+        })
+    })
+}
+
+/// What the second agent reports: every connection with its full request count on both
+/// ends, as if no restart had happened. The pooled connection was opened under the first
+/// agent: the second counts only the short ones as opened, and adopts none. Where kprobes
+/// cannot stay attached ([`transfers_stop_without_an_agent`]), the short connections are
+/// counted with 0 requests each (their opens and closes come from pinned tracepoints).
+pub fn assert_nothing_lost(scrape: &Scrape, server: &str, pooled_requests: u64) {
+    let closed = (SHORT + 1) as f64;
+    let all = (closed, (SHORT as u64 * SHORT_REQUESTS + pooled_requests) as f64);
+    let gap_uncounted = transfers_stop_without_an_agent(scrape);
+    for role in ["client", "server"] {
+        let labels = [("role", role), ("server", server)];
+        let (count, sum) = requests_per_connection(scrape, role, server);
+        if gap_uncounted {
+            assert_eq!(count, closed, "{role}: {}", scrape.text);
+            assert!(sum < all.1, "{role}: {}", scrape.text);
+            let zero = [("role", role), ("server", server), ("le", "0.0")];
+            let none = scrape.sum("connscope_connection_requests_bucket", &zero);
+            assert_eq!(none, SHORT as f64, "{role}: {}", scrape.text);
+        } else {
+            assert_eq!((count, sum), all, "{role}: {}", scrape.text);
+        }
+        let opened = scrape.sum("connscope_connections_opened_total", &labels);
+        assert_eq!(opened, SHORT as f64, "{role}: {}", scrape.text);
+        let adopted = scrape.sum("connscope_connections_adopted_total", &labels);
+        assert_eq!(adopted, 0.0, "{role}: {}", scrape.text);
+        let closes = scrape.sum("connscope_connections_closed_total", &labels);
+        assert_eq!(closes, closed, "{role}: {}", scrape.text);
+    }
+}

@@ -1,0 +1,292 @@
+//! Connections that outlive an agent (issue 10), on every backend (the VM tier runs this
+//! binary once per backend): connections older than the agent, in the host namespace and
+//! in a network namespace, adopted at their first send or receive (or, where the backend
+//! cannot adopt, counted as skipped); a restart under traffic with pinned state; `connscope
+//! cleanup`; pinned state of another layout replaced. Each test that pins does so in a BPF
+//! filesystem mounted for it alone. Servers and clients are the tests' own (the VM carries
+//! no nginx; `adoption` and `restart` are the nginx variants, host tier).
+
+use std::{
+    fs::File,
+    net::{SocketAddr, TcpListener, TcpStream},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use connscope_tests::{
+    Agent, Scrape, agent_binary,
+    continuity::{
+        BpfFs, SHORT, WAIT, assert_nothing_lost, assert_opened_before_the_agent, both_closed,
+        cleanup, restart_under_traffic, scrape_after_restart,
+    },
+    free_port, http_get, http_server, kernel_tests_enabled, net, own_process_label,
+};
+
+/// Requests made before the agent starts, and after.
+const BEFORE: u64 = 5;
+const AFTER: u64 = 20;
+const SERVER_THREAD: &str = "cs-http-server";
+
+/// A connection with `BEFORE` requests made before the agent starts (the listener, server
+/// and client socket made by `setup`), then `AFTER` requests and the client's close.
+fn opened_before_the_agent(
+    setup: impl FnOnce() -> anyhow::Result<(
+        String,
+        std::thread::JoinHandle<anyhow::Result<()>>,
+        TcpStream,
+    )>,
+) -> anyhow::Result<()> {
+    let (server, server_thread, mut client) = setup()?;
+    let agent = Agent::start(&[])?;
+    for _ in 0..AFTER {
+        http_server::request(&mut client, "1.1", "")?;
+    }
+    drop(client);
+    net::join(server_thread)?;
+    let scrape = agent.scrape_until(WAIT, both_closed(&server))?;
+    assert_opened_before_the_agent(&scrape, &server, &own_process_label(), SERVER_THREAD, AFTER);
+    for reason in ["process_vanished", "unreadable", "unparsable", "backend"] {
+        let labels = [("reason", reason)];
+        let series = scrape.matching("connscope_adoption_skipped_total", &labels).count();
+        assert_eq!(series, 1, "{reason}");
+    }
+    Ok(())
+}
+
+/// Listener on `address`, its one-connection server and a client with `BEFORE` requests.
+fn server_and_client(
+    address: &str,
+) -> anyhow::Result<(String, std::thread::JoinHandle<anyhow::Result<()>>, TcpStream)> {
+    let listener = TcpListener::bind(address)?;
+    let server = listener.local_addr()?.to_string();
+    let thread = http_server::serve(listener, 1, http_server::ServerBehaviour::default());
+    let mut client = TcpStream::connect(&server)?;
+    for _ in 0..BEFORE {
+        http_server::request(&mut client, "1.1", "")?;
+    }
+    Ok((server, thread, client))
+}
+
+#[test]
+fn connection_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("connection_opened_before_the_agent_is_adopted") {
+        return Ok(());
+    }
+    opened_before_the_agent(|| server_and_client("127.0.0.81:0"))
+}
+
+/// A process that lives in the namespace, as a pod's pause container does: the agent reads
+/// the namespace's listening ports through it.
+struct NamespaceHolder(Child);
+
+impl NamespaceHolder {
+    fn start(ns: &net::NetNs) -> anyhow::Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sleep", "120"])
+            .stdin(Stdio::null())
+            .spawn()?;
+        // Until `sleep` runs inside the namespace.
+        let deadline = Instant::now() + WAIT;
+        let holder = Self(child);
+        while !holder.in_namespace()? {
+            anyhow::ensure!(Instant::now() < deadline, "the namespace holder did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(holder)
+    }
+
+    fn in_namespace(&self) -> anyhow::Result<bool> {
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.0.id()))?;
+        Ok(comm.trim() == "sleep" && ns(&self.0.id().to_string()) != ns("self"))
+    }
+}
+
+impl Drop for NamespaceHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn connection_in_a_network_namespace_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("connection_in_a_network_namespace_opened_before_the_agent_is_adopted")
+    {
+        return Ok(());
+    }
+    let ns = net::NetNs::create("adoption")?;
+    let _holder = NamespaceHolder::start(&ns)?;
+    // The listener, its server thread and the client socket all live in the namespace;
+    // the sockets stay there after the thread that made them returns.
+    opened_before_the_agent(|| ns.run(|| server_and_client("127.0.0.78:0"))?)
+}
+
+/// Restart under traffic against the tests' own server; the client's counts are the truth.
+#[test]
+fn restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("restart_under_traffic_loses_nothing") {
+        return Ok(());
+    }
+    let fs = BpfFs::mount("restart-own")?;
+    let listener = TcpListener::bind("127.0.0.82:0")?;
+    let server = listener.local_addr()?.to_string();
+    let server_thread =
+        http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
+    let (second, pooled_requests) = restart_under_traffic(&fs, &server)?;
+    net::join(server_thread)?;
+    let scrape = scrape_after_restart(&second, &server)?;
+    assert_nothing_lost(&scrape, &server, pooled_requests);
+    assert_eq!(fs.pinned("links"), vec!["2".to_owned()]);
+    Ok(())
+}
+
+#[test]
+fn a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it") {
+        return Ok(());
+    }
+    let fs = BpfFs::mount("cleanup")?;
+    let (code, _) = fs.agent()?.stop()?;
+    assert_eq!(code, Some(0));
+    let maps = [
+        "CONNECTS_IN_FLIGHT",
+        "CONNS",
+        "EVENTS",
+        "HANDOVER",
+        "LISTEN_PORTS",
+        "LOST",
+        "PIN_STATE",
+        "SETTINGS",
+    ];
+    assert_eq!(fs.pinned("maps"), maps.map(String::from).to_vec());
+    // One generation of links, one per attached program.
+    assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
+    assert!(fs.pinned("links/1").iter().any(|p| p.contains("inet_sock_set_state")));
+
+    let said = cleanup(&fs.pin_path())?;
+    assert!(said.contains("removed"), "{said}");
+    assert!(!fs.mount.join("connscope").exists());
+    // Nothing of connscope is left in the file system, and cleanup is idempotent.
+    let left: Vec<_> = std::fs::read_dir(&fs.mount)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| !name.ends_with(".debug"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(cleanup(&fs.pin_path())?.contains("nothing pinned"));
+    Ok(())
+}
+
+/// `BPF_MAP_CREATE` a hash map with the given value size and `BPF_OBJ_PIN` it at `path`:
+/// what an older build with another `Conn` would have left.
+fn pin_hash_map(path: &str, key_size: u32, value_size: u32) -> anyhow::Result<()> {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        rest: [u8; 112],
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        rest: [u8; 112],
+    }
+    const BPF_MAP_CREATE: i64 = 0;
+    const BPF_OBJ_PIN: i64 = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    let create = MapCreate {
+        map_type: BPF_MAP_TYPE_HASH,
+        key_size,
+        value_size,
+        max_entries: 16,
+        rest: [0; 112],
+    };
+    // SAFETY: the bpf syscall with a zero-padded attribute of the size passed.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, &create, size_of::<MapCreate>() as u32)
+    };
+    if fd < 0 {
+        bail!("BPF_MAP_CREATE: {}", std::io::Error::last_os_error());
+    }
+    let path = std::ffi::CString::new(path)?;
+    let pin =
+        ObjPin { pathname: path.as_ptr() as u64, bpf_fd: fd as u32, file_flags: 0, rest: [0; 112] };
+    // SAFETY: as above; `path` outlives the call.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_PIN, &pin, size_of::<ObjPin>() as u32) };
+    // SAFETY: closing the fd we created; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+    if rc != 0 {
+        bail!("BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The agent with its log in a file, for tests that read what it logged.
+fn logged_agent(pin_path: &str, log: &File) -> anyhow::Result<(Child, SocketAddr)> {
+    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
+    let child = Command::new(agent_binary())
+        .args(["--web.listen-address", &address.to_string(), "--bpf.pin-path", pin_path])
+        .env("CONNSCOPE_LOG_LEVEL", "warn")
+        .stdin(Stdio::null())
+        .stderr(log.try_clone()?)
+        .stdout(log.try_clone()?)
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !matches!(http_get(address, "/readyz"), Ok((200, _))) {
+        if Instant::now() > deadline {
+            bail!("connscope not ready");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, address))
+}
+
+#[test]
+fn pinned_state_of_another_layout_is_replaced_with_one_log_line() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("pinned_state_of_another_layout_is_replaced_with_one_log_line") {
+        return Ok(());
+    }
+    let fs = BpfFs::mount("stale")?;
+    std::fs::create_dir_all(fs.mount.join("connscope/maps"))?;
+    pin_hash_map(&fs.mount.join("connscope/maps/CONNS").to_string_lossy(), 8, 4)?;
+    let log_path = fs.mount.with_extension("log");
+    let log = File::create(&log_path)?;
+    let (mut child, address) = logged_agent(&fs.pin_path(), &log)?;
+
+    // The replaced state counts: one connection, both ends.
+    let listener = TcpListener::bind("127.0.0.80:0")?;
+    let server = listener.local_addr()?.to_string();
+    let acceptor = net::drain_server(listener, 1, "cs-acceptor");
+    let mut client = TcpStream::connect(&server)?;
+    std::io::Write::write_all(&mut client, b"x")?;
+    drop(client);
+    net::join(acceptor)?;
+    let deadline = Instant::now() + WAIT;
+    let closed = loop {
+        let (_, body) = http_get(address, "/metrics")?;
+        let scrape = Scrape::parse(&body)?;
+        let closed = scrape.sum("connscope_connections_closed_total", &[("server", &server)]);
+        if closed >= 2.0 || Instant::now() > deadline {
+            break closed;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait()?;
+    let text = std::fs::read_to_string(&log_path).context("reading the agent's log")?;
+    let _ = std::fs::remove_file(&log_path);
+    assert_eq!(closed, 2.0, "{text}");
+    let replaced: Vec<&str> = text.lines().filter(|l| l.contains("pinned state")).collect();
+    assert_eq!(replaced.len(), 1, "{text}");
+    assert!(replaced[0].contains("CONNS"), "{text}");
+    assert!(!text.contains("ERROR"), "{text}");
+    assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
+    Ok(())
+}

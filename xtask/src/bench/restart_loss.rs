@@ -1,0 +1,365 @@
+//! Restart loss (issue 10): under wrk load against nginx, keep-alive and `Connection:
+//! close`, the agent is stopped with SIGTERM and started again, `restarts` times, with its
+//! kernel state pinned under a private path in /sys/fs/bpf (removed with `connscope
+//! cleanup` at the end; where /sys/fs/bpf is no BPF filesystem, in one mounted for the
+//! part alone). Then what the agents counted, summed over all of them, is compared
+//! with nginx's own counts: requests from its access log, connections from its
+//! `stub_status` (accepted connections, also those that closed before sending a request).
+//! Also: the gap per restart, from SIGTERM to the next agent answering `/readyz`.
+//!
+//! An agent's counts are its last answer to `/metrics`: it keeps answering while it flushes
+//! the ring buffer and writes the handover after SIGTERM, and the bench scrapes it until it
+//! stops. What it counted after the scrape just before SIGTERM is reported apart
+//! (`counted_after_last_scrape_before_sigterm`): a Prometheus whose last scrape of the old
+//! agent came before the SIGTERM does not see it, since the next agent's counters start at 0.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use connscope_tests::{
+    Agent, Scrape,
+    continuity::{BpfFs, cleanup},
+    free_port, http_get,
+    nginx::{Nginx, NginxConfig},
+};
+use serde_json::{Value, json};
+
+use super::{
+    Settings, real_losses,
+    report::{Figure, Part, Target},
+    round, spread, wrk,
+};
+
+const ROLES: [&str; 2] = ["client", "server"];
+/// How long the last agent may take to see every connection of the load closed.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// What one agent counted for the load's server, per role (client, server).
+#[derive(Clone, Copy, Default)]
+struct Counts {
+    requests: [f64; 2],
+    /// The requests-per-connection histogram's sum (closed connections).
+    requests_of_closed: [f64; 2],
+    /// Opened plus adopted: every connection the agent started to track.
+    connections: [f64; 2],
+    adopted: [f64; 2],
+    closed: [f64; 2],
+}
+
+impl Counts {
+    fn of(scrape: &Scrape, server: &str) -> Self {
+        let mut counts = Self::default();
+        for (i, role) in ROLES.iter().enumerate() {
+            let labels = [("role", *role), ("server", server)];
+            counts.requests[i] = scrape.sum("connscope_http_requests_total", &labels);
+            counts.requests_of_closed[i] = scrape.sum("connscope_connection_requests_sum", &labels);
+            counts.adopted[i] = scrape.sum("connscope_connections_adopted_total", &labels);
+            counts.connections[i] =
+                scrape.sum("connscope_connections_opened_total", &labels) + counts.adopted[i];
+            counts.closed[i] = scrape.sum("connscope_connections_closed_total", &labels);
+        }
+        counts
+    }
+
+    fn add(&mut self, other: &Self) {
+        for i in 0..2 {
+            self.requests[i] += other.requests[i];
+            self.requests_of_closed[i] += other.requests_of_closed[i];
+            self.connections[i] += other.connections[i];
+            self.adopted[i] += other.adopted[i];
+            self.closed[i] += other.closed[i];
+        }
+    }
+
+    fn minus(&self, earlier: &Self) -> Self {
+        let mut out = *self;
+        for i in 0..2 {
+            out.requests[i] -= earlier.requests[i];
+            out.requests_of_closed[i] -= earlier.requests_of_closed[i];
+            out.connections[i] -= earlier.connections[i];
+            out.adopted[i] -= earlier.adopted[i];
+            out.closed[i] -= earlier.closed[i];
+        }
+        out
+    }
+
+    fn to_json(self) -> Value {
+        let by_role = |values: &[f64; 2]| json!({ "client": values[0], "server": values[1] });
+        json!({
+            "requests": by_role(&self.requests),
+            "connection_requests_sum": by_role(&self.requests_of_closed),
+            "connections_opened_or_adopted": by_role(&self.connections),
+            "connections_adopted": by_role(&self.adopted),
+            "connections_closed": by_role(&self.closed),
+        })
+    }
+}
+
+fn start_agent(pin_path: &str) -> anyhow::Result<Agent> {
+    Agent::start(&["--bpf.pin-path", pin_path])
+}
+
+/// What a stopped agent counted.
+struct Stopped {
+    /// At the scrape just before SIGTERM.
+    before: Counts,
+    /// At its last answer.
+    last: Counts,
+    /// `events_lost_total` but `untracked_socket`, by reason, at its last answer (the
+    /// kernel's part is pinned with the rest: the sum over the agents so far).
+    losses: BTreeMap<String, f64>,
+    /// SIGTERM to exit.
+    took: Duration,
+}
+
+/// SIGTERM, then scrapes until the agent stops answering.
+fn stop_agent(agent: Agent, server: &str) -> anyhow::Result<Stopped> {
+    let scrape = agent.scrape()?;
+    let before = Counts::of(&scrape, server);
+    let mut losses = real_losses(&scrape);
+    let signalled = Instant::now();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+    let mut last = before;
+    while let Ok(scrape) = agent.scrape() {
+        last = Counts::of(&scrape, server);
+        losses = real_losses(&scrape);
+    }
+    // Reaps the child (a second SIGTERM to a stopping agent is ignored).
+    let (code, _) = agent.stop()?;
+    let took = signalled.elapsed();
+    ensure!(code == Some(0), "the agent exited with {code:?}");
+    Ok(Stopped { before, last, losses, took })
+}
+
+/// nginx's `stub_status`: (accepted connections, requests), each including the status
+/// request's own.
+fn stub_status(address: SocketAddr) -> anyhow::Result<(f64, f64)> {
+    let (status, body) = http_get(address, "/")?;
+    ensure!(status == 200, "stub_status answered {status}");
+    let mut lines = body.lines().skip_while(|l| !l.starts_with("server accepts"));
+    let numbers: Vec<f64> = lines
+        .nth(1)
+        .map(|l| l.split_whitespace().filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    match numbers[..] {
+        [accepts, _handled, requests] => Ok((accepts, requests)),
+        _ => bail!("no counts in stub_status: {body:.200}"),
+    }
+}
+
+/// `/sys/fs/bpf` when it is a BPF filesystem (as systemd mounts it), else a private one.
+fn bpf_dir() -> anyhow::Result<(String, Option<BpfFs>)> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let path = c"/sys/fs/bpf";
+    // SAFETY: statfs with a NUL-terminated path and a zeroed out-struct.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mounted = unsafe { libc::statfs(path.as_ptr(), &mut stat) } == 0
+        && stat.f_type as i64 == BPF_FS_MAGIC;
+    if mounted {
+        return Ok(("/sys/fs/bpf".to_owned(), None));
+    }
+    let fs = BpfFs::mount("bench")?;
+    Ok((fs.mount.to_string_lossy().into_owned(), Some(fs)))
+}
+
+/// One load mode: the restarts, and the comparison with nginx.
+struct ModeRun {
+    mode: &'static str,
+    nginx_requests: f64,
+    nginx_connections: f64,
+    wrk_requests: u64,
+    wrk_errors: u64,
+    wrk_cpu_seconds: f64,
+    counted: Counts,
+    /// What each agent counted, in order.
+    per_agent: Vec<Counts>,
+    after_last_scrape: Counts,
+    /// The last agent's losses (see [`Stopped::losses`]).
+    losses: BTreeMap<String, f64>,
+    stop_seconds: Vec<f64>,
+    gap_seconds: Vec<f64>,
+}
+
+impl ModeRun {
+    /// Largest difference over both roles: nginx's count against the agents' sum.
+    fn requests_lost(&self) -> f64 {
+        self.counted.requests.iter().map(|c| (self.nginx_requests - c).abs()).fold(0.0, f64::max)
+    }
+
+    fn connections_lost(&self) -> f64 {
+        self.counted
+            .connections
+            .iter()
+            .chain(&self.counted.closed)
+            .map(|c| (self.nginx_connections - c).abs())
+            .fold(0.0, f64::max)
+    }
+}
+
+fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<ModeRun> {
+    let mode = if close { "Connection: close" } else { "keep-alive" };
+    let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let status_server =
+        format!("server {{ listen {status}; access_log off; location / {{ stub_status; }} }}");
+    let nginx = Nginx::start_with(
+        NginxConfig {
+            port: free_port(),
+            keepalive_timeout: Duration::from_secs(60),
+            keepalive_requests: 1_000_000,
+            workers: 1,
+            advertise_keep_alive: false,
+        },
+        &status_server,
+    )?;
+    let server = nginx.server();
+    let run = Duration::from_millis(settings.restart_run_ms);
+    cleanup(pin_path)?;
+    let mut agent = start_agent(pin_path)?;
+    ensure!(Path::new(pin_path).join("maps").is_dir(), "the agent pinned nothing under {pin_path}");
+    let (accepts_before, requests_before) = stub_status(status)?;
+    // Bounded: interrupted after the restarts, at most this long in any case.
+    let bound = settings.restarts as u64 * (settings.restart_run_ms / 1000 + 35) + 30;
+    let load = wrk::spawn(&nginx.url("/index.html"), bound, close)?;
+    let (mut counted, mut after_last_scrape) = (Counts::default(), Counts::default());
+    let mut per_agent = Vec::new();
+    let (mut stop_seconds, mut gap_seconds) = (Vec::new(), Vec::new());
+    for restart in 1..=settings.restarts {
+        thread::sleep(run);
+        let signalled = Instant::now();
+        let stopped = stop_agent(agent, &server)?;
+        agent = start_agent(pin_path)?;
+        let gap = signalled.elapsed();
+        counted.add(&stopped.last);
+        per_agent.push(stopped.last);
+        after_last_scrape.add(&stopped.last.minus(&stopped.before));
+        stop_seconds.push(stopped.took.as_secs_f64());
+        gap_seconds.push(gap.as_secs_f64());
+        eprintln!(
+            "bench: restart loss, {mode}, restart {restart}: exit {:.3} s, ready again {:.3} s after SIGTERM",
+            stopped.took.as_secs_f64(),
+            gap.as_secs_f64()
+        );
+    }
+    thread::sleep(run);
+    let result = wrk::interrupt(load)?;
+    // Every connection of the load is closed now: wait until the last agent saw them all.
+    let settled = |s: &Scrape| {
+        ROLES.iter().all(|role| {
+            s.sum("connscope_connections_open", &[("role", *role), ("server", &server)]) == 0.0
+        })
+    };
+    agent.scrape_until(SETTLE, settled)?;
+    let stopped = stop_agent(agent, &server)?;
+    counted.add(&stopped.last);
+    per_agent.push(stopped.last);
+    after_last_scrape.add(&stopped.last.minus(&stopped.before));
+    let (accepts_after, requests_after) = stub_status(status)?;
+    let logged = std::fs::read_to_string(nginx.dir.join("access.log"))
+        .context("reading nginx's access log")?
+        .lines()
+        .count() as f64;
+    // The later status request counts itself once in each.
+    let (nginx_connections, status_requests) =
+        (accepts_after - accepts_before - 1.0, requests_after - requests_before - 1.0);
+    ensure!(
+        status_requests == logged,
+        "nginx's access log ({logged}) and stub_status ({status_requests}) disagree"
+    );
+    Ok(ModeRun {
+        mode,
+        nginx_requests: logged,
+        nginx_connections,
+        wrk_requests: result.requests,
+        wrk_errors: result.errors,
+        wrk_cpu_seconds: result.cpu_seconds,
+        counted,
+        per_agent,
+        after_last_scrape,
+        losses: stopped.losses,
+        stop_seconds,
+        gap_seconds,
+    })
+}
+
+fn figures(run: &ModeRun, restarts: usize) -> Vec<Figure> {
+    let (requests, connections) = (run.requests_lost(), run.connections_lost());
+    let gap = spread(&run.gap_seconds);
+    let c = &run.counted;
+    vec![
+        Figure::new(
+            format!("requests lost across {restarts} restarts, {}", run.mode),
+            requests,
+            format!(
+                "{requests} (of {}; client {}, server {})",
+                run.nginx_requests, c.requests[0], c.requests[1]
+            ),
+            Target::AtMost(0.0),
+        ),
+        Figure::new(
+            format!("connections lost across {restarts} restarts, {}", run.mode),
+            connections,
+            format!(
+                "{connections} (of {}; tracked {}/{}, closed {}/{})",
+                run.nginx_connections, c.connections[0], c.connections[1], c.closed[0], c.closed[1]
+            ),
+            Target::AtMost(0.0),
+        ),
+        Figure::new(
+            format!("restart gap (SIGTERM to next agent ready), {}", run.mode),
+            gap.median,
+            format!("{} s", gap.shown(3)),
+            Target::None,
+        ),
+    ]
+}
+
+pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
+    // Unmounted (if mounted here) when the part ends.
+    let (dir, _private) = bpf_dir()?;
+    let pin_path = format!("{dir}/connscope-bench-{}", std::process::id());
+    let runs = [false, true].map(|close| {
+        let run = run_mode(settings, close, &pin_path);
+        // Nothing stays pinned or attached after the part, whatever happened.
+        let cleaned = cleanup(&pin_path);
+        run.and_then(|run| cleaned.map(|_| run))
+    });
+    let mut details = serde_json::Map::new();
+    details.insert("pin_path".into(), json!(pin_path));
+    details.insert("restarts".into(), json!(settings.restarts));
+    details.insert("seconds_per_agent".into(), json!(settings.restart_run_ms as f64 / 1000.0));
+    let mut all = Vec::new();
+    for run in runs {
+        let run = run?;
+        all.extend(figures(&run, settings.restarts));
+        let key = if run.mode == "keep-alive" { "keepalive" } else { "close" };
+        details.insert(
+            key.into(),
+            json!({
+                "mode": run.mode,
+                "wrk": format!("wrk -t1 -c16{}, interrupted after the restarts", if run.mode == "keep-alive" { "" } else { " -H 'Connection: close'" }),
+                "nginx_requests_logged": run.nginx_requests,
+                "nginx_connections_accepted": run.nginx_connections,
+                "wrk_requests": run.wrk_requests,
+                "wrk_errors": run.wrk_errors,
+                "wrk_cpu_seconds": round(run.wrk_cpu_seconds, 3),
+                "requests_lost": run.requests_lost(),
+                "connections_lost": run.connections_lost(),
+                "counted_by_the_agents": run.counted.to_json(),
+                "counted_by_each_agent": run.per_agent.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+                "events_lost_by_reason": run.losses,
+                "counted_after_last_scrape_before_sigterm": run.after_last_scrape.to_json(),
+                "exit_seconds": run.stop_seconds.iter().map(|s| round(*s, 3)).collect::<Vec<_>>(),
+                "gap_seconds": spread(&run.gap_seconds).to_json(),
+            }),
+        );
+    }
+    Ok(Part { key: "restart_loss", details: Value::Object(details), figures: all })
+}
