@@ -86,6 +86,9 @@ pub mod conn_flag {
     /// is busy (the close reason `idle` and the `active` state need this, not the last
     /// direction: a TLS `close_notify` is sent in the request direction but asks nothing).
     pub const AWAITING_RESPONSE: u16 = 1 << 9;
+    /// libssl's plaintext of this connection is seen (`SSL_read`/`SSL_write` uprobes):
+    /// exchanges are counted on the plaintext; the ciphertext transfers add bytes only.
+    pub const TLS_PLAINTEXT: u16 = 1 << 10;
 }
 
 /// Per-socket state kept in the kernel for a connection's whole life (map value). All

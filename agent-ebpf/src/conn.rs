@@ -15,10 +15,13 @@ use crate::{
     exchange,
     globals::generation,
     maps::{
-        CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, PIN_STATE, count_lost, submit_flags,
+        CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, PIN_STATE, UserBuffer, count_lost,
+        submit_flags,
     },
+    payload_source::PayloadSource,
     records::{self, current_attribution, now_ns},
     sock::{BtfSocket, SocketView, state_and_port},
+    tls_calls,
 };
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
@@ -245,13 +248,43 @@ pub fn transfer(
         }
         _ => conn.bytes_received += bytes,
     }
+    // TLS whose plaintext the libssl uprobes see: exchanges are counted there.
+    if tls_calls::ciphertext(sock, conn) {
+        return;
+    }
+    count_exchanges(sock, conn, PayloadSource::Syscall, direction, bytes);
+}
+
+/// The exchange rules for `bytes` of payload readable from `source`.
+#[inline(always)]
+fn count_exchanges(
+    sock: u64,
+    conn: &mut Conn,
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+) {
     let now = now_ns();
-    let report = exchange::on_payload(sock, conn, direction, bytes, now);
+    let report = exchange::on_payload(sock, conn, source, direction, bytes, now);
     conn.last_direction = direction as u8;
     conn.last_ns = now;
     if report {
         records::snapshot(EventKind::Progress, sock, conn);
     }
+}
+
+/// TLS plaintext libssl moved for `sock` (the uprobes' return probe): counted by the same
+/// rules as cleartext, reading `buffer`; its bytes were counted as ciphertext.
+#[inline(always)]
+pub fn plaintext(sock: u64, direction: Direction, bytes: u64, buffer: UserBuffer) {
+    if !active() {
+        return;
+    }
+    let Some(conn) = tracked(sock) else { return };
+    if !conn.has(conn_flag::TLS_PLAINTEXT) {
+        tls_calls::to_plaintext(conn);
+    }
+    count_exchanges(sock, conn, PayloadSource::Buffer(buffer), direction, bytes);
 }
 
 /// Adopts an untracked TCP socket at its first send or receive: an established connection

@@ -12,7 +12,7 @@ use core::ffi::c_void;
 
 use crate::{
     maps::{EVENTS, HEAD_SCRATCH, UserBuffer, count_lost, submit_flags},
-    syscall_args::current_buffer,
+    payload_source::PayloadSource,
 };
 
 /// TLS record content types (RFC 8446 §5.1).
@@ -29,15 +29,23 @@ const TLS13_ALERT_RECORD_LEN: u16 = 2 + 1 + 16;
 /// The head of the current transfer, read into this CPU's scratch record (`head_len` set).
 /// `None` when the call has no user buffer (sendfile, io_uring) or it cannot be read.
 #[inline(always)]
-pub fn read(direction: Direction, bytes: u64) -> Option<&'static mut HeadEvent> {
-    read_from(current_buffer(direction)?, bytes)
+pub fn read(
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+) -> Option<&'static mut HeadEvent> {
+    read_from(source.buffer(direction)?, bytes)
 }
 
 /// Like [`read`], but only when the transfer starts like a request line: the first four
 /// bytes are read first, so request bodies cost a 4-byte read, not a head.
 #[inline(always)]
-pub fn read_request(direction: Direction, bytes: u64) -> Option<&'static mut HeadEvent> {
-    let buffer = current_buffer(direction)?;
+pub fn read_request(
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+) -> Option<&'static mut HeadEvent> {
+    let buffer = source.buffer(direction)?;
     if buffer.len.min(bytes) < 4 {
         return None;
     }
@@ -104,8 +112,8 @@ fn read_bytes(addr: u64, len: u64, dst: &mut [u8; HEAD_LEN]) -> u32 {
 ///
 /// Handshake records, alerts and an unreadable buffer carry no request.
 #[inline(always)]
-pub fn tls_carries_request(direction: Direction, bytes: u64) -> bool {
-    let Some(buffer) = current_buffer(direction) else { return false };
+pub fn tls_carries_request(source: PayloadSource, direction: Direction, bytes: u64) -> bool {
+    let Some(buffer) = source.buffer(direction) else { return false };
     let len = buffer.len.min(bytes);
     if len == 0 {
         return false;
