@@ -11,11 +11,14 @@
 //!    programs spend per system call of it.
 //! 4. Memory at 100k tracked idle sockets: agent RSS and kernel bytes per tracked socket.
 //! 5. `/metrics` latency with the default label caps filled.
+//! 6. HTTPS keep-alive (nginx `ssl`, wrk over https): no observer, undecrypted counting,
+//!    the libssl uprobes; ns per uprobe program run.
 //!
 //! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
 //! time and count, and is cleaned up.
 
 mod floor;
+mod https;
 mod kernel_cost;
 mod memory;
 mod metrics_latency;
@@ -88,6 +91,7 @@ pub fn run() -> anyhow::Result<()> {
     parts.push(no_network::no_network(&settings)?);
     parts.push(memory::idle_memory(settings.idle_connections)?);
     parts.push(metrics_latency::metrics_latency()?);
+    parts.push(https::https_keepalive(&settings)?);
     // Events lost across an agent restart (issue 10) will be one more part here, with its
     // own module returning a `report::Part`.
 
