@@ -32,8 +32,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::{
     probes::HookAttach,
-    tls_uprobes::TlsStatus,
     scrape_cache::{REFRESH_EVERY, ScrapeCache},
+    tls_uprobes::TlsStatus,
     web::{WebSettings, auth::basic_credentials},
 };
 
@@ -150,11 +150,8 @@ fn index_page(state: &AppState) -> String {
         tls_section(&mut page, tls);
     }
     let ready = if state.ready.load(Ordering::Acquire) { "ready" } else { "starting" };
-    let _ = write!(
-        page,
-        "<p>State: {ready}. Version {}.</p></body></html>",
-        env!("CARGO_PKG_VERSION")
-    );
+    let _ =
+        write!(page, "<p>State: {ready}. Version {}.</p></body></html>", env!("CARGO_PKG_VERSION"));
     page
 }
 

@@ -105,7 +105,8 @@ pub fn executable_mapping(line: &str) -> Option<Mapping<'_>> {
         return None;
     }
     let (major, minor) = dev.split_once(':')?;
-    let (major, minor) = (u64::from_str_radix(major, 16).ok()?, u64::from_str_radix(minor, 16).ok()?);
+    let (major, minor) =
+        (u64::from_str_radix(major, 16).ok()?, u64::from_str_radix(minor, 16).ok()?);
     let inode: u64 = inode.parse().ok()?;
     if inode == 0 {
         return None;

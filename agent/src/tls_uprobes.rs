@@ -254,8 +254,9 @@ impl TlsUprobes {
 }
 
 fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> {
-    let program =
-        ebpf.program_mut(name).with_context(|| format!("program {name} missing from the object"))?;
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the object"))?;
     Ok(program.try_into()?)
 }
 

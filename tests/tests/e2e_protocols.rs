@@ -6,6 +6,7 @@
 
 use std::{
     collections::BTreeMap,
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -155,7 +156,8 @@ fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
         Decryption::Off => (&["--tls.uprobes=false"], "tls", "off"),
     };
     let agent = Agent::start(flags)?;
-    let info = agent.scrape()?.sum("connscope_probe_info", &[("hook", "libssl"), ("attach", attach)]);
+    let info =
+        agent.scrape()?.sum("connscope_probe_info", &[("hook", "libssl"), ("attach", attach)]);
     assert_eq!(info, 1.0, "probe_info libssl {attach}");
     for (port, log, version) in [(tls13, "tls13.log", "TLSv1.3"), (tls12, "tls12.log", "TLSv1.2")] {
         let url = format!("https://127.0.0.1:{port}/index.html");
@@ -267,12 +269,17 @@ fn http2_cleartext_is_not_counted_as_http1() -> anyhow::Result<()> {
     }
     let truth = logged_requests(&nginx, "h2c.log", CONNECTIONS)?;
     assert_eq!(truth.len(), CONNECTIONS, "{truth:?}");
-    let server = format!("127.0.0.1:{h2c}");
-    let scrape = scrape_closed(&agent, &server, CONNECTIONS as f64)?;
+    assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2c}"), CONNECTIONS)
+}
+
+/// `connections` HTTP/2 connections to `server` were opened and closed, on both sides,
+/// without HTTP/1.x requests or a requests-per-connection observation.
+fn assert_http2_not_counted(agent: &Agent, server: &str, connections: usize) -> anyhow::Result<()> {
+    let scrape = scrape_closed(agent, server, connections as f64)?;
     for role in ROLES {
-        let labels = side(&server, role);
+        let labels = side(server, role);
         let opened = scrape.sum("connscope_connections_opened_total", &labels);
-        assert_eq!(opened, CONNECTIONS as f64, "{role}");
+        assert_eq!(opened, connections as f64, "{role}");
         assert_eq!(scrape.sum("connscope_http_requests_total", &labels), 0.0, "{role}");
         assert_eq!(
             scrape.sum("connscope_connection_requests_count", &labels),
@@ -312,26 +319,106 @@ fn http2_in_tls_is_not_counted_as_http1() -> anyhow::Result<()> {
     for _ in 0..CONNECTIONS {
         let (versions, _) = run(
             "curl",
-            &["-sSk", "--http2", "-w", "%{http_version} ", "-o", "/dev/null", &url, "-o", "/dev/null", &url],
+            &[
+                "-sSk",
+                "--http2",
+                "-w",
+                "%{http_version} ",
+                "-o",
+                "/dev/null",
+                &url,
+                "-o",
+                "/dev/null",
+                &url,
+            ],
         )?;
         assert_eq!(versions, "2 2 ", "curl spoke HTTP/2 twice on one connection");
     }
     let truth = logged_requests(&nginx, "h2.log", 2 * CONNECTIONS)?;
     assert_eq!(truth.values().copied().collect::<Vec<_>>(), [2; CONNECTIONS], "{truth:?}");
-    let server = format!("127.0.0.1:{h2}");
-    let scrape = scrape_closed(&agent, &server, CONNECTIONS as f64)?;
-    for role in ROLES {
-        let labels = side(&server, role);
-        let opened = scrape.sum("connscope_connections_opened_total", &labels);
-        assert_eq!(opened, CONNECTIONS as f64, "{role}");
-        assert_eq!(scrape.sum("connscope_http_requests_total", &labels), 0.0, "{role}");
-        assert_eq!(
-            scrape.sum("connscope_connection_requests_count", &labels),
-            0.0,
-            "{role}: HTTP/2 has no requests-per-connection observation: {}",
-            scrape.text
-        );
+    assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2}"), CONNECTIONS)
+}
+
+/// A process started after the agent with its own copy of libssl (`LD_LIBRARY_PATH`, as a
+/// container or a bundled OpenSSL would be): the agent's rescan of `/proc` finds the new file
+/// and attaches it, and that process's HTTPS is then decrypted (`http1` on its side).
+#[test]
+fn libssl_copy_of_a_later_process_is_attached() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("libssl_copy_of_a_later_process_is_attached") {
+        return Ok(());
     }
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("connscope-libssl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = self_signed_certificate(&dir)?;
+    let extra = format!(
+        "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+           access_log late.log ground_truth; root html; }}\n",
+        cert.display(),
+        key.display()
+    );
+    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+    let system_libssl = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"]
+        .iter()
+        .map(|d| Path::new(d).join("libssl.so.3"))
+        .find(|p| p.exists())
+        .context("no libssl.so.3 (Debian package libssl3)")?;
+    std::fs::copy(&system_libssl, dir.join("libssl.so.3"))?;
+    let agent = Agent::start(&[])?;
+    let attached = |scrape: &connscope_tests::Scrape| {
+        scrape.sum("connscope_tls_uprobe_targets", &[("state", "attached")])
+    };
+    let before = attached(&agent.scrape()?);
+    assert!(before >= 1.0, "the system's libssl is attached at start");
+    const REQUESTS: u64 = 4;
+    let script = format!(
+        "import http.client, ssl, sys\n\
+         print('ready', flush=True)\n\
+         sys.stdin.readline()\n\
+         c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ssl._create_unverified_context())\n\
+         for _ in range({REQUESTS}):\n    c.request('GET', '/index.html')\n    c.getresponse().read()\n\
+         c.close()\n"
+    );
+    let mut python = Command::new("python3")
+        .args(["-c", &script])
+        .env("LD_LIBRARY_PATH", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting python3")?;
+    let result = (|| -> anyhow::Result<()> {
+        let mut ready = String::new();
+        let stdout = python.stdout.as_mut().context("python's stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready)?;
+        anyhow::ensure!(ready.trim() == "ready", "python: {ready:?}");
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", python.id()))?;
+        anyhow::ensure!(maps.contains(&*dir.to_string_lossy()), "python maps the copy: {maps}");
+        // The rescan runs every 10 s.
+        let scrape = agent.scrape_until(Duration::from_secs(25), |s| attached(s) > before)?;
+        anyhow::ensure!(attached(&scrape) > before, "the copy was not attached: {}", scrape.text);
+        let stdin = python.stdin.as_mut().context("python's stdin")?;
+        std::io::Write::write_all(stdin, b"go\n")?;
+        let status = python.wait()?;
+        anyhow::ensure!(status.success(), "python: {status}");
+        Ok(())
+    })();
+    let _ = python.kill();
+    let _ = python.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    let truth = logged_requests(&nginx, "late.log", REQUESTS as usize)?;
+    assert_eq!(truth.values().copied().collect::<Vec<_>>(), [REQUESTS], "{truth:?}");
+    let server = format!("127.0.0.1:{port}");
+    let scrape = scrape_closed(&agent, &server, 1.0)?;
+    let client = [("server", server.as_str()), ("role", "client"), ("protocol", "http1")];
+    assert_eq!(
+        scrape.sum("connscope_connection_requests_sum", &client),
+        REQUESTS as f64,
+        "{}",
+        scrape.text
+    );
+    let client = side(&server, "client");
+    assert_eq!(scrape.sum("connscope_http_requests_total", &client), REQUESTS as f64);
     Ok(())
 }
 

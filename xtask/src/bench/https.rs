@@ -63,7 +63,12 @@ struct UprobeLoad {
     requests: u64,
 }
 
-fn agent_arm(url: &str, seconds: u64, flags: &[&str], load: &mut UprobeLoad) -> anyhow::Result<f64> {
+fn agent_arm(
+    url: &str,
+    seconds: u64,
+    flags: &[&str],
+    load: &mut UprobeLoad,
+) -> anyhow::Result<f64> {
     let agent = Agent::start(flags)?;
     let uprobes: BTreeSet<u32> = program_ids(agent.pid())?;
     let before = program_stats(&uprobes);
