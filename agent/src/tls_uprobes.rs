@@ -203,7 +203,7 @@ impl TlsUprobes {
     /// The periodic rescan (see the module docs).
     pub fn rescan(&mut self, ebpf: &mut Ebpf) {
         self.rescans += 1;
-        self.scan(ebpf, self.rescans % FULL_RESCAN_EVERY == 0);
+        self.scan(ebpf, self.rescans.is_multiple_of(FULL_RESCAN_EVERY));
         self.status.set_attach(self.attach_state());
     }
 

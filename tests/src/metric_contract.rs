@@ -57,6 +57,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
         "role" => &["client", "server"],
         "closed_by" => &["local", "peer", "unknown"],
         "close_kind" => &["fin", "reset"],
+        "state" if metric == "connscope_tls_uprobe_targets" => &["attached", "failed"],
         "state" => &["active", "idle"],
         "hook" => &[
             "tcp_connect",
@@ -69,7 +70,6 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
         "attach" => {
             &["fentry", "kprobe", "tp_btf", "tracepoint", "sock_ops", "uprobe", "off", "none"]
         }
-        "state" if metric == "connscope_tls_uprobe_targets" => &["attached", "failed"],
         "reason" if metric == "connscope_events_lost_total" => {
             &["ringbuf_full", "map_full", "untracked_socket", "payload_unreadable", "decode_error"]
         }
