@@ -11,7 +11,7 @@
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::LruHashMap,
 };
 use connscope_common::{
     Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
@@ -34,9 +34,10 @@ pub struct SslCall {
     pub _pad: [u8; 7],
 }
 
-/// libssl calls in progress, by pid_tgid.
+/// libssl calls in progress, by pid_tgid. LRU: a thread that dies inside a call leaves its
+/// entry behind, and such entries must not fill the map.
 #[map]
-pub static TLS_CALLS: HashMap<u64, SslCall> = HashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
+pub static TLS_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
 
 /// `SSL*` → socket, learnt from the calls' transfers. LRU: an `SSL*` freed without a word to
 /// us ages out; a reused address is corrected by its first call that touches the socket.
