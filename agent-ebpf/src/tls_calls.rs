@@ -8,11 +8,7 @@
 //! read-ahead buffer touches no socket). `SSL_do_handshake` is stashed too, so the handshake
 //! flights teach the mapping before the first read.
 
-use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::map,
-    maps::LruHashMap,
-};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::LruHashMap};
 use connscope_common::{
     Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
 };

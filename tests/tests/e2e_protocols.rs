@@ -159,6 +159,9 @@ fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
     let info =
         agent.scrape()?.sum("connscope_probe_info", &[("hook", "libssl"), ("attach", attach)]);
     assert_eq!(info, 1.0, "probe_info libssl {attach}");
+    let (_, page) = agent.get("/")?;
+    let listed = page.contains("libssl.so.3</td><td>attached");
+    assert_eq!(listed, decryption == Decryption::Uprobes, "/ lists the attached libssl: {page}");
     for (port, log, version) in [(tls13, "tls13.log", "TLSv1.3"), (tls12, "tls12.log", "TLSv1.2")] {
         let url = format!("https://127.0.0.1:{port}/index.html");
         let mut args = vec!["-sS", "-k"];
