@@ -21,7 +21,7 @@ pub trait TransferBytes {
 }
 
 /// Whether a request-direction transfer of `len` bytes on undecrypted TLS carries
-/// application data (a request), from its record headers only (at most three reads; the
+/// application data (a request), from its record headers only (at most four reads; the
 /// steady path reads one byte):
 /// - it starts with an application-data record that is not TLS 1.3's encrypted
 ///   `close_notify` (a lone record of [`TLS13_ALERT_RECORD_LEN`], read whole or header
