@@ -242,14 +242,16 @@ pub fn transfer(
     match direction {
         Direction::Send => {
             conn.bytes_sent += bytes;
-            if conn.closed_by == ClosedBy::Peer as u8 {
+            // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify
+            // asks nothing.
+            if conn.closed_by == ClosedBy::Peer as u8 && !conn.has(conn_flag::TLS_PLAINTEXT) {
                 conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
             }
         }
         _ => conn.bytes_received += bytes,
     }
     // TLS whose plaintext the libssl uprobes see: exchanges are counted there.
-    if tls_calls::ciphertext(sock, conn) {
+    if tls_calls::ciphertext(sock, conn, direction) {
         return;
     }
     count_exchanges(sock, conn, PayloadSource::Syscall, direction, bytes);

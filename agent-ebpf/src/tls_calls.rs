@@ -10,7 +10,8 @@
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::LruHashMap};
 use connscope_common::{
-    Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
+    ClosedBy, Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
+    is_request,
 };
 
 /// One libssl call in progress.
@@ -48,17 +49,39 @@ pub fn begin(ssl: u64, buf: u64, moved_out: u64, direction: Direction) {
     let _ = TLS_CALLS.insert(&bpf_get_current_pid_tgid(), &call, 0);
 }
 
-/// For a transfer on tracked `sock`: whether it is ciphertext whose plaintext the uprobes
-/// count (then it adds bytes only). Plaintext protocols never look further than a flag and
-/// a byte; TLS (and not yet sniffed) connections look up the thread's libssl call.
+/// For a transfer on tracked `sock` moving `direction`: whether it is ciphertext whose
+/// plaintext the uprobes count (then it adds bytes only). Plaintext protocols never look
+/// further than a flag and a byte; TLS (and not yet sniffed) connections look up the
+/// thread's libssl call.
 #[inline(always)]
-pub fn ciphertext(sock: u64, conn: &mut Conn) -> bool {
+pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> bool {
     if conn.has(conn_flag::TLS_PLAINTEXT) {
+        // A response on the wire ends the wait, even before libssl's call returns (the
+        // peer may close in between).
+        if conn.role().is_some_and(|role| !is_request(role, direction)) {
+            conn.flags &= !conn_flag::AWAITING_RESPONSE;
+        }
+        if direction == Direction::Send && conn.closed_by == ClosedBy::Peer as u8 {
+            sent_after_peer_close(conn);
+        }
         return true;
     }
     let protocol = conn.protocol;
     (protocol == Protocol::Tls as u8 || protocol == Protocol::Unknown as u8)
         && inside_call(sock, conn)
+}
+
+/// The keep-alive race is judged on the wire, when the ciphertext leaves: the plaintext's
+/// return can come after the peer's FIN (the peer may answer and close before the writer
+/// runs again). Only `SSL_write`'s ciphertext counts: libssl's own records (`close_notify`
+/// from `SSL_shutdown`, tickets) ask nothing.
+#[inline(never)]
+fn sent_after_peer_close(conn: &mut Conn) {
+    // SAFETY: the value is copied out.
+    let call = unsafe { TLS_CALLS.get(&bpf_get_current_pid_tgid()) }.copied();
+    if call.is_some_and(|call| call.direction == Direction::Send as u8) {
+        conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
+    }
 }
 
 #[inline(never)]

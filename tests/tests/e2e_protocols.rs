@@ -224,7 +224,8 @@ fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
 }
 
 /// Close reasons of decrypted HTTPS, from nginx's log: the connection that reached
-/// `keepalive_requests` got nginx's `Connection: close`; the clients closed the others idle.
+/// `keepalive_requests` got nginx's `Connection: close`; the clients closed the others idle;
+/// no keep-alive race.
 fn assert_close_reasons(
     scrape: &connscope_tests::Scrape,
     server: &str,
@@ -242,6 +243,10 @@ fn assert_close_reasons(
         };
         assert_eq!(reason("connection_close"), at_limit, "{role}: {}", scrape.text);
         assert_eq!(reason("idle"), others, "{role}: {}", scrape.text);
+        // Every request was answered (nginx logged it): a close_notify sent after the
+        // peer's FIN is no request on a closing connection.
+        let races = scrape.sum("connscope_keepalive_races_total", &side(server, role));
+        assert_eq!(races, 0.0, "{role}: keep-alive races");
     }
 }
 
