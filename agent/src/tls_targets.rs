@@ -4,7 +4,7 @@
 //! processes started later. So the agent needs each distinct file once: the system's
 //! `libssl.so.*` (found in the library directories even before any process loads it), the
 //! `libssl.so.*` copies running processes map (containers, bundled copies), and executables
-//! that export `SSL_write` themselves (OpenSSL linked statically with its symbols kept).
+//! that export `SSL_write` themselves (OpenSSL linked statically, its symbols exported).
 //! Files are told apart by device and inode, as `/proc/<pid>/maps` shows them.
 
 use std::{
@@ -141,14 +141,14 @@ pub fn candidates(
     found
 }
 
-/// Whether the ELF file at `path` defines `symbol` (dynamic or static symbol table).
-/// Reads only the headers and symbol tables, through a read cache.
+/// Whether the ELF file at `path` exports `symbol` (defines it in its dynamic symbol
+/// table). Reads only the headers and the dynamic symbols, through a read cache: the static
+/// symbol table of a large binary with debug information would cost seconds.
 pub fn exports(path: &Path, symbol: &str) -> bool {
     let Ok(file) = fs::File::open(path) else { return false };
     let cache = object::read::ReadCache::new(file);
     let Ok(elf) = object::File::parse(&cache) else { return false };
-    let defined = |s: &object::Symbol<'_, '_, _>| s.is_definition() && s.name() == Ok(symbol);
-    elf.dynamic_symbols().any(|s| defined(&s)) || elf.symbols().any(|s| defined(&s))
+    elf.dynamic_symbols().any(|s| s.is_definition() && s.name() == Ok(symbol))
 }
 
 #[cfg(test)]

@@ -189,10 +189,17 @@ impl TlsUprobes {
             attached: 0,
             status,
         };
+        let started = std::time::Instant::now();
         for target in tls_targets::system_libraries() {
             uprobes.consider(ebpf, target, true);
         }
         uprobes.scan(ebpf, true);
+        tracing::info!(
+            attached = uprobes.attached,
+            files = uprobes.known.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "TLS uprobe targets scanned"
+        );
         Ok(uprobes)
     }
 
