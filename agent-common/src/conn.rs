@@ -86,7 +86,9 @@ pub mod conn_flag {
     /// is busy (the close reason `idle` and the `active` state need this, not the last
     /// direction: a TLS `close_notify` is sent in the request direction but asks nothing).
     pub const AWAITING_RESPONSE: u16 = 1 << 9;
-    // Bit 10 is reserved for TLS plaintext (libssl uprobes).
+    /// libssl's plaintext of this connection is seen (`SSL_read`/`SSL_write` uprobes):
+    /// exchanges are counted on the plaintext; the ciphertext transfers add bytes only.
+    pub const TLS_PLAINTEXT: u16 = 1 << 10;
     /// The close started with a reset (an abort), not a FIN: the `CloseKind`, kept as a
     /// flag so the map value stays small.
     pub const CLOSED_BY_RESET: u16 = 1 << 11;

@@ -7,6 +7,7 @@
 //! - [`records`]: the ring buffer records (a tagged header, then one struct per kind).
 //! - [`kernel_config`]: values the agent writes into the programs before loading them
 //!   (struct offsets from the kernel's BTF, the syscall table, switches).
+//! - [`tls_record`]: the undecrypted-TLS record rule the kernel runs (fuzzed on the host).
 //! - [`names`]: program, map and global names, used by the programs' attributes' tests and by
 //!   the loader alike.
 //!
@@ -19,6 +20,7 @@ pub mod handover;
 pub mod kernel_config;
 pub mod names;
 pub mod records;
+pub mod tls_record;
 pub mod wire;
 
 pub use conn::{Conn, conn_flag};

@@ -46,9 +46,17 @@ pub mod program {
     pub const FLOOR_RECV: &str = "floor_sock_recv";
     pub const FLOOR_STATE: &str = "floor_set_state";
     pub const FLOOR_DESTROY: &str = "floor_destroy";
+    // libssl uprobes (`--tls.uprobes`): entries of `SSL_write`, `SSL_write_ex`, `SSL_read`,
+    // `SSL_read_ex`, `SSL_do_handshake`, and one return probe for all of them.
+    pub const SSL_WRITE: &str = "connscope_ssl_write";
+    pub const SSL_WRITE_EX: &str = "connscope_ssl_write_ex";
+    pub const SSL_READ: &str = "connscope_ssl_read";
+    pub const SSL_READ_EX: &str = "connscope_ssl_read_ex";
+    pub const SSL_DO_HANDSHAKE: &str = "connscope_ssl_do_handshake";
+    pub const SSL_RETURN: &str = "connscope_ssl_return";
 
     /// Every program of the object.
-    pub const ALL: [&str; 31] = [
+    pub const ALL: [&str; 37] = [
         BTF_INET_SOCK_SET_STATE,
         BTF_TCP_DESTROY_SOCK,
         BTF_TCP_RECEIVE_RESET,
@@ -80,6 +88,12 @@ pub mod program {
         FLOOR_RECV,
         FLOOR_STATE,
         FLOOR_DESTROY,
+        SSL_WRITE,
+        SSL_WRITE_EX,
+        SSL_READ,
+        SSL_READ_EX,
+        SSL_DO_HANDSHAKE,
+        SSL_RETURN,
     ];
 }
 
@@ -99,13 +113,15 @@ pub mod map {
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const PIN_STATE: &str = "PIN_STATE";
     pub const HANDOVER: &str = "HANDOVER";
+    pub const TLS_CALLS: &str = "TLS_CALLS";
+    pub const TLS_SOCKETS: &str = "TLS_SOCKETS";
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
     pub const PINNED: [&str; 8] =
         [CONNS, EVENTS, LOST, SETTINGS, CONNECTS_IN_FLIGHT, LISTEN_PORTS, PIN_STATE, HANDOVER];
 
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         CONNS,
         EVENTS,
         LOST,
@@ -120,6 +136,8 @@ pub mod map {
         LISTEN_PORTS,
         PIN_STATE,
         HANDOVER,
+        TLS_CALLS,
+        TLS_SOCKETS,
     ];
 }
 

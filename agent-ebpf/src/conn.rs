@@ -16,10 +16,13 @@ use crate::{
     exchange,
     globals::generation,
     maps::{
-        CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, PIN_STATE, count_lost, submit_flags,
+        CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, PIN_STATE, UserBuffer, count_lost,
+        submit_flags,
     },
+    payload_source::PayloadSource,
     records::{self, current_attribution, now_ns},
     sock::{BtfSocket, SocketView, state_and_port},
+    tls_calls,
 };
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
@@ -244,15 +247,38 @@ pub fn transfer(
     let moved = ret as u32;
     let wrapped = match direction {
         Direction::Send => {
-            if conn.closed_by == ClosedBy::Peer as u8 {
+            // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify
+            // asks nothing.
+            if conn.closed_by == ClosedBy::Peer as u8 && !conn.has(conn_flag::TLS_PLAINTEXT) {
                 conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
             }
             add_wrapping(&mut conn.bytes_sent, moved)
         }
         _ => add_wrapping(&mut conn.bytes_received, moved),
     };
+    // TLS whose plaintext the libssl uprobes see: exchanges are counted there.
+    if tls_calls::ciphertext(sock, conn, direction) {
+        if wrapped {
+            records::snapshot(EventKind::Progress, sock, conn);
+        }
+        return;
+    }
+    count_exchanges(sock, conn, PayloadSource::Syscall, direction, bytes, wrapped);
+}
+
+/// The exchange rules for `bytes` of payload readable from `source`; `report` forces a
+/// `Progress` record (a byte counter's top bit flipped).
+#[inline(always)]
+fn count_exchanges(
+    sock: u64,
+    conn: &mut Conn,
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+    report: bool,
+) {
     let now = now_ns();
-    let report = exchange::on_payload(sock, conn, direction, bytes, now) || wrapped;
+    let report = exchange::on_payload(sock, conn, source, direction, bytes, now) || report;
     conn.last_direction = direction as u8;
     conn.last_ns = now;
     if report {
@@ -266,6 +292,20 @@ fn add_wrapping(counter: &mut u32, added: u32) -> bool {
     let before = *counter;
     *counter = before.wrapping_add(added);
     flipped_top_bit(before, *counter)
+}
+
+/// TLS plaintext libssl moved for `sock` (the uprobes' return probe): counted by the same
+/// rules as cleartext, reading `buffer`; its bytes were counted as ciphertext.
+#[inline(always)]
+pub fn plaintext(sock: u64, direction: Direction, bytes: u64, buffer: UserBuffer) {
+    if !active() {
+        return;
+    }
+    let Some(conn) = tracked(sock) else { return };
+    if !conn.has(conn_flag::TLS_PLAINTEXT) {
+        tls_calls::to_plaintext(conn);
+    }
+    count_exchanges(sock, conn, PayloadSource::Buffer(buffer), direction, bytes, false);
 }
 
 /// Adopts an untracked TCP socket at its first send or receive: an established connection

@@ -22,16 +22,27 @@ use connscope_common::{
     conn_flag, is_request,
 };
 
-use crate::head::{self, Status};
+use crate::{
+    head::{self, Status},
+    payload_source::PayloadSource,
+};
 
 /// While set, every request-direction transfer is looked at (TLS: record headers; HTTP/1.x:
 /// its first four bytes) until the request starts.
 const REQUEST_PENDING: u16 = conn_flag::REQUEST_PENDING;
 
 /// Updates the exchange state for `bytes` moved in `direction` at `now` (before `last_ns`
-/// and `last_direction` are updated). Returns whether the agent must get a snapshot now.
+/// and `last_direction` are updated), readable from `source`. Returns whether the agent
+/// must get a snapshot now.
 #[inline(always)]
-pub fn on_payload(sock: u64, conn: &mut Conn, direction: Direction, bytes: u64, now: u64) -> bool {
+pub fn on_payload(
+    sock: u64,
+    conn: &mut Conn,
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+    now: u64,
+) -> bool {
     let Some(role) = conn.role() else { return false };
     let turn_start = conn.last_direction != direction as u8;
     // A connection quiet for a while may have dropped out of the agent's sweeps.
@@ -40,10 +51,10 @@ pub fn on_payload(sock: u64, conn: &mut Conn, direction: Direction, bytes: u64, 
         return idle_restart;
     }
     let wrapped = if is_request(role, direction) {
-        request_payload(sock, conn, direction, bytes, now, turn_start)
+        request_payload(sock, conn, source, direction, bytes, now, turn_start)
     } else {
         conn.flags &= !conn_flag::AWAITING_RESPONSE;
-        response_payload(sock, conn, direction, bytes, now, turn_start);
+        response_payload(sock, conn, source, direction, bytes, now, turn_start);
         false
     };
     wrapped || idle_restart
@@ -53,6 +64,7 @@ pub fn on_payload(sock: u64, conn: &mut Conn, direction: Direction, bytes: u64, 
 fn request_payload(
     sock: u64,
     conn: &mut Conn,
+    source: PayloadSource,
     direction: Direction,
     bytes: u64,
     now: u64,
@@ -64,7 +76,7 @@ fn request_payload(
         return false;
     }
     if protocol == Protocol::Tls {
-        if !head::tls_carries_request(direction, bytes) {
+        if !head::tls_carries_request(source, direction, bytes) {
             conn.flags |= REQUEST_PENDING;
             return false;
         }
@@ -81,10 +93,10 @@ fn request_payload(
     // A request-direction transfer ends any interim response.
     conn.flags &= !conn_flag::INTERIM;
     let head = if turn_start {
-        head::read(direction, bytes)
+        head::read(source, direction, bytes)
     } else {
         // Inside a request body: only a request line matters.
-        let head = head::read_request(direction, bytes);
+        let head = head::read_request(source, direction, bytes);
         if head.is_none() {
             return false;
         }
@@ -123,6 +135,7 @@ fn request_payload(
 fn response_payload(
     sock: u64,
     conn: &mut Conn,
+    source: PayloadSource,
     direction: Direction,
     bytes: u64,
     now: u64,
@@ -139,10 +152,11 @@ fn response_payload(
     if turn_start && steady_repeat(conn, conn.response_len, bytes) {
         return;
     }
-    let Some(head) = head::read(direction, bytes) else { return };
+    let Some(head) = head::read(source, direction, bytes) else { return };
     let Some(status) = head::status(head) else {
-        // A response that is not HTTP/1.x (or a server that speaks first).
-        if protocol == Protocol::Unknown {
+        // A response that is not HTTP/1.x (or a server that speaks first). In TLS
+        // plaintext an HTTP/2 server sends its SETTINGS first: the client's preface decides.
+        if protocol == Protocol::Unknown && !conn.has(conn_flag::TLS_PLAINTEXT) {
             conn.protocol = Protocol::Other as u8;
         }
         return;

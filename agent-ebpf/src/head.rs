@@ -7,37 +7,35 @@ use aya_ebpf::helpers::{bpf_probe_read_user, generated};
 use connscope_common::{
     Conn, Direction, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, LostReason,
     Protocol,
+    tls_record::{self, TransferBytes},
 };
 use core::ffi::c_void;
 
 use crate::{
     maps::{EVENTS, HEAD_SCRATCH, UserBuffer, count_lost, submit_flags},
-    syscall_args::current_buffer,
+    payload_source::PayloadSource,
 };
-
-/// TLS record content types (RFC 8446 §5.1).
-pub const TLS_CHANGE_CIPHER_SPEC: u8 = 0x14;
-pub const TLS_HANDSHAKE: u8 = 0x16;
-pub const TLS_APPLICATION_DATA: u8 = 0x17;
-/// `type(1) legacy_version(2) length(2)` (RFC 8446 §5.1).
-const TLS_RECORD_HEADER: u64 = 5;
-/// Length of an encrypted alert record under TLS 1.3's AEAD suites: 2 alert bytes, 1 inner
-/// content type byte (RFC 8446 §5.2 `TLSInnerPlaintext`) and a 16-byte tag. TLS 1.3 sends
-/// its `close_notify` (§6.1) as such an application-data record.
-const TLS13_ALERT_RECORD_LEN: u16 = 2 + 1 + 16;
 
 /// The head of the current transfer, read into this CPU's scratch record (`head_len` set).
 /// `None` when the call has no user buffer (sendfile, io_uring) or it cannot be read.
 #[inline(always)]
-pub fn read(direction: Direction, bytes: u64) -> Option<&'static mut HeadEvent> {
-    read_from(current_buffer(direction)?, bytes)
+pub fn read(
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+) -> Option<&'static mut HeadEvent> {
+    read_from(source.buffer(direction)?, bytes)
 }
 
 /// Like [`read`], but only when the transfer starts like a request line: the first four
 /// bytes are read first, so request bodies cost a 4-byte read, not a head.
 #[inline(always)]
-pub fn read_request(direction: Direction, bytes: u64) -> Option<&'static mut HeadEvent> {
-    let buffer = current_buffer(direction)?;
+pub fn read_request(
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+) -> Option<&'static mut HeadEvent> {
+    let buffer = source.buffer(direction)?;
     if buffer.len.min(bytes) < 4 {
         return None;
     }
@@ -93,66 +91,25 @@ fn read_bytes(addr: u64, len: u64, dst: &mut [u8; HEAD_LEN]) -> u32 {
 }
 
 /// Whether a request-direction transfer on undecrypted TLS carries application data (a
-/// request), from its record headers only (the steady path reads one byte, as before):
-/// - it starts with an application-data record that is not TLS 1.3's encrypted
-///   `close_notify` (a lone record of [`TLS13_ALERT_RECORD_LEN`], read whole or header
-///   first), which would otherwise count the close as a request;
-/// - or it starts with `ChangeCipherSpec` and, after the record that follows it (the
-///   client's `Finished`: a handshake record in TLS 1.2, an application-data record in
-///   TLS 1.3's middlebox compatibility mode, RFC 8446 §D.4), holds an application-data
-///   record: the server read the end of the handshake and the first request at once.
-///
-/// Handshake records, alerts and an unreadable buffer carry no request.
+/// request), by its record headers (`connscope_common::tls_record::carries_request`).
 #[inline(always)]
-pub fn tls_carries_request(direction: Direction, bytes: u64) -> bool {
-    let Some(buffer) = current_buffer(direction) else { return false };
-    let len = buffer.len.min(bytes);
-    if len == 0 {
-        return false;
-    }
-    // SAFETY: user memory read through the fault-tolerant helper.
-    let Ok(content_type) = (unsafe { bpf_probe_read_user(buffer.addr as *const u8) }) else {
-        return false;
-    };
-    match content_type {
-        TLS_APPLICATION_DATA => {
-            let alert_sized = len == TLS_RECORD_HEADER
-                || len == TLS_RECORD_HEADER + u64::from(TLS13_ALERT_RECORD_LEN);
-            !alert_sized
-                || tls_record_len(&buffer, 0, len).is_none_or(|l| l != TLS13_ALERT_RECORD_LEN)
-        }
-        TLS_CHANGE_CIPHER_SPEC => {
-            let Some(ccs_len) = tls_record_len(&buffer, 0, len) else { return false };
-            let finished = TLS_RECORD_HEADER + u64::from(ccs_len);
-            let Some(finished_len) = tls_record_len(&buffer, finished, len) else { return false };
-            let next = finished + TLS_RECORD_HEADER + u64::from(finished_len);
-            tls_record_type(&buffer, next, len) == Some(TLS_APPLICATION_DATA)
-        }
-        _ => false,
-    }
+pub fn tls_carries_request(source: PayloadSource, direction: Direction, bytes: u64) -> bool {
+    let Some(buffer) = source.buffer(direction) else { return false };
+    tls_record::carries_request(&buffer, buffer.len.min(bytes))
 }
 
-/// The content type of the record starting `offset` bytes into the transfer.
-#[inline(always)]
-fn tls_record_type(buffer: &UserBuffer, offset: u64, len: u64) -> Option<u8> {
-    if offset >= len {
-        return None;
+impl TransferBytes for UserBuffer {
+    #[inline(always)]
+    fn byte_at(&self, offset: u64) -> Option<u8> {
+        // SAFETY: user memory read through the fault-tolerant helper.
+        unsafe { bpf_probe_read_user((self.addr + offset) as *const u8) }.ok()
     }
-    // SAFETY: user memory read through the fault-tolerant helper.
-    unsafe { bpf_probe_read_user((buffer.addr + offset) as *const u8) }.ok()
-}
 
-/// The length field of the record header starting `offset` bytes into the transfer, when
-/// the whole header lies inside it.
-#[inline(always)]
-fn tls_record_len(buffer: &UserBuffer, offset: u64, len: u64) -> Option<u16> {
-    if offset.saturating_add(TLS_RECORD_HEADER) > len {
-        return None;
+    #[inline(always)]
+    fn header_at(&self, offset: u64) -> Option<[u8; 5]> {
+        // SAFETY: as above.
+        unsafe { bpf_probe_read_user((self.addr + offset) as *const [u8; 5]) }.ok()
     }
-    // SAFETY: user memory read through the fault-tolerant helper.
-    let header: [u8; 5] =
-        unsafe { bpf_probe_read_user((buffer.addr + offset) as *const [u8; 5]) }.ok()?;
-    Some(u16::from_be_bytes([header[3], header[4]]))
 }
 
 #[inline(always)]
@@ -192,7 +149,7 @@ pub fn sniff_request(head: &HeadEvent) -> Protocol {
         Protocol::Http1
     } else if head.head_len >= 4 && prefix(head) == HTTP2_PREFACE {
         Protocol::Http2
-    } else if head.head_len >= 3 && head.head[0] == TLS_HANDSHAKE && head.head[1] == 3 {
+    } else if head.head_len >= 3 && head.head[0] == tls_record::HANDSHAKE && head.head[1] == 3 {
         Protocol::Tls
     } else {
         Protocol::Other

@@ -1,13 +1,15 @@
 //! connscope kernel programs. Layers, bottom-up (no module imports one above it):
 //!
 //! 1. `maps`, `globals`: every map and the values the agent writes before loading.
-//! 2. `sock`, `syscall_args`, `syscall_stash`, `fd_socket`: reading the socket, the current
-//!    system call's user buffer, a descriptor's socket.
-//! 3. `records`, `head`: writing records; reading, fingerprinting and sending heads.
+//! 2. `sock`, `syscall_args`, `syscall_stash`, `fd_socket`, `payload_source`: reading the
+//!    socket, the current system call's user buffer (or a library's), a descriptor's socket.
+//! 3. `records`, `head`, `tls_calls`: writing records; reading and sending
+//!    heads; libssl calls in flight and their sockets.
 //! 4. `exchange`, `conn`: the per-socket state machine (`conn::transfer` is the common tail
 //!    of every send/receive backend).
 //! 5. One thin file per hook backend, translating its arguments: `tp_btf`, `tracepoint`,
-//!    `fentry`, `kprobe`, `syscall_exit`; and `floor`, the benchmark's floor arm.
+//!    `fentry`, `kprobe`, `syscall_exit`, `tls_uprobes`; and `floor`, the benchmark's floor
+//!    arm.
 #![no_std]
 #![no_main]
 // aya-ebpf's maps take `impl Borrow<K>`: references keep keys and values where they are; and
@@ -24,11 +26,14 @@ mod globals;
 mod head;
 mod kprobe;
 mod maps;
+mod payload_source;
 mod records;
 mod sock;
 mod syscall_args;
 mod syscall_exit;
 mod syscall_stash;
+mod tls_calls;
+mod tls_uprobes;
 mod tp_btf;
 mod tracepoint;
 

@@ -25,6 +25,7 @@ use crate::{
     server::{self, AppState},
     shutdown,
     table::ConnectionTable,
+    tls_uprobes::{self, TlsUprobes},
 };
 
 /// How long queued events may wait before the agent reads them on a quiet host.
@@ -39,6 +40,8 @@ pub struct Agent {
     probes: probes::Probes,
     state: Arc<AppState>,
     pipeline: Pipeline,
+    /// The libssl uprobes, rescanned for new OpenSSL copies while the agent runs.
+    tls: Option<TlsUprobes>,
 }
 
 /// The path from the ring buffer to the metrics.
@@ -77,15 +80,19 @@ impl Agent {
                 })
                 .set(1);
         }
+        let (tls, tls_status) =
+            tls_uprobes::start(&config, &mut probes.ebpf, metrics.probes.clone());
         read_existing_connections(&mut probes, &metrics)?;
         let losses = Arc::new(UserLosses::default());
         let mut registry = Registry::with_prefix("connscope");
         metrics.register(&mut registry);
+        tls_status.register(&mut registry);
         registry.register_collector(Box::new(LossCollector::new(
             PerCpuArray::try_from(take_map(&mut probes, map::LOST)?)?,
             losses.clone(),
         )));
         let state = Arc::new(AppState::new(registry));
+        let _ = state.tls.set(tls_status);
         if let Ok(mut hooks) = state.hooks.write() {
             hooks.clone_from(&probes.attached);
         }
@@ -113,12 +120,12 @@ impl Agent {
         if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
             pipeline.take_over_connections();
         }
-        Ok(Self { config, listener, web, probes, state, pipeline })
+        Ok(Self { config, listener, web, probes, state, pipeline, tls })
     }
 
     /// Serves and drains events until SIGTERM/SIGINT, then detaches.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Self { config, listener, web, probes, state, mut pipeline } = self;
+        let Self { config, listener, web, mut probes, state, mut pipeline, mut tls } = self;
         let (stop_server, server_stopped) = watch::channel(false);
         let server = tokio::spawn(server::serve(listener, web, state.clone(), server_stopped));
         let signal = shutdown::signal_received();
@@ -144,6 +151,11 @@ impl Agent {
         drain_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut sweep_timer = tokio::time::interval(Duration::from_nanos(SWEEP_INTERVAL_NS));
         sweep_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut tls_timer = tokio::time::interval_at(
+            tokio::time::Instant::now() + tls_uprobes::RESCAN_INTERVAL,
+            tls_uprobes::RESCAN_INTERVAL,
+        );
+        tls_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         match early {
             Some(name) => tracing::info!("{name} received, stopping"),
             None => loop {
@@ -154,6 +166,11 @@ impl Agent {
                     }
                     _ = drain_timer.tick() => pipeline.drain(),
                     _ = sweep_timer.tick() => pipeline.sweep(),
+                    _ = tls_timer.tick(), if tls.is_some() => {
+                        if let Some(tls) = &mut tls {
+                            tls.rescan(&mut probes.ebpf);
+                        }
+                    }
                     guard = pipeline.ring.readable_mut() => {
                         let mut guard = guard.context("waiting for events")?;
                         guard.clear_ready();
@@ -167,6 +184,7 @@ impl Agent {
         pipeline.drain();
         pipeline.hand_over();
         drop(pipeline);
+        drop(tls);
         drop(probes);
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;

@@ -204,6 +204,12 @@ settings! {
     /// protocol-agnostic exchange counting (no payload is read at all).
     capture_heads: bool = true, "http.capture-heads", "CONNSCOPE_HTTP_CAPTURE_HEADS";
 
+    /// Read HTTPS plaintext through uprobes on libssl (`SSL_read`/`SSL_write` and their `_ex`
+    /// forms, OpenSSL 1.1 and 3) in every process that maps it, so TLS connections get the
+    /// HTTP/1.x figures of plaintext. Off (or with --http.capture-heads=false): TLS is
+    /// counted undecrypted (requests by records, protocol "tls").
+    tls_uprobes: bool = true, "tls.uprobes", "CONNSCOPE_TLS_UPROBES";
+
     /// cgroup v2 mount used to resolve pod and container of a connection's process.
     cgroup_path: PathBuf = default_cgroup_path(), "path.cgroup", "CONNSCOPE_PATH_CGROUP";
 

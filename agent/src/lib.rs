@@ -28,4 +28,6 @@ pub mod scrape_cache;
 pub mod server;
 pub mod shutdown;
 pub mod table;
+pub mod tls_targets;
+pub mod tls_uprobes;
 pub mod web;

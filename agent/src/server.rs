@@ -33,6 +33,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::{
     probes::HookAttach,
     scrape_cache::{REFRESH_EVERY, ScrapeCache},
+    tls_uprobes::TlsStatus,
     web::{WebSettings, auth::basic_credentials},
 };
 
@@ -48,6 +49,8 @@ pub struct AppState {
     /// Set once every hook is attached.
     pub ready: AtomicBool,
     pub hooks: std::sync::RwLock<Vec<HookAttach>>,
+    /// Where the libssl uprobes are attached (set once at start).
+    pub tls: std::sync::OnceLock<Arc<TlsStatus>>,
 }
 
 impl AppState {
@@ -57,6 +60,7 @@ impl AppState {
             scrapes: ScrapeCache::default(),
             ready: AtomicBool::new(false),
             hooks: std::sync::RwLock::new(Vec::new()),
+            tls: std::sync::OnceLock::new(),
         }
     }
 }
@@ -141,13 +145,34 @@ fn index_page(state: &AppState) -> String {
             let _ = write!(page, "<tr><td>{}</td><td>{}</td></tr>", hook.hook, hook.attach);
         }
     }
+    page.push_str("</table>");
+    if let Some(tls) = state.tls.get() {
+        tls_section(&mut page, tls);
+    }
     let ready = if state.ready.load(Ordering::Acquire) { "ready" } else { "starting" };
+    let _ =
+        write!(page, "<p>State: {ready}. Version {}.</p></body></html>", env!("CARGO_PKG_VERSION"));
+    page
+}
+
+/// The libssl uprobes' state and files (paths are the agent's own knowledge, not traffic).
+fn tls_section(page: &mut String, tls: &TlsStatus) {
+    let attach = tls.attach.read().map(|attach| attach.label()).unwrap_or("unknown");
     let _ = write!(
         page,
-        "</table><p>State: {ready}. Version {}.</p></body></html>",
-        env!("CARGO_PKG_VERSION")
+        "<h2>TLS plaintext (libssl uprobes)</h2><p>State: {attach}.</p>\
+         <table><tr><th>file</th><th>state</th></tr>"
     );
-    page
+    if let Ok(targets) = tls.targets.read() {
+        for (file, outcome) in targets.iter() {
+            let _ = write!(page, "<tr><td>{}</td><td>{}</td></tr>", escape(file), escape(outcome));
+        }
+    }
+    page.push_str("</table>");
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// Serves until `shutdown` flips to true, with TLS and basic auth as `web` says.

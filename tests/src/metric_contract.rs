@@ -42,6 +42,7 @@ fn contract_families() -> Vec<(&'static str, Kind, Vec<&'static str>)> {
         ("connscope_tracked_connections", Kind::Gauge, vec![]),
         ("connscope_tracked_connections_capacity", Kind::Gauge, vec![]),
         ("connscope_probe_info", Kind::Gauge, vec!["hook", "attach"]),
+        ("connscope_tls_uprobe_targets", Kind::Gauge, vec!["state"]),
         ("connscope_build_info", Kind::Gauge, vec!["version"]),
         ("connscope_connection_duration_seconds", Kind::Histogram, flow()),
         ("connscope_connection_requests", Kind::Histogram, flow()),
@@ -56,11 +57,19 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
         "role" => &["client", "server"],
         "closed_by" => &["local", "peer", "unknown"],
         "close_kind" => &["fin", "reset"],
+        "state" if metric == "connscope_tls_uprobe_targets" => &["attached", "failed"],
         "state" => &["active", "idle"],
-        "hook" => {
-            &["tcp_connect", "tcp_close", "tcp_sendmsg", "tcp_recvmsg", "inet_sock_set_state"]
+        "hook" => &[
+            "tcp_connect",
+            "tcp_close",
+            "tcp_sendmsg",
+            "tcp_recvmsg",
+            "inet_sock_set_state",
+            "libssl",
+        ],
+        "attach" => {
+            &["fentry", "kprobe", "tp_btf", "tracepoint", "sock_ops", "uprobe", "off", "none"]
         }
-        "attach" => &["fentry", "kprobe", "tp_btf", "tracepoint", "sock_ops"],
         "reason" if metric == "connscope_events_lost_total" => {
             &["ringbuf_full", "map_full", "untracked_socket", "payload_unreadable", "decode_error"]
         }

@@ -98,6 +98,24 @@ impl Nginx {
     }
 }
 
+/// A self-signed certificate and key for `localhost` in `dir` (for nginx `ssl` servers).
+pub fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let output = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdin(Stdio::null())
+        .output()
+        .context("making the self-signed certificate with openssl (Debian package openssl)")?;
+    if !output.status.success() {
+        bail!("openssl req failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    Ok((cert, key))
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SAFETY: signalling our own child (SIGQUIT: graceful shutdown).

@@ -1,11 +1,12 @@
 //! Exchange counting for real servers and clients: nginx answering `100 Continue` (early
 //! and after reading the body), nginx `ssl` with curl and Python over TLS 1.3 and 1.2
-//! (undecrypted: requests, not handshake flights), and HTTP/2 in cleartext. Counts are exact
-//! against nginx's own log and the requests the clients made.
+//! (decrypted through the libssl uprobes: HTTP/1.x figures; undecrypted with
+//! `--tls.uprobes=false`: requests, not handshake flights), and HTTP/2 in cleartext and in
+//! TLS. Counts are exact against nginx's own log and the requests the clients made.
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -18,7 +19,7 @@ use connscope_tests::{
         ROLES, WAIT, assert_counts, distribution, expected_distribution, scrape_closed, side,
     },
     free_port, kernel_tests_enabled,
-    nginx::{Nginx, NginxConfig},
+    nginx::{Nginx, NginxConfig, self_signed_certificate},
 };
 
 /// Runs a program to success; returns its stdout and stderr.
@@ -97,15 +98,37 @@ fn expect_100_continue_bodies_are_one_exchange() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Undecrypted TLS (nginx `ssl`, self-signed): requests per connection equal nginx's
-/// `$connection_requests` on both sides, not the handshake flights nor TLS 1.3's encrypted
-/// `close_notify`, for TLS 1.3 and 1.2, with curl (3 URLs) and Python's `http.client`
-/// (7 requests with `keepalive_requests 5`: connections of 5 and 2).
+/// HTTPS decrypted by the libssl uprobes (nginx `ssl` with Debian's libssl3, self-signed;
+/// curl with 3 URLs; Python's `http.client` over `ssl`, 7 requests with
+/// `keepalive_requests 5`): the connections are `http1` with the requests, HTTP versions
+/// and close reasons of plaintext, equal to nginx's log on both sides, TLS 1.3 and 1.2.
+/// curl and nginx call `SSL_read`/`SSL_write`, Python the `_ex` forms.
+#[test]
+fn tls_plaintext_gets_http1_figures() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("tls_plaintext_gets_http1_figures") {
+        return Ok(());
+    }
+    tls_requests_per_connection(Decryption::Uprobes)
+}
+
+/// Undecrypted TLS (`--tls.uprobes=false`; the same traffic): requests per connection equal
+/// nginx's `$connection_requests` on both sides, not the handshake flights nor TLS 1.3's
+/// encrypted `close_notify`; the connections are `tls`, without HTTP figures.
 #[test]
 fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
     if !kernel_tests_enabled("undecrypted_tls_counts_requests_not_handshakes") {
         return Ok(());
     }
+    tls_requests_per_connection(Decryption::Off)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Decryption {
+    Uprobes,
+    Off,
+}
+
+fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
     let (tls13, tls12) = (free_port(), free_port());
     let cert_dir = std::env::temp_dir().join(format!("connscope-tls-{}", std::process::id()));
     std::fs::create_dir_all(&cert_dir)?;
@@ -128,7 +151,17 @@ fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
     let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra);
     let _ = std::fs::remove_dir_all(&cert_dir);
     let nginx = nginx?;
-    let agent = Agent::start(&[])?;
+    let (flags, protocol, attach): (&[&str], _, _) = match decryption {
+        Decryption::Uprobes => (&[], "http1", "uprobe"),
+        Decryption::Off => (&["--tls.uprobes=false"], "tls", "off"),
+    };
+    let agent = Agent::start(flags)?;
+    let info =
+        agent.scrape()?.sum("connscope_probe_info", &[("hook", "libssl"), ("attach", attach)]);
+    assert_eq!(info, 1.0, "probe_info libssl {attach}");
+    let (_, page) = agent.get("/")?;
+    let listed = page.contains("libssl.so.3</td><td>attached");
+    assert_eq!(listed, decryption == Decryption::Uprobes, "/ lists the attached libssl: {page}");
     for (port, log, version) in [(tls13, "tls13.log", "TLSv1.3"), (tls12, "tls12.log", "TLSv1.2")] {
         let url = format!("https://127.0.0.1:{port}/index.html");
         let mut args = vec!["-sS", "-k"];
@@ -155,7 +188,8 @@ fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
         assert_eq!(sizes, [2, 3, 5], "{log}");
         let server = format!("127.0.0.1:{port}");
         let scrape = scrape_closed(&agent, &server, 3.0)?;
-        assert_counts(&scrape, &server, "tls", 3.0, 10.0, 0.0);
+        let http_requests = if decryption == Decryption::Uprobes { 10.0 } else { 0.0 };
+        assert_counts(&scrape, &server, protocol, 3.0, 10.0, http_requests);
         for role in ROLES {
             assert_eq!(
                 distribution(&scrape, &server, role),
@@ -182,8 +216,38 @@ fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
         for role in ROLES {
             assert_eq!(closed(role, "local") + closed(role, "peer"), 3.0, "{role}");
         }
+        if decryption == Decryption::Uprobes {
+            assert_close_reasons(&scrape, &server, &truth, 5);
+        }
     }
     Ok(())
+}
+
+/// Close reasons of decrypted HTTPS, from nginx's log: the connection that reached
+/// `keepalive_requests` got nginx's `Connection: close`; the clients closed the others idle;
+/// no keep-alive race.
+fn assert_close_reasons(
+    scrape: &connscope_tests::Scrape,
+    server: &str,
+    truth: &BTreeMap<u64, u64>,
+    keepalive_requests: u64,
+) {
+    let at_limit = truth.values().filter(|&&n| n == keepalive_requests).count() as f64;
+    let others = truth.len() as f64 - at_limit;
+    for role in ROLES {
+        let reason = |reason: &str| {
+            scrape.sum(
+                "connscope_connections_closed_total",
+                &[("server", server), ("role", role), ("reason", reason)],
+            )
+        };
+        assert_eq!(reason("connection_close"), at_limit, "{role}: {}", scrape.text);
+        assert_eq!(reason("idle"), others, "{role}: {}", scrape.text);
+        // Every request was answered (nginx logged it): a close_notify sent after the
+        // peer's FIN is no request on a closing connection.
+        let races = scrape.sum("connscope_keepalive_races_total", &side(server, role));
+        assert_eq!(races, 0.0, "{role}: keep-alive races");
+    }
 }
 
 /// HTTP/2 in cleartext (nginx `listen … http2`, curl `--http2-prior-knowledge`): the
@@ -213,12 +277,17 @@ fn http2_cleartext_is_not_counted_as_http1() -> anyhow::Result<()> {
     }
     let truth = logged_requests(&nginx, "h2c.log", CONNECTIONS)?;
     assert_eq!(truth.len(), CONNECTIONS, "{truth:?}");
-    let server = format!("127.0.0.1:{h2c}");
-    let scrape = scrape_closed(&agent, &server, CONNECTIONS as f64)?;
+    assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2c}"), CONNECTIONS)
+}
+
+/// `connections` HTTP/2 connections to `server` were opened and closed, on both sides,
+/// without HTTP/1.x requests or a requests-per-connection observation.
+fn assert_http2_not_counted(agent: &Agent, server: &str, connections: usize) -> anyhow::Result<()> {
+    let scrape = scrape_closed(agent, server, connections as f64)?;
     for role in ROLES {
-        let labels = side(&server, role);
+        let labels = side(server, role);
         let opened = scrape.sum("connscope_connections_opened_total", &labels);
-        assert_eq!(opened, CONNECTIONS as f64, "{role}");
+        assert_eq!(opened, connections as f64, "{role}");
         assert_eq!(scrape.sum("connscope_http_requests_total", &labels), 0.0, "{role}");
         assert_eq!(
             scrape.sum("connscope_connection_requests_count", &labels),
@@ -227,6 +296,137 @@ fn http2_cleartext_is_not_counted_as_http1() -> anyhow::Result<()> {
             scrape.text
         );
     }
+    Ok(())
+}
+
+/// HTTP/2 in TLS (nginx `listen … ssl http2`, curl `--http2` negotiating `h2` by ALPN, 2
+/// URLs per connection): the uprobes see the client preface in the plaintext, so the
+/// connections are `http2`: no HTTP/1.x requests and no requests-per-connection observation,
+/// on both sides (nginx sends its SETTINGS before it reads the preface).
+#[test]
+fn http2_in_tls_is_not_counted_as_http1() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("http2_in_tls_is_not_counted_as_http1") {
+        return Ok(());
+    }
+    let h2 = free_port();
+    let cert_dir = std::env::temp_dir().join(format!("connscope-h2-{}", std::process::id()));
+    std::fs::create_dir_all(&cert_dir)?;
+    let (cert, key) = self_signed_certificate(&cert_dir)?;
+    let extra = format!(
+        "server {{ listen 127.0.0.1:{h2} ssl http2; access_log h2.log ground_truth;\n\
+           ssl_certificate {cert}; ssl_certificate_key {key}; root html; }}\n",
+        cert = cert.display(),
+        key = key.display(),
+    );
+    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra);
+    let _ = std::fs::remove_dir_all(&cert_dir);
+    let nginx = nginx?;
+    let agent = Agent::start(&[])?;
+    let url = format!("https://127.0.0.1:{h2}/index.html");
+    const CONNECTIONS: usize = 3;
+    for _ in 0..CONNECTIONS {
+        let (versions, _) = run(
+            "curl",
+            &[
+                "-sSk",
+                "--http2",
+                "-w",
+                "%{http_version} ",
+                "-o",
+                "/dev/null",
+                &url,
+                "-o",
+                "/dev/null",
+                &url,
+            ],
+        )?;
+        assert_eq!(versions, "2 2 ", "curl spoke HTTP/2 twice on one connection");
+    }
+    let truth = logged_requests(&nginx, "h2.log", 2 * CONNECTIONS)?;
+    assert_eq!(truth.values().copied().collect::<Vec<_>>(), [2; CONNECTIONS], "{truth:?}");
+    assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2}"), CONNECTIONS)
+}
+
+/// A process started after the agent with its own copy of libssl (`LD_LIBRARY_PATH`, as a
+/// container or a bundled OpenSSL would be): the agent's rescan of `/proc` finds the new file
+/// and attaches it, and that process's HTTPS is then decrypted (`http1` on its side).
+#[test]
+fn libssl_copy_of_a_later_process_is_attached() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("libssl_copy_of_a_later_process_is_attached") {
+        return Ok(());
+    }
+    let port = free_port();
+    let dir = std::env::temp_dir().join(format!("connscope-libssl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = self_signed_certificate(&dir)?;
+    let extra = format!(
+        "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+           access_log late.log ground_truth; root html; }}\n",
+        cert.display(),
+        key.display()
+    );
+    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+    let system_libssl = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"]
+        .iter()
+        .map(|d| Path::new(d).join("libssl.so.3"))
+        .find(|p| p.exists())
+        .context("no libssl.so.3 (Debian package libssl3)")?;
+    std::fs::copy(&system_libssl, dir.join("libssl.so.3"))?;
+    let agent = Agent::start(&[])?;
+    let attached = |scrape: &connscope_tests::Scrape| {
+        scrape.sum("connscope_tls_uprobe_targets", &[("state", "attached")])
+    };
+    let before = attached(&agent.scrape()?);
+    assert!(before >= 1.0, "the system's libssl is attached at start");
+    const REQUESTS: u64 = 4;
+    let script = format!(
+        "import http.client, ssl, sys\n\
+         print('ready', flush=True)\n\
+         sys.stdin.readline()\n\
+         c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ssl._create_unverified_context())\n\
+         for _ in range({REQUESTS}):\n    c.request('GET', '/index.html')\n    c.getresponse().read()\n\
+         c.close()\n"
+    );
+    let mut python = Command::new("python3")
+        .args(["-c", &script])
+        .env("LD_LIBRARY_PATH", &dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting python3")?;
+    let result = (|| -> anyhow::Result<()> {
+        let mut ready = String::new();
+        let stdout = python.stdout.as_mut().context("python's stdout")?;
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready)?;
+        anyhow::ensure!(ready.trim() == "ready", "python: {ready:?}");
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", python.id()))?;
+        anyhow::ensure!(maps.contains(&*dir.to_string_lossy()), "python maps the copy: {maps}");
+        // The rescan runs every 10 s.
+        let scrape = agent.scrape_until(Duration::from_secs(25), |s| attached(s) > before)?;
+        anyhow::ensure!(attached(&scrape) > before, "the copy was not attached: {}", scrape.text);
+        let stdin = python.stdin.as_mut().context("python's stdin")?;
+        std::io::Write::write_all(stdin, b"go\n")?;
+        let status = python.wait()?;
+        anyhow::ensure!(status.success(), "python: {status}");
+        Ok(())
+    })();
+    let _ = python.kill();
+    let _ = python.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    let truth = logged_requests(&nginx, "late.log", REQUESTS as usize)?;
+    assert_eq!(truth.values().copied().collect::<Vec<_>>(), [REQUESTS], "{truth:?}");
+    let server = format!("127.0.0.1:{port}");
+    let scrape = scrape_closed(&agent, &server, 1.0)?;
+    let client = [("server", server.as_str()), ("role", "client"), ("protocol", "http1")];
+    assert_eq!(
+        scrape.sum("connscope_connection_requests_sum", &client),
+        REQUESTS as f64,
+        "{}",
+        scrape.text
+    );
+    let client = side(&server, "client");
+    assert_eq!(scrape.sum("connscope_http_requests_total", &client), REQUESTS as f64);
     Ok(())
 }
 
@@ -246,28 +446,4 @@ fn logged_requests(
         }
         thread::sleep(Duration::from_millis(50));
     }
-}
-
-fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            &key.to_string_lossy(),
-            "-out",
-            &cert.to_string_lossy(),
-        ],
-    )
-    .context("making the self-signed certificate with openssl (Debian package openssl)")?;
-    Ok((cert, key))
 }

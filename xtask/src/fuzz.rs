@@ -1,8 +1,9 @@
 //! `cargo xtask fuzz`: runs every cargo-fuzz target in `fuzz/` for a bounded time.
 //!
 //! The targets feed arbitrary bytes to the parsers of untrusted input: the ring buffer
-//! record decoder (`connscope::events::decode`) and the HTTP/1.x head parsers
-//! (`connscope::http::{parse_request, parse_response}`). cargo-fuzz needs a nightly
+//! record decoder (`connscope::events::decode`), the HTTP/1.x head parsers
+//! (`connscope::http::{parse_request, parse_response}`) and the TLS record rule the kernel
+//! runs on undecrypted TLS (`connscope_common::tls_record::carries_request`). cargo-fuzz needs a nightly
 //! toolchain (for `-Zsanitizer`), but no `rust-src`. It is installed with
 //! `cargo install cargo-fuzz --locked` when missing. A crash fails the command and leaves
 //! the input in `fuzz/artifacts/<target>/`.
@@ -18,7 +19,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{run_checked, workspace_root};
 
-pub const TARGETS: [&str; 2] = ["decode", "http_head"];
+pub const TARGETS: [&str; 3] = ["decode", "http_head", "tls_records"];
 const NIGHTLY: &str = "nightly";
 /// Seconds per target when neither the flag nor `CONNSCOPE_FUZZ_SECONDS` says otherwise.
 pub const DEFAULT_SECONDS: u64 = 30;
@@ -154,6 +155,16 @@ fn write_seeds(fuzz_dir: &Path, target: &str) -> anyhow::Result<()> {
             turn.extend_from_slice(head);
             vec![("open", open), ("close", close), ("turn", turn)]
         }
+        "tls_records" => vec![
+            ("client_hello", vec![0x16, 3, 1, 0, 4, 1, 0, 0, 0]),
+            ("application_data", vec![0x17, 3, 3, 0, 3, 1, 2, 3]),
+            ("tls13_close_notify", [vec![0x17, 3, 3, 0, 19], vec![0; 19]].concat()),
+            // ChangeCipherSpec, Finished, then the first request's record.
+            (
+                "ccs_finished_request",
+                vec![0x14, 3, 3, 0, 1, 1, 0x17, 3, 3, 0, 2, 0, 0, 0x17, 3, 3, 0, 1, 9],
+            ),
+        ],
         _ => vec![
             ("request", b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".to_vec()),
             ("request10", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".to_vec()),

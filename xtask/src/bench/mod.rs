@@ -13,11 +13,14 @@
 //! 5. `/metrics` latency with the default label caps filled.
 //! 6. Restart loss: requests and connections lost across consecutive agent restarts under
 //!    wrk load, with the kernel state pinned, against nginx's own counts.
+//! 7. HTTPS keep-alive (nginx `ssl`, wrk over https): no observer, undecrypted counting,
+//!    the libssl uprobes; ns per uprobe program run.
 //!
 //! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
 //! time and count, and is cleaned up.
 
 mod floor;
+mod https;
 mod kernel_cost;
 mod memory;
 mod metrics_latency;
@@ -58,8 +61,8 @@ struct Settings {
 }
 
 /// The bench's parts, by the names `CONNSCOPE_BENCH_PARTS` takes.
-const PARTS: [&str; 6] =
-    ["throughput", "kernel-cost", "no-network", "memory", "metrics", "restart-loss"];
+const PARTS: [&str; 7] =
+    ["throughput", "kernel-cost", "no-network", "memory", "metrics", "restart-loss", "https"];
 
 impl Settings {
     fn from_env() -> Self {
@@ -126,6 +129,9 @@ pub fn run() -> anyhow::Result<()> {
     }
     if settings.runs("restart-loss") {
         parts.push(restart_loss::restart_loss(&settings)?);
+    }
+    if settings.runs("https") {
+        parts.push(https::https_keepalive(&settings)?);
     }
 
     let machine = machine();
