@@ -182,6 +182,15 @@ impl Agent {
         self.child.id()
     }
 
+    /// How long SIGTERM to exit may take: a second, plus what the kernel takes to remove the
+    /// libssl uprobes of an agent without pinned state. Each removal waits for RCU grace
+    /// periods under a kernel-wide lock (about 0.1 s each on 6.18), and a file has up to ten
+    /// (five entries, five returns).
+    pub fn stop_bound(&self) -> anyhow::Result<Duration> {
+        let files = self.scrape()?.sum("connscope_tls_uprobe_targets", &[("state", "attached")]);
+        Ok(Duration::from_secs(1) + Duration::from_millis(1500).mul_f64(files))
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the exit code and how long it took.
     pub fn stop(mut self) -> anyhow::Result<(Option<i32>, Duration)> {
         let started = Instant::now();

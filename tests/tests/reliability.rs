@@ -50,6 +50,13 @@ fn opened(scrape: &Scrape, role: &str, server: &str) -> f64 {
     scrape.sum("connscope_connections_opened_total", &[("role", role), ("server", server)])
 }
 
+/// Connections of this role tracked from their start, or from their first transfer when
+/// their `Open` found the map full (adopted then, once an entry was free).
+fn tracked_ends(scrape: &Scrape, role: &str, server: &str) -> f64 {
+    opened(scrape, role, server)
+        + scrape.sum("connscope_connections_adopted_total", &[("role", role), ("server", server)])
+}
+
 fn closed(scrape: &Scrape, role: &str, server: &str) -> f64 {
     scrape.sum("connscope_connections_closed_total", &[("role", role), ("server", server)])
 }
@@ -289,11 +296,12 @@ fn full_connection_map_is_counted_and_recovers() -> anyhow::Result<()> {
     acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
 
     let scrape = agent.scrape_until(WAIT, |s| {
-        let tracked_here = opened(s, "client", &server) + opened(s, "server", &server);
+        let tracked_here = tracked_ends(s, "client", &server) + tracked_ends(s, "server", &server);
         let closed_here = closed(s, "client", &server) + closed(s, "server", &server);
         tracked_here > 0.0 && closed_here >= tracked_here
     })?;
-    let tracked_here = opened(&scrape, "client", &server) + opened(&scrape, "server", &server);
+    let tracked_here =
+        tracked_ends(&scrape, "client", &server) + tracked_ends(&scrape, "server", &server);
     let map_full = lost(&scrape, "map_full") - map_full_before;
     eprintln!("map full: {tracked_here} of {} sockets tracked, map_full {map_full}", 2 * N);
     assert!((1.0..=8.0).contains(&tracked_here), "tracked {tracked_here}: {}", scrape.text);
@@ -303,8 +311,10 @@ fn full_connection_map_is_counted_and_recovers() -> anyhow::Result<()> {
         "map_full {map_full}, tracked {tracked_here}"
     );
     // Whatever was tracked was closed (no entry leaked).
-    assert_eq!(closed(&scrape, "client", &server), opened(&scrape, "client", &server));
-    assert_eq!(closed(&scrape, "server", &server), opened(&scrape, "server", &server));
+    for role in ["client", "server"] {
+        let tracked = tracked_ends(&scrape, role, &server);
+        assert_eq!(closed(&scrape, role, &server), tracked, "{role}: {}", scrape.text);
+    }
 
     // Load has dropped: the table empties and a fresh batch is counted exactly.
     let idle = agent.scrape_until(WAIT, |s| tracked(s) <= 2.0)?;
@@ -473,9 +483,10 @@ fn restart_under_load_detaches_and_counts_again() -> anyhow::Result<()> {
     thread::sleep(Duration::from_secs(2));
     let programs = program_ids(first.pid())?;
     assert!(programs.len() >= 6, "the agent holds {} programs", programs.len());
+    let bound = first.stop_bound()?;
     let (code, elapsed) = first.stop()?;
     assert_eq!(code, Some(0), "exit code after SIGTERM under load");
-    assert!(elapsed < Duration::from_secs(1), "SIGTERM took {elapsed:?}");
+    assert!(elapsed < bound, "SIGTERM took {elapsed:?} (bound {bound:?})");
     // Links are unhooked when the agent exits; the kernel frees BTF tracepoint programs
     // after an RCU grace period, so give it a moment.
     let mut left: Vec<u32> = programs.iter().copied().collect();
