@@ -114,10 +114,15 @@ pub struct Conn {
     /// Exchanges (requests) started on this connection.
     pub exchanges: u32,
     /// Lengths of the transfers whose request and response heads were last read and sent
-    /// to the agent (0: read the next one). A later turn of the same length repeats that
-    /// head and is counted without reading it: see `exchange.rs` in the eBPF crate.
-    pub request_len: u32,
-    pub response_len: u32,
+    /// to the agent (0: read the next one; transfers over 65,535 bytes are not kept). A
+    /// later turn of the same length repeats that head and is counted without reading it:
+    /// see `exchange.rs` in the eBPF crate.
+    pub request_len: u16,
+    pub response_len: u16,
+    /// The socket's `tcp_sock.copied_seq` after the last receive counted at the exit of
+    /// `tcp_recvmsg` (fexit, kretprobe): across a restart both agents' programs can see one
+    /// receive, and only the first counts it (see `conn::receive_at_exit` in the eBPF crate).
+    pub recv_seq: u32,
     /// Idle time from the last transfer to the start of the close, in µs (saturating).
     pub close_idle_us: u32,
     /// [`conn_flag`] bits.

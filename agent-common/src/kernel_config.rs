@@ -36,8 +36,11 @@ pub struct SockLayout {
     /// Non-zero when the three fields above are known: sockets established before the agent
     /// started are adopted at their first send or receive.
     pub adopt: u32,
+    /// `tcp_sock.copied_seq` (0: unknown): how a receive seen at `tcp_recvmsg`'s exit by two
+    /// generations of programs is counted once.
+    pub copied_seq: u32,
 }
-const _: () = assert!(size_of::<SockLayout>() == 56);
+const _: () = assert!(size_of::<SockLayout>() == 60);
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).

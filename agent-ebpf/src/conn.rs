@@ -21,7 +21,7 @@ use crate::{
     },
     payload_source::PayloadSource,
     records::{self, current_attribution, now_ns},
-    sock::{BtfSocket, SocketView, state_and_port},
+    sock::{self, BtfSocket, SocketView, state_and_port},
     tls_calls,
 };
 
@@ -241,6 +241,43 @@ pub fn transfer(
     let Some(conn) = tracked(sock).or_else(|| if is_tcp() { adopt(sock) } else { None }) else {
         return;
     };
+    count_transfer(sock, conn, direction, ret);
+}
+
+/// A receive seen at `tcp_recvmsg`'s exit (fexit, kretprobe). A call returns through the
+/// programs that were attached when it entered, so one already waiting when a new agent
+/// takes over returns only through the previous generation's: those count it although no
+/// longer active. A receive both generations see is counted by the first to run, which
+/// leaves the socket's `copied_seq` in `Conn::recv_seq`; the second finds it there. Without
+/// pinning, or without the offset, the generation decides as for every other hook.
+#[inline(always)]
+pub fn receive_at_exit(sock: u64, ret: i64, recv_flags: i32) {
+    if generation() == 0 {
+        return transfer(sock, Direction::Recv, ret, recv_flags, || true);
+    }
+    let Some(seq) = sock::copied_seq(sock) else {
+        return transfer(sock, Direction::Recv, ret, recv_flags, || true);
+    };
+    let active = active();
+    if ret <= 0 || recv_flags & MSG_PEEK != 0 {
+        if active {
+            process_context(sock);
+        }
+        return;
+    }
+    let Some(conn) = tracked(sock).or_else(|| if active { adopt(sock) } else { None }) else {
+        return;
+    };
+    if conn.recv_seq == seq {
+        return;
+    }
+    conn.recv_seq = seq;
+    count_transfer(sock, conn, Direction::Recv, ret);
+}
+
+/// Counts `ret` (> 0) bytes moved on a tracked connection.
+#[inline(always)]
+fn count_transfer(sock: u64, conn: &mut Conn, direction: Direction, ret: i64) {
     attribute_once(sock, conn);
     let bytes = ret as u64;
     // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.

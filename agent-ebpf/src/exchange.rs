@@ -125,7 +125,7 @@ fn request_payload(
     if let Some(head) = head {
         if conn.protocol == Protocol::Http1 as u8 {
             let sent = head::send(sock, conn, head, true, now);
-            conn.request_len = if sent { bytes as u32 } else { 0 };
+            conn.request_len = if sent { kept_len(bytes) } else { 0 };
         }
     }
     report
@@ -173,7 +173,7 @@ fn response_payload(
         Status::Final => {
             conn.flags &= !conn_flag::INTERIM;
             let sent = head::send(sock, conn, head, false, now);
-            conn.response_len = if sent { bytes as u32 } else { 0 };
+            conn.response_len = if sent { kept_len(bytes) } else { 0 };
         }
     }
 }
@@ -188,11 +188,18 @@ fn response_payload(
 /// exactly (a header of the same size dropped in exchange); its exchange is still
 /// counted, with the previous head's version and keep-alive terms.
 #[inline(always)]
-fn steady_repeat(conn: &Conn, last_len: u32, bytes: u64) -> bool {
+fn steady_repeat(conn: &Conn, last_len: u16, bytes: u64) -> bool {
     conn.protocol == Protocol::Http1 as u8
         && last_len != 0
         && u64::from(last_len) == bytes
         && !conn.has(conn_flag::INTERIM)
+}
+
+/// A head's transfer length as [`Conn::request_len`] keeps it: 0 (read the next head) past
+/// what 16 bits hold.
+#[inline(always)]
+fn kept_len(bytes: u64) -> u16 {
+    u16::try_from(bytes).unwrap_or(0)
 }
 
 /// Counts a new exchange and its idle gap since the previous transfer. Returns whether a

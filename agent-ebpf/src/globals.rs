@@ -20,6 +20,7 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     net: 0,
     net_inum: 0,
     adopt: 0,
+    copied_seq: 0,
 };
 
 #[unsafe(no_mangle)]

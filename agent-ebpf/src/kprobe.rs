@@ -41,7 +41,11 @@ fn finish_call(ctx: &RetProbeContext, direction: Direction) {
     let Some([sock, flags]) = (unsafe { CALLS_IN_FLIGHT.get(&key) }).copied() else { return };
     let _ = CALLS_IN_FLIGHT.remove(&key);
     let ret = i64::from(ctx.ret::<i32>());
-    conn::transfer(sock, direction, ret, flags as i32, || true);
+    if direction == Direction::Recv {
+        conn::receive_at_exit(sock, ret, flags as i32);
+    } else {
+        conn::transfer(sock, direction, ret, flags as i32, || true);
+    }
 }
 
 #[kprobe(function = "tcp_sendmsg")]

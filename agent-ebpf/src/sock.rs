@@ -82,6 +82,17 @@ pub fn state_and_port(sock: u64) -> Option<(u8, ListenKey)> {
     Some((state, ListenKey::new(netns, port)))
 }
 
+/// `tcp_sock.copied_seq`: how far the reader has consumed the stream (`None` when the
+/// kernel's BTF did not give its offset).
+#[inline(always)]
+pub fn copied_seq(sock: u64) -> Option<u32> {
+    let offset = sock_layout().copied_seq;
+    if offset == 0 {
+        return None;
+    }
+    read(sock + u64::from(offset))
+}
+
 /// The start of `sock` (the `sock_common` block), read at once into this CPU's scratch
 /// space: one helper call instead of one per field, and off the small stack. Valid until
 /// the next call in the same program.

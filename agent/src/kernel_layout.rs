@@ -59,6 +59,10 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         v6_daddr: byte("skc_v6_daddr")?,
         v6_rcv_saddr: byte("skc_v6_rcv_saddr")?,
         valid: 1,
+        // Optional: without it a restart can miss a receive in progress (`Conn::recv_seq`).
+        copied_seq: find_struct(btf, "tcp_sock")
+            .and_then(|tcp| byte_offset(btf, &tcp, "copied_seq"))
+            .unwrap_or(0),
         ..SockLayout::default()
     };
     // The endpoint fields are read in one copy of the start of the socket.
