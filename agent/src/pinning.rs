@@ -161,11 +161,14 @@ impl Pins {
         state.set(PinSlot::Fingerprint as u32, self.fingerprint, 0)?;
         state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
         let links_dir = self.dir.join("links");
+        let mut previous = Vec::new();
         if links_dir.exists() {
             for entry in std::fs::read_dir(&links_dir)? {
-                // Removing the last pin of a link detaches its program.
-                remove_path(&entry?.path())?;
+                previous.push(entry?.path());
             }
+        }
+        if !previous.is_empty() {
+            detach_later(previous);
         }
         let own = links_dir.join(self.generation.to_string());
         std::fs::create_dir_all(&own)?;
@@ -180,6 +183,29 @@ impl Pins {
             self.dir.display()
         );
         Ok(())
+    }
+}
+
+/// How long the previous generation's programs stay attached after the switch. Inactive,
+/// they only finish the receives that were already waiting in `tcp_recvmsg` at the switch:
+/// a kretprobe removed before its call returns never runs for it (an fexit does, from the
+/// old trampoline), and a receive that returns within this time is still counted.
+const PREVIOUS_LINKS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Removes the previous generations' link pins after [`PREVIOUS_LINKS_GRACE`] (removing the
+/// last pin of a link detaches its program). An agent that exits before leaves them to the
+/// next one, which removes every generation but its own.
+fn detach_later(previous: Vec<PathBuf>) {
+    let spawned = std::thread::Builder::new().name("detach-previous".into()).spawn(move || {
+        std::thread::sleep(PREVIOUS_LINKS_GRACE);
+        for path in previous {
+            if let Err(err) = remove_path(&path) {
+                tracing::warn!("removing the previous programs' links {}: {err}", path.display());
+            }
+        }
+    });
+    if let Err(err) = spawned {
+        tracing::warn!("previous programs stay attached until the next restart: {err}");
     }
 }
 

@@ -56,6 +56,19 @@ impl BpfFs {
         names.sort();
         names
     }
+
+    /// The link generations pinned once the agent has detached the previous ones (it
+    /// keeps them attached for a second after its takeover; emulated kernels are slower).
+    pub fn link_generations_settled(&self) -> Vec<String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(3) * crate::wait_scale();
+        loop {
+            let pinned = self.pinned("links");
+            if pinned.len() <= 1 || std::time::Instant::now() > deadline {
+                return pinned;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
 
 impl Drop for BpfFs {

@@ -138,7 +138,7 @@ fn restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
     net::join(server_thread)?;
     let scrape = scrape_after_restart(&second, &server)?;
     assert_nothing_lost(&scrape, &server, pooled_requests);
-    assert_eq!(fs.pinned("links"), vec!["2".to_owned()]);
+    assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
     Ok(())
 }
 

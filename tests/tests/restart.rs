@@ -43,7 +43,7 @@ fn restart_under_traffic_loses_no_connection_and_no_request() -> anyhow::Result<
     expected.sort_unstable();
     assert_eq!(truth, expected, "nginx's $connection_requests");
     assert_nothing_lost(&scrape, &server, pooled_requests);
-    assert_eq!(fs.pinned("links"), vec!["2".to_owned()]);
+    assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
     eprintln!(
         "restart under traffic: {pooled_requests} pooled requests and {SHORT} short connections, 0 lost"
     );
