@@ -206,14 +206,28 @@ impl Agent {
                 }
             },
         }
-        // Flush what the kernel already queued, leave the connections to the next agent
-        // when the programs stay pinned, and drop the programs (detached unless pinned).
+        // Drop the programs (detached unless pinned) while still reading the ring buffer:
+        // detaching the libssl uprobes takes over a second on a busy host, and the records
+        // of that time would otherwise wait in the ring for the next agent. Then flush what
+        // the kernel queued and leave the connections to the next agent.
+        drop(tls);
+        let detach = tokio::task::spawn_blocking(move || drop(probes));
+        tokio::pin!(detach);
+        loop {
+            tokio::select! {
+                _ = &mut detach => break,
+                _ = drain_timer.tick() => pipeline.drain(),
+                guard = pipeline.ring.readable_mut() => {
+                    let mut guard = guard.context("waiting for events")?;
+                    guard.clear_ready();
+                    pipeline.drain();
+                }
+            }
+        }
         pipeline.drain();
         pipeline.hand_over();
         state.scrapes.counts_final();
         drop(pipeline);
-        drop(tls);
-        drop(probes);
         serve_final_counts(&state).await;
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;

@@ -103,9 +103,11 @@ impl Backlog {
 }
 
 /// A thread copying the pinned ring buffer into a [`Backlog`] while the agent starts.
+/// Dropped without [`Self::finish`] (start-up failed), it stops and says how many records
+/// it read: the next agent will not see them.
 pub struct StartupDrain {
     stop: Arc<AtomicBool>,
-    thread: JoinHandle<(RingBuf<MapData>, Backlog)>,
+    thread: Option<JoinHandle<(RingBuf<MapData>, Backlog)>>,
 }
 
 /// What the drain held when it was stopped: the ring buffer to read on from, and the
@@ -148,15 +150,33 @@ impl StartupDrain {
                 }
             })
             .context("starting the ring buffer drain thread")?;
-        Ok(Some(Self { stop, thread }))
+        Ok(Some(Self { stop, thread: Some(thread) }))
     }
 
     /// Stops the thread after one more pass over the ring.
-    pub fn finish(self) -> anyhow::Result<Drained> {
-        self.stop.store(true, Ordering::Release);
-        let (ring, backlog) =
-            self.thread.join().map_err(|_| anyhow!("the ring buffer drain thread panicked"))?;
+    pub fn finish(mut self) -> anyhow::Result<Drained> {
+        let (ring, backlog) = self.stop_thread()?;
         Ok(Drained { ring, backlog })
+    }
+
+    fn stop_thread(&mut self) -> anyhow::Result<(RingBuf<MapData>, Backlog)> {
+        self.stop.store(true, Ordering::Release);
+        let thread = self.thread.take().ok_or_else(|| anyhow!("the drain was stopped already"))?;
+        thread.join().map_err(|_| anyhow!("the ring buffer drain thread panicked"))
+    }
+}
+
+impl Drop for StartupDrain {
+    fn drop(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        if let Ok((_, backlog)) = self.stop_thread() {
+            tracing::warn!(
+                records = backlog.len(),
+                "start-up failed: the records read from the pinned ring buffer are lost"
+            );
+        }
     }
 }
 
