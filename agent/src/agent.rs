@@ -211,7 +211,14 @@ impl Agent {
         // of that time would otherwise wait in the ring for the next agent. Then flush what
         // the kernel queued and leave the connections to the next agent.
         drop(tls);
-        let detach = tokio::task::spawn_blocking(move || drop(probes));
+        let detach = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            drop(probes);
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "programs dropped (pinned ones stay attached)"
+            );
+        });
         tokio::pin!(detach);
         loop {
             tokio::select! {
