@@ -210,6 +210,7 @@ impl Agent {
         // detaching the libssl uprobes takes over a second on a busy host, and the records
         // of that time would otherwise wait in the ring for the next agent. Then flush what
         // the kernel queued and leave the connections to the next agent.
+        let signalled = Instant::now();
         drop(tls);
         let detach = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
@@ -235,24 +236,22 @@ impl Agent {
         pipeline.hand_over();
         state.scrapes.counts_final();
         drop(pipeline);
-        serve_final_counts(&state).await;
+        serve_final_counts(&state, signalled).await;
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
         Ok(())
     }
 }
 
-/// A scraper polling right now (a bench, a Prometheus mid-interval) is waited for, a
-/// little, so that its last answer holds the counts the handover says were exported: what
-/// was counted after that answer would otherwise be counted by no agent.
+/// A scraper that polls the stopping agent (it scraped after the signal: a bench, a test)
+/// is waited for, a little, so that its last answer holds the counts the handover says were
+/// exported: what was counted after that answer would otherwise be counted by no agent.
 const FINAL_SCRAPE_WAIT: Duration = Duration::from_millis(300);
-/// Scrapes this recent mean a scraper is polling.
-const SCRAPER_POLLING: Duration = Duration::from_secs(1);
 /// Time for the answer's bytes to leave the process after it was encoded.
 const ANSWER_FLUSH: Duration = Duration::from_millis(20);
 
-async fn serve_final_counts(state: &AppState) {
-    if !state.scrapes.scraped_within(SCRAPER_POLLING, Instant::now()) {
+async fn serve_final_counts(state: &AppState, signalled: Instant) {
+    if !state.scrapes.scraped_since(signalled) {
         return;
     }
     let deadline = Instant::now() + FINAL_SCRAPE_WAIT;

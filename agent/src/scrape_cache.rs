@@ -78,11 +78,9 @@ impl ScrapeCache {
         self.final_answers.load(Ordering::Acquire)
     }
 
-    /// Whether someone scraped in the last `window` before `now`.
-    pub fn scraped_within(&self, window: Duration, now: Instant) -> bool {
-        self.state.lock().is_ok_and(|state| {
-            state.last_scrape.is_some_and(|at| now.saturating_duration_since(at) < window)
-        })
+    /// Whether someone scraped after `since`.
+    pub fn scraped_since(&self, since: Instant) -> bool {
+        self.state.lock().is_ok_and(|state| state.last_scrape.is_some_and(|at| at > since))
     }
 
     /// The body for a scrape now, and whether it is gzipped (only if `gzip_ok`): the cached
@@ -224,8 +222,10 @@ mod tests {
         let (registry, counter) = registry();
         let cache = ScrapeCache::caching_encodes_over(Duration::ZERO);
         let text = |body: &[u8]| String::from_utf8_lossy(body).into_owned();
+        let before = Instant::now();
+        assert!(!cache.scraped_since(before));
         assert!(text(&cache.body(&registry, false)?.0).contains("scrapes_total 0"));
-        assert!(cache.scraped_within(Duration::from_secs(1), Instant::now()));
+        assert!(cache.scraped_since(before));
         counter.inc();
         cache.counts_final();
         assert_eq!(cache.final_answers(), 0);
