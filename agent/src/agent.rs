@@ -225,11 +225,18 @@ impl Agent {
             tokio::select! {
                 _ = &mut detach => break,
                 _ = drain_timer.tick() => pipeline.drain(),
-                guard = pipeline.ring.readable_mut() => {
-                    let mut guard = guard.context("waiting for events")?;
-                    guard.clear_ready();
-                    pipeline.drain();
-                }
+                guard = pipeline.ring.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        pipeline.drain();
+                    }
+                    // The handover below must still be written: wait for the detach, flush once.
+                    Err(err) => {
+                        tracing::warn!("waiting for events while stopping: {err}");
+                        (&mut detach).await.ok();
+                        break;
+                    }
+                },
             }
         }
         pipeline.drain();

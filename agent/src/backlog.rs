@@ -35,6 +35,9 @@ pub const BACKLOG_RINGBUF_MULTIPLE: usize = 16;
 /// How long the drain thread sleeps when the ring is empty: the kernel wakes a reader only
 /// once enough is queued (`agent-ebpf/src/maps.rs`), so it also looks on this timer.
 const POLL_MS: i32 = 5;
+/// Records read between two looks at the stop flag (the ring may never be empty on a busy
+/// host).
+const BATCH: usize = 4096;
 /// Each record is stored behind its length.
 const LEN_PREFIX: usize = size_of::<u32>();
 
@@ -125,6 +128,10 @@ impl StartupDrain {
     pub fn start(pin_dir: &Path, ringbuf_bytes: u32) -> anyhow::Result<Option<Self>> {
         let maps = pin_dir.join("maps");
         if !handed_over(&maps.join(map::HANDOVER))? {
+            tracing::info!(
+                "no handover from the previous agent: the pinned ring buffer is read once this \
+                 agent is ready"
+            );
             return Ok(None);
         }
         let events = MapData::from_pin(maps.join(map::EVENTS))
@@ -138,22 +145,28 @@ impl StartupDrain {
             .spawn(move || {
                 let mut backlog = Backlog::with_limit(limit);
                 loop {
-                    // Read after the flag, so the records queued before the stop are kept.
-                    let stopped = stopping.load(Ordering::Acquire);
-                    while let Some(record) = ring.next() {
+                    let mut read = 0;
+                    while read < BATCH
+                        && let Some(record) = ring.next()
+                    {
                         backlog.push(&record);
+                        read += 1;
                     }
-                    if stopped {
+                    // What is left in the ring is read next by the pipeline, after the
+                    // backlog: stopping between two batches keeps the order.
+                    if stopping.load(Ordering::Acquire) {
                         return (ring, backlog);
                     }
-                    wait_readable(&ring);
+                    if read < BATCH {
+                        wait_readable(&ring);
+                    }
                 }
             })
             .context("starting the ring buffer drain thread")?;
         Ok(Some(Self { stop, thread: Some(thread) }))
     }
 
-    /// Stops the thread after one more pass over the ring.
+    /// Stops the thread; what it did not read stays in the ring, for the pipeline.
     pub fn finish(mut self) -> anyhow::Result<Drained> {
         let (ring, backlog) = self.stop_thread()?;
         Ok(Drained { ring, backlog })
