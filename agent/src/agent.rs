@@ -16,10 +16,12 @@ use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
 
 use crate::{
     adoption,
+    backlog::{Backlog, Drained, StartupDrain},
     config::Config,
     events, handover,
     kernel_stats::{LossCollector, UserLosses},
     metrics::{Build, EventKindLabel, Metrics, Probe, SkipReason},
+    pinning::Pins,
     placement::KubeletPlacement,
     preflight, probes,
     server::{self, AppState},
@@ -66,7 +68,27 @@ impl Agent {
         preflight::ensure_tracefs()?;
         raise_memlock_limit();
 
-        let mut probes = probes::load_and_attach(&config)?;
+        let pins = config.pin_path.as_deref().and_then(|dir| {
+            Pins::prepare(dir, &config)
+                .inspect_err(|err| {
+                    tracing::warn!("kernel state will not outlive this agent: {err:#}");
+                })
+                .ok()
+        });
+        // Before anything slow: records the pinned programs queue meanwhile would
+        // otherwise overflow the ring buffer during start-up.
+        let startup_drain = match &pins {
+            Some(pins) if pins.previous.is_some() => {
+                StartupDrain::start(pins.dir(), config.ringbuf_bytes).unwrap_or_else(|err| {
+                    tracing::warn!(
+                        "the pinned ring buffer is read once the agent is ready: {err:#}"
+                    );
+                    None
+                })
+            }
+            _ => None,
+        };
+        let mut probes = probes::load_and_attach(&config, pins)?;
         release_freed_memory();
         let metrics = Metrics::new();
         metrics.capacity.set(i64::from(config.max_connections));
@@ -96,7 +118,12 @@ impl Agent {
         if let Ok(mut hooks) = state.hooks.write() {
             hooks.clone_from(&probes.attached);
         }
-        let events = RingBuf::try_from(take_map(&mut probes, map::EVENTS)?)?;
+        let drained = startup_drain.map(StartupDrain::finish).transpose()?;
+        let (events, backlog) = match drained {
+            // The same ring buffer, read on from where the drain stopped.
+            Some(Drained { ring, backlog }) => (ring, Some(backlog)),
+            None => (RingBuf::try_from(take_map(&mut probes, map::EVENTS)?)?, None),
+        };
         // SAFETY: the ring buffer owns its map fd and keeps it open until the AsyncFd drops it.
         let ring = unsafe { AsyncFd::register(events) }
             .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
@@ -118,7 +145,7 @@ impl Agent {
         let mut pipeline =
             Pipeline { ring, conns, table, counters, losses, sweep: Vec::new(), handover };
         if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
-            pipeline.take_over_connections();
+            pipeline.take_over_connections(backlog);
         }
         Ok(Self { config, listener, web, probes, state, pipeline, tls })
     }
@@ -179,16 +206,67 @@ impl Agent {
                 }
             },
         }
-        // Flush what the kernel already queued, leave the connections to the next agent
-        // when the programs stay pinned, and drop the programs (detached unless pinned).
+        // Drop the programs (detached unless pinned) while still reading the ring buffer:
+        // detaching the libssl uprobes takes over a second on a busy host, and the records
+        // of that time would otherwise wait in the ring for the next agent. Then flush what
+        // the kernel queued and leave the connections to the next agent.
+        let signalled = Instant::now();
+        drop(tls);
+        let detach = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            drop(probes);
+            tracing::info!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "programs dropped (pinned ones stay attached)"
+            );
+        });
+        tokio::pin!(detach);
+        loop {
+            tokio::select! {
+                _ = &mut detach => break,
+                _ = drain_timer.tick() => pipeline.drain(),
+                guard = pipeline.ring.readable_mut() => match guard {
+                    Ok(mut guard) => {
+                        guard.clear_ready();
+                        pipeline.drain();
+                    }
+                    // The handover below must still be written: wait for the detach, flush once.
+                    Err(err) => {
+                        tracing::warn!("waiting for events while stopping: {err}");
+                        (&mut detach).await.ok();
+                        break;
+                    }
+                },
+            }
+        }
         pipeline.drain();
         pipeline.hand_over();
+        state.scrapes.counts_final();
         drop(pipeline);
-        drop(tls);
-        drop(probes);
+        serve_final_counts(&state, signalled).await;
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
         Ok(())
+    }
+}
+
+/// A scraper that polls the stopping agent (it scraped after the signal: a bench, a test)
+/// is waited for, a little, so that its last answer holds the counts the handover says were
+/// exported: what was counted after that answer would otherwise be counted by no agent.
+const FINAL_SCRAPE_WAIT: Duration = Duration::from_millis(300);
+/// Time for the answer's bytes to leave the process after it was encoded.
+const ANSWER_FLUSH: Duration = Duration::from_millis(20);
+
+async fn serve_final_counts(state: &AppState, signalled: Instant) {
+    if !state.scrapes.scraped_since(signalled) {
+        return;
+    }
+    let deadline = Instant::now() + FINAL_SCRAPE_WAIT;
+    while state.scrapes.final_answers() == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    if state.scrapes.final_answers() > 0 {
+        tokio::time::sleep(ANSWER_FLUSH).await;
     }
 }
 
@@ -277,27 +355,34 @@ impl Pipeline {
     fn drain(&mut self) {
         let ring = self.ring.get_mut();
         while let Some(record) = ring.next() {
-            match events::decode(&record) {
-                Ok(event) => {
-                    self.counters.count(event.kind());
-                    self.table.handle(&event);
-                }
-                Err(err) => {
-                    self.losses.decode_error.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!("dropping a ring buffer record: {err}");
-                }
-            }
+            apply_record(&mut self.table, &self.counters, &self.losses, &record);
         }
     }
 
     /// After a takeover: reads what waited in the pinned ring buffer (connections opened
-    /// while no agent ran, with their requests), then forgets the connections only the
-    /// previous agent could label; the kernel adopts them again at their next send or
-    /// receive. Connections opened from now on are announced in the ring buffer.
-    fn take_over_connections(&mut self) {
+    /// while no agent ran, with their requests): first what the start-up drain kept
+    /// (`backlog`), which the ring buffer held before what it holds now. Then forgets the
+    /// connections only the previous agent could label; the kernel adopts them again at
+    /// their next send or receive. Connections opened from now on are announced in the
+    /// ring buffer.
+    fn take_over_connections(&mut self, backlog: Option<Backlog>) {
         let entries = self.handover.as_mut().map(handover::take).unwrap_or_default();
         let restored =
             entries.iter().filter(|(sock, entry)| self.table.restore(*sock, entry)).count();
+        if let Some(backlog) = backlog {
+            for record in backlog.records() {
+                apply_record(&mut self.table, &self.counters, &self.losses, record);
+            }
+            self.losses.startup_backlog_full.fetch_add(backlog.dropped(), Ordering::Relaxed);
+            tracing::info!(
+                records = backlog.len(),
+                bytes = backlog.bytes(),
+                dropped = backlog.dropped(),
+                "records queued during start-up applied"
+            );
+            drop(backlog);
+            release_freed_memory();
+        }
         self.drain();
         let mut unknown: Vec<u64> = self
             .conns
@@ -345,6 +430,25 @@ impl Pipeline {
             }
             let conn = self.conns.get(&sock, 0).ok();
             self.table.swept(sock, conn.as_ref());
+        }
+    }
+}
+
+/// Decodes one ring buffer record and applies it; a record that does not decode is counted.
+fn apply_record(
+    table: &mut ConnectionTable,
+    counters: &EventCounters,
+    losses: &UserLosses,
+    record: &[u8],
+) {
+    match events::decode(record) {
+        Ok(event) => {
+            counters.count(event.kind());
+            table.handle(&event);
+        }
+        Err(err) => {
+            losses.decode_error.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("dropping a ring buffer record: {err}");
         }
     }
 }

@@ -118,6 +118,11 @@ pub fn write(
     written as usize
 }
 
+/// Whether a complete handover waits in `map` (its header is written last).
+pub fn has_header(map: &HashMap<MapData, u64, Handover>) -> bool {
+    map.get(&HEADER, 0).is_ok()
+}
+
 /// Reads and empties the handover: the connections it holds, or none when it is missing,
 /// incomplete or stale (logged).
 pub fn take(map: &mut HashMap<MapData, u64, Handover>) -> Vec<(u64, Handover)> {

@@ -17,10 +17,12 @@ use prometheus_client::{
 #[derive(Debug, Default)]
 pub struct UserLosses {
     pub decode_error: AtomicU64,
+    /// Records the start-up drain could not keep (`crate::backlog`).
+    pub startup_backlog_full: AtomicU64,
 }
 
 /// `connscope_events_lost_total{reason}`: kernel-side losses summed over CPUs, plus the
-/// agent's own (records it could not decode).
+/// agent's own (records it could not decode, or keep while it started).
 pub struct LossCollector {
     kernel: Mutex<PerCpuArray<MapData, u64>>,
     user: Arc<UserLosses>,
@@ -44,6 +46,8 @@ impl LossCollector {
             }
         }
         totals.push(("decode_error", self.user.decode_error.load(Ordering::Relaxed)));
+        totals
+            .push(("startup_backlog_full", self.user.startup_backlog_full.load(Ordering::Relaxed)));
         totals
     }
 }

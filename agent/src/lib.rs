@@ -6,6 +6,7 @@
 
 pub mod adoption;
 pub mod agent;
+pub mod backlog;
 pub mod classify;
 pub mod config;
 pub mod events;

@@ -148,6 +148,11 @@ impl Pins {
         Ok(Some(state.get(&(PinSlot::ActiveGeneration as u32), 0)?))
     }
 
+    /// The pin directory (`--bpf.pin-path`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Where the loader finds (or creates and pins) each pinned map.
     pub fn map_paths(&self) -> impl Iterator<Item = (&'static str, PathBuf)> + '_ {
         map::PINNED.into_iter().map(|name| (name, self.dir.join("maps").join(name)))

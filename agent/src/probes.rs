@@ -305,18 +305,12 @@ fn load(config: &Config, kernel: &Kernel, pins: Option<&Pins>) -> anyhow::Result
         .context("loading the eBPF programs")
 }
 
-pub fn load_and_attach(config: &Config) -> anyhow::Result<Probes> {
+/// Loads against `pins` (prepared by the caller: `Pins::prepare`) when state is pinned.
+pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Probes> {
     let kernel = Kernel::inspect(config);
     if config.backend == Backend::Fentry && kernel.btf.is_none() {
         return Err(preflight::PreflightError::NoBtf.into());
     }
-    let pins = config.pin_path.as_deref().and_then(|dir| {
-        Pins::prepare(dir, config)
-            .inspect_err(|err| {
-                tracing::warn!("kernel state will not outlive this agent: {err:#}");
-            })
-            .ok()
-    });
     let mut ebpf = load(config, &kernel, pins.as_ref())?;
     let mut loader = Attacher { ebpf: &mut ebpf, kernel: &kernel, links: Vec::new() };
     let lifecycle = loader.attach_lifecycle()?;

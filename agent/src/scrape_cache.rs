@@ -9,7 +9,10 @@
 //! become well under 1 MB on the wire, compressed in the background too.
 
 use std::{
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -30,6 +33,11 @@ pub struct ScrapeCache {
     state: Mutex<CacheState>,
     /// Encodes at least this slow are cached ([`SLOW_ENCODE`]; tests lower it).
     slow: Duration,
+    /// Set when the counts stop changing (the agent is stopping, its handover written):
+    /// from then on every scrape is encoded afresh, so none is given a body from before.
+    final_counts: AtomicBool,
+    /// Scrapes answered with the final counts.
+    final_answers: AtomicU64,
 }
 
 impl Default for ScrapeCache {
@@ -52,7 +60,27 @@ struct CacheState {
 
 impl ScrapeCache {
     pub fn caching_encodes_over(slow: Duration) -> Self {
-        Self { state: Mutex::default(), slow }
+        Self {
+            state: Mutex::default(),
+            slow,
+            final_counts: AtomicBool::new(false),
+            final_answers: AtomicU64::new(0),
+        }
+    }
+
+    /// The registry's counts are final: no later scrape gets a cached body.
+    pub fn counts_final(&self) {
+        self.final_counts.store(true, Ordering::Release);
+    }
+
+    /// How many scrapes were answered with the final counts.
+    pub fn final_answers(&self) -> u64 {
+        self.final_answers.load(Ordering::Acquire)
+    }
+
+    /// Whether someone scraped after `since`.
+    pub fn scraped_since(&self, since: Instant) -> bool {
+        self.state.lock().is_ok_and(|state| state.last_scrape.is_some_and(|at| at > since))
     }
 
     /// The body for a scrape now, and whether it is gzipped (only if `gzip_ok`): the cached
@@ -63,6 +91,11 @@ impl ScrapeCache {
         gzip_ok: bool,
     ) -> Result<(Bytes, bool), std::fmt::Error> {
         let now = Instant::now();
+        if self.final_counts.load(Ordering::Acquire) {
+            let body = self.encode(registry)?;
+            self.final_answers.fetch_add(1, Ordering::AcqRel);
+            return Ok((body, false));
+        }
         if let Ok(mut state) = self.state.lock() {
             state.last_scrape = Some(now);
             state.gzip_wanted |= gzip_ok;
@@ -180,6 +213,24 @@ mod tests {
         // Scrapers gone: no more refreshes, and the body is freed.
         assert!(!cache.wants_refresh(Instant::now() + SCRAPER_GONE_AFTER));
         assert!(cache.state.lock().map(|state| state.body.is_none()).unwrap_or(false));
+        Ok(())
+    }
+
+    /// A stopping agent's last counts reach the scraper, not a body cached before them.
+    #[test]
+    fn final_counts_are_never_served_from_the_cache() -> Result<(), std::fmt::Error> {
+        let (registry, counter) = registry();
+        let cache = ScrapeCache::caching_encodes_over(Duration::ZERO);
+        let text = |body: &[u8]| String::from_utf8_lossy(body).into_owned();
+        let before = Instant::now();
+        assert!(!cache.scraped_since(before));
+        assert!(text(&cache.body(&registry, false)?.0).contains("scrapes_total 0"));
+        assert!(cache.scraped_since(before));
+        counter.inc();
+        cache.counts_final();
+        assert_eq!(cache.final_answers(), 0);
+        assert!(text(&cache.body(&registry, true)?.0).contains("scrapes_total 1"));
+        assert_eq!(cache.final_answers(), 1);
         Ok(())
     }
 }

@@ -205,12 +205,19 @@ pub fn both_closed(server: &str) -> impl Fn(&Scrape) -> bool + '_ {
 pub const SHORT: usize = 5;
 pub const SHORT_REQUESTS: u64 = 3;
 
+/// What [`restart_under_traffic`] leaves: the second agent, the first one's last answer to
+/// `/metrics` (scraped until it stopped), and the pooled connection's requests.
+pub struct Restarted {
+    pub second: Agent,
+    pub first_last: Scrape,
+    pub pooled_requests: u64,
+}
+
 /// Restart under traffic against the HTTP server at `server` (which serves `/resource`
 /// with a 2-byte body, for `SHORT + 1` connections): a pooled connection sends a request
 /// every 20 ms across an agent restart, and `SHORT` connections of `SHORT_REQUESTS`
-/// requests each open and close while no agent runs. Returns the second agent and the
-/// pooled connection's requests.
-pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<(Agent, u64)> {
+/// requests each open and close while no agent runs.
+pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<Restarted> {
     let first = fs.agent()?;
     let stop = Arc::new(AtomicBool::new(false));
     let pooled = {
@@ -228,7 +235,8 @@ pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<(Agent,
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    first.stop()?;
+    let (first_last, code) = first.stop_scraping()?;
+    anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
     for _ in 0..SHORT {
         let mut client = TcpStream::connect(server)?;
         for _ in 0..SHORT_REQUESTS {
@@ -241,7 +249,7 @@ pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<(Agent,
     stop.store(true, Ordering::Relaxed);
     let pooled_requests =
         pooled.join().map_err(|_| anyhow::anyhow!("pooled client panicked"))??;
-    Ok((second, pooled_requests))
+    Ok(Restarted { second, first_last, pooled_requests })
 }
 
 fn requests_per_connection(scrape: &Scrape, role: &str, server: &str) -> (f64, f64) {
@@ -267,15 +275,25 @@ pub fn scrape_after_restart(agent: &Agent, server: &str) -> anyhow::Result<Scrap
 
 /// What the second agent reports: every connection with its full request count on both
 /// ends, as if no restart had happened. The pooled connection was opened under the first
-/// agent: the second counts only the short ones as opened, and adopts none. Where kprobes
-/// cannot stay attached ([`transfers_stop_without_an_agent`]), the short connections are
-/// counted with 0 requests each (their opens and closes come from pinned tracepoints).
-pub fn assert_nothing_lost(scrape: &Scrape, server: &str, pooled_requests: u64) {
+/// agent: the second counts only the short ones as opened, and adopts none. The two agents'
+/// `http_requests_total` (the first's last answer, `first_last`, plus the second's) add up
+/// to every request: the first's count and the handover agree. Where kprobes cannot stay
+/// attached ([`transfers_stop_without_an_agent`]), the short connections are counted with
+/// 0 requests each (their opens and closes come from pinned tracepoints).
+pub fn assert_nothing_lost(scrape: &Scrape, first_last: &Scrape, server: &str, pooled: u64) {
     let closed = (SHORT + 1) as f64;
-    let all = (closed, (SHORT as u64 * SHORT_REQUESTS + pooled_requests) as f64);
+    let all = (closed, (SHORT as u64 * SHORT_REQUESTS + pooled) as f64);
     let gap_uncounted = transfers_stop_without_an_agent(scrape);
     for role in ["client", "server"] {
         let labels = [("role", role), ("server", server)];
+        let requests = first_last.sum("connscope_http_requests_total", &labels)
+            + scrape.sum("connscope_http_requests_total", &labels);
+        let context = || format!("{role}: first\n{}\nsecond\n{}", first_last.text, scrape.text);
+        if gap_uncounted {
+            assert!(requests < all.1, "{}", context());
+        } else {
+            assert_eq!(requests, all.1, "http_requests_total {}", context());
+        }
         let (count, sum) = requests_per_connection(scrape, role, server);
         if gap_uncounted {
             assert_eq!(count, closed, "{role}: {}", scrape.text);

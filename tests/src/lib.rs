@@ -201,6 +201,26 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Sends SIGTERM and scrapes until the agent stops answering (10 s at most): its last
+    /// answer (a stopping agent waits for a polling scraper to get its final counts) and
+    /// its exit code.
+    pub fn stop_scraping(mut self) -> anyhow::Result<(Scrape, Option<i32>)> {
+        let mut last = self.scrape()?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            match self.scrape() {
+                Ok(scrape) => last = scrape,
+                Err(_) => break,
+            }
+        }
+        let status = self.child.wait()?;
+        Ok((last, status.code()))
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {

@@ -70,9 +70,14 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
         "attach" => {
             &["fentry", "kprobe", "tp_btf", "tracepoint", "sock_ops", "uprobe", "off", "none"]
         }
-        "reason" if metric == "connscope_events_lost_total" => {
-            &["ringbuf_full", "map_full", "untracked_socket", "payload_unreadable", "decode_error"]
-        }
+        "reason" if metric == "connscope_events_lost_total" => &[
+            "ringbuf_full",
+            "map_full",
+            "untracked_socket",
+            "payload_unreadable",
+            "decode_error",
+            "startup_backlog_full",
+        ],
         "reason" => {
             &["connection_close", "http10", "max_requests", "idle", "reset", "error", "unknown"]
         }

@@ -81,7 +81,9 @@ fn connscope_agrees_with_nginx_access_log() -> anyhow::Result<()> {
     assert!(truth.len() >= 8 && requests >= 20, "too little traffic to compare: {truth:?}");
 
     // Sockets older than the agent (untracked_socket) are not this traffic; nothing else may be lost.
-    for reason in ["ringbuf_full", "map_full", "decode_error", "payload_unreadable"] {
+    for reason in
+        ["ringbuf_full", "map_full", "decode_error", "payload_unreadable", "startup_backlog_full"]
+    {
         assert_eq!(
             scrape.sum("connscope_events_lost_total", &[("reason", reason)]),
             0.0,

@@ -17,8 +17,8 @@ use anyhow::{Context as _, bail};
 use connscope_tests::{
     Agent, Scrape, agent_binary,
     continuity::{
-        BpfFs, SHORT, WAIT, assert_nothing_lost, assert_opened_before_the_agent, both_closed,
-        cleanup, restart_under_traffic, scrape_after_restart,
+        BpfFs, Restarted, SHORT, WAIT, assert_nothing_lost, assert_opened_before_the_agent,
+        both_closed, cleanup, restart_under_traffic, scrape_after_restart,
     },
     free_port, http_get, http_server, kernel_tests_enabled, net, own_process_label,
 };
@@ -134,10 +134,10 @@ fn restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
     let server = listener.local_addr()?.to_string();
     let server_thread =
         http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
-    let (second, pooled_requests) = restart_under_traffic(&fs, &server)?;
+    let Restarted { second, first_last, pooled_requests } = restart_under_traffic(&fs, &server)?;
     net::join(server_thread)?;
     let scrape = scrape_after_restart(&second, &server)?;
-    assert_nothing_lost(&scrape, &server, pooled_requests);
+    assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
     assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use connscope_tests::{
     continuity::{
-        BpfFs, SHORT, SHORT_REQUESTS, assert_nothing_lost, restart_under_traffic,
+        BpfFs, Restarted, SHORT, SHORT_REQUESTS, assert_nothing_lost, restart_under_traffic,
         scrape_after_restart,
     },
     free_port, kernel_tests_enabled,
@@ -33,7 +33,7 @@ fn restart_under_traffic_loses_no_connection_and_no_request() -> anyhow::Result<
     // `http_server::request` reads a 2-byte body.
     std::fs::write(nginx.dir.join("html/resource"), "ok")?;
     let server = nginx.server();
-    let (second, pooled_requests) = restart_under_traffic(&fs, &server)?;
+    let Restarted { second, first_last, pooled_requests } = restart_under_traffic(&fs, &server)?;
     let scrape = scrape_after_restart(&second, &server)?;
 
     let mut truth: Vec<u64> = nginx.requests_per_connection()?.into_values().collect();
@@ -42,7 +42,7 @@ fn restart_under_traffic_loses_no_connection_and_no_request() -> anyhow::Result<
     expected.push(pooled_requests);
     expected.sort_unstable();
     assert_eq!(truth, expected, "nginx's $connection_requests");
-    assert_nothing_lost(&scrape, &server, pooled_requests);
+    assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
     assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
     eprintln!(
         "restart under traffic: {pooled_requests} pooled requests and {SHORT} short connections, 0 lost"
