@@ -44,6 +44,9 @@ impl Activity {
 const REPORTED_PROTOCOLS: [Protocol; 4] =
     [Protocol::Http1, Protocol::Tls, Protocol::WebSocket, Protocol::Other];
 
+/// Who closed, how and why: one `connections_closed_total` series of a flow.
+type CloseKey = (ClosedBy, CloseKind, CloseReason);
+
 #[derive(Debug)]
 pub struct FlowSeries {
     pub flow: Flow,
@@ -64,7 +67,7 @@ pub struct FlowSeries {
     advertised_max: OnceLock<Gauge>,
     /// `connections_closed_total` by (closed_by, close_kind, reason) as seen so far: a
     /// flow has a few, and a close then costs no label allocation.
-    closes: Mutex<Vec<((ClosedBy, CloseKind, CloseReason), Counter)>>,
+    closes: Mutex<Vec<(CloseKey, Counter)>>,
     /// `close_idle_seconds` by `closed_by` (in `ClosedBy` wire order).
     close_idle: [OnceLock<Histogram>; ClosedBy::ALL.len()],
 }

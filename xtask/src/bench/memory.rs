@@ -230,7 +230,7 @@ fn largest_mappings(pid: u32, count: usize) -> Value {
             last.1 = kib;
         }
     }
-    mappings.sort_by(|a, b| b.1.cmp(&a.1));
+    mappings.sort_by_key(|m| std::cmp::Reverse(m.1));
     mappings.truncate(count);
     mappings.into_iter().map(|(name, kib)| json!([name, kib])).collect()
 }
