@@ -11,6 +11,16 @@ use promql_parser::label::{MatchOp, Matcher};
 use promql_parser::parser::{Expr, VectorSelector};
 use promql_parser::util::{ExprVisitor, walk_expr};
 
+/// Every `reason` of `connscope_events_lost_total` (the agent exports each from the start).
+pub const EVENTS_LOST_REASONS: [&str; 6] = [
+    "ringbuf_full",
+    "map_full",
+    "untracked_socket",
+    "payload_unreadable",
+    "decode_error",
+    "startup_backlog_full",
+];
+
 const FLOW: &[&str] = &["role", "process", "server"];
 const K8S: &[&str] = &["namespace", "pod", "container"];
 
@@ -70,14 +80,7 @@ fn label_values(metric: &str, label: &str) -> Option<&'static [&'static str]> {
         "attach" => {
             &["fentry", "kprobe", "tp_btf", "tracepoint", "sock_ops", "uprobe", "off", "none"]
         }
-        "reason" if metric == "connscope_events_lost_total" => &[
-            "ringbuf_full",
-            "map_full",
-            "untracked_socket",
-            "payload_unreadable",
-            "decode_error",
-            "startup_backlog_full",
-        ],
+        "reason" if metric == "connscope_events_lost_total" => &EVENTS_LOST_REASONS,
         "reason" => {
             &["connection_close", "http10", "max_requests", "idle", "reset", "error", "unknown"]
         }

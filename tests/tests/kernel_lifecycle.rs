@@ -254,14 +254,7 @@ fn agent_reports_probes_and_health() -> anyhow::Result<()> {
     }
     assert_eq!(scrape.sum("connscope_build_info", &[]), 1.0);
     assert_eq!(scrape.sum("connscope_tracked_connections_capacity", &[]), 65_536.0);
-    for reason in [
-        "ringbuf_full",
-        "map_full",
-        "untracked_socket",
-        "payload_unreadable",
-        "decode_error",
-        "startup_backlog_full",
-    ] {
+    for reason in connscope_tests::metric_contract::EVENTS_LOST_REASONS {
         assert_eq!(
             scrape.matching("connscope_events_lost_total", &[("reason", reason)]).count(),
             1,
