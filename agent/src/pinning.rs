@@ -176,6 +176,15 @@ impl Pins {
             detach_later(previous);
         }
         let own = links_dir.join(self.generation.to_string());
+        if own.exists() {
+            // Another agent read the same generation and got here first.
+            anyhow::bail!(
+                "{} exists: another connscope agent is starting or running with --bpf.pin-path {} \
+                 (one agent per pin path; give each its own, or \"\" for none)",
+                own.display(),
+                self.dir.display()
+            );
+        }
         std::fs::create_dir_all(&own)?;
         for (program, link) in links {
             link.pin(own.join(&program))

@@ -554,6 +554,8 @@ impl CappedAgent {
             .arg(address.to_string())
             .args(args)
             .env("CONNSCOPE_LOG_LEVEL", "debug")
+            // Unpinned unless `args` ask (the flag wins over the environment).
+            .env("CONNSCOPE_BPF_PIN_PATH", "")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::File::options().append(true).open(&log)?)

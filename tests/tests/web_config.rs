@@ -118,6 +118,8 @@ impl TlsAgent {
             .arg("--web.config.file")
             .arg(web_config)
             .env("CONNSCOPE_LOG_LEVEL", "warn")
+            // Agents of parallel tests share no pinned state (see `Agent::start`).
+            .env("CONNSCOPE_BPF_PIN_PATH", "")
             .stdin(Stdio::null())
             .spawn()
             .context("starting connscope")?;
@@ -299,6 +301,7 @@ fn start_with(web_config: &Path) -> anyhow::Result<Output> {
         .args(["--web.listen-address", "127.0.0.1:0", "--web.config.file"])
         .arg(web_config)
         .env("CONNSCOPE_LOG_LEVEL", "error")
+        .env("CONNSCOPE_BPF_PIN_PATH", "")
         .output()?)
 }
 
