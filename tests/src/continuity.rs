@@ -132,6 +132,19 @@ pub fn transfers_stop_without_an_agent(scrape: &Scrape) -> bool {
     send_attach == "kprobe" && kernel_version() < (5, 15)
 }
 
+/// Receives the previous agent's programs may miss at a takeover: with fexit before 5.12 a
+/// trampoline update does not keep the old programs for calls already inside the function
+/// (fixed upstream by "bpf: Fix fexit trampoline"), so the one receive the pooled
+/// connection's server end is waiting in at the switch can go uncounted (seen once in two
+/// 5.10 runs). Everywhere else: none.
+pub fn waiting_receives_missable(scrape: &Scrape) -> f64 {
+    let recv_attach = scrape
+        .matching("connscope_probe_info", &[("hook", "tcp_recvmsg")])
+        .find_map(|s| s.labels.get("attach").cloned())
+        .unwrap_or_default();
+    if recv_attach == "fentry" && kernel_version() < (5, 12) { 1.0 } else { 0.0 }
+}
+
 fn flow<'a>(role: &'a str, server: &'a str, process: &'a str) -> [(&'a str, &'a str); 3] {
     [("role", role), ("server", server), ("process", process)]
 }
@@ -284,6 +297,7 @@ pub fn assert_nothing_lost(scrape: &Scrape, first_last: &Scrape, server: &str, p
     let closed = (SHORT + 1) as f64;
     let all = (closed, (SHORT as u64 * SHORT_REQUESTS + pooled) as f64);
     let gap_uncounted = transfers_stop_without_an_agent(scrape);
+    let missable = waiting_receives_missable(scrape);
     for role in ["client", "server"] {
         let labels = [("role", role), ("server", server)];
         let requests = first_last.sum("connscope_http_requests_total", &labels)
@@ -292,7 +306,13 @@ pub fn assert_nothing_lost(scrape: &Scrape, first_last: &Scrape, server: &str, p
         if gap_uncounted {
             assert!(requests < all.1, "{}", context());
         } else {
-            assert_eq!(requests, all.1, "http_requests_total {}", context());
+            let missed = all.1 - requests;
+            assert!(
+                missed == 0.0 || (role == "server" && missed <= missable),
+                "http_requests_total {missed} short of {}: {}",
+                all.1,
+                context()
+            );
         }
         let (count, sum) = requests_per_connection(scrape, role, server);
         if gap_uncounted {
@@ -302,7 +322,14 @@ pub fn assert_nothing_lost(scrape: &Scrape, first_last: &Scrape, server: &str, p
             let none = scrape.sum("connscope_connection_requests_bucket", &zero);
             assert_eq!(none, SHORT as f64, "{role}: {}", scrape.text);
         } else {
-            assert_eq!((count, sum), all, "{role}: {}", scrape.text);
+            let missed = all.1 - sum;
+            assert_eq!(count, all.0, "{role}: {}", scrape.text);
+            assert!(
+                missed == 0.0 || (role == "server" && missed <= missable),
+                "{role}: requests per connection sum {sum} of {}: {}",
+                all.1,
+                scrape.text
+            );
         }
         let opened = scrape.sum("connscope_connections_opened_total", &labels);
         assert_eq!(opened, SHORT as f64, "{role}: {}", scrape.text);
