@@ -158,6 +158,14 @@ pub const fn flipped_top_bit(before: u32, after: u32) -> bool {
     (before ^ after) & WRAP_REPORT_BIT != 0
 }
 
+/// Adds to a wrapping counter; true when the agent must see it now ([`flipped_top_bit`]).
+#[inline(always)]
+pub fn add_wrapping(counter: &mut u32, added: u32) -> bool {
+    let before = *counter;
+    *counter = before.wrapping_add(added);
+    flipped_top_bit(before, *counter)
+}
+
 /// Idle time (µs) added to a gap sum between two snapshots of one connection, given the
 /// sums' wrapping difference and the time between the snapshots' last transfers: the
 /// added gaps lie within that time, and the agent's previous snapshot is recent (it

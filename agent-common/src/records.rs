@@ -124,9 +124,9 @@ pub struct SnapshotEvent {
 }
 const _: () = assert!(size_of::<SnapshotEvent>() == 88);
 
-/// `Head`: the first bytes of a request or response whose head differs from the last one
-/// sent in that direction (identical heads are counted in the kernel only). Sent with only
-/// `head_len` bytes of `head`.
+/// `Head`: the first bytes of a request or response whose turn is not a steady repeat of
+/// the last head read in that direction (repeats are counted in the kernel only: see
+/// `Conn::request_len`). Sent with only `head_len` bytes of `head`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeadEvent {

@@ -8,7 +8,7 @@
 
 use connscope_common::{
     CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role,
-    conn::{flipped_top_bit, open_token},
+    conn::{add_wrapping, open_token},
     conn_flag, tcp_state,
 };
 
@@ -230,18 +230,7 @@ pub fn transfer(
     recv_flags: i32,
     is_tcp: impl FnOnce() -> bool,
 ) {
-    if !active() {
-        return;
-    }
-    if ret <= 0 || (direction == Direction::Recv && recv_flags & MSG_PEEK != 0) {
-        // An error, EOF or a peek moved no payload; still a process-context touch.
-        process_context(sock);
-        return;
-    }
-    let Some(conn) = tracked(sock).or_else(|| if is_tcp() { adopt(sock) } else { None }) else {
-        return;
-    };
-    count_transfer(sock, conn, direction, ret);
+    transfer_counted_once(sock, direction, ret, recv_flags, is_tcp, None);
 }
 
 /// A receive seen at `tcp_recvmsg`'s exit (fexit, kretprobe). A call returns through the
@@ -252,27 +241,44 @@ pub fn transfer(
 /// pinning, or without the offset, the generation decides as for every other hook.
 #[inline(always)]
 pub fn receive_at_exit(sock: u64, ret: i64, recv_flags: i32) {
-    if generation() == 0 {
-        return transfer(sock, Direction::Recv, ret, recv_flags, || true);
-    }
-    let Some(seq) = sock::copied_seq(sock) else {
-        return transfer(sock, Direction::Recv, ret, recv_flags, || true);
-    };
+    let seq = if generation() == 0 { None } else { sock::copied_seq(sock) };
+    transfer_counted_once(sock, Direction::Recv, ret, recv_flags, || true, seq);
+}
+
+/// [`transfer`], counted by the active generation only, or with `seq` (the socket's
+/// `copied_seq` after the receive) by any generation, once ([`receive_at_exit`]).
+/// Only the active generation adopts sockets and records process contexts.
+#[inline(always)]
+fn transfer_counted_once(
+    sock: u64,
+    direction: Direction,
+    ret: i64,
+    recv_flags: i32,
+    is_tcp: impl FnOnce() -> bool,
+    seq: Option<u32>,
+) {
     let active = active();
-    if ret <= 0 || recv_flags & MSG_PEEK != 0 {
+    if !active && seq.is_none() {
+        return;
+    }
+    if ret <= 0 || (direction == Direction::Recv && recv_flags & MSG_PEEK != 0) {
+        // An error, EOF or a peek moved no payload; still a process-context touch.
         if active {
             process_context(sock);
         }
         return;
     }
-    let Some(conn) = tracked(sock).or_else(|| if active { adopt(sock) } else { None }) else {
+    let adoptable = || active && is_tcp();
+    let Some(conn) = tracked(sock).or_else(|| if adoptable() { adopt(sock) } else { None }) else {
         return;
     };
-    if conn.recv_seq == seq {
-        return;
+    if let Some(seq) = seq {
+        if conn.recv_seq == seq {
+            return;
+        }
+        conn.recv_seq = seq;
     }
-    conn.recv_seq = seq;
-    count_transfer(sock, conn, Direction::Recv, ret);
+    count_transfer(sock, conn, direction, ret);
 }
 
 /// Counts `ret` (> 0) bytes moved on a tracked connection.
@@ -321,14 +327,6 @@ fn count_exchanges(
     if report {
         records::snapshot(EventKind::Progress, sock, conn);
     }
-}
-
-/// Adds to a wrapping counter; true when the agent must see it now ([`flipped_top_bit`]).
-#[inline(always)]
-fn add_wrapping(counter: &mut u32, added: u32) -> bool {
-    let before = *counter;
-    *counter = before.wrapping_add(added);
-    flipped_top_bit(before, *counter)
 }
 
 /// TLS plaintext libssl moved for `sock` (the uprobes' return probe): counted by the same

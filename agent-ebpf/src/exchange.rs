@@ -18,7 +18,7 @@
 
 use connscope_common::{
     Conn, Direction, Protocol,
-    conn::{GAP_REPORT_EVERY, PROGRESS_AFTER_IDLE_NS, flipped_top_bit, gap_bucket},
+    conn::{GAP_REPORT_EVERY, PROGRESS_AFTER_IDLE_NS, add_wrapping, gap_bucket},
     conn_flag, is_request,
 };
 
@@ -212,9 +212,7 @@ fn new_exchange(conn: &mut Conn, now: u64) -> bool {
         return false;
     }
     let gap = now.saturating_sub(conn.last_ns);
-    let before = conn.gap_sum_us;
-    conn.gap_sum_us = before.wrapping_add((gap / 1000) as u32);
-    let sum_wrapped = flipped_top_bit(before, conn.gap_sum_us);
+    let sum_wrapped = add_wrapping(&mut conn.gap_sum_us, (gap / 1000) as u32);
     let Some(count) = conn.gap_buckets.get_mut(gap_bucket(gap)) else { return sum_wrapped };
     *count = count.wrapping_add(1);
     *count % GAP_REPORT_EVERY == 0 || sum_wrapped
