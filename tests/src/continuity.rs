@@ -88,15 +88,25 @@ pub fn cleanup(pin_path: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// The backend `connscope_probe_info` reports for `hook` ("" when absent).
+fn hook_attach(scrape: &Scrape, hook: &str) -> String {
+    scrape
+        .matching("connscope_probe_info", &[("hook", hook)])
+        .find_map(|s| s.labels.get("attach").cloned())
+        .unwrap_or_default()
+}
+
+/// fexit and kretprobe programs run as the hooked function returns.
+fn at_function_exit(attach: &str) -> bool {
+    attach == "fentry" || attach == "kprobe"
+}
+
 /// Whether the agent's hooks can adopt a connection older than it, from what it attached
 /// (`connscope_probe_info`) and what the kernel offers, independently of what the agent
 /// claims: not without BTF, and not where the tracepoint backend counts sends and receives
 /// at system call exit (before `sock_send_length`, Linux 6.3), which sees descriptors only.
 pub fn backend_adopts(scrape: &Scrape) -> bool {
-    let send_attach = scrape
-        .matching("connscope_probe_info", &[("hook", "tcp_sendmsg")])
-        .find_map(|s| s.labels.get("attach").cloned())
-        .unwrap_or_default();
+    let send_attach = hook_attach(scrape, "tcp_sendmsg");
     let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
     let send_tracepoint = Path::new("/sys/kernel/tracing/events/sock/sock_send_length").exists();
     let counted_at_syscall_exit = send_attach == "tracepoint" && !send_tracepoint;
@@ -115,20 +125,13 @@ fn kernel_version() -> (u32, u32) {
 /// when the agent starts) entered the function unhooked and is not seen when it returns, so
 /// the first request an adopted server end then receives is not counted.
 pub fn receive_hook_at_function_exit(scrape: &Scrape) -> bool {
-    let attach = scrape
-        .matching("connscope_probe_info", &[("hook", "tcp_recvmsg")])
-        .find_map(|s| s.labels.get("attach").cloned())
-        .unwrap_or_default();
-    attach == "fentry" || attach == "kprobe"
+    at_function_exit(&hook_attach(scrape, "tcp_recvmsg"))
 }
 
 /// Kprobes are perf events that cannot be pinned before 5.15: while no agent runs, sends
 /// and receives on the kprobe backend are not counted.
 pub fn transfers_stop_without_an_agent(scrape: &Scrape) -> bool {
-    let send_attach = scrape
-        .matching("connscope_probe_info", &[("hook", "tcp_sendmsg")])
-        .find_map(|s| s.labels.get("attach").cloned())
-        .unwrap_or_default();
+    let send_attach = hook_attach(scrape, "tcp_sendmsg");
     send_attach == "kprobe" && kernel_version() < (5, 15)
 }
 
@@ -140,11 +143,7 @@ pub fn transfers_stop_without_an_agent(scrape: &Scrape) -> bool {
 /// 1 request short on the server end in one of two runs each on 5.10 and 6.12 fentry under
 /// emulation. The BTF and classic tracepoints run after the call and miss none.
 pub fn exchanges_missable(scrape: &Scrape) -> f64 {
-    let attach = scrape
-        .matching("connscope_probe_info", &[("hook", "tcp_sendmsg")])
-        .find_map(|s| s.labels.get("attach").cloned())
-        .unwrap_or_default();
-    if attach == "fentry" || attach == "kprobe" { 1.0 } else { 0.0 }
+    if at_function_exit(&hook_attach(scrape, "tcp_sendmsg")) { 1.0 } else { 0.0 }
 }
 
 fn flow<'a>(role: &'a str, server: &'a str, process: &'a str) -> [(&'a str, &'a str); 3] {

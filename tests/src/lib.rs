@@ -94,19 +94,28 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with `extra` flags and waits until its probes are attached.
     pub fn start(extra: &[&str]) -> anyhow::Result<Self> {
+        Self::start_logging(extra, None)
+    }
+
+    /// [`Agent::start`], with the agent's output (its log) written to `log` when given, for
+    /// tests that read what it logged.
+    pub fn start_logging(extra: &[&str], log: Option<&std::fs::File>) -> anyhow::Result<Self> {
         let port = free_port();
         let address: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let listen = address.to_string();
         let mut args = vec!["--web.listen-address", &listen, "--metrics.max-servers", "100000"];
         args.extend_from_slice(extra);
-        let child = Command::new(agent_binary())
+        let mut command = Command::new(agent_binary());
+        command
             .args(&args)
             .env("CONNSCOPE_LOG_LEVEL", "warn")
             // Tests run agents in parallel: none shares pinned state unless it asks to.
             .env("CONNSCOPE_BPF_PIN_PATH", "")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("starting connscope")?;
+            .stdin(Stdio::null());
+        if let Some(log) = log {
+            command.stdout(log.try_clone()?).stderr(log.try_clone()?);
+        }
+        let child = command.spawn().context("starting connscope")?;
         let mut agent = Self { child, address };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {

@@ -98,8 +98,36 @@ impl Nginx {
     }
 }
 
-/// A self-signed certificate and key for `localhost` in `dir` (for nginx `ssl` servers).
-pub fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+/// A self-signed certificate for `localhost` in a temporary directory of its own, removed
+/// when dropped, and the nginx directives that serve it (for `ssl` servers).
+pub struct SelfSignedTls {
+    pub dir: PathBuf,
+    /// `ssl_certificate …; ssl_certificate_key …;`
+    pub directives: String,
+}
+
+impl SelfSignedTls {
+    /// `name` tells the directory apart (with the process id).
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("connscope-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        // Made first, so a failure below still removes the directory.
+        let mut tls = Self { dir, directives: String::new() };
+        let (cert, key) = self_signed_certificate(&tls.dir)?;
+        tls.directives =
+            format!("ssl_certificate {}; ssl_certificate_key {};", cert.display(), key.display());
+        Ok(tls)
+    }
+}
+
+impl Drop for SelfSignedTls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A self-signed certificate and key for `localhost` in `dir`.
+fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let output = Command::new("openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])

@@ -19,7 +19,7 @@ use connscope_tests::{
         ROLES, WAIT, assert_counts, distribution, expected_distribution, scrape_closed, side,
     },
     free_port, kernel_tests_enabled,
-    nginx::{Nginx, NginxConfig, self_signed_certificate},
+    nginx::{Nginx, NginxConfig, SelfSignedTls},
 };
 
 /// Runs a program to success; returns its stdout and stderr.
@@ -130,17 +130,14 @@ enum Decryption {
 
 fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
     let (tls13, tls12) = (free_port(), free_port());
-    let cert_dir = std::env::temp_dir().join(format!("connscope-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&cert_dir)?;
-    let (cert, key) = self_signed_certificate(&cert_dir)?;
+    let tls = SelfSignedTls::new("tls")?;
     let log_format = "log_format tls '$connection $connection_requests $ssl_protocol';";
     let server = |port: u16, protocols: &str, log: &str| {
         format!(
             "server {{ listen 127.0.0.1:{port} ssl; ssl_protocols {protocols};\n\
-               ssl_certificate {cert}; ssl_certificate_key {key};\n\
+               {directives}\n\
                access_log {log} tls; root html; }}\n",
-            cert = cert.display(),
-            key = key.display(),
+            directives = tls.directives,
         )
     };
     let extra = format!(
@@ -148,9 +145,7 @@ fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
         server(tls13, "TLSv1.2 TLSv1.3", "tls13.log"),
         server(tls12, "TLSv1.2", "tls12.log")
     );
-    let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra);
-    let _ = std::fs::remove_dir_all(&cert_dir);
-    let nginx = nginx?;
+    let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra)?;
     let (flags, protocol, attach): (&[&str], _, _) = match decryption {
         Decryption::Uprobes => (&[], "http1", "uprobe"),
         Decryption::Off => (&["--tls.uprobes=false"], "tls", "off"),
@@ -309,18 +304,13 @@ fn http2_in_tls_is_not_counted_as_http1() -> anyhow::Result<()> {
         return Ok(());
     }
     let h2 = free_port();
-    let cert_dir = std::env::temp_dir().join(format!("connscope-h2-{}", std::process::id()));
-    std::fs::create_dir_all(&cert_dir)?;
-    let (cert, key) = self_signed_certificate(&cert_dir)?;
+    let tls = SelfSignedTls::new("h2")?;
     let extra = format!(
         "server {{ listen 127.0.0.1:{h2} ssl http2; access_log h2.log ground_truth;\n\
-           ssl_certificate {cert}; ssl_certificate_key {key}; root html; }}\n",
-        cert = cert.display(),
-        key = key.display(),
+           {} root html; }}\n",
+        tls.directives
     );
-    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra);
-    let _ = std::fs::remove_dir_all(&cert_dir);
-    let nginx = nginx?;
+    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
     let agent = Agent::start(&[])?;
     let url = format!("https://127.0.0.1:{h2}/index.html");
     const CONNECTIONS: usize = 3;
@@ -356,14 +346,13 @@ fn libssl_copy_of_a_later_process_is_attached() -> anyhow::Result<()> {
         return Ok(());
     }
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("connscope-libssl-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let (cert, key) = self_signed_certificate(&dir)?;
+    // Its directory also holds the later process's libssl copy.
+    let tls = SelfSignedTls::new("libssl")?;
+    let dir = &tls.dir;
     let extra = format!(
-        "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+        "server {{ listen 127.0.0.1:{port} ssl; {}\n\
            access_log late.log ground_truth; root html; }}\n",
-        cert.display(),
-        key.display()
+        tls.directives
     );
     let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
     let system_libssl = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"]
@@ -389,7 +378,7 @@ fn libssl_copy_of_a_later_process_is_attached() -> anyhow::Result<()> {
     );
     let mut python = Command::new("python3")
         .args(["-c", &script])
-        .env("LD_LIBRARY_PATH", &dir)
+        .env("LD_LIBRARY_PATH", dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -412,7 +401,7 @@ fn libssl_copy_of_a_later_process_is_attached() -> anyhow::Result<()> {
     })();
     let _ = python.kill();
     let _ = python.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(tls);
     result?;
     let truth = logged_requests(&nginx, "late.log", REQUESTS as usize)?;
     assert_eq!(truth.values().copied().collect::<Vec<_>>(), [REQUESTS], "{truth:?}");

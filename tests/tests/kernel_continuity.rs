@@ -8,19 +8,19 @@
 
 use std::{
     fs::File,
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{TcpListener, TcpStream},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
 use connscope_tests::{
-    Agent, Scrape, agent_binary,
+    Agent, Scrape,
     continuity::{
         BpfFs, Restarted, SHORT, WAIT, assert_nothing_lost, assert_opened_before_the_agent,
         both_closed, cleanup, restart_under_traffic, scrape_after_restart,
     },
-    free_port, http_get, http_server, kernel_tests_enabled, net, own_process_label,
+    http_server, kernel_tests_enabled, net, own_process_label,
 };
 
 /// Requests made before the agent starts, and after.
@@ -227,26 +227,6 @@ fn pin_hash_map(path: &str, key_size: u32, value_size: u32) -> anyhow::Result<()
     Ok(())
 }
 
-/// The agent with its log in a file, for tests that read what it logged.
-fn logged_agent(pin_path: &str, log: &File) -> anyhow::Result<(Child, SocketAddr)> {
-    let address: SocketAddr = format!("127.0.0.1:{}", free_port()).parse()?;
-    let child = Command::new(agent_binary())
-        .args(["--web.listen-address", &address.to_string(), "--bpf.pin-path", pin_path])
-        .env("CONNSCOPE_LOG_LEVEL", "warn")
-        .stdin(Stdio::null())
-        .stderr(log.try_clone()?)
-        .stdout(log.try_clone()?)
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(http_get(address, "/readyz"), Ok((200, _))) {
-        if Instant::now() > deadline {
-            bail!("connscope not ready");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((child, address))
-}
-
 #[test]
 fn pinned_state_of_another_layout_is_replaced_with_one_log_line() -> anyhow::Result<()> {
     if !kernel_tests_enabled("pinned_state_of_another_layout_is_replaced_with_one_log_line") {
@@ -257,7 +237,7 @@ fn pinned_state_of_another_layout_is_replaced_with_one_log_line() -> anyhow::Res
     pin_hash_map(&fs.mount.join("connscope/maps/CONNS").to_string_lossy(), 8, 4)?;
     let log_path = fs.mount.with_extension("log");
     let log = File::create(&log_path)?;
-    let (mut child, address) = logged_agent(&fs.pin_path(), &log)?;
+    let agent = Agent::start_logging(&["--bpf.pin-path", &fs.pin_path()], Some(&log))?;
 
     // The replaced state counts: one connection, both ends.
     let listener = TcpListener::bind("127.0.0.80:0")?;
@@ -267,19 +247,9 @@ fn pinned_state_of_another_layout_is_replaced_with_one_log_line() -> anyhow::Res
     std::io::Write::write_all(&mut client, b"x")?;
     drop(client);
     net::join(acceptor)?;
-    let deadline = Instant::now() + WAIT;
-    let closed = loop {
-        let (_, body) = http_get(address, "/metrics")?;
-        let scrape = Scrape::parse(&body)?;
-        let closed = scrape.sum("connscope_connections_closed_total", &[("server", &server)]);
-        if closed >= 2.0 || Instant::now() > deadline {
-            break closed;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait()?;
+    let closes = |s: &Scrape| s.sum("connscope_connections_closed_total", &[("server", &server)]);
+    let closed = closes(&agent.scrape_until(WAIT, |s| closes(s) >= 2.0)?);
+    agent.stop()?;
     let text = std::fs::read_to_string(&log_path).context("reading the agent's log")?;
     let _ = std::fs::remove_file(&log_path);
     assert_eq!(closed, 2.0, "{text}");
