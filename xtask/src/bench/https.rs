@@ -6,18 +6,18 @@
 //! request. BPF run time leaves out the trap into the kernel that every uprobe hit costs
 //! first, so the throughput ratio is the figure that tells the whole cost.
 
-use std::{collections::BTreeSet, time::Duration};
+use std::collections::BTreeSet;
 
 use anyhow::ensure;
 use connscope_tests::{
     Agent, free_port,
-    nginx::{Nginx, NginxConfig, self_signed_certificate},
+    nginx::{Nginx, SelfSignedTls},
     procfs::program_ids,
 };
 use serde_json::json;
 
 use super::{
-    Settings,
+    Settings, bench_nginx,
     kernel_cost::{BpfStats, program_stats},
     report::{Figure, Part, Target},
     round, spread,
@@ -31,28 +31,13 @@ const UPROBE_PREFIX: &str = "connscope_ssl_";
 /// An nginx with one `ssl` keep-alive server; the certificate lives in its directory.
 fn https_nginx() -> anyhow::Result<(Nginx, String)> {
     let port = free_port();
-    let dir = std::env::temp_dir().join(format!("connscope-bench-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let (cert, key) = self_signed_certificate(&dir)?;
+    let tls = SelfSignedTls::new("bench-tls")?;
     let extra = format!(
-        "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
-           access_log off; root html; }}\n",
-        cert.display(),
-        key.display()
+        "server {{ listen 127.0.0.1:{port} ssl; {} access_log off; root html; }}\n",
+        tls.directives
     );
-    let nginx = Nginx::start_with(
-        NginxConfig {
-            port: free_port(),
-            keepalive_timeout: Duration::from_secs(60),
-            keepalive_requests: 1_000_000,
-            workers: 1,
-            advertise_keep_alive: false,
-        },
-        &extra,
-    );
-    // nginx read the certificate at start.
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok((nginx?, format!("https://127.0.0.1:{port}/index.html")))
+    let nginx = Nginx::start_with(bench_nginx(), &extra)?;
+    Ok((nginx, format!("https://127.0.0.1:{port}/index.html")))
 }
 
 /// Uprobe runs and their run time during one wrk run with an agent.
@@ -133,24 +118,11 @@ pub fn https_keepalive(settings: &Settings) -> anyhow::Result<Part> {
         "uprobe_runs_per_request": round(hits_per_request, 3),
     });
     let figures = vec![
-        Figure::new(
-            "https keep-alive req/s, connscope (uprobes) / none",
-            vs_none.median,
-            vs_none.shown(3),
-            Target::None,
-        ),
-        Figure::new(
-            "https keep-alive req/s, uprobes / --tls.uprobes=false",
-            vs_undecrypted.median,
-            vs_undecrypted.shown(3),
-            Target::None,
-        ),
-        Figure::new(
-            "https keep-alive req/s, --tls.uprobes=false / none",
-            undecrypted_vs_none.median,
-            undecrypted_vs_none.shown(3),
-            Target::None,
-        ),
+        vs_none.figure("https keep-alive req/s, connscope (uprobes) / none", Target::None),
+        vs_undecrypted
+            .figure("https keep-alive req/s, uprobes / --tls.uprobes=false", Target::None),
+        undecrypted_vs_none
+            .figure("https keep-alive req/s, --tls.uprobes=false / none", Target::None),
         Figure::new(
             "ns per uprobe program run (BPF time only)",
             ns_per_hit,

@@ -87,6 +87,18 @@ impl Settings {
     }
 }
 
+/// The nginx every part loads: one worker (its CPU is measured), keep-alive connections
+/// never closed by the server during a run.
+fn bench_nginx() -> NginxConfig {
+    NginxConfig {
+        port: free_port(),
+        keepalive_timeout: Duration::from_secs(60),
+        keepalive_requests: 1_000_000,
+        workers: 1,
+        advertise_keep_alive: false,
+    }
+}
+
 pub fn run() -> anyhow::Result<()> {
     if !is_root() {
         bail!("the benchmark loads BPF programs: run it as root (`sudo -E cargo xtask bench`)");
@@ -102,13 +114,7 @@ pub fn run() -> anyhow::Result<()> {
     }
 
     let mut parts = Vec::new();
-    let nginx = Nginx::start(NginxConfig {
-        port: free_port(),
-        keepalive_timeout: Duration::from_secs(60),
-        keepalive_requests: 1_000_000,
-        workers: 1,
-        advertise_keep_alive: false,
-    })?;
+    let nginx = Nginx::start(bench_nginx())?;
     let url = nginx.url("/index.html");
     if settings.runs("throughput") {
         parts.push(throughput::throughput(&settings, &url, false)?);
@@ -187,6 +193,11 @@ impl Spread {
     /// `0.733 (0.655-0.771)`.
     fn shown(&self, digits: usize) -> String {
         format!("{:.digits$} ({:.digits$}-{:.digits$})", self.median, self.min, self.max)
+    }
+
+    /// A report row of this spread: its median against `target`, shown with min and max.
+    fn figure(&self, name: impl Into<String>, target: report::Target) -> report::Figure {
+        report::Figure::new(name, self.median, self.shown(3), target)
     }
 }
 

@@ -26,12 +26,12 @@ use connscope_tests::{
     Agent, Scrape,
     continuity::{BpfFs, cleanup},
     free_port, http_get,
-    nginx::{Nginx, NginxConfig},
+    nginx::Nginx,
 };
 use serde_json::{Value, json};
 
 use super::{
-    Settings, real_losses,
+    Settings, bench_nginx, real_losses,
     report::{Figure, Part, Target},
     round, spread, wrk,
 };
@@ -209,16 +209,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
     let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let status_server =
         format!("server {{ listen {status}; access_log off; location / {{ stub_status; }} }}");
-    let nginx = Nginx::start_with(
-        NginxConfig {
-            port: free_port(),
-            keepalive_timeout: Duration::from_secs(60),
-            keepalive_requests: 1_000_000,
-            workers: 1,
-            advertise_keep_alive: false,
-        },
-        &status_server,
-    )?;
+    let nginx = Nginx::start_with(bench_nginx(), &status_server)?;
     let server = nginx.server();
     let run = Duration::from_millis(settings.restart_run_ms);
     cleanup(pin_path)?;

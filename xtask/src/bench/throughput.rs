@@ -184,34 +184,18 @@ pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result
         "events_lost_total": lost_total,
     });
     let mut figures = vec![
-        Figure::new(
-            format!("{mode} req/s, connscope / none"),
-            vs_none.median,
-            vs_none.shown(3),
-            Target::AtLeast(0.95),
-        ),
-        Figure::new(
+        vs_none.figure(format!("{mode} req/s, connscope / none"), Target::AtLeast(0.95)),
+        vs_floor.figure(
             format!("{mode} req/s, connscope / floor"),
-            vs_floor.median,
-            vs_floor.shown(3),
             if close { Target::None } else { Target::AtLeast(0.97) },
         ),
-        Figure::new(
-            format!("{mode} req/s, floor / none"),
-            floor_vs_none.median,
-            floor_vs_none.shown(3),
-            Target::None,
-        ),
-        Figure::new(
+        floor_vs_none.figure(format!("{mode} req/s, floor / none"), Target::None),
+        cpu_vs_none.figure(
             format!("{mode} CPU per request (nginx + wrk + observer), none / connscope"),
-            cpu_vs_none.median,
-            cpu_vs_none.shown(3),
             Target::AtLeast(0.95),
         ),
-        Figure::new(
+        cpu_vs_floor.figure(
             format!("{mode} CPU per request, floor / connscope"),
-            cpu_vs_floor.median,
-            cpu_vs_floor.shown(3),
             if close { Target::None } else { Target::AtLeast(0.97) },
         ),
         Figure::new(
