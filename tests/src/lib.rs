@@ -19,6 +19,7 @@ pub mod nginx;
 pub mod procfs;
 pub mod prometheus;
 pub mod prometheus_rules;
+pub mod serial;
 
 use std::{
     io::{Read as _, Write as _},

@@ -80,6 +80,12 @@ impl Nginx {
         self.requests_per_connection_in("access.log")
     }
 
+    /// nginx's error log (level `warn`), to explain a failed request in a test's error.
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log"))
+            .unwrap_or_else(|err| format!("no error.log: {err}"))
+    }
+
     /// The same from the `ground_truth` access log `log` in [`Nginx::dir`].
     pub fn requests_per_connection_in(&self, log: &str) -> anyhow::Result<BTreeMap<u64, u64>> {
         let log = std::fs::read_to_string(self.dir.join(log))?;

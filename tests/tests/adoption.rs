@@ -5,7 +5,9 @@
 //! HTTP server is in `kernel_continuity`, which the VM tier runs on every backend.
 //!
 //! Host tier only (not `kernel_*`, so not in `cargo xtask vm-test`): they drive nginx and
-//! thousands of sockets, which the VM's initramfs does not carry.
+//! thousands of sockets, which the VM's initramfs does not carry. They run one at a time
+//! (`serial::exclusive`): in CI nginx once reset the other test's connection while 20,000
+//! sockets were being opened beside it.
 
 use std::{
     io::Write as _,
@@ -14,12 +16,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
 use connscope_tests::{
     Agent, Scrape,
     continuity::{WAIT, assert_opened_before_the_agent, both_closed},
     free_port, http_server, kernel_tests_enabled,
     nginx::{Nginx, NginxConfig},
-    own_process_label,
+    own_process_label, serial,
 };
 
 /// Requests made before the agent starts, and after.
@@ -31,6 +34,7 @@ fn nginx_connection_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
     if !kernel_tests_enabled("nginx_connection_opened_before_the_agent_is_adopted") {
         return Ok(());
     }
+    let _serial = serial::exclusive();
     let nginx = Nginx::start(NginxConfig {
         port: free_port(),
         keepalive_timeout: Duration::from_secs(60),
@@ -43,12 +47,14 @@ fn nginx_connection_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
     let server = nginx.server();
     let mut client = TcpStream::connect(&server)?;
     for _ in 0..BEFORE {
-        http_server::request(&mut client, "1.1", "")?;
+        http_server::request(&mut client, "1.1", "")
+            .with_context(|| format!("before the agent; nginx: {}", nginx.error_log()))?;
     }
 
     let agent = Agent::start(&[])?;
     for _ in 0..AFTER {
-        http_server::request(&mut client, "1.1", "")?;
+        http_server::request(&mut client, "1.1", "")
+            .with_context(|| format!("after the agent; nginx: {}", nginx.error_log()))?;
     }
     drop(client);
     let scrape = agent.scrape_until(WAIT, both_closed(&server))?;
@@ -84,6 +90,7 @@ fn ten_thousand_existing_connections_are_adopted() -> anyhow::Result<()> {
     if !kernel_tests_enabled("ten_thousand_existing_connections_are_adopted") {
         return Ok(());
     }
+    let _serial = serial::exclusive();
     const CONNECTIONS: usize = 10_000;
     let mut holder = Command::new("python3")
         .args(["-c", HOLDER, &CONNECTIONS.to_string()])

@@ -12,7 +12,7 @@ use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
-        Arc, Mutex, MutexGuard,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
@@ -24,15 +24,10 @@ use connscope_tests::{
     Agent, Scrape, agent_binary, free_port, http_get, kernel_tests_enabled,
     nginx::{Nginx, NginxConfig},
     procfs::{program_ids, rss_bytes},
+    serial::exclusive,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// Serialises the tests of this file (see the module comment).
-fn exclusive() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// Losses that traffic made by a test must never cause (`untracked_socket` counts payload on
 /// sockets older than the agent, which is not a loss of this traffic).
