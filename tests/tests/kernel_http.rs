@@ -403,7 +403,7 @@ fn long_connection_counts_requests_and_gaps_in_the_kernel() -> anyhow::Result<()
             )
         };
         // Gaps are at least the sleeps (scheduling only adds): exact counts above the
-        // bounds no shorter range can reach (each at least 30 ms past the sleep below it, as
+        // bounds no shorter range can reach (each at least 40 ms past the sleep below it, as
         // a 2 ms sleep overran 10 ms on a loaded 2-core CI machine), a lower bound at 1 ms,
         // and the sum is the sleeps plus each back-to-back gap's few microseconds. These depend on the scheduler
         // honouring the sleeps; the message carries the `idle … s, slept … s` form the VM
