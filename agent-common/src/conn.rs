@@ -46,10 +46,98 @@ pub fn gap_bucket(gap_ns: u64) -> usize {
     IDLE_BOUNDS_NS.len()
 }
 
-/// Gap bucket counts are `u8`s that wrap. The kernel sends a `Progress` snapshot whenever a
-/// bucket count reaches a multiple of this, so the agent never misses a whole wrap: it sees
-/// every bucket at least once per 128 increments and takes differences modulo 256.
+/// Gap bucket counts wrap. The kernel sends a `Progress` snapshot whenever a bucket count
+/// reaches a multiple of its [`gap_report_every`], so the agent never misses a whole wrap: it
+/// sees every bucket at least once per that many increments and takes differences modulo
+/// [`gap_count_modulus`].
 pub const GAP_REPORT_EVERY: u8 = 128;
+/// Buckets up to [`PROGRESS_AFTER_IDLE_NS`] (500 ms) count in a byte each. The longer ones
+/// count in 4 bits: a gap that long sends a snapshot anyway, so their counts change by one
+/// between snapshots, and the four bytes saved keep [`Conn`] at 64 with
+/// [`Conn::send_seq`].
+pub const SHORT_GAP_BUCKETS: usize = 7;
+const _: () = assert!(IDLE_BOUNDS_NS[SHORT_GAP_BUCKETS - 1] == PROGRESS_AFTER_IDLE_NS);
+const LONG_GAP_BUCKETS: usize = GAP_BUCKETS - SHORT_GAP_BUCKETS;
+const LONG_GAP_REPORT_EVERY: u8 = 8;
+
+/// How many increments of `bucket` may pass before the kernel reports it.
+pub const fn gap_report_every(bucket: usize) -> u8 {
+    if bucket < SHORT_GAP_BUCKETS { GAP_REPORT_EVERY } else { LONG_GAP_REPORT_EVERY }
+}
+
+/// Counts of `bucket` are kept modulo this.
+pub const fn gap_count_modulus(bucket: usize) -> u16 {
+    if bucket < SHORT_GAP_BUCKETS { 256 } else { 16 }
+}
+
+/// Idle gaps per bucket of [`IDLE_BOUNDS_NS`], wrapping: a byte per short bucket, a nibble
+/// per long one.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GapCounts {
+    short: [u8; SHORT_GAP_BUCKETS],
+    long: [u8; LONG_GAP_BUCKETS.div_ceil(2)],
+    _pad: u8,
+}
+const _: () = assert!(size_of::<GapCounts>() == 14);
+
+impl GapCounts {
+    pub const ZERO: Self =
+        Self { short: [0; SHORT_GAP_BUCKETS], long: [0; LONG_GAP_BUCKETS.div_ceil(2)], _pad: 0 };
+
+    /// The count of `bucket` (modulo [`gap_count_modulus`]); 0 past the last bucket.
+    #[inline(always)]
+    pub fn get(&self, bucket: usize) -> u8 {
+        if bucket < SHORT_GAP_BUCKETS {
+            return self.short.get(bucket).copied().unwrap_or(0);
+        }
+        let long = bucket - SHORT_GAP_BUCKETS;
+        let shift = (long % 2) * 4;
+        self.long.get(long / 2).map_or(0, |pair| (pair >> shift) & 0x0f)
+    }
+
+    /// Counts a gap in `bucket`; true when the agent must see the counts now (the count
+    /// reached a multiple of [`gap_report_every`]).
+    #[inline(always)]
+    pub fn add(&mut self, bucket: usize) -> bool {
+        if bucket < SHORT_GAP_BUCKETS {
+            let Some(count) = self.short.get_mut(bucket) else { return false };
+            *count = count.wrapping_add(1);
+            return *count % GAP_REPORT_EVERY == 0;
+        }
+        let long = bucket - SHORT_GAP_BUCKETS;
+        let shift = (long % 2) * 4;
+        let Some(pair) = self.long.get_mut(long / 2) else { return false };
+        let count = (((*pair >> shift) & 0x0f) + 1) & 0x0f;
+        *pair = (*pair & !(0x0f << shift)) | (count << shift);
+        count % LONG_GAP_REPORT_EVERY == 0
+    }
+
+    /// Gaps counted in `bucket` since `earlier` (a snapshot of the same connection the agent
+    /// saw within [`gap_report_every`] increments).
+    pub fn since(&self, earlier: &Self, bucket: usize) -> u64 {
+        let modulus = gap_count_modulus(bucket);
+        let now = u16::from(self.get(bucket));
+        let then = u16::from(earlier.get(bucket));
+        u64::from((now + modulus - then) % modulus)
+    }
+
+    /// Sets the count of `bucket` (modulo [`gap_count_modulus`]), for tests.
+    pub fn set(&mut self, bucket: usize, count: u8) {
+        if bucket < SHORT_GAP_BUCKETS {
+            if let Some(slot) = self.short.get_mut(bucket) {
+                *slot = count;
+            }
+            return;
+        }
+        let long = bucket - SHORT_GAP_BUCKETS;
+        let shift = (long % 2) * 4;
+        if let Some(pair) = self.long.get_mut(long / 2) {
+            *pair = (*pair & !(0x0f << shift)) | ((count & 0x0f) << shift);
+        }
+    }
+}
+
 /// A request that follows at least this much idle time sends a `Progress` snapshot. The
 /// agent re-reads recently active connections every [`SWEEP_INTERVAL_NS`]; a connection it
 /// stopped re-reading (quiet for a whole sweep) is announced again by this rule.
@@ -92,6 +180,10 @@ pub mod conn_flag {
     /// The close started with a reset (an abort), not a FIN: the `CloseKind`, kept as a
     /// flag so the map value stays small.
     pub const CLOSED_BY_RESET: u16 = 1 << 11;
+    /// An inactive generation of programs counted a send or receive at a function's exit
+    /// during a takeover: the active one checks the stream position of its next call
+    /// (`conn::transfer_at_exit` in the eBPF crate).
+    pub const COUNTED_BY_OTHER_GENERATION: u16 = 1 << 12;
 }
 
 /// Per-socket state kept in the kernel for a connection's whole life (map value). All
@@ -121,8 +213,11 @@ pub struct Conn {
     pub response_len: u16,
     /// The socket's `tcp_sock.copied_seq` after the last receive counted at the exit of
     /// `tcp_recvmsg` (fexit, kretprobe): across a restart both agents' programs can see one
-    /// receive, and only the first counts it (see `conn::receive_at_exit` in the eBPF crate).
+    /// receive, and only the first counts it (see `conn::transfer_at_exit` in the eBPF crate).
     pub recv_seq: u32,
+    /// `tcp_sock.write_seq` after the last send counted at the exit of `tcp_sendmsg`, for
+    /// the same reason (`conn::send_at_exit`).
+    pub send_seq: u32,
     /// Idle time from the last transfer to the start of the close, in µs (saturating).
     pub close_idle_us: u32,
     /// [`conn_flag`] bits.
@@ -133,8 +228,8 @@ pub struct Conn {
     pub closed_by: u8,
     pub last_direction: u8,
     pub protocol: u8,
-    /// Idle gaps per bucket of [`IDLE_BOUNDS_NS`], wrapping (see [`GAP_REPORT_EVERY`]).
-    pub gap_buckets: [u8; GAP_BUCKETS],
+    /// Idle gaps per bucket of [`IDLE_BOUNDS_NS`].
+    pub gaps: GapCounts,
 }
 /// 64 bytes: with the hash map's 48-byte element header, the key and the allocator's
 /// 8-byte list node, a tracked socket takes one 128-byte kernel allocation.
@@ -233,6 +328,33 @@ mod tests {
         assert_eq!(gap_bucket(1_000_001), 1);
         assert_eq!(gap_bucket(300_000_000_000), 16);
         assert_eq!(gap_bucket(u64::MAX), GAP_BUCKETS - 1);
+    }
+
+    #[test]
+    fn gap_counts_wrap_at_their_width_and_report_before_a_whole_wrap() {
+        let mut gaps = GapCounts::default();
+        let short = 3;
+        let long = GAP_BUCKETS - 1;
+        let mut short_reports = 0;
+        let mut long_reports = 0;
+        for _ in 0..300 {
+            short_reports += usize::from(gaps.add(short));
+            long_reports += usize::from(gaps.add(long));
+        }
+        assert_eq!((gaps.get(short), gaps.get(long)), ((300 % 256) as u8, (300 % 16) as u8));
+        assert_eq!((short_reports, long_reports), (300 / 128, 300 / 8));
+        // Neighbouring nibbles stay apart, and differences are taken modulo the width.
+        let earlier = gaps;
+        for _ in 0..5 {
+            gaps.add(long - 1);
+        }
+        assert_eq!(gaps.since(&earlier, long - 1), 5);
+        assert_eq!(gaps.since(&earlier, long), 0);
+        let mut later = gaps;
+        later.set(long, 2);
+        assert_eq!(later.since(&gaps, long), (2 + 16 - 300 % 16) as u64);
+        assert_eq!(gaps.get(GAP_BUCKETS), 0);
+        assert!(!gaps.add(GAP_BUCKETS));
     }
 
     #[test]

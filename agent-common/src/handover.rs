@@ -51,11 +51,11 @@ pub struct Handover {
     /// [`handover_flag`] bits.
     pub flags: u8,
     pub server_len: u8,
-    pub gap_buckets: [u8; crate::conn::GAP_BUCKETS],
+    pub gaps: crate::conn::GapCounts,
     pub comm: [u8; crate::COMM_LEN],
     /// The `server` label, `server_len` bytes.
     pub server: [u8; 48],
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 10],
 }
 const _: () = assert!(size_of::<Handover>() == 160);
 
@@ -79,10 +79,10 @@ impl Handover {
             protocol: 0,
             flags: 0,
             server_len: 0,
-            gap_buckets: [0; crate::conn::GAP_BUCKETS],
+            gaps: crate::conn::GapCounts::ZERO,
             comm: [0; crate::COMM_LEN],
             server: [0; 48],
-            _pad: [0; 6],
+            _pad: [0; 10],
         }
     }
 

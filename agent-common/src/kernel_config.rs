@@ -39,8 +39,10 @@ pub struct SockLayout {
     /// `tcp_sock.copied_seq` (0: unknown): how a receive seen at `tcp_recvmsg`'s exit by two
     /// generations of programs is counted once.
     pub copied_seq: u32,
+    /// `tcp_sock.write_seq` (0: unknown): the same for a send seen at `tcp_sendmsg`'s exit.
+    pub write_seq: u32,
 }
-const _: () = assert!(size_of::<SockLayout>() == 60);
+const _: () = assert!(size_of::<SockLayout>() == 64);
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).
@@ -195,7 +197,7 @@ impl PinSlot {
 }
 
 /// Bumped whenever the meaning of pinned state changes without a change of size.
-pub const PIN_FORMAT: u64 = 2;
+pub const PIN_FORMAT: u64 = 3;
 
 /// Identifies the layout of the pinned state: the format number and the sizes of every
 /// shared struct. An agent finding another fingerprint replaces the pinned state.

@@ -233,20 +233,25 @@ pub fn transfer(
     transfer_counted_once(sock, direction, ret, recv_flags, is_tcp, None);
 }
 
-/// A receive seen at `tcp_recvmsg`'s exit (fexit, kretprobe). A call returns through the
-/// programs that were attached when it entered, so one already waiting when a new agent
-/// takes over returns only through the previous generation's: those count it although no
-/// longer active. A receive both generations see is counted by the first to run, which
-/// leaves the socket's `copied_seq` in `Conn::recv_seq`; the second finds it there. Without
-/// pinning, or without the offset, the generation decides as for every other hook.
+/// A send or receive seen at `tcp_sendmsg`'s or `tcp_recvmsg`'s exit (fexit, kretprobe). A
+/// call returns through the programs that were attached when it entered, so one already in
+/// progress when a new agent takes over returns only through the previous generation's:
+/// those count it although no longer active. A call both generations see is counted by the
+/// first to run. Every count leaves the socket's stream position after the call
+/// (`write_seq` or `copied_seq`) in `Conn::send_seq` or `Conn::recv_seq`; an inactive
+/// generation skips a call whose position is already there, and flags the connection when
+/// it counts one, so that the active generation makes the same check once. Only then: two
+/// calls on one socket at once can leave the same position, which must not cost a count
+/// outside a takeover. Without pinning, or without the offset, the generation decides as
+/// for every other hook.
 #[inline(always)]
-pub fn receive_at_exit(sock: u64, ret: i64, recv_flags: i32) {
-    let seq = if generation() == 0 { None } else { sock::copied_seq(sock) };
-    transfer_counted_once(sock, Direction::Recv, ret, recv_flags, || true, seq);
+pub fn transfer_at_exit(sock: u64, direction: Direction, ret: i64, recv_flags: i32) {
+    let seq = if generation() == 0 { None } else { sock::stream_seq(sock, direction) };
+    transfer_counted_once(sock, direction, ret, recv_flags, || true, seq);
 }
 
-/// [`transfer`], counted by the active generation only, or with `seq` (the socket's
-/// `copied_seq` after the receive) by any generation, once ([`receive_at_exit`]).
+/// [`transfer`], counted by the active generation only, or with `seq` (the socket's stream
+/// position after the call) by any generation, once ([`transfer_at_exit`]).
 /// Only the active generation adopts sockets and records process contexts.
 #[inline(always)]
 fn transfer_counted_once(
@@ -273,10 +278,17 @@ fn transfer_counted_once(
         return;
     };
     if let Some(seq) = seq {
-        if conn.recv_seq == seq {
+        let other_generation = conn.has(conn_flag::COUNTED_BY_OTHER_GENERATION);
+        conn.flags &= !conn_flag::COUNTED_BY_OTHER_GENERATION;
+        let counted =
+            if direction == Direction::Send { &mut conn.send_seq } else { &mut conn.recv_seq };
+        if (!active || other_generation) && *counted == seq {
             return;
         }
-        conn.recv_seq = seq;
+        *counted = seq;
+        if !active {
+            conn.flags |= conn_flag::COUNTED_BY_OTHER_GENERATION;
+        }
     }
     count_transfer(sock, conn, direction, ret);
 }

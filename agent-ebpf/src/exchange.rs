@@ -18,7 +18,7 @@
 
 use connscope_common::{
     Conn, Direction, Protocol,
-    conn::{GAP_REPORT_EVERY, PROGRESS_AFTER_IDLE_NS, add_wrapping, gap_bucket},
+    conn::{PROGRESS_AFTER_IDLE_NS, add_wrapping, gap_bucket},
     conn_flag, is_request,
 };
 
@@ -203,7 +203,7 @@ fn kept_len(bytes: u64) -> u16 {
 }
 
 /// Counts a new exchange and its idle gap since the previous transfer. Returns whether a
-/// gap bucket reached a multiple of [`GAP_REPORT_EVERY`] (the agent must see it).
+/// gap bucket count must be reported (`GapCounts::add`).
 #[inline(always)]
 fn new_exchange(conn: &mut Conn, now: u64) -> bool {
     conn.exchanges += 1;
@@ -213,7 +213,5 @@ fn new_exchange(conn: &mut Conn, now: u64) -> bool {
     }
     let gap = now.saturating_sub(conn.last_ns);
     let sum_wrapped = add_wrapping(&mut conn.gap_sum_us, (gap / 1000) as u32);
-    let Some(count) = conn.gap_buckets.get_mut(gap_bucket(gap)) else { return sum_wrapped };
-    *count = count.wrapping_add(1);
-    *count % GAP_REPORT_EVERY == 0 || sum_wrapped
+    conn.gaps.add(gap_bucket(gap)) || sum_wrapped
 }

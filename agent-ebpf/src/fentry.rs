@@ -32,7 +32,7 @@ pub fn connscope_fentry_tcp_close(ctx: FEntryContext) -> i32 {
 #[fexit(function = "tcp_sendmsg")]
 pub fn connscope_fexit_tcp_sendmsg(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.arg(3);
-    conn::transfer(ctx.arg(0), Direction::Send, i64::from(ret), 0, || true);
+    conn::transfer_at_exit(ctx.arg(0), Direction::Send, i64::from(ret), 0);
     0
 }
 
@@ -43,7 +43,7 @@ pub fn connscope_fexit_tcp_sendmsg(ctx: FExitContext) -> i32 {
 pub fn connscope_fexit_tcp_recvmsg(ctx: FExitContext) -> i32 {
     let flags: i32 = ctx.arg(3);
     let ret: i32 = ctx.arg(5);
-    conn::receive_at_exit(ctx.arg(0), i64::from(ret), flags);
+    conn::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
     0
 }
 
@@ -54,7 +54,7 @@ pub fn connscope_fexit_tcp_recvmsg(ctx: FExitContext) -> i32 {
 pub fn connscope_fexit_tcp_recvmsg_nonblock(ctx: FExitContext) -> i32 {
     let flags: i32 = ctx.arg(4);
     let ret: i32 = ctx.arg(6);
-    conn::receive_at_exit(ctx.arg(0), i64::from(ret), flags);
+    conn::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
     0
 }
 
@@ -64,6 +64,6 @@ pub fn connscope_fexit_tcp_recvmsg_nonblock(ctx: FExitContext) -> i32 {
 pub fn connscope_fexit_tcp_recvmsg_no_addr_len(ctx: FExitContext) -> i32 {
     let flags: i32 = ctx.arg(3);
     let ret: i32 = ctx.arg(4);
-    conn::receive_at_exit(ctx.arg(0), i64::from(ret), flags);
+    conn::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
     0
 }

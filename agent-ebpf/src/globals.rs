@@ -21,6 +21,7 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     net_inum: 0,
     adopt: 0,
     copied_seq: 0,
+    write_seq: 0,
 };
 
 #[unsafe(no_mangle)]

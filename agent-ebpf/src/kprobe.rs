@@ -41,11 +41,7 @@ fn finish_call(ctx: &RetProbeContext, direction: Direction) {
     let Some([sock, flags]) = (unsafe { CALLS_IN_FLIGHT.get(&key) }).copied() else { return };
     let _ = CALLS_IN_FLIGHT.remove(&key);
     let ret = i64::from(ctx.ret::<i32>());
-    if direction == Direction::Recv {
-        conn::receive_at_exit(sock, ret, flags as i32);
-    } else {
-        conn::transfer(sock, direction, ret, flags as i32, || true);
-    }
+    conn::transfer_at_exit(sock, direction, ret, flags as i32);
 }
 
 #[kprobe(function = "tcp_sendmsg")]

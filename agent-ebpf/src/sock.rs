@@ -2,7 +2,7 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use connscope_common::{
-    AF_INET, AF_INET6, Endpoints, IPPROTO_TCP, ListenKey, SockLayout,
+    AF_INET, AF_INET6, Direction, Endpoints, IPPROTO_TCP, ListenKey, SockLayout,
     kernel_config::SOCK_COMMON_READ,
 };
 
@@ -82,11 +82,13 @@ pub fn state_and_port(sock: u64) -> Option<(u8, ListenKey)> {
     Some((state, ListenKey::new(netns, port)))
 }
 
-/// `tcp_sock.copied_seq`: how far the reader has consumed the stream (`None` when the
-/// kernel's BTF did not give its offset).
+/// `tcp_sock.copied_seq` (how far the reader has consumed the stream) for a receive,
+/// `tcp_sock.write_seq` (how far the writer has queued it) for a send; `None` when the
+/// kernel's BTF did not give its offset.
 #[inline(always)]
-pub fn copied_seq(sock: u64) -> Option<u32> {
-    let offset = sock_layout().copied_seq;
+pub fn stream_seq(sock: u64, direction: Direction) -> Option<u32> {
+    let layout = sock_layout();
+    let offset = if direction == Direction::Send { layout.write_seq } else { layout.copied_seq };
     if offset == 0 {
         return None;
     }

@@ -59,10 +59,10 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         v6_daddr: byte("skc_v6_daddr")?,
         v6_rcv_saddr: byte("skc_v6_rcv_saddr")?,
         valid: 1,
-        // Optional: without it a restart can miss a receive in progress (`Conn::recv_seq`).
-        copied_seq: find_struct(btf, "tcp_sock")
-            .and_then(|tcp| byte_offset(btf, &tcp, "copied_seq"))
-            .unwrap_or(0),
+        // Optional: without them a restart can miss a receive or send in progress
+        // (`Conn::recv_seq`, `Conn::send_seq`).
+        copied_seq: tcp_sock_offset(btf, "copied_seq"),
+        write_seq: tcp_sock_offset(btf, "write_seq"),
         ..SockLayout::default()
     };
     // The endpoint fields are read in one copy of the start of the socket.
@@ -82,6 +82,11 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
 
 /// `skc_state`, `skc_net` (in the `sock_common` copy) and `struct net`'s `ns.inum`: what
 /// adopting an established socket takes (`agent-ebpf/src/sock.rs`, `state_and_port`).
+/// A `tcp_sock` field's byte offset, 0 when the BTF does not have it.
+fn tcp_sock_offset(btf: &Btf, field: &str) -> u32 {
+    find_struct(btf, "tcp_sock").and_then(|tcp| byte_offset(btf, &tcp, field)).unwrap_or(0)
+}
+
 fn adoption_offsets(btf: &Btf, sock: &Struct) -> anyhow::Result<(u32, u32, u32)> {
     let state = byte_offset(btf, sock, "skc_state")?;
     // `possible_net_t` holds only the pointer (none at all without CONFIG_NET_NS).

@@ -10,7 +10,7 @@ use std::{collections::HashMap, sync::Arc};
 use connscope_common::{
     AttributeEvent, Attribution, ClosedBy, Conn, Direction, Handover, OpenEvent, Protocol, Role,
     SnapshotEvent,
-    conn::{GAP_BUCKETS, gap_sum_delta, open_token},
+    conn::{GAP_BUCKETS, GapCounts, gap_sum_delta, open_token},
     conn_flag, handover_flag, is_request,
 };
 
@@ -35,7 +35,7 @@ struct Seen {
     bytes_sent: u32,
     bytes_received: u32,
     gap_sum_us: u32,
-    gap_buckets: [u8; GAP_BUCKETS],
+    gaps: GapCounts,
 }
 
 impl Seen {
@@ -46,7 +46,7 @@ impl Seen {
             bytes_sent: conn.bytes_sent,
             bytes_received: conn.bytes_received,
             gap_sum_us: conn.gap_sum_us,
-            gap_buckets: conn.gap_buckets,
+            gaps: conn.gaps,
         }
     }
 
@@ -221,7 +221,7 @@ impl ConnectionTable {
                 bytes_sent: entry.bytes_sent,
                 bytes_received: entry.bytes_received,
                 gap_sum_us: entry.gap_sum_us,
-                gap_buckets: entry.gap_buckets,
+                gaps: entry.gaps,
             },
             http: handover::session(entry).map(Box::new),
         };
@@ -321,12 +321,8 @@ impl ConnectionTable {
         series
             .bytes_received
             .inc_by(u64::from(conn.bytes_received.wrapping_sub(seen.bytes_received)));
-        let mut gaps = [0u64; GAP_BUCKETS];
-        for (added, (now, before)) in
-            gaps.iter_mut().zip(conn.gap_buckets.iter().zip(seen.gap_buckets))
-        {
-            *added = u64::from(now.wrapping_sub(before));
-        }
+        let gaps: [u64; GAP_BUCKETS] =
+            std::array::from_fn(|bucket| conn.gaps.since(&seen.gaps, bucket));
         let gap_sum_us = gap_sum_delta(
             conn.gap_sum_us.wrapping_sub(seen.gap_sum_us),
             conn.last_ns - seen.last_ns,
@@ -423,7 +419,7 @@ impl Tracked {
             bytes_received: seen.bytes_received,
             gap_sum_us: seen.gap_sum_us,
             exchanges: seen.exchanges,
-            gap_buckets: seen.gap_buckets,
+            gaps: seen.gaps,
             role: self.role as u8,
             protocol: self.protocol as u8,
             ..Handover::zeroed()

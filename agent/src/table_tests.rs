@@ -124,7 +124,7 @@ fn client_keep_alive_connection_closed_idle_by_peer() {
     last.exchanges = 2;
     last.gap_sum_us = 200_000;
     last.last_ns = OPEN_NS + 300_000_000;
-    last.gap_buckets[gap_bucket(200_000_000)] = 1;
+    last.gaps.add(gap_bucket(200_000_000));
     last.last_direction = Direction::Recv as u8;
     last.flags |= conn_flag::IDLE_AT_CLOSE;
     table.handle(&snapshot(
@@ -165,12 +165,11 @@ fn batched_snapshots_equal_one_record_per_turn() {
             conn.exchanges += 1;
             conn.last_ns += gap + 1_000;
             conn.gap_sum_us = conn.gap_sum_us.wrapping_add((gap / 1000) as u32);
-            let bucket = &mut conn.gap_buckets[gap_bucket(*gap)];
-            *bucket = bucket.wrapping_add(1);
+            let bucket_due = conn.gaps.add(gap_bucket(*gap));
             conn.bytes_received += 30;
             conn.bytes_sent += 50;
             // The kernel reports before a bucket could wrap unseen.
-            if (n + 1) % batch == 0 || bucket.is_multiple_of(128) {
+            if (n + 1) % batch == 0 || bucket_due {
                 table.handle(&snapshot(EventKind::Progress, conn, 0));
             }
         }
@@ -340,7 +339,7 @@ fn wrapping_counters_count_across_their_wrap() {
     before.bytes_sent = u32::MAX - 9;
     before.gap_sum_us = u32::MAX - 99;
     before.exchanges = 2;
-    before.gap_buckets[GAP_BUCKETS - 1] = 1;
+    before.gaps.set(GAP_BUCKETS - 1, 1);
     before.last_ns = OPEN_NS + 5_000_000_000_000;
     table.handle(&snapshot(EventKind::Progress, before, 0));
     let mut after = before;
@@ -349,7 +348,7 @@ fn wrapping_counters_count_across_their_wrap() {
     let gap_us: u64 = 7_200_000_000;
     after.gap_sum_us = before.gap_sum_us.wrapping_add(gap_us as u32);
     after.exchanges = 3;
-    after.gap_buckets[GAP_BUCKETS - 1] = 2;
+    after.gaps.set(GAP_BUCKETS - 1, 2);
     after.last_ns = before.last_ns + gap_us * 1000 + 40_000;
     table.handle(&snapshot(EventKind::Progress, after, 0));
     let bytes = metrics.bytes_sent.get_or_create(&flow("client")).get();
