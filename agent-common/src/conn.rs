@@ -103,14 +103,14 @@ impl GapCounts {
         if bucket < SHORT_GAP_BUCKETS {
             let Some(count) = self.short.get_mut(bucket) else { return false };
             *count = count.wrapping_add(1);
-            return *count % GAP_REPORT_EVERY == 0;
+            return count.is_multiple_of(GAP_REPORT_EVERY);
         }
         let long = bucket - SHORT_GAP_BUCKETS;
         let shift = (long % 2) * 4;
         let Some(pair) = self.long.get_mut(long / 2) else { return false };
         let count = (((*pair >> shift) & 0x0f) + 1) & 0x0f;
         *pair = (*pair & !(0x0f << shift)) | (count << shift);
-        count % LONG_GAP_REPORT_EVERY == 0
+        count.is_multiple_of(LONG_GAP_REPORT_EVERY)
     }
 
     /// Gaps counted in `bucket` since `earlier` (a snapshot of the same connection the agent
