@@ -1,5 +1,8 @@
 //! Connection lifecycle against the real kernel: real loopback sockets made here, the real
 //! agent binary, its real /metrics. Counts are exact: each test owns its server port.
+//! The SIGTERM-time test holds `serial::exclusive`: the kernel removes uprobes one at a
+//! time host-wide, so agents stopping beside it would stretch its exit (3.0 s against its
+//! 2.5 s bound once in CI).
 
 use std::{
     io::{Read as _, Write as _},
@@ -8,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use connscope_tests::{Agent, Scrape, kernel_tests_enabled, net};
+use connscope_tests::{Agent, Scrape, kernel_tests_enabled, net, serial};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -36,6 +39,7 @@ fn client_closes_first() -> anyhow::Result<()> {
     if !kernel_tests_enabled("client_closes_first") {
         return Ok(());
     }
+    let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("127.0.0.1");
     const N: usize = 5;
@@ -74,6 +78,7 @@ fn server_closes_first() -> anyhow::Result<()> {
     if !kernel_tests_enabled("server_closes_first") {
         return Ok(());
     }
+    let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("127.0.0.1");
     let acceptor = thread::spawn(move || {
@@ -103,6 +108,7 @@ fn linger_zero_close_is_a_reset() -> anyhow::Result<()> {
     if !kernel_tests_enabled("linger_zero_close_is_a_reset") {
         return Ok(());
     }
+    let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("127.0.0.1");
     let acceptor = thread::spawn(move || {
@@ -138,6 +144,7 @@ fn bytes_match_what_was_written() -> anyhow::Result<()> {
     if !kernel_tests_enabled("bytes_match_what_was_written") {
         return Ok(());
     }
+    let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("127.0.0.1");
     const SENT: usize = 123_457;
@@ -175,6 +182,7 @@ fn process_attribution_names_this_test() -> anyhow::Result<()> {
     if !kernel_tests_enabled("process_attribution_names_this_test") {
         return Ok(());
     }
+    let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("127.0.0.1");
     // The accepting thread has a name of its own so the server side is told apart.
@@ -212,6 +220,7 @@ fn connections_in_a_network_namespace_are_counted() -> anyhow::Result<()> {
     if !kernel_tests_enabled("connections_in_a_network_namespace_are_counted") {
         return Ok(());
     }
+    let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let ns = net::NetNs::create("lifecycle")?;
     // An address no host-side test uses, so the label is this namespace's alone.
@@ -242,6 +251,7 @@ fn agent_reports_probes_and_health() -> anyhow::Result<()> {
     if !kernel_tests_enabled("agent_reports_probes_and_health") {
         return Ok(());
     }
+    let _serial = serial::exclusive();
     let agent = Agent::start(&[])?;
     let scrape = agent.scrape()?;
     for hook in ["tcp_connect", "tcp_close", "tcp_sendmsg", "tcp_recvmsg", "inet_sock_set_state"] {
@@ -275,6 +285,7 @@ fn ipv6_connections_are_labelled_with_brackets() -> anyhow::Result<()> {
     if !kernel_tests_enabled("ipv6_connections_are_labelled_with_brackets") {
         return Ok(());
     }
+    let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let (listener, server) = listener("[::1]");
     assert!(server.starts_with("[::1]:"), "{server}");
