@@ -234,9 +234,10 @@ pub fn transfer(
 }
 
 /// A send or receive seen at `tcp_sendmsg`'s or `tcp_recvmsg`'s exit (fexit, kretprobe). A
-/// call returns through the programs that were attached when it entered, so one already in
-/// progress when a new agent takes over returns only through the previous generation's:
-/// those count it although no longer active. A call both generations see is counted by the
+/// kretprobe call returns through the probes that were registered when it entered, so one
+/// already in progress when a new agent takes over returns only through the previous
+/// generation's: those count it although no longer active. (fexit runs no program for a
+/// call in flight while its trampoline is updated; see README, "Restarts".) A call both generations see is counted by the
 /// first to run. Every count leaves the socket's stream position after the call
 /// (`write_seq` or `copied_seq`) in `Conn::send_seq` or `Conn::recv_seq`; an inactive
 /// generation skips a call whose position is already there, and flags the connection when
