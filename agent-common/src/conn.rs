@@ -88,29 +88,23 @@ impl GapCounts {
     /// The count of `bucket` (modulo [`gap_count_modulus`]); 0 past the last bucket.
     #[inline(always)]
     pub fn get(&self, bucket: usize) -> u8 {
-        if bucket < SHORT_GAP_BUCKETS {
-            return self.short.get(bucket).copied().unwrap_or(0);
+        match Self::slot(bucket) {
+            Slot::Byte(index) => self.short.get(index).copied().unwrap_or(0),
+            Slot::Nibble(index, shift) => {
+                self.long.get(index).map_or(0, |pair| (pair >> shift) & 0x0f)
+            }
         }
-        let long = bucket - SHORT_GAP_BUCKETS;
-        let shift = (long % 2) * 4;
-        self.long.get(long / 2).map_or(0, |pair| (pair >> shift) & 0x0f)
     }
 
     /// Counts a gap in `bucket`; true when the agent must see the counts now (the count
-    /// reached a multiple of [`gap_report_every`]).
+    /// reached a multiple of [`gap_report_every`]). Nothing past the last bucket.
     #[inline(always)]
     pub fn add(&mut self, bucket: usize) -> bool {
-        if bucket < SHORT_GAP_BUCKETS {
-            let Some(count) = self.short.get_mut(bucket) else { return false };
-            *count = count.wrapping_add(1);
-            return count.is_multiple_of(GAP_REPORT_EVERY);
+        if bucket >= GAP_BUCKETS {
+            return false;
         }
-        let long = bucket - SHORT_GAP_BUCKETS;
-        let shift = (long % 2) * 4;
-        let Some(pair) = self.long.get_mut(long / 2) else { return false };
-        let count = (((*pair >> shift) & 0x0f) + 1) & 0x0f;
-        *pair = (*pair & !(0x0f << shift)) | (count << shift);
-        count.is_multiple_of(LONG_GAP_REPORT_EVERY)
+        self.set(bucket, self.get(bucket).wrapping_add(1));
+        self.get(bucket).is_multiple_of(gap_report_every(bucket))
     }
 
     /// Gaps counted in `bucket` since `earlier` (a snapshot of the same connection the agent
@@ -122,20 +116,39 @@ impl GapCounts {
         u64::from((now + modulus - then) % modulus)
     }
 
-    /// Sets the count of `bucket` (modulo [`gap_count_modulus`]), for tests.
+    /// Sets the count of `bucket` (modulo [`gap_count_modulus`]).
+    #[inline(always)]
     pub fn set(&mut self, bucket: usize, count: u8) {
-        if bucket < SHORT_GAP_BUCKETS {
-            if let Some(slot) = self.short.get_mut(bucket) {
-                *slot = count;
+        match Self::slot(bucket) {
+            Slot::Byte(index) => {
+                if let Some(byte) = self.short.get_mut(index) {
+                    *byte = count;
+                }
             }
-            return;
-        }
-        let long = bucket - SHORT_GAP_BUCKETS;
-        let shift = (long % 2) * 4;
-        if let Some(pair) = self.long.get_mut(long / 2) {
-            *pair = (*pair & !(0x0f << shift)) | ((count & 0x0f) << shift);
+            Slot::Nibble(index, shift) => {
+                if let Some(pair) = self.long.get_mut(index) {
+                    *pair = (*pair & !(0x0f << shift)) | ((count & 0x0f) << shift);
+                }
+            }
         }
     }
+
+    /// Where `bucket`'s count lives.
+    #[inline(always)]
+    const fn slot(bucket: usize) -> Slot {
+        if bucket < SHORT_GAP_BUCKETS {
+            Slot::Byte(bucket)
+        } else {
+            let long = bucket - SHORT_GAP_BUCKETS;
+            Slot::Nibble(long / 2, (long % 2) as u8 * 4)
+        }
+    }
+}
+
+/// A [`GapCounts`] bucket: a byte of `short`, or the nibble at `shift` in a byte of `long`.
+enum Slot {
+    Byte(usize),
+    Nibble(usize, u8),
 }
 
 /// A request that follows at least this much idle time sends a `Progress` snapshot. The
@@ -216,7 +229,7 @@ pub struct Conn {
     /// receive, and only the first counts it (see `conn::transfer_at_exit` in the eBPF crate).
     pub recv_seq: u32,
     /// `tcp_sock.write_seq` after the last send counted at the exit of `tcp_sendmsg`, for
-    /// the same reason (`conn::send_at_exit`).
+    /// the same reason (`conn::transfer_at_exit` in the eBPF crate).
     pub send_seq: u32,
     /// Idle time from the last transfer to the start of the close, in µs (saturating).
     pub close_idle_us: u32,

@@ -237,14 +237,14 @@ pub fn transfer(
 /// kretprobe call returns through the probes that were registered when it entered, so one
 /// already in progress when a new agent takes over returns only through the previous
 /// generation's: those count it although no longer active. (fexit runs no program for a
-/// call in flight while its trampoline is updated; see README, "Restarts".) A call both generations see is counted by the
-/// first to run. Every count leaves the socket's stream position after the call
-/// (`write_seq` or `copied_seq`) in `Conn::send_seq` or `Conn::recv_seq`; an inactive
-/// generation skips a call whose position is already there, and flags the connection when
-/// it counts one, so that the active generation makes the same check once. Only then: two
-/// calls on one socket at once can leave the same position, which must not cost a count
-/// outside a takeover. Without pinning, or without the offset, the generation decides as
-/// for every other hook.
+/// call in flight while its trampoline is updated; see README, "Restarts".) A call both
+/// generations see is counted by the first to run. Every count leaves the socket's stream
+/// position after the call (`write_seq` or `copied_seq`) in `Conn::send_seq` or
+/// `Conn::recv_seq`; an inactive generation skips a call whose position is already there,
+/// and flags the connection when it counts one, so that the active generation makes the
+/// same check once. Only then: two calls on one socket at once can leave the same
+/// position, which must not cost a count outside a takeover. Without pinning, or without
+/// the offset, the generation decides as for every other hook.
 #[inline(always)]
 pub fn transfer_at_exit(sock: u64, direction: Direction, ret: i64, recv_flags: i32) {
     let seq = if generation() == 0 { None } else { sock::stream_seq(sock, direction) };

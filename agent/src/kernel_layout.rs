@@ -80,13 +80,13 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
     }
 }
 
-/// `skc_state`, `skc_net` (in the `sock_common` copy) and `struct net`'s `ns.inum`: what
-/// adopting an established socket takes (`agent-ebpf/src/sock.rs`, `state_and_port`).
 /// A `tcp_sock` field's byte offset, 0 when the BTF does not have it.
 fn tcp_sock_offset(btf: &Btf, field: &str) -> u32 {
     find_struct(btf, "tcp_sock").and_then(|tcp| byte_offset(btf, &tcp, field)).unwrap_or(0)
 }
 
+/// `skc_state`, `skc_net` (in the `sock_common` copy) and `struct net`'s `ns.inum`: what
+/// adopting an established socket takes (`agent-ebpf/src/sock.rs`, `state_and_port`).
 fn adoption_offsets(btf: &Btf, sock: &Struct) -> anyhow::Result<(u32, u32, u32)> {
     let state = byte_offset(btf, sock, "skc_state")?;
     // `possible_net_t` holds only the pointer (none at all without CONFIG_NET_NS).
