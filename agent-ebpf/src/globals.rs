@@ -22,6 +22,7 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     adopt: 0,
     copied_seq: 0,
     write_seq: 0,
+    snd_una: 0,
 };
 
 #[unsafe(no_mangle)]

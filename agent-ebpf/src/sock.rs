@@ -95,6 +95,18 @@ pub fn stream_seq(sock: u64, direction: Direction) -> Option<u32> {
     read(sock + u64::from(offset))
 }
 
+/// Whether the peer has acknowledged every byte queued on `sock` (`snd_una == write_seq`);
+/// false when the kernel's BTF did not give both offsets.
+#[inline(always)]
+pub fn all_acknowledged(sock: u64) -> bool {
+    let layout = sock_layout();
+    if layout.snd_una == 0 || layout.write_seq == 0 {
+        return false;
+    }
+    let acknowledged: Option<u32> = read(sock + u64::from(layout.snd_una));
+    acknowledged.is_some_and(|acknowledged| stream_seq(sock, Direction::Send) == Some(acknowledged))
+}
+
 /// The start of `sock` (the `sock_common` block), read at once into this CPU's scratch
 /// space: one helper call instead of one per field, and off the small stack. Valid until
 /// the next call in the same program.

@@ -10,8 +10,7 @@
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::LruHashMap};
 use connscope_common::{
-    ClosedBy, Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
-    is_request,
+    Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag, is_request,
 };
 
 /// One libssl call in progress.
@@ -61,8 +60,8 @@ pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> bool {
         if conn.role().is_some_and(|role| !is_request(role, direction)) {
             conn.flags &= !conn_flag::AWAITING_RESPONSE;
         }
-        if direction == Direction::Send && conn.closed_by == ClosedBy::Peer as u8 {
-            sent_after_peer_close(conn);
+        if direction == Direction::Send && crate::conn::sent_after_peer_close(sock, conn) {
+            ssl_write_after_peer_close(conn);
         }
         return true;
     }
@@ -76,7 +75,7 @@ pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> bool {
 /// runs again). Only `SSL_write`'s ciphertext counts: libssl's own records (`close_notify`
 /// from `SSL_shutdown`, tickets) ask nothing.
 #[inline(never)]
-fn sent_after_peer_close(conn: &mut Conn) {
+fn ssl_write_after_peer_close(conn: &mut Conn) {
     // SAFETY: the value is copied out.
     let call = unsafe { TLS_CALLS.get(&bpf_get_current_pid_tgid()) }.copied();
     if call.is_some_and(|call| call.direction == Direction::Send as u8) {

@@ -63,6 +63,9 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         // (`Conn::recv_seq`, `Conn::send_seq`).
         copied_seq: tcp_sock_offset(btf, "copied_seq"),
         write_seq: tcp_sock_offset(btf, "write_seq"),
+        // Optional: without it a request whose answer and FIN arrive before its send
+        // returns (loopback) counts as a keep-alive race.
+        snd_una: tcp_sock_offset(btf, "snd_una"),
         ..SockLayout::default()
     };
     // The endpoint fields are read in one copy of the start of the socket.
