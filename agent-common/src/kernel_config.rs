@@ -41,9 +41,9 @@ pub struct SockLayout {
     pub copied_seq: u32,
     /// `tcp_sock.write_seq` (0: unknown): the same for a send seen at `tcp_sendmsg`'s exit.
     pub write_seq: u32,
-    /// `tcp_sock.snd_una` (0: unknown): whether the peer had acknowledged all that was sent
-    /// when it closed, which tells a request answered before the peer's FIN from one sent
-    /// after it (`SENT_AFTER_PEER_CLOSE`).
+    /// `tcp_sock.snd_una` (0: unknown): read with `write_seq` at the end of a send after
+    /// the peer's FIN, it tells a request the peer acknowledged (read before closing) from
+    /// one it never did (`SENT_AFTER_PEER_CLOSE`).
     pub snd_una: u32,
 }
 const _: () = assert!(size_of::<SockLayout>() == 68);

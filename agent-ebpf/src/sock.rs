@@ -99,12 +99,12 @@ pub fn stream_seq(sock: u64, direction: Direction) -> Option<u32> {
 /// false when the kernel's BTF did not give both offsets.
 #[inline(always)]
 pub fn all_acknowledged(sock: u64) -> bool {
-    let layout = sock_layout();
-    if layout.snd_una == 0 || layout.write_seq == 0 {
+    let offset = sock_layout().snd_una;
+    if offset == 0 {
         return false;
     }
-    let acknowledged: Option<u32> = read(sock + u64::from(layout.snd_una));
-    acknowledged.is_some_and(|acknowledged| stream_seq(sock, Direction::Send) == Some(acknowledged))
+    let acknowledged: Option<u32> = read(sock + u64::from(offset));
+    acknowledged.is_some() && acknowledged == stream_seq(sock, Direction::Send)
 }
 
 /// The start of `sock` (the `sock_common` block), read at once into this CPU's scratch
