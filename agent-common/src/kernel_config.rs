@@ -45,8 +45,12 @@ pub struct SockLayout {
     /// the peer's FIN, it tells a request the peer acknowledged (read before closing) from
     /// one it never did (`SENT_AFTER_PEER_CLOSE`).
     pub snd_una: u32,
+    /// `tcp_sock.bytes_acked` (0: unknown), read at the peer's FIN while an exchange awaits
+    /// its response: acknowledged bytes no send hook has counted yet are a response the
+    /// peer read before closing.
+    pub bytes_acked: u32,
 }
-const _: () = assert!(size_of::<SockLayout>() == 68);
+const _: () = assert!(size_of::<SockLayout>() == 72);
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).

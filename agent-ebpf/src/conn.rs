@@ -9,7 +9,7 @@
 use connscope_common::{
     CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role,
     conn::{add_wrapping, open_token},
-    conn_flag, tcp_state,
+    conn_flag, is_request, tcp_state,
 };
 
 use crate::{
@@ -151,13 +151,13 @@ fn tracked(sock: u64) -> Option<&'static mut Conn> {
 
 fn close_started(sock: u64, by: ClosedBy, kind: CloseKind) {
     if let Some(conn) = tracked(sock) {
-        begin_close(conn, by, kind);
+        begin_close(sock, conn, by, kind);
     }
 }
 
 /// Records the first close of a connection: who, how, and how long it had been idle.
 #[inline(always)]
-fn begin_close(conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
+fn begin_close(sock: u64, conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
     if conn.closed_by != ClosedBy::Unknown as u8 {
         return;
     }
@@ -169,9 +169,23 @@ fn begin_close(conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
         ((now_ns().saturating_sub(conn.last_ns)) / 1000).min(u64::from(u32::MAX)) as u32;
     // Idle when no exchange waits for its response.
     let waiting = conn.flags & conn_flag::AWAITING_RESPONSE != 0;
-    if !waiting {
+    if !waiting || (by == ClosedBy::Peer && response_read_before_its_hook(sock, conn)) {
         conn.flags |= conn_flag::IDLE_AT_CLOSE;
     }
+}
+
+/// At the peer's FIN while an exchange awaits its response: whether this end (the one that
+/// responds) had sent bytes the peer acknowledged but no send hook counted yet. The hooks
+/// run at a send's end, and on loopback the peer can read the response and close before
+/// then: it closed an idle connection. Adopted connections counted their bytes from
+/// adoption, not from the start as the kernel does: never.
+#[inline(never)]
+fn response_read_before_its_hook(sock: u64, conn: &Conn) -> bool {
+    let responder = conn.role().is_some_and(|role| !is_request(role, Direction::Send));
+    responder
+        && !conn.has(conn_flag::ADOPTED)
+        && sock::bytes_acknowledged(sock)
+            .is_some_and(|acked| (acked.wrapping_sub(conn.bytes_sent) as i32) > 0)
 }
 
 /// Handles `tcp_send_reset` (`by` local) and `tcp_receive_reset` (`by` peer).
@@ -183,7 +197,7 @@ pub fn on_reset(sock: u64, by: ClosedBy) {
     let Some(conn) = tracked(sock) else { return };
     conn.flags |=
         if by == ClosedBy::Local { conn_flag::RESET_SENT } else { conn_flag::RESET_RECEIVED };
-    begin_close(conn, by, CloseKind::Reset);
+    begin_close(sock, conn, by, CloseKind::Reset);
 }
 
 /// Handles the destruction of a socket: sends its final state and forgets it.

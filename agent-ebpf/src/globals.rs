@@ -23,6 +23,7 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     copied_seq: 0,
     write_seq: 0,
     snd_una: 0,
+    bytes_acked: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -107,6 +107,17 @@ pub fn all_acknowledged(sock: u64) -> bool {
     acknowledged.is_some() && acknowledged == stream_seq(sock, Direction::Send)
 }
 
+/// The low 32 bits of the bytes the peer has acknowledged on `sock` (`tcp_sock.bytes_acked`,
+/// counted from the connection's start), or `None` without the offset.
+#[inline(always)]
+pub fn bytes_acknowledged(sock: u64) -> Option<u32> {
+    let offset = sock_layout().bytes_acked;
+    if offset == 0 {
+        return None;
+    }
+    read::<u64>(sock + u64::from(offset)).map(|bytes| bytes as u32)
+}
+
 /// The start of `sock` (the `sock_common` block), read at once into this CPU's scratch
 /// space: one helper call instead of one per field, and off the small stack. Valid until
 /// the next call in the same program.

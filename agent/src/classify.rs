@@ -32,10 +32,13 @@ impl CloseReason {
 }
 
 /// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
-/// explains a `Connection: close` too, so they come before it.
+/// explains a `Connection: close` too, so they come before it. An HTTP reason also explains
+/// a reset once every exchange was answered (`close_kind` still says reset): a client that
+/// closes at once on `Connection: close` with a TLS `close_notify` unread sends one.
 pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
     let kind = conn.close_kind();
-    if kind == CloseKind::Reset {
+    let answered = conn.has(conn_flag::IDLE_AT_CLOSE);
+    if kind == CloseKind::Reset && !(answered && http.announced_close()) {
         // An abort without any reset on the wire is a timeout or error, not a reset.
         return if conn.has(conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) {
             CloseReason::Reset
@@ -49,7 +52,7 @@ pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
         CloseReason::Http10
     } else if http.connection_close {
         CloseReason::ConnectionClose
-    } else if kind == CloseKind::Fin && conn.has(conn_flag::IDLE_AT_CLOSE) {
+    } else if answered {
         CloseReason::Idle
     } else {
         CloseReason::Unknown
@@ -100,6 +103,19 @@ mod tests {
         assert_eq!(close_reason(&reset, &http), CloseReason::Reset);
         let abort = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, 0);
         assert_eq!(close_reason(&abort, &http), CloseReason::Error);
+    }
+
+    #[test]
+    fn an_announced_close_explains_a_reset_after_the_last_answer() {
+        let mut http = HttpSession::default();
+        http.connection_close = true;
+        let answered = conn_flag::RESET_SENT | conn_flag::IDLE_AT_CLOSE;
+        let abort = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, answered);
+        assert_eq!(close_reason(&abort, &http), CloseReason::ConnectionClose);
+        let mid_exchange =
+            closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT);
+        assert_eq!(close_reason(&mid_exchange, &http), CloseReason::Reset);
+        assert_eq!(close_reason(&abort, &HttpSession::default()), CloseReason::Reset);
     }
 
     #[test]

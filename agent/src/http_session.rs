@@ -119,6 +119,12 @@ impl HttpSession {
         self
     }
 
+    /// An exchange said this connection ends: the request limit, HTTP/1.0, or
+    /// `Connection: close`.
+    pub fn announced_close(&self) -> bool {
+        self.limit_reached() || self.http10_close || self.connection_close
+    }
+
     /// The server's advertised request limit was reached.
     pub fn limit_reached(&self) -> bool {
         self.last_advertised_max.is_some_and(|left| left <= 1)

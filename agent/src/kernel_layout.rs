@@ -66,6 +66,9 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         // Optional: without it a request whose answer and FIN arrive before its send
         // returns (loopback) counts as a keep-alive race.
         snd_una: tcp_sock_offset(btf, "snd_una"),
+        // Optional: without it a client that read its response and closed before the
+        // server's send returned (loopback) leaves an `unknown` close, not `idle`.
+        bytes_acked: tcp_sock_offset(btf, "bytes_acked"),
         ..SockLayout::default()
     };
     // The endpoint fields are read in one copy of the start of the socket.

@@ -264,6 +264,36 @@ fn request_answered_before_the_servers_fin_is_no_race() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client that closes as soon as it has read its last response: on loopback its FIN can
+/// reach the server before the server's send hook ran for that response, and the server
+/// still saw an idle close (the response was acknowledged).
+#[test]
+fn client_closing_right_after_its_response_is_an_idle_close() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("client_closing_right_after_its_response_is_an_idle_close") {
+        return Ok(());
+    }
+    let _serial = serial::shared();
+    let agent = Agent::start(&[])?;
+    let (listener, server) = listener();
+    const CONNECTIONS: usize = 2000;
+    const REQUESTS: u32 = 3;
+    let serving = http_server::serve(listener, CONNECTIONS, ServerBehaviour::default());
+    for _ in 0..CONNECTIONS {
+        let mut client = TcpStream::connect(&server)?;
+        for _ in 0..REQUESTS {
+            http_server::request(&mut client, "1.1", "")?;
+        }
+    }
+    join(serving)?;
+
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0 * CONNECTIONS as f64)?;
+    let connections = CONNECTIONS as f64;
+    assert_eq!(closed(&scrape, &server, "client", "local", "idle"), connections);
+    assert_eq!(closed(&scrape, &server, "server", "peer", "idle"), connections);
+    assert_eq!(scrape.sum("connscope_keepalive_races_total", &[("server", &server)]), 0.0);
+    Ok(())
+}
+
 /// A line protocol (Redis-like PING/PONG): no HTTP, but exchanges are still counted.
 #[test]
 fn non_http_exchanges_are_counted() -> anyhow::Result<()> {
