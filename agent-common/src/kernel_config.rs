@@ -198,14 +198,19 @@ pub enum PinSlot {
     ActiveGeneration = 0,
     /// [`contract_fingerprint`] of the agent that pinned the state.
     Fingerprint = 1,
+    /// When the last takeover's trampoline updates were over (`CLOCK_MONOTONIC` ns;
+    /// `u64::MAX` while one is under way, 0 before any). An fexit program does not run for a
+    /// call in flight during an update, so a connection last counted before this time may
+    /// have missed one: its next call looks for it (`conn::recover_missed_turn`).
+    TakeoverEndNs = 2,
 }
 
 impl PinSlot {
-    pub const COUNT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Bumped whenever the meaning of pinned state changes without a change of size.
-pub const PIN_FORMAT: u64 = 3;
+pub const PIN_FORMAT: u64 = 4;
 
 /// Identifies the layout of the pinned state: the format number and the sizes of every
 /// shared struct. An agent finding another fingerprint replaces the pinned state.

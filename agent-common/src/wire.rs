@@ -76,6 +76,17 @@ wire_enum! {
     }
 }
 
+impl Direction {
+    /// The other way (`None` stays `None`).
+    pub const fn opposite(self) -> Self {
+        match self {
+            Self::Send => Self::Recv,
+            Self::Recv => Self::Send,
+            Self::None => Self::None,
+        }
+    }
+}
+
 wire_enum! {
     /// What the first payload bytes of a connection say it speaks (the `protocol` label).
     pub enum Protocol: u8 {

@@ -304,8 +304,57 @@ fn transfer_counted_once(
         if !active {
             conn.flags |= conn_flag::COUNTED_BY_OTHER_GENERATION;
         }
+        // A call that continues the last turn may follow one in the other direction that
+        // no program saw: a turn no hook counted (`recover_missed_turn`).
+        if conn.last_direction == direction as u8 && last_counted_before_takeover_end(conn) {
+            recover_missed_turn(sock, conn, direction);
+        }
     }
     count_transfer(sock, conn, direction, ret);
+}
+
+/// Whether `conn`'s last counted transfer came before the last takeover's trampoline updates
+/// were over (`PinSlot::TakeoverEndNs`).
+#[inline(always)]
+fn last_counted_before_takeover_end(conn: &Conn) -> bool {
+    PIN_STATE.get(PinSlot::TakeoverEndNs as u32).is_some_and(|end| conn.last_ns <= *end)
+}
+
+/// Counts the transfer in the other direction than `direction` that an fexit program missed
+/// during a takeover (a call in flight while its trampoline was updated runs none): the
+/// socket's stream position in that direction moved past what was counted. Its bytes are
+/// gone, so it counts by direction change, as an unreadable head does. A call in flight now
+/// in that direction (two threads on one socket) may have moved the position: flagged, so
+/// that its own exit is not counted again.
+#[inline(never)]
+fn recover_missed_turn(sock: u64, conn: &mut Conn, direction: Direction) {
+    let missed = direction.opposite();
+    let counted = if missed == Direction::Send { conn.send_seq } else { conn.recv_seq };
+    // 0: nothing counted in that direction yet, so no position to compare with.
+    let Some(position) = sock::stream_seq(sock, missed).filter(|_| counted != 0) else { return };
+    let moved = position.wrapping_sub(counted);
+    if moved as i32 <= 0 {
+        return;
+    }
+    if missed == Direction::Send {
+        conn.send_seq = position
+    } else {
+        conn.recv_seq = position
+    };
+    conn.flags |= conn_flag::COUNTED_BY_OTHER_GENERATION;
+    let wrapped = if missed == Direction::Send {
+        add_wrapping(&mut conn.bytes_sent, moved)
+    } else {
+        add_wrapping(&mut conn.bytes_received, moved)
+    };
+    if conn.has(conn_flag::TLS_PLAINTEXT) {
+        // Decrypted TLS counts exchanges from libssl's calls (uprobes, never missed).
+        if wrapped {
+            records::snapshot(EventKind::Progress, sock, conn);
+        }
+        return;
+    }
+    count_exchanges(sock, conn, PayloadSource::Unreadable, missed, u64::from(moved), wrapped);
 }
 
 /// Counts `ret` (> 0) bytes moved on a tracked connection.

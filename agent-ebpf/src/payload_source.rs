@@ -13,6 +13,8 @@ pub enum PayloadSource {
     Syscall,
     /// A known user buffer holding the transfer's bytes.
     Buffer(UserBuffer),
+    /// A past transfer no hook saw: its bytes are gone.
+    Unreadable,
 }
 
 impl PayloadSource {
@@ -22,6 +24,7 @@ impl PayloadSource {
         match self {
             Self::Syscall => current_buffer(direction),
             Self::Buffer(buffer) => Some(buffer),
+            Self::Unreadable => None,
         }
     }
 }

@@ -136,8 +136,7 @@ impl Pins {
         if found.is_empty() && !self.dir.join("links").exists() {
             return Ok(None);
         }
-        let state = MapData::from_pin(maps.join(map::PIN_STATE))?;
-        let state: Array<MapData, u64> = aya::maps::Map::from_map_data(state)?.try_into()?;
+        let state = open_pin_state(&maps.join(map::PIN_STATE))?;
         let fingerprint = state.get(&(PinSlot::Fingerprint as u32), 0)?;
         if fingerprint != self.fingerprint {
             anyhow::bail!(
@@ -158,11 +157,17 @@ impl Pins {
         map::PINNED.into_iter().map(|name| (name, self.dir.join("maps").join(name)))
     }
 
+    /// Called before this agent attaches its programs: the trampoline updates of a takeover
+    /// begin (`PinSlot::TakeoverEndNs`).
+    pub fn begin_takeover(&self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
+        pin_state(ebpf)?.set(PinSlot::TakeoverEndNs as u32, u64::MAX, 0)?;
+        Ok(())
+    }
+
     /// Makes this agent's programs the counting ones, detaches the previous generation's
     /// and pins this generation's links so they outlive the agent.
     pub fn take_over(&self, ebpf: &mut Ebpf, links: Vec<(String, FdLink)>) -> anyhow::Result<()> {
-        let state = ebpf.map_mut(map::PIN_STATE).ok_or_else(|| anyhow!("PIN_STATE missing"))?;
-        let mut state: Array<&mut MapData, u64> = Array::try_from(state)?;
+        let mut state = pin_state(ebpf)?;
         state.set(PinSlot::Fingerprint as u32, self.fingerprint, 0)?;
         state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
         let links_dir = self.dir.join("links");
@@ -172,8 +177,10 @@ impl Pins {
                 previous.push(entry?.path());
             }
         }
-        if !previous.is_empty() {
-            detach_later(previous);
+        if previous.is_empty() {
+            end_takeover(&mut state);
+        } else {
+            detach_later(previous, self.dir.join("maps").join(map::PIN_STATE));
         }
         let own = links_dir.join(self.generation.to_string());
         if own.exists() {
@@ -206,16 +213,43 @@ impl Pins {
 /// old trampoline), and a receive that returns within this time is still counted.
 const PREVIOUS_LINKS_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The pinned `PIN_STATE` at `path`.
+fn open_pin_state(path: &Path) -> anyhow::Result<Array<MapData, u64>> {
+    let state = MapData::from_pin(path)?;
+    Ok(aya::maps::Map::from_map_data(state)?.try_into()?)
+}
+
+/// This agent's `PIN_STATE`.
+fn pin_state(ebpf: &mut Ebpf) -> anyhow::Result<Array<&mut MapData, u64>> {
+    let state = ebpf.map_mut(map::PIN_STATE).ok_or_else(|| anyhow!("PIN_STATE missing"))?;
+    Ok(Array::try_from(state)?)
+}
+
+/// The last trampoline update of a takeover is over: connections counted before now look
+/// for a turn their fexit programs missed at their next call. A failed write leaves the
+/// window open, which costs those checks only.
+fn end_takeover<T: std::borrow::BorrowMut<MapData>>(state: &mut Array<T, u64>) {
+    let now = crate::handover::monotonic_ns();
+    if let Err(err) = state.set(PinSlot::TakeoverEndNs as u32, now, 0) {
+        tracing::warn!("marking the takeover's end in PIN_STATE: {err}");
+    }
+}
+
 /// Removes the previous generations' link pins after [`PREVIOUS_LINKS_GRACE`] (removing the
-/// last pin of a link detaches its program). An agent that exits before leaves them to the
-/// next one, which removes every generation but its own.
-fn detach_later(previous: Vec<PathBuf>) {
+/// last pin of a link detaches its program), then ends the takeover in `state_pin`'s
+/// `PIN_STATE`. An agent that exits before leaves them to the next one, which removes
+/// every generation but its own.
+fn detach_later(previous: Vec<PathBuf>, state_pin: PathBuf) {
     let spawned = std::thread::Builder::new().name("detach-previous".into()).spawn(move || {
         std::thread::sleep(PREVIOUS_LINKS_GRACE);
         for path in previous {
             if let Err(err) = remove_path(&path) {
                 tracing::warn!("removing the previous programs' links {}: {err}", path.display());
             }
+        }
+        match open_pin_state(&state_pin) {
+            Ok(mut state) => end_takeover(&mut state),
+            Err(err) => tracing::warn!("opening {}: {err:#}", state_pin.display()),
         }
     });
     if let Err(err) = spawned {

@@ -312,6 +312,9 @@ pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Pr
         return Err(preflight::PreflightError::NoBtf.into());
     }
     let mut ebpf = load(config, &kernel, pins.as_ref())?;
+    if let Some(pins) = &pins {
+        pins.begin_takeover(&mut ebpf)?;
+    }
     let mut loader = Attacher { ebpf: &mut ebpf, kernel: &kernel, links: Vec::new() };
     let lifecycle = loader.attach_lifecycle()?;
     if kernel.user_buffers == UserBuffers::SyscallStash {
