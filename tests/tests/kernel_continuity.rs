@@ -123,6 +123,47 @@ fn connection_in_a_network_namespace_opened_before_the_agent_is_adopted() -> any
     opened_before_the_agent(|| ns.run(|| server_and_client("127.0.0.78:0"))?)
 }
 
+/// A server blocked in its receive across a whole takeover (the second agent's attach, and
+/// the first's links removed a second later): fexit and kretprobe programs do not run for
+/// that call, and the request it returns is still counted, from the socket's stream
+/// position at the server's next call. Exact on every backend.
+#[test]
+fn a_receive_blocked_across_a_takeover_is_counted() -> anyhow::Result<()> {
+    if !kernel_tests_enabled("a_receive_blocked_across_a_takeover_is_counted") {
+        return Ok(());
+    }
+    const REQUESTS: u64 = 4;
+    let fs = BpfFs::mount("blocked")?;
+    let listener = TcpListener::bind("127.0.0.83:0")?;
+    let server = listener.local_addr()?.to_string();
+    let server_thread = http_server::serve(listener, 1, http_server::ServerBehaviour::default());
+    let first = fs.agent()?;
+    let mut client = TcpStream::connect(&server)?;
+    http_server::request(&mut client, "1.1", "")?;
+    // The server now waits for the next request.
+    let (first_last, code) = first.stop_scraping()?;
+    anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
+    let second = fs.agent()?;
+    assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
+    for _ in 1..REQUESTS {
+        http_server::request(&mut client, "1.1", "")?;
+    }
+    drop(client);
+    net::join(server_thread)?;
+    let scrape = second.scrape_until(WAIT, |s| {
+        s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0
+    })?;
+    for role in ["client", "server"] {
+        let labels = [("role", role), ("server", server.as_str())];
+        let requests = first_last.sum("connscope_http_requests_total", &labels)
+            + scrape.sum("connscope_http_requests_total", &labels);
+        assert_eq!(requests, REQUESTS as f64, "{role}: {}", scrape.text);
+        let per_connection = scrape.sum("connscope_connection_requests_sum", &labels);
+        assert_eq!(per_connection, REQUESTS as f64, "{role}: {}", scrape.text);
+    }
+    Ok(())
+}
+
 /// Restart under traffic against the tests' own server; the client's counts are the truth.
 #[test]
 fn restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
