@@ -159,6 +159,14 @@ pub const PROGRESS_AFTER_IDLE_NS: u64 = 500_000_000;
 pub const SWEEP_INTERVAL_NS: u64 = 1_000_000_000;
 const _: () = assert!(PROGRESS_AFTER_IDLE_NS < SWEEP_INTERVAL_NS);
 
+/// Set in [`Conn::close_idle_us`] when an exchange still awaited its response as the close
+/// started (the close was not idle). Kept there, not in `flags`: only the close hooks write
+/// that field, under the socket lock, while the send and receive hooks rewrite `flags`
+/// without it, and a bit a FIN on another CPU set in `flags` meanwhile could be lost.
+pub const CLOSE_AWAITING: u32 = 1 << 31;
+/// The longest idle time [`Conn::close_idle_us`] holds (about 35 minutes).
+pub const CLOSE_IDLE_MAX_US: u32 = CLOSE_AWAITING - 1;
+
 /// Bits of [`Conn::flags`].
 pub mod conn_flag {
     /// The owning process (tgid, comm, cgroup) was reported (`Open` for clients,
@@ -170,8 +178,7 @@ pub mod conn_flag {
     pub const RESET_RECEIVED: u16 = 1 << 2;
     /// The local side sent payload after the peer had started closing (keep-alive race).
     pub const SENT_AFTER_PEER_CLOSE: u16 = 1 << 3;
-    /// No request was waiting for its response when the close started.
-    pub const IDLE_AT_CLOSE: u16 = 1 << 4;
+    // Bit 4 is free (it was "idle at close", now `Conn::close_idle_us`'s `CLOSE_AWAITING`).
     /// A `1xx` interim response was seen: the request body and the final response that
     /// follow belong to the same exchange.
     pub const INTERIM: u16 = 1 << 5;
@@ -231,7 +238,8 @@ pub struct Conn {
     /// `tcp_sock.write_seq` after the last send counted at the exit of `tcp_sendmsg`, for
     /// the same reason (`conn::transfer_at_exit` in the eBPF crate).
     pub send_seq: u32,
-    /// Idle time from the last transfer to the start of the close, in µs (saturating).
+    /// Idle time from the last transfer to the start of the close, in µs (saturating at
+    /// [`CLOSE_IDLE_MAX_US`]), and [`CLOSE_AWAITING`].
     pub close_idle_us: u32,
     /// [`conn_flag`] bits.
     pub flags: u16,
@@ -298,6 +306,16 @@ impl Conn {
             Some(by) => by,
             None => ClosedBy::Unknown,
         }
+    }
+
+    /// Whether no exchange awaited its response as the close started (false while open).
+    pub const fn idle_at_close(&self) -> bool {
+        self.closed_by != ClosedBy::Unknown as u8 && self.close_idle_us & CLOSE_AWAITING == 0
+    }
+
+    /// How long the connection had been idle as the close started, in µs.
+    pub const fn idle_before_close_us(&self) -> u32 {
+        self.close_idle_us & CLOSE_IDLE_MAX_US
     }
 
     /// How the close started: `None` while open.

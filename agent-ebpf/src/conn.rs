@@ -6,9 +6,11 @@
 //! process context: in `connect()` for clients and at the first read/write/close call for
 //! accepted sockets, never from a state change that may run in softirq for another task.
 
+use core::sync::atomic::{Ordering, compiler_fence};
+
 use connscope_common::{
     CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, PinSlot, Role,
-    conn::{add_wrapping, open_token},
+    conn::{CLOSE_AWAITING, CLOSE_IDLE_MAX_US, add_wrapping, open_token},
     conn_flag, is_request, tcp_state,
 };
 
@@ -165,13 +167,11 @@ fn begin_close(sock: u64, conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
     if kind == CloseKind::Reset {
         conn.flags |= conn_flag::CLOSED_BY_RESET;
     }
-    conn.close_idle_us =
-        ((now_ns().saturating_sub(conn.last_ns)) / 1000).min(u64::from(u32::MAX)) as u32;
+    let idle_us = (now_ns().saturating_sub(conn.last_ns) / 1000).min(CLOSE_IDLE_MAX_US.into());
     // Idle when no exchange waits for its response.
-    let waiting = conn.flags & conn_flag::AWAITING_RESPONSE != 0;
-    if !waiting || (by == ClosedBy::Peer && response_read_before_its_hook(sock, conn)) {
-        conn.flags |= conn_flag::IDLE_AT_CLOSE;
-    }
+    let waiting = conn.flags & conn_flag::AWAITING_RESPONSE != 0
+        && !(by == ClosedBy::Peer && response_read_before_its_hook(sock, conn));
+    conn.close_idle_us = idle_us as u32 | if waiting { CLOSE_AWAITING } else { 0 };
 }
 
 /// At the peer's FIN while an exchange awaits its response: whether this end (the one that
@@ -361,6 +361,14 @@ fn recover_missed_turn(sock: u64, conn: &mut Conn, direction: Direction) {
 #[inline(always)]
 fn count_transfer(sock: u64, conn: &mut Conn, direction: Direction, ret: i64) {
     attribute_once(sock, conn);
+    // A response ends the wait before its bytes are counted (decrypted TLS too: the wire
+    // says it left, even before libssl's call returns). The peer's FIN, processed meanwhile
+    // on another CPU (`begin_close`), then sees no wait, or bytes acknowledged beyond the
+    // count: an idle close either way.
+    if conn.role().is_some_and(|role| !is_request(role, direction)) {
+        exchange::end_wait(conn);
+        compiler_fence(Ordering::SeqCst);
+    }
     let bytes = ret as u64;
     // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
     let moved = ret as u32;

@@ -53,11 +53,17 @@ pub fn on_payload(
     let wrapped = if is_request(role, direction) {
         request_payload(sock, conn, source, direction, bytes, now, turn_start)
     } else {
-        conn.flags &= !conn_flag::AWAITING_RESPONSE;
+        end_wait(conn);
         response_payload(sock, conn, source, direction, bytes, now, turn_start);
         false
     };
     wrapped || idle_restart
+}
+
+/// A response moved: no exchange awaits it any more.
+#[inline(always)]
+pub fn end_wait(conn: &mut Conn) {
+    conn.flags &= !conn_flag::AWAITING_RESPONSE;
 }
 
 #[inline(always)]

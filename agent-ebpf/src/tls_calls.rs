@@ -10,7 +10,7 @@
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::LruHashMap};
 use connscope_common::{
-    Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag, is_request,
+    Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
 };
 
 /// One libssl call in progress.
@@ -55,11 +55,6 @@ pub fn begin(ssl: u64, buf: u64, moved_out: u64, direction: Direction) {
 #[inline(always)]
 pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> bool {
     if conn.has(conn_flag::TLS_PLAINTEXT) {
-        // A response on the wire ends the wait, even before libssl's call returns (the
-        // peer may close in between).
-        if conn.role().is_some_and(|role| !is_request(role, direction)) {
-            conn.flags &= !conn_flag::AWAITING_RESPONSE;
-        }
         if direction == Direction::Send && crate::conn::sent_after_peer_close(sock, conn) {
             ssl_write_after_peer_close(conn);
         }

@@ -37,7 +37,7 @@ impl CloseReason {
 /// closes at once on `Connection: close` with a TLS `close_notify` unread sends one.
 pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
     let kind = conn.close_kind();
-    let answered = conn.has(conn_flag::IDLE_AT_CLOSE);
+    let answered = conn.idle_at_close();
     if kind == CloseKind::Reset && !(answered && http.announced_close()) {
         // An abort without any reset on the wire is a timeout or error, not a reset.
         return if conn.has(conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) {
@@ -83,16 +83,24 @@ pub fn is_keepalive_race(conn: &Conn) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use connscope_common::conn::CLOSE_AWAITING;
+
     use super::*;
 
+    /// Closed while an exchange awaited its response.
     fn closed(role: Role, by: ClosedBy, kind: CloseKind, flags: u16) -> Conn {
         Conn {
             role: role as u8,
             closed_by: by as u8,
             flags: flags | if kind == CloseKind::Reset { conn_flag::CLOSED_BY_RESET } else { 0 },
+            close_idle_us: CLOSE_AWAITING,
             exchanges: 2,
             ..Conn::default()
         }
+    }
+
+    fn idle(conn: Conn) -> Conn {
+        Conn { close_idle_us: 0, ..conn }
     }
 
     #[test]
@@ -109,8 +117,8 @@ mod tests {
     fn an_announced_close_explains_a_reset_after_the_last_answer() {
         let mut http = HttpSession::default();
         http.connection_close = true;
-        let answered = conn_flag::RESET_SENT | conn_flag::IDLE_AT_CLOSE;
-        let abort = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, answered);
+        let abort =
+            idle(closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT));
         assert_eq!(close_reason(&abort, &http), CloseReason::ConnectionClose);
         let mid_exchange =
             closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT);
@@ -120,7 +128,7 @@ mod tests {
 
     #[test]
     fn http_reasons_take_precedence_over_idle() {
-        let idle = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, conn_flag::IDLE_AT_CLOSE);
+        let idle = idle(closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0));
         assert_eq!(close_reason(&idle, &HttpSession::default()), CloseReason::Idle);
         let mut http = HttpSession::default();
         http.connection_close = true;

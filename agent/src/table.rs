@@ -398,7 +398,7 @@ impl ConnectionTable {
         let close_idle_seconds = if by == ClosedBy::Unknown {
             seconds(end_ns.saturating_sub(conn.last_ns))
         } else {
-            f64::from(conn.close_idle_us) / 1e6
+            f64::from(conn.idle_before_close_us()) / 1e6
         };
         series.close_idle(&self.metrics, by).observe(close_idle_seconds);
         if is_keepalive_race(conn) {

@@ -2,7 +2,9 @@
 
 use connscope_common::{
     AF_INET, Attribution, CloseKind, Conn, Direction, EventHeader, EventKind, OpenEvent, Role,
-    SnapshotEvent, conn::gap_bucket, conn_flag,
+    SnapshotEvent,
+    conn::{CLOSE_AWAITING, gap_bucket},
+    conn_flag,
 };
 
 use super::*;
@@ -98,12 +100,19 @@ fn http11(metrics: &Metrics, role: &str) -> u64 {
     metrics.http_requests.get(&version).map(|c| c.get()).unwrap_or(0)
 }
 
+/// `conn` closing while an exchange awaited its response.
 fn closing(mut conn: Conn, by: ClosedBy, kind: CloseKind) -> Conn {
     conn.closed_by = by as u8;
+    conn.close_idle_us = CLOSE_AWAITING;
     if kind == CloseKind::Reset {
         conn.flags |= conn_flag::CLOSED_BY_RESET;
     }
     conn
+}
+
+/// `conn` closing while idle.
+fn closing_idle(conn: Conn, by: ClosedBy, kind: CloseKind) -> Conn {
+    Conn { close_idle_us: 0, ..closing(conn, by, kind) }
 }
 
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -126,10 +135,9 @@ fn client_keep_alive_connection_closed_idle_by_peer() {
     last.last_ns = OPEN_NS + 300_000_000;
     last.gaps.add(gap_bucket(200_000_000));
     last.last_direction = Direction::Recv as u8;
-    last.flags |= conn_flag::IDLE_AT_CLOSE;
     table.handle(&snapshot(
         EventKind::Close,
-        closing(last, ClosedBy::Peer, CloseKind::Fin),
+        closing_idle(last, ClosedBy::Peer, CloseKind::Fin),
         2_000_001_000,
     ));
 

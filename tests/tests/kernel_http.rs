@@ -288,8 +288,15 @@ fn client_closing_right_after_its_response_is_an_idle_close() -> anyhow::Result<
 
     let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0 * CONNECTIONS as f64)?;
     let connections = CONNECTIONS as f64;
-    assert_eq!(closed(&scrape, &server, "client", "local", "idle"), connections);
-    assert_eq!(closed(&scrape, &server, "server", "peer", "idle"), connections);
+    let closes = || {
+        scrape
+            .text
+            .lines()
+            .filter(|l| l.starts_with("connscope_connections_closed_total"))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(closed(&scrape, &server, "client", "local", "idle"), connections, "{:#?}", closes());
+    assert_eq!(closed(&scrape, &server, "server", "peer", "idle"), connections, "{:#?}", closes());
     assert_eq!(scrape.sum("connscope_keepalive_races_total", &[("server", &server)]), 0.0);
     Ok(())
 }
