@@ -238,29 +238,9 @@ fn request_answered_before_the_servers_fin_is_no_race() -> anyhow::Result<()> {
     if !kernel_tests_enabled("request_answered_before_the_servers_fin_is_no_race") {
         return Ok(());
     }
-    let _serial = serial::shared();
-    let agent = Agent::start(&[])?;
-    let (listener, server) = listener();
-    const CONNECTIONS: usize = 2000;
-    const REQUESTS: u32 = 3;
-    let behaviour = ServerBehaviour { idle_timeout: None, max_requests: Some(REQUESTS) };
-    let serving = http_server::serve(listener, CONNECTIONS, behaviour);
-    for _ in 0..CONNECTIONS {
-        let mut client = TcpStream::connect(&server)?;
-        for _ in 0..REQUESTS {
-            http_server::request(&mut client, "1.1", "")?;
-        }
-        // The server closes first: wait for its FIN.
-        let mut rest = Vec::new();
-        client.read_to_end(&mut rest)?;
-    }
-    join(serving)?;
-
-    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0 * CONNECTIONS as f64)?;
-    let connections = CONNECTIONS as f64;
-    assert_eq!(closed(&scrape, &server, "client", "peer", "max_requests"), connections);
-    assert_eq!(closed(&scrape, &server, "server", "local", "max_requests"), connections);
-    assert_eq!(scrape.sum("connscope_keepalive_races_total", &[("server", &server)]), 0.0);
+    let behaviour = ServerBehaviour { idle_timeout: None, max_requests: Some(SHORT_REQUESTS) };
+    let (scrape, server) = short_connections(behaviour, true)?;
+    assert_closes(&scrape, &server, ("peer", "local"), "max_requests");
     Ok(())
 }
 
@@ -272,33 +252,53 @@ fn client_closing_right_after_its_response_is_an_idle_close() -> anyhow::Result<
     if !kernel_tests_enabled("client_closing_right_after_its_response_is_an_idle_close") {
         return Ok(());
     }
+    let (scrape, server) = short_connections(ServerBehaviour::default(), false)?;
+    assert_closes(&scrape, &server, ("local", "peer"), "idle");
+    Ok(())
+}
+
+const SHORT_CONNECTIONS: usize = 2000;
+const SHORT_REQUESTS: u32 = 3;
+
+/// `SHORT_CONNECTIONS` connections of `SHORT_REQUESTS` requests each, one after the other,
+/// against a server with `behaviour`. The client waits for the server's FIN when
+/// `server_closes`, else closes after its last response. Returns the scrape once every
+/// close arrived (or the last one), and the server label.
+fn short_connections(
+    behaviour: ServerBehaviour,
+    server_closes: bool,
+) -> anyhow::Result<(connscope_tests::Scrape, String)> {
     let _serial = serial::shared();
     let agent = Agent::start(&[])?;
     let (listener, server) = listener();
-    const CONNECTIONS: usize = 2000;
-    const REQUESTS: u32 = 3;
-    let serving = http_server::serve(listener, CONNECTIONS, ServerBehaviour::default());
-    for _ in 0..CONNECTIONS {
+    let serving = http_server::serve(listener, SHORT_CONNECTIONS, behaviour);
+    for _ in 0..SHORT_CONNECTIONS {
         let mut client = TcpStream::connect(&server)?;
-        for _ in 0..REQUESTS {
+        for _ in 0..SHORT_REQUESTS {
             http_server::request(&mut client, "1.1", "")?;
+        }
+        if server_closes {
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest)?;
         }
     }
     join(serving)?;
+    let all = 2.0 * SHORT_CONNECTIONS as f64;
+    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= all)?;
+    Ok((scrape, server))
+}
 
-    let scrape = agent.scrape_until(WAIT, |s| closes(s, &server) >= 2.0 * CONNECTIONS as f64)?;
-    let connections = CONNECTIONS as f64;
-    let closes = || {
-        scrape
-            .text
-            .lines()
-            .filter(|l| l.starts_with("connscope_connections_closed_total"))
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(closed(&scrape, &server, "client", "local", "idle"), connections, "{:#?}", closes());
-    assert_eq!(closed(&scrape, &server, "server", "peer", "idle"), connections, "{:#?}", closes());
-    assert_eq!(scrape.sum("connscope_keepalive_races_total", &[("server", &server)]), 0.0);
-    Ok(())
+/// Every short connection closed by (`client`, `server`) = `by` with `reason`, and no race.
+fn assert_closes(scrape: &connscope_tests::Scrape, server: &str, by: (&str, &str), reason: &str) {
+    let connections = SHORT_CONNECTIONS as f64;
+    let closes: Vec<_> = scrape
+        .text
+        .lines()
+        .filter(|l| l.starts_with("connscope_connections_closed_total"))
+        .collect();
+    assert_eq!(closed(scrape, server, "client", by.0, reason), connections, "{closes:#?}");
+    assert_eq!(closed(scrape, server, "server", by.1, reason), connections, "{closes:#?}");
+    assert_eq!(scrape.sum("connscope_keepalive_races_total", &[("server", server)]), 0.0);
 }
 
 /// A line protocol (Redis-like PING/PONG): no HTTP, but exchanges are still counted.
