@@ -2,6 +2,9 @@
 //! its per-connection state the kernel does not keep (labels, the counts already exported,
 //! the HTTP session), so a connection that spans a restart is reported as if none happened.
 //! Key 0 holds a header entry (no socket lives at address 0).
+//!
+//! Its metric values go in the pinned `CARRIED_METRICS` map ([`CarriedChunk`]), written before
+//! the handover's header, so that the next agent's counters continue from them.
 
 use core::mem::size_of;
 
@@ -88,5 +91,33 @@ impl Handover {
 
     pub const fn has(&self, flag: u8) -> bool {
         self.flags & flag != 0
+    }
+}
+
+/// Bytes of the carried metrics in one [`CarriedChunk`] (a map value of 4 KiB).
+pub const CARRIED_CHUNK_BYTES: usize = 4092;
+/// Chunks the `CARRIED_METRICS` map holds: about 4 MiB of gzipped exposition text, eight
+/// times what the label caps' defaults filled need. Unpreallocated: empty while an agent runs.
+pub const CARRIED_CHUNKS: u32 = 1024;
+
+/// One piece of a stopping agent's counter, histogram and keep-alive gauge values (its
+/// exposition text of those families, gzipped), keyed by position from 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CarriedChunk {
+    /// Bytes of `bytes` in use.
+    pub len: u32,
+    pub bytes: [u8; CARRIED_CHUNK_BYTES],
+}
+const _: () = assert!(size_of::<CarriedChunk>() == 4096);
+
+impl CarriedChunk {
+    pub const fn zeroed() -> Self {
+        Self { len: 0, bytes: [0; CARRIED_CHUNK_BYTES] }
+    }
+
+    /// The bytes in use; empty when `len` is out of range.
+    pub fn used(&self) -> &[u8] {
+        self.bytes.get(..self.len as usize).unwrap_or_default()
     }
 }

@@ -24,7 +24,7 @@ pub mod tls_record;
 pub mod wire;
 
 pub use conn::{Conn, conn_flag};
-pub use handover::{Handover, handover_flag};
+pub use handover::{CARRIED_CHUNKS, CarriedChunk, Handover, handover_flag};
 pub use kernel_config::{
     BufferLayout, FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, PayloadSyscallSpec, PinSlot,
     ProgramConfig, Setting, SockLayout, UserBuffers,
@@ -101,4 +101,6 @@ mod pod {
     unsafe impl aya::Pod for super::ListenKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Handover {}
+    // SAFETY: as above: a `u32` and bytes, no padding.
+    unsafe impl aya::Pod for super::CarriedChunk {}
 }

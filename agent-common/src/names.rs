@@ -113,15 +113,25 @@ pub mod map {
     pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
     pub const PIN_STATE: &str = "PIN_STATE";
     pub const HANDOVER: &str = "HANDOVER";
+    pub const CARRIED_METRICS: &str = "CARRIED_METRICS";
     pub const TLS_CALLS: &str = "TLS_CALLS";
     pub const TLS_SOCKETS: &str = "TLS_SOCKETS";
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
-    pub const PINNED: [&str; 8] =
-        [CONNS, EVENTS, LOST, SETTINGS, CONNECTS_IN_FLIGHT, LISTEN_PORTS, PIN_STATE, HANDOVER];
+    pub const PINNED: [&str; 9] = [
+        CONNS,
+        EVENTS,
+        LOST,
+        SETTINGS,
+        CONNECTS_IN_FLIGHT,
+        LISTEN_PORTS,
+        PIN_STATE,
+        HANDOVER,
+        CARRIED_METRICS,
+    ];
 
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         CONNS,
         EVENTS,
         LOST,
@@ -136,6 +146,7 @@ pub mod map {
         LISTEN_PORTS,
         PIN_STATE,
         HANDOVER,
+        CARRIED_METRICS,
         TLS_CALLS,
         TLS_SOCKETS,
     ];

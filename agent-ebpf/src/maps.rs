@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use connscope_common::{
-    Attribution, Conn, DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, Handover, HeadEvent,
-    IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting,
-    kernel_config::SOCK_COMMON_READ,
+    Attribution, CARRIED_CHUNKS, CarriedChunk, Conn, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RINGBUF_BYTES, Handover, HeadEvent, IN_FLIGHT_CALLS, ListenKey, LostReason,
+    MAX_LISTEN_PORTS, PinSlot, Setting, kernel_config::SOCK_COMMON_READ,
 };
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
@@ -62,6 +62,12 @@ pub static PIN_STATE: Array<u64> = Array::with_max_entries(PinSlot::COUNT, 0);
 #[map]
 pub static HANDOVER: HashMap<u64, Handover> =
     HashMap::with_max_entries(DEFAULT_MAX_CONNECTIONS + 1, NO_PREALLOC);
+
+/// Written by a stopping agent before the handover's header, read and emptied by the next:
+/// its metric values, so counters continue across agents (`connscope_common::handover`).
+#[map]
+pub static CARRIED_METRICS: HashMap<u32, CarriedChunk> =
+    HashMap::with_max_entries(CARRIED_CHUNKS, NO_PREALLOC);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

@@ -10,13 +10,16 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use connscope_common::{Conn, EventKind, Handover, conn::SWEEP_INTERVAL_NS, names::map};
+use connscope_common::{
+    CarriedChunk, Conn, EventKind, Handover, conn::SWEEP_INTERVAL_NS, names::map,
+};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
 
 use crate::{
     adoption,
     backlog::{Backlog, Drained, StartupDrain},
+    carry,
     config::Config,
     events, handover,
     kernel_stats::{LossCollector, UserLosses},
@@ -57,6 +60,8 @@ struct Pipeline {
     sweep: Vec<u64>,
     /// With pinned state: where this agent leaves its connections for the next one.
     handover: Option<HashMap<MapData, u64, Handover>>,
+    /// With pinned state: where it leaves its metric values (`carry`).
+    carried: Option<HashMap<MapData, u32, CarriedChunk>>,
 }
 
 impl Agent {
@@ -138,12 +143,15 @@ impl Agent {
             config.max_processes,
             Box::new(placement),
         );
-        let handover = match &probes.pins {
-            Some(_) => Some(HashMap::try_from(take_map(&mut probes, map::HANDOVER)?)?),
-            None => None,
+        let (handover, carried) = match &probes.pins {
+            Some(_) => (
+                Some(HashMap::try_from(take_map(&mut probes, map::HANDOVER)?)?),
+                Some(HashMap::try_from(take_map(&mut probes, map::CARRIED_METRICS)?)?),
+            ),
+            None => (None, None),
         };
         let mut pipeline =
-            Pipeline { ring, conns, table, counters, losses, sweep: Vec::new(), handover };
+            Pipeline { ring, conns, table, counters, losses, sweep: Vec::new(), handover, carried };
         if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
             pipeline.take_over_connections(backlog);
         }
@@ -366,7 +374,20 @@ impl Pipeline {
     /// their next send or receive. Connections opened from now on are announced in the
     /// ring buffer.
     fn take_over_connections(&mut self, backlog: Option<Backlog>) {
-        let entries = self.handover.as_mut().map(handover::take).unwrap_or_default();
+        let entries = self.handover.as_mut().and_then(handover::take);
+        // Emptied in any case: values left without a handover are a crashed agent's.
+        let carried = self.carried.as_mut().and_then(carry::take);
+        if let Some(text) =
+            carried.filter(|_| entries.is_some()).and_then(|blob| carry::decompress(&blob))
+        {
+            let carried = self.table.carry_on(&text);
+            tracing::info!(
+                series = carried.series,
+                skipped = carried.skipped,
+                "metrics go on from the previous agent's values"
+            );
+        }
+        let entries = entries.unwrap_or_default();
         let restored =
             entries.iter().filter(|(sock, entry)| self.table.restore(*sock, entry)).count();
         if let Some(backlog) = backlog {
@@ -410,6 +431,17 @@ impl Pipeline {
     fn hand_over(&mut self) {
         let Some(map) = self.handover.as_mut() else { return };
         let started = Instant::now();
+        // Before the handover's header, which tells the next agent both are complete.
+        if let Some(carried) = self.carried.as_mut() {
+            let written = self
+                .table
+                .carried_metrics()
+                .and_then(|blob| carry::write(carried, &blob).map(|()| blob.len()));
+            match written {
+                Ok(bytes) => tracing::info!(bytes, "metric values left for the next agent"),
+                Err(err) => tracing::warn!("the next agent's metrics start from 0: {err:#}"),
+            }
+        }
         let written = handover::write(map, self.table.handover());
         tracing::info!(
             connections = written,

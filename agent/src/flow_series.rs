@@ -8,17 +8,15 @@ use std::{
 };
 
 use connscope_common::{Attribution, CloseKind, ClosedBy, Protocol, Role};
-use prometheus_client::metrics::{
-    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
-};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 
 use crate::{
     classify::CloseReason,
     http::Version,
     labels::{self, LabelCap},
     metrics::{
-        Closed, ClosedByLabels, Flow, FlowProtocol, GapHistogram, HttpRequest, Metrics, OpenState,
-        PlacedFlow, Server,
+        BucketHistogram, Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, Metrics,
+        OpenState, PlacedFlow, Server,
     },
     placement::{Placement, PlacementResolver},
 };
@@ -54,13 +52,13 @@ pub struct FlowSeries {
     pub opened: Counter,
     pub bytes_sent: Counter,
     pub bytes_received: Counter,
-    pub idle: GapHistogram,
-    pub duration: Histogram,
+    pub idle: BucketHistogram,
+    pub duration: BucketHistogram,
     pub races: Counter,
     open_active: Gauge,
     open_idle: Gauge,
     /// Created on first use, so flows export only the series they have.
-    requests: [OnceLock<Histogram>; REPORTED_PROTOCOLS.len()],
+    requests: [OnceLock<BucketHistogram>; REPORTED_PROTOCOLS.len()],
     http10: OnceLock<Counter>,
     http11: OnceLock<Counter>,
     advertised_timeout: OnceLock<Gauge>,
@@ -69,7 +67,7 @@ pub struct FlowSeries {
     /// flow has a few, and a close then costs no label allocation.
     closes: Mutex<Vec<(CloseKey, Counter)>>,
     /// `close_idle_seconds` by `closed_by` (in `ClosedBy` wire order).
-    close_idle: [OnceLock<Histogram>; ClosedBy::ALL.len()],
+    close_idle: [OnceLock<BucketHistogram>; ClosedBy::ALL.len()],
 }
 
 impl FlowSeries {
@@ -110,7 +108,7 @@ impl FlowSeries {
     }
 
     /// The requests-per-connection histogram of `protocol`; `None` where it is not reported.
-    pub fn requests(&self, metrics: &Metrics, protocol: Protocol) -> Option<&Histogram> {
+    pub fn requests(&self, metrics: &Metrics, protocol: Protocol) -> Option<&BucketHistogram> {
         let slot = REPORTED_PROTOCOLS.iter().position(|&p| p.label() == protocol.label())?;
         Some(self.requests[slot].get_or_init(|| {
             let labels =
@@ -157,7 +155,7 @@ impl FlowSeries {
     }
 
     /// The idle time before the close, by who closed first.
-    pub fn close_idle(&self, metrics: &Metrics, by: ClosedBy) -> &Histogram {
+    pub fn close_idle(&self, metrics: &Metrics, by: ClosedBy) -> &BucketHistogram {
         let slot = ClosedBy::ALL.iter().position(|&b| b == by).unwrap_or(0);
         self.close_idle[slot].get_or_init(|| {
             let labels =
@@ -204,6 +202,19 @@ impl FlowCache {
             servers: LabelCap::new(max_servers),
             processes: LabelCap::new(max_processes),
             placement,
+        }
+    }
+
+    /// Admits the label values an agent before this one exported (`carry`) ahead of new
+    /// ones, so a flow keeps its labels across the restart.
+    pub fn admit_carried(&mut self, carried: &crate::carry::Carried) {
+        let exported =
+            |value: &&String| value.as_str() != labels::OTHER && value.as_str() != labels::UNKNOWN;
+        for server in carried.servers.iter().filter(exported) {
+            self.servers.admit(server);
+        }
+        for process in carried.processes.iter().filter(exported) {
+            self.processes.admit(process);
         }
     }
 

@@ -123,9 +123,9 @@ pub fn has_header(map: &HashMap<MapData, u64, Handover>) -> bool {
     map.get(&HEADER, 0).is_ok()
 }
 
-/// Reads and empties the handover: the connections it holds, or none when it is missing,
+/// Reads and empties the handover: the connections it holds, or `None` when it is missing,
 /// incomplete or stale (logged).
-pub fn take(map: &mut HashMap<MapData, u64, Handover>) -> Vec<(u64, Handover)> {
+pub fn take(map: &mut HashMap<MapData, u64, Handover>) -> Option<Vec<(u64, Handover)>> {
     let entries: Vec<(u64, Handover)> = map.iter().filter_map(Result::ok).collect();
     for (sock, _) in &entries {
         let _ = map.remove(sock);
@@ -134,7 +134,7 @@ pub fn take(map: &mut HashMap<MapData, u64, Handover>) -> Vec<(u64, Handover)> {
         if !entries.is_empty() {
             tracing::warn!(entries = entries.len(), "handover without its header skipped");
         }
-        return Vec::new();
+        return None;
     };
     let age = Duration::from_nanos(monotonic_ns().saturating_sub(header.open_ns));
     let connections: Vec<_> = entries.into_iter().filter(|(sock, _)| *sock != HEADER).collect();
@@ -145,9 +145,9 @@ pub fn take(map: &mut HashMap<MapData, u64, Handover>) -> Vec<(u64, Handover)> {
             expected = header.exchanges,
             "stale or incomplete handover skipped"
         );
-        return Vec::new();
+        return None;
     }
-    connections
+    Some(connections)
 }
 
 #[cfg(test)]

@@ -7,12 +7,13 @@
 pub mod adoption;
 pub mod agent;
 pub mod backlog;
+pub mod bucket_histogram;
+pub mod carry;
 pub mod classify;
 pub mod config;
 pub mod events;
 pub mod flow_series;
 pub mod flows;
-pub mod gap_histogram;
 pub mod handover;
 pub mod http;
 pub mod http_session;

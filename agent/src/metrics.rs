@@ -3,32 +3,38 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::{Registry, Unit},
 };
 
-pub use crate::gap_histogram::GapHistogram;
-use crate::placement::Placement;
+pub use crate::bucket_histogram::BucketHistogram;
+use crate::bucket_histogram::IDLE_BOUNDS;
+use serde::Deserialize;
+
+use crate::{carry::Carry, placement::Placement};
 
 /// Who talks to which server: the labels of most connection metrics.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct Flow {
     pub role: String,
     pub process: String,
     pub server: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct PlacedFlow {
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub flow: Flow,
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub placement: Placement,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct Closed {
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub flow: PlacedFlow,
     pub closed_by: String,
     pub close_kind: String,
@@ -37,61 +43,65 @@ pub struct Closed {
 
 /// Requests per connection are read differently per protocol (HTTP/1.x requests, exchanges
 /// of other request/response protocols, TLS records, WebSocket upgrades).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct FlowProtocol {
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub flow: Flow,
     pub protocol: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct OpenState {
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub flow: Flow,
     pub state: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct ClosedByLabels {
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub flow: Flow,
     pub closed_by: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct HttpRequest {
     #[prometheus(flatten)]
+    #[serde(flatten)]
     pub flow: Flow,
     pub http_version: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct Server {
     pub server: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct Probe {
     pub hook: String,
     pub attach: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct EventKindLabel {
     pub kind: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct SkipReason {
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct Build {
     pub version: String,
 }
 
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+pub type HistogramFamily<L> = Family<L, BucketHistogram, fn() -> BucketHistogram>;
 
 /// Connection lifetime: 1 ms to 1 h.
 pub const DURATION_BUCKETS: [f64; 16] = [
@@ -102,20 +112,16 @@ pub const DURATION_BUCKETS: [f64; 16] = [
 /// one-request connections that cause churn.
 pub const REQUEST_BUCKETS: [f64; 12] =
     [0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0];
+fn duration_histogram() -> BucketHistogram {
+    BucketHistogram::new(&DURATION_BUCKETS)
+}
+fn request_histogram() -> BucketHistogram {
+    BucketHistogram::new(&REQUEST_BUCKETS)
+}
 /// Idle gaps: 1 ms to 300 s, with the common keep-alive timeouts (5, 15, 60, 75 s) as
 /// bounds. The kernel counts gaps in these buckets (`connscope_common::conn::IDLE_BOUNDS_NS`).
-pub fn idle_buckets() -> impl Iterator<Item = f64> {
-    connscope_common::conn::IDLE_BOUNDS_NS.iter().map(|&ns| ns as f64 / 1e9)
-}
-
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
-}
-fn request_histogram() -> Histogram {
-    Histogram::new(REQUEST_BUCKETS)
-}
-fn idle_histogram() -> Histogram {
-    Histogram::new(idle_buckets())
+fn idle_histogram() -> BucketHistogram {
+    BucketHistogram::new(&IDLE_BOUNDS)
 }
 
 /// Every metric family the agent updates. Cloning shares the underlying series.
@@ -128,7 +134,7 @@ pub struct Metrics {
     pub open: Family<OpenState, Gauge>,
     pub duration: HistogramFamily<Flow>,
     pub requests: HistogramFamily<FlowProtocol>,
-    pub idle: Family<Flow, GapHistogram>,
+    pub idle: HistogramFamily<Flow>,
     pub close_idle: HistogramFamily<ClosedByLabels>,
     pub http_requests: Family<HttpRequest, Counter>,
     pub advertised_timeout: Family<Server, Gauge>,
@@ -153,7 +159,7 @@ impl Metrics {
             open: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
             requests: Family::new_with_constructor(request_histogram),
-            idle: Family::default(),
+            idle: Family::new_with_constructor(idle_histogram),
             close_idle: Family::new_with_constructor(idle_histogram),
             http_requests: Family::default(),
             advertised_timeout: Family::default(),
@@ -252,6 +258,30 @@ impl Metrics {
             "Events the kernel sent to the agent, by kind (open, turn, close): the agent's own load",
             m.events,
         );
+    }
+}
+
+impl Metrics {
+    /// The families a starting agent takes over from the agent before it (`carry`), by
+    /// their sample names in the exposition (histograms: without `_bucket`).
+    pub fn carried(&self) -> [(&'static str, &dyn Carry); 15] {
+        [
+            ("connscope_connections_opened_total", &self.opened),
+            ("connscope_connections_adopted_total", &self.adopted),
+            ("connscope_adoption_skipped_total", &self.adoption_skipped),
+            ("connscope_connections_closed_total", &self.closed),
+            ("connscope_connection_duration_seconds", &self.duration),
+            ("connscope_connection_requests", &self.requests),
+            ("connscope_connection_idle_seconds", &self.idle),
+            ("connscope_connection_close_idle_seconds", &self.close_idle),
+            ("connscope_http_requests_total", &self.http_requests),
+            ("connscope_http_keepalive_advertised_timeout_seconds", &self.advertised_timeout),
+            ("connscope_http_keepalive_advertised_max_requests", &self.advertised_max),
+            ("connscope_keepalive_races_total", &self.races),
+            ("connscope_bytes_sent_total", &self.bytes_sent),
+            ("connscope_bytes_received_total", &self.bytes_received),
+            ("connscope_events_received_total", &self.events),
+        ]
     }
 }
 

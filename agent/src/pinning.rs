@@ -25,8 +25,9 @@ use aya::{
     programs::links::FdLink,
 };
 use connscope_common::{
-    Attribution, Conn, Handover, IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot,
-    Setting, kernel_config::contract_fingerprint, names::map,
+    Attribution, CARRIED_CHUNKS, CarriedChunk, Conn, Handover, IN_FLIGHT_CALLS, ListenKey,
+    LostReason, MAX_LISTEN_PORTS, PinSlot, Setting, kernel_config::contract_fingerprint,
+    names::map,
 };
 
 use crate::config::Config;
@@ -73,6 +74,7 @@ fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
         map::LISTEN_PORTS => shape(MapType::Hash, size_of::<ListenKey>(), 4, MAX_LISTEN_PORTS),
         map::PIN_STATE => shape(MapType::Array, 4, 8, PinSlot::COUNT),
         map::HANDOVER => shape(MapType::Hash, 8, size_of::<Handover>(), config.max_connections + 1),
+        map::CARRIED_METRICS => shape(MapType::Hash, 4, size_of::<CarriedChunk>(), CARRIED_CHUNKS),
         _ => return None,
     })
 }

@@ -16,7 +16,7 @@ use std::{
 use prometheus_client::encoding::{EncodeLabel as _, EncodeLabelSet, LabelSetEncoder};
 
 /// Kubernetes placement of the local process; each label is present only when known.
-#[derive(Clone, Debug, Default, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Hash, PartialEq, Eq, serde::Deserialize)]
 pub struct Placement {
     pub namespace: Option<String>,
     pub pod: Option<String>,

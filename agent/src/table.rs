@@ -123,6 +123,18 @@ impl ConnectionTable {
         self.conns.is_empty()
     }
 
+    /// Goes on from the metric values of the agent before this one (`carry`).
+    pub fn carry_on(&mut self, text: &str) -> crate::carry::Carried {
+        let carried = crate::carry::seed(&self.metrics, text);
+        self.flows.admit_carried(&carried);
+        carried
+    }
+
+    /// The exposition of this table's metrics, gzipped, for the next agent (`carry`).
+    pub fn carried_metrics(&self) -> anyhow::Result<Vec<u8>> {
+        crate::carry::encode(&self.metrics)
+    }
+
     /// Whether `sock` is a connection this table can label.
     pub fn knows(&self, sock: u64) -> bool {
         self.conns.contains_key(&sock)

@@ -155,9 +155,11 @@ fn a_receive_blocked_across_a_takeover_is_counted() -> anyhow::Result<()> {
     })?;
     for role in ["client", "server"] {
         let labels = [("role", role), ("server", server.as_str())];
-        let requests = first_last.sum("connscope_http_requests_total", &labels)
-            + scrape.sum("connscope_http_requests_total", &labels);
+        // The second agent's counters go on from the first's.
+        let before = first_last.sum("connscope_http_requests_total", &labels);
+        let requests = scrape.sum("connscope_http_requests_total", &labels);
         assert_eq!(requests, REQUESTS as f64, "{role}: {}", scrape.text);
+        assert!((1.0..=requests).contains(&before), "{role}: {}", first_last.text);
         let per_connection = scrape.sum("connscope_connection_requests_sum", &labels);
         assert_eq!(per_connection, REQUESTS as f64, "{role}: {}", scrape.text);
     }
@@ -192,6 +194,7 @@ fn a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it() -> anyhow::R
     let (code, _) = fs.agent()?.stop()?;
     assert_eq!(code, Some(0));
     let maps = [
+        "CARRIED_METRICS",
         "CONNECTS_IN_FLIGHT",
         "CONNS",
         "EVENTS",

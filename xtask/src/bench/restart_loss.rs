@@ -2,16 +2,18 @@
 //! close`, the agent is stopped with SIGTERM and started again, `restarts` times, with its
 //! kernel state pinned under a private path in /sys/fs/bpf (removed with `connscope
 //! cleanup` at the end; where /sys/fs/bpf is no BPF filesystem, in one mounted for the
-//! part alone). Then what the agents counted, summed over all of them, is compared
-//! with nginx's own counts: requests from its access log, connections from its
-//! `stub_status` (accepted connections, also those that closed before sending a request).
-//! Also: the gap per restart, from SIGTERM to the next agent answering `/readyz`.
+//! part alone). Each agent's counters go on from the one before it (`agent/src/carry.rs`),
+//! so the last agent's counts are the whole run's; they are compared with nginx's own:
+//! requests from its access log, connections from its `stub_status` (accepted connections,
+//! also those that closed before sending a request). Also: the gap per restart, from
+//! SIGTERM to the next agent answering `/readyz`, and the restarts at which a counter went
+//! back (the next agent's first answer below the old one's last: a reset, which makes a
+//! Prometheus lose what the old agent counted after its last scrape of it).
 //!
-//! An agent's counts are its last answer to `/metrics`: it keeps answering while it flushes
-//! the ring buffer and writes the handover after SIGTERM, and the bench scrapes it until it
-//! stops. What it counted after the scrape just before SIGTERM is reported apart
-//! (`counted_after_last_scrape_before_sigterm`): a Prometheus whose last scrape of the old
-//! agent came before the SIGTERM does not see it, since the next agent's counters start at 0.
+//! An agent's last counts are its last answer to `/metrics`: it keeps answering while it
+//! flushes the ring buffer and writes the handover after SIGTERM, and the bench scrapes it
+//! until it stops. What it counted after the scrape just before SIGTERM is reported apart
+//! (`counted_after_last_scrape_before_sigterm`): what a reset would have lost.
 
 use std::{
     collections::BTreeMap,
@@ -75,6 +77,15 @@ impl Counts {
             self.adopted[i] += other.adopted[i];
             self.closed[i] += other.closed[i];
         }
+    }
+
+    /// Whether any count is below `earlier`'s: a counter reset.
+    fn went_back_from(&self, earlier: &Self) -> bool {
+        let diff = self.minus(earlier);
+        [diff.requests, diff.requests_of_closed, diff.connections, diff.adopted, diff.closed]
+            .iter()
+            .flatten()
+            .any(|d| *d < 0.0)
     }
 
     fn minus(&self, earlier: &Self) -> Self {
@@ -178,9 +189,12 @@ struct ModeRun {
     wrk_requests: u64,
     wrk_errors: u64,
     wrk_cpu_seconds: f64,
+    /// The last agent's last answer: the whole run's counts.
     counted: Counts,
-    /// What each agent counted, in order.
+    /// Each agent's last answer, in order.
     per_agent: Vec<Counts>,
+    /// Restarts after which the next agent's first answer was below the old one's last.
+    resets: usize,
     after_last_scrape: Counts,
     /// The last agent's losses (see [`Stopped::losses`]).
     losses: BTreeMap<String, f64>,
@@ -189,7 +203,7 @@ struct ModeRun {
 }
 
 impl ModeRun {
-    /// Largest difference over both roles: nginx's count against the agents' sum.
+    /// Largest difference over both roles: nginx's count against the last agent's.
     fn requests_lost(&self) -> f64 {
         self.counted.requests.iter().map(|c| (self.nginx_requests - c).abs()).fold(0.0, f64::max)
     }
@@ -219,8 +233,8 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
     // Bounded: interrupted after the restarts, at most this long in any case.
     let bound = settings.restarts as u64 * (settings.restart_run_ms / 1000 + 35) + 30;
     let load = wrk::spawn(&nginx.url("/index.html"), bound, close)?;
-    let (mut counted, mut after_last_scrape) = (Counts::default(), Counts::default());
-    let mut per_agent = Vec::new();
+    let mut after_last_scrape = Counts::default();
+    let (mut per_agent, mut resets) = (Vec::new(), 0);
     let (mut stop_seconds, mut gap_seconds) = (Vec::new(), Vec::new());
     for restart in 1..=settings.restarts {
         thread::sleep(run);
@@ -228,7 +242,9 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
         let stopped = stop_agent(agent, &server)?;
         agent = start_agent(pin_path)?;
         let gap = signalled.elapsed();
-        counted.add(&stopped.last);
+        if Counts::of(&agent.scrape()?, &server).went_back_from(&stopped.last) {
+            resets += 1;
+        }
         per_agent.push(stopped.last);
         after_last_scrape.add(&stopped.last.minus(&stopped.before));
         stop_seconds.push(stopped.took.as_secs_f64());
@@ -249,7 +265,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
     };
     agent.scrape_until(SETTLE, settled)?;
     let stopped = stop_agent(agent, &server)?;
-    counted.add(&stopped.last);
+    let counted = stopped.last;
     per_agent.push(stopped.last);
     after_last_scrape.add(&stopped.last.minus(&stopped.before));
     let (accepts_after, requests_after) = stub_status(status)?;
@@ -273,6 +289,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
         wrk_cpu_seconds: result.cpu_seconds,
         counted,
         per_agent,
+        resets,
         after_last_scrape,
         losses: stopped.losses,
         stop_seconds,
@@ -300,6 +317,15 @@ fn figures(run: &ModeRun, restarts: usize) -> Vec<Figure> {
             format!(
                 "{connections} (of {}; tracked {}/{}, closed {}/{})",
                 run.nginx_connections, c.connections[0], c.connections[1], c.closed[0], c.closed[1]
+            ),
+            Target::AtMost(0.0),
+        ),
+        Figure::new(
+            format!("counter resets across {restarts} restarts, {}", run.mode),
+            run.resets as f64,
+            format!(
+                "{} (counted after the scrape before each SIGTERM: client {}, server {} requests)",
+                run.resets, run.after_last_scrape.requests[0], run.after_last_scrape.requests[1]
             ),
             Target::AtMost(0.0),
         ),
@@ -344,6 +370,7 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
                 "requests_lost": run.requests_lost(),
                 "connections_lost": run.connections_lost(),
                 "counted_by_the_agents": run.counted.to_json(),
+                "counter_resets": run.resets,
                 "counted_by_each_agent": run.per_agent.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
                 "events_lost_by_reason": run.losses,
                 "counted_after_last_scrape_before_sigterm": run.after_last_scrape.to_json(),
