@@ -101,7 +101,16 @@ impl Agent {
     /// [`Agent::start`], with the agent's output (its log) written to `log` when given, for
     /// tests that read what it logged.
     pub fn start_logging(extra: &[&str], log: Option<&std::fs::File>) -> anyhow::Result<Self> {
-        let port = free_port();
+        Self::start_on(free_port(), extra, log)
+    }
+
+    /// [`Agent::start_logging`] on a given loopback port: a restarted agent that a scraper
+    /// keeps scraping at the same address.
+    pub fn start_on(
+        port: u16,
+        extra: &[&str],
+        log: Option<&std::fs::File>,
+    ) -> anyhow::Result<Self> {
         let address: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let listen = address.to_string();
         let mut args = vec!["--web.listen-address", &listen, "--metrics.max-servers", "100000"];
