@@ -114,6 +114,7 @@ pub mod map {
     pub const PIN_STATE: &str = "PIN_STATE";
     pub const HANDOVER: &str = "HANDOVER";
     pub const CARRIED_METRICS: &str = "CARRIED_METRICS";
+    pub const LAST_WAKEUP: &str = "LAST_WAKEUP";
     pub const TLS_CALLS: &str = "TLS_CALLS";
     pub const TLS_SOCKETS: &str = "TLS_SOCKETS";
 
@@ -131,7 +132,7 @@ pub mod map {
         CARRIED_METRICS,
     ];
 
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         CONNS,
         EVENTS,
         LOST,
@@ -147,6 +148,7 @@ pub mod map {
         PIN_STATE,
         HANDOVER,
         CARRIED_METRICS,
+        LAST_WAKEUP,
         TLS_CALLS,
         TLS_SOCKETS,
     ];

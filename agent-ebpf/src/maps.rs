@@ -2,6 +2,7 @@
 //! it imports nothing from the rest of the crate.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -103,15 +104,33 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// quiet host's records are never held for long. Waking on every record costs a context
 /// switch per record.
 const WAKEUP_BYTES: u64 = 128 << 10;
+/// While that much stays waiting (the agent is woken but not drained yet), a CPU wakes it
+/// again at most this often. Each wakeup is an interrupt (`irq_work`: a self-IPI, a VM exit
+/// under a hypervisor): waking on every record above the mark took a third of the programs'
+/// time under `Connection: close` load (perf, docs/performance.md).
+const REWAKE_AFTER_NS: u64 = 1_000_000;
 
-/// Flags for submitting a ring buffer record (see `WAKEUP_BYTES`).
+/// When this CPU last woke the agent (`bpf_ktime_get_ns`). Per generation, not pinned.
+#[map]
+pub static LAST_WAKEUP: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Flags for submitting a ring buffer record (see `WAKEUP_BYTES`, `REWAKE_AFTER_NS`).
 #[inline(always)]
 pub fn submit_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
+    if EVENTS.query(BPF_RB_AVAIL_DATA) < WAKEUP_BYTES {
+        return BPF_RB_NO_WAKEUP;
     }
+    let Some(last) = LAST_WAKEUP.get_ptr_mut(0) else { return BPF_RB_FORCE_WAKEUP };
+    // SAFETY: `bpf_ktime_get_ns` has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the pointer comes from the map lookup and is valid for this CPU's slot.
+    unsafe {
+        if now.wrapping_sub(*last) < REWAKE_AFTER_NS {
+            return BPF_RB_NO_WAKEUP;
+        }
+        *last = now;
+    }
+    BPF_RB_FORCE_WAKEUP
 }
 
 #[inline(always)]
