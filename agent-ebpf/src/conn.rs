@@ -295,8 +295,7 @@ fn transfer_counted_once(
     if let Some(seq) = seq {
         let other_generation = conn.has(conn_flag::COUNTED_BY_OTHER_GENERATION);
         conn.flags &= !conn_flag::COUNTED_BY_OTHER_GENERATION;
-        let counted =
-            if direction == Direction::Send { &mut conn.send_seq } else { &mut conn.recv_seq };
+        let counted = counted_position(conn, direction);
         if (!active || other_generation) && *counted == seq {
             return;
         }
@@ -329,38 +328,57 @@ fn last_counted_before_takeover_end(conn: &Conn) -> bool {
 #[inline(never)]
 fn recover_missed_turn(sock: u64, conn: &mut Conn, direction: Direction) {
     let missed = direction.opposite();
-    let counted = if missed == Direction::Send { conn.send_seq } else { conn.recv_seq };
+    let counted = counted_position(conn, missed);
     // 0: nothing counted in that direction yet, so no position to compare with.
-    let Some(position) = sock::stream_seq(sock, missed).filter(|_| counted != 0) else { return };
-    let moved = position.wrapping_sub(counted);
+    let Some(position) = sock::stream_seq(sock, missed).filter(|_| *counted != 0) else { return };
+    let moved = position.wrapping_sub(*counted);
     if moved as i32 <= 0 {
         return;
     }
-    if missed == Direction::Send {
-        conn.send_seq = position
-    } else {
-        conn.recv_seq = position
-    };
+    *counted = position;
     conn.flags |= conn_flag::COUNTED_BY_OTHER_GENERATION;
-    let wrapped = if missed == Direction::Send {
-        add_wrapping(&mut conn.bytes_sent, moved)
-    } else {
-        add_wrapping(&mut conn.bytes_received, moved)
-    };
-    if conn.has(conn_flag::TLS_PLAINTEXT) {
-        // Decrypted TLS counts exchanges from libssl's calls (uprobes, never missed).
-        if wrapped {
-            records::snapshot(EventKind::Progress, sock, conn);
-        }
-        return;
-    }
-    count_exchanges(sock, conn, PayloadSource::Unreadable, missed, u64::from(moved), wrapped);
+    // Decrypted TLS counts exchanges from libssl's calls (uprobes, never missed).
+    add_and_count(sock, conn, PayloadSource::Unreadable, missed, moved, |_, conn| {
+        conn.has(conn_flag::TLS_PLAINTEXT)
+    });
+}
+
+/// The stream position (`write_seq`, `copied_seq`) after the last call counted in
+/// `direction` ([`transfer_at_exit`]).
+#[inline(always)]
+fn counted_position(conn: &mut Conn, direction: Direction) -> &mut u32 {
+    if direction == Direction::Send { &mut conn.send_seq } else { &mut conn.recv_seq }
 }
 
 /// Counts `ret` (> 0) bytes moved on a tracked connection.
 #[inline(always)]
 fn count_transfer(sock: u64, conn: &mut Conn, direction: Direction, ret: i64) {
     attribute_once(sock, conn);
+    // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify asks nothing.
+    if direction == Direction::Send
+        && !conn.has(conn_flag::TLS_PLAINTEXT)
+        && sent_after_peer_close(sock, conn)
+    {
+        conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
+    }
+    // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
+    add_and_count(sock, conn, PayloadSource::Syscall, direction, ret as u32, |sock, conn| {
+        tls_calls::ciphertext(sock, conn, direction)
+    });
+}
+
+/// Adds `moved` bytes in `direction` and counts them by the exchange rules, unless
+/// `plaintext_counted_elsewhere` (TLS whose plaintext the libssl uprobes see: exchanges are
+/// counted there).
+#[inline(always)]
+fn add_and_count(
+    sock: u64,
+    conn: &mut Conn,
+    source: PayloadSource,
+    direction: Direction,
+    moved: u32,
+    plaintext_counted_elsewhere: impl FnOnce(u64, &mut Conn) -> bool,
+) {
     // A response ends the wait before its bytes are counted (decrypted TLS too: the wire
     // says it left, even before libssl's call returns). The peer's FIN, processed meanwhile
     // on another CPU (`begin_close`), then sees no wait, or bytes acknowledged beyond the
@@ -369,28 +387,18 @@ fn count_transfer(sock: u64, conn: &mut Conn, direction: Direction, ret: i64) {
         exchange::end_wait(conn);
         compiler_fence(Ordering::SeqCst);
     }
-    let bytes = ret as u64;
-    // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
-    let moved = ret as u32;
-    let wrapped = match direction {
-        Direction::Send => {
-            // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify
-            // asks nothing.
-            if !conn.has(conn_flag::TLS_PLAINTEXT) && sent_after_peer_close(sock, conn) {
-                conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
-            }
-            add_wrapping(&mut conn.bytes_sent, moved)
-        }
-        _ => add_wrapping(&mut conn.bytes_received, moved),
+    let wrapped = if direction == Direction::Send {
+        add_wrapping(&mut conn.bytes_sent, moved)
+    } else {
+        add_wrapping(&mut conn.bytes_received, moved)
     };
-    // TLS whose plaintext the libssl uprobes see: exchanges are counted there.
-    if tls_calls::ciphertext(sock, conn, direction) {
+    if plaintext_counted_elsewhere(sock, conn) {
         if wrapped {
             records::snapshot(EventKind::Progress, sock, conn);
         }
         return;
     }
-    count_exchanges(sock, conn, PayloadSource::Syscall, direction, bytes, wrapped);
+    count_exchanges(sock, conn, source, direction, u64::from(moved), wrapped);
 }
 
 /// Whether a send that just returned on `conn` went out after the peer closed: the hooks
