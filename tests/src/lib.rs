@@ -6,6 +6,7 @@ pub mod asset_files;
 pub mod continuity;
 pub mod demo;
 pub mod exchange_counts;
+pub mod existing_connections;
 pub mod external_tools;
 pub mod framing_server;
 pub mod grafana;

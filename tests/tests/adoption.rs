@@ -10,9 +10,7 @@
 //! sockets were being opened beside it.
 
 use std::{
-    io::Write as _,
     net::TcpStream,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,6 +18,7 @@ use anyhow::Context as _;
 use connscope_tests::{
     Agent, Scrape,
     continuity::{WAIT, assert_opened_before_the_agent, both_closed},
+    existing_connections::ExistingConnections,
     free_port, http_server, kernel_tests_enabled,
     nginx::{Nginx, NginxConfig},
     own_process_label, serial,
@@ -65,23 +64,6 @@ fn nginx_connection_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Holds the accepted ends of `CONNECTIONS` connections in a process of its own (the fd
-/// limit of one process cannot hold both ends), and reads one byte from each on request.
-const HOLDER: &str = r#"
-import socket, sys
-listener = socket.socket()
-listener.bind(("127.0.0.79", 0))
-listener.listen(4096)
-print(listener.getsockname()[1], flush=True)
-accepted = [listener.accept()[0] for _ in range(int(sys.argv[1]))]
-print("accepted", flush=True)
-sys.stdin.readline()
-for conn in accepted:
-    conn.recv(1)
-print("read", flush=True)
-sys.stdin.readline()
-"#;
-
 /// The target: 10,000 connections that predate the agent, both ends adopted at their next
 /// send or receive (20,000 sockets). Prints the agent's start-up time and how long adopting
 /// all took.
@@ -92,33 +74,13 @@ fn ten_thousand_existing_connections_are_adopted() -> anyhow::Result<()> {
     }
     let _serial = serial::exclusive();
     const CONNECTIONS: usize = 10_000;
-    let mut holder = Command::new("python3")
-        .args(["-c", HOLDER, &CONNECTIONS.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let (Some(mut to_holder), Some(from_holder)) = (holder.stdin.take(), holder.stdout.take())
-    else {
-        anyhow::bail!("no pipes to the holder");
-    };
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(from_holder));
-    let mut next_line = move || lines.next().transpose().map(Option::unwrap_or_default);
-    let server = format!("127.0.0.79:{}", next_line()?);
-    let mut clients = Vec::with_capacity(CONNECTIONS);
-    for _ in 0..CONNECTIONS {
-        clients.push(TcpStream::connect(&server)?);
-    }
-    anyhow::ensure!(next_line()? == "accepted", "the holder did not accept");
-
+    let mut connections = ExistingConnections::open(CONNECTIONS, "127.0.0.79")?;
+    let server = connections.server.clone();
     let started = Instant::now();
     let agent = Agent::start(&[])?;
     let ready = started.elapsed();
     let adopting = Instant::now();
-    for client in &mut clients {
-        client.write_all(b"x")?;
-    }
-    writeln!(to_holder)?;
-    anyhow::ensure!(next_line()? == "read", "the holder did not read");
+    connections.first_exchange()?;
     let adopted =
         |s: &Scrape| s.sum("connscope_connections_adopted_total", &[("server", server.as_str())]);
     let all = 2.0 * CONNECTIONS as f64;
@@ -138,7 +100,5 @@ fn ten_thousand_existing_connections_are_adopted() -> anyhow::Result<()> {
             "{role}"
         );
     }
-    drop(to_holder);
-    holder.wait()?;
     Ok(())
 }

@@ -19,6 +19,7 @@
 //! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
 //! time and count, and is cleaned up.
 
+mod adoption;
 mod floor;
 mod https;
 mod kernel_cost;
@@ -51,6 +52,8 @@ struct Settings {
     idle_connections: usize,
     /// Bytes (= reads = writes) per dd run.
     dd_count: u64,
+    /// Connections established before the agent starts, in the adoption part.
+    adoption_connections: usize,
     /// Agent restarts under load, per load mode.
     restarts: usize,
     /// How long each agent runs under load before the next restart.
@@ -61,8 +64,16 @@ struct Settings {
 }
 
 /// The bench's parts, by the names `CONNSCOPE_BENCH_PARTS` takes.
-const PARTS: [&str; 7] =
-    ["throughput", "kernel-cost", "no-network", "memory", "metrics", "restart-loss", "https"];
+const PARTS: [&str; 8] = [
+    "throughput",
+    "kernel-cost",
+    "no-network",
+    "memory",
+    "metrics",
+    "adoption",
+    "restart-loss",
+    "https",
+];
 
 impl Settings {
     fn from_env() -> Self {
@@ -74,6 +85,8 @@ impl Settings {
             seconds: get("CONNSCOPE_BENCH_SECONDS", 5).max(1),
             idle_connections: get("CONNSCOPE_BENCH_IDLE_CONNECTIONS", 50_000) as usize,
             dd_count: get("CONNSCOPE_BENCH_DD_COUNT", 4 << 20).max(1000),
+            adoption_connections: get("CONNSCOPE_BENCH_ADOPTION_CONNECTIONS", 10_000).max(1)
+                as usize,
             restarts: get("CONNSCOPE_BENCH_RESTARTS", 10).max(1) as usize,
             restart_run_ms: get("CONNSCOPE_BENCH_RESTART_RUN_MS", 1000).max(100),
             parts: std::env::var("CONNSCOPE_BENCH_PARTS")
@@ -132,6 +145,9 @@ pub fn run() -> anyhow::Result<()> {
     }
     if settings.runs("metrics") {
         parts.push(metrics_latency::metrics_latency()?);
+    }
+    if settings.runs("adoption") {
+        parts.push(adoption::adoption(&settings)?);
     }
     if settings.runs("restart-loss") {
         parts.push(restart_loss::restart_loss(&settings)?);
