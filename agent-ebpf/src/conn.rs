@@ -357,7 +357,7 @@ fn count_transfer(sock: u64, conn: &mut Conn, direction: Direction, ret: i64) {
     // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify asks nothing.
     if direction == Direction::Send
         && !conn.has(conn_flag::TLS_PLAINTEXT)
-        && sent_after_peer_close(sock, conn)
+        && sock::sent_after_peer_close(sock, conn)
     {
         conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
     }
@@ -399,15 +399,6 @@ fn add_and_count(
         return;
     }
     count_exchanges(sock, conn, source, direction, u64::from(moved), wrapped);
-}
-
-/// Whether a send that just returned on `conn` went out after the peer closed: the hooks
-/// run at the send's end, and on loopback the peer can read the request, answer it and
-/// close before then. A peer that acknowledged every byte had read the request before its
-/// FIN, so only bytes it never acknowledged make a keep-alive race.
-#[inline(always)]
-pub fn sent_after_peer_close(sock: u64, conn: &Conn) -> bool {
-    conn.closed_by == ClosedBy::Peer as u8 && !sock::all_acknowledged(sock)
 }
 
 /// The exchange rules for `bytes` of payload readable from `source`; `report` forces a

@@ -3,9 +3,15 @@
 //! the `SSL_read`/`SSL_write` uprobes). The head rules of `head` and `exchange` read
 //! through it, so plaintext and cleartext go through the same code.
 
+use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_task_pt_regs};
 use connscope_common::Direction;
 
-use crate::{maps::UserBuffer, syscall_args::current_buffer};
+use crate::{
+    globals::{heads_from_stash, heads_from_task_regs},
+    maps::UserBuffer,
+    syscall_args::{head_buffer, payload_call},
+    syscall_stash,
+};
 
 #[derive(Clone, Copy)]
 pub enum PayloadSource {
@@ -26,5 +32,23 @@ impl PayloadSource {
             Self::Buffer(buffer) => Some(buffer),
             Self::Unreadable => None,
         }
+    }
+}
+
+/// The user buffer of the current system call when it moves payload in `direction`.
+#[inline(always)]
+fn current_buffer(direction: Direction) -> Option<UserBuffer> {
+    if heads_from_task_regs() {
+        // SAFETY: helpers without preconditions; the task is the current one.
+        let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) };
+        let call = payload_call(regs as u64)?;
+        if call.direction != direction as u8 {
+            return None;
+        }
+        head_buffer(&call)
+    } else if heads_from_stash() {
+        syscall_stash::take(direction)
+    } else {
+        None
     }
 }

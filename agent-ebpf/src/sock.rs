@@ -2,7 +2,7 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use connscope_common::{
-    AF_INET, AF_INET6, Direction, Endpoints, IPPROTO_TCP, ListenKey, SockLayout,
+    AF_INET, AF_INET6, ClosedBy, Conn, Direction, Endpoints, IPPROTO_TCP, ListenKey, SockLayout,
     kernel_config::SOCK_COMMON_READ,
 };
 
@@ -158,4 +158,13 @@ fn fill_endpoints(sock: u64, out: &mut Endpoints) -> Option<()> {
         }
         Some(())
     }
+}
+
+/// Whether a send that just returned on `conn` went out after the peer closed: the hooks
+/// run at the send's end, and on loopback the peer can read the request, answer it and
+/// close before then. A peer that acknowledged every byte had read the request before its
+/// FIN, so only bytes it never acknowledged make a keep-alive race.
+#[inline(always)]
+pub fn sent_after_peer_close(sock: u64, conn: &Conn) -> bool {
+    conn.closed_by == ClosedBy::Peer as u8 && !all_acknowledged(sock)
 }

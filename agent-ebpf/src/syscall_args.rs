@@ -3,20 +3,18 @@
 //! The socket layer's hooks see how many bytes moved, not where from. On kernels with
 //! `bpf_task_pt_regs` (5.15+, with BTF) the hook reads the syscall's number and arguments
 //! from the task's saved user registers: no syscall hook, so processes that never touch the
-//! network pay nothing. Older kernels fall back to a `sys_enter` stash (`syscall_stash`).
+//! network pay nothing. Older kernels fall back to a `sys_enter` stash (`syscall_stash`); which
+//! of the two a transfer's buffer comes from is `payload_source`'s choice.
 
 use aya_ebpf::{
     bindings::pt_regs,
-    helpers::{
-        bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_probe_read_user, bpf_task_pt_regs,
-    },
+    helpers::{bpf_probe_read_kernel, bpf_probe_read_user},
 };
-use connscope_common::{BufferLayout, Direction};
+use connscope_common::BufferLayout;
 
 use crate::{
-    globals::{PAYLOAD_SYSCALL_SLOTS, heads_from_stash, heads_from_task_regs, payload_syscall},
+    globals::{PAYLOAD_SYSCALL_SLOTS, payload_syscall},
     maps::UserBuffer,
-    syscall_stash,
 };
 
 /// A payload system call: its direction, descriptor and buffer arguments.
@@ -97,22 +95,4 @@ pub fn head_buffer(call: &PayloadCall) -> Option<UserBuffer> {
     // SAFETY: as above.
     let first: IoVec = unsafe { bpf_probe_read_user(iov as *const IoVec) }.ok()?;
     Some(UserBuffer { addr: first.base, len: first.len })
-}
-
-/// The user buffer of the current system call when it moves payload in `direction`.
-#[inline(always)]
-pub fn current_buffer(direction: Direction) -> Option<UserBuffer> {
-    if heads_from_task_regs() {
-        // SAFETY: helpers without preconditions; the task is the current one.
-        let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) };
-        let call = payload_call(regs as u64)?;
-        if call.direction != direction as u8 {
-            return None;
-        }
-        head_buffer(&call)
-    } else if heads_from_stash() {
-        syscall_stash::take(direction)
-    } else {
-        None
-    }
 }

@@ -55,7 +55,7 @@ pub fn begin(ssl: u64, buf: u64, moved_out: u64, direction: Direction) {
 #[inline(always)]
 pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> bool {
     if conn.has(conn_flag::TLS_PLAINTEXT) {
-        if direction == Direction::Send && crate::conn::sent_after_peer_close(sock, conn) {
+        if direction == Direction::Send && crate::sock::sent_after_peer_close(sock, conn) {
             ssl_write_after_peer_close(conn);
         }
         return true;

@@ -7,7 +7,7 @@
 //! The stopping agent writes its exposition text, gzipped, into the pinned
 //! `CARRIED_METRICS` map before the handover's header. The next agent reads it when it
 //! takes the handover (so a stale or missing handover carries nothing either), empties the
-//! map, and adds each value of the families in [`Metrics::carried`] to its own series:
+//! map, and adds each value of the families in [`carried`] to its own series:
 //! counters and histograms, and the servers' advertised keep-alive limits. Gauges of the
 //! moment (open connections, probes) are rebuilt, not carried. Bounded by the map's size;
 //! what does not fit or does not parse is logged, and those series start from 0.
@@ -57,18 +57,26 @@ fn label_set<L: DeserializeOwned>(labels: serde_json::Value) -> Option<L> {
     serde_json::from_value(labels).ok()
 }
 
+/// The labels and the finite number of a counter's or gauge's sample.
+fn number<L: DeserializeOwned>(
+    labels: serde_json::Value,
+    value: &CarriedValue,
+) -> Option<(L, f64)> {
+    match (label_set(labels), value) {
+        (Some(labels), CarriedValue::Number(n)) if n.is_finite() => Some((labels, *n)),
+        _ => None,
+    }
+}
+
 impl<L> Carry for Family<L, Counter>
 where
     L: DeserializeOwned + EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug,
 {
     fn carry(&self, labels: serde_json::Value, value: &CarriedValue) -> bool {
-        let (Some(labels), CarriedValue::Number(n)) = (label_set::<L>(labels), value) else {
+        let Some((labels, n)) = number::<L>(labels, value).filter(|(_, n)| *n >= 0.0) else {
             return false;
         };
-        if !(n.is_finite() && *n >= 0.0) {
-            return false;
-        }
-        self.get_or_create(&labels).inc_by(*n as u64);
+        self.get_or_create(&labels).inc_by(n as u64);
         true
     }
 }
@@ -78,13 +86,8 @@ where
     L: DeserializeOwned + EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug,
 {
     fn carry(&self, labels: serde_json::Value, value: &CarriedValue) -> bool {
-        let (Some(labels), CarriedValue::Number(n)) = (label_set::<L>(labels), value) else {
-            return false;
-        };
-        if !n.is_finite() {
-            return false;
-        }
-        self.get_or_create(&labels).set(*n as i64);
+        let Some((labels, n)) = number::<L>(labels, value) else { return false };
+        self.get_or_create(&labels).set(n as i64);
         true
     }
 }
@@ -128,6 +131,28 @@ fn per_bucket(histogram: &BucketHistogram, cumulative: &[(f64, f64)]) -> Option<
         below = count;
     }
     Some(buckets)
+}
+
+/// The families a starting agent takes over from the agent before it, by
+/// their sample names in the exposition (histograms: without `_bucket`).
+pub fn carried(metrics: &Metrics) -> [(&'static str, &dyn Carry); 15] {
+    [
+        ("connscope_connections_opened_total", &metrics.opened),
+        ("connscope_connections_adopted_total", &metrics.adopted),
+        ("connscope_adoption_skipped_total", &metrics.adoption_skipped),
+        ("connscope_connections_closed_total", &metrics.closed),
+        ("connscope_connection_duration_seconds", &metrics.duration),
+        ("connscope_connection_requests", &metrics.requests),
+        ("connscope_connection_idle_seconds", &metrics.idle),
+        ("connscope_connection_close_idle_seconds", &metrics.close_idle),
+        ("connscope_http_requests_total", &metrics.http_requests),
+        ("connscope_http_keepalive_advertised_timeout_seconds", &metrics.advertised_timeout),
+        ("connscope_http_keepalive_advertised_max_requests", &metrics.advertised_max),
+        ("connscope_keepalive_races_total", &metrics.races),
+        ("connscope_bytes_sent_total", &metrics.bytes_sent),
+        ("connscope_bytes_received_total", &metrics.bytes_received),
+        ("connscope_events_received_total", &metrics.events),
+    ]
 }
 
 /// What a starting agent took over.
@@ -221,7 +246,7 @@ pub fn seed(metrics: &Metrics, text: &str) -> Carried {
     let Ok(scrape) = Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))) else {
         return Carried::default();
     };
-    let families = metrics.carried();
+    let families = carried(metrics);
     let family = |name: &str| families.iter().find(|(n, _)| *n == name).map(|(_, f)| *f);
     // A histogram's sum is a sample of its own: joined to its buckets by name and labels.
     let mut sums: StdHashMap<(String, String), f64> = StdHashMap::new();
@@ -283,7 +308,7 @@ mod tests {
 
     /// The carried families' lines of an exposition (what the next agent must export).
     fn carried_lines(text: &str) -> Vec<&str> {
-        let names: Vec<&str> = Metrics::new().carried().iter().map(|(name, _)| *name).collect();
+        let names: Vec<&str> = carried(&Metrics::new()).iter().map(|(name, _)| *name).collect();
         text.lines()
             .filter(|line| {
                 let name = line.split(['{', ' ']).next().unwrap_or_default();

@@ -11,7 +11,7 @@ pub use crate::bucket_histogram::BucketHistogram;
 use crate::bucket_histogram::IDLE_BOUNDS;
 use serde::Deserialize;
 
-use crate::{carry::Carry, placement::Placement};
+use crate::placement::Placement;
 
 /// Who talks to which server: the labels of most connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
@@ -258,30 +258,6 @@ impl Metrics {
             "Events the kernel sent to the agent, by kind (open, turn, close): the agent's own load",
             m.events,
         );
-    }
-}
-
-impl Metrics {
-    /// The families a starting agent takes over from the agent before it (`carry`), by
-    /// their sample names in the exposition (histograms: without `_bucket`).
-    pub fn carried(&self) -> [(&'static str, &dyn Carry); 15] {
-        [
-            ("connscope_connections_opened_total", &self.opened),
-            ("connscope_connections_adopted_total", &self.adopted),
-            ("connscope_adoption_skipped_total", &self.adoption_skipped),
-            ("connscope_connections_closed_total", &self.closed),
-            ("connscope_connection_duration_seconds", &self.duration),
-            ("connscope_connection_requests", &self.requests),
-            ("connscope_connection_idle_seconds", &self.idle),
-            ("connscope_connection_close_idle_seconds", &self.close_idle),
-            ("connscope_http_requests_total", &self.http_requests),
-            ("connscope_http_keepalive_advertised_timeout_seconds", &self.advertised_timeout),
-            ("connscope_http_keepalive_advertised_max_requests", &self.advertised_max),
-            ("connscope_keepalive_races_total", &self.races),
-            ("connscope_bytes_sent_total", &self.bytes_sent),
-            ("connscope_bytes_received_total", &self.bytes_received),
-            ("connscope_events_received_total", &self.events),
-        ]
     }
 }
 
