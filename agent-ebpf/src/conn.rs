@@ -168,24 +168,31 @@ fn begin_close(sock: u64, conn: &mut Conn, by: ClosedBy, kind: CloseKind) {
         conn.flags |= conn_flag::CLOSED_BY_RESET;
     }
     let idle_us = (now_ns().saturating_sub(conn.last_ns) / 1000).min(CLOSE_IDLE_MAX_US.into());
+    // The bytes counted so far are read before the wait: a send hook on another CPU ends
+    // the wait before it adds its bytes (`add_and_count`), so a wait still seen set means
+    // these bytes are from before that send (stores and loads keep their order on x86).
+    // Read the other way round, the hook could run in between: the wait seen, and the
+    // response's bytes counted already, so none would look unacknowledged.
+    let bytes_sent = conn.bytes_sent;
+    compiler_fence(Ordering::SeqCst);
     // Idle when no exchange waits for its response.
     let waiting = conn.flags & conn_flag::AWAITING_RESPONSE != 0
-        && !(by == ClosedBy::Peer && response_read_before_its_hook(sock, conn));
+        && !(by == ClosedBy::Peer && response_read_before_its_hook(sock, conn, bytes_sent));
     conn.close_idle_us = idle_us as u32 | if waiting { CLOSE_AWAITING } else { 0 };
 }
 
 /// At the peer's FIN while an exchange awaits its response: whether this end (the one that
-/// responds) had sent bytes the peer acknowledged but no send hook counted yet. The hooks
-/// run at a send's end, and on loopback the peer can read the response and close before
-/// then: it closed an idle connection. Adopted connections counted their bytes from
-/// adoption, not from the start as the kernel does: never.
+/// responds) had sent bytes the peer acknowledged beyond `bytes_sent`, those the send hooks
+/// had counted. The hooks run at a send's end, and on loopback the peer can read the
+/// response and close before then: it closed an idle connection. Adopted connections
+/// counted their bytes from adoption, not from the start as the kernel does: never.
 #[inline(never)]
-fn response_read_before_its_hook(sock: u64, conn: &Conn) -> bool {
+fn response_read_before_its_hook(sock: u64, conn: &Conn, bytes_sent: u32) -> bool {
     let responder = conn.role().is_some_and(|role| !is_request(role, Direction::Send));
     responder
         && !conn.has(conn_flag::ADOPTED)
         && sock::bytes_acknowledged(sock)
-            .is_some_and(|acked| (acked.wrapping_sub(conn.bytes_sent) as i32) > 0)
+            .is_some_and(|acked| (acked.wrapping_sub(bytes_sent) as i32) > 0)
 }
 
 /// Handles `tcp_send_reset` (`by` local) and `tcp_receive_reset` (`by` peer).
