@@ -7,11 +7,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-pub use crate::bucket_histogram::BucketHistogram;
-use crate::bucket_histogram::IDLE_BOUNDS;
 use serde::Deserialize;
 
-use crate::placement::Placement;
+pub use crate::bucket_histogram::BucketHistogram;
+use crate::{bucket_histogram::IDLE_BOUNDS, placement::Placement};
 
 /// Who talks to which server: the labels of most connection metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
@@ -80,7 +79,7 @@ pub struct Server {
     pub server: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Probe {
     pub hook: String,
     pub attach: String,
@@ -96,7 +95,7 @@ pub struct SkipReason {
     pub reason: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Build {
     pub version: String,
 }
