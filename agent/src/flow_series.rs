@@ -7,13 +7,13 @@ use std::{
     sync::{Arc, Mutex, OnceLock},
 };
 
-use connscope_common::{Attribution, CloseKind, ClosedBy, Protocol, Role};
+use connscope_common::{Attribution, COMM_LEN, CloseKind, ClosedBy, Endpoints, Protocol, Role};
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 
 use crate::{
     classify::CloseReason,
     http::Version,
-    labels::{self, LabelCap},
+    labels::{self, LabelCap, LabelId, LabelMemo, ServerEndpoint},
     metrics::{
         BucketHistogram, Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, Metrics,
         OpenState, PlacedFlow, Server,
@@ -59,6 +59,7 @@ pub struct FlowSeries {
     open_idle: Gauge,
     /// Created on first use, so flows export only the series they have.
     requests: [OnceLock<BucketHistogram>; REPORTED_PROTOCOLS.len()],
+    adopted: OnceLock<Counter>,
     http10: OnceLock<Counter>,
     http11: OnceLock<Counter>,
     advertised_timeout: OnceLock<Gauge>,
@@ -89,6 +90,7 @@ impl FlowSeries {
             open_active: open(Activity::Active),
             open_idle: open(Activity::Idle),
             requests: Default::default(),
+            adopted: OnceLock::new(),
             http10: OnceLock::new(),
             http11: OnceLock::new(),
             advertised_timeout: OnceLock::new(),
@@ -115,6 +117,14 @@ impl FlowSeries {
                 FlowProtocol { flow: self.flow.clone(), protocol: protocol.label().to_owned() };
             metrics.requests.get_or_create_owned(&labels)
         }))
+    }
+
+    /// `connections_adopted_total` of this flow.
+    pub fn adopted(&self, metrics: &Metrics) -> &Counter {
+        self.adopted.get_or_init(|| {
+            let labels = PlacedFlow { flow: self.flow.clone(), placement: self.placement.clone() };
+            metrics.adopted.get_or_create_owned(&labels)
+        })
     }
 
     pub fn http_requests(&self, metrics: &Metrics, version: Version) -> &Counter {
@@ -183,44 +193,78 @@ impl FlowSeries {
     }
 }
 
+/// A flow by the ids of its labels: looked up per connection without building a string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct FlowKey {
+    role: Role,
+    server: LabelId,
+    process: LabelId,
+    placement: PlacementId,
+}
+
+/// A placement by its index in `FlowCache::placements` (0: none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct PlacementId(u32);
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Resolves a connection's labels into its flow's shared series.
 pub struct FlowCache {
-    flows: HashMap<PlacedFlow, Arc<FlowSeries>>,
+    flows: FastMap<FlowKey, Arc<FlowSeries>>,
     servers: LabelCap,
     processes: LabelCap,
-    placement: Box<dyn PlacementResolver>,
+    server_endpoints: LabelMemo<ServerEndpoint>,
+    process_names: LabelMemo<[u8; COMM_LEN]>,
+    /// Every placement seen, the empty one first; few per node (its pods' containers).
+    placements: Vec<Placement>,
+    placement_ids: FastMap<Placement, PlacementId>,
+    resolver: Box<dyn PlacementResolver>,
 }
 
 impl FlowCache {
     pub fn new(
         max_servers: usize,
         max_processes: usize,
-        placement: Box<dyn PlacementResolver>,
+        resolver: Box<dyn PlacementResolver>,
     ) -> Self {
+        let none = Placement::default();
         Self {
-            flows: HashMap::new(),
+            flows: FastMap::default(),
             servers: LabelCap::new(max_servers),
             processes: LabelCap::new(max_processes),
-            placement,
+            server_endpoints: LabelMemo::default(),
+            process_names: LabelMemo::default(),
+            placement_ids: [(none.clone(), PlacementId(0))].into_iter().collect(),
+            placements: vec![none],
+            resolver,
         }
     }
 
     /// Admits the label values an agent before this one exported (`carry`) ahead of new
     /// ones, so a flow keeps its labels across the restart.
     pub fn admit_carried(&mut self, carried: &crate::carry::Carried) {
-        let exported =
-            |value: &&String| value.as_str() != labels::OTHER && value.as_str() != labels::UNKNOWN;
-        for server in carried.servers.iter().filter(exported) {
+        for server in &carried.servers {
             self.servers.admit(server);
         }
-        for process in carried.processes.iter().filter(exported) {
+        for process in &carried.processes {
             self.processes.admit(process);
         }
     }
 
-    /// The `server` label value for a server end, within the cap.
-    pub fn server_label(&mut self, server: &str) -> String {
-        self.servers.admit(server)
+    /// The `server` label of a connection's server end, within the cap.
+    pub fn server(&mut self, endpoints: &Endpoints, role: Role) -> LabelId {
+        let endpoint = ServerEndpoint::of(endpoints, role);
+        let servers = &mut self.servers;
+        self.server_endpoints.get_or_label(endpoint, || servers.admit(&endpoint.label()))
+    }
+
+    /// The `server` label the previous agent gave a connection (`handover`).
+    pub fn restored_server(&mut self, server: &str) -> LabelId {
+        self.servers.restore(server)
+    }
+
+    pub fn server_name(&self, server: LabelId) -> &str {
+        self.servers.name(server)
     }
 
     /// The series of the flow of `role` to `server` from the process in `owner` (unknown
@@ -229,25 +273,49 @@ impl FlowCache {
         &mut self,
         metrics: &Metrics,
         role: Role,
-        server: String,
+        server: LabelId,
         owner: Option<&Attribution>,
     ) -> Arc<FlowSeries> {
         let owner = owner.filter(|owner| owner.valid != 0);
         let process = match owner {
-            Some(owner) => self.processes.admit(&labels::process_label(&owner.comm)),
-            None => labels::UNKNOWN.to_owned(),
+            Some(owner) => {
+                let processes = &mut self.processes;
+                self.process_names.get_or_label(labels::comm_key(&owner.comm), || {
+                    processes.admit(&labels::process_label(&owner.comm))
+                })
+            }
+            None => LabelId::UNKNOWN,
         };
         let placement = match owner {
-            Some(owner) if owner.cgroup_id != 0 => self.placement.resolve(owner.cgroup_id),
-            _ => Placement::default(),
+            Some(owner) if owner.cgroup_id != 0 => self.placement_id(owner.cgroup_id),
+            _ => PlacementId(0),
         };
-        let key =
-            PlacedFlow { flow: Flow { role: role.label().to_owned(), process, server }, placement };
+        let key = FlowKey { role, server, process, placement };
         if let Some(series) = self.flows.get(&key) {
             return series.clone();
         }
-        let series = Arc::new(FlowSeries::new(metrics, &key));
+        let labels = PlacedFlow {
+            flow: Flow {
+                role: role.label().to_owned(),
+                process: self.processes.name(process).to_owned(),
+                server: self.servers.name(server).to_owned(),
+            },
+            placement: self.placements[placement.0 as usize].clone(),
+        };
+        let series = Arc::new(FlowSeries::new(metrics, &labels));
         self.flows.insert(key, series.clone());
         series
+    }
+
+    fn placement_id(&mut self, cgroup_id: u64) -> PlacementId {
+        let Some(placement) = self.resolver.resolve(cgroup_id) else { return PlacementId(0) };
+        if let Some(&id) = self.placement_ids.get(placement) {
+            return id;
+        }
+        let Ok(index) = u32::try_from(self.placements.len()) else { return PlacementId(0) };
+        let id = PlacementId(index);
+        self.placements.push(placement.clone());
+        self.placement_ids.insert(placement.clone(), id);
+        id
     }
 }

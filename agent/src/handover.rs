@@ -29,8 +29,8 @@ pub fn put_label(field: &mut [u8], label: &str) -> Option<u8> {
     Some(len)
 }
 
-pub fn label(field: &[u8], len: u8) -> Option<String> {
-    field.get(..usize::from(len)).and_then(|bytes| std::str::from_utf8(bytes).ok()).map(Into::into)
+pub fn label(field: &[u8], len: u8) -> Option<&str> {
+    field.get(..usize::from(len)).and_then(|bytes| std::str::from_utf8(bytes).ok())
 }
 
 fn max_to_wire(max: Option<u32>) -> u32 {
@@ -175,7 +175,7 @@ mod tests {
     fn labels_round_trip_and_overlong_ones_are_refused() {
         let mut field = [0u8; 48];
         let len = put_label(&mut field, "[::1]:8080");
-        assert_eq!(len.and_then(|len| label(&field, len)).as_deref(), Some("[::1]:8080"));
+        assert_eq!(len.and_then(|len| label(&field, len)), Some("[::1]:8080"));
         assert_eq!(put_label(&mut [0u8; 4], "toolong"), None);
     }
 }

@@ -4,6 +4,8 @@
 //! `Keep-Alive` parameters, and how many complete request heads a turn carried (pipelining).
 //! Methods, paths, other headers and bodies are never stored, logged or exported.
 
+use connscope_common::HEAD_LEN;
+
 /// The HTTP version of a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Version {
@@ -97,7 +99,8 @@ fn parse(bytes: &[u8], parse_one: impl Fn(&[u8]) -> Option<Parsed>) -> Option<He
         (httparse::Status::Partial, ..) => {
             // The capture ended inside the head: parse the complete lines seen so far. The
             // result stays Partial: its length is that of the completed copy, not of `bytes`.
-            let (_, version, fields) = parse_one(&complete_lines(bytes)?)?;
+            let mut completed = [0; HEAD_LEN + 2];
+            let (_, version, fields) = parse_one(complete_lines(bytes, &mut completed)?)?;
             (httparse::Status::Partial, version, fields)
         }
         complete => complete,
@@ -118,13 +121,15 @@ fn parse(bytes: &[u8], parse_one: impl Fn(&[u8]) -> Option<Parsed>) -> Option<He
     Some(Head { version, connection, keep_alive, count })
 }
 
-/// The bytes up to the last complete line, terminated as a complete head; `None` when not
-/// even the start line is complete.
-fn complete_lines(bytes: &[u8]) -> Option<Vec<u8>> {
-    let end = bytes.windows(2).rposition(|w| w == b"\r\n")?;
-    let mut head = bytes[..end + 2].to_vec();
-    head.extend_from_slice(b"\r\n");
-    Some(head)
+/// The captured bytes (at most a kernel capture, [`HEAD_LEN`]) up to the last complete
+/// line, terminated as a complete head in `out`; `None` when not even the start line is
+/// complete.
+fn complete_lines<'a>(bytes: &[u8], out: &'a mut [u8; HEAD_LEN + 2]) -> Option<&'a [u8]> {
+    let captured = &bytes[..bytes.len().min(HEAD_LEN)];
+    let end = captured.windows(2).rposition(|w| w == b"\r\n")? + 2;
+    out[..end].copy_from_slice(&captured[..end]);
+    out[end..end + 2].copy_from_slice(b"\r\n");
+    Some(&out[..end + 2])
 }
 
 fn is_known_method(method: &str) -> bool {
@@ -227,6 +232,14 @@ mod tests {
         let head = parse_response(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Ty");
         assert_eq!(head.map(|h| h.connection.close), Some(true));
         assert_eq!(parse_request(b"GET /very/long/pa"), None);
+    }
+
+    #[test]
+    fn a_partial_head_longer_than_a_capture_is_read_up_to_one() {
+        let mut raw = b"HTTP/1.1 200 OK\r\nConnection: close\r\n".to_vec();
+        raw.resize(HEAD_LEN + 100, b'x');
+        let head = parse_response(&raw);
+        assert_eq!(head.map(|h| h.connection.close), Some(true));
     }
 
     #[test]

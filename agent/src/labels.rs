@@ -1,11 +1,12 @@
 //! Label values: formatting, sanitising and bounding their number.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
+    hash::Hash,
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use connscope_common::{AF_INET, Endpoints, Role, process_label_byte};
+use connscope_common::{AF_INET, COMM_LEN, Endpoints, Role, process_label_byte};
 
 /// Label value for anything past a cap.
 pub const OTHER: &str = "other";
@@ -34,46 +35,135 @@ pub fn endpoint_label(family: u16, addr: &[u8; 16], port: u16) -> String {
 }
 
 /// The server end of a connection: the peer for clients, the local side for servers.
-pub fn server_label(endpoints: &Endpoints, role: Role) -> String {
-    if role == Role::Server {
-        endpoint_label(endpoints.family, &endpoints.local_addr, endpoints.local_port)
-    } else {
-        endpoint_label(endpoints.family, &endpoints.remote_addr, endpoints.remote_port)
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServerEndpoint {
+    family: u16,
+    port: u16,
+    addr: [u8; 16],
+}
+
+impl ServerEndpoint {
+    pub fn of(endpoints: &Endpoints, role: Role) -> Self {
+        let (addr, port) = if role == Role::Server {
+            (endpoints.local_addr, endpoints.local_port)
+        } else {
+            (endpoints.remote_addr, endpoints.remote_port)
+        };
+        Self { family: endpoints.family, port, addr }
     }
+
+    pub fn label(&self) -> String {
+        endpoint_label(self.family, &self.addr, self.port)
+    }
+}
+
+/// A task's `comm` up to its first NUL, zero-padded: equal names give equal keys.
+pub fn comm_key(comm: &[u8; COMM_LEN]) -> [u8; COMM_LEN] {
+    let mut key = [0; COMM_LEN];
+    for (to, &from) in key.iter_mut().zip(comm.iter().take_while(|&&b| b != 0)) {
+        *to = from;
+    }
+    key
+}
+
+/// Raw values (endpoints, `comm`s) already labelled, so a connection of a known flow
+/// formats and allocates nothing. Cleared when full: admission is stable, so a value seen
+/// again gets the same label back.
+#[derive(Debug)]
+pub struct LabelMemo<K> {
+    ids: HashMap<K, LabelId, foldhash::fast::RandomState>,
+}
+
+/// Distinct raw values remembered per label (about 2 MiB at most for endpoints).
+const MEMO_MAX: usize = 65_536;
+
+impl<K> Default for LabelMemo<K> {
+    fn default() -> Self {
+        Self { ids: HashMap::default() }
+    }
+}
+
+impl<K: Hash + Eq> LabelMemo<K> {
+    pub fn get_or_label(&mut self, key: K, label: impl FnOnce() -> LabelId) -> LabelId {
+        if let Some(&id) = self.ids.get(&key) {
+            return id;
+        }
+        if self.ids.len() >= MEMO_MAX {
+            self.ids.clear();
+        }
+        let id = label();
+        self.ids.insert(key, id);
+        id
+    }
+}
+
+/// A label value a [`LabelCap`] handed out: an index into its values, so flows are keyed
+/// and connections remember their server without a string of their own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LabelId(u32);
+
+impl LabelId {
+    pub const OTHER: Self = Self(0);
+    pub const UNKNOWN: Self = Self(1);
 }
 
 /// Bounds the distinct values of one label: the first `max` values seen keep their own
 /// label, later ones are reported as [`OTHER`]. Admission is stable on purpose: a value
 /// that lost its label later would leave its series behind and the bound would not hold.
+/// [`OTHER`] and [`UNKNOWN`] are always there and take no place under the cap.
 #[derive(Debug)]
 pub struct LabelCap {
     max: usize,
-    admitted: HashSet<String>,
+    values: Vec<Box<str>>,
+    ids: HashMap<Box<str>, LabelId, foldhash::fast::RandomState>,
 }
 
 impl LabelCap {
     pub fn new(max: usize) -> Self {
-        Self { max: max.max(1), admitted: HashSet::new() }
+        let mut cap = Self { max: max.max(1), values: Vec::new(), ids: HashMap::default() };
+        for value in [OTHER, UNKNOWN] {
+            cap.insert(value);
+        }
+        cap
     }
 
-    /// The label value to use for `value`.
-    pub fn admit(&mut self, value: &str) -> String {
-        if self.admitted.contains(value) {
-            return value.to_owned();
+    /// The label to use for `value`.
+    pub fn admit(&mut self, value: &str) -> LabelId {
+        match self.ids.get(value) {
+            Some(&id) => id,
+            None if self.len() < self.max => self.insert(value),
+            None => LabelId::OTHER,
         }
-        if self.admitted.len() < self.max {
-            self.admitted.insert(value.to_owned());
-            return value.to_owned();
-        }
-        OTHER.to_owned()
     }
 
+    /// `value` as the previous agent exported it, kept even past the cap: its series
+    /// already exist.
+    pub fn restore(&mut self, value: &str) -> LabelId {
+        match self.ids.get(value) {
+            Some(&id) => id,
+            None => self.insert(value),
+        }
+    }
+
+    pub fn name(&self, id: LabelId) -> &str {
+        self.values.get(id.0 as usize).map_or(OTHER, |value| value)
+    }
+
+    fn insert(&mut self, value: &str) -> LabelId {
+        let Ok(index) = u32::try_from(self.values.len()) else { return LabelId::OTHER };
+        let id = LabelId(index);
+        self.values.push(value.into());
+        self.ids.insert(value.into(), id);
+        id
+    }
+
+    /// Values admitted under the cap.
     pub fn len(&self) -> usize {
-        self.admitted.len()
+        self.values.len() - 2
     }
 
     pub fn is_empty(&self) -> bool {
-        self.admitted.is_empty()
+        self.len() == 0
     }
 }
 
@@ -106,18 +196,23 @@ mod tests {
             remote_addr: addr,
             _pad: 0,
         };
-        assert_eq!(server_label(&ep, Role::Server), "127.0.0.1:8080");
-        assert_eq!(server_label(&ep, Role::Client), "127.0.0.1:50000");
+        assert_eq!(ServerEndpoint::of(&ep, Role::Server).label(), "127.0.0.1:8080");
+        assert_eq!(ServerEndpoint::of(&ep, Role::Client).label(), "127.0.0.1:50000");
     }
 
     #[test]
     fn cap_admits_up_to_max_then_other() {
         let mut cap = LabelCap::new(2);
-        assert_eq!(cap.admit("a"), "a");
-        assert_eq!(cap.admit("b"), "b");
-        assert_eq!(cap.admit("c"), OTHER);
-        assert_eq!(cap.admit("a"), "a");
+        let a = cap.admit("a");
+        assert_eq!(cap.name(a), "a");
+        let b = cap.admit("b");
+        assert_eq!(cap.name(b), "b");
+        assert_eq!(cap.admit("c"), LabelId::OTHER);
+        assert_eq!(cap.name(LabelId::OTHER), OTHER);
+        assert_eq!(cap.admit("a"), a);
         assert_eq!(cap.len(), 2);
+        assert_eq!(cap.admit(UNKNOWN), LabelId::UNKNOWN);
+        assert_eq!(cap.len(), 2, "unknown takes no place under the cap");
     }
 
     #[test]
@@ -126,9 +221,10 @@ mod tests {
         cap.admit("a");
         cap.admit("b");
         for _ in 0..100 {
-            assert_eq!(cap.admit("c"), OTHER);
+            assert_eq!(cap.admit("c"), LabelId::OTHER);
         }
-        assert_eq!(cap.admit("b"), "b");
+        let b = cap.admit("b");
+        assert_eq!(cap.name(b), "b");
     }
 
     #[test]
@@ -141,5 +237,44 @@ mod tests {
         assert_eq!(cap.len(), 10);
         // Every value is new, so after the first ten only "other" is handed out.
         assert_eq!(distinct.len(), 11);
+    }
+
+    #[test]
+    fn comm_keys_ignore_what_follows_the_name() {
+        let mut a = *b"curl\0\0\0\0\0\0\0\0\0\0\0\0";
+        assert_eq!(comm_key(&a), a);
+        a[10] = b'x';
+        assert_eq!(comm_key(&a), *b"curl\0\0\0\0\0\0\0\0\0\0\0\0");
+        assert_eq!(comm_key(b"0123456789abcdef"), *b"0123456789abcdef");
+    }
+
+    #[test]
+    fn memo_labels_once_and_relabels_the_same_after_clearing() {
+        let mut cap = LabelCap::new(4);
+        let mut memo = LabelMemo::default();
+        let mut calls = 0;
+        let mut label = |memo: &mut LabelMemo<u32>, key: u32, cap: &mut LabelCap| {
+            memo.get_or_label(key, || {
+                calls += 1;
+                cap.admit(&key.to_string())
+            })
+        };
+        let first = label(&mut memo, 7, &mut cap);
+        assert_eq!(label(&mut memo, 7, &mut cap), first);
+        for key in 0..MEMO_MAX as u32 + 10 {
+            label(&mut memo, 100 + key, &mut cap);
+        }
+        assert_eq!(label(&mut memo, 7, &mut cap), first, "stable across a clear");
+        assert!(memo.ids.len() <= MEMO_MAX);
+        assert_eq!(calls, 1 + MEMO_MAX + 10 + 1);
+    }
+
+    #[test]
+    fn restored_values_keep_their_label_past_the_cap() {
+        let mut cap = LabelCap::new(1);
+        cap.admit("a");
+        let restored = cap.restore("b");
+        assert_eq!(cap.name(restored), "b");
+        assert_eq!(cap.admit("b"), restored);
     }
 }

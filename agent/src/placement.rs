@@ -38,7 +38,8 @@ impl EncodeLabelSet for Placement {
 
 /// Resolves the Kubernetes placement of a process from its cgroup id.
 pub trait PlacementResolver: Send {
-    fn resolve(&mut self, cgroup_id: u64) -> Placement;
+    /// `None` when the cgroup is not a known pod's.
+    fn resolve(&mut self, cgroup_id: u64) -> Option<&Placement>;
 }
 
 /// Outside Kubernetes: no placement labels.
@@ -46,8 +47,8 @@ pub trait PlacementResolver: Send {
 pub struct NoPlacement;
 
 impl PlacementResolver for NoPlacement {
-    fn resolve(&mut self, _cgroup_id: u64) -> Placement {
-        Placement::default()
+    fn resolve(&mut self, _cgroup_id: u64) -> Option<&Placement> {
+        None
     }
 }
 
@@ -87,17 +88,13 @@ impl KubeletPlacement {
 }
 
 impl PlacementResolver for KubeletPlacement {
-    fn resolve(&mut self, cgroup_id: u64) -> Placement {
-        if let Some(placement) = self.resolved.get(&cgroup_id) {
-            return placement.clone();
-        }
-        if self.last_scan.is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL) {
+    fn resolve(&mut self, cgroup_id: u64) -> Option<&Placement> {
+        if !self.resolved.contains_key(&cgroup_id)
+            && self.last_scan.is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL)
+        {
             self.rescan();
-            if let Some(placement) = self.resolved.get(&cgroup_id) {
-                return placement.clone();
-            }
         }
-        Placement::default()
+        self.resolved.get(&cgroup_id)
     }
 }
 
@@ -227,11 +224,11 @@ mod tests {
         let id = std::fs::metadata(&cgroup)?.ino();
 
         let mut resolver = KubeletPlacement::new(root.join("cgroup"), logs);
-        let placement = resolver.resolve(id);
+        let placement = resolver.resolve(id).cloned().unwrap_or_default();
         assert_eq!(placement.namespace.as_deref(), Some("shop"));
         assert_eq!(placement.pod.as_deref(), Some("checkout-7d9f"));
         assert_eq!(placement.container.as_deref(), Some("api"));
-        assert_eq!(resolver.resolve(1), Placement::default());
+        assert_eq!(resolver.resolve(1), None);
         std::fs::remove_dir_all(&root)
     }
 }

@@ -20,8 +20,8 @@ use crate::{
     flow_series::{Activity, FlowCache, FlowSeries},
     handover, http,
     http_session::{HttpSession, RequestCounts},
-    labels,
-    metrics::{Metrics, PlacedFlow},
+    labels::LabelId,
+    metrics::Metrics,
     placement::PlacementResolver,
 };
 
@@ -85,7 +85,7 @@ pub struct ConnectionTable {
     conns: SockMap<Tracked>,
     /// The `server` label of accepted connections not used by their process yet (kept
     /// apart: few connections are pending at a time, and every `Tracked` stays small).
-    pending_servers: SockMap<Box<str>>,
+    pending_servers: SockMap<LabelId>,
     /// Connections to re-read at the next sweep.
     sweep: Vec<u64>,
     flows: FlowCache,
@@ -161,7 +161,7 @@ impl ConnectionTable {
         {
             series.open_gauge(stale.activity).dec();
         }
-        let server = self.flows.server_label(&labels::server_label(&event.endpoints, role));
+        let server = self.flows.server(&event.endpoints, role);
         let mut tracked = Tracked {
             open_ns: event.open_ns,
             role,
@@ -175,34 +175,26 @@ impl ConnectionTable {
             http: None,
         };
         if event.attribution.valid != 0 {
-            self.resolve(&mut tracked, server, Some(&event.attribution));
+            give_series(
+                &mut self.flows,
+                &self.metrics,
+                &mut tracked,
+                server,
+                Some(&event.attribution),
+            );
         } else {
-            self.pending_servers.insert(sock, server.into_boxed_str());
+            self.pending_servers.insert(sock, server);
         }
         self.conns.insert(sock, tracked);
         self.mark_active(sock);
-    }
-
-    /// Gives a connection its flow's series: it now counts as opened.
-    fn resolve(&mut self, tracked: &mut Tracked, server: String, owner: Option<&Attribution>) {
-        let series = self.flows.series(&self.metrics, tracked.role, server, owner);
-        if tracked.adopted {
-            let flow =
-                PlacedFlow { flow: series.flow.clone(), placement: series.placement.clone() };
-            self.metrics.adopted.get_or_create(&flow).inc();
-        } else {
-            series.opened.inc();
-        }
-        series.open_gauge(tracked.activity).inc();
-        tracked.series = Some(series);
-        tracked.cgroup_id = owner.map_or(0, |owner| owner.cgroup_id);
     }
 
     /// The connections for the next agent (`handover`): labels, counts already exported,
     /// HTTP session.
     pub fn handover(&self) -> impl Iterator<Item = (u64, Handover)> + '_ {
         self.conns.iter().filter_map(|(&sock, tracked)| {
-            let pending = self.pending_servers.get(&sock).map(|server| &**server);
+            let pending =
+                self.pending_servers.get(&sock).map(|&server| self.flows.server_name(server));
             Some((sock, tracked.handover(pending)?))
         })
     }
@@ -215,6 +207,7 @@ impl ConnectionTable {
         else {
             return false;
         };
+        let server = self.flows.restored_server(server);
         let activity =
             if entry.has(handover_flag::ACTIVE) { Activity::Active } else { Activity::Idle };
         self.pending_servers.remove(&sock);
@@ -244,7 +237,7 @@ impl ConnectionTable {
             series.open_gauge(activity).inc();
             tracked.series = Some(series);
         } else {
-            self.pending_servers.insert(sock, server.into_boxed_str());
+            self.pending_servers.insert(sock, server);
         }
         if let Some(stale) = self.conns.insert(sock, tracked)
             && let Some(series) = &stale.series
@@ -257,11 +250,10 @@ impl ConnectionTable {
     }
 
     fn resolve_pending(&mut self, sock: u64, owner: Option<&Attribution>) {
-        let Some(mut tracked) = self.conns.remove(&sock) else { return };
+        let Some(tracked) = self.conns.get_mut(&sock) else { return };
         if let Some(server) = self.pending_servers.remove(&sock) {
-            self.resolve(&mut tracked, server.into_string(), owner);
+            give_series(&mut self.flows, &self.metrics, tracked, server, owner);
         }
-        self.conns.insert(sock, tracked);
     }
 
     fn attribute(&mut self, event: &AttributeEvent) {
@@ -469,6 +461,25 @@ fn set_activity(tracked: &mut Tracked, series: &FlowSeries, next: Activity) {
         series.open_gauge(next).inc();
         tracked.activity = next;
     }
+}
+
+/// Gives a connection its flow's series: it now counts as opened.
+fn give_series(
+    flows: &mut FlowCache,
+    metrics: &Metrics,
+    tracked: &mut Tracked,
+    server: LabelId,
+    owner: Option<&Attribution>,
+) {
+    let series = flows.series(metrics, tracked.role, server, owner);
+    if tracked.adopted {
+        series.adopted(metrics).inc();
+    } else {
+        series.opened.inc();
+    }
+    series.open_gauge(tracked.activity).inc();
+    tracked.series = Some(series);
+    tracked.cgroup_id = owner.map_or(0, |owner| owner.cgroup_id);
 }
 
 fn add_requests(metrics: &Metrics, series: &FlowSeries, counts: RequestCounts) {

@@ -10,7 +10,7 @@ use connscope_common::{
 use super::*;
 use crate::{
     events::{self, Event},
-    metrics::{Closed, Flow, FlowProtocol, HttpRequest, OpenState, Server},
+    metrics::{Closed, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server},
     placement::{NoPlacement, Placement},
 };
 
