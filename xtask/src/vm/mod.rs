@@ -11,7 +11,9 @@
 //! It prints `CONNSCOPE-VM kernel=...`, then `CONNSCOPE-VM backend=<b> result=<r> tests=<n>
 //! ...` per backend and a final `CONNSCOPE-VM-RESULT pass|fail`, then powers off. The serial
 //! console is streamed to the terminal and to `target/vm/<kernel>/console.log`; QEMU is
-//! stopped on a kernel panic, on the result line or on the timeout.
+//! stopped on a kernel panic, on the result line or on the timeout. A guest that does not
+//! reach `/init` within the boot timeout (a stall of software emulation, not a test's failure)
+//! is booted again, up to three boots per kernel; a failed test is never run again.
 //!
 //! Overrides: `--kernel 6.1` (repeatable), `--matrix quick` (one backend per kernel: what
 //! `cargo xtask test` runs), `CONNSCOPE_VM_BACKENDS` (e.g.
@@ -114,12 +116,32 @@ fn run_kernel(
         started.elapsed().as_secs_f64()
     );
     let boot = Instant::now();
-    let lines = qemu::boot_and_watch(
-        &kernel.vmlinuz,
-        &initramfs,
-        &dir.join("console.log"),
-        backends.len(),
-    )?;
-    eprintln!("vm-test: {} VM ran {:.1} s", cell.name, boot.elapsed().as_secs_f64());
-    Ok((package, lines))
+    let console = dir.join("console.log");
+    let mut attempt = 1;
+    loop {
+        match qemu::boot_and_watch(&kernel.vmlinuz, &initramfs, &console, backends.len()) {
+            Ok(lines) => {
+                eprintln!("vm-test: {} VM ran {:.1} s", cell.name, boot.elapsed().as_secs_f64());
+                return Ok((package, lines));
+            }
+            Err(err)
+                if attempt < BOOT_ATTEMPTS && err.downcast_ref::<qemu::BootHang>().is_some() =>
+            {
+                let kept = dir.join(format!("console.boot-hang-{attempt}.log"));
+                let _ = fs::rename(&console, &kept);
+                attempt += 1;
+                eprintln!(
+                    "vm-test: {} VM: {err:#}; booting again (attempt {attempt} of \
+                     {BOOT_ATTEMPTS}; that console is kept in {})",
+                    cell.name,
+                    kept.display()
+                );
+            }
+            Err(err) => return Err(err),
+        }
+    }
 }
+
+/// Boots per kernel when the guest hangs before its init script (`qemu::BootHang`); a test
+/// that fails is never run again.
+const BOOT_ATTEMPTS: u32 = 3;

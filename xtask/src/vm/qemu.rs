@@ -12,6 +12,22 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+/// The guest never reached its init script: under software emulation a boot sometimes stalls
+/// before `/init` (the kernel's RCU stall reports, with an idle QEMU, and nothing else). The
+/// emulator failed, not a test, so the caller may boot again.
+#[derive(Debug)]
+pub struct BootHang {
+    pub seconds: u64,
+}
+
+impl std::fmt::Display for BootHang {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the guest did not reach its init script in {} s", self.seconds)
+    }
+}
+
+impl std::error::Error for BootHang {}
+
 /// Boot and set-up, and each backend's run: generous for software emulation on a busy host
 /// (a backend takes 3-4 minutes there).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(3 * 60);
@@ -76,19 +92,27 @@ pub fn boot_and_watch(
     });
 
     let deadline = Instant::now() + timeout;
+    // A normal boot reaches `/init` in about 10 s, even under software emulation.
+    let boot_deadline = Instant::now() + BOOT_TIMEOUT.min(timeout);
+    let mut booted = false;
     let mut results = Vec::new();
     let mut stop_at: Option<Instant> = None;
-    let mut failure: Option<String> = None;
+    let mut failure: Option<anyhow::Error> = None;
     let mut terminal = std::io::stderr();
     loop {
-        let wait = stop_at.unwrap_or(deadline).saturating_duration_since(Instant::now());
-        match lines_rx.recv_timeout(wait) {
+        let until = match stop_at {
+            Some(stop_at) => stop_at,
+            None if !booted => boot_deadline,
+            None => deadline,
+        };
+        match lines_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
             Ok(line) => {
                 let _ = terminal.write_all(line.as_bytes());
                 let _ = log.write_all(line.as_bytes());
                 let trimmed = line.trim_end();
                 if let Some(pos) = trimmed.find("CONNSCOPE-VM") {
                     let marker = &trimmed[pos..];
+                    booted |= marker.starts_with("CONNSCOPE-VM kernel=");
                     if marker.starts_with("CONNSCOPE-VM backend=")
                         || marker.starts_with("CONNSCOPE-VM kernel=")
                         || marker.starts_with("CONNSCOPE-VM hooks ")
@@ -102,7 +126,7 @@ pub fn boot_and_watch(
                     }
                 }
                 if trimmed.contains("Kernel panic") && stop_at.is_none() {
-                    failure = Some(format!("kernel panic: {trimmed}"));
+                    failure = Some(anyhow::anyhow!("kernel panic: {trimmed}"));
                     // Keep reading briefly for the stack trace.
                     stop_at = Some(Instant::now() + Duration::from_secs(3));
                 }
@@ -110,8 +134,11 @@ pub fn boot_and_watch(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if stop_at.is_none() {
-                    failure =
-                        Some(format!("timeout: no result line after {} s", timeout.as_secs()));
+                    failure = Some(if booted {
+                        anyhow::anyhow!("timeout: no result line after {} s", timeout.as_secs())
+                    } else {
+                        BootHang { seconds: BOOT_TIMEOUT.min(timeout).as_secs() }.into()
+                    });
                 }
                 break;
             }
@@ -124,7 +151,7 @@ pub fn boot_and_watch(
     let _ = reader.join();
     let _ = log.flush();
     if let Some(failure) = failure {
-        bail!("{failure} (serial console in {})", log_path.display());
+        return Err(failure.context(format!("serial console in {}", log_path.display())));
     }
     if !results.last().is_some_and(|l| l.starts_with("CONNSCOPE-VM-RESULT")) {
         bail!("the VM stopped without a result line (serial console in {})", log_path.display());
