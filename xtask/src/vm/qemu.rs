@@ -67,6 +67,17 @@ pub fn boot_and_watch(
     }
     qemu.arg("-kernel").arg(vmlinuz).arg("-initrd").arg(initramfs);
     qemu.args(["-append", "console=ttyS0 panic=-1 quiet"]);
+    watch(qemu, log_path, timeout, BOOT_TIMEOUT.min(timeout))
+}
+
+/// Runs `qemu` and follows its serial console (stdout) until the result line, a kernel
+/// panic, `timeout`, or `boot_timeout` without the init script's first line ([`BootHang`]).
+fn watch(
+    mut qemu: Command,
+    log_path: &Path,
+    timeout: Duration,
+    boot_timeout: Duration,
+) -> anyhow::Result<Vec<String>> {
     qemu.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     let mut child = qemu.spawn().context("starting qemu-system-x86_64")?;
     let stdout = child.stdout.take().context("qemu stdout")?;
@@ -93,7 +104,7 @@ pub fn boot_and_watch(
 
     let deadline = Instant::now() + timeout;
     // A normal boot reaches `/init` in about 10 s, even under software emulation.
-    let boot_deadline = Instant::now() + BOOT_TIMEOUT.min(timeout);
+    let boot_deadline = Instant::now() + boot_timeout;
     let mut booted = false;
     let mut results = Vec::new();
     let mut stop_at: Option<Instant> = None;
@@ -137,7 +148,7 @@ pub fn boot_and_watch(
                     failure = Some(if booted {
                         anyhow::anyhow!("timeout: no result line after {} s", timeout.as_secs())
                     } else {
-                        BootHang { seconds: BOOT_TIMEOUT.min(timeout).as_secs() }.into()
+                        BootHang { seconds: boot_timeout.as_secs() }.into()
                     });
                 }
                 break;
@@ -157,4 +168,79 @@ pub fn boot_and_watch(
         bail!("the VM stopped without a result line (serial console in {})", log_path.display());
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for QEMU: a shell printing `console` as its serial console, then waiting.
+    fn console(script: &str) -> Command {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", script]);
+        sh
+    }
+
+    fn log_path(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("connscope-vm-watch-{}-{name}.log", std::process::id()))
+    }
+
+    #[test]
+    fn a_guest_silent_before_init_is_a_boot_hang() -> anyhow::Result<()> {
+        let log = log_path("hang");
+        let started = Instant::now();
+        let outcome = watch(
+            console("echo '[ 24.7] rcu: INFO: rcu_sched detected stalls'; exec sleep 30"),
+            &log,
+            Duration::from_secs(20),
+            Duration::from_secs(1),
+        );
+        let Err(err) = outcome else { bail!("a silent guest passed: {outcome:?}") };
+        assert!(err.downcast_ref::<BootHang>().is_some(), "{err:#}");
+        assert!(started.elapsed() < Duration::from_secs(10), "stopped at the boot timeout");
+        assert!(fs::read_to_string(&log)?.contains("rcu_sched detected stalls"));
+        fs::remove_file(log)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_booted_guest_that_stops_reporting_is_a_timeout_not_a_boot_hang() -> anyhow::Result<()> {
+        let log = log_path("timeout");
+        let outcome = watch(
+            console("echo 'CONNSCOPE-VM kernel=5.10.0-32-amd64 cpus=2'; exec sleep 30"),
+            &log,
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+        );
+        let Err(err) = outcome else { bail!("a guest without a result passed: {outcome:?}") };
+        assert!(err.downcast_ref::<BootHang>().is_none(), "{err:#}");
+        assert!(format!("{err:#}").contains("no result line after 2 s"), "{err:#}");
+        fs::remove_file(log)?;
+        Ok(())
+    }
+
+    #[test]
+    fn result_lines_are_returned_in_order() -> anyhow::Result<()> {
+        let log = log_path("pass");
+        let lines = watch(
+            console(
+                "echo 'CONNSCOPE-VM kernel=6.1 cpus=2'; \
+                 echo 'CONNSCOPE-VM backend=fentry result=pass tests=30 failed=0'; \
+                 echo 'CONNSCOPE-VM-RESULT pass'",
+            ),
+            &log,
+            Duration::from_secs(20),
+            Duration::from_secs(5),
+        )?;
+        assert_eq!(
+            lines,
+            [
+                "CONNSCOPE-VM kernel=6.1 cpus=2",
+                "CONNSCOPE-VM backend=fentry result=pass tests=30 failed=0",
+                "CONNSCOPE-VM-RESULT pass",
+            ]
+        );
+        fs::remove_file(log)?;
+        Ok(())
+    }
 }
