@@ -105,12 +105,13 @@ fn watch(
     let deadline = Instant::now() + timeout;
     // A normal boot reaches `/init` in about 10 s, even under software emulation.
     let boot_deadline = Instant::now() + boot_timeout;
-    let mut booted = false;
     let mut results = Vec::new();
     let mut stop_at: Option<Instant> = None;
     let mut failure: Option<anyhow::Error> = None;
     let mut terminal = std::io::stderr();
     loop {
+        // The init script's first line (`CONNSCOPE-VM kernel=`) is the first result kept.
+        let booted = !results.is_empty();
         let until = match stop_at {
             Some(stop_at) => stop_at,
             None if !booted => boot_deadline,
@@ -123,7 +124,6 @@ fn watch(
                 let trimmed = line.trim_end();
                 if let Some(pos) = trimmed.find("CONNSCOPE-VM") {
                     let marker = &trimmed[pos..];
-                    booted |= marker.starts_with("CONNSCOPE-VM kernel=");
                     if marker.starts_with("CONNSCOPE-VM backend=")
                         || marker.starts_with("CONNSCOPE-VM kernel=")
                         || marker.starts_with("CONNSCOPE-VM hooks ")
@@ -174,73 +174,72 @@ fn watch(
 mod tests {
     use super::*;
 
-    /// A stand-in for QEMU: a shell printing `console` as its serial console, then waiting.
-    fn console(script: &str) -> Command {
+    /// [`watch`] with a shell standing in for QEMU, printing `script`'s output as its serial
+    /// console; returns the outcome and the console log it wrote.
+    fn watch_shell(
+        name: &str,
+        script: &str,
+        timeout: Duration,
+        boot_timeout: Duration,
+    ) -> anyhow::Result<(anyhow::Result<Vec<String>>, String)> {
+        let log = std::env::temp_dir()
+            .join(format!("connscope-vm-watch-{}-{name}.log", std::process::id()));
         let mut sh = Command::new("sh");
         sh.args(["-c", script]);
-        sh
-    }
-
-    fn log_path(name: &str) -> std::path::PathBuf {
-        std::env::temp_dir().join(format!("connscope-vm-watch-{}-{name}.log", std::process::id()))
+        let outcome = watch(sh, &log, timeout, boot_timeout);
+        let console = fs::read_to_string(&log)?;
+        fs::remove_file(&log)?;
+        Ok((outcome, console))
     }
 
     #[test]
     fn a_guest_silent_before_init_is_a_boot_hang() -> anyhow::Result<()> {
-        let log = log_path("hang");
         let started = Instant::now();
-        let outcome = watch(
-            console("echo '[ 24.7] rcu: INFO: rcu_sched detected stalls'; exec sleep 30"),
-            &log,
+        let (outcome, console) = watch_shell(
+            "hang",
+            "echo '[ 24.7] rcu: INFO: rcu_sched detected stalls'; exec sleep 30",
             Duration::from_secs(20),
             Duration::from_secs(1),
-        );
+        )?;
         let Err(err) = outcome else { bail!("a silent guest passed: {outcome:?}") };
         assert!(err.downcast_ref::<BootHang>().is_some(), "{err:#}");
         assert!(started.elapsed() < Duration::from_secs(10), "stopped at the boot timeout");
-        assert!(fs::read_to_string(&log)?.contains("rcu_sched detected stalls"));
-        fs::remove_file(log)?;
+        assert!(console.contains("rcu_sched detected stalls"));
         Ok(())
     }
 
     #[test]
     fn a_booted_guest_that_stops_reporting_is_a_timeout_not_a_boot_hang() -> anyhow::Result<()> {
-        let log = log_path("timeout");
-        let outcome = watch(
-            console("echo 'CONNSCOPE-VM kernel=5.10.0-32-amd64 cpus=2'; exec sleep 30"),
-            &log,
+        let (outcome, _) = watch_shell(
+            "timeout",
+            "echo 'CONNSCOPE-VM kernel=5.10.0-32-amd64 cpus=2'; exec sleep 30",
             Duration::from_secs(2),
             Duration::from_secs(1),
-        );
+        )?;
         let Err(err) = outcome else { bail!("a guest without a result passed: {outcome:?}") };
         assert!(err.downcast_ref::<BootHang>().is_none(), "{err:#}");
         assert!(format!("{err:#}").contains("no result line after 2 s"), "{err:#}");
-        fs::remove_file(log)?;
         Ok(())
     }
 
     #[test]
     fn result_lines_are_returned_in_order() -> anyhow::Result<()> {
-        let log = log_path("pass");
-        let lines = watch(
-            console(
-                "echo 'CONNSCOPE-VM kernel=6.1 cpus=2'; \
-                 echo 'CONNSCOPE-VM backend=fentry result=pass tests=30 failed=0'; \
-                 echo 'CONNSCOPE-VM-RESULT pass'",
-            ),
-            &log,
+        let (outcome, _) = watch_shell(
+            "pass",
+            "echo 'CONNSCOPE-VM kernel=6.1 cpus=2'; \
+             echo 'CONNSCOPE-VM backend=fentry result=pass tests=30 failed=0'; \
+             echo 'CONNSCOPE-VM-RESULT pass'",
             Duration::from_secs(20),
             Duration::from_secs(5),
         )?;
         assert_eq!(
-            lines,
+            outcome?,
             [
                 "CONNSCOPE-VM kernel=6.1 cpus=2",
                 "CONNSCOPE-VM backend=fentry result=pass tests=30 failed=0",
                 "CONNSCOPE-VM-RESULT pass",
             ]
         );
-        fs::remove_file(log)?;
         Ok(())
     }
 }
