@@ -15,7 +15,7 @@ use connscope_common::{
 };
 
 use crate::{
-    exchange,
+    exchange, fill,
     globals::generation,
     maps::{
         CONN_SCRATCH, CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, PIN_STATE, UserBuffer, count_lost,
@@ -71,6 +71,17 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
         (tcp_state::LISTEN, tcp_state::CLOSE) if view.is_tcp() => listening(view, false),
         (_, tcp_state::FIN_WAIT1) => close_started(sock, ClosedBy::Local, CloseKind::Fin),
         (_, tcp_state::CLOSE_WAIT) => close_started(sock, ClosedBy::Peer, CloseKind::Fin),
+        // The end of a FIN teardown: its close was recorded on entering FIN_WAIT1 or
+        // CLOSE_WAIT (and a reset since, by `on_reset`), so no lookup is needed.
+        (
+            tcp_state::FIN_WAIT1
+            | tcp_state::FIN_WAIT2
+            | tcp_state::CLOSING
+            | tcp_state::TIME_WAIT
+            | tcp_state::CLOSE_WAIT
+            | tcp_state::LAST_ACK,
+            tcp_state::CLOSE,
+        ) => {}
         // A jump to CLOSE with no FIN exchanged is an abort: a reset from the peer was
         // recorded just before by `on_reset`; otherwise the local side aborted (SO_LINGER
         // 0, unread data at close, or a timeout), and its reset follows.
@@ -132,7 +143,7 @@ fn new_conn(open_ns: u64, role: Role, flags: u16) -> Option<&'static mut Conn> {
     let conn = CONN_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's scratch slot, zeroed in place and used only by this program.
     let conn = unsafe {
-        core::ptr::write_bytes(conn, 0, 1);
+        fill::zero_words(conn);
         &mut *conn
     };
     conn.open_token = open_token(open_ns);

@@ -12,6 +12,7 @@ use connscope_common::{
 use core::ffi::c_void;
 
 use crate::{
+    fill,
     maps::{EVENTS, HEAD_SCRATCH, UserBuffer, count_lost, submit_flags},
     payload_source::PayloadSource,
 };
@@ -188,7 +189,8 @@ pub fn send(sock: u64, conn: &Conn, record: &mut HeadEvent, request: bool, now: 
     record.exchanges = conn.exchanges;
     record.direction = direction_of(conn.role, request);
     record.role = conn.role;
-    record._pad = [0; 6];
+    // SAFETY: the record's own padding bytes.
+    unsafe { fill::zero(record._pad.as_mut_ptr(), record._pad.len()) };
     let sent = output(record, record.head_len);
     if !sent {
         count_lost(LostReason::RingbufFull);

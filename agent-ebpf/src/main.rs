@@ -1,6 +1,7 @@
 //! connscope kernel programs. Layers, bottom-up (no module imports one above it):
 //!
-//! 1. `maps`, `globals`: every map and the values the agent writes before loading.
+//! 1. `maps`, `globals`, `fill`: every map, the values the agent writes before loading, and
+//!    in-place fills of records and map values with plain stores.
 //! 2. `sock`, `syscall_args`, `syscall_stash`, `fd_socket`, `payload_source`: reading the
 //!    socket, the current system call's user buffer (or a library's), a descriptor's socket.
 //! 3. `records`, `head`, `tls_calls`: writing records; reading and sending
@@ -21,6 +22,7 @@ mod conn;
 mod exchange;
 mod fd_socket;
 mod fentry;
+mod fill;
 mod floor;
 mod globals;
 mod head;

@@ -1,17 +1,20 @@
 //! Writing the `Open`, `Attribute`, `Progress` and `Close` records (heads are in `head`).
 //! Records are reserved in the ring buffer and filled in place: no copy on the stack.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated,
 };
 use connscope_common::{
-    AttributeEvent, Attribution, Conn, EventHeader, EventKind, LostReason, OpenEvent, Role,
-    SnapshotEvent,
+    AttributeEvent, Attribution, COMM_LEN, Conn, EventHeader, EventKind, LostReason, OpenEvent,
+    Role, SnapshotEvent,
 };
 
 use aya_ebpf::maps::ring_buf::RingBufEntry;
 
 use crate::{
+    fill,
     maps::{EVENTS, count_lost, submit_flags},
     sock::SocketView,
 };
@@ -30,7 +33,28 @@ pub fn current_attribution() -> Attribution {
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         tgid: (bpf_get_current_pid_tgid() >> 32) as u32,
         valid: 1,
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm: current_comm(),
+    }
+}
+
+/// The current task's name; zeros if the helper fails. Read into uninitialised stack
+/// space: aya's wrapper zeroes its buffer first, a `memset` call (see `fill`).
+#[inline(always)]
+fn current_comm() -> [u8; COMM_LEN] {
+    let mut comm = MaybeUninit::<[u8; COMM_LEN]>::uninit();
+    // SAFETY: the helper writes `COMM_LEN` bytes (NUL-padded) into the buffer, whose
+    // uninitialised memory the verifier accepts for it.
+    let rc = unsafe { generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32) };
+    if rc == 0 {
+        // SAFETY: written in full by the helper.
+        unsafe { comm.assume_init() }
+    } else {
+        let mut zeros = MaybeUninit::<[u64; COMM_LEN / 8]>::uninit();
+        // SAFETY: a local of whole words.
+        unsafe {
+            fill::zero_words(zeros.as_mut_ptr());
+            core::mem::transmute::<[u64; COMM_LEN / 8], [u8; COMM_LEN]>(zeros.assume_init())
+        }
     }
 }
 
@@ -66,10 +90,13 @@ pub fn open(
     let filled = unsafe {
         (*event).header = EventHeader::new(EventKind::Open, sock, open_ns);
         (*event).open_ns = open_ns;
-        (*event).attribution = owner.copied().unwrap_or_default();
+        match owner {
+            Some(owner) => (*event).attribution = *owner,
+            None => fill::zero_words(&raw mut (*event).attribution),
+        }
         (*event).role = role as u8;
         (*event).adopted = 0;
-        (*event)._pad = [0; 6];
+        fill::zero((*event)._pad.as_mut_ptr(), (*event)._pad.len());
         view.endpoints(&mut (*event).endpoints)
     };
     if !filled {

@@ -6,7 +6,11 @@ use connscope_common::{
     kernel_config::SOCK_COMMON_READ,
 };
 
-use crate::{globals::sock_layout, maps::SOCK_SCRATCH};
+use crate::{
+    fill::{self, Addresses},
+    globals::sock_layout,
+    maps::SOCK_SCRATCH,
+};
 
 /// What a lifecycle hook can tell about the socket it fires for. Each backend reads it its
 /// own way (BTF offsets or a tracepoint's record); only the transitions that start tracking
@@ -132,32 +136,24 @@ fn sock_common(sock: u64) -> Option<&'static [u8; SOCK_COMMON_READ]> {
 }
 
 fn fill_endpoints(sock: u64, out: &mut Endpoints) -> Option<()> {
-    {
-        let layout: SockLayout = sock_layout();
-        let bytes = sock_common(sock)?;
-        let family: u16 = field(bytes, layout.family)?;
-        let dport: u16 = field(bytes, layout.dport)?;
-        *out = Endpoints {
-            family,
-            local_port: field(bytes, layout.num)?,
-            remote_port: u16::from_be(dport),
-            ..Endpoints::default()
-        };
-        match family {
-            AF_INET => {
-                let local: [u8; 4] = field(bytes, layout.rcv_saddr)?;
-                let remote: [u8; 4] = field(bytes, layout.daddr)?;
-                out.local_addr[..4].copy_from_slice(&local);
-                out.remote_addr[..4].copy_from_slice(&remote);
-            }
-            AF_INET6 => {
-                out.local_addr = field(bytes, layout.v6_rcv_saddr)?;
-                out.remote_addr = field(bytes, layout.v6_daddr)?;
-            }
-            _ => return None,
-        }
-        Some(())
-    }
+    let layout: SockLayout = sock_layout();
+    let bytes = sock_common(sock)?;
+    let family: u16 = field(bytes, layout.family)?;
+    let dport: u16 = field(bytes, layout.dport)?;
+    let addresses = match family {
+        AF_INET => Addresses::V4 {
+            local: field(bytes, layout.rcv_saddr)?,
+            remote: field(bytes, layout.daddr)?,
+        },
+        AF_INET6 => Addresses::V6 {
+            local: field(bytes, layout.v6_rcv_saddr)?,
+            remote: field(bytes, layout.v6_daddr)?,
+        },
+        _ => return None,
+    };
+    // SAFETY: `out` is a valid, exclusive `Endpoints`.
+    unsafe { fill::endpoints(out, field(bytes, layout.num)?, u16::from_be(dport), &addresses) };
+    Some(())
 }
 
 /// Whether a send that just returned on `conn` went out after the peer closed: the hooks

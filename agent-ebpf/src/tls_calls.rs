@@ -8,10 +8,14 @@
 //! read-ahead buffer touches no socket). `SSL_do_handshake` is stashed too, so the handshake
 //! flights teach the mapping before the first read.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::LruHashMap};
 use connscope_common::{
     Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
 };
+
+use crate::fill;
 
 /// One libssl call in progress.
 #[repr(C)]
@@ -44,8 +48,18 @@ pub static TLS_SOCKETS: LruHashMap<u64, u64> =
 /// Stashes the current thread's call.
 #[inline(always)]
 pub fn begin(ssl: u64, buf: u64, moved_out: u64, direction: Direction) {
-    let call = SslCall { ssl, buf, moved_out, sock: 0, direction: direction as u8, _pad: [0; 7] };
-    let _ = TLS_CALLS.insert(&bpf_get_current_pid_tgid(), &call, 0);
+    // Zeroed with word stores, then filled: a literal's zero padding is a `memset` call.
+    let mut call = MaybeUninit::<SslCall>::uninit();
+    // SAFETY: a local, zeroed whole before it is read.
+    let call = unsafe {
+        fill::zero_words(call.as_mut_ptr());
+        call.assume_init_mut()
+    };
+    call.ssl = ssl;
+    call.buf = buf;
+    call.moved_out = moved_out;
+    call.direction = direction as u8;
+    let _ = TLS_CALLS.insert(&bpf_get_current_pid_tgid(), &*call, 0);
 }
 
 /// For a transfer on tracked `sock` moving `direction`: whether it is ciphertext whose

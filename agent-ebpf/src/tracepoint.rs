@@ -6,7 +6,11 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use connscope_common::{AF_INET, AF_INET6, ClosedBy, Direction, Endpoints, IPPROTO_TCP};
 
-use crate::{conn, sock::SocketView};
+use crate::{
+    conn,
+    fill::{self, Addresses},
+    sock::SocketView,
+};
 
 /// The `inet_sock_set_state` record, which carries the socket's protocol and endpoints.
 struct StateRecord<'a>(&'a TracePointContext);
@@ -30,26 +34,13 @@ impl SocketView for StateRecord<'_> {
 
 impl StateRecord<'_> {
     fn fill_endpoints(&self, out: &mut Endpoints) -> Option<()> {
-        let family: u16 = self.read(28)?;
-        *out = Endpoints {
-            family,
-            local_port: self.read(24)?,
-            remote_port: self.read(26)?,
-            ..Endpoints::default()
-        };
-        match family {
-            AF_INET => {
-                let local: [u8; 4] = self.read(32)?;
-                let remote: [u8; 4] = self.read(36)?;
-                out.local_addr[..4].copy_from_slice(&local);
-                out.remote_addr[..4].copy_from_slice(&remote);
-            }
-            AF_INET6 => {
-                out.local_addr = self.read(40)?;
-                out.remote_addr = self.read(56)?;
-            }
+        let addresses = match self.read::<u16>(28)? {
+            AF_INET => Addresses::V4 { local: self.read(32)?, remote: self.read(36)? },
+            AF_INET6 => Addresses::V6 { local: self.read(40)?, remote: self.read(56)? },
             _ => return None,
-        }
+        };
+        // SAFETY: `out` is a valid, exclusive `Endpoints`.
+        unsafe { fill::endpoints(out, self.read(24)?, self.read(26)?, &addresses) };
         Some(())
     }
 }
