@@ -456,10 +456,6 @@ impl Pipeline {
         self.drain();
         self.table.sweep_candidates(&mut self.sweep);
         for &sock in &self.sweep {
-            // Closed since it was active: nothing to read (one system call saved).
-            if !self.table.knows(sock) {
-                continue;
-            }
             let conn = self.conns.get(&sock, 0).ok();
             self.table.swept(sock, conn.as_ref());
         }

@@ -347,19 +347,26 @@ impl ConnectionTable {
         changed
     }
 
-    /// Connections to re-read from the kernel map now: those active since the last sweep.
-    /// Each is re-read until a sweep finds it unchanged (`swept`).
+    /// Connections to re-read from the kernel map now: those active since the last sweep
+    /// and still open, each once. Under churn the kernel hands a closed socket's memory to
+    /// the next connection at once, so an address can be listed once per connection it
+    /// carried since the last sweep: reading each listing cost a `bpf()` call per
+    /// connection. Each is re-read until a sweep finds it unchanged (`swept`).
     pub fn sweep_candidates(&mut self, into: &mut Vec<u64>) {
         into.clear();
-        into.append(&mut self.sweep);
+        for sock in self.sweep.drain(..) {
+            if let Some(tracked) = self.conns.get_mut(&sock)
+                && tracked.in_sweep
+            {
+                tracked.in_sweep = false;
+                into.push(sock);
+            }
+        }
     }
 
     /// Applies a swept snapshot: a changed connection stays in the next sweep.
     pub fn swept(&mut self, sock: u64, conn: Option<&Conn>) {
         let changed = conn.is_some_and(|conn| self.apply(sock, conn));
-        if let Some(tracked) = self.conns.get_mut(&sock) {
-            tracked.in_sweep = false;
-        }
         if changed {
             self.mark_active(sock);
         }

@@ -386,3 +386,22 @@ fn sweeps_read_active_connections_until_they_are_quiet() {
     assert!(candidates.is_empty(), "unchanged: dropped until the kernel reports it");
     assert_eq!(metrics.bytes_sent.get_or_create(&flow("client")).get(), 10);
 }
+
+#[test]
+fn sweeps_read_a_reused_socket_address_once_and_a_closed_one_never() {
+    let (mut table, _metrics) = table();
+    let mut candidates = Vec::new();
+    // Three connections in turn on one socket address, as churn reuses socket memory.
+    for _ in 0..3 {
+        table.handle(&open(Role::Client));
+        table.handle(&snapshot(EventKind::Close, state(Role::Client), 2_000));
+    }
+    table.handle(&open(Role::Client));
+    table.sweep_candidates(&mut candidates);
+    assert_eq!(candidates, [SOCK], "the open one, once");
+    table.handle(&snapshot(EventKind::Close, state(Role::Client), 2_000));
+    table.handle(&open(Role::Client));
+    table.handle(&snapshot(EventKind::Close, state(Role::Client), 2_000));
+    table.sweep_candidates(&mut candidates);
+    assert!(candidates.is_empty(), "closed since: nothing to read");
+}
