@@ -15,7 +15,9 @@ fn main() -> ExitCode {
     match cli.command {
         None => run_agent(cli),
         Some(Command::Flows(args)) => block_on(flows::run(*args)),
-        Some(Command::BenchFloor) => with_config(cli, |config| block_on(agent::run_floor(config))),
+        Some(Command::BenchFloor) => {
+            with_config(cli, |config| block_on(on_worker(agent::run_floor(config))))
+        }
         Some(Command::Cleanup(args)) => match args.pin_path() {
             Ok(path) => connscope::pinning::cleanup_command(path.as_deref()),
             Err(err) => {
@@ -27,7 +29,7 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(cli: Cli) -> ExitCode {
-    with_config(cli, |config| block_on(agent::run(config)))
+    with_config(cli, |config| block_on(on_worker(agent::run(config))))
 }
 
 /// Validates the settings (exit code 2 with one line when they are wrong), sets up logging.
@@ -41,6 +43,16 @@ fn with_config(cli: Cli, run: impl FnOnce(connscope::config::Config) -> ExitCode
     };
     connscope::logging::init(&config.log_level);
     run(config)
+}
+
+/// `task` as a task of the runtime's workers, not of the thread in `block_on`: the worker
+/// that wakes for the ring buffer's readiness then polls it itself, where `block_on` would
+/// hand every wakeup on to its own thread (a futex wake and a rescheduling interrupt per
+/// drain of the ring buffer).
+async fn on_worker(
+    task: impl Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> anyhow::Result<()> {
+    tokio::spawn(task).await.unwrap_or_else(|err| Err(anyhow::anyhow!("the agent stopped: {err}")))
 }
 
 /// Runs `task` on a small runtime; its error becomes the one line the user reads.
