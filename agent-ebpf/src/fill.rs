@@ -6,7 +6,7 @@
 //! program. Volatile stores are kept as written; the optimiser does not merge them back
 //! into a `memset`. Bottom layer: it imports nothing from the rest of the crate.
 
-use connscope_common::{AF_INET, Endpoints};
+use connscope_common::{AF_INET, AF_INET6, Endpoints};
 
 /// Zeroes the `count` values of `T` at `dst`.
 ///
@@ -18,6 +18,13 @@ pub unsafe fn zero<T: Default>(dst: *mut T, count: usize) {
         // SAFETY: in bounds and aligned, by the caller's contract.
         unsafe { dst.add(index).write_volatile(T::default()) };
     }
+}
+
+/// Zeroes every element of `array` (padding fields, byte buffers).
+#[inline(always)]
+pub fn zero_array<T: Default, const N: usize>(array: &mut [T; N]) {
+    // SAFETY: the array's own elements.
+    unsafe { zero(array.as_mut_ptr(), N) };
 }
 
 /// Zeroes a whole `T` with 8-byte stores.
@@ -62,7 +69,7 @@ pub unsafe fn endpoints(
                 v4_address((&raw mut (*out).remote_addr).cast(), *remote);
             }
             Addresses::V6 { local, remote } => {
-                (*out).family = connscope_common::AF_INET6;
+                (*out).family = AF_INET6;
                 (*out).local_addr = *local;
                 (*out).remote_addr = *remote;
             }

@@ -189,8 +189,7 @@ pub fn send(sock: u64, conn: &Conn, record: &mut HeadEvent, request: bool, now: 
     record.exchanges = conn.exchanges;
     record.direction = direction_of(conn.role, request);
     record.role = conn.role;
-    // SAFETY: the record's own padding bytes.
-    unsafe { fill::zero(record._pad.as_mut_ptr(), record._pad.len()) };
+    fill::zero_array(&mut record._pad);
     let sent = output(record, record.head_len);
     if !sent {
         count_lost(LostReason::RingbufFull);

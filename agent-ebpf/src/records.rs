@@ -45,17 +45,12 @@ fn current_comm() -> [u8; COMM_LEN] {
     // SAFETY: the helper writes `COMM_LEN` bytes (NUL-padded) into the buffer, whose
     // uninitialised memory the verifier accepts for it.
     let rc = unsafe { generated::bpf_get_current_comm(comm.as_mut_ptr().cast(), COMM_LEN as u32) };
-    if rc == 0 {
-        // SAFETY: written in full by the helper.
-        unsafe { comm.assume_init() }
-    } else {
-        let mut zeros = MaybeUninit::<[u64; COMM_LEN / 8]>::uninit();
-        // SAFETY: a local of whole words.
-        unsafe {
-            fill::zero_words(zeros.as_mut_ptr());
-            core::mem::transmute::<[u64; COMM_LEN / 8], [u8; COMM_LEN]>(zeros.assume_init())
-        }
+    if rc != 0 {
+        // SAFETY: the buffer's own bytes.
+        unsafe { fill::zero(comm.as_mut_ptr().cast::<u8>(), COMM_LEN) };
     }
+    // SAFETY: written in full, by the helper or just above.
+    unsafe { comm.assume_init() }
 }
 
 /// Reserves a `T` in the ring buffer, lets `fill` write it, and submits it.
@@ -96,7 +91,7 @@ pub fn open(
         }
         (*event).role = role as u8;
         (*event).adopted = 0;
-        fill::zero((*event)._pad.as_mut_ptr(), (*event)._pad.len());
+        fill::zero_array(&mut (*event)._pad);
         view.endpoints(&mut (*event).endpoints)
     };
     if !filled {
