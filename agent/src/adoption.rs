@@ -11,7 +11,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    io,
+    io::{self, BufRead as _},
     path::Path,
 };
 
@@ -22,6 +22,8 @@ use connscope_common::ListenKey;
 const TCP_LISTEN_HEX: &str = "0A";
 /// `st` of an established one.
 const TCP_ESTABLISHED_HEX: &str = "01";
+/// procfs hands out a table a page or so per read.
+const TABLE_READ_BUFFER: usize = 64 * 1024;
 
 /// Why an item of the scan was skipped (`connscope_adoption_skipped_total{reason}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -139,10 +141,19 @@ fn parse_netns_link(link: &str) -> Option<u32> {
     link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
 }
 
+/// Streams the table a line at a time: a busy namespace's table (150 bytes per socket,
+/// TIME_WAIT ones included) read whole would grow the agent's heap by megabytes at start.
 fn read_table(path: &Path, netns: u32, scan: &mut ListenScan) -> io::Result<()> {
-    let text = std::fs::read_to_string(path)?;
-    for line in text.lines().skip(1) {
-        match socket_line(line) {
+    let mut table = io::BufReader::with_capacity(TABLE_READ_BUFFER, std::fs::File::open(path)?);
+    let mut line = String::new();
+    // The header line.
+    table.read_line(&mut line)?;
+    loop {
+        line.clear();
+        if table.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        match socket_line(&line) {
             Some(Socket::Listening(port)) => {
                 *scan.ports.entry(ListenKey::new(netns, port)).or_default() += 1;
             }
@@ -151,7 +162,6 @@ fn read_table(path: &Path, netns: u32, scan: &mut ListenScan) -> io::Result<()> 
             None => scan.skip(Skip::Unparsable),
         }
     }
-    Ok(())
 }
 
 /// What a `/proc/net/tcp{,6}` line is about.
