@@ -143,23 +143,46 @@ fn parse_netns_link(link: &str) -> Option<u32> {
 
 /// Streams the table a line at a time: a busy namespace's table (150 bytes per socket,
 /// TIME_WAIT ones included) read whole would grow the agent's heap by megabytes at start.
+/// A table counts whole or not at all: one that fails part way (its process exiting) is
+/// read again from the namespace's next process, which must not count its ports twice.
 fn read_table(path: &Path, netns: u32, scan: &mut ListenScan) -> io::Result<()> {
     let mut table = io::BufReader::with_capacity(TABLE_READ_BUFFER, std::fs::File::open(path)?);
+    let mut counts = TableCounts::default();
     let mut line = String::new();
     // The header line.
     table.read_line(&mut line)?;
     loop {
         line.clear();
         if table.read_line(&mut line)? == 0 {
+            counts.add_to(scan, netns);
             return Ok(());
         }
         match socket_line(&line) {
-            Some(Socket::Listening(port)) => {
-                *scan.ports.entry(ListenKey::new(netns, port)).or_default() += 1;
-            }
-            Some(Socket::Established) => scan.established += 1,
+            Some(Socket::Listening(port)) => counts.listening.push(port),
+            Some(Socket::Established) => counts.established += 1,
             Some(Socket::Other) => {}
-            None => scan.skip(Skip::Unparsable),
+            None => counts.unparsable += 1,
+        }
+    }
+}
+
+/// One table's lines, kept apart until the table was read to its end.
+#[derive(Default)]
+struct TableCounts {
+    /// Few per namespace: the ports of its listening sockets.
+    listening: Vec<u16>,
+    established: u64,
+    unparsable: u64,
+}
+
+impl TableCounts {
+    fn add_to(self, scan: &mut ListenScan, netns: u32) {
+        for port in self.listening {
+            *scan.ports.entry(ListenKey::new(netns, port)).or_default() += 1;
+        }
+        scan.established += self.established;
+        if self.unparsable > 0 {
+            *scan.skipped.entry(Skip::Unparsable).or_default() += self.unparsable;
         }
     }
 }
@@ -263,6 +286,28 @@ mod tests {
         assert_eq!(scan.skipped.get(&Skip::Unreadable), Some(&2));
         assert_eq!(scan.skipped.get(&Skip::ProcessVanished), None);
         std::fs::remove_dir_all(&root)?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_table_that_fails_part_way_counts_nothing() -> anyhow::Result<()> {
+        let dir = std::env::temp_dir().join(format!("connscope-proc-part-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let listen =
+            "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1\n";
+        // The listening line, then bytes that end the read with an error.
+        let mut broken = format!("{HEADER}{listen}").into_bytes();
+        broken.extend_from_slice(b"   1: \xff\xfe\n");
+        std::fs::write(dir.join("broken"), broken)?;
+        std::fs::write(dir.join("whole"), format!("{HEADER}{listen}"))?;
+
+        let mut scan = ListenScan::default();
+        assert!(read_table(&dir.join("broken"), 111, &mut scan).is_err());
+        assert!(scan.ports.is_empty(), "{:?}", scan.ports);
+        // The namespace's next process reads the same table again.
+        read_table(&dir.join("whole"), 111, &mut scan)?;
+        assert_eq!(scan.ports, HashMap::from([(ListenKey::new(111, 8080), 1)]));
+        std::fs::remove_dir_all(&dir)?;
         Ok(())
     }
 
