@@ -49,8 +49,17 @@ pub struct SockLayout {
     /// its response: acknowledged bytes no send hook has counted yet are a response the
     /// peer read before closing.
     pub bytes_acked: u32,
+    /// `icsk_ack.lrcvtime` of the `inet_connection_sock` at the start of a `tcp_sock`: the
+    /// jiffies of the last data segment received, kept in `lrcvtime_bits` bits from bit
+    /// `lrcvtime_shift` of the 32-bit word at byte `lrcvtime` (0: unknown; a plain `__u32`
+    /// in the kernels of the matrix, read from its word should one make it a bitfield). Tells an adopted server end whether its request arrived after the agent
+    /// started (`PinSlot::AdoptionStartJiffies`).
+    pub lrcvtime: u32,
+    pub lrcvtime_shift: u32,
+    pub lrcvtime_bits: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(size_of::<SockLayout>() == 72);
+const _: () = assert!(size_of::<SockLayout>() == 88);
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).
@@ -203,14 +212,20 @@ pub enum PinSlot {
     /// call in flight during an update, so a connection last counted before this time may
     /// have missed one: its next call looks for it (`conn::recover_missed_turn`).
     TakeoverEndNs = 2,
+    /// The kernel's jiffies just before this agent attached its hooks, written by the
+    /// `ADOPTION_START` program (0: unknown). A receive at `tcp_recvmsg`'s exit (fexit,
+    /// kretprobe) already in progress then is never seen: a server end adopted at its
+    /// response whose last data arrived after this counts that request
+    /// (`conn::request_read_in_flight_at_start`).
+    AdoptionStartJiffies = 3,
 }
 
 impl PinSlot {
-    pub const COUNT: u32 = 3;
+    pub const COUNT: u32 = 4;
 }
 
 /// Bumped whenever the meaning of pinned state changes without a change of size.
-pub const PIN_FORMAT: u64 = 4;
+pub const PIN_FORMAT: u64 = 5;
 
 /// Identifies the layout of the pinned state: the format number and the sizes of every
 /// shared struct. An agent finding another fingerprint replaces the pinned state.

@@ -54,9 +54,12 @@ pub mod program {
     pub const SSL_READ_EX: &str = "connscope_ssl_read_ex";
     pub const SSL_DO_HANDSHAKE: &str = "connscope_ssl_do_handshake";
     pub const SSL_RETURN: &str = "connscope_ssl_return";
+    /// Never attached: run once by the agent (`BPF_PROG_TEST_RUN`) before it attaches the
+    /// hooks, to stamp `PinSlot::AdoptionStartJiffies`.
+    pub const ADOPTION_START: &str = "connscope_adoption_start";
 
     /// Every program of the object.
-    pub const ALL: [&str; 37] = [
+    pub const ALL: [&str; 38] = [
         BTF_INET_SOCK_SET_STATE,
         BTF_TCP_DESTROY_SOCK,
         BTF_TCP_RECEIVE_RESET,
@@ -94,6 +97,7 @@ pub mod program {
         SSL_READ_EX,
         SSL_DO_HANDSHAKE,
         SSL_RETURN,
+        ADOPTION_START,
     ];
 }
 

@@ -22,7 +22,7 @@ use crate::{
         submit_flags,
     },
     payload_source::PayloadSource,
-    records::{self, current_attribution, now_ns},
+    records::{self, current_attribution, now_jiffies, now_ns},
     sock::{self, BtfSocket, SocketView, state_and_port},
     tls_calls,
 };
@@ -262,7 +262,7 @@ pub fn transfer(
     recv_flags: i32,
     is_tcp: impl FnOnce() -> bool,
 ) {
-    transfer_counted_once(sock, direction, ret, recv_flags, is_tcp, None);
+    transfer_counted_once::<false>(sock, direction, ret, recv_flags, is_tcp, None);
 }
 
 /// A send or receive seen at `tcp_sendmsg`'s or `tcp_recvmsg`'s exit (fexit, kretprobe). A
@@ -280,14 +280,15 @@ pub fn transfer(
 #[inline(always)]
 pub fn transfer_at_exit(sock: u64, direction: Direction, ret: i64, recv_flags: i32) {
     let seq = if generation() == 0 { None } else { sock::stream_seq(sock, direction) };
-    transfer_counted_once(sock, direction, ret, recv_flags, || true, seq);
+    transfer_counted_once::<true>(sock, direction, ret, recv_flags, || true, seq);
 }
 
 /// [`transfer`], counted by the active generation only, or with `seq` (the socket's stream
-/// position after the call) by any generation, once ([`transfer_at_exit`]).
+/// position after the call) by any generation, once ([`transfer_at_exit`]). `AT_EXIT`: the
+/// call is seen at its function's exit (fexit, kretprobe).
 /// Only the active generation adopts sockets and records process contexts.
 #[inline(always)]
-fn transfer_counted_once(
+fn transfer_counted_once<const AT_EXIT: bool>(
     sock: u64,
     direction: Direction,
     ret: i64,
@@ -307,7 +308,9 @@ fn transfer_counted_once(
         return;
     }
     let adoptable = || active && is_tcp();
-    let Some(conn) = tracked(sock).or_else(|| if adoptable() { adopt(sock) } else { None }) else {
+    let Some(conn) =
+        tracked(sock).or_else(|| if adoptable() { adopt(sock, direction, AT_EXIT) } else { None })
+    else {
         return;
     };
     if let Some(seq) = seq {
@@ -458,9 +461,10 @@ pub fn plaintext(sock: u64, direction: Direction, bytes: u64, buffer: UserBuffer
 /// (server when its local port listens in its namespace), its process from the caller's
 /// context. Payload on a socket that cannot be adopted (another state, no BTF offsets, a
 /// full map) is counted as `untracked_socket` (or `map_full`). Runs once per socket: out of
-/// line, so the tracked path stays small.
+/// line, so the tracked path stays small. `direction` is the call's, `at_exit` whether it
+/// is seen at its function's exit.
 #[inline(never)]
-fn adopt(sock: u64) -> Option<&'static mut Conn> {
+fn adopt(sock: u64, direction: Direction, at_exit: bool) -> Option<&'static mut Conn> {
     let Some((_, key)) = state_and_port(sock).filter(|(state, _)| *state == ESTABLISHED) else {
         count_lost(LostReason::UntrackedSocket);
         return None;
@@ -483,7 +487,27 @@ fn adopt(sock: u64) -> Option<&'static mut Conn> {
         return tracked(sock);
     }
     open.submit(submit_flags());
-    tracked(sock)
+    let conn = tracked(sock)?;
+    if at_exit && role == Role::Server && direction == Direction::Send {
+        request_read_in_flight_at_start(sock, conn);
+    }
+    Some(conn)
+}
+
+/// A server end adopted at its response, seen at `tcp_sendmsg`'s exit: the receive hook runs
+/// at `tcp_recvmsg`'s exit too, which a call already in progress when the agent attached
+/// never passes through (a server blocked waiting for its next request). When the socket's
+/// last data arrived after the agent started (`PinSlot::AdoptionStartJiffies`), that call
+/// read this response's request: counted as the turn no program saw, by direction change
+/// (its head is gone), as the tracepoint backends, which see the call, would count it.
+#[inline(never)]
+fn request_read_in_flight_at_start(sock: u64, conn: &mut Conn) {
+    let start = PIN_STATE.get(PinSlot::AdoptionStartJiffies as u32).copied().unwrap_or(0);
+    let now = now_jiffies();
+    if start == 0 || now < start || !sock::data_received_within(sock, now, now - start) {
+        return;
+    }
+    count_exchanges(sock, conn, PayloadSource::Unreadable, Direction::Recv, 0, false);
 }
 
 const ESTABLISHED: u8 = tcp_state::ESTABLISHED as u8;

@@ -24,6 +24,10 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     write_seq: 0,
     snd_una: 0,
     bytes_acked: 0,
+    lrcvtime: 0,
+    lrcvtime_shift: 0,
+    lrcvtime_bits: 0,
+    _pad: 0,
 };
 
 #[unsafe(no_mangle)]

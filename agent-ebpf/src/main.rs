@@ -9,8 +9,8 @@
 //! 4. `exchange`, `conn`: the per-socket state machine (`conn::transfer` is the common tail
 //!    of every send/receive backend).
 //! 5. One thin file per hook backend, translating its arguments: `tp_btf`, `tracepoint`,
-//!    `fentry`, `kprobe`, `syscall_exit`, `tls_uprobes`; and `floor`, the benchmark's floor
-//!    arm.
+//!    `fentry`, `kprobe`, `syscall_exit`, `tls_uprobes`; `floor`, the benchmark's floor
+//!    arm; and `adoption_start`, run once by the agent before it attaches the rest.
 #![no_std]
 #![no_main]
 // aya-ebpf's maps take `impl Borrow<K>`: references keep keys and values where they are; and
@@ -18,6 +18,7 @@
 // for the bpf target is what these files are checked for (the VM tier), not host lints.
 #![allow(clippy::needless_borrows_for_generic_args, clippy::collapsible_if)]
 
+mod adoption_start;
 mod conn;
 mod exchange;
 mod fd_socket;

@@ -4,7 +4,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated,
+    bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, generated,
 };
 use connscope_common::{
     AttributeEvent, Attribution, COMM_LEN, Conn, EventHeader, EventKind, LostReason, OpenEvent,
@@ -23,6 +23,13 @@ use crate::{
 pub fn now_ns() -> u64 {
     // SAFETY: helper without arguments.
     unsafe { bpf_ktime_get_ns() }
+}
+
+/// The kernel's jiffies (`bpf_jiffies64`, since 5.5), the clock of `icsk_ack.lrcvtime`.
+#[inline(always)]
+pub fn now_jiffies() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_jiffies64() }
 }
 
 /// The current task as the owner of a socket; only meaningful in process context.

@@ -99,6 +99,21 @@ pub fn stream_seq(sock: u64, direction: Direction) -> Option<u32> {
     read(sock + u64::from(offset))
 }
 
+/// Whether `sock` received its last data segment at most `window` jiffies before
+/// `now_jiffies` (`icsk_ack.lrcvtime`, compared modulo its width); false without the offset.
+#[inline(always)]
+pub fn data_received_within(sock: u64, now_jiffies: u64, window: u64) -> bool {
+    let layout = sock_layout();
+    if layout.lrcvtime == 0 || layout.lrcvtime_bits == 0 {
+        return false;
+    }
+    let Some(word) = read::<u32>(sock + u64::from(layout.lrcvtime)) else { return false };
+    let mask = if layout.lrcvtime_bits >= 32 { u32::MAX } else { (1 << layout.lrcvtime_bits) - 1 };
+    let received = (word >> (layout.lrcvtime_shift & 31)) & mask;
+    let age = (now_jiffies as u32).wrapping_sub(received) & mask;
+    u64::from(age) <= window
+}
+
 /// Whether the peer has acknowledged every byte queued on `sock` (`snd_una == write_seq`);
 /// false when the kernel's BTF did not give both offsets.
 #[inline(always)]

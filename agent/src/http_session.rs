@@ -84,6 +84,9 @@ impl HttpSession {
     }
 
     pub fn on_response(&mut self, response: &http::Head) {
+        // A request no head was read for (a server end adopted at its response, whose
+        // receive was in flight when the agent started): it counts in its response's version.
+        self.last_request.get_or_insert(RequestShape { version: response.version, count: 1 });
         self.record_persistence(response);
         // HTTP/1.0 persists only when both sides said keep-alive.
         if self.http10_request_keep_alive == Some(true)
@@ -171,5 +174,20 @@ mod tests {
         // A head for an exchange already counted (seen late) changes no count.
         assert_eq!(session.on_request(&pipelined, 5), RequestCounts::default());
         assert_eq!(session.requests, 6);
+    }
+
+    /// An exchange whose request head no hook read is counted once its response is seen,
+    /// in that response's version; a request head read later takes over.
+    #[test]
+    fn a_request_without_a_head_counts_in_its_responses_version() {
+        let response = http::parse_response(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .unwrap_or_else(|| panic!("not a response"));
+        let mut session = HttpSession::default();
+        session.on_response(&response);
+        let get = request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let second = session.on_request(&get, 2);
+        assert_eq!(second, RequestCounts { http10: 1, http11: 1 });
+        assert_eq!(session.repeat_until(3), RequestCounts { http10: 0, http11: 1 });
+        assert_eq!(session.requests, 3);
     }
 }

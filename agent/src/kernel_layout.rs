@@ -71,6 +71,10 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         bytes_acked: tcp_sock_offset(btf, "bytes_acked"),
         ..SockLayout::default()
     };
+    // Optional: without it a server end adopted at its response on an exit-hook backend
+    // misses the request whose receive was in progress when the agent started.
+    let (lrcvtime, lrcvtime_shift, lrcvtime_bits) = last_receive_time(btf).unwrap_or_default();
+    let layout = SockLayout { lrcvtime, lrcvtime_shift, lrcvtime_bits, ..layout };
     // The endpoint fields are read in one copy of the start of the socket.
     let end = layout.v6_daddr.max(layout.v6_rcv_saddr) + 16;
     let end = end.max(layout.family.max(layout.dport).max(layout.num) + 2);
@@ -89,6 +93,19 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
 /// A `tcp_sock` field's byte offset, 0 when the BTF does not have it.
 fn tcp_sock_offset(btf: &Btf, field: &str) -> u32 {
     find_struct(btf, "tcp_sock").and_then(|tcp| byte_offset(btf, &tcp, field)).unwrap_or(0)
+}
+
+/// Where `icsk_ack.lrcvtime` lies in a `tcp_sock`: the byte offset of the 32-bit word that
+/// holds it, its bit shift in that word and its width (a 24-bit bitfield since 6.5).
+fn last_receive_time(btf: &Btf) -> Option<(u32, u32, u32)> {
+    let tcp = find_struct(btf, "tcp_sock").ok()?;
+    let (bits, bitfield, member) = find_member(btf, &tcp, "lrcvtime").ok()?;
+    let width = match bitfield {
+        Some(width) => width,
+        None => int_size(btf, &member).ok()? * 8,
+    };
+    let (word, shift) = (bits / 32 * 4, bits % 32);
+    (word != 0 && (1..=32).contains(&width) && shift + width <= 32).then_some((word, shift, width))
 }
 
 /// `skc_state`, `skc_net` (in the `sock_common` copy) and `struct net`'s `ns.inum`: what
@@ -213,6 +230,10 @@ mod tests {
         assert!(layout.protocol > 100 && layout.v6_daddr >= 40, "{layout:?}");
         assert_eq!((layout.adopt, layout.state), (1, 18), "{layout:?}");
         assert!(layout.net >= 24 && layout.net < layout.v6_daddr, "{layout:?}");
+        // A plain `__u32` on 6.18 (1264 bytes in); a bitfield is read from its word.
+        let width = (layout.lrcvtime_shift, layout.lrcvtime_bits);
+        assert!(width == (0, 32) || width.0 + width.1 == 32, "{layout:?}");
+        assert!(layout.lrcvtime > 1000 && layout.lrcvtime % 4 == 0, "{layout:?}");
         let fds = types.fd_layout()?;
         assert_eq!(fds.valid, 1);
         // 6 parameters before 5.19 (`nonblock`), 5 after, 4 without `addr_len`.

@@ -14,7 +14,8 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, MapData},
     programs::{
-        BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, TracePoint, links::FdLink,
+        BtfTracePoint, FEntry, FExit, KProbe, Program, RawTracePoint, RawTracePointRunOptions,
+        TestRun as _, TracePoint, links::FdLink,
     },
 };
 use connscope_common::{
@@ -315,6 +316,7 @@ pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Pr
     if let Some(pins) = &pins {
         pins.begin_takeover(&mut ebpf)?;
     }
+    stamp_adoption_start(&mut ebpf);
     let mut loader = Attacher { ebpf: &mut ebpf, kernel: &kernel, links: Vec::new() };
     let lifecycle = loader.attach_lifecycle()?;
     if kernel.user_buffers == UserBuffers::SyscallStash {
@@ -557,6 +559,25 @@ fn unload(ebpf: &mut Ebpf, name: &str) {
     };
     if let Err(err) = result {
         tracing::warn!(program = name, "unloading after a failed attach: {err}");
+    }
+}
+
+/// Stamps `PinSlot::AdoptionStartJiffies` with the kernel's jiffies, by one test run of
+/// the `ADOPTION_START` program, just before the hooks are attached. Where that fails
+/// (raw tracepoint test runs came in 5.10) a server end adopted at its response on the
+/// fentry or kprobe backend misses the request its receive was waiting for at start.
+fn stamp_adoption_start(ebpf: &mut Ebpf) {
+    let mut stamp = || -> anyhow::Result<()> {
+        let p: &mut RawTracePoint = program_mut(ebpf, program::ADOPTION_START)?.try_into()?;
+        p.load()?;
+        p.test_run(RawTracePointRunOptions::new())?;
+        Ok(())
+    };
+    if let Err(err) = stamp() {
+        tracing::info!(
+            "no start time for adoption ({err:#}): with fexit or kretprobe receive hooks, a \
+             server blocked in a receive when the agent starts misses that one request"
+        );
     }
 }
 
