@@ -402,3 +402,22 @@ mod tests {
         assert!(!flipped_top_bit(5, 500));
     }
 }
+
+/// One libssl call in progress (`TLS_CALLS`, by pid_tgid), from its entry uprobe to its
+/// return probe.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SslCall {
+    pub ssl: u64,
+    /// The caller's plaintext buffer (0 for the handshake).
+    pub buf: u64,
+    /// `SSL_*_ex`: where the call stores how many bytes it moved; 0 when the return value
+    /// says it (`SSL_read`, `SSL_write`).
+    pub moved_out: u64,
+    /// The socket a transfer inside this call moved ciphertext on (0 until one did).
+    pub sock: u64,
+    /// [`Direction`](crate::Direction) of the plaintext; `None` for the handshake.
+    pub direction: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(core::mem::size_of::<SslCall>() == 40);

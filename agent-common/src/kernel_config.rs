@@ -240,6 +240,7 @@ pub const fn contract_fingerprint() -> u64 {
         size_of::<crate::Attribution>(),
         size_of::<crate::ListenKey>(),
         size_of::<crate::Handover>(),
+        size_of::<crate::SslCall>(),
         crate::conn::GAP_BUCKETS,
     ];
     // FNV-1a over the sizes.

@@ -23,7 +23,7 @@ pub mod records;
 pub mod tls_record;
 pub mod wire;
 
-pub use conn::{Conn, conn_flag};
+pub use conn::{Conn, SslCall, conn_flag};
 pub use handover::{CARRIED_CHUNKS, CarriedChunk, Handover, handover_flag};
 pub use kernel_config::{
     BufferLayout, FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, PayloadSyscallSpec, PinSlot,

@@ -124,7 +124,7 @@ pub mod map {
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 11] = [
         CONNS,
         EVENTS,
         LOST,
@@ -134,6 +134,8 @@ pub mod map {
         PIN_STATE,
         HANDOVER,
         CARRIED_METRICS,
+        TLS_CALLS,
+        TLS_SOCKETS,
     ];
 
     pub const ALL: [&str; 18] = [

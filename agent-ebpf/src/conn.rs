@@ -443,12 +443,12 @@ fn count_exchanges(
 }
 
 /// TLS plaintext libssl moved for `sock` (the uprobes' return probe): counted by the same
-/// rules as cleartext, reading `buffer`; its bytes were counted as ciphertext.
+/// rules as cleartext, reading `buffer`; its bytes were counted as ciphertext. By any
+/// generation: the call was finished by the one return probe that removed it from the
+/// shared `TLS_CALLS` (`tls_calls::finish`), and during a takeover a call entered under the
+/// old programs returns through theirs only.
 #[inline(always)]
 pub fn plaintext(sock: u64, direction: Direction, bytes: u64, buffer: UserBuffer) {
-    if !active() {
-        return;
-    }
     let Some(conn) = tracked(sock) else { return };
     if !conn.has(conn_flag::TLS_PLAINTEXT) {
         tls_calls::to_plaintext(conn);

@@ -12,30 +12,15 @@ use core::mem::MaybeUninit;
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::map, maps::LruHashMap};
 use connscope_common::{
-    Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, conn_flag,
+    Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, SslCall, conn_flag,
 };
 
 use crate::fill;
 
-/// One libssl call in progress.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SslCall {
-    pub ssl: u64,
-    /// The caller's plaintext buffer (0 for the handshake).
-    pub buf: u64,
-    /// `SSL_*_ex`: where the call stores how many bytes it moved; 0 when the return value
-    /// says it (`SSL_read`, `SSL_write`).
-    pub moved_out: u64,
-    /// The socket a transfer inside this call moved ciphertext on (0 until one did).
-    pub sock: u64,
-    /// [`Direction`] of the plaintext; `None` for the handshake.
-    pub direction: u8,
-    pub _pad: [u8; 7],
-}
-
 /// libssl calls in progress, by pid_tgid. LRU: a thread that dies inside a call leaves its
-/// entry behind, and such entries must not fill the map.
+/// entry behind, and such entries must not fill the map. Pinned with `TLS_SOCKETS`: both
+/// generations' uprobes share them during a takeover, so a call entered under the old
+/// programs is finished, once, by whichever return probe runs first ([`finish`]).
 #[map]
 pub static TLS_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
 
@@ -118,7 +103,9 @@ pub fn finish() -> Option<(SslCall, u64)> {
     let key = bpf_get_current_pid_tgid();
     // SAFETY: the value is copied out before the entry is removed.
     let call = unsafe { TLS_CALLS.get(&key) }.copied()?;
-    let _ = TLS_CALLS.remove(&key);
+    // Only the return probe that removes the call counts it: during a takeover both
+    // generations' probes may return from one call.
+    TLS_CALLS.remove(&key).ok()?;
     if call.sock == 0 {
         // SAFETY: the value is copied out.
         let sock = unsafe { TLS_SOCKETS.get(&call.ssl) }.copied().unwrap_or(0);

@@ -107,8 +107,14 @@ impl Agent {
                 })
                 .set(1);
         }
-        let (tls, tls_status) =
-            tls_uprobes::start(&config, &mut probes.ebpf, metrics.probes.clone());
+        let outlive = probes.links_outlive_agent();
+        let (mut tls, tls_status) =
+            tls_uprobes::start(&config, &mut probes.ebpf, metrics.probes.clone(), outlive);
+        if let Some(links) = probes.take_over()?
+            && let Some(tls) = &mut tls
+        {
+            tls.pin_links(links.join("tls"));
+        }
         read_existing_connections(&mut probes, &metrics)?;
         let losses = Arc::new(UserLosses::default());
         let mut registry = Registry::with_prefix("connscope");

@@ -32,4 +32,5 @@ pub mod shutdown;
 pub mod table;
 pub mod tls_targets;
 pub mod tls_uprobes;
+pub mod uprobe_links;
 pub mod web;

@@ -25,9 +25,9 @@ use aya::{
     programs::links::FdLink,
 };
 use connscope_common::{
-    Attribution, CARRIED_CHUNKS, CarriedChunk, Conn, Handover, IN_FLIGHT_CALLS, ListenKey,
-    LostReason, MAX_LISTEN_PORTS, PinSlot, Setting, kernel_config::contract_fingerprint,
-    names::map,
+    Attribution, CARRIED_CHUNKS, CarriedChunk, Conn, DEFAULT_MAX_CONNECTIONS, Handover,
+    IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting, SslCall,
+    kernel_config::contract_fingerprint, names::map,
 };
 
 use crate::config::Config;
@@ -75,6 +75,8 @@ fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
         map::PIN_STATE => shape(MapType::Array, 4, 8, PinSlot::COUNT),
         map::HANDOVER => shape(MapType::Hash, 8, size_of::<Handover>(), config.max_connections + 1),
         map::CARRIED_METRICS => shape(MapType::Hash, 4, size_of::<CarriedChunk>(), CARRIED_CHUNKS),
+        map::TLS_CALLS => shape(MapType::LruHash, 8, size_of::<SslCall>(), IN_FLIGHT_CALLS),
+        map::TLS_SOCKETS => shape(MapType::LruHash, 8, 8, DEFAULT_MAX_CONNECTIONS),
         _ => return None,
     })
 }
@@ -159,6 +161,11 @@ impl Pins {
         map::PINNED.into_iter().map(|name| (name, self.dir.join("maps").join(name)))
     }
 
+    /// Where this generation's links are pinned.
+    pub fn own_links(&self) -> PathBuf {
+        self.dir.join("links").join(self.generation.to_string())
+    }
+
     /// Called before this agent attaches its programs: the trampoline updates of a takeover
     /// begin (`PinSlot::TakeoverEndNs`).
     pub fn begin_takeover(&self, ebpf: &mut Ebpf) -> anyhow::Result<()> {
@@ -184,7 +191,7 @@ impl Pins {
         } else {
             detach_later(previous, self.dir.join("maps").join(map::PIN_STATE));
         }
-        let own = links_dir.join(self.generation.to_string());
+        let own = self.own_links();
         if own.exists() {
             // Another agent read the same generation and got here first.
             anyhow::bail!(

@@ -186,10 +186,13 @@ pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// The loaded programs. Dropping it detaches everything that is not pinned.
 pub struct Probes {
     pub ebpf: Ebpf,
-    /// Links of the attached programs when nothing is pinned (dropping one detaches it).
-    _links: Vec<(String, FdLink)>,
+    /// Links of the attached programs: until the takeover with pinned state, for the
+    /// agent's life without (dropping one detaches it).
+    links: Vec<(String, FdLink)>,
     /// Where the state is pinned (`--bpf.pin-path`), if it is.
     pub pins: Option<Pins>,
+    /// Kprobes, tracepoints and uprobes attach through BPF links (pinnable): Linux 5.15.
+    perf_event_links: bool,
     pub attached: Vec<HookAttach>,
     /// Where payload heads come from on this kernel.
     pub user_buffers: UserBuffers,
@@ -351,7 +354,7 @@ pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Pr
         loader.attach_raw_tracepoint(program::SYS_EXIT_TRANSFER, "sys_exit")?;
     }
     tracing::info!(heads = ?kernel.user_buffers, "payload heads");
-    let mut links = std::mem::take(&mut loader.links);
+    let links = std::mem::take(&mut loader.links);
     if pins.is_some()
         && !kernel.perf_event_links
         && attached.iter().any(|hook| hook.attach == Attach::Kprobe)
@@ -360,9 +363,6 @@ pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Pr
             "kprobes cannot stay attached without an agent before Linux 5.15: what their hooks \
              see while no agent runs (sends, receives, process attribution) is not counted"
         );
-    }
-    if let Some(pins) = &pins {
-        pins.take_over(&mut ebpf, std::mem::take(&mut links))?;
     }
     let no_adoption = if kernel.sock_layout.is_none_or(|layout| layout.adopt == 0) {
         Some("the kernel's BTF does not give the socket fields adoption reads")
@@ -377,12 +377,30 @@ pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Pr
     };
     Ok(Probes {
         ebpf,
-        _links: links,
+        links,
         pins,
+        perf_event_links: kernel.perf_event_links,
         attached,
         user_buffers: kernel.user_buffers,
         no_adoption,
     })
+}
+
+impl Probes {
+    /// Whether links made after loading (the libssl uprobes) can outlive the agent.
+    pub fn links_outlive_agent(&self) -> bool {
+        self.pins.is_some() && self.perf_event_links
+    }
+
+    /// With pinned state, once the agent attached everything it attaches at start (the
+    /// libssl uprobes too, so no HTTPS call goes uncounted): makes its programs the counting
+    /// ones and pins their links (`Pins::take_over`). Returns the directory of this
+    /// generation's links.
+    pub fn take_over(&mut self) -> anyhow::Result<Option<std::path::PathBuf>> {
+        let Some(pins) = &self.pins else { return Ok(None) };
+        pins.take_over(&mut self.ebpf, std::mem::take(&mut self.links))?;
+        Ok(Some(pins.own_links()))
+    }
 }
 
 /// Loads the programs and attaches only the floor arm (`connscope bench-floor`); detached

@@ -25,6 +25,7 @@ use aya::{
     Ebpf,
     programs::{
         UProbe,
+        links::FdLink,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
@@ -39,6 +40,7 @@ use crate::{
     config::Config,
     metrics::Probe,
     tls_targets::{self, FileId, REQUIRED_SYMBOL, Target},
+    uprobe_links::UprobeLinks,
 };
 
 /// The `hook` label of the uprobes' `connscope_probe_info` row.
@@ -141,10 +143,12 @@ fn probe_row(attach: TlsAttach) -> Probe {
 /// Starts the uprobes as `config` says. They need payload heads (`--http.capture-heads`):
 /// reading plaintext is reading payload. Returns `None` when they are off or cannot run;
 /// the status says which either way.
+/// `links_outlive_agent`: the state is pinned and uprobes are BPF links (`UprobeLinks`).
 pub fn start(
     config: &Config,
     ebpf: &mut Ebpf,
     probe_info: Family<Probe, Gauge>,
+    links_outlive_agent: bool,
 ) -> (Option<TlsUprobes>, Arc<TlsStatus>) {
     if !config.tls_uprobes || !config.capture_heads {
         if config.tls_uprobes {
@@ -153,7 +157,7 @@ pub fn start(
         return (None, Arc::new(TlsStatus::new(TlsAttach::Off, probe_info)));
     }
     let status = Arc::new(TlsStatus::new(TlsAttach::None, probe_info));
-    match TlsUprobes::start(ebpf, status.clone()) {
+    match TlsUprobes::start(ebpf, status.clone(), UprobeLinks::new(links_outlive_agent)) {
         Ok(uprobes) => {
             status.set_attach(uprobes.attach_state());
             (Some(uprobes), status)
@@ -173,12 +177,13 @@ pub struct TlsUprobes {
     rescans: u64,
     attached: usize,
     status: Arc<TlsStatus>,
+    links: UprobeLinks,
 }
 
 impl TlsUprobes {
     /// Loads the programs and attaches the system's libssl and every copy running
     /// processes map. `Err` when the programs cannot be loaded (logged by the caller).
-    fn start(ebpf: &mut Ebpf, status: Arc<TlsStatus>) -> anyhow::Result<Self> {
+    fn start(ebpf: &mut Ebpf, status: Arc<TlsStatus>, links: UprobeLinks) -> anyhow::Result<Self> {
         for name in SYMBOLS.iter().map(|(name, ..)| *name).chain([program::SSL_RETURN]) {
             uprobe(ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
         }
@@ -188,6 +193,7 @@ impl TlsUprobes {
             rescans: 0,
             attached: 0,
             status,
+            links,
         };
         let started = std::time::Instant::now();
         for target in tls_targets::system_libraries() {
@@ -201,6 +207,11 @@ impl TlsUprobes {
             "TLS uprobe targets scanned"
         );
         Ok(uprobes)
+    }
+
+    /// This agent's takeover is done: the uprobes' links are pinned in `dir` from now on.
+    pub fn pin_links(&mut self, dir: std::path::PathBuf) {
+        self.links.pin_in(dir);
     }
 
     fn attach_state(&self) -> TlsAttach {
@@ -246,7 +257,7 @@ impl TlsUprobes {
         if !is_libssl && !tls_targets::exports(&target.path, REQUIRED_SYMBOL) {
             return;
         }
-        let outcome = attach(ebpf, &target).map_err(|err| format!("{err:#}"));
+        let outcome = attach(ebpf, &target, &mut self.links).map_err(|err| format!("{err:#}"));
         match &outcome {
             Ok(()) => {
                 self.attached += 1;
@@ -268,8 +279,8 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
 }
 
 /// Attaches every probe to one file, or none: the return probe before its entry, so no call
-/// is stashed without being finished.
-fn attach(ebpf: &mut Ebpf, target: &Target) -> anyhow::Result<()> {
+/// is stashed without being finished. Their links then go to `kept`.
+fn attach(ebpf: &mut Ebpf, target: &Target, kept: &mut UprobeLinks) -> anyhow::Result<()> {
     let mut links: Vec<(&'static str, UProbeLinkId)> = Vec::new();
     let result = attach_all(ebpf, target, &mut links);
     if result.is_err() {
@@ -278,8 +289,15 @@ fn attach(ebpf: &mut Ebpf, target: &Target) -> anyhow::Result<()> {
                 let _ = probe.detach(link);
             }
         }
+        return result;
     }
-    result
+    if kept.taken() {
+        for (name, id) in links {
+            let link = FdLink::try_from(uprobe(ebpf, name)?.take_link(id)?)?;
+            kept.keep(name, link)?;
+        }
+    }
+    Ok(())
 }
 
 fn attach_all(

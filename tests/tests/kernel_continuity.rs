@@ -203,11 +203,17 @@ fn a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it() -> anyhow::R
         "LOST",
         "PIN_STATE",
         "SETTINGS",
+        "TLS_CALLS",
+        "TLS_SOCKETS",
     ];
     assert_eq!(fs.pinned("maps"), maps.map(String::from).to_vec());
     // One generation of links, one per attached program.
     assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
     assert!(fs.pinned("links/1").iter().any(|p| p.contains("inet_sock_set_state")));
+    // And the libssl uprobes' (the VMs carry no libssl): five entries, five returns.
+    if std::path::Path::new("/lib/x86_64-linux-gnu/libssl.so.3").exists() {
+        assert_eq!(fs.pinned("links/1/tls").len(), 10, "{:?}", fs.pinned("links/1/tls"));
+    }
 
     let said = cleanup(&fs.pin_path())?;
     assert!(said.contains("removed"), "{said}");
