@@ -213,9 +213,9 @@ pub enum PinSlot {
     /// have missed one: its next call looks for it (`conn::recover_missed_turn`).
     TakeoverEndNs = 2,
     /// The kernel's jiffies just before this agent attached its hooks, written by the
-    /// `ADOPTION_START` program (0: unknown). A receive at `tcp_recvmsg`'s exit (fexit,
-    /// kretprobe) already in progress then is never seen: a server end adopted at its
-    /// response whose last data arrived after this counts that request
+    /// `ADOPTION_START` program (0: unknown). A receive seen at `tcp_recvmsg`'s exit (fexit,
+    /// kretprobe) that was already in progress then is never seen: a server end adopted at
+    /// its response whose last data arrived after this counts that request
     /// (`conn::request_read_in_flight_at_start`).
     AdoptionStartJiffies = 3,
 }

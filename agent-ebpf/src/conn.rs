@@ -262,7 +262,7 @@ pub fn transfer(
     recv_flags: i32,
     is_tcp: impl FnOnce() -> bool,
 ) {
-    transfer_counted_once::<false>(sock, direction, ret, recv_flags, is_tcp, None);
+    transfer_counted_once(sock, direction, ret, recv_flags, is_tcp, None);
 }
 
 /// A send or receive seen at `tcp_sendmsg`'s or `tcp_recvmsg`'s exit (fexit, kretprobe). A
@@ -280,15 +280,14 @@ pub fn transfer(
 #[inline(always)]
 pub fn transfer_at_exit(sock: u64, direction: Direction, ret: i64, recv_flags: i32) {
     let seq = if generation() == 0 { None } else { sock::stream_seq(sock, direction) };
-    transfer_counted_once::<true>(sock, direction, ret, recv_flags, || true, seq);
+    transfer_counted_once(sock, direction, ret, recv_flags, || true, seq);
 }
 
 /// [`transfer`], counted by the active generation only, or with `seq` (the socket's stream
-/// position after the call) by any generation, once ([`transfer_at_exit`]). `AT_EXIT`: the
-/// call is seen at its function's exit (fexit, kretprobe).
+/// position after the call) by any generation, once ([`transfer_at_exit`]).
 /// Only the active generation adopts sockets and records process contexts.
 #[inline(always)]
-fn transfer_counted_once<const AT_EXIT: bool>(
+fn transfer_counted_once(
     sock: u64,
     direction: Direction,
     ret: i64,
@@ -309,7 +308,7 @@ fn transfer_counted_once<const AT_EXIT: bool>(
     }
     let adoptable = || active && is_tcp();
     let Some(conn) =
-        tracked(sock).or_else(|| if adoptable() { adopt(sock, direction, AT_EXIT) } else { None })
+        tracked(sock).or_else(|| if adoptable() { adopt(sock, direction) } else { None })
     else {
         return;
     };
@@ -461,10 +460,9 @@ pub fn plaintext(sock: u64, direction: Direction, bytes: u64, buffer: UserBuffer
 /// (server when its local port listens in its namespace), its process from the caller's
 /// context. Payload on a socket that cannot be adopted (another state, no BTF offsets, a
 /// full map) is counted as `untracked_socket` (or `map_full`). Runs once per socket: out of
-/// line, so the tracked path stays small. `direction` is the call's, `at_exit` whether it
-/// is seen at its function's exit.
+/// line, so the tracked path stays small. `direction` is the call's.
 #[inline(never)]
-fn adopt(sock: u64, direction: Direction, at_exit: bool) -> Option<&'static mut Conn> {
+fn adopt(sock: u64, direction: Direction) -> Option<&'static mut Conn> {
     let Some((_, key)) = state_and_port(sock).filter(|(state, _)| *state == ESTABLISHED) else {
         count_lost(LostReason::UntrackedSocket);
         return None;
@@ -488,18 +486,19 @@ fn adopt(sock: u64, direction: Direction, at_exit: bool) -> Option<&'static mut 
     }
     open.submit(submit_flags());
     let conn = tracked(sock)?;
-    if at_exit && role == Role::Server && direction == Direction::Send {
+    if role == Role::Server && direction == Direction::Send {
         request_read_in_flight_at_start(sock, conn);
     }
     Some(conn)
 }
 
-/// A server end adopted at its response, seen at `tcp_sendmsg`'s exit: the receive hook runs
-/// at `tcp_recvmsg`'s exit too, which a call already in progress when the agent attached
-/// never passes through (a server blocked waiting for its next request). When the socket's
-/// last data arrived after the agent started (`PinSlot::AdoptionStartJiffies`), that call
-/// read this response's request: counted as the turn no program saw, by direction change
-/// (its head is gone), as the tracepoint backends, which see the call, would count it.
+/// A server end adopted at its response: the receive that read its request was not seen.
+/// With fexit or kretprobe receive hooks, a call already in progress when the agent
+/// attached never passes through them (a server blocked waiting for its next request); on
+/// any backend, a receive may end between the agent's start and its attach. When the
+/// socket's last data arrived after the agent started (`PinSlot::AdoptionStartJiffies`),
+/// that receive read this response's request: counted as the turn no program saw, by
+/// direction change (its head is gone), so every backend reports the same exchanges.
 #[inline(never)]
 fn request_read_in_flight_at_start(sock: u64, conn: &mut Conn) {
     let start = PIN_STATE.get(PinSlot::AdoptionStartJiffies as u32).copied().unwrap_or(0);

@@ -1,5 +1,5 @@
-//! Restart loss (issue 10): under wrk load against nginx, keep-alive and `Connection:
-//! close`, the agent is stopped with SIGTERM and started again, `restarts` times, with its
+//! Restart loss (issue 10): under wrk load against nginx, keep-alive, `Connection: close`
+//! and HTTPS keep-alive (decrypted by the libssl uprobes, whose links are pinned too), the agent is stopped with SIGTERM and started again, `restarts` times, with its
 //! kernel state pinned under a private path in /sys/fs/bpf (removed with `connscope
 //! cleanup` at the end; where /sys/fs/bpf is no BPF filesystem, in one mounted for the
 //! part alone). Each agent's counters go on from the one before it (`agent/src/carry.rs`),
@@ -28,7 +28,7 @@ use connscope_tests::{
     Agent, Scrape,
     continuity::{BpfFs, cleanup},
     free_port, http_get,
-    nginx::Nginx,
+    nginx::{Nginx, SelfSignedTls},
 };
 use serde_json::{Value, json};
 
@@ -181,9 +181,40 @@ fn bpf_dir() -> anyhow::Result<(String, Option<BpfFs>)> {
     Ok((fs.mount.to_string_lossy().into_owned(), Some(fs)))
 }
 
+/// The loads the restarts run under.
+#[derive(Clone, Copy, PartialEq)]
+enum Load {
+    KeepAlive,
+    Close,
+    /// Keep-alive over TLS, which the libssl uprobes decrypt (wrk links the system's libssl).
+    HttpsKeepAlive,
+}
+
+impl Load {
+    const ALL: [Self; 3] = [Self::KeepAlive, Self::Close, Self::HttpsKeepAlive];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::KeepAlive => "keep-alive",
+            Self::Close => "Connection: close",
+            Self::HttpsKeepAlive => "HTTPS keep-alive",
+        }
+    }
+
+    /// The report's key for the mode's details.
+    fn key(self) -> &'static str {
+        match self {
+            Self::KeepAlive => "keepalive",
+            Self::Close => "close",
+            Self::HttpsKeepAlive => "https_keepalive",
+        }
+    }
+}
+
 /// One load mode: the restarts, and the comparison with nginx.
 struct ModeRun {
     mode: &'static str,
+    load: Load,
     nginx_requests: f64,
     nginx_connections: f64,
     wrk_requests: u64,
@@ -218,13 +249,26 @@ impl ModeRun {
     }
 }
 
-fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<ModeRun> {
-    let mode = if close { "Connection: close" } else { "keep-alive" };
+fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<ModeRun> {
+    let mode = load.label();
     let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let status_server =
-        format!("server {{ listen {status}; access_log off; location / {{ stub_status; }} }}");
-    let nginx = Nginx::start_with(bench_nginx(), &status_server)?;
-    let server = nginx.server();
+    let mut extra =
+        format!("server {{ listen {status}; access_log off; location / {{ stub_status; }} }}\n");
+    // HTTPS: a TLS listener of the same nginx, logging to the same access log.
+    let (tls, tls_port) = (SelfSignedTls::new("bench-restart")?, free_port());
+    if load == Load::HttpsKeepAlive {
+        extra.push_str(&format!(
+            "server {{ listen 127.0.0.1:{tls_port} ssl; {} root html; }}\n",
+            tls.directives
+        ));
+    }
+    let nginx = Nginx::start_with(bench_nginx(), &extra)?;
+    let (server, url) = if load == Load::HttpsKeepAlive {
+        let server = format!("127.0.0.1:{tls_port}");
+        (server.clone(), format!("https://{server}/index.html"))
+    } else {
+        (nginx.server(), nginx.url("/index.html"))
+    };
     let run = Duration::from_millis(settings.restart_run_ms);
     cleanup(pin_path)?;
     let mut agent = start_agent(pin_path)?;
@@ -232,7 +276,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
     let (accepts_before, requests_before) = stub_status(status)?;
     // Bounded: interrupted after the restarts, at most this long in any case.
     let bound = settings.restarts as u64 * (settings.restart_run_ms / 1000 + 35) + 30;
-    let load = wrk::spawn(&nginx.url("/index.html"), bound, close)?;
+    let wrk_load = wrk::spawn(&url, bound, load == Load::Close)?;
     let mut after_last_scrape = Counts::default();
     let (mut per_agent, mut resets) = (Vec::new(), 0);
     let (mut stop_seconds, mut gap_seconds) = (Vec::new(), Vec::new());
@@ -256,7 +300,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
         );
     }
     thread::sleep(run);
-    let result = wrk::interrupt(load)?;
+    let result = wrk::interrupt(wrk_load)?;
     // Every connection of the load is closed now: wait until the last agent saw them all.
     let settled = |s: &Scrape| {
         ROLES.iter().all(|role| {
@@ -282,6 +326,7 @@ fn run_mode(settings: &Settings, close: bool, pin_path: &str) -> anyhow::Result<
     );
     Ok(ModeRun {
         mode,
+        load,
         nginx_requests: logged,
         nginx_connections,
         wrk_requests: result.requests,
@@ -342,8 +387,8 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
     // Unmounted (if mounted here) when the part ends.
     let (dir, _private) = bpf_dir()?;
     let pin_path = format!("{dir}/connscope-bench-{}", std::process::id());
-    let runs = [false, true].map(|close| {
-        let run = run_mode(settings, close, &pin_path);
+    let runs = Load::ALL.map(|load| {
+        let run = run_mode(settings, load, &pin_path);
         // Nothing stays pinned or attached after the part, whatever happened.
         let cleaned = cleanup(&pin_path);
         run.and_then(|run| cleaned.map(|_| run))
@@ -356,12 +401,16 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
     for run in runs {
         let run = run?;
         all.extend(figures(&run, settings.restarts));
-        let key = if run.mode == "keep-alive" { "keepalive" } else { "close" };
+        let wrk = match run.load {
+            Load::KeepAlive => "wrk -t1 -c16 http://…",
+            Load::Close => "wrk -t1 -c16 -H 'Connection: close' http://…",
+            Load::HttpsKeepAlive => "wrk -t1 -c16 https://…",
+        };
         details.insert(
-            key.into(),
+            run.load.key().into(),
             json!({
                 "mode": run.mode,
-                "wrk": format!("wrk -t1 -c16{}, interrupted after the restarts", if run.mode == "keep-alive" { "" } else { " -H 'Connection: close'" }),
+                "wrk": format!("{wrk}, interrupted after the restarts"),
                 "nginx_requests_logged": run.nginx_requests,
                 "nginx_connections_accepted": run.nginx_connections,
                 "wrk_requests": run.wrk_requests,
