@@ -80,8 +80,14 @@ pub struct FdLayout {
     pub socket_sk: u32,
     pub valid: u32,
     pub _pad: u32,
+    /// `file.f_inode` and `inode.i_mode` (`file_inode` 0: unknown; `i_mode` is at 0 in
+    /// every kernel of the matrix): a descriptor is a socket when its
+    /// inode's type is `S_IFSOCK`, which lets the syscall-exit path adopt a socket it does
+    /// not track yet (without them it counts only tracked ones).
+    pub file_inode: u32,
+    pub inode_mode: u32,
 }
-const _: () = assert!(size_of::<FdLayout>() == 32);
+const _: () = assert!(size_of::<FdLayout>() == 40);
 
 /// Where a send/receive hook finds the user buffer of the system call it runs in.
 #[repr(u32)]

@@ -14,9 +14,22 @@ fn read_pointer(base: u64, offset: u32) -> Option<u64> {
         .filter(|&value| value != 0)
 }
 
-/// The socket behind `fd`, if `fd` is open (any kind of file: the caller checks the result
-/// against the tracked sockets).
-pub fn fd_sock(fd: u64) -> Option<u64> {
+/// `S_IFMT` and `S_IFSOCK` of `inode.i_mode`.
+const S_IFMT: u16 = 0o170000;
+const S_IFSOCK: u16 = 0o140000;
+
+/// What `fd` of the current task leads to.
+pub struct FdSock {
+    /// `private_data->sk` of its file: a `struct sock` only for a socket.
+    pub sock: u64,
+    /// The file is a socket (its inode is `S_IFSOCK`); false also when the kernel's BTF did
+    /// not give the offsets to tell.
+    pub is_socket: bool,
+}
+
+/// The socket behind `fd`, if `fd` is open (any kind of file unless `is_socket`: the caller
+/// checks the result against the tracked sockets).
+pub fn fd_sock(fd: u64) -> Option<FdSock> {
     let layout = fd_layout();
     if layout.valid == 0 {
         return None;
@@ -34,6 +47,14 @@ pub fn fd_sock(fd: u64) -> Option<u64> {
     }
     let fds = read_pointer(fdt, layout.fdt_fd)?;
     let file = read_pointer(fds + fd * 8, 0)?;
+    let is_socket = layout.file_inode != 0
+        && read_pointer(file, layout.file_inode).is_some_and(|inode| {
+            // SAFETY: kernel memory read through the fault-tolerant helper.
+            let mode = unsafe {
+                bpf_probe_read_kernel((inode + u64::from(layout.inode_mode)) as *const u16)
+            };
+            mode.is_ok_and(|mode| mode & S_IFMT == S_IFSOCK)
+        });
     let socket = read_pointer(file, layout.file_private_data)?;
-    read_pointer(socket, layout.socket_sk)
+    Some(FdSock { sock: read_pointer(socket, layout.socket_sk)?, is_socket })
 }

@@ -40,6 +40,8 @@ static FD_LAYOUT: FdLayout = FdLayout {
     socket_sk: 0,
     valid: 0,
     _pad: 0,
+    file_inode: 0,
+    inode_mode: 0,
 };
 
 #[unsafe(no_mangle)]

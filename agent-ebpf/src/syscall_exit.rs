@@ -1,16 +1,19 @@
 //! Counting at syscall exit: the last resort of the tracepoint backend on kernels without
 //! `sock_send_length`/`sock_recv_length` (before 6.3) when neither fentry nor kprobes work.
-//! The exit of a read/write-like call on a tracked socket is a transfer. With the syscall
-//! stash it also drops the stashed buffer of calls that were not socket transfers.
+//! The exit of a read/write-like call on a tracked socket is a transfer, and on an untracked
+//! one (a descriptor whose inode is a socket) too: an established TCP socket older than the
+//! agent is adopted there. With the syscall stash it also drops the stashed buffer of calls
+//! that were not socket transfers.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use connscope_common::{Direction, Setting};
 
 use crate::{
     conn,
-    fd_socket::fd_sock,
+    fd_socket::{FdSock, fd_sock},
     globals::heads_from_stash,
     maps::{CONNS, setting_on},
+    sock::{BtfSocket, SocketView},
     syscall_args::payload_call,
     syscall_stash,
 };
@@ -27,9 +30,14 @@ pub fn connscope_sys_exit(ctx: RawTracePointContext) -> i32 {
         };
         let ret: i64 = ctx.arg(1);
         if ret > 0 && setting_on(setting) {
-            // Only tracked TCP sockets: files, pipes and other sockets are not in the map.
-            if let Some(sock) = fd_sock(call.fd).filter(|sock| CONNS.get_ptr(sock).is_some()) {
-                conn::transfer(sock, direction, ret, 0, || true);
+            // Tracked TCP sockets, and sockets to adopt (`conn::transfer` asks whether an
+            // untracked one is TCP); files and pipes are neither.
+            if let Some(FdSock { sock, is_socket }) = fd_sock(call.fd) {
+                if CONNS.get_ptr(&sock).is_some() {
+                    conn::transfer(sock, direction, ret, 0, || true);
+                } else if is_socket {
+                    conn::transfer(sock, direction, ret, 0, || BtfSocket { sock }.is_tcp());
+                }
             }
         }
     }

@@ -127,6 +127,11 @@ fn adoption_offsets(btf: &Btf, sock: &Struct) -> anyhow::Result<(u32, u32, u32)>
 fn fd_layout(btf: &Btf) -> anyhow::Result<FdLayout> {
     let offset =
         |structure: &str, member: &str| byte_offset(btf, &find_struct(btf, structure)?, member);
+    // Optional: without them a socket older than the agent is not adopted at syscall exit.
+    let (file_inode, inode_mode) = match (offset("file", "f_inode"), offset("inode", "i_mode")) {
+        (Ok(file_inode), Ok(inode_mode)) if file_inode != 0 => (file_inode, inode_mode),
+        _ => (0, 0),
+    };
     Ok(FdLayout {
         task_files: offset("task_struct", "files")?,
         files_fdt: offset("files_struct", "fdt")?,
@@ -136,6 +141,8 @@ fn fd_layout(btf: &Btf) -> anyhow::Result<FdLayout> {
         socket_sk: offset("socket", "sk")?,
         valid: 1,
         _pad: 0,
+        file_inode,
+        inode_mode,
     })
 }
 
@@ -241,6 +248,8 @@ mod tests {
         assert!(matches!(params, Some(4..=6)), "{params:?}");
         assert_eq!(types.function_params("tcp_connect"), Some(1));
         assert!(fds.task_files > 0 && fds.fdt_fd > fds.fdt_max_fds.saturating_sub(8), "{fds:?}");
+        // `i_mode` is the first member of `struct inode`.
+        assert!(fds.file_inode > 0 && fds.inode_mode == 0, "{fds:?}");
         Ok(())
     }
 }

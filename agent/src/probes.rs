@@ -366,11 +366,12 @@ pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Pr
     }
     let no_adoption = if kernel.sock_layout.is_none_or(|layout| layout.adopt == 0) {
         Some("the kernel's BTF does not give the socket fields adoption reads")
-    } else if counted_at_exit {
-        // agent-ebpf/src/syscall_exit.rs: a descriptor is a tracked socket only when it is
-        // in CONNS already; nothing there tells a socket from another file to adopt.
+    } else if counted_at_exit && kernel.fd_layout.is_none_or(|layout| layout.file_inode == 0) {
+        // agent-ebpf/src/syscall_exit.rs: without the inode's type, a descriptor is a socket
+        // only when it is in CONNS already; nothing tells a socket from another file.
         Some(
-            "sends and receives are counted at system call exit, which sees file descriptors, not sockets",
+            "sends and receives are counted at system call exit, and the kernel's BTF does not \
+             tell a socket's descriptor from another file's",
         )
     } else {
         None

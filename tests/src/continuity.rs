@@ -96,16 +96,11 @@ fn hook_attach(scrape: &Scrape, hook: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Whether the agent's hooks can adopt a connection older than it, from what it attached
-/// (`connscope_probe_info`) and what the kernel offers, independently of what the agent
-/// claims: not without BTF, and not where the tracepoint backend counts sends and receives
-/// at system call exit (before `sock_send_length`, Linux 6.3), which sees descriptors only.
-pub fn backend_adopts(scrape: &Scrape) -> bool {
-    let send_attach = hook_attach(scrape, "tcp_sendmsg");
-    let btf = Path::new("/sys/kernel/btf/vmlinux").exists();
-    let send_tracepoint = Path::new("/sys/kernel/tracing/events/sock/sock_send_length").exists();
-    let counted_at_syscall_exit = send_attach == "tracepoint" && !send_tracepoint;
-    btf && !counted_at_syscall_exit
+/// Whether the agent can adopt a connection older than it, from what the kernel offers,
+/// independently of what the agent claims: with BTF, on every backend (at system call exit,
+/// before `sock_send_length` in Linux 6.3, a descriptor is told a socket by its inode).
+pub fn backend_adopts() -> bool {
+    Path::new("/sys/kernel/btf/vmlinux").exists()
 }
 
 /// The running kernel's (major, minor).
@@ -139,7 +134,7 @@ pub fn assert_opened_before_the_agent(
     requests: u64,
 ) {
     let skipped = scrape.sum("connscope_adoption_skipped_total", &[("reason", "backend")]);
-    if !backend_adopts(scrape) {
+    if !backend_adopts() {
         assert!(skipped >= 2.0, "both ends skipped as not adoptable: {}", scrape.text);
         for metric in [
             "connscope_connections_adopted_total",
@@ -188,7 +183,7 @@ pub fn assert_opened_before_the_agent(
 /// cannot adopt it (then there is nothing to wait for).
 pub fn both_closed(server: &str) -> impl Fn(&Scrape) -> bool + '_ {
     move |s| {
-        !backend_adopts(s)
+        !backend_adopts()
             || s.sum("connscope_connections_closed_total", &[("server", server)]) >= 2.0
     }
 }
