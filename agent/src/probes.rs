@@ -7,8 +7,6 @@
 //! kernel has BTF, classic ones otherwise. Every program, map and global is named by a
 //! constant of `connscope_common::names`.
 
-use std::{fmt, path::Path};
-
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Btf, Ebpf, EbpfLoader,
@@ -19,167 +17,18 @@ use aya::{
     },
 };
 use connscope_common::{
-    FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, ProgramConfig, Setting, SockLayout, UserBuffers,
+    ProgramConfig, Setting, UserBuffers,
     names::{global, map, program},
 };
 
+pub use crate::hooks::{Attach, HookAttach};
 use crate::{
     config::{Backend, Config},
-    kernel_layout::KernelTypes,
+    hooks::{Attachment, FLOOR, HOOKS, Hook, LIFECYCLE, Target},
+    kernel_facts::{Kernel, payload_syscall_table},
     pinning::Pins,
     preflight,
 };
-
-/// How a hook ended up attached (`attach` label of `connscope_probe_info`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Attach {
-    Fentry,
-    Kprobe,
-    TpBtf,
-    Tracepoint,
-    /// No backend works on this kernel: the hook's figures are missing (lifecycle-only mode).
-    Unavailable,
-}
-
-impl Attach {
-    pub const fn label(self) -> &'static str {
-        match self {
-            Self::Fentry => "fentry",
-            Self::Kprobe => "kprobe",
-            Self::TpBtf => "tp_btf",
-            Self::Tracepoint => "tracepoint",
-            Self::Unavailable => "none",
-        }
-    }
-}
-
-impl fmt::Display for Attach {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.label())
-    }
-}
-
-/// One hook and the backend that serves it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HookAttach {
-    pub hook: &'static str,
-    pub attach: Attach,
-}
-
-/// Where a program attaches.
-#[derive(Clone, Copy, Debug)]
-enum Target {
-    /// fentry/fexit or kprobe/kretprobe on a kernel function.
-    Function(&'static str),
-    /// A BTF tracepoint (`tp_btf`) by event name.
-    BtfTracepoint(&'static str),
-    /// A classic tracepoint.
-    Tracepoint { category: &'static str, event: &'static str },
-}
-
-#[derive(Clone, Copy, Debug)]
-struct Attachment {
-    program: &'static str,
-    target: Target,
-}
-
-const fn function(program: &'static str, name: &'static str) -> Attachment {
-    Attachment { program, target: Target::Function(name) }
-}
-const fn tp_btf(program: &'static str, event: &'static str) -> Attachment {
-    Attachment { program, target: Target::BtfTracepoint(event) }
-}
-const fn tracepoint(
-    program: &'static str,
-    category: &'static str,
-    event: &'static str,
-) -> Attachment {
-    Attachment { program, target: Target::Tracepoint { category, event } }
-}
-
-/// A hook with its programs per backend.
-struct Hook {
-    name: &'static str,
-    fentry: &'static [Attachment],
-    kprobe: &'static [Attachment],
-    /// Empty when the always-attached lifecycle tracepoints already cover the hook.
-    tp_btf: &'static [Attachment],
-    tracepoint: &'static [Attachment],
-    /// Last resort of the tracepoint backend on kernels without `sock_send_length` and
-    /// `sock_recv_length` (before 6.3): count at syscall exit.
-    syscall_fallback: Option<Setting>,
-}
-
-const HOOKS: [Hook; 4] = [
-    Hook {
-        name: "tcp_connect",
-        fentry: &[function(program::FENTRY_TCP_CONNECT, "tcp_connect")],
-        kprobe: &[function(program::KPROBE_TCP_CONNECT, "tcp_connect")],
-        // CLOSE -> SYN_SENT in sock:inet_sock_set_state runs inside connect().
-        tp_btf: &[],
-        tracepoint: &[],
-        syscall_fallback: None,
-    },
-    Hook {
-        name: "tcp_close",
-        fentry: &[function(program::FENTRY_TCP_CLOSE, "tcp_close")],
-        kprobe: &[function(program::KPROBE_TCP_CLOSE, "tcp_close")],
-        // State changes plus tcp:tcp_destroy_sock carry the close.
-        tp_btf: &[],
-        tracepoint: &[],
-        syscall_fallback: None,
-    },
-    Hook {
-        name: "tcp_sendmsg",
-        fentry: &[function(program::FEXIT_TCP_SENDMSG, "tcp_sendmsg")],
-        kprobe: &[
-            function(program::KPROBE_TCP_SENDMSG, "tcp_sendmsg"),
-            function(program::KRETPROBE_TCP_SENDMSG, "tcp_sendmsg"),
-        ],
-        tp_btf: &[tp_btf(program::BTF_SOCK_SEND_LENGTH, "sock_send_length")],
-        tracepoint: &[tracepoint(program::SOCK_SEND_LENGTH, "sock", "sock_send_length")],
-        syscall_fallback: Some(Setting::SyscallSends),
-    },
-    Hook {
-        name: "tcp_recvmsg",
-        fentry: &[function(program::FEXIT_TCP_RECVMSG, "tcp_recvmsg")],
-        kprobe: &[
-            function(program::KPROBE_TCP_RECVMSG, "tcp_recvmsg"),
-            function(program::KRETPROBE_TCP_RECVMSG, "tcp_recvmsg"),
-        ],
-        tp_btf: &[tp_btf(program::BTF_SOCK_RECV_LENGTH, "sock_recv_length")],
-        tracepoint: &[tracepoint(program::SOCK_RECV_LENGTH, "sock", "sock_recv_length")],
-        syscall_fallback: Some(Setting::SyscallRecvs),
-    },
-];
-
-/// Attached on every kernel, whatever the backend: `(tp_btf form, classic form)`.
-const LIFECYCLE: [(Attachment, Attachment); 4] = [
-    (
-        tp_btf(program::BTF_INET_SOCK_SET_STATE, "inet_sock_set_state"),
-        tracepoint(program::INET_SOCK_SET_STATE, "sock", "inet_sock_set_state"),
-    ),
-    (
-        tp_btf(program::BTF_TCP_RECEIVE_RESET, "tcp_receive_reset"),
-        tracepoint(program::TCP_RECEIVE_RESET, "tcp", "tcp_receive_reset"),
-    ),
-    (
-        tp_btf(program::BTF_TCP_SEND_RESET, "tcp_send_reset"),
-        tracepoint(program::TCP_SEND_RESET, "tcp", "tcp_send_reset"),
-    ),
-    (
-        tp_btf(program::BTF_TCP_DESTROY_SOCK, "tcp_destroy_sock"),
-        tracepoint(program::TCP_DESTROY_SOCK, "tcp", "tcp_destroy_sock"),
-    ),
-];
-
-/// The benchmark's floor arm: the tp_btf hooks, counting bytes per socket only.
-const FLOOR: [Attachment; 4] = [
-    tp_btf(program::FLOOR_SEND, "sock_send_length"),
-    tp_btf(program::FLOOR_RECV, "sock_recv_length"),
-    tp_btf(program::FLOOR_STATE, "inet_sock_set_state"),
-    tp_btf(program::FLOOR_DESTROY, "tcp_destroy_sock"),
-];
 
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope"));
 
@@ -200,91 +49,6 @@ pub struct Probes {
     /// are (the kernel's BTF gave the offsets of their state and network namespace, and
     /// sends and receives are seen with their socket).
     pub no_adoption: Option<&'static str>,
-}
-
-/// What the running kernel offers, found once before loading.
-struct Kernel {
-    btf: Option<Btf>,
-    /// BTF usable for tp_btf programs (the `struct sock` layout was found).
-    sock_layout: Option<SockLayout>,
-    fd_layout: Option<FdLayout>,
-    /// kprobes and classic tracepoints attach through BPF links (pinnable) since 5.15;
-    /// before, through perf events that only their program can hold.
-    perf_event_links: bool,
-    /// Parameters of `tcp_recvmsg` in this kernel's BTF: 6 before 5.19 (`nonblock`), 5
-    /// after, 4 once `addr_len` was dropped.
-    recvmsg_params: Option<usize>,
-    user_buffers: UserBuffers,
-}
-
-impl Kernel {
-    fn inspect(config: &Config) -> Self {
-        let btf = if preflight::has_btf() { Btf::from_sys_fs().ok() } else { None };
-        let types = btf.as_ref().and_then(|_| {
-            KernelTypes::read(Path::new(preflight::BTF_VMLINUX))
-                .inspect_err(|err| {
-                    tracing::info!("kernel BTF unreadable for field offsets: {err:#}")
-                })
-                .ok()
-        });
-        let sock_layout = types.as_ref().and_then(|types| {
-            types
-                .sock_layout()
-                .inspect_err(|err| {
-                    tracing::info!("BTF tracepoints unavailable, using classic ones: {err:#}")
-                })
-                .ok()
-        });
-        let fd_layout = types.as_ref().and_then(|types| {
-            types
-                .fd_layout()
-                .inspect_err(|err| tracing::debug!("no syscall-exit fallback: {err:#}"))
-                .ok()
-        });
-        let recvmsg_params = types.as_ref().and_then(|types| types.function_params("tcp_recvmsg"));
-        // `bpf_task_pt_regs` and `bpf_get_current_task_btf`: 5.15, with BTF.
-        let task_regs = btf.is_some() && preflight::kernel_version().is_some_and(|v| v >= (5, 15));
-        let user_buffers = match (config.capture_heads, task_regs) {
-            (false, _) => UserBuffers::Off,
-            (true, true) => UserBuffers::TaskPtRegs,
-            (true, false) => UserBuffers::SyscallStash,
-        };
-        let perf_event_links = preflight::kernel_version().is_some_and(|v| v >= (5, 15));
-        Self { btf, sock_layout, fd_layout, perf_event_links, recvmsg_params, user_buffers }
-    }
-
-    /// BTF for tp_btf programs, when the `struct sock` layout is known.
-    fn btf_tracepoints(&self) -> Option<&Btf> {
-        self.btf.as_ref().filter(|_| self.sock_layout.is_some())
-    }
-
-    /// The program that fits this kernel's prototype of the hooked function.
-    fn program_for(&self, program: &'static str) -> &'static str {
-        match (program, self.recvmsg_params) {
-            (program::FEXIT_TCP_RECVMSG, Some(6)) => program::FEXIT_TCP_RECVMSG_NONBLOCK,
-            (program::FEXIT_TCP_RECVMSG, Some(4)) => program::FEXIT_TCP_RECVMSG_NO_ADDR_LEN,
-            (program::KPROBE_TCP_RECVMSG, Some(6)) => program::KPROBE_TCP_RECVMSG_NONBLOCK,
-            (other, _) => other,
-        }
-    }
-}
-
-/// This architecture's numbers of the payload syscalls, by name.
-fn payload_syscall_table() -> [PayloadSyscall; PAYLOAD_SYSCALLS.len()] {
-    PAYLOAD_SYSCALLS.map(|spec| {
-        let nr = match spec.name {
-            "read" => libc::SYS_read,
-            "write" => libc::SYS_write,
-            "recvfrom" => libc::SYS_recvfrom,
-            "sendto" => libc::SYS_sendto,
-            "readv" => libc::SYS_readv,
-            "writev" => libc::SYS_writev,
-            "recvmsg" => libc::SYS_recvmsg,
-            "sendmsg" => libc::SYS_sendmsg,
-            _ => return PayloadSyscall::UNUSED,
-        };
-        PayloadSyscall::new(nr as u64, &spec)
-    })
 }
 
 fn load(config: &Config, kernel: &Kernel, pins: Option<&Pins>) -> anyhow::Result<Ebpf> {
@@ -677,12 +441,5 @@ mod tests {
             assert!(symbols.contains(name), "global {name} missing");
         }
         Ok(())
-    }
-
-    #[test]
-    fn every_payload_syscall_has_a_number() {
-        for entry in payload_syscall_table() {
-            assert_ne!(entry, PayloadSyscall::UNUSED);
-        }
     }
 }
