@@ -124,10 +124,13 @@ fn run_kernel(
                 eprintln!("vm-test: {} VM ran {:.1} s", cell.name, boot.elapsed().as_secs_f64());
                 return Ok((package, lines));
             }
-            Err(err)
-                if attempt < BOOT_ATTEMPTS && err.downcast_ref::<qemu::BootHang>().is_some() =>
-            {
-                let kept = dir.join(format!("console.boot-hang-{attempt}.log"));
+            Err(err) if attempt < BOOT_ATTEMPTS && emulator_failed(&err) => {
+                let what = if err.downcast_ref::<qemu::BootHang>().is_some() {
+                    "boot-hang"
+                } else {
+                    "patching-trap"
+                };
+                let kept = dir.join(format!("console.{what}-{attempt}.log"));
                 let _ = fs::rename(&console, &kept);
                 attempt += 1;
                 eprintln!(
@@ -142,6 +145,13 @@ fn run_kernel(
     }
 }
 
-/// Boots per kernel when the guest hangs before its init script (`qemu::BootHang`); a test
-/// that fails is never run again.
+/// Boots per kernel when the emulated machine failed (`emulator_failed`); a test that fails
+/// is never run again.
 const BOOT_ATTEMPTS: u32 = 3;
+
+/// The guest hung before its init script (`qemu::BootHang`), or, under software emulation,
+/// its kernel trapped on its own text patching (`qemu::PatchingTrap`): not a test's failure.
+fn emulator_failed(err: &anyhow::Error) -> bool {
+    err.downcast_ref::<qemu::BootHang>().is_some()
+        || (err.downcast_ref::<qemu::PatchingTrap>().is_some() && !qemu::kvm_usable())
+}
