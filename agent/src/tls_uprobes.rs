@@ -157,7 +157,8 @@ pub fn start(
         return (None, Arc::new(TlsStatus::new(TlsAttach::Off, probe_info)));
     }
     let status = Arc::new(TlsStatus::new(TlsAttach::None, probe_info));
-    match TlsUprobes::start(ebpf, status.clone(), UprobeLinks::new(links_outlive_agent)) {
+    let links = links_outlive_agent.then(UprobeLinks::default);
+    match TlsUprobes::start(ebpf, status.clone(), links) {
         Ok(uprobes) => {
             status.set_attach(uprobes.attach_state());
             (Some(uprobes), status)
@@ -177,13 +178,18 @@ pub struct TlsUprobes {
     rescans: u64,
     attached: usize,
     status: Arc<TlsStatus>,
-    links: UprobeLinks,
+    /// `None`: the links stay with their programs and detach with the agent.
+    links: Option<UprobeLinks>,
 }
 
 impl TlsUprobes {
     /// Loads the programs and attaches the system's libssl and every copy running
     /// processes map. `Err` when the programs cannot be loaded (logged by the caller).
-    fn start(ebpf: &mut Ebpf, status: Arc<TlsStatus>, links: UprobeLinks) -> anyhow::Result<Self> {
+    fn start(
+        ebpf: &mut Ebpf,
+        status: Arc<TlsStatus>,
+        links: Option<UprobeLinks>,
+    ) -> anyhow::Result<Self> {
         for name in SYMBOLS.iter().map(|(name, ..)| *name).chain([program::SSL_RETURN]) {
             uprobe(ebpf, name)?.load().with_context(|| format!("loading {name}"))?;
         }
@@ -211,7 +217,9 @@ impl TlsUprobes {
 
     /// This agent's takeover is done: the uprobes' links are pinned in `dir` from now on.
     pub fn pin_links(&mut self, dir: std::path::PathBuf) {
-        self.links.pin_in(dir);
+        if let Some(links) = &mut self.links {
+            links.pin_in(dir);
+        }
     }
 
     fn attach_state(&self) -> TlsAttach {
@@ -257,7 +265,7 @@ impl TlsUprobes {
         if !is_libssl && !tls_targets::exports(&target.path, REQUIRED_SYMBOL) {
             return;
         }
-        let outcome = attach(ebpf, &target, &mut self.links).map_err(|err| format!("{err:#}"));
+        let outcome = attach(ebpf, &target, self.links.as_mut()).map_err(|err| format!("{err:#}"));
         match &outcome {
             Ok(()) => {
                 self.attached += 1;
@@ -279,8 +287,9 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
 }
 
 /// Attaches every probe to one file, or none: the return probe before its entry, so no call
-/// is stashed without being finished. Their links then go to `kept`.
-fn attach(ebpf: &mut Ebpf, target: &Target, kept: &mut UprobeLinks) -> anyhow::Result<()> {
+/// is stashed without being finished. Their links then go to `kept`, if the links outlive
+/// the agent.
+fn attach(ebpf: &mut Ebpf, target: &Target, kept: Option<&mut UprobeLinks>) -> anyhow::Result<()> {
     let mut links: Vec<(&'static str, UProbeLinkId)> = Vec::new();
     let result = attach_all(ebpf, target, &mut links);
     if result.is_err() {
@@ -291,7 +300,7 @@ fn attach(ebpf: &mut Ebpf, target: &Target, kept: &mut UprobeLinks) -> anyhow::R
         }
         return result;
     }
-    if kept.taken() {
+    if let Some(kept) = kept {
         for (name, id) in links {
             let link = FdLink::try_from(uprobe(ebpf, name)?.take_link(id)?)?;
             kept.keep(name, link)?;
