@@ -20,15 +20,29 @@ const S_IFSOCK: u16 = 0o140000;
 
 /// What `fd` of the current task leads to.
 pub struct FdSock {
+    file: u64,
     /// `private_data->sk` of its file: a `struct sock` only for a socket.
     pub sock: u64,
-    /// The file is a socket (its inode is `S_IFSOCK`); false also when the kernel's BTF did
-    /// not give the offsets to tell.
-    pub is_socket: bool,
 }
 
-/// The socket behind `fd`, if `fd` is open (any kind of file unless `is_socket`: the caller
-/// checks the result against the tracked sockets).
+impl FdSock {
+    /// The file is a socket (its inode is `S_IFSOCK`); false also when the kernel's BTF did
+    /// not give the offsets to tell. Two reads: asked only of sockets not tracked.
+    pub fn is_socket(&self) -> bool {
+        let layout = fd_layout();
+        layout.file_inode != 0
+            && read_pointer(self.file, layout.file_inode).is_some_and(|inode| {
+                // SAFETY: kernel memory read through the fault-tolerant helper.
+                let mode = unsafe {
+                    bpf_probe_read_kernel((inode + u64::from(layout.inode_mode)) as *const u16)
+                };
+                mode.is_ok_and(|mode| mode & S_IFMT == S_IFSOCK)
+            })
+    }
+}
+
+/// The socket behind `fd`, if `fd` is open (any kind of file: the caller checks the result
+/// against the tracked sockets, or asks [`FdSock::is_socket`]).
 pub fn fd_sock(fd: u64) -> Option<FdSock> {
     let layout = fd_layout();
     if layout.valid == 0 {
@@ -47,14 +61,6 @@ pub fn fd_sock(fd: u64) -> Option<FdSock> {
     }
     let fds = read_pointer(fdt, layout.fdt_fd)?;
     let file = read_pointer(fds + fd * 8, 0)?;
-    let is_socket = layout.file_inode != 0
-        && read_pointer(file, layout.file_inode).is_some_and(|inode| {
-            // SAFETY: kernel memory read through the fault-tolerant helper.
-            let mode = unsafe {
-                bpf_probe_read_kernel((inode + u64::from(layout.inode_mode)) as *const u16)
-            };
-            mode.is_ok_and(|mode| mode & S_IFMT == S_IFSOCK)
-        });
     let socket = read_pointer(file, layout.file_private_data)?;
-    Some(FdSock { sock: read_pointer(socket, layout.socket_sk)?, is_socket })
+    Some(FdSock { file, sock: read_pointer(socket, layout.socket_sk)? })
 }

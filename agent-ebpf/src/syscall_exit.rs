@@ -10,7 +10,7 @@ use connscope_common::{Direction, Setting};
 
 use crate::{
     conn,
-    fd_socket::{FdSock, fd_sock},
+    fd_socket::fd_sock,
     globals::heads_from_stash,
     maps::{CONNS, setting_on},
     sock::{BtfSocket, SocketView},
@@ -32,12 +32,11 @@ pub fn connscope_sys_exit(ctx: RawTracePointContext) -> i32 {
         if ret > 0 && setting_on(setting) {
             // Tracked TCP sockets, and sockets to adopt (`conn::transfer` asks whether an
             // untracked one is TCP); files and pipes are neither.
-            if let Some(FdSock { sock, is_socket }) = fd_sock(call.fd) {
-                if CONNS.get_ptr(&sock).is_some() {
-                    conn::transfer(sock, direction, ret, 0, || true);
-                } else if is_socket {
-                    conn::transfer(sock, direction, ret, 0, || BtfSocket { sock }.is_tcp());
-                }
+            if let Some(fd) = fd_sock(call.fd)
+                && (CONNS.get_ptr(&fd.sock).is_some() || fd.is_socket())
+            {
+                let sock = fd.sock;
+                conn::transfer(sock, direction, ret, 0, || BtfSocket { sock }.is_tcp());
             }
         }
     }
