@@ -52,8 +52,9 @@ pub struct SockLayout {
     /// `icsk_ack.lrcvtime` of the `inet_connection_sock` at the start of a `tcp_sock`: the
     /// jiffies of the last data segment received, kept in `lrcvtime_bits` bits from bit
     /// `lrcvtime_shift` of the 32-bit word at byte `lrcvtime` (0: unknown; a plain `__u32`
-    /// in the kernels of the matrix, read from its word should one make it a bitfield). Tells an adopted server end whether its request arrived after the agent
-    /// started (`PinSlot::AdoptionStartJiffies`).
+    /// in the kernels of the matrix, read from its word should one make it a bitfield).
+    /// Tells an adopted server end whether its request arrived after the agent started
+    /// (`PinSlot::AdoptionStartJiffies`).
     pub lrcvtime: u32,
     pub lrcvtime_shift: u32,
     pub lrcvtime_bits: u32,
@@ -219,10 +220,10 @@ pub enum PinSlot {
     /// have missed one: its next call looks for it (`conn::recover_missed_turn`).
     TakeoverEndNs = 2,
     /// The kernel's jiffies just before this agent attached its hooks, written by the
-    /// `ADOPTION_START` program (0: unknown). A receive seen at `tcp_recvmsg`'s exit (fexit,
-    /// kretprobe) that was already in progress then is never seen: a server end adopted at
-    /// its response whose last data arrived after this counts that request
-    /// (`conn::request_read_in_flight_at_start`).
+    /// `ADOPTION_START` program (0: unknown). A receive no hook saw (at `tcp_recvmsg`'s exit,
+    /// fexit and kretprobe, one already in progress then; on any backend, one that ended
+    /// before the attach): a server end adopted at its response whose last data arrived
+    /// after this counts that request (`conn::request_read_in_flight_at_start`).
     AdoptionStartJiffies = 3,
 }
 

@@ -71,8 +71,8 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         bytes_acked: tcp_sock_offset(btf, "bytes_acked"),
         ..SockLayout::default()
     };
-    // Optional: without it a server end adopted at its response on an exit-hook backend
-    // misses the request whose receive was in progress when the agent started.
+    // Optional: without it a server end adopted at its response misses the request an
+    // unseen receive read after the agent started.
     let (lrcvtime, lrcvtime_shift, lrcvtime_bits) = last_receive_time(btf).unwrap_or_default();
     let layout = SockLayout { lrcvtime, lrcvtime_shift, lrcvtime_bits, ..layout };
     // The endpoint fields are read in one copy of the start of the socket.
@@ -96,7 +96,8 @@ fn tcp_sock_offset(btf: &Btf, field: &str) -> u32 {
 }
 
 /// Where `icsk_ack.lrcvtime` lies in a `tcp_sock`: the byte offset of the 32-bit word that
-/// holds it, its bit shift in that word and its width (a 24-bit bitfield since 6.5).
+/// holds it, its bit shift in that word and its width (a plain `__u32` in the kernels of the
+/// matrix; read from its word should a kernel make it a bitfield).
 fn last_receive_time(btf: &Btf) -> Option<(u32, u32, u32)> {
     let tcp = find_struct(btf, "tcp_sock").ok()?;
     let (bits, bitfield, member) = find_member(btf, &tcp, "lrcvtime").ok()?;

@@ -254,20 +254,22 @@ fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<M
     let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut extra =
         format!("server {{ listen {status}; access_log off; location / {{ stub_status; }} }}\n");
-    // HTTPS: a TLS listener of the same nginx, logging to the same access log.
-    let (tls, tls_port) = (SelfSignedTls::new("bench-restart")?, free_port());
-    if load == Load::HttpsKeepAlive {
+    // HTTPS: a TLS listener of the same nginx, logging to the same access log (the
+    // certificate's directory lives as long as nginx).
+    let https = if load == Load::HttpsKeepAlive {
+        let (tls, port) = (SelfSignedTls::new("bench-restart")?, free_port());
         extra.push_str(&format!(
-            "server {{ listen 127.0.0.1:{tls_port} ssl; {} root html; }}\n",
+            "server {{ listen 127.0.0.1:{port} ssl; {} root html; }}\n",
             tls.directives
         ));
-    }
-    let nginx = Nginx::start_with(bench_nginx(), &extra)?;
-    let (server, url) = if load == Load::HttpsKeepAlive {
-        let server = format!("127.0.0.1:{tls_port}");
-        (server.clone(), format!("https://{server}/index.html"))
+        Some((tls, format!("127.0.0.1:{port}")))
     } else {
-        (nginx.server(), nginx.url("/index.html"))
+        None
+    };
+    let nginx = Nginx::start_with(bench_nginx(), &extra)?;
+    let (server, url) = match &https {
+        Some((_, server)) => (server.clone(), format!("https://{server}/index.html")),
+        None => (nginx.server(), nginx.url("/index.html")),
     };
     let run = Duration::from_millis(settings.restart_run_ms);
     cleanup(pin_path)?;

@@ -124,12 +124,8 @@ fn run_kernel(
                 eprintln!("vm-test: {} VM ran {:.1} s", cell.name, boot.elapsed().as_secs_f64());
                 return Ok((package, lines));
             }
-            Err(err) if attempt < BOOT_ATTEMPTS && emulator_failed(&err) => {
-                let what = if err.downcast_ref::<qemu::BootHang>().is_some() {
-                    "boot-hang"
-                } else {
-                    "patching-trap"
-                };
+            Err(err) if attempt < BOOT_ATTEMPTS && emulator_failure(&err).is_some() => {
+                let what = emulator_failure(&err).unwrap_or_default();
                 let kept = dir.join(format!("console.{what}-{attempt}.log"));
                 let _ = fs::rename(&console, &kept);
                 attempt += 1;
@@ -149,9 +145,15 @@ fn run_kernel(
 /// is never run again.
 const BOOT_ATTEMPTS: u32 = 3;
 
-/// The guest hung before its init script (`qemu::BootHang`), or, under software emulation,
-/// its kernel trapped on its own text patching (`qemu::PatchingTrap`): not a test's failure.
-fn emulator_failed(err: &anyhow::Error) -> bool {
-    err.downcast_ref::<qemu::BootHang>().is_some()
-        || (err.downcast_ref::<qemu::PatchingTrap>().is_some() && !qemu::kvm_usable())
+/// The name (in its kept console's file name) of a failure of the emulated machine, not a
+/// test's: the guest hung before its init script (`qemu::BootHang`), or, under software
+/// emulation, its kernel trapped on its own text patching (`qemu::PatchingTrap`).
+fn emulator_failure(err: &anyhow::Error) -> Option<&'static str> {
+    if err.downcast_ref::<qemu::BootHang>().is_some() {
+        Some("boot-hang")
+    } else if err.downcast_ref::<qemu::PatchingTrap>().is_some() && !qemu::kvm_usable() {
+        Some("patching-trap")
+    } else {
+        None
+    }
 }
