@@ -264,15 +264,18 @@ impl Agent {
     }
 }
 
-/// A scraper that polls the stopping agent (it scraped after the signal: a bench, a test)
-/// is waited for, a little, so that its last answer holds the counts the handover says were
-/// exported: what was counted after that answer would otherwise be counted by no agent.
+/// A scraper that polls the stopping agent (it scraped in this long before the signal, or
+/// after it: a bench, a test) is waited for, this long at most, so that its last answer
+/// holds the counts the handover says were exported: what was counted after that answer
+/// would otherwise be counted by no agent. Before the signal too: with the uprobes pinned a
+/// stop can be over in milliseconds, before the poller's next scrape arrives.
 const FINAL_SCRAPE_WAIT: Duration = Duration::from_millis(300);
 /// Time for the answer's bytes to leave the process after it was encoded.
 const ANSWER_FLUSH: Duration = Duration::from_millis(20);
 
 async fn serve_final_counts(state: &AppState, signalled: Instant) {
-    if !state.scrapes.scraped_since(signalled) {
+    let polled_since = signalled.checked_sub(FINAL_SCRAPE_WAIT).unwrap_or(signalled);
+    if !state.scrapes.scraped_since(polled_since) {
         return;
     }
     let deadline = Instant::now() + FINAL_SCRAPE_WAIT;
