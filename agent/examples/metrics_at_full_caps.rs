@@ -11,13 +11,13 @@ use std::{
 };
 
 use connscope::{
-    metrics::{
-        Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, Metrics, OpenState, PlacedFlow,
-        Server,
+    exposition::metrics::Metrics,
+    exposition::server::{self, AppState},
+    exposition::web::WebSettings,
+    model::label_sets::{
+        Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server,
     },
-    placement::Placement,
-    server::{self, AppState},
-    web::WebSettings,
+    model::placement::Placement,
 };
 use prometheus_client::registry::Registry;
 

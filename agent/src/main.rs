@@ -19,7 +19,7 @@ fn main() -> ExitCode {
             with_config(cli, |config| block_on(on_worker(agent::run_floor(config))))
         }
         Some(Command::Cleanup(args)) => match args.pin_path() {
-            Ok(path) => connscope::pinning::cleanup_command(path.as_deref()),
+            Ok(path) => connscope::kernel::pinning::cleanup_command(path.as_deref()),
             Err(err) => {
                 eprintln!("connscope: {err:#}");
                 ExitCode::from(2)

@@ -24,7 +24,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use crate::web::{config::read_certs, crypto_provider};
+use crate::exposition::web::{config::read_certs, crypto_provider};
 
 /// How long one scrape may take, connect to last byte.
 const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -15,14 +15,15 @@ use connscope_common::{
 };
 
 use crate::{
-    classify::{close_reason, is_keepalive_race},
-    events::{Event, Head},
-    flow_series::{Activity, FlowCache, FlowSeries},
-    handover, http,
-    http_session::{HttpSession, RequestCounts},
-    labels::LabelId,
-    metrics::Metrics,
-    placement::PlacementResolver,
+    exposition::flow_series::{Activity, FlowCache, FlowSeries},
+    exposition::labels::LabelId,
+    exposition::metrics::Metrics,
+    model::{http_version::Version, placement::PlacementResolver},
+    pipeline::classify::{close_reason, is_keepalive_race},
+    pipeline::events::{Event, Head},
+    pipeline::handover,
+    pipeline::http,
+    pipeline::http_session::{HttpSession, RequestCounts},
 };
 
 /// The kernel's cumulative counts last added to the metrics.
@@ -124,15 +125,15 @@ impl ConnectionTable {
     }
 
     /// Goes on from the metric values of the agent before this one (`carry`).
-    pub fn carry_on(&mut self, text: &str) -> crate::carry::Carried {
-        let carried = crate::carry::seed(&self.metrics, text);
+    pub fn carry_on(&mut self, text: &str) -> crate::exposition::carry::Carried {
+        let carried = crate::exposition::carry::seed(&self.metrics, text);
         self.flows.admit_carried(&carried);
         carried
     }
 
     /// The exposition of this table's metrics, gzipped, for the next agent (`carry`).
     pub fn carried_metrics(&self) -> anyhow::Result<Vec<u8>> {
-        crate::carry::encode(&self.metrics)
+        crate::exposition::carry::encode(&self.metrics)
     }
 
     /// Whether `sock` is a connection this table can label.
@@ -491,10 +492,10 @@ fn give_series(
 
 fn add_requests(metrics: &Metrics, series: &FlowSeries, counts: RequestCounts) {
     if counts.http10 > 0 {
-        series.http_requests(metrics, http::Version::Http10).inc_by(counts.http10);
+        series.http_requests(metrics, Version::Http10).inc_by(counts.http10);
     }
     if counts.http11 > 0 {
-        series.http_requests(metrics, http::Version::Http11).inc_by(counts.http11);
+        series.http_requests(metrics, Version::Http11).inc_by(counts.http11);
     }
 }
 
@@ -514,5 +515,4 @@ fn on_response(
 }
 
 #[cfg(test)]
-#[path = "table_tests.rs"]
 mod tests;

@@ -3,33 +3,7 @@
 
 use connscope_common::{CloseKind, ClosedBy, Conn, Direction, Role, conn_flag};
 
-use crate::http_session::HttpSession;
-
-/// The `reason` label of `connscope_connections_closed_total`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    ConnectionClose,
-    Http10,
-    MaxRequests,
-    Idle,
-    Reset,
-    Error,
-    Unknown,
-}
-
-impl CloseReason {
-    pub const fn label(self) -> &'static str {
-        match self {
-            Self::ConnectionClose => "connection_close",
-            Self::Http10 => "http10",
-            Self::MaxRequests => "max_requests",
-            Self::Idle => "idle",
-            Self::Reset => "reset",
-            Self::Error => "error",
-            Self::Unknown => "unknown",
-        }
-    }
-}
+use crate::{model::close_reason::CloseReason, pipeline::http_session::HttpSession};
 
 /// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
 /// explains a `Connection: close` too, so they come before it. An HTTP reason also explains

@@ -5,7 +5,7 @@
 //! counts the repeats (exchanges). Identical heads have identical effects, so an exchange
 //! without a head of its own carried what the last request head carried.
 
-use crate::http::{self, Version};
+use crate::{model::http_version::Version, pipeline::http};
 
 /// HTTP requests to add, by version.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -109,7 +109,7 @@ impl HttpSession {
         }
     }
 
-    /// What the next agent needs to carry on after a restart (`crate::handover`):
+    /// What the next agent needs to carry on after a restart (`crate::pipeline::handover`):
     /// (last request's version and count, exchanges accounted).
     pub fn resumable(&self) -> (Option<(Version, u32)>, u32) {
         (self.last_request.map(|shape| (shape.version, shape.count)), self.accounted_exchanges)

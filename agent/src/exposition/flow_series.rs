@@ -11,14 +11,14 @@ use connscope_common::{Attribution, COMM_LEN, CloseKind, ClosedBy, Endpoints, Pr
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 
 use crate::{
-    classify::CloseReason,
-    http::Version,
-    labels::{self, LabelCap, LabelId, LabelMemo, ServerEndpoint},
-    metrics::{
-        BucketHistogram, Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, Metrics,
-        OpenState, PlacedFlow, Server,
+    exposition::labels::{self, LabelCap, LabelId, LabelMemo, ServerEndpoint},
+    exposition::metrics::{BucketHistogram, Metrics},
+    model::close_reason::CloseReason,
+    model::http_version::Version,
+    model::label_sets::{
+        Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server,
     },
-    placement::{Placement, PlacementResolver},
+    model::placement::{Placement, PlacementResolver},
 };
 
 /// Whether a connection waits for a response (`active`) or for its next request.
@@ -242,7 +242,7 @@ impl FlowCache {
 
     /// Admits the label values an agent before this one exported (`carry`) ahead of new
     /// ones, so a flow keeps its labels across the restart.
-    pub fn admit_carried(&mut self, carried: &crate::carry::Carried) {
+    pub fn admit_carried(&mut self, carried: &crate::exposition::carry::Carried) {
         for server in &carried.servers {
             self.servers.admit(server);
         }

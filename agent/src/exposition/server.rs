@@ -31,10 +31,9 @@ use tokio::{
 use tokio_rustls::TlsAcceptor;
 
 use crate::{
-    probes::HookAttach,
-    scrape_cache::{REFRESH_EVERY, ScrapeCache},
-    tls_uprobes::TlsStatus,
-    web::{WebSettings, auth::basic_credentials},
+    exposition::scrape_cache::{REFRESH_EVERY, ScrapeCache},
+    exposition::status::{HookRow, UprobeReport},
+    exposition::web::{WebSettings, auth::basic_credentials},
 };
 
 /// A TLS client that does not finish its handshake in this time is dropped.
@@ -48,9 +47,9 @@ pub struct AppState {
     pub scrapes: ScrapeCache,
     /// Set once every hook is attached.
     pub ready: AtomicBool,
-    pub hooks: std::sync::RwLock<Vec<HookAttach>>,
+    pub hooks: std::sync::RwLock<Vec<HookRow>>,
     /// Where the libssl uprobes are attached (set once at start).
-    pub tls: std::sync::OnceLock<Arc<TlsStatus>>,
+    pub tls: std::sync::OnceLock<Arc<UprobeReport>>,
 }
 
 impl AppState {
@@ -156,8 +155,8 @@ fn index_page(state: &AppState) -> String {
 }
 
 /// The libssl uprobes' state and files (paths are the agent's own knowledge, not traffic).
-fn tls_section(page: &mut String, tls: &TlsStatus) {
-    let attach = tls.attach.read().map(|attach| attach.label()).unwrap_or("unknown");
+fn tls_section(page: &mut String, tls: &UprobeReport) {
+    let attach = tls.attach.read().map(|attach| *attach).unwrap_or("unknown");
     let _ = write!(
         page,
         "<h2>TLS plaintext (libssl uprobes)</h2><p>State: {attach}.</p>\
@@ -310,9 +309,10 @@ mod tests {
     use prometheus_client::metrics::counter::Counter;
 
     use super::*;
+    use crate::model::metric_table::PREFIX;
 
     fn state() -> AppState {
-        let mut registry = Registry::with_prefix("connscope");
+        let mut registry = Registry::with_prefix(PREFIX);
         let counter: Counter = Counter::default();
         counter.inc();
         registry.register("example", "An example", counter);

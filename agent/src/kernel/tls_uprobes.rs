@@ -38,9 +38,10 @@ use prometheus_client::{
 
 use crate::{
     config::Config,
-    metrics::Probe,
-    tls_targets::{self, FileId, REQUIRED_SYMBOL, Target},
-    uprobe_links::UprobeLinks,
+    exposition::{metrics, status::UprobeReport},
+    kernel::tls_targets::{self, FileId, REQUIRED_SYMBOL, Target},
+    kernel::uprobe_links::UprobeLinks,
+    model::{label_sets::Probe, metric_table},
 };
 
 /// The `hook` label of the uprobes' `connscope_probe_info` row.
@@ -88,11 +89,11 @@ pub struct TargetState {
     pub state: String,
 }
 
-/// What the `/` page and the metrics show, shared with the server.
+/// What the `/` page and the metrics show.
 pub struct TlsStatus {
-    pub attach: RwLock<TlsAttach>,
-    /// `(path, "attached" or the error)`, per file.
-    pub targets: RwLock<Vec<(String, String)>>,
+    attach: RwLock<TlsAttach>,
+    /// The `/` page's part, shared with the server.
+    pub report: Arc<UprobeReport>,
     pub counts: Family<TargetState, Gauge>,
     /// `connscope_probe_info`, whose `libssl` row follows `attach`.
     probe_info: Family<Probe, Gauge>,
@@ -102,7 +103,7 @@ impl TlsStatus {
     fn new(attach: TlsAttach, probe_info: Family<Probe, Gauge>) -> Self {
         let status = Self {
             attach: RwLock::new(attach),
-            targets: RwLock::default(),
+            report: Arc::new(UprobeReport::new(attach.label())),
             counts: Family::default(),
             probe_info,
         };
@@ -116,21 +117,20 @@ impl TlsStatus {
             self.probe_info.remove(&probe_row(*current));
             self.probe_info.get_or_create(&probe_row(attach)).set(1);
             *current = attach;
+            if let Ok(mut shown) = self.report.attach.write() {
+                *shown = attach.label();
+            }
         }
     }
 
     pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "tls_uprobe_targets",
-            "Files (libssl, executables with OpenSSL) the TLS uprobes attached to, or failed to",
-            self.counts.clone(),
-        );
+        metrics::register(registry, &metric_table::TLS_UPROBE_TARGETS, self.counts.clone());
     }
 
     fn record(&self, shown: &str, outcome: Result<(), String>) {
         let state = if outcome.is_ok() { "attached" } else { "failed" };
         self.counts.get_or_create(&TargetState { state: state.into() }).inc();
-        if let Ok(mut targets) = self.targets.write() {
+        if let Ok(mut targets) = self.report.targets.write() {
             targets.push((shown.to_owned(), outcome.err().unwrap_or_else(|| state.into())));
         }
     }

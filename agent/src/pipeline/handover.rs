@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use aya::maps::{HashMap, MapData};
 use connscope_common::{Handover, handover_flag};
 
-use crate::{http::Version, http_session::HttpSession};
+use crate::{
+    model::{clock::monotonic_ns, http_version::Version},
+    pipeline::http_session::HttpSession,
+};
 
 /// How long a stopping agent may spend writing the handover.
 pub const WRITE_BUDGET: Duration = Duration::from_secs(2);
@@ -84,14 +87,6 @@ pub fn session(entry: &Handover) -> Option<HttpSession> {
     Some(session)
 }
 
-/// `CLOCK_MONOTONIC` (the kernel's `bpf_ktime_get_ns()` clock) in ns.
-pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: plain syscall with a pointer to a local struct.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
 /// Writes `entries` and then the header; returns how many were written.
 pub fn write(
     map: &mut HashMap<MapData, u64, Handover>,
@@ -153,7 +148,7 @@ pub fn take(map: &mut HashMap<MapData, u64, Handover>) -> Option<Vec<(u64, Hando
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http;
+    use crate::pipeline::http;
 
     #[test]
     fn a_session_survives_the_handover() {

@@ -10,7 +10,7 @@ use connscope_common::{
     FdLayout, PAYLOAD_SYSCALLS, PayloadSyscall, SockLayout, UserBuffers, names::program,
 };
 
-use crate::{config::Config, kernel_layout::KernelTypes, preflight};
+use crate::{config::Config, kernel::layout::KernelTypes, kernel::preflight};
 
 /// What the running kernel offers, found once before loading.
 pub(crate) struct Kernel {

@@ -6,24 +6,11 @@
 
 use connscope_common::HEAD_LEN;
 
-/// The HTTP version of a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Version {
-    Http10,
-    Http11,
-}
+use crate::model::http_version::Version;
 
-impl Version {
-    pub const fn label(self) -> &'static str {
-        match self {
-            Self::Http10 => "1.0",
-            Self::Http11 => "1.1",
-        }
-    }
-
-    fn from_httparse(minor: u8) -> Self {
-        if minor == 0 { Self::Http10 } else { Self::Http11 }
-    }
+/// The version of an `httparse` head from its minor version (`HTTP/1.<minor>`).
+fn version_of(minor: u8) -> Version {
+    if minor == 0 { Version::Http10 } else { Version::Http11 }
 }
 
 /// Tokens of the `Connection` header that matter for persistence.
@@ -70,7 +57,7 @@ pub fn parse_request(bytes: &[u8]) -> Option<Head> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
         let status = request.parse(buf).ok()?;
-        let version = Version::from_httparse(request.version?);
+        let version = version_of(request.version?);
         // A method is a token but not every token is a method: keep to the registered ones
         // so binary protocols that happen to look like a request line are not counted.
         if !is_known_method(request.method?) {
@@ -86,7 +73,7 @@ pub fn parse_response(bytes: &[u8]) -> Option<Head> {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
         let status = response.parse(buf).ok()?;
-        let version = Version::from_httparse(response.version?);
+        let version = version_of(response.version?);
         response.code?;
         Some((status, version, summarise(response.headers)))
     })

@@ -238,7 +238,7 @@ fn pin_state(ebpf: &mut Ebpf) -> anyhow::Result<Array<&mut MapData, u64>> {
 /// for a turn their fexit programs missed at their next call. A failed write leaves the
 /// window open, which costs those checks only.
 fn end_takeover<T: std::borrow::BorrowMut<MapData>>(state: &mut Array<T, u64>) {
-    let now = crate::handover::monotonic_ns();
+    let now = crate::model::clock::monotonic_ns();
     if let Err(err) = state.set(PinSlot::TakeoverEndNs as u32, now, 0) {
         tracing::warn!("marking the takeover's end in PIN_STATE: {err}");
     }
@@ -328,7 +328,7 @@ mod tests {
     use clap::Parser as _;
 
     use super::*;
-    use crate::{config::Cli, probes::PROGRAMS};
+    use crate::{config::Cli, kernel::probes::PROGRAMS};
 
     /// The shapes checked against pinned maps are those of the object this agent loads.
     #[test]

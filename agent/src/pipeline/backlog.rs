@@ -28,7 +28,7 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::{HashMap, Map, MapData, RingBuf};
 use connscope_common::{Handover, names::map};
 
-use crate::handover;
+use crate::pipeline::handover;
 
 /// The backlog may hold this many times the ring buffer's size.
 pub const BACKLOG_RINGBUF_MULTIPLE: usize = 16;

@@ -6,6 +6,8 @@ use std::fmt;
 
 use connscope_common::{Setting, names::program};
 
+use crate::exposition::status::HookRow;
+
 /// How a hook ended up attached (`attach` label of `connscope_probe_info`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
@@ -18,6 +20,9 @@ pub enum Attach {
 }
 
 impl Attach {
+    pub const ALL: [Self; 5] =
+        [Self::Fentry, Self::Kprobe, Self::TpBtf, Self::Tracepoint, Self::Unavailable];
+
     pub const fn label(self) -> &'static str {
         match self {
             Self::Fentry => "fentry",
@@ -40,6 +45,13 @@ impl fmt::Display for Attach {
 pub struct HookAttach {
     pub hook: &'static str,
     pub attach: Attach,
+}
+
+impl HookAttach {
+    /// The `/` page's row for this hook.
+    pub fn row(&self) -> HookRow {
+        HookRow { hook: self.hook, attach: self.attach.label() }
+    }
 }
 
 /// Where a program attaches.

@@ -17,7 +17,7 @@ use prometheus_client::{
 #[derive(Debug, Default)]
 pub struct UserLosses {
     pub decode_error: AtomicU64,
-    /// Records the start-up drain could not keep (`crate::backlog`).
+    /// Records the start-up drain could not keep (`crate::pipeline::backlog`).
     pub startup_backlog_full: AtomicU64,
 }
 

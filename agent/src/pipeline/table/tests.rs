@@ -9,9 +9,9 @@ use connscope_common::{
 
 use super::*;
 use crate::{
-    events::{self, Event},
-    metrics::{Closed, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server},
-    placement::{NoPlacement, Placement},
+    model::label_sets::{Closed, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server},
+    model::placement::{NoPlacement, Placement},
+    pipeline::events::{self, Event},
 };
 
 const SOCK: u64 = 0xffff_0000_0000_1000;

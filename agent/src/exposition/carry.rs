@@ -14,146 +14,25 @@
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
-    hash::Hash,
     io::{Read as _, Write as _},
 };
 
+use crate::{
+    exposition::{
+        family::{CarriedValue, Carry},
+        metrics::Metrics,
+    },
+    model::metric_table::PREFIX,
+};
 use aya::maps::{HashMap, MapData};
 use connscope_common::{CARRIED_CHUNKS, CarriedChunk, handover::CARRIED_CHUNK_BYTES};
 use flate2::{Compression, read::GzDecoder, write::GzEncoder};
-use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
-    registry::Registry,
-};
+use prometheus_client::registry::Registry;
 use prometheus_parse::{Scrape, Value};
-use serde::de::DeserializeOwned;
-
-use crate::metrics::{BucketHistogram, HistogramFamily, Metrics};
 
 /// Largest exposition text a next agent accepts, decompressed (the label caps' defaults
 /// filled make about 10 MiB).
 const MAX_TEXT_BYTES: u64 = 64 << 20;
-
-/// One carried value: a counter's or gauge's number, or a histogram's buckets.
-#[derive(Debug, PartialEq)]
-pub enum CarriedValue {
-    Number(f64),
-    /// Cumulative counts by upper bound (as exposed, `+Inf` included), and the sum.
-    Buckets {
-        cumulative: Vec<(f64, f64)>,
-        sum: f64,
-    },
-}
-
-/// A metric family whose values a starting agent can take over.
-pub trait Carry {
-    /// Adds (counters, histograms) or sets (gauges) `value` for the series `labels`; false
-    /// when the labels or the value do not fit this family.
-    fn carry(&self, labels: serde_json::Value, value: &CarriedValue) -> bool;
-}
-
-fn label_set<L: DeserializeOwned>(labels: serde_json::Value) -> Option<L> {
-    serde_json::from_value(labels).ok()
-}
-
-/// The labels and the finite number of a counter's or gauge's sample.
-fn number<L: DeserializeOwned>(
-    labels: serde_json::Value,
-    value: &CarriedValue,
-) -> Option<(L, f64)> {
-    match (label_set(labels), value) {
-        (Some(labels), CarriedValue::Number(n)) if n.is_finite() => Some((labels, *n)),
-        _ => None,
-    }
-}
-
-impl<L> Carry for Family<L, Counter>
-where
-    L: DeserializeOwned + EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug,
-{
-    fn carry(&self, labels: serde_json::Value, value: &CarriedValue) -> bool {
-        let Some((labels, n)) = number::<L>(labels, value).filter(|(_, n)| *n >= 0.0) else {
-            return false;
-        };
-        self.get_or_create(&labels).inc_by(n as u64);
-        true
-    }
-}
-
-impl<L> Carry for Family<L, Gauge>
-where
-    L: DeserializeOwned + EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug,
-{
-    fn carry(&self, labels: serde_json::Value, value: &CarriedValue) -> bool {
-        let Some((labels, n)) = number::<L>(labels, value) else { return false };
-        self.get_or_create(&labels).set(n as i64);
-        true
-    }
-}
-
-impl<L> Carry for HistogramFamily<L>
-where
-    L: DeserializeOwned + EncodeLabelSet + Clone + Hash + Eq + Send + Sync + std::fmt::Debug,
-{
-    fn carry(&self, labels: serde_json::Value, value: &CarriedValue) -> bool {
-        let (Some(labels), CarriedValue::Buckets { cumulative, sum }) =
-            (label_set::<L>(labels), value)
-        else {
-            return false;
-        };
-        let histogram = self.get_or_create(&labels);
-        match per_bucket(&histogram, cumulative) {
-            Some(buckets) => histogram.add(&buckets, *sum),
-            None => false,
-        }
-    }
-}
-
-/// The non-cumulative counts of `cumulative`, if its bounds are `histogram`'s.
-fn per_bucket(histogram: &BucketHistogram, cumulative: &[(f64, f64)]) -> Option<Vec<u64>> {
-    let mut sorted = cumulative.to_vec();
-    sorted.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let bounds = histogram.bounds().iter().copied().chain([f64::INFINITY]);
-    if sorted.len() != histogram.bounds().len() + 1
-        || !sorted.iter().zip(bounds).all(|((bound, _), expected)| *bound == expected)
-    {
-        return None;
-    }
-    let mut below = 0u64;
-    let mut buckets = Vec::with_capacity(sorted.len());
-    for (_, count) in sorted {
-        if !(count.is_finite() && count >= below as f64) {
-            return None;
-        }
-        let count = count as u64;
-        buckets.push(count - below);
-        below = count;
-    }
-    Some(buckets)
-}
-
-/// The families a starting agent takes over from the agent before it, by
-/// their sample names in the exposition (histograms: without `_bucket`).
-pub fn carried(metrics: &Metrics) -> [(&'static str, &dyn Carry); 15] {
-    [
-        ("connscope_connections_opened_total", &metrics.opened),
-        ("connscope_connections_adopted_total", &metrics.adopted),
-        ("connscope_adoption_skipped_total", &metrics.adoption_skipped),
-        ("connscope_connections_closed_total", &metrics.closed),
-        ("connscope_connection_duration_seconds", &metrics.duration),
-        ("connscope_connection_requests", &metrics.requests),
-        ("connscope_connection_idle_seconds", &metrics.idle),
-        ("connscope_connection_close_idle_seconds", &metrics.close_idle),
-        ("connscope_http_requests_total", &metrics.http_requests),
-        ("connscope_http_keepalive_advertised_timeout_seconds", &metrics.advertised_timeout),
-        ("connscope_http_keepalive_advertised_max_requests", &metrics.advertised_max),
-        ("connscope_keepalive_races_total", &metrics.races),
-        ("connscope_bytes_sent_total", &metrics.bytes_sent),
-        ("connscope_bytes_received_total", &metrics.bytes_received),
-        ("connscope_events_received_total", &metrics.events),
-    ]
-}
 
 /// What a starting agent took over.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -168,7 +47,7 @@ pub struct Carried {
 
 /// The exposition text of `metrics`, gzipped.
 pub fn encode(metrics: &Metrics) -> anyhow::Result<Vec<u8>> {
-    let mut registry = Registry::with_prefix("connscope");
+    let mut registry = Registry::with_prefix(PREFIX);
     metrics.register(&mut registry);
     let mut text = String::new();
     prometheus_client::encoding::text::encode(&mut text, &registry)?;
@@ -246,8 +125,9 @@ pub fn seed(metrics: &Metrics, text: &str) -> Carried {
     let Ok(scrape) = Scrape::parse(text.lines().map(|line| Ok(line.to_owned()))) else {
         return Carried::default();
     };
-    let families = carried(metrics);
-    let family = |name: &str| families.iter().find(|(n, _)| *n == name).map(|(_, f)| *f);
+    let families: StdHashMap<String, &dyn Carry> =
+        metrics.carried().into_iter().map(|(row, family)| (row.sample(), family)).collect();
+    let family = |name: &str| families.get(name).copied();
     // A histogram's sum is a sample of its own: joined to its buckets by name and labels.
     let mut sums: StdHashMap<(String, String), f64> = StdHashMap::new();
     for sample in &scrape.samples {
@@ -292,8 +172,8 @@ mod tests {
     use connscope_common::conn::GAP_BUCKETS;
 
     use super::*;
-    use crate::metrics::{Closed, Flow, FlowProtocol, HttpRequest, PlacedFlow, Server};
-    use crate::placement::Placement;
+    use crate::model::label_sets::{Closed, Flow, FlowProtocol, HttpRequest, PlacedFlow, Server};
+    use crate::model::placement::Placement;
 
     fn flow(process: &str) -> Flow {
         Flow { role: "client".into(), process: process.into(), server: "10.0.0.1:80".into() }
@@ -308,12 +188,13 @@ mod tests {
 
     /// The carried families' lines of an exposition (what the next agent must export).
     fn carried_lines(text: &str) -> Vec<&str> {
-        let names: Vec<&str> = carried(&Metrics::new()).iter().map(|(name, _)| *name).collect();
+        let names: Vec<String> =
+            Metrics::new().carried().iter().map(|(row, _)| row.sample()).collect();
         text.lines()
             .filter(|line| {
                 let name = line.split(['{', ' ']).next().unwrap_or_default();
-                names.iter().any(|n| {
-                    name == *n
+                names.iter().map(String::as_str).any(|n| {
+                    name == n
                         || name
                             .strip_prefix(n)
                             .is_some_and(|rest| ["_bucket", "_sum", "_count"].contains(&rest))

@@ -21,13 +21,13 @@ use connscope_common::{
     names::{global, map, program},
 };
 
-pub use crate::hooks::{Attach, HookAttach};
+pub use crate::kernel::hooks::{Attach, HookAttach};
 use crate::{
     config::{Backend, Config},
-    hooks::{Attachment, FLOOR, HOOKS, Hook, LIFECYCLE, Target},
-    kernel_facts::{Kernel, payload_syscall_table},
-    pinning::Pins,
-    preflight,
+    kernel::facts::{Kernel, payload_syscall_table},
+    kernel::hooks::{Attachment, FLOOR, HOOKS, Hook, LIFECYCLE, Target},
+    kernel::pinning::Pins,
+    kernel::preflight,
 };
 
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/connscope"));

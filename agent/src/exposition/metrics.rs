@@ -1,0 +1,124 @@
+//! The metric families the agent updates, each registered from its row of the metric table
+//! (`model::metric_table`), under the `connscope_` prefix.
+
+use prometheus_client::{
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::{self, Registry},
+};
+
+pub use crate::exposition::bucket_histogram::BucketHistogram;
+use crate::{
+    exposition::family::Carry,
+    model::{
+        label_sets::{
+            Build, Closed, ClosedByLabels, EventKindLabel, Flow, FlowProtocol, HttpRequest,
+            OpenState, PlacedFlow, Probe, Server, SkipReason,
+        },
+        metric_table::{self as table, Metric, Unit},
+    },
+};
+
+pub type HistogramFamily<L> = Family<L, BucketHistogram, fn() -> BucketHistogram>;
+
+/// Registers `metric` under its row: name, help and unit.
+pub fn register(registry: &mut Registry, row: &Metric, metric: impl registry::Metric) {
+    match row.unit {
+        Some(Unit::Seconds) => {
+            registry.register_with_unit(row.name, row.help, registry::Unit::Seconds, metric);
+        }
+        None => registry.register(row.name, row.help, metric),
+    }
+}
+
+/// How a family is made: histograms get their row's buckets, the rest start empty.
+pub trait NewFamily {
+    fn new_family(histogram: fn() -> BucketHistogram) -> Self;
+}
+
+impl<L: Clone + std::hash::Hash + Eq> NewFamily for Family<L, Counter> {
+    fn new_family(_: fn() -> BucketHistogram) -> Self {
+        Family::default()
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq> NewFamily for Family<L, Gauge> {
+    fn new_family(_: fn() -> BucketHistogram) -> Self {
+        Family::default()
+    }
+}
+
+impl<L: Clone + std::hash::Hash + Eq> NewFamily for HistogramFamily<L> {
+    fn new_family(histogram: fn() -> BucketHistogram) -> Self {
+        Family::new_with_constructor(histogram)
+    }
+}
+
+impl NewFamily for Gauge {
+    fn new_family(_: fn() -> BucketHistogram) -> Self {
+        Gauge::default()
+    }
+}
+
+/// Declares [`Metrics`]: one field per family, each tied to its row of the table, which
+/// makes it, registers it and says whether it is carried.
+macro_rules! families {
+    ($($(#[$doc:meta])* $field:ident: $family:ty = $row:path,)+) => {
+        /// Every metric family the agent updates. Cloning shares the underlying series.
+        #[derive(Clone, Debug)]
+        pub struct Metrics {
+            $($(#[$doc])* pub $field: $family,)+
+        }
+
+        impl Metrics {
+            pub fn new() -> Self {
+                Self {
+                    $($field: <$family as NewFamily>::new_family(|| {
+                        BucketHistogram::new($row.buckets.bounds())
+                    }),)+
+                }
+            }
+
+            /// Registers every family under its row (the registry adds the prefix).
+            pub fn register(&self, registry: &mut Registry) {
+                $(register(registry, &$row, self.$field.clone());)+
+            }
+
+            /// The families a starting agent takes over from the agent before it, with
+            /// their rows.
+            pub fn carried(&self) -> Vec<(&'static Metric, &dyn Carry)> {
+                let all: [(&'static Metric, &dyn Carry); [$(stringify!($field)),+].len()] =
+                    [$((&$row, &self.$field)),+];
+                all.into_iter().filter(|(row, _)| row.carried).collect()
+            }
+        }
+    };
+}
+
+families! {
+    opened: Family<PlacedFlow, Counter> = table::CONNECTIONS_OPENED,
+    adopted: Family<PlacedFlow, Counter> = table::CONNECTIONS_ADOPTED,
+    adoption_skipped: Family<SkipReason, Counter> = table::ADOPTION_SKIPPED,
+    closed: Family<Closed, Counter> = table::CONNECTIONS_CLOSED,
+    open: Family<OpenState, Gauge> = table::CONNECTIONS_OPEN,
+    duration: HistogramFamily<Flow> = table::CONNECTION_DURATION,
+    requests: HistogramFamily<FlowProtocol> = table::CONNECTION_REQUESTS,
+    idle: HistogramFamily<Flow> = table::CONNECTION_IDLE,
+    close_idle: HistogramFamily<ClosedByLabels> = table::CONNECTION_CLOSE_IDLE,
+    http_requests: Family<HttpRequest, Counter> = table::HTTP_REQUESTS,
+    advertised_timeout: Family<Server, Gauge> = table::HTTP_KEEPALIVE_ADVERTISED_TIMEOUT,
+    advertised_max: Family<Server, Gauge> = table::HTTP_KEEPALIVE_ADVERTISED_MAX_REQUESTS,
+    races: Family<Flow, Counter> = table::KEEPALIVE_RACES,
+    bytes_sent: Family<Flow, Counter> = table::BYTES_SENT,
+    bytes_received: Family<Flow, Counter> = table::BYTES_RECEIVED,
+    tracked: Gauge = table::TRACKED_CONNECTIONS,
+    capacity: Gauge = table::TRACKED_CONNECTIONS_CAPACITY,
+    probes: Family<Probe, Gauge> = table::PROBE_INFO,
+    build: Family<Build, Gauge> = table::BUILD_INFO,
+    events: Family<EventKindLabel, Counter> = table::EVENTS_RECEIVED,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

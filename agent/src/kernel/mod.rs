@@ -1,0 +1,13 @@
+//! The kernel side: what the running kernel offers, loading and attaching the programs,
+//! pinning them across restarts, the libssl uprobes, and the start-up adoption scan.
+
+pub mod adoption;
+pub mod facts;
+pub mod hooks;
+pub mod layout;
+pub mod pinning;
+pub mod preflight;
+pub mod probes;
+pub mod tls_targets;
+pub mod tls_uprobes;
+pub mod uprobe_links;

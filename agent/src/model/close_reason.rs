@@ -1,0 +1,37 @@
+//! Why a connection closed: the `reason` label of closed connections.
+
+/// The `reason` label of `connscope_connections_closed_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    ConnectionClose,
+    Http10,
+    MaxRequests,
+    Idle,
+    Reset,
+    Error,
+    Unknown,
+}
+
+impl CloseReason {
+    pub const ALL: [Self; 7] = [
+        Self::ConnectionClose,
+        Self::Http10,
+        Self::MaxRequests,
+        Self::Idle,
+        Self::Reset,
+        Self::Error,
+        Self::Unknown,
+    ];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::ConnectionClose => "connection_close",
+            Self::Http10 => "http10",
+            Self::MaxRequests => "max_requests",
+            Self::Idle => "idle",
+            Self::Reset => "reset",
+            Self::Error => "error",
+            Self::Unknown => "unknown",
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The metric table: every metric the agent exports, declared once. Registration
+//! (`exposition::metrics`), the carry across restarts (`exposition::carry`), the `connscope
+//! flows` client, the metric contract that holds the dashboards and rules to it
+//! (`tests/src/metric_contract.rs`) and README's metric table (checked by
+//! `tests/tests/assets_metric_table.rs`) all read it.
+//!
+//! Adding a metric: one row here, its README row, its family in `exposition::metrics` and
+//! the code that produces the value.
+
+use std::sync::LazyLock;
+
+use connscope_common::conn::IDLE_BOUNDS_NS;
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "connscope";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Seconds,
+}
+
+impl Unit {
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Self::Seconds => "seconds",
+        }
+    }
+}
+
+/// Histogram bucket bounds (without `+Inf`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Buckets {
+    None,
+    Fixed(&'static [f64]),
+    /// The kernel's idle-gap buckets (`connscope_common::conn::IDLE_BOUNDS_NS`), in seconds.
+    IdleGaps,
+}
+
+impl Buckets {
+    pub fn bounds(self) -> &'static [f64] {
+        match self {
+            Self::None => &[],
+            Self::Fixed(bounds) => bounds,
+            Self::IdleGaps => &IDLE_BOUNDS,
+        }
+    }
+}
+
+/// Idle gaps: the kernel's bucket bounds in seconds, 1 ms to 300 s with the common
+/// keep-alive timeouts (5, 15, 60, 75 s) as bounds.
+static IDLE_BOUNDS: LazyLock<Vec<f64>> =
+    LazyLock::new(|| IDLE_BOUNDS_NS.iter().map(|&ns| ns as f64 / 1e9).collect());
+
+/// A label and the values it can take: a closed set, or values bounded by the label caps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Label {
+    pub name: &'static str,
+    /// `None`: open values (capped and sanitised, `other` past the caps).
+    pub values: Option<&'static [&'static str]>,
+}
+
+const fn open(name: &'static str) -> Label {
+    Label { name, values: None }
+}
+
+const fn closed(name: &'static str, values: &'static [&'static str]) -> Label {
+    Label { name, values: Some(values) }
+}
+
+pub const ROLE: Label = closed("role", &["client", "server"]);
+pub const PROCESS: Label = open("process");
+pub const SERVER: Label = open("server");
+pub const NAMESPACE: Label = open("namespace");
+pub const POD: Label = open("pod");
+pub const CONTAINER: Label = open("container");
+pub const CLOSED_BY: Label = closed("closed_by", &["local", "peer", "unknown"]);
+pub const CLOSE_KIND: Label = closed("close_kind", &["fin", "reset"]);
+pub const CLOSE_REASON: Label = closed(
+    "reason",
+    &["connection_close", "http10", "max_requests", "idle", "reset", "error", "unknown"],
+);
+pub const OPEN_STATE: Label = closed("state", &["active", "idle"]);
+/// The protocols `connection_requests` reports (HTTP/2 is not observed there yet).
+pub const PROTOCOL: Label = closed("protocol", &["http1", "tls", "websocket", "other"]);
+pub const HTTP_VERSION: Label = closed("http_version", &["1.0", "1.1"]);
+pub const HOOK: Label = closed(
+    "hook",
+    &["tcp_connect", "tcp_close", "tcp_sendmsg", "tcp_recvmsg", "inet_sock_set_state", "libssl"],
+);
+pub const ATTACH: Label = closed(
+    "attach",
+    &["fentry", "kprobe", "tp_btf", "tracepoint", "sock_ops", "uprobe", "off", "none"],
+);
+pub const TARGET_STATE: Label = closed("state", &["attached", "failed"]);
+pub const VERSION: Label = open("version");
+pub const EVENT_KIND: Label = closed("kind", &["open", "attribute", "head", "progress", "close"]);
+pub const LOST_REASON: Label = closed(
+    "reason",
+    &[
+        "ringbuf_full",
+        "map_full",
+        "untracked_socket",
+        "payload_unreadable",
+        "decode_error",
+        "startup_backlog_full",
+    ],
+);
+pub const SKIP_REASON: Label =
+    closed("reason", &["process_vanished", "unreadable", "unparsable", "backend"]);
+
+/// One metric: everything about it but the code that produces its value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Metric {
+    /// Registered name, without the prefix, the unit or `_total`.
+    pub name: &'static str,
+    pub kind: Kind,
+    pub unit: Option<Unit>,
+    pub help: &'static str,
+    pub labels: &'static [Label],
+    /// Labels present only on some series: the pod's, where the process runs in a pod.
+    pub optional_labels: &'static [Label],
+    pub buckets: Buckets,
+    /// Whether a starting agent goes on from the previous agent's value (`exposition::carry`):
+    /// counters, histograms and the servers' advertised limits. Gauges of the moment are
+    /// rebuilt instead.
+    pub carried: bool,
+}
+
+impl Metric {
+    /// The family name as exposed, with prefix and unit (`connscope_connection_idle_seconds`).
+    pub fn family(&self) -> String {
+        match self.unit {
+            Some(unit) => format!("{PREFIX}_{}_{}", self.name, unit.suffix()),
+            None => format!("{PREFIX}_{}", self.name),
+        }
+    }
+
+    /// The sample name of a counter or gauge (counters end in `_total`); a histogram's
+    /// family name, to which `_bucket`, `_sum` and `_count` are added.
+    pub fn sample(&self) -> String {
+        match self.kind {
+            Kind::Counter => format!("{}_total", self.family()),
+            Kind::Gauge | Kind::Histogram => self.family(),
+        }
+    }
+
+    /// Every label a series can have, optional ones included.
+    pub fn all_labels(&self) -> impl Iterator<Item = &'static Label> {
+        self.labels.iter().chain(self.optional_labels)
+    }
+}
+
+/// Declares each row as a constant and `ALL` with every row, in exposition order.
+macro_rules! metric_table {
+    ($(
+        $(#[$doc:meta])*
+        $id:ident = $kind:ident $name:literal $(in $unit:ident)?, $help:literal,
+            labels [$($label:expr),* $(,)?]
+            $(, pod [$($pod:expr),*])?
+            $(, buckets $buckets:expr)?
+            $(, carried: $carried:literal)?;
+    )+) => {
+        $(
+            $(#[$doc])*
+            pub const $id: Metric = Metric {
+                name: $name,
+                kind: Kind::$kind,
+                unit: metric_table!(@unit $($unit)?),
+                help: $help,
+                labels: &[$($label),*],
+                optional_labels: &[$($($pod),*)?],
+                buckets: metric_table!(@buckets $($buckets)?),
+                carried: metric_table!(@carried $($carried)?),
+            };
+        )+
+        /// Every metric, in the order the registry exposes them.
+        pub const ALL: &[Metric] = &[$($id),+];
+    };
+    (@unit) => { None };
+    (@unit $unit:ident) => { Some(Unit::$unit) };
+    (@buckets) => { Buckets::None };
+    (@buckets $buckets:expr) => { $buckets };
+    (@carried) => { false };
+    (@carried $carried:literal) => { $carried };
+}
+
+metric_table! {
+    CONNECTIONS_OPENED = Counter "connections_opened", "TCP connections established, by flow",
+        labels [ROLE, PROCESS, SERVER], pod [NAMESPACE, POD, CONTAINER], carried: true;
+    CONNECTIONS_ADOPTED = Counter "connections_adopted",
+        "TCP connections established before the agent started, tracked from their first send or receive on (not in connections_opened, connection_duration or connection_requests)",
+        labels [ROLE, PROCESS, SERVER], pod [NAMESPACE, POD, CONTAINER], carried: true;
+    ADOPTION_SKIPPED = Counter "adoption_skipped",
+        "Entries of the start-up scan of listening ports that were skipped: process_vanished, unreadable, unparsable; backend: established connections this kernel or hook backend cannot adopt",
+        labels [SKIP_REASON], carried: true;
+    CONNECTIONS_CLOSED = Counter "connections_closed",
+        "TCP connections closed: who closed first (closed_by), by FIN or reset (close_kind), and why (reason)",
+        labels [ROLE, PROCESS, SERVER, CLOSED_BY, CLOSE_KIND, CLOSE_REASON],
+        pod [NAMESPACE, POD, CONTAINER], carried: true;
+    CONNECTIONS_OPEN = Gauge "connections_open",
+        "Connections open now: active (an exchange in progress) or idle",
+        labels [ROLE, PROCESS, SERVER, OPEN_STATE];
+    CONNECTION_DURATION = Histogram "connection_duration" in Seconds,
+        "Lifetime of closed connections, from establishment to destruction",
+        labels [ROLE, PROCESS, SERVER],
+        buckets Buckets::Fixed(&[
+            0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+            1800.0, 3600.0,
+        ]), carried: true;
+    /// 0 marks connections opened and never used, 1 the one-request connections that
+    /// cause churn.
+    CONNECTION_REQUESTS = Histogram "connection_requests",
+        "Requests carried per connection, observed at close, by protocol (http1: HTTP/1.x requests; other: request/response exchanges; tls: TLS application-data exchanges)",
+        labels [ROLE, PROCESS, SERVER, PROTOCOL],
+        buckets Buckets::Fixed(&[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]), carried: true;
+    CONNECTION_IDLE = Histogram "connection_idle" in Seconds,
+        "Idle gap on a kept-alive connection between the end of one exchange and the next request",
+        labels [ROLE, PROCESS, SERVER], buckets Buckets::IdleGaps, carried: true;
+    CONNECTION_CLOSE_IDLE = Histogram "connection_close_idle" in Seconds,
+        "Idle time from the last exchange to the start of the close",
+        labels [ROLE, PROCESS, SERVER, CLOSED_BY], buckets Buckets::IdleGaps, carried: true;
+    HTTP_REQUESTS = Counter "http_requests", "HTTP/1.x requests seen, by version",
+        labels [ROLE, PROCESS, SERVER, HTTP_VERSION], carried: true;
+    HTTP_KEEPALIVE_ADVERTISED_TIMEOUT = Gauge "http_keepalive_advertised_timeout" in Seconds,
+        "Last Keep-Alive timeout advertised by the server", labels [SERVER], carried: true;
+    HTTP_KEEPALIVE_ADVERTISED_MAX_REQUESTS = Gauge "http_keepalive_advertised_max_requests",
+        "Last Keep-Alive max advertised by the server", labels [SERVER], carried: true;
+    KEEPALIVE_RACES = Counter "keepalive_races",
+        "Requests sent on a connection the peer was closing, or reset right after a request on a reused connection",
+        labels [ROLE, PROCESS, SERVER], carried: true;
+    BYTES_SENT = Counter "bytes_sent", "Payload bytes sent", labels [ROLE, PROCESS, SERVER], carried: true;
+    BYTES_RECEIVED = Counter "bytes_received", "Payload bytes received",
+        labels [ROLE, PROCESS, SERVER], carried: true;
+    TRACKED_CONNECTIONS = Gauge "tracked_connections", "Connections the agent is tracking now",
+        labels [];
+    TRACKED_CONNECTIONS_CAPACITY = Gauge "tracked_connections_capacity",
+        "Connections the kernel map can track at once (--bpf.max-connections)", labels [];
+    PROBE_INFO = Gauge "probe_info", "Hook backend in use for each hook", labels [HOOK, ATTACH];
+    BUILD_INFO = Gauge "build_info", "connscope build", labels [VERSION];
+    EVENTS_RECEIVED = Counter "events_received",
+        "Events the kernel sent to the agent, by kind (open, attribute, head, progress, close): the agent's own load",
+        labels [EVENT_KIND], carried: true;
+    TLS_UPROBE_TARGETS = Gauge "tls_uprobe_targets",
+        "Files (libssl, executables with OpenSSL) the TLS uprobes attached to, or failed to",
+        labels [TARGET_STATE];
+    /// Read from the kernel's loss map at scrape time (`exposition::kernel_stats`): never
+    /// carried, the map outlives the agent with pinned state.
+    EVENTS_LOST = Counter "events_lost",
+        "Events or connections that could not be recorded, by reason", labels [LOST_REASON];
+}
+
+/// The row whose exposed sample name (`connscope_..._total`, or a histogram's family name)
+/// is `sample`.
+pub fn by_sample(sample: &str) -> Option<&'static Metric> {
+    ALL.iter().find(|metric| metric.sample() == sample)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use connscope_common::{CloseKind, ClosedBy, EventKind, LostReason, Role};
+
+    use super::*;
+    use crate::{
+        kernel::{adoption::Skip, hooks::Attach},
+        model::{close_reason::CloseReason, http_version::Version},
+    };
+
+    fn values(label: Label) -> BTreeSet<&'static str> {
+        label.values.unwrap_or_default().iter().copied().collect()
+    }
+
+    fn set<'a>(labels: impl IntoIterator<Item = &'a str>) -> BTreeSet<&'a str> {
+        labels.into_iter().collect()
+    }
+
+    #[test]
+    fn names_are_unique_and_kinds_follow_the_conventions() {
+        let samples: BTreeSet<String> = ALL.iter().map(Metric::sample).collect();
+        assert_eq!(samples.len(), ALL.len());
+        for metric in ALL {
+            assert!(!metric.name.ends_with("_total") && !metric.name.starts_with(PREFIX));
+            let has_buckets = metric.buckets != Buckets::None;
+            assert_eq!(has_buckets, metric.kind == Kind::Histogram, "{}", metric.name);
+            let labels: BTreeSet<&str> = metric.all_labels().map(|l| l.name).collect();
+            assert_eq!(labels.len(), metric.all_labels().count(), "{}: a label twice", metric.name);
+        }
+    }
+
+    /// The closed label sets are the values the code's enums produce.
+    #[test]
+    fn closed_label_values_are_the_enums_labels() {
+        assert_eq!(values(ROLE), set(Role::ALL.iter().map(|r| r.label())));
+        assert_eq!(values(CLOSED_BY), set(ClosedBy::ALL.iter().map(|c| c.label())));
+        let kinds = CloseKind::ALL.iter().filter(|k| **k != CloseKind::None);
+        assert_eq!(values(CLOSE_KIND), set(kinds.map(|k| k.label())));
+        assert_eq!(values(CLOSE_REASON), set(CloseReason::ALL.iter().map(|r| r.label())));
+        assert_eq!(values(HTTP_VERSION), set([Version::Http10.label(), Version::Http11.label()]));
+        assert_eq!(values(EVENT_KIND), set(EventKind::ALL.iter().map(|k| k.label())));
+        let kernel_losses = set(LostReason::ALL.iter().map(|r| r.label()));
+        assert!(kernel_losses.is_subset(&values(LOST_REASON)));
+        assert_eq!(values(SKIP_REASON), set(Skip::ALL.iter().map(|r| r.label())));
+        assert!(set(Attach::ALL.iter().map(|a| a.label())).is_subset(&values(ATTACH)));
+    }
+
+    #[test]
+    fn idle_buckets_are_the_kernels() {
+        let bounds = Buckets::IdleGaps.bounds();
+        assert_eq!(bounds.len(), IDLE_BOUNDS_NS.len());
+        assert_eq!(bounds.first(), Some(&0.001));
+        assert_eq!(CONNECTION_IDLE.sample(), "connscope_connection_idle_seconds");
+        assert_eq!(by_sample("connscope_bytes_sent_total"), Some(&BYTES_SENT));
+    }
+}

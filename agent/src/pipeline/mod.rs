@@ -1,0 +1,12 @@
+//! From the ring buffer to the metrics: decoding records, the connection table, HTTP heads
+//! and sessions, close classification, and the state handed from one agent to the next.
+
+pub mod backlog;
+pub mod classify;
+pub mod driver;
+pub mod events;
+pub mod handover;
+pub mod http;
+pub mod http_session;
+pub mod pod_resolver;
+pub mod table;
