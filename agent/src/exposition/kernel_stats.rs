@@ -5,6 +5,7 @@ use std::sync::{
     atomic::{AtomicU64, Ordering},
 };
 
+use crate::model::metric_table;
 use aya::maps::{MapData, PerCpuArray};
 use connscope_common::LostReason;
 use prometheus_client::{
@@ -60,12 +61,9 @@ impl std::fmt::Debug for LossCollector {
 
 impl Collector for LossCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let mut family = encoder.encode_descriptor(
-            "events_lost",
-            "Events or connections that could not be recorded, by reason",
-            None,
-            MetricType::Counter,
-        )?;
+        let row = &metric_table::EVENTS_LOST;
+        let mut family =
+            encoder.encode_descriptor(row.name, row.help, None, MetricType::Counter)?;
         for (reason, total) in self.totals() {
             let labels = [("reason", reason)];
             ConstCounter::new(total).encode(family.encode_family(&labels)?)?;

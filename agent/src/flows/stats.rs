@@ -2,16 +2,38 @@
 //! every other label (placement, versions, labels added later), differences between two
 //! scrapes, and PromQL-style `histogram_quantile` over the idle-gap buckets.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use prometheus_parse::{Scrape, Value};
 use serde::Serialize;
 
-const OPENED: &str = "connscope_connections_opened_total";
-const CLOSED: &str = "connscope_connections_closed_total";
-const REQUESTS: &str = "connscope_connection_requests";
-const IDLE: &str = "connscope_connection_idle_seconds";
-const RACES: &str = "connscope_keepalive_races_total";
+use crate::model::metric_table::{self as table, Metric};
+
+const OPENED: &str = table::CONNECTIONS_OPENED.name;
+const CLOSED: &str = table::CONNECTIONS_CLOSED.name;
+const REQUESTS: &str = table::CONNECTION_REQUESTS.name;
+const IDLE: &str = table::CONNECTION_IDLE.name;
+const RACES: &str = table::KEEPALIVE_RACES.name;
+
+/// A sample's part of its metric: the value itself, or a histogram's sum or count.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Value,
+    Sum,
+    Count,
+}
+
+/// The table row and part of each sample name the agent exposes.
+fn sample_rows() -> HashMap<String, (&'static str, Part)> {
+    let mut rows = HashMap::new();
+    for row in table::ALL {
+        let row: &Metric = row;
+        rows.insert(row.sample(), (row.name, Part::Value));
+        rows.insert(format!("{}_sum", row.family()), (row.name, Part::Sum));
+        rows.insert(format!("{}_count", row.family()), (row.name, Part::Count));
+    }
+    rows
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct FlowKey {
@@ -57,7 +79,9 @@ pub struct FlowCounters {
 /// Every flow of one scrape.
 pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
     let mut flows: BTreeMap<FlowKey, FlowCounters> = BTreeMap::new();
+    let rows = sample_rows();
     for sample in &scrape.samples {
+        let Some(&(row, part)) = rows.get(&sample.metric) else { continue };
         let labels = &sample.labels;
         let (Some(role), Some(process), Some(server)) =
             (labels.get("role"), labels.get("process"), labels.get("server"))
@@ -69,7 +93,7 @@ pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
         let value = match &sample.value {
             Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
             Value::Histogram(buckets) => {
-                let target = match sample.metric.as_str() {
+                let target = match row {
                     REQUESTS => &mut flow.requests,
                     IDLE => &mut flow.idle,
                     _ => continue,
@@ -82,18 +106,18 @@ pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
             }
             Value::Summary(_) => continue,
         };
-        match sample.metric.as_str() {
-            OPENED => flow.opened += value,
-            RACES => flow.races += value,
-            CLOSED => {
+        match (row, part) {
+            (OPENED, Part::Value) => flow.opened += value,
+            (RACES, Part::Value) => flow.races += value,
+            (CLOSED, Part::Value) => {
                 let side = labels.get("closed_by").unwrap_or("unknown").to_owned();
                 let reason = labels.get("reason").unwrap_or("unknown").to_owned();
                 *flow.closes.entry((side, reason)).or_default() += value;
             }
-            name if name == format!("{REQUESTS}_sum") => flow.requests.sum += value,
-            name if name == format!("{REQUESTS}_count") => flow.requests.count += value,
-            name if name == format!("{IDLE}_sum") => flow.idle.sum += value,
-            name if name == format!("{IDLE}_count") => flow.idle.count += value,
+            (REQUESTS, Part::Sum) => flow.requests.sum += value,
+            (REQUESTS, Part::Count) => flow.requests.count += value,
+            (IDLE, Part::Sum) => flow.idle.sum += value,
+            (IDLE, Part::Count) => flow.idle.count += value,
             _ => {}
         }
     }
