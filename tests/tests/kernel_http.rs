@@ -19,10 +19,10 @@ use connscope_tests::{
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn listener() -> (TcpListener, String) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|err| panic!("bind: {err}"));
-    let server = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    (listener, server)
+fn listener() -> anyhow::Result<(TcpListener, String)> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let server = listener.local_addr()?.to_string();
+    Ok((listener, server))
 }
 
 fn closes(scrape: &Scrape, server: &str) -> f64 {
@@ -40,7 +40,7 @@ kernel_test!(
     fn requests_per_connection_and_idle_gaps() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         let serving = http_server::serve(listener, 1, ServerBehaviour::default());
         const K: u32 = 4;
         const GAP: Duration = Duration::from_millis(200);
@@ -101,7 +101,7 @@ kernel_test!(
     fn connection_close_request() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         let serving = http_server::serve(listener, 1, ServerBehaviour::default());
         let mut client = TcpStream::connect(&server)?;
         assert!(http_server::request(&mut client, "1.1", "Connection: close\r\n")?);
@@ -126,7 +126,7 @@ kernel_test!(
     fn http10_closes_after_each_response() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         let serving = http_server::serve(listener, 2, ServerBehaviour::default());
         for _ in 0..2 {
             let mut client = TcpStream::connect(&server)?;
@@ -154,7 +154,7 @@ kernel_test!(
     fn server_idle_timeout_and_max_requests() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         let behaviour = ServerBehaviour {
             idle_timeout: Some(Duration::from_millis(300)),
             max_requests: Some(3),
@@ -198,7 +198,7 @@ kernel_test!(
     fn request_on_a_connection_the_server_closed_is_a_race() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         let behaviour =
             ServerBehaviour { idle_timeout: Some(Duration::from_millis(200)), max_requests: None };
         let serving = http_server::serve(listener, 1, behaviour);
@@ -267,7 +267,7 @@ fn short_connections(
 ) -> anyhow::Result<(connscope_tests::Scrape, String)> {
     let _serial = serial::shared();
     let agent = Agent::start(&[])?;
-    let (listener, server) = listener();
+    let (listener, server) = listener()?;
     let serving = http_server::serve(listener, SHORT_CONNECTIONS, behaviour);
     for _ in 0..SHORT_CONNECTIONS {
         let mut client = TcpStream::connect(&server)?;
@@ -303,7 +303,7 @@ kernel_test!(
     fn non_http_exchanges_are_counted() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         const EXCHANGES: usize = 5;
         let serving = thread::spawn(move || {
             let (mut stream, _) = listener.accept()?;
@@ -345,7 +345,7 @@ kernel_test!(
     fn hostile_payloads_are_harmless() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         const CONNECTIONS: usize = 20;
         let serving = thread::spawn(move || {
             for _ in 0..CONNECTIONS {
@@ -398,7 +398,7 @@ kernel_test!(
     fn long_connection_counts_requests_and_gaps_in_the_kernel() -> anyhow::Result<()> {
         let _serial = serial::exclusive();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener();
+        let (listener, server) = listener()?;
         let serving = http_server::serve(listener, 1, ServerBehaviour::default());
         // (sleep before the request, how many): back-to-back, then one range per bucket span.
         let plan: [(Duration, u32); 5] = [

@@ -15,11 +15,10 @@ use connscope_tests::{Agent, Scrape, kernel_test, net, serial};
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn listener(host: &str) -> (TcpListener, String) {
-    let listener =
-        TcpListener::bind(format!("{host}:0")).unwrap_or_else(|err| panic!("bind: {err}"));
-    let server = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    (listener, server)
+fn listener(host: &str) -> anyhow::Result<(TcpListener, String)> {
+    let listener = TcpListener::bind(format!("{host}:0"))?;
+    let server = listener.local_addr()?.to_string();
+    Ok((listener, server))
 }
 
 fn closed(scrape: &Scrape, role: &str, server: &str, by: &str, kind: &str) -> f64 {
@@ -38,7 +37,7 @@ kernel_test!(
     fn client_closes_first() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener("127.0.0.1");
+        let (listener, server) = listener("127.0.0.1")?;
         const N: usize = 5;
         let acceptor = net::drain_server(listener, N, "cs-acceptor");
         for _ in 0..N {
@@ -75,7 +74,7 @@ kernel_test!(
     fn server_closes_first() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener("127.0.0.1");
+        let (listener, server) = listener("127.0.0.1")?;
         let acceptor = thread::spawn(move || {
             let (mut stream, _) = listener.accept()?;
             stream.write_all(b"bye")?;
@@ -103,7 +102,7 @@ kernel_test!(
     fn linger_zero_close_is_a_reset() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener("127.0.0.1");
+        let (listener, server) = listener("127.0.0.1")?;
         let acceptor = thread::spawn(move || {
             let (mut stream, _) = listener.accept()?;
             let mut sink = Vec::new();
@@ -139,7 +138,7 @@ kernel_test!(
     fn bytes_match_what_was_written() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener("127.0.0.1");
+        let (listener, server) = listener("127.0.0.1")?;
         const SENT: usize = 123_457;
         const REPLY: usize = 4_321;
         let acceptor = thread::spawn(move || {
@@ -176,7 +175,7 @@ kernel_test!(
     fn process_attribution_names_this_test() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener("127.0.0.1");
+        let (listener, server) = listener("127.0.0.1")?;
         // The accepting thread has a name of its own so the server side is told apart.
         let acceptor = net::drain_server(listener, 1, "cs-acceptor");
         let mut client = TcpStream::connect(&server)?;
@@ -215,7 +214,7 @@ kernel_test!(
         let ns = net::NetNs::create("lifecycle")?;
         // An address no host-side test uses, so the label is this namespace's alone.
         let server = ns.run(|| {
-            let (listener, server) = listener("127.0.0.77");
+            let (listener, server) = listener("127.0.0.77")?;
             let target = server.clone();
             let acceptor = net::drain_server(listener, 3, "cs-acceptor");
             for _ in 0..3 {
@@ -275,7 +274,7 @@ kernel_test!(
     fn ipv6_connections_are_labelled_with_brackets() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = Agent::start(&[])?;
-        let (listener, server) = listener("[::1]");
+        let (listener, server) = listener("[::1]")?;
         assert!(server.starts_with("[::1]:"), "{server}");
         let acceptor = net::drain_server(listener, 2, "cs-acceptor");
         for _ in 0..2 {

@@ -189,7 +189,7 @@ fn churn(
     threads: usize,
     control: Arc<Control>,
     totals: impl Fn() -> Arc<Totals> + Send + Sync + Clone + 'static,
-) -> Vec<thread::JoinHandle<()>> {
+) -> anyhow::Result<Vec<thread::JoinHandle<()>>> {
     (0..threads)
         .map(|t| {
             let (server, control, totals) = (server.clone(), control.clone(), totals.clone());
@@ -227,7 +227,7 @@ fn churn(
                         }
                     }
                 })
-                .unwrap_or_else(|err| panic!("spawn: {err}"))
+                .context("spawn")
         })
         .collect()
 }
@@ -363,7 +363,7 @@ kernel_test!(
         let control = Arc::new(Control::default());
         let totals = Arc::new(Totals::default());
         let shared = totals.clone();
-        let load = churn(server.clone(), 3, control.clone(), move || shared.clone());
+        let load = churn(server.clone(), 3, control.clone(), move || shared.clone())?;
         let _stop_load = StopOnDrop(control.clone());
 
         let warm_up = Duration::from_secs((seconds / 6).clamp(3, 15));
@@ -479,7 +479,7 @@ kernel_test!(
         const THREADS: usize = 2;
         let load = churn(server.clone(), THREADS, control.clone(), move || {
             p[ph.load(Ordering::SeqCst) as usize].clone()
-        });
+        })?;
         let _stop_load = StopOnDrop(control.clone());
 
         thread::sleep(Duration::from_secs(2));
