@@ -34,6 +34,35 @@ use anyhow::{Context as _, bail};
 
 pub use crate::metrics_text::Scrape;
 
+/// A kernel test: a `#[test]` that runs only when [`kernel_tests_enabled`] says so (as root;
+/// in CI not being root fails it, elsewhere it skips with the reason printed). The function's
+/// doc comments and attributes are kept; its name is the test's name.
+///
+/// ```text
+/// kernel_test!(
+///     /// What the test shows.
+///     fn client_closes_first() -> anyhow::Result<()> {
+///         let agent = Agent::start(&[])?;
+///         Ok(())
+///     }
+/// );
+/// ```
+///
+/// Parentheses rather than braces around the function: rustfmt formats it then.
+#[macro_export]
+macro_rules! kernel_test {
+    ($(#[$attribute:meta])* fn $name:ident() -> anyhow::Result<()> $body:block) => {
+        $(#[$attribute])*
+        #[test]
+        fn $name() -> ::anyhow::Result<()> {
+            if !$crate::kernel_tests_enabled(stringify!($name)) {
+                return Ok(());
+            }
+            $body
+        }
+    };
+}
+
 /// Whether kernel tests can run. In CI (`CI=true`) they must: not being root is a failure.
 /// Elsewhere they skip with the reason printed.
 pub fn kernel_tests_enabled(test: &str) -> bool {

@@ -6,7 +6,7 @@ use std::{
     process::{Command, Output},
 };
 
-use connscope_tests::{agent_binary, kernel_tests_enabled};
+use connscope_tests::{agent_binary, kernel_test};
 
 fn connscope(args: &[&str]) -> anyhow::Result<Output> {
     Ok(Command::new(agent_binary()).args(args).env("CONNSCOPE_LOG_LEVEL", "error").output()?)
@@ -84,37 +84,33 @@ fn help_documents_every_flag() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[test]
-fn port_in_use_is_one_clear_line() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("port_in_use_is_one_clear_line") {
-        return Ok(());
+kernel_test!(
+    fn port_in_use_is_one_clear_line() -> anyhow::Result<()> {
+        let busy = TcpListener::bind("127.0.0.1:0")?;
+        let address = busy.local_addr()?.to_string();
+        let output = connscope(&["--web.listen-address", &address])?;
+        assert_clean_failure(&output, "already in use");
+        Ok(())
     }
-    let busy = TcpListener::bind("127.0.0.1:0")?;
-    let address = busy.local_addr()?.to_string();
-    let output = connscope(&["--web.listen-address", &address])?;
-    assert_clean_failure(&output, "already in use");
-    Ok(())
-}
+);
 
-#[test]
-fn unprivileged_start_says_what_is_missing() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("unprivileged_start_says_what_is_missing") {
-        return Ok(());
+kernel_test!(
+    fn unprivileged_start_says_what_is_missing() -> anyhow::Result<()> {
+        // Drop to nobody with no capabilities (util-linux setpriv).
+        let binary = agent_binary();
+        let output = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+            ])
+            .arg(&binary)
+            .args(["--web.listen-address", "127.0.0.1:0"])
+            .output()?;
+        assert_clean_failure(&output, "missing privileges");
+        assert!(last_line(&output).contains("CAP_BPF"));
+        Ok(())
     }
-    // Drop to nobody with no capabilities (util-linux setpriv).
-    let binary = agent_binary();
-    let output = Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-            "--bounding-set=-all",
-        ])
-        .arg(&binary)
-        .args(["--web.listen-address", "127.0.0.1:0"])
-        .output()?;
-    assert_clean_failure(&output, "missing privileges");
-    assert!(last_line(&output).contains("CAP_BPF"));
-    Ok(())
-}
+);

@@ -8,57 +8,55 @@ use std::{
 };
 
 use connscope_tests::{
-    Agent, continuity::BpfFs, demo::Demo, free_port, grafana, http_server, kernel_tests_enabled,
-    net, prometheus::Prometheus,
+    Agent, continuity::BpfFs, demo::Demo, free_port, grafana, http_server, kernel_test, net,
+    prometheus::Prometheus,
 };
 
 /// Prometheus scrapes every 2 s; Grafana would pick 4 scrape intervals or more.
 const RATE_INTERVAL: &str = "20s";
 
-#[test]
-fn every_dashboard_query_and_recording_rule_returns_data() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("every_dashboard_query_and_recording_rule_returns_data") {
-        return Ok(());
-    }
-    let agent = Agent::start(&[])?;
-    let target = agent.address.to_string();
-    let rule_file = grafana::repo_root().join("deploy/prometheus/connscope-rules.yml");
-    let prometheus = Prometheus::start("dashboards", &target, "", &[&rule_file])?;
-    let (demo, _servers) = Demo::start(Duration::from_secs(45))?;
-    demo.wait();
+kernel_test!(
+    fn every_dashboard_query_and_recording_rule_returns_data() -> anyhow::Result<()> {
+        let agent = Agent::start(&[])?;
+        let target = agent.address.to_string();
+        let rule_file = grafana::repo_root().join("deploy/prometheus/connscope-rules.yml");
+        let prometheus = Prometheus::start("dashboards", &target, "", &[&rule_file])?;
+        let (demo, _servers) = Demo::start(Duration::from_secs(45))?;
+        demo.wait();
 
-    let values = [("job", "connscope"), ("instance", target.as_str()), ("namespace", ".*")];
-    let mut checked = 0;
-    let mut empty = vec![];
-    for (dashboard, json) in grafana::dashboards()? {
-        for (panel, expr) in grafana::panel_queries(&json) {
-            let promql = grafana::substitute(&expr, RATE_INTERVAL, &values)?;
-            checked += 1;
-            match prometheus.query(&promql) {
-                Ok(result) if !result.is_empty() => {}
-                Ok(_) => empty.push(format!("{dashboard} / {panel}: empty: {promql}")),
-                Err(err) => empty.push(format!("{dashboard} / {panel}: error {err}: {promql}")),
-            }
-        }
-    }
-    let rules: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&rule_file)?)?;
-    for group in rules["groups"].as_sequence().into_iter().flatten() {
-        for rule in group["rules"].as_sequence().into_iter().flatten() {
-            if let Some(record) = rule["record"].as_str() {
+        let values = [("job", "connscope"), ("instance", target.as_str()), ("namespace", ".*")];
+        let mut checked = 0;
+        let mut empty = vec![];
+        for (dashboard, json) in grafana::dashboards()? {
+            for (panel, expr) in grafana::panel_queries(&json) {
+                let promql = grafana::substitute(&expr, RATE_INTERVAL, &values)?;
                 checked += 1;
-                match prometheus.query(record) {
+                match prometheus.query(&promql) {
                     Ok(result) if !result.is_empty() => {}
-                    Ok(_) => empty.push(format!("recording rule {record}: empty")),
-                    Err(err) => empty.push(format!("recording rule {record}: {err}")),
+                    Ok(_) => empty.push(format!("{dashboard} / {panel}: empty: {promql}")),
+                    Err(err) => empty.push(format!("{dashboard} / {panel}: error {err}: {promql}")),
                 }
             }
         }
+        let rules: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(&rule_file)?)?;
+        for group in rules["groups"].as_sequence().into_iter().flatten() {
+            for rule in group["rules"].as_sequence().into_iter().flatten() {
+                if let Some(record) = rule["record"].as_str() {
+                    checked += 1;
+                    match prometheus.query(record) {
+                        Ok(result) if !result.is_empty() => {}
+                        Ok(_) => empty.push(format!("recording rule {record}: empty")),
+                        Err(err) => empty.push(format!("recording rule {record}: {err}")),
+                    }
+                }
+            }
+        }
+        eprintln!("{checked} queries evaluated by Prometheus, {} without data", empty.len());
+        assert!(checked > 50, "only {checked} queries found");
+        assert!(empty.is_empty(), "queries without data:\n{}", empty.join("\n"));
+        Ok(())
     }
-    eprintln!("{checked} queries evaluated by Prometheus, {} without data", empty.len());
-    assert!(checked > 50, "only {checked} queries found");
-    assert!(empty.is_empty(), "queries without data:\n{}", empty.join("\n"));
-    Ok(())
-}
+);
 
 /// The one value of an instant query that returns a single series, if it returned one.
 fn single_value(prometheus: &Prometheus, promql: &str) -> anyhow::Result<Option<f64>> {
@@ -69,75 +67,73 @@ fn single_value(prometheus: &Prometheus, promql: &str) -> anyhow::Result<Option<
     })
 }
 
-/// An agent restarted with pinned state at the same address, under a pooled connection's
-/// requests: the counters Prometheus scraped go on from the first agent's values
-/// (`resets()` 0), and the last value is every request the client made, those the first
-/// agent counted after Prometheus' last scrape of it included. Without carried values the
-/// last value would be the second agent's requests alone, and `resets()` 1.
-#[test]
-fn a_prometheus_scraping_across_a_restart_sees_every_request_and_no_reset() -> anyhow::Result<()> {
-    if !kernel_tests_enabled(
-        "a_prometheus_scraping_across_a_restart_sees_every_request_and_no_reset",
-    ) {
-        return Ok(());
-    }
-    // 20 ms apart: 3 s, longer than Prometheus' 2 s scrape interval.
-    const PER_AGENT: u64 = 150;
-    let fs = BpfFs::mount("prometheus-restart")?;
-    let pin_path = fs.pin_path();
-    let pinned = ["--bpf.pin-path", pin_path.as_str()];
-    let port = free_port();
-    let first = Agent::start_on(port, &pinned, None)?;
-    let prometheus = Prometheus::start("restart", &first.address.to_string(), "", &[])?;
-    let listener = TcpListener::bind("127.0.0.86:0")?;
-    let server = listener.local_addr()?.to_string();
-    let server_thread = http_server::serve(listener, 1, http_server::ServerBehaviour::default());
-    let mut client = TcpStream::connect(&server)?;
-    let requests = |client: &mut TcpStream| -> anyhow::Result<()> {
-        for _ in 0..PER_AGENT {
-            http_server::request(client, "1.1", "")?;
-            std::thread::sleep(Duration::from_millis(20));
+kernel_test!(
+    /// An agent restarted with pinned state at the same address, under a pooled connection's
+    /// requests: the counters Prometheus scraped go on from the first agent's values
+    /// (`resets()` 0), and the last value is every request the client made, those the first
+    /// agent counted after Prometheus' last scrape of it included. Without carried values the
+    /// last value would be the second agent's requests alone, and `resets()` 1.
+    fn a_prometheus_scraping_across_a_restart_sees_every_request_and_no_reset() -> anyhow::Result<()>
+    {
+        // 20 ms apart: 3 s, longer than Prometheus' 2 s scrape interval.
+        const PER_AGENT: u64 = 150;
+        let fs = BpfFs::mount("prometheus-restart")?;
+        let pin_path = fs.pin_path();
+        let pinned = ["--bpf.pin-path", pin_path.as_str()];
+        let port = free_port();
+        let first = Agent::start_on(port, &pinned, None)?;
+        let prometheus = Prometheus::start("restart", &first.address.to_string(), "", &[])?;
+        let listener = TcpListener::bind("127.0.0.86:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, 1, http_server::ServerBehaviour::default());
+        let mut client = TcpStream::connect(&server)?;
+        let requests = |client: &mut TcpStream| -> anyhow::Result<()> {
+            for _ in 0..PER_AGENT {
+                http_server::request(client, "1.1", "")?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        };
+        let client_series =
+            format!("connscope_http_requests_total{{role=\"client\",server=\"{server}\"}}");
+        requests(&mut client)?;
+        // Prometheus has scraped the first agent's counts (so a reset would show)...
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while single_value(&prometheus, &client_series)?.is_none_or(|v| v == 0.0) {
+            anyhow::ensure!(Instant::now() < deadline, "Prometheus never scraped the first agent");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // ... and the first agent is stopped right after more requests: those after
+        // Prometheus' last scrape of it are exported only by the next agent.
+        requests(&mut client)?;
+        let (code, _) = first.stop()?;
+        anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
+        let second = Agent::start_on(port, &pinned, None)?;
+        requests(&mut client)?;
+        drop(client);
+        net::join(server_thread)?;
+
+        let total = (3 * PER_AGENT) as f64;
+        for role in ["client", "server"] {
+            let series =
+                format!("connscope_http_requests_total{{role=\"{role}\",server=\"{server}\"}}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut last = single_value(&prometheus, &series)?;
+            while last != Some(total) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(500));
+                last = single_value(&prometheus, &series)?;
+            }
+            let context = || {
+                format!(
+                    "{role}: the agent says\n{}",
+                    second.scrape().map(|s| s.text).unwrap_or_default()
+                )
+            };
+            assert_eq!(last, Some(total), "last value Prometheus scraped: {}", context());
+            let resets = single_value(&prometheus, &format!("resets({series}[5m])"))?;
+            assert_eq!(resets, Some(0.0), "{}", context());
         }
         Ok(())
-    };
-    let client_series =
-        format!("connscope_http_requests_total{{role=\"client\",server=\"{server}\"}}");
-    requests(&mut client)?;
-    // Prometheus has scraped the first agent's counts (so a reset would show)...
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while single_value(&prometheus, &client_series)?.is_none_or(|v| v == 0.0) {
-        anyhow::ensure!(Instant::now() < deadline, "Prometheus never scraped the first agent");
-        std::thread::sleep(Duration::from_millis(200));
     }
-    // ... and the first agent is stopped right after more requests: those after
-    // Prometheus' last scrape of it are exported only by the next agent.
-    requests(&mut client)?;
-    let (code, _) = first.stop()?;
-    anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
-    let second = Agent::start_on(port, &pinned, None)?;
-    requests(&mut client)?;
-    drop(client);
-    net::join(server_thread)?;
-
-    let total = (3 * PER_AGENT) as f64;
-    for role in ["client", "server"] {
-        let series =
-            format!("connscope_http_requests_total{{role=\"{role}\",server=\"{server}\"}}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last = single_value(&prometheus, &series)?;
-        while last != Some(total) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(500));
-            last = single_value(&prometheus, &series)?;
-        }
-        let context = || {
-            format!(
-                "{role}: the agent says\n{}",
-                second.scrape().map(|s| s.text).unwrap_or_default()
-            )
-        };
-        assert_eq!(last, Some(total), "last value Prometheus scraped: {}", context());
-        let resets = single_value(&prometheus, &format!("resets({series}[5m])"))?;
-        assert_eq!(resets, Some(0.0), "{}", context());
-    }
-    Ok(())
-}
+);

@@ -18,7 +18,7 @@ use connscope_tests::{
     exchange_counts::{
         ROLES, WAIT, assert_counts, distribution, expected_distribution, scrape_closed, side,
     },
-    free_port, kernel_tests_enabled,
+    free_port, kernel_test,
     nginx::{Nginx, NginxConfig, SelfSignedTls},
 };
 
@@ -55,72 +55,66 @@ fn nginx_config(port: u16, keepalive_requests: u32) -> NginxConfig {
     }
 }
 
-/// `curl --data-binary @file` with a body over 1 MB sends `Expect: 100-continue`; nginx
-/// answers `100 Continue`. `/early` (`return 200`) sends the final response before reading
-/// the body, `/proxied` reads the whole body first (to pass it upstream). Each POST is one
-/// request, on both sides, whichever way.
-#[test]
-fn expect_100_continue_bodies_are_one_exchange() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("expect_100_continue_bodies_are_one_exchange") {
-        return Ok(());
-    }
-    let (early, proxied, upstream) = (free_port(), free_port(), free_port());
-    let extra = format!(
-        "client_max_body_size 16m;\n\
+kernel_test!(
+    /// `curl --data-binary @file` with a body over 1 MB sends `Expect: 100-continue`; nginx
+    /// answers `100 Continue`. `/early` (`return 200`) sends the final response before reading
+    /// the body, `/proxied` reads the whole body first (to pass it upstream). Each POST is one
+    /// request, on both sides, whichever way.
+    fn expect_100_continue_bodies_are_one_exchange() -> anyhow::Result<()> {
+        let (early, proxied, upstream) = (free_port(), free_port(), free_port());
+        let extra = format!(
+            "client_max_body_size 16m;\n\
          server {{ listen 127.0.0.1:{early}; access_log early.log ground_truth;\n\
            location / {{ return 200 \"ok\\n\"; }} }}\n\
          server {{ listen 127.0.0.1:{proxied}; access_log proxied.log ground_truth;\n\
            location / {{ proxy_pass http://127.0.0.1:{upstream}; }} }}\n\
          server {{ listen 127.0.0.1:{upstream}; access_log off; return 200 \"ok\\n\"; }}\n"
-    );
-    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
-    let agent = Agent::start(&[])?;
-    let body = nginx.dir.join("body.bin");
-    std::fs::write(&body, vec![b'b'; 2 << 20])?;
-    let data = format!("@{}", body.display());
-    const POSTS: usize = 3;
-    for (port, log) in [(early, "early.log"), (proxied, "proxied.log")] {
-        let url = format!("http://127.0.0.1:{port}/upload");
-        let mut args = vec![];
-        for _ in 0..POSTS {
-            args.extend(["-o", "/dev/null", "--data-binary", data.as_str(), url.as_str()]);
+        );
+        let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+        let agent = Agent::start(&[])?;
+        let body = nginx.dir.join("body.bin");
+        std::fs::write(&body, vec![b'b'; 2 << 20])?;
+        let data = format!("@{}", body.display());
+        const POSTS: usize = 3;
+        for (port, log) in [(early, "early.log"), (proxied, "proxied.log")] {
+            let url = format!("http://127.0.0.1:{port}/upload");
+            let mut args = vec![];
+            for _ in 0..POSTS {
+                args.extend(["-o", "/dev/null", "--data-binary", data.as_str(), url.as_str()]);
+            }
+            let trace = curl_verbose(&args)?;
+            assert_eq!(count_lines(&trace, "> Expect: 100-continue"), POSTS, "{trace}");
+            assert_eq!(count_lines(&trace, "< HTTP/1.1 100 Continue"), POSTS, "{trace}");
+            assert_eq!(count_lines(&trace, "< HTTP/1.1 200"), POSTS, "{trace}");
+            let truth = logged_requests(&nginx, log, POSTS)?;
+            assert_eq!(truth.values().copied().collect::<Vec<_>>(), [POSTS as u64], "{log}");
+            let server = format!("127.0.0.1:{port}");
+            let scrape = scrape_closed(&agent, &server, 1.0)?;
+            assert_counts(&scrape, &server, "http1", 1.0, POSTS as f64, POSTS as f64);
         }
-        let trace = curl_verbose(&args)?;
-        assert_eq!(count_lines(&trace, "> Expect: 100-continue"), POSTS, "{trace}");
-        assert_eq!(count_lines(&trace, "< HTTP/1.1 100 Continue"), POSTS, "{trace}");
-        assert_eq!(count_lines(&trace, "< HTTP/1.1 200"), POSTS, "{trace}");
-        let truth = logged_requests(&nginx, log, POSTS)?;
-        assert_eq!(truth.values().copied().collect::<Vec<_>>(), [POSTS as u64], "{log}");
-        let server = format!("127.0.0.1:{port}");
-        let scrape = scrape_closed(&agent, &server, 1.0)?;
-        assert_counts(&scrape, &server, "http1", 1.0, POSTS as f64, POSTS as f64);
+        Ok(())
     }
-    Ok(())
-}
+);
 
-/// HTTPS decrypted by the libssl uprobes (nginx `ssl` with Debian's libssl3, self-signed;
-/// curl with 3 URLs; Python's `http.client` over `ssl`, 7 requests with
-/// `keepalive_requests 5`): the connections are `http1` with the requests, HTTP versions
-/// and close reasons of plaintext, equal to nginx's log on both sides, TLS 1.3 and 1.2.
-/// curl and nginx call `SSL_read`/`SSL_write`, Python the `_ex` forms.
-#[test]
-fn tls_plaintext_gets_http1_figures() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("tls_plaintext_gets_http1_figures") {
-        return Ok(());
+kernel_test!(
+    /// HTTPS decrypted by the libssl uprobes (nginx `ssl` with Debian's libssl3, self-signed;
+    /// curl with 3 URLs; Python's `http.client` over `ssl`, 7 requests with
+    /// `keepalive_requests 5`): the connections are `http1` with the requests, HTTP versions
+    /// and close reasons of plaintext, equal to nginx's log on both sides, TLS 1.3 and 1.2.
+    /// curl and nginx call `SSL_read`/`SSL_write`, Python the `_ex` forms.
+    fn tls_plaintext_gets_http1_figures() -> anyhow::Result<()> {
+        tls_requests_per_connection(Decryption::Uprobes)
     }
-    tls_requests_per_connection(Decryption::Uprobes)
-}
+);
 
-/// Undecrypted TLS (`--tls.uprobes=false`; the same traffic): requests per connection equal
-/// nginx's `$connection_requests` on both sides, not the handshake flights nor TLS 1.3's
-/// encrypted `close_notify`; the connections are `tls`, without HTTP figures.
-#[test]
-fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("undecrypted_tls_counts_requests_not_handshakes") {
-        return Ok(());
+kernel_test!(
+    /// Undecrypted TLS (`--tls.uprobes=false`; the same traffic): requests per connection equal
+    /// nginx's `$connection_requests` on both sides, not the handshake flights nor TLS 1.3's
+    /// encrypted `close_notify`; the connections are `tls`, without HTTP figures.
+    fn undecrypted_tls_counts_requests_not_handshakes() -> anyhow::Result<()> {
+        tls_requests_per_connection(Decryption::Off)
     }
-    tls_requests_per_connection(Decryption::Off)
-}
+);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Decryption {
@@ -245,35 +239,41 @@ fn assert_close_reasons(
     }
 }
 
-/// HTTP/2 in cleartext (nginx `listen … http2`, curl `--http2-prior-knowledge`): the
-/// connection is `http2`, so neither HTTP/1.x requests nor requests per connection are
-/// reported for it (streams are not direction changes).
-#[test]
-fn http2_cleartext_is_not_counted_as_http1() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("http2_cleartext_is_not_counted_as_http1") {
-        return Ok(());
-    }
-    let h2c = free_port();
-    let extra = format!(
-        "server {{ listen 127.0.0.1:{h2c} http2; access_log h2c.log ground_truth;\n\
+kernel_test!(
+    /// HTTP/2 in cleartext (nginx `listen … http2`, curl `--http2-prior-knowledge`): the
+    /// connection is `http2`, so neither HTTP/1.x requests nor requests per connection are
+    /// reported for it (streams are not direction changes).
+    fn http2_cleartext_is_not_counted_as_http1() -> anyhow::Result<()> {
+        let h2c = free_port();
+        let extra = format!(
+            "server {{ listen 127.0.0.1:{h2c} http2; access_log h2c.log ground_truth;\n\
            root html; }}\n"
-    );
-    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
-    let agent = Agent::start(&[])?;
-    let url = format!("http://127.0.0.1:{h2c}/index.html");
-    // One stream per connection: curl 7.88 fails reusing a prior-knowledge connection.
-    const CONNECTIONS: usize = 3;
-    for _ in 0..CONNECTIONS {
-        let (version, _) = run(
-            "curl",
-            &["-sS", "--http2-prior-knowledge", "-w", "%{http_version}", "-o", "/dev/null", &url],
-        )?;
-        assert_eq!(version, "2", "curl spoke HTTP/2");
+        );
+        let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+        let agent = Agent::start(&[])?;
+        let url = format!("http://127.0.0.1:{h2c}/index.html");
+        // One stream per connection: curl 7.88 fails reusing a prior-knowledge connection.
+        const CONNECTIONS: usize = 3;
+        for _ in 0..CONNECTIONS {
+            let (version, _) = run(
+                "curl",
+                &[
+                    "-sS",
+                    "--http2-prior-knowledge",
+                    "-w",
+                    "%{http_version}",
+                    "-o",
+                    "/dev/null",
+                    &url,
+                ],
+            )?;
+            assert_eq!(version, "2", "curl spoke HTTP/2");
+        }
+        let truth = logged_requests(&nginx, "h2c.log", CONNECTIONS)?;
+        assert_eq!(truth.len(), CONNECTIONS, "{truth:?}");
+        assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2c}"), CONNECTIONS)
     }
-    let truth = logged_requests(&nginx, "h2c.log", CONNECTIONS)?;
-    assert_eq!(truth.len(), CONNECTIONS, "{truth:?}");
-    assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2c}"), CONNECTIONS)
-}
+);
 
 /// `connections` HTTP/2 connections to `server` were opened and closed, on both sides,
 /// without HTTP/1.x requests or a requests-per-connection observation.
@@ -294,130 +294,130 @@ fn assert_http2_not_counted(agent: &Agent, server: &str, connections: usize) -> 
     Ok(())
 }
 
-/// HTTP/2 in TLS (nginx `listen … ssl http2`, curl `--http2` negotiating `h2` by ALPN, 2
-/// URLs per connection): the uprobes see the client preface in the plaintext, so the
-/// connections are `http2`: no HTTP/1.x requests and no requests-per-connection observation,
-/// on both sides (nginx sends its SETTINGS before it reads the preface).
-#[test]
-fn http2_in_tls_is_not_counted_as_http1() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("http2_in_tls_is_not_counted_as_http1") {
-        return Ok(());
-    }
-    let h2 = free_port();
-    let tls = SelfSignedTls::new("h2")?;
-    let extra = format!(
-        "server {{ listen 127.0.0.1:{h2} ssl http2; access_log h2.log ground_truth;\n\
+kernel_test!(
+    /// HTTP/2 in TLS (nginx `listen … ssl http2`, curl `--http2` negotiating `h2` by ALPN, 2
+    /// URLs per connection): the uprobes see the client preface in the plaintext, so the
+    /// connections are `http2`: no HTTP/1.x requests and no requests-per-connection observation,
+    /// on both sides (nginx sends its SETTINGS before it reads the preface).
+    fn http2_in_tls_is_not_counted_as_http1() -> anyhow::Result<()> {
+        let h2 = free_port();
+        let tls = SelfSignedTls::new("h2")?;
+        let extra = format!(
+            "server {{ listen 127.0.0.1:{h2} ssl http2; access_log h2.log ground_truth;\n\
            {} root html; }}\n",
-        tls.directives
-    );
-    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
-    let agent = Agent::start(&[])?;
-    let url = format!("https://127.0.0.1:{h2}/index.html");
-    const CONNECTIONS: usize = 3;
-    for _ in 0..CONNECTIONS {
-        let (versions, _) = run(
-            "curl",
-            &[
-                "-sSk",
-                "--http2",
-                "-w",
-                "%{http_version} ",
-                "-o",
-                "/dev/null",
-                &url,
-                "-o",
-                "/dev/null",
-                &url,
-            ],
-        )?;
-        assert_eq!(versions, "2 2 ", "curl spoke HTTP/2 twice on one connection");
+            tls.directives
+        );
+        let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+        let agent = Agent::start(&[])?;
+        let url = format!("https://127.0.0.1:{h2}/index.html");
+        const CONNECTIONS: usize = 3;
+        for _ in 0..CONNECTIONS {
+            let (versions, _) = run(
+                "curl",
+                &[
+                    "-sSk",
+                    "--http2",
+                    "-w",
+                    "%{http_version} ",
+                    "-o",
+                    "/dev/null",
+                    &url,
+                    "-o",
+                    "/dev/null",
+                    &url,
+                ],
+            )?;
+            assert_eq!(versions, "2 2 ", "curl spoke HTTP/2 twice on one connection");
+        }
+        let truth = logged_requests(&nginx, "h2.log", 2 * CONNECTIONS)?;
+        assert_eq!(truth.values().copied().collect::<Vec<_>>(), [2; CONNECTIONS], "{truth:?}");
+        assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2}"), CONNECTIONS)
     }
-    let truth = logged_requests(&nginx, "h2.log", 2 * CONNECTIONS)?;
-    assert_eq!(truth.values().copied().collect::<Vec<_>>(), [2; CONNECTIONS], "{truth:?}");
-    assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2}"), CONNECTIONS)
-}
+);
 
-/// A process started after the agent with its own copy of libssl (`LD_LIBRARY_PATH`, as a
-/// container or a bundled OpenSSL would be): the agent's rescan of `/proc` finds the new file
-/// and attaches it, and that process's HTTPS is then decrypted (`http1` on its side).
-#[test]
-fn libssl_copy_of_a_later_process_is_attached() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("libssl_copy_of_a_later_process_is_attached") {
-        return Ok(());
-    }
-    let port = free_port();
-    // Its directory also holds the later process's libssl copy.
-    let tls = SelfSignedTls::new("libssl")?;
-    let dir = &tls.dir;
-    let extra = format!(
-        "server {{ listen 127.0.0.1:{port} ssl; {}\n\
+kernel_test!(
+    /// A process started after the agent with its own copy of libssl (`LD_LIBRARY_PATH`, as a
+    /// container or a bundled OpenSSL would be): the agent's rescan of `/proc` finds the new file
+    /// and attaches it, and that process's HTTPS is then decrypted (`http1` on its side).
+    fn libssl_copy_of_a_later_process_is_attached() -> anyhow::Result<()> {
+        let port = free_port();
+        // Its directory also holds the later process's libssl copy.
+        let tls = SelfSignedTls::new("libssl")?;
+        let dir = &tls.dir;
+        let extra = format!(
+            "server {{ listen 127.0.0.1:{port} ssl; {}\n\
            access_log late.log ground_truth; root html; }}\n",
-        tls.directives
-    );
-    let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
-    let system_libssl = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"]
-        .iter()
-        .map(|d| Path::new(d).join("libssl.so.3"))
-        .find(|p| p.exists())
-        .context("no libssl.so.3 (Debian package libssl3)")?;
-    std::fs::copy(&system_libssl, dir.join("libssl.so.3"))?;
-    let agent = Agent::start(&[])?;
-    let attached = |scrape: &connscope_tests::Scrape| {
-        scrape.sum("connscope_tls_uprobe_targets", &[("state", "attached")])
-    };
-    let before = attached(&agent.scrape()?);
-    assert!(before >= 1.0, "the system's libssl is attached at start");
-    const REQUESTS: u64 = 4;
-    let script = format!(
-        "import http.client, ssl, sys\n\
+            tls.directives
+        );
+        let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+        let system_libssl = ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib"]
+            .iter()
+            .map(|d| Path::new(d).join("libssl.so.3"))
+            .find(|p| p.exists())
+            .context("no libssl.so.3 (Debian package libssl3)")?;
+        std::fs::copy(&system_libssl, dir.join("libssl.so.3"))?;
+        let agent = Agent::start(&[])?;
+        let attached = |scrape: &connscope_tests::Scrape| {
+            scrape.sum("connscope_tls_uprobe_targets", &[("state", "attached")])
+        };
+        let before = attached(&agent.scrape()?);
+        assert!(before >= 1.0, "the system's libssl is attached at start");
+        const REQUESTS: u64 = 4;
+        let script = format!(
+            "import http.client, ssl, sys\n\
          print('ready', flush=True)\n\
          sys.stdin.readline()\n\
          c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ssl._create_unverified_context())\n\
          for _ in range({REQUESTS}):\n    c.request('GET', '/index.html')\n    c.getresponse().read()\n\
          c.close()\n"
-    );
-    let mut python = Command::new("python3")
-        .args(["-c", &script])
-        .env("LD_LIBRARY_PATH", dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("starting python3")?;
-    let result = (|| -> anyhow::Result<()> {
-        let mut ready = String::new();
-        let stdout = python.stdout.as_mut().context("python's stdout")?;
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready)?;
-        anyhow::ensure!(ready.trim() == "ready", "python: {ready:?}");
-        let maps = std::fs::read_to_string(format!("/proc/{}/maps", python.id()))?;
-        anyhow::ensure!(maps.contains(&*dir.to_string_lossy()), "python maps the copy: {maps}");
-        // The rescan runs every 10 s.
-        let scrape = agent.scrape_until(Duration::from_secs(25), |s| attached(s) > before)?;
-        anyhow::ensure!(attached(&scrape) > before, "the copy was not attached: {}", scrape.text);
-        let stdin = python.stdin.as_mut().context("python's stdin")?;
-        std::io::Write::write_all(stdin, b"go\n")?;
-        let status = python.wait()?;
-        anyhow::ensure!(status.success(), "python: {status}");
+        );
+        let mut python = Command::new("python3")
+            .args(["-c", &script])
+            .env("LD_LIBRARY_PATH", dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting python3")?;
+        let result = (|| -> anyhow::Result<()> {
+            let mut ready = String::new();
+            let stdout = python.stdout.as_mut().context("python's stdout")?;
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut ready)?;
+            anyhow::ensure!(ready.trim() == "ready", "python: {ready:?}");
+            let maps = std::fs::read_to_string(format!("/proc/{}/maps", python.id()))?;
+            anyhow::ensure!(maps.contains(&*dir.to_string_lossy()), "python maps the copy: {maps}");
+            // The rescan runs every 10 s.
+            let scrape = agent.scrape_until(Duration::from_secs(25), |s| attached(s) > before)?;
+            anyhow::ensure!(
+                attached(&scrape) > before,
+                "the copy was not attached: {}",
+                scrape.text
+            );
+            let stdin = python.stdin.as_mut().context("python's stdin")?;
+            std::io::Write::write_all(stdin, b"go\n")?;
+            let status = python.wait()?;
+            anyhow::ensure!(status.success(), "python: {status}");
+            Ok(())
+        })();
+        let _ = python.kill();
+        let _ = python.wait();
+        drop(tls);
+        result?;
+        let truth = logged_requests(&nginx, "late.log", REQUESTS as usize)?;
+        assert_eq!(truth.values().copied().collect::<Vec<_>>(), [REQUESTS], "{truth:?}");
+        let server = format!("127.0.0.1:{port}");
+        let scrape = scrape_closed(&agent, &server, 1.0)?;
+        let client = [("server", server.as_str()), ("role", "client"), ("protocol", "http1")];
+        assert_eq!(
+            scrape.sum("connscope_connection_requests_sum", &client),
+            REQUESTS as f64,
+            "{}",
+            scrape.text
+        );
+        let client = side(&server, "client");
+        assert_eq!(scrape.sum("connscope_http_requests_total", &client), REQUESTS as f64);
         Ok(())
-    })();
-    let _ = python.kill();
-    let _ = python.wait();
-    drop(tls);
-    result?;
-    let truth = logged_requests(&nginx, "late.log", REQUESTS as usize)?;
-    assert_eq!(truth.values().copied().collect::<Vec<_>>(), [REQUESTS], "{truth:?}");
-    let server = format!("127.0.0.1:{port}");
-    let scrape = scrape_closed(&agent, &server, 1.0)?;
-    let client = [("server", server.as_str()), ("role", "client"), ("protocol", "http1")];
-    assert_eq!(
-        scrape.sum("connscope_connection_requests_sum", &client),
-        REQUESTS as f64,
-        "{}",
-        scrape.text
-    );
-    let client = side(&server, "client");
-    assert_eq!(scrape.sum("connscope_http_requests_total", &client), REQUESTS as f64);
-    Ok(())
-}
+    }
+);
 
 /// nginx's requests per connection from `log`, once it holds `requests` requests (nginx
 /// logs a request when it is done with it, which may be after the client has finished:

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use connscope_tests::{
     Agent, agent_binary,
     http_server::{self, ServerBehaviour},
-    kernel_tests_enabled, own_process_label,
+    kernel_test, own_process_label,
 };
 use serde_json::Value;
 
@@ -58,106 +58,105 @@ fn flow<'a>(json: &'a Value, role: &str, process: &str, server: &str) -> anyhow:
         .with_context(|| format!("no {role}/{process}/{server} flow in {json}"))
 }
 
-#[test]
-fn flows_shows_requests_per_connection_and_close_sides() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("flows_shows_requests_per_connection_and_close_sides") {
-        return Ok(());
-    }
-    const CONNECTIONS: usize = 8;
-    let (agent, server, serving) = agent_and_server(CONNECTIONS)?;
-    for _ in 0..CONNECTIONS {
-        connection(server)?;
-    }
-    connscope_tests::net::join(serving)?;
-    let server_label = server.to_string();
-    let closed = CONNECTIONS as f64 * 2.0;
-    let labels = [("server", server_label.as_str())];
-    agent.scrape_until(Duration::from_secs(10), |scrape| {
-        scrape.sum("connscope_connection_requests_count", &labels) >= closed
-    })?;
+kernel_test!(
+    fn flows_shows_requests_per_connection_and_close_sides() -> anyhow::Result<()> {
+        const CONNECTIONS: usize = 8;
+        let (agent, server, serving) = agent_and_server(CONNECTIONS)?;
+        for _ in 0..CONNECTIONS {
+            connection(server)?;
+        }
+        connscope_tests::net::join(serving)?;
+        let server_label = server.to_string();
+        let closed = CONNECTIONS as f64 * 2.0;
+        let labels = [("server", server_label.as_str())];
+        agent.scrape_until(Duration::from_secs(10), |scrape| {
+            scrape.sum("connscope_connection_requests_count", &labels) >= closed
+        })?;
 
-    let output = flows(&agent, &["--interval", "0", "--output", "json"])?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let json: Value = serde_json::from_slice(&output.stdout).context("--output json parses")?;
-    assert_eq!(json["interval_seconds"], Value::Null);
-    let client = flow(&json, "client", &own_process_label(), &server_label)?;
-    let served = flow(&json, "server", "cs-http-server", &server_label)?;
-    for row in [client, served] {
-        assert_eq!(row["opened"], CONNECTIONS as f64, "{row}");
-        assert_eq!(row["requests_per_connection"], f64::from(REQUESTS), "{row}");
-        assert_eq!(row["one_request_share"], 0.0, "{row}");
-        assert_eq!(row["races"], 0.0, "{row}");
-    }
-    // The server closes first: "local" on its side, "peer" on the client's.
-    assert_eq!(client["closes"], serde_json::json!({"peer": {"max_requests": CONNECTIONS as f64}}));
-    assert_eq!(
-        served["closes"],
-        serde_json::json!({"local": {"max_requests": CONNECTIONS as f64}})
-    );
+        let output = flows(&agent, &["--interval", "0", "--output", "json"])?;
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let json: Value = serde_json::from_slice(&output.stdout).context("--output json parses")?;
+        assert_eq!(json["interval_seconds"], Value::Null);
+        let client = flow(&json, "client", &own_process_label(), &server_label)?;
+        let served = flow(&json, "server", "cs-http-server", &server_label)?;
+        for row in [client, served] {
+            assert_eq!(row["opened"], CONNECTIONS as f64, "{row}");
+            assert_eq!(row["requests_per_connection"], f64::from(REQUESTS), "{row}");
+            assert_eq!(row["one_request_share"], 0.0, "{row}");
+            assert_eq!(row["races"], 0.0, "{row}");
+        }
+        // The server closes first: "local" on its side, "peer" on the client's.
+        assert_eq!(
+            client["closes"],
+            serde_json::json!({"peer": {"max_requests": CONNECTIONS as f64}})
+        );
+        assert_eq!(
+            served["closes"],
+            serde_json::json!({"local": {"max_requests": CONNECTIONS as f64}})
+        );
 
-    let output = flows(&agent, &["--interval", "0"])?;
-    let table = String::from_utf8_lossy(&output.stdout);
-    let line = table
-        .lines()
-        .find(|line| line.starts_with("client") && line.contains(&server_label))
-        .with_context(|| format!("no client row in:\n{table}"))?;
-    let cells: Vec<&str> = line.split_whitespace().collect();
-    assert_eq!(cells[3..6], [CONNECTIONS.to_string().as_str(), "3.00", "0%"], "{table}");
-    assert!(line.contains(&format!("peer: max_requests={CONNECTIONS}")), "{table}");
-    Ok(())
-}
+        let output = flows(&agent, &["--interval", "0"])?;
+        let table = String::from_utf8_lossy(&output.stdout);
+        let line = table
+            .lines()
+            .find(|line| line.starts_with("client") && line.contains(&server_label))
+            .with_context(|| format!("no client row in:\n{table}"))?;
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(cells[3..6], [CONNECTIONS.to_string().as_str(), "3.00", "0%"], "{table}");
+        assert!(line.contains(&format!("peer: max_requests={CONNECTIONS}")), "{table}");
+        Ok(())
+    }
+);
 
-#[test]
-fn flows_rates_come_from_two_scrapes() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("flows_rates_come_from_two_scrapes") {
-        return Ok(());
-    }
-    const MAX_CONNECTIONS: usize = 300;
-    // The server thread is left waiting for connections that never come when the test ends.
-    let (agent, server, _serving) = agent_and_server(MAX_CONNECTIONS)?;
-    let url = format!("http://{}", agent.address);
-    let mut child = Command::new(agent_binary())
-        .args(["flows", "--url", &url, "--interval", "2", "--output", "json"])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    // Steady traffic through the whole interval: every connection the same, so the ratios
-    // over any window are exact.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut made = 0;
-    while child.try_wait()?.is_none() && made < MAX_CONNECTIONS && Instant::now() < deadline {
-        connection(server)?;
-        made += 1;
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output()?;
-    assert!(output.status.success());
-    let json: Value = serde_json::from_slice(&output.stdout)?;
-    let interval = json["interval_seconds"].as_f64().unwrap_or(0.0);
-    assert!((2.0..4.0).contains(&interval), "{json}");
-    let client = flow(&json, "client", &own_process_label(), &server.to_string())?;
-    let rate = client["opened_per_second"].as_f64().unwrap_or(0.0);
-    assert!(
-        rate > 5.0 && rate * interval <= made as f64,
-        "{rate}/s over {interval} s, {made} made"
-    );
-    assert_eq!(client["requests_per_connection"], f64::from(REQUESTS), "{client}");
+kernel_test!(
+    fn flows_rates_come_from_two_scrapes() -> anyhow::Result<()> {
+        const MAX_CONNECTIONS: usize = 300;
+        // The server thread is left waiting for connections that never come when the test ends.
+        let (agent, server, _serving) = agent_and_server(MAX_CONNECTIONS)?;
+        let url = format!("http://{}", agent.address);
+        let mut child = Command::new(agent_binary())
+            .args(["flows", "--url", &url, "--interval", "2", "--output", "json"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        // Steady traffic through the whole interval: every connection the same, so the ratios
+        // over any window are exact.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut made = 0;
+        while child.try_wait()?.is_none() && made < MAX_CONNECTIONS && Instant::now() < deadline {
+            connection(server)?;
+            made += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let output = child.wait_with_output()?;
+        assert!(output.status.success());
+        let json: Value = serde_json::from_slice(&output.stdout)?;
+        let interval = json["interval_seconds"].as_f64().unwrap_or(0.0);
+        assert!((2.0..4.0).contains(&interval), "{json}");
+        let client = flow(&json, "client", &own_process_label(), &server.to_string())?;
+        let rate = client["opened_per_second"].as_f64().unwrap_or(0.0);
+        assert!(
+            rate > 5.0 && rate * interval <= made as f64,
+            "{rate}/s over {interval} s, {made} made"
+        );
+        assert_eq!(client["requests_per_connection"], f64::from(REQUESTS), "{client}");
 
-    // --watch: one JSON document per refresh, each over the last N seconds.
-    let mut watching = Command::new(agent_binary())
-        .args(["flows", "--url", &url, "--watch", "1", "--output", "json"])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let stdout = watching.stdout.take().context("no stdout")?;
-    let documents: Vec<Value> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
-        .take(2)
-        .map(|line| Ok(serde_json::from_str(&line?)?))
-        .collect::<anyhow::Result<_>>()?;
-    watching.kill()?;
-    watching.wait()?;
-    assert_eq!(documents.len(), 2);
-    for document in &documents {
-        let interval = document["interval_seconds"].as_f64().unwrap_or(0.0);
-        assert!((1.0..3.0).contains(&interval), "{document}");
+        // --watch: one JSON document per refresh, each over the last N seconds.
+        let mut watching = Command::new(agent_binary())
+            .args(["flows", "--url", &url, "--watch", "1", "--output", "json"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = watching.stdout.take().context("no stdout")?;
+        let documents: Vec<Value> = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+            .take(2)
+            .map(|line| Ok(serde_json::from_str(&line?)?))
+            .collect::<anyhow::Result<_>>()?;
+        watching.kill()?;
+        watching.wait()?;
+        assert_eq!(documents.len(), 2);
+        for document in &documents {
+            let interval = document["interval_seconds"].as_f64().unwrap_or(0.0);
+            assert!((1.0..3.0).contains(&interval), "{document}");
+        }
+        Ok(())
     }
-    Ok(())
-}
+);

@@ -20,7 +20,7 @@ use connscope_tests::{
         BpfFs, Restarted, SHORT, WAIT, assert_nothing_lost, assert_opened_before_the_agent,
         both_closed, cleanup, restart_under_traffic, scrape_after_restart,
     },
-    http_server, kernel_tests_enabled, net, own_process_label,
+    http_server, kernel_test, net, own_process_label,
 };
 
 /// Requests made before the agent starts, and after.
@@ -68,13 +68,11 @@ fn server_and_client(
     Ok((server, thread, client))
 }
 
-#[test]
-fn connection_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("connection_opened_before_the_agent_is_adopted") {
-        return Ok(());
+kernel_test!(
+    fn connection_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
+        opened_before_the_agent(|| server_and_client("127.0.0.81:0"))
     }
-    opened_before_the_agent(|| server_and_client("127.0.0.81:0"))
-}
+);
 
 /// A process that lives in the namespace, as a pod's pause container does: the agent reads
 /// the namespace's listening ports through it.
@@ -110,124 +108,118 @@ impl Drop for NamespaceHolder {
     }
 }
 
-#[test]
-fn connection_in_a_network_namespace_opened_before_the_agent_is_adopted() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("connection_in_a_network_namespace_opened_before_the_agent_is_adopted")
+kernel_test!(
+    fn connection_in_a_network_namespace_opened_before_the_agent_is_adopted() -> anyhow::Result<()>
     {
-        return Ok(());
+        let ns = net::NetNs::create("adoption")?;
+        let _holder = NamespaceHolder::start(&ns)?;
+        // The listener, its server thread and the client socket all live in the namespace;
+        // the sockets stay there after the thread that made them returns.
+        opened_before_the_agent(|| ns.run(|| server_and_client("127.0.0.78:0"))?)
     }
-    let ns = net::NetNs::create("adoption")?;
-    let _holder = NamespaceHolder::start(&ns)?;
-    // The listener, its server thread and the client socket all live in the namespace;
-    // the sockets stay there after the thread that made them returns.
-    opened_before_the_agent(|| ns.run(|| server_and_client("127.0.0.78:0"))?)
-}
+);
 
-/// A server blocked in its receive across a whole takeover (the second agent's attach, and
-/// the first's links removed a second later): fexit and kretprobe programs do not run for
-/// that call, and the request it returns is still counted, from the socket's stream
-/// position at the server's next call. Exact on every backend.
-#[test]
-fn a_receive_blocked_across_a_takeover_is_counted() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("a_receive_blocked_across_a_takeover_is_counted") {
-        return Ok(());
-    }
-    const REQUESTS: u64 = 4;
-    let fs = BpfFs::mount("blocked")?;
-    let listener = TcpListener::bind("127.0.0.83:0")?;
-    let server = listener.local_addr()?.to_string();
-    let server_thread = http_server::serve(listener, 1, http_server::ServerBehaviour::default());
-    let first = fs.agent()?;
-    let mut client = TcpStream::connect(&server)?;
-    http_server::request(&mut client, "1.1", "")?;
-    // The server now waits for the next request.
-    let (first_last, code) = first.stop_scraping()?;
-    anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
-    let second = fs.agent()?;
-    assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
-    for _ in 1..REQUESTS {
+kernel_test!(
+    /// A server blocked in its receive across a whole takeover (the second agent's attach, and
+    /// the first's links removed a second later): fexit and kretprobe programs do not run for
+    /// that call, and the request it returns is still counted, from the socket's stream
+    /// position at the server's next call. Exact on every backend.
+    fn a_receive_blocked_across_a_takeover_is_counted() -> anyhow::Result<()> {
+        const REQUESTS: u64 = 4;
+        let fs = BpfFs::mount("blocked")?;
+        let listener = TcpListener::bind("127.0.0.83:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, 1, http_server::ServerBehaviour::default());
+        let first = fs.agent()?;
+        let mut client = TcpStream::connect(&server)?;
         http_server::request(&mut client, "1.1", "")?;
+        // The server now waits for the next request.
+        let (first_last, code) = first.stop_scraping()?;
+        anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
+        let second = fs.agent()?;
+        assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
+        for _ in 1..REQUESTS {
+            http_server::request(&mut client, "1.1", "")?;
+        }
+        drop(client);
+        net::join(server_thread)?;
+        let scrape = second.scrape_until(WAIT, |s| {
+            s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0
+        })?;
+        for role in ["client", "server"] {
+            let labels = [("role", role), ("server", server.as_str())];
+            // The second agent's counters go on from the first's.
+            let before = first_last.sum("connscope_http_requests_total", &labels);
+            let requests = scrape.sum("connscope_http_requests_total", &labels);
+            assert_eq!(requests, REQUESTS as f64, "{role}: {}", scrape.text);
+            assert!((1.0..=requests).contains(&before), "{role}: {}", first_last.text);
+            let per_connection = scrape.sum("connscope_connection_requests_sum", &labels);
+            assert_eq!(per_connection, REQUESTS as f64, "{role}: {}", scrape.text);
+        }
+        Ok(())
     }
-    drop(client);
-    net::join(server_thread)?;
-    let scrape = second.scrape_until(WAIT, |s| {
-        s.sum("connscope_connections_closed_total", &[("server", &server)]) >= 2.0
-    })?;
-    for role in ["client", "server"] {
-        let labels = [("role", role), ("server", server.as_str())];
-        // The second agent's counters go on from the first's.
-        let before = first_last.sum("connscope_http_requests_total", &labels);
-        let requests = scrape.sum("connscope_http_requests_total", &labels);
-        assert_eq!(requests, REQUESTS as f64, "{role}: {}", scrape.text);
-        assert!((1.0..=requests).contains(&before), "{role}: {}", first_last.text);
-        let per_connection = scrape.sum("connscope_connection_requests_sum", &labels);
-        assert_eq!(per_connection, REQUESTS as f64, "{role}: {}", scrape.text);
-    }
-    Ok(())
-}
+);
 
-/// Restart under traffic against the tests' own server; the client's counts are the truth.
-#[test]
-fn restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("restart_under_traffic_loses_nothing") {
-        return Ok(());
+kernel_test!(
+    /// Restart under traffic against the tests' own server; the client's counts are the truth.
+    fn restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
+        let fs = BpfFs::mount("restart-own")?;
+        let listener = TcpListener::bind("127.0.0.82:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
+        let Restarted { second, first_last, pooled_requests } =
+            restart_under_traffic(&fs, &server)?;
+        net::join(server_thread)?;
+        let scrape = scrape_after_restart(&second, &server)?;
+        assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
+        assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
+        Ok(())
     }
-    let fs = BpfFs::mount("restart-own")?;
-    let listener = TcpListener::bind("127.0.0.82:0")?;
-    let server = listener.local_addr()?.to_string();
-    let server_thread =
-        http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
-    let Restarted { second, first_last, pooled_requests } = restart_under_traffic(&fs, &server)?;
-    net::join(server_thread)?;
-    let scrape = scrape_after_restart(&second, &server)?;
-    assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
-    assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
-    Ok(())
-}
+);
 
-#[test]
-fn a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it") {
-        return Ok(());
-    }
-    let fs = BpfFs::mount("cleanup")?;
-    let (code, _) = fs.agent()?.stop()?;
-    assert_eq!(code, Some(0));
-    let maps = [
-        "CARRIED_METRICS",
-        "CONNECTS_IN_FLIGHT",
-        "CONNS",
-        "EVENTS",
-        "HANDOVER",
-        "LISTEN_PORTS",
-        "LOST",
-        "PIN_STATE",
-        "SETTINGS",
-        "TLS_CALLS",
-        "TLS_SOCKETS",
-    ];
-    assert_eq!(fs.pinned("maps"), maps.map(String::from).to_vec());
-    // One generation of links, one per attached program.
-    assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
-    assert!(fs.pinned("links/1").iter().any(|p| p.contains("inet_sock_set_state")));
-    // And the libssl uprobes' (the VMs carry no libssl): five entries, five returns.
-    if std::path::Path::new("/lib/x86_64-linux-gnu/libssl.so.3").exists() {
-        assert_eq!(fs.pinned("links/1/tls").len(), 10, "{:?}", fs.pinned("links/1/tls"));
-    }
+kernel_test!(
+    fn a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it() -> anyhow::Result<()> {
+        let fs = BpfFs::mount("cleanup")?;
+        let (code, _) = fs.agent()?.stop()?;
+        assert_eq!(code, Some(0));
+        let maps = [
+            "CARRIED_METRICS",
+            "CONNECTS_IN_FLIGHT",
+            "CONNS",
+            "EVENTS",
+            "HANDOVER",
+            "LISTEN_PORTS",
+            "LOST",
+            "PIN_STATE",
+            "SETTINGS",
+            "TLS_CALLS",
+            "TLS_SOCKETS",
+        ];
+        assert_eq!(fs.pinned("maps"), maps.map(String::from).to_vec());
+        // One generation of links, one per attached program.
+        assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
+        assert!(fs.pinned("links/1").iter().any(|p| p.contains("inet_sock_set_state")));
+        // And the libssl uprobes' (the VMs carry no libssl): five entries, five returns.
+        if std::path::Path::new("/lib/x86_64-linux-gnu/libssl.so.3").exists() {
+            assert_eq!(fs.pinned("links/1/tls").len(), 10, "{:?}", fs.pinned("links/1/tls"));
+        }
 
-    let said = cleanup(&fs.pin_path())?;
-    assert!(said.contains("removed"), "{said}");
-    assert!(!fs.mount.join("connscope").exists());
-    // Nothing of connscope is left in the file system, and cleanup is idempotent.
-    let left: Vec<_> = std::fs::read_dir(&fs.mount)?
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| !name.ends_with(".debug"))
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
-    assert!(cleanup(&fs.pin_path())?.contains("nothing pinned"));
-    Ok(())
-}
+        let said = cleanup(&fs.pin_path())?;
+        assert!(said.contains("removed"), "{said}");
+        assert!(!fs.mount.join("connscope").exists());
+        // Nothing of connscope is left in the file system, and cleanup is idempotent.
+        let left: Vec<_> = std::fs::read_dir(&fs.mount)?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| !name.ends_with(".debug"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(cleanup(&fs.pin_path())?.contains("nothing pinned"));
+        Ok(())
+    }
+);
 
 /// `BPF_MAP_CREATE` a hash map with the given value size and `BPF_OBJ_PIN` it at `path`:
 /// what an older build with another `Conn` would have left.
@@ -277,36 +269,35 @@ fn pin_hash_map(path: &str, key_size: u32, value_size: u32) -> anyhow::Result<()
     Ok(())
 }
 
-#[test]
-fn pinned_state_of_another_layout_is_replaced_with_one_log_line() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("pinned_state_of_another_layout_is_replaced_with_one_log_line") {
-        return Ok(());
-    }
-    let fs = BpfFs::mount("stale")?;
-    std::fs::create_dir_all(fs.mount.join("connscope/maps"))?;
-    pin_hash_map(&fs.mount.join("connscope/maps/CONNS").to_string_lossy(), 8, 4)?;
-    let log_path = fs.mount.with_extension("log");
-    let log = File::create(&log_path)?;
-    let agent = Agent::start_logging(&["--bpf.pin-path", &fs.pin_path()], Some(&log))?;
+kernel_test!(
+    fn pinned_state_of_another_layout_is_replaced_with_one_log_line() -> anyhow::Result<()> {
+        let fs = BpfFs::mount("stale")?;
+        std::fs::create_dir_all(fs.mount.join("connscope/maps"))?;
+        pin_hash_map(&fs.mount.join("connscope/maps/CONNS").to_string_lossy(), 8, 4)?;
+        let log_path = fs.mount.with_extension("log");
+        let log = File::create(&log_path)?;
+        let agent = Agent::start_logging(&["--bpf.pin-path", &fs.pin_path()], Some(&log))?;
 
-    // The replaced state counts: one connection, both ends.
-    let listener = TcpListener::bind("127.0.0.80:0")?;
-    let server = listener.local_addr()?.to_string();
-    let acceptor = net::drain_server(listener, 1, "cs-acceptor");
-    let mut client = TcpStream::connect(&server)?;
-    std::io::Write::write_all(&mut client, b"x")?;
-    drop(client);
-    net::join(acceptor)?;
-    let closes = |s: &Scrape| s.sum("connscope_connections_closed_total", &[("server", &server)]);
-    let closed = closes(&agent.scrape_until(WAIT, |s| closes(s) >= 2.0)?);
-    agent.stop()?;
-    let text = std::fs::read_to_string(&log_path).context("reading the agent's log")?;
-    let _ = std::fs::remove_file(&log_path);
-    assert_eq!(closed, 2.0, "{text}");
-    let replaced: Vec<&str> = text.lines().filter(|l| l.contains("pinned state")).collect();
-    assert_eq!(replaced.len(), 1, "{text}");
-    assert!(replaced[0].contains("CONNS"), "{text}");
-    assert!(!text.contains("ERROR"), "{text}");
-    assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
-    Ok(())
-}
+        // The replaced state counts: one connection, both ends.
+        let listener = TcpListener::bind("127.0.0.80:0")?;
+        let server = listener.local_addr()?.to_string();
+        let acceptor = net::drain_server(listener, 1, "cs-acceptor");
+        let mut client = TcpStream::connect(&server)?;
+        std::io::Write::write_all(&mut client, b"x")?;
+        drop(client);
+        net::join(acceptor)?;
+        let closes =
+            |s: &Scrape| s.sum("connscope_connections_closed_total", &[("server", &server)]);
+        let closed = closes(&agent.scrape_until(WAIT, |s| closes(s) >= 2.0)?);
+        agent.stop()?;
+        let text = std::fs::read_to_string(&log_path).context("reading the agent's log")?;
+        let _ = std::fs::remove_file(&log_path);
+        assert_eq!(closed, 2.0, "{text}");
+        let replaced: Vec<&str> = text.lines().filter(|l| l.contains("pinned state")).collect();
+        assert_eq!(replaced.len(), 1, "{text}");
+        assert!(replaced[0].contains("CONNS"), "{text}");
+        assert!(!text.contains("ERROR"), "{text}");
+        assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
+        Ok(())
+    }
+);

@@ -18,233 +18,225 @@ use connscope_tests::{
         PROTOCOLS, ROLES, assert_counts, bind_loopback, join_counted, scrape_closed, side,
     },
     framing_server::{self, HttpStream, Reply},
-    kernel_tests_enabled,
+    kernel_test,
 };
 
-/// `103 Early Hints` then `200`, written apart or in one write: one request each, and the
-/// next request on the connection counts.
-#[test]
-fn early_hints_then_final_response_is_one_request() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("early_hints_then_final_response_is_one_request") {
-        return Ok(());
+kernel_test!(
+    /// `103 Early Hints` then `200`, written apart or in one write: one request each, and the
+    /// next request on the connection counts.
+    fn early_hints_then_final_response_is_one_request() -> anyhow::Result<()> {
+        let agent = Agent::start(&[])?;
+        const REQUESTS: usize = 2;
+        for one_write in [false, true] {
+            let (listener, server) = bind_loopback()?;
+            let serving = framing_server::serve(listener, 1, Reply::EarlyHints { one_write });
+            let mut client = HttpStream::new(TcpStream::connect(&server)?);
+            for _ in 0..REQUESTS {
+                client.stream.write_all(b"GET /page HTTP/1.1\r\nHost: t\r\n\r\n")?;
+                let hints = client.read_message()?.context("closed before the 103")?;
+                assert!(hints.starts_with("HTTP/1.1 103 "), "{hints}");
+                read_response(&mut client)?;
+            }
+            drop(client);
+            assert_eq!(join_counted(serving)?, REQUESTS as u64);
+            let scrape = scrape_closed(&agent, &server, 1.0)?;
+            let requests = REQUESTS as f64;
+            assert_counts(&scrape, &server, "http1", 1.0, requests, requests);
+        }
+        Ok(())
     }
-    let agent = Agent::start(&[])?;
-    const REQUESTS: usize = 2;
-    for one_write in [false, true] {
+);
+
+kernel_test!(
+    /// Request bodies in many writes (with `Content-Length` and chunked), responses in many
+    /// writes (plain and chunked): each request counts once. Pipelined requests in one write
+    /// count each.
+    fn bodies_in_pieces_chunked_and_pipelined_requests() -> anyhow::Result<()> {
+        let agent = Agent::start(&[])?;
+        const REQUESTS: usize = 3;
+        const PIECES: usize = 8;
+        let piece = [b'q'; 1000];
+
+        // Content-Length bodies in PIECES writes, answered in PIECES writes.
         let (listener, server) = bind_loopback()?;
-        let serving = framing_server::serve(listener, 1, Reply::EarlyHints { one_write });
+        let serving = framing_server::serve(listener, 1, Reply::Pieces(PIECES));
         let mut client = HttpStream::new(TcpStream::connect(&server)?);
         for _ in 0..REQUESTS {
-            client.stream.write_all(b"GET /page HTTP/1.1\r\nHost: t\r\n\r\n")?;
-            let hints = client.read_message()?.context("closed before the 103")?;
-            assert!(hints.starts_with("HTTP/1.1 103 "), "{hints}");
+            let head = format!(
+                "POST /in-pieces HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+                piece.len() * PIECES
+            );
+            client.stream.write_all(head.as_bytes())?;
+            for _ in 0..PIECES {
+                thread::sleep(Duration::from_millis(2));
+                client.stream.write_all(&piece)?;
+            }
             read_response(&mut client)?;
         }
         drop(client);
         assert_eq!(join_counted(serving)?, REQUESTS as u64);
         let scrape = scrape_closed(&agent, &server, 1.0)?;
-        let requests = REQUESTS as f64;
-        assert_counts(&scrape, &server, "http1", 1.0, requests, requests);
-    }
-    Ok(())
-}
+        assert_counts(&scrape, &server, "http1", 1.0, REQUESTS as f64, REQUESTS as f64);
 
-/// Request bodies in many writes (with `Content-Length` and chunked), responses in many
-/// writes (plain and chunked): each request counts once. Pipelined requests in one write
-/// count each.
-#[test]
-fn bodies_in_pieces_chunked_and_pipelined_requests() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("bodies_in_pieces_chunked_and_pipelined_requests") {
-        return Ok(());
-    }
-    let agent = Agent::start(&[])?;
-    const REQUESTS: usize = 3;
-    const PIECES: usize = 8;
-    let piece = [b'q'; 1000];
-
-    // Content-Length bodies in PIECES writes, answered in PIECES writes.
-    let (listener, server) = bind_loopback()?;
-    let serving = framing_server::serve(listener, 1, Reply::Pieces(PIECES));
-    let mut client = HttpStream::new(TcpStream::connect(&server)?);
-    for _ in 0..REQUESTS {
-        let head = format!(
-            "POST /in-pieces HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
-            piece.len() * PIECES
-        );
-        client.stream.write_all(head.as_bytes())?;
-        for _ in 0..PIECES {
-            thread::sleep(Duration::from_millis(2));
-            client.stream.write_all(&piece)?;
-        }
-        read_response(&mut client)?;
-    }
-    drop(client);
-    assert_eq!(join_counted(serving)?, REQUESTS as u64);
-    let scrape = scrape_closed(&agent, &server, 1.0)?;
-    assert_counts(&scrape, &server, "http1", 1.0, REQUESTS as f64, REQUESTS as f64);
-
-    // Chunked request bodies, one chunk per write; chunked responses, one chunk per write.
-    let (listener, server) = bind_loopback()?;
-    let serving = framing_server::serve(listener, 1, Reply::Chunked(PIECES));
-    let mut client = HttpStream::new(TcpStream::connect(&server)?);
-    for _ in 0..REQUESTS {
-        client.stream.write_all(
-            b"POST /chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
-        )?;
-        for _ in 0..PIECES {
-            thread::sleep(Duration::from_millis(2));
-            client.stream.write_all(&[b"3e8\r\n".as_slice(), &piece, b"\r\n"].concat())?;
-        }
-        client.stream.write_all(b"0\r\n\r\n")?;
-        read_response(&mut client)?;
-    }
-    drop(client);
-    assert_eq!(join_counted(serving)?, REQUESTS as u64);
-    let scrape = scrape_closed(&agent, &server, 1.0)?;
-    assert_counts(&scrape, &server, "http1", 1.0, REQUESTS as f64, REQUESTS as f64);
-
-    // Pipelining: ROUNDS writes of REQUESTS requests each.
-    const ROUNDS: usize = 2;
-    let (listener, server) = bind_loopback()?;
-    let serving = framing_server::serve(listener, 1, Reply::Plain);
-    let mut client = HttpStream::new(TcpStream::connect(&server)?);
-    let pipelined = "GET /p HTTP/1.1\r\nHost: t\r\n\r\n".repeat(REQUESTS);
-    for _ in 0..ROUNDS {
-        client.stream.write_all(pipelined.as_bytes())?;
+        // Chunked request bodies, one chunk per write; chunked responses, one chunk per write.
+        let (listener, server) = bind_loopback()?;
+        let serving = framing_server::serve(listener, 1, Reply::Chunked(PIECES));
+        let mut client = HttpStream::new(TcpStream::connect(&server)?);
         for _ in 0..REQUESTS {
+            client.stream.write_all(
+                b"POST /chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n",
+            )?;
+            for _ in 0..PIECES {
+                thread::sleep(Duration::from_millis(2));
+                client.stream.write_all(&[b"3e8\r\n".as_slice(), &piece, b"\r\n"].concat())?;
+            }
+            client.stream.write_all(b"0\r\n\r\n")?;
             read_response(&mut client)?;
         }
-    }
-    drop(client);
-    let total = (REQUESTS * ROUNDS) as u64;
-    assert_eq!(join_counted(serving)?, total);
-    let scrape = scrape_closed(&agent, &server, 1.0)?;
-    for role in ROLES {
-        let labels = side(&server, role);
-        assert_eq!(
-            scrape.sum("connscope_http_requests_total", &labels),
-            total as f64,
-            "{role}: {}",
-            scrape.text
-        );
-        assert_eq!(scrape.sum("connscope_connection_requests_sum", &labels), total as f64);
-    }
-    Ok(())
-}
+        drop(client);
+        assert_eq!(join_counted(serving)?, REQUESTS as u64);
+        let scrape = scrape_closed(&agent, &server, 1.0)?;
+        assert_counts(&scrape, &server, "http1", 1.0, REQUESTS as f64, REQUESTS as f64);
 
-/// An HTTP/1.1 Upgrade answered `101 Switching Protocols`, then 20 WebSocket frames each
-/// way and raw request lines: one HTTP request, and the connection is `websocket`.
-#[test]
-fn websocket_upgrade_ends_http_counting() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("websocket_upgrade_ends_http_counting") {
-        return Ok(());
-    }
-    let agent = Agent::start(&[])?;
-    let (listener, server) = bind_loopback()?;
-    let serving = framing_server::serve(listener, 1, Reply::Upgrade);
-    let mut client = TcpStream::connect(&server)?;
-    client.set_read_timeout(Some(Duration::from_secs(10)))?;
-    client.write_all(
-        b"GET /chat HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )?;
-    // Read as clients do, into a buffer: the kernel looks for `101` in the first read.
-    let mut reader = HttpStream::new(client.try_clone()?);
-    let head = reader.read_message()?.context("closed before the 101")?;
-    assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
-    const FRAMES: usize = 20;
-    for n in 0..FRAMES {
-        // A masked binary frame (RFC 6455 §5.2); the server echoes it.
-        let payload = format!("frame {n}");
-        let mask = [0x12, 0x34, 0x56, 0x78];
-        let mut frame = vec![0x82, 0x80 | payload.len() as u8];
-        frame.extend_from_slice(&mask);
-        frame.extend(payload.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        echo(&mut client, &frame)?;
-    }
-    // Garbage after the upgrade that looks like HTTP/1.x requests is not counted either.
-    for _ in 0..5 {
-        echo(&mut client, b"GET /not-http HTTP/1.1\r\nHost: t\r\n\r\n")?;
-    }
-    drop((client, reader));
-    assert_eq!(join_counted(serving)?, 1);
-    let scrape = scrape_closed(&agent, &server, 1.0)?;
-    assert_counts(&scrape, &server, "websocket", 1.0, 1.0, 1.0);
-    Ok(())
-}
-
-/// Truncated, oversized and alert-shaped TLS records after a ClientHello-like first flight,
-/// and garbage answers: exactly the turns that start with application data count, labels
-/// stay within the known protocols, and the agent keeps serving.
-#[test]
-fn hostile_tls_records_are_counted_by_their_headers() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("hostile_tls_records_are_counted_by_their_headers") {
-        return Ok(());
-    }
-    let agent = Agent::start(&[])?;
-    let (listener, server) = bind_loopback()?;
-    let app_data_beyond = [&b"\x17\x03\x03\xff\xff"[..], &[0xab; 50]].concat();
-    let alert_sized = [&b"\x17\x03\x03\x00\x13"[..], &[0xcd; 19]].concat();
-    let (alert_header, alert_body) = alert_sized.split_at(5);
-    let at_once: &[u8] =
-        b"\x14\x03\x03\x00\x01\x01\x17\x03\x03\x00\x02\x09\x09\x17\x03\x03\x00\x04\x01\x02\x03\x04";
-    // Each turn: the writes the client makes, and whether it carries application data.
-    let turns: Vec<(Vec<&[u8]>, bool)> = vec![
-        // A ClientHello-like first flight: the connection is TLS.
-        (vec![b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x03"], false),
-        // Application data whose length runs past the data.
-        (vec![&app_data_beyond], true),
-        // Shaped like TLS 1.3's encrypted close_notify, whole or header first.
-        (vec![&alert_sized], false),
-        (vec![alert_header, alert_body], false),
-        // ChangeCipherSpec whose length runs past the data; a truncated Finished header.
-        (vec![b"\x14\x03\x03\xff\xff"], false),
-        (vec![b"\x14\x03\x03\x00\x01\x01\x17\x03"], false),
-        // CCS, Finished and application data read at once.
-        (vec![at_once], true),
-        // A TLS 1.2 alert, one byte of application data, bytes that are no record.
-        (vec![b"\x15\x03\x03\x00\x02\x01\x00"], false),
-        (vec![b"\x17"], true),
-        (vec![&[0xff; 3000]], false),
-    ];
-    let expected = turns.iter().filter(|(_, request)| *request).count() as f64;
-    let sizes: Vec<usize> =
-        turns.iter().map(|(writes, _)| writes.iter().map(|w| w.len()).sum()).collect();
-    let serving = thread::spawn(move || {
-        let (mut stream, _) = listener.accept()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        for size in sizes {
-            let mut turn = vec![0u8; size];
-            stream.read_exact(&mut turn)?;
-            stream.write_all(b"\x17\x03\x03\x00\x04\xde\xad\xbe\xef")?;
-        }
-        let mut rest = Vec::new();
-        stream.read_to_end(&mut rest)?;
-        anyhow::Ok(())
-    });
-    let mut client = TcpStream::connect(&server)?;
-    client.set_read_timeout(Some(Duration::from_secs(10)))?;
-    for (writes, _) in &turns {
-        for (index, write) in writes.iter().enumerate() {
-            if index > 0 {
-                // The peer may still read both writes at once: either way the same count.
-                thread::sleep(Duration::from_millis(20));
+        // Pipelining: ROUNDS writes of REQUESTS requests each.
+        const ROUNDS: usize = 2;
+        let (listener, server) = bind_loopback()?;
+        let serving = framing_server::serve(listener, 1, Reply::Plain);
+        let mut client = HttpStream::new(TcpStream::connect(&server)?);
+        let pipelined = "GET /p HTTP/1.1\r\nHost: t\r\n\r\n".repeat(REQUESTS);
+        for _ in 0..ROUNDS {
+            client.stream.write_all(pipelined.as_bytes())?;
+            for _ in 0..REQUESTS {
+                read_response(&mut client)?;
             }
-            client.write_all(write)?;
         }
-        let mut reply = [0u8; 9];
-        client.read_exact(&mut reply)?;
+        drop(client);
+        let total = (REQUESTS * ROUNDS) as u64;
+        assert_eq!(join_counted(serving)?, total);
+        let scrape = scrape_closed(&agent, &server, 1.0)?;
+        for role in ROLES {
+            let labels = side(&server, role);
+            assert_eq!(
+                scrape.sum("connscope_http_requests_total", &labels),
+                total as f64,
+                "{role}: {}",
+                scrape.text
+            );
+            assert_eq!(scrape.sum("connscope_connection_requests_sum", &labels), total as f64);
+        }
+        Ok(())
     }
-    drop(client);
-    serving.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
-    let scrape = scrape_closed(&agent, &server, 1.0)?;
-    assert_counts(&scrape, &server, "tls", 1.0, expected, 0.0);
-    for protocol in scrape.label_values("connscope_connection_requests_count", "protocol") {
-        assert!(PROTOCOLS.contains(&protocol.as_str()), "unknown protocol label {protocol}");
+);
+
+kernel_test!(
+    /// An HTTP/1.1 Upgrade answered `101 Switching Protocols`, then 20 WebSocket frames each
+    /// way and raw request lines: one HTTP request, and the connection is `websocket`.
+    fn websocket_upgrade_ends_http_counting() -> anyhow::Result<()> {
+        let agent = Agent::start(&[])?;
+        let (listener, server) = bind_loopback()?;
+        let serving = framing_server::serve(listener, 1, Reply::Upgrade);
+        let mut client = TcpStream::connect(&server)?;
+        client.set_read_timeout(Some(Duration::from_secs(10)))?;
+        client.write_all(
+            b"GET /chat HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )?;
+        // Read as clients do, into a buffer: the kernel looks for `101` in the first read.
+        let mut reader = HttpStream::new(client.try_clone()?);
+        let head = reader.read_message()?.context("closed before the 101")?;
+        assert!(head.starts_with("HTTP/1.1 101 "), "{head}");
+        const FRAMES: usize = 20;
+        for n in 0..FRAMES {
+            // A masked binary frame (RFC 6455 §5.2); the server echoes it.
+            let payload = format!("frame {n}");
+            let mask = [0x12, 0x34, 0x56, 0x78];
+            let mut frame = vec![0x82, 0x80 | payload.len() as u8];
+            frame.extend_from_slice(&mask);
+            frame.extend(payload.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+            echo(&mut client, &frame)?;
+        }
+        // Garbage after the upgrade that looks like HTTP/1.x requests is not counted either.
+        for _ in 0..5 {
+            echo(&mut client, b"GET /not-http HTTP/1.1\r\nHost: t\r\n\r\n")?;
+        }
+        drop((client, reader));
+        assert_eq!(join_counted(serving)?, 1);
+        let scrape = scrape_closed(&agent, &server, 1.0)?;
+        assert_counts(&scrape, &server, "websocket", 1.0, 1.0, 1.0);
+        Ok(())
     }
-    assert_eq!(agent.get("/healthz")?.0, 200);
-    Ok(())
-}
+);
+
+kernel_test!(
+    /// Truncated, oversized and alert-shaped TLS records after a ClientHello-like first flight,
+    /// and garbage answers: exactly the turns that start with application data count, labels
+    /// stay within the known protocols, and the agent keeps serving.
+    fn hostile_tls_records_are_counted_by_their_headers() -> anyhow::Result<()> {
+        let agent = Agent::start(&[])?;
+        let (listener, server) = bind_loopback()?;
+        let app_data_beyond = [&b"\x17\x03\x03\xff\xff"[..], &[0xab; 50]].concat();
+        let alert_sized = [&b"\x17\x03\x03\x00\x13"[..], &[0xcd; 19]].concat();
+        let (alert_header, alert_body) = alert_sized.split_at(5);
+        let at_once: &[u8] =
+        b"\x14\x03\x03\x00\x01\x01\x17\x03\x03\x00\x02\x09\x09\x17\x03\x03\x00\x04\x01\x02\x03\x04";
+        // Each turn: the writes the client makes, and whether it carries application data.
+        let turns: Vec<(Vec<&[u8]>, bool)> = vec![
+            // A ClientHello-like first flight: the connection is TLS.
+            (vec![b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x03"], false),
+            // Application data whose length runs past the data.
+            (vec![&app_data_beyond], true),
+            // Shaped like TLS 1.3's encrypted close_notify, whole or header first.
+            (vec![&alert_sized], false),
+            (vec![alert_header, alert_body], false),
+            // ChangeCipherSpec whose length runs past the data; a truncated Finished header.
+            (vec![b"\x14\x03\x03\xff\xff"], false),
+            (vec![b"\x14\x03\x03\x00\x01\x01\x17\x03"], false),
+            // CCS, Finished and application data read at once.
+            (vec![at_once], true),
+            // A TLS 1.2 alert, one byte of application data, bytes that are no record.
+            (vec![b"\x15\x03\x03\x00\x02\x01\x00"], false),
+            (vec![b"\x17"], true),
+            (vec![&[0xff; 3000]], false),
+        ];
+        let expected = turns.iter().filter(|(_, request)| *request).count() as f64;
+        let sizes: Vec<usize> =
+            turns.iter().map(|(writes, _)| writes.iter().map(|w| w.len()).sum()).collect();
+        let serving = thread::spawn(move || {
+            let (mut stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+            for size in sizes {
+                let mut turn = vec![0u8; size];
+                stream.read_exact(&mut turn)?;
+                stream.write_all(b"\x17\x03\x03\x00\x04\xde\xad\xbe\xef")?;
+            }
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest)?;
+            anyhow::Ok(())
+        });
+        let mut client = TcpStream::connect(&server)?;
+        client.set_read_timeout(Some(Duration::from_secs(10)))?;
+        for (writes, _) in &turns {
+            for (index, write) in writes.iter().enumerate() {
+                if index > 0 {
+                    // The peer may still read both writes at once: either way the same count.
+                    thread::sleep(Duration::from_millis(20));
+                }
+                client.write_all(write)?;
+            }
+            let mut reply = [0u8; 9];
+            client.read_exact(&mut reply)?;
+        }
+        drop(client);
+        serving.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        let scrape = scrape_closed(&agent, &server, 1.0)?;
+        assert_counts(&scrape, &server, "tls", 1.0, expected, 0.0);
+        for protocol in scrape.label_values("connscope_connection_requests_count", "protocol") {
+            assert!(PROTOCOLS.contains(&protocol.as_str()), "unknown protocol label {protocol}");
+        }
+        assert_eq!(agent.get("/healthz")?.0, 200);
+        Ok(())
+    }
+);
 
 /// Reads one `200` response (with a length or a chunked body) from the framing server.
 fn read_response(client: &mut HttpStream) -> anyhow::Result<()> {

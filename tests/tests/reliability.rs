@@ -21,7 +21,7 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use connscope_tests::{
-    Agent, Scrape, agent_binary, free_port, http_get, kernel_tests_enabled,
+    Agent, Scrape, agent_binary, free_port, http_get, kernel_test,
     nginx::{Nginx, NginxConfig},
     procfs::{program_ids, rss_bytes},
     serial::exclusive,
@@ -189,7 +189,7 @@ fn churn(
     threads: usize,
     control: Arc<Control>,
     totals: impl Fn() -> Arc<Totals> + Send + Sync + Clone + 'static,
-) -> Vec<thread::JoinHandle<()>> {
+) -> anyhow::Result<Vec<thread::JoinHandle<()>>> {
     (0..threads)
         .map(|t| {
             let (server, control, totals) = (server.clone(), control.clone(), totals.clone());
@@ -227,7 +227,7 @@ fn churn(
                         }
                     }
                 })
-                .unwrap_or_else(|err| panic!("spawn: {err}"))
+                .context("spawn")
         })
         .collect()
 }
@@ -241,295 +241,311 @@ fn join_all(handles: Vec<thread::JoinHandle<()>>) -> anyhow::Result<()> {
 
 // ---------------------------------------------------------------------------------------
 
-/// A map of 8 entries and 40 concurrent connections (80 sockets): the surplus is counted as
-/// `map_full`, every connection still carries its data, and once they close the agent
-/// tracks new connections exactly again.
-#[test]
-fn full_connection_map_is_counted_and_recovers() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("full_connection_map_is_counted_and_recovers") {
-        return Ok(());
-    }
-    let _serial = exclusive();
-    let agent = Agent::start(&["--bpf.max-connections", "8"])?;
-    let first = agent.scrape()?;
-    assert_eq!(first.sum("connscope_tracked_connections_capacity", &[]), 8.0);
-    let map_full_before = lost(&first, "map_full");
+kernel_test!(
+    /// A map of 8 entries and 40 concurrent connections (80 sockets): the surplus is counted as
+    /// `map_full`, every connection still carries its data, and once they close the agent
+    /// tracks new connections exactly again.
+    fn full_connection_map_is_counted_and_recovers() -> anyhow::Result<()> {
+        let _serial = exclusive();
+        let agent = Agent::start(&["--bpf.max-connections", "8"])?;
+        let first = agent.scrape()?;
+        assert_eq!(first.sum("connscope_tracked_connections_capacity", &[]), 8.0);
+        let map_full_before = lost(&first, "map_full");
 
-    const N: usize = 40;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let server = listener.local_addr()?.to_string();
-    let acceptor = thread::spawn(move || {
-        let mut accepted = Vec::with_capacity(N);
+        const N: usize = 40;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let server = listener.local_addr()?.to_string();
+        let acceptor = thread::spawn(move || {
+            let mut accepted = Vec::with_capacity(N);
+            for _ in 0..N {
+                accepted.push(listener.accept()?.0);
+            }
+            // Echo one message per connection, then read to EOF.
+            for stream in &mut accepted {
+                let mut buf = [0u8; 64];
+                let n = stream.read(&mut buf)?;
+                stream.write_all(&buf[..n])?;
+            }
+            for stream in &mut accepted {
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest)?;
+            }
+            anyhow::Ok(())
+        });
+        let mut clients = Vec::with_capacity(N);
         for _ in 0..N {
-            accepted.push(listener.accept()?.0);
+            clients.push(TcpStream::connect(&server)?);
         }
-        // Echo one message per connection, then read to EOF.
-        for stream in &mut accepted {
-            let mut buf = [0u8; 64];
-            let n = stream.read(&mut buf)?;
-            stream.write_all(&buf[..n])?;
+        // Traffic is unaffected: every connection echoes its own message.
+        for (i, client) in clients.iter_mut().enumerate() {
+            client.set_read_timeout(Some(Duration::from_secs(5)))?;
+            let message = format!("message {i:04}");
+            client.write_all(message.as_bytes())?;
+            let mut echo = vec![0u8; message.len()];
+            client.read_exact(&mut echo)?;
+            assert_eq!(echo, message.as_bytes(), "connection {i}");
         }
-        for stream in &mut accepted {
-            let mut rest = Vec::new();
-            stream.read_to_end(&mut rest)?;
-        }
-        anyhow::Ok(())
-    });
-    let mut clients = Vec::with_capacity(N);
-    for _ in 0..N {
-        clients.push(TcpStream::connect(&server)?);
-    }
-    // Traffic is unaffected: every connection echoes its own message.
-    for (i, client) in clients.iter_mut().enumerate() {
-        client.set_read_timeout(Some(Duration::from_secs(5)))?;
-        let message = format!("message {i:04}");
-        client.write_all(message.as_bytes())?;
-        let mut echo = vec![0u8; message.len()];
-        client.read_exact(&mut echo)?;
-        assert_eq!(echo, message.as_bytes(), "connection {i}");
-    }
-    drop(clients);
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+        drop(clients);
+        acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
 
-    let scrape = agent.scrape_until(WAIT, |s| {
-        let tracked_here = tracked_ends(s, "client", &server) + tracked_ends(s, "server", &server);
-        let closed_here = closed(s, "client", &server) + closed(s, "server", &server);
-        tracked_here > 0.0 && closed_here >= tracked_here
-    })?;
-    let tracked_here =
-        tracked_ends(&scrape, "client", &server) + tracked_ends(&scrape, "server", &server);
-    let map_full = lost(&scrape, "map_full") - map_full_before;
-    eprintln!("map full: {tracked_here} of {} sockets tracked, map_full {map_full}", 2 * N);
-    assert!((1.0..=8.0).contains(&tracked_here), "tracked {tracked_here}: {}", scrape.text);
-    // Every socket of the batch was either tracked or counted as lost.
-    assert!(
-        map_full >= 2.0 * N as f64 - tracked_here,
-        "map_full {map_full}, tracked {tracked_here}"
-    );
-    // Whatever was tracked was closed (no entry leaked).
-    for role in ["client", "server"] {
-        let tracked = tracked_ends(&scrape, role, &server);
-        assert_eq!(closed(&scrape, role, &server), tracked, "{role}: {}", scrape.text);
-    }
+        let scrape = agent.scrape_until(WAIT, |s| {
+            let tracked_here =
+                tracked_ends(s, "client", &server) + tracked_ends(s, "server", &server);
+            let closed_here = closed(s, "client", &server) + closed(s, "server", &server);
+            tracked_here > 0.0 && closed_here >= tracked_here
+        })?;
+        let tracked_here =
+            tracked_ends(&scrape, "client", &server) + tracked_ends(&scrape, "server", &server);
+        let map_full = lost(&scrape, "map_full") - map_full_before;
+        eprintln!("map full: {tracked_here} of {} sockets tracked, map_full {map_full}", 2 * N);
+        assert!((1.0..=8.0).contains(&tracked_here), "tracked {tracked_here}: {}", scrape.text);
+        // Every socket of the batch was either tracked or counted as lost.
+        assert!(
+            map_full >= 2.0 * N as f64 - tracked_here,
+            "map_full {map_full}, tracked {tracked_here}"
+        );
+        // Whatever was tracked was closed (no entry leaked).
+        for role in ["client", "server"] {
+            let tracked = tracked_ends(&scrape, role, &server);
+            assert_eq!(closed(&scrape, role, &server), tracked, "{role}: {}", scrape.text);
+        }
 
-    // Load has dropped: the table empties and a fresh batch is counted exactly.
-    let idle = agent.scrape_until(WAIT, |s| tracked(s) <= 2.0)?;
-    assert!(
-        tracked(&idle) <= 2.0,
-        "tracked connections stay at {} (only the scrape's own may remain)",
-        tracked(&idle)
-    );
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let fresh = listener.local_addr()?.to_string();
-    const FRESH: usize = 3;
-    let acceptor = thread::spawn(move || {
+        // Load has dropped: the table empties and a fresh batch is counted exactly.
+        let idle = agent.scrape_until(WAIT, |s| tracked(s) <= 2.0)?;
+        assert!(
+            tracked(&idle) <= 2.0,
+            "tracked connections stay at {} (only the scrape's own may remain)",
+            tracked(&idle)
+        );
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let fresh = listener.local_addr()?.to_string();
+        const FRESH: usize = 3;
+        let acceptor = thread::spawn(move || {
+            for _ in 0..FRESH {
+                let (mut stream, _) = listener.accept()?;
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest)?;
+            }
+            anyhow::Ok(())
+        });
         for _ in 0..FRESH {
-            let (mut stream, _) = listener.accept()?;
-            let mut rest = Vec::new();
-            stream.read_to_end(&mut rest)?;
+            let mut client = TcpStream::connect(&fresh)?;
+            client.write_all(b"fresh")?;
+            drop(client);
+            // One connection at a time: two of the eight entries.
+            thread::sleep(Duration::from_millis(20));
         }
-        anyhow::Ok(())
-    });
-    for _ in 0..FRESH {
-        let mut client = TcpStream::connect(&fresh)?;
-        client.write_all(b"fresh")?;
-        drop(client);
-        // One connection at a time: two of the eight entries.
-        thread::sleep(Duration::from_millis(20));
+        acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+        let scrape = agent.scrape_until(WAIT, |s| {
+            closed(s, "client", &fresh) + closed(s, "server", &fresh) >= 2.0 * FRESH as f64
+        })?;
+        assert_eq!(opened(&scrape, "client", &fresh), FRESH as f64, "{}", scrape.text);
+        assert_eq!(opened(&scrape, "server", &fresh), FRESH as f64);
+        assert_eq!(closed(&scrape, "client", &fresh), FRESH as f64);
+        assert_eq!(closed(&scrape, "server", &fresh), FRESH as f64);
+        Ok(())
     }
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
-    let scrape = agent.scrape_until(WAIT, |s| {
-        closed(s, "client", &fresh) + closed(s, "server", &fresh) >= 2.0 * FRESH as f64
-    })?;
-    assert_eq!(opened(&scrape, "client", &fresh), FRESH as f64, "{}", scrape.text);
-    assert_eq!(opened(&scrape, "server", &fresh), FRESH as f64);
-    assert_eq!(closed(&scrape, "client", &fresh), FRESH as f64);
-    assert_eq!(closed(&scrape, "server", &fresh), FRESH as f64);
-    Ok(())
-}
+);
 
-/// Bounded soak (`CONNSCOPE_SOAK_SECS`, default 60): mixed keep-alive and one-request churn
-/// against nginx. Counts are exact, nothing is lost, the agent's memory is flat after
-/// warm-up, and the table returns to its baseline.
-#[test]
-fn soak_mixed_churn_exact_counts_and_flat_memory() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("soak_mixed_churn_exact_counts_and_flat_memory") {
-        return Ok(());
-    }
-    let _serial = exclusive();
-    let seconds: u64 =
-        std::env::var("CONNSCOPE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
-    let nginx = nginx(1000)?;
-    let agent = Agent::start(&[])?;
-    let baseline = tracked(&agent.scrape()?);
-    let server = nginx.server();
+kernel_test!(
+    /// Bounded soak (`CONNSCOPE_SOAK_SECS`, default 60): mixed keep-alive and one-request churn
+    /// against nginx. Counts are exact, nothing is lost, the agent's memory is flat after
+    /// warm-up, and the table returns to its baseline.
+    fn soak_mixed_churn_exact_counts_and_flat_memory() -> anyhow::Result<()> {
+        let _serial = exclusive();
+        let seconds: u64 =
+            std::env::var("CONNSCOPE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
+        let nginx = nginx(1000)?;
+        let agent = Agent::start(&[])?;
+        let baseline = tracked(&agent.scrape()?);
+        let server = nginx.server();
 
-    let control = Arc::new(Control::default());
-    let totals = Arc::new(Totals::default());
-    let shared = totals.clone();
-    let load = churn(server.clone(), 3, control.clone(), move || shared.clone());
-    let _stop_load = StopOnDrop(control.clone());
+        let control = Arc::new(Control::default());
+        let totals = Arc::new(Totals::default());
+        let shared = totals.clone();
+        let load = churn(server.clone(), 3, control.clone(), move || shared.clone())?;
+        let _stop_load = StopOnDrop(control.clone());
 
-    let warm_up = Duration::from_secs((seconds / 6).clamp(3, 15));
-    thread::sleep(warm_up);
-    // Memory after warm-up: the table, label sets and allocator pools have reached size.
-    agent.scrape()?;
-    let rss_warm = rss_bytes(agent.pid())?;
-    let started = Instant::now();
-    let mut rss_samples = vec![rss_warm];
-    while started.elapsed() < Duration::from_secs(seconds).saturating_sub(warm_up) {
-        thread::sleep(Duration::from_secs(5));
-        let scrape = agent.scrape()?;
-        assert_eq!(lost(&scrape, "ringbuf_full"), 0.0, "ring buffer overflowed during the soak");
-        rss_samples.push(rss_bytes(agent.pid())?);
-    }
-    control.stop.store(true, Ordering::Relaxed);
-    join_all(load)?;
-    let connections = totals.connections.load(Ordering::Relaxed) as f64;
-    let requests = totals.requests.load(Ordering::Relaxed) as f64;
-    assert_eq!(totals.errors.load(Ordering::Relaxed), 0, "the load itself failed");
+        let warm_up = Duration::from_secs((seconds / 6).clamp(3, 15));
+        thread::sleep(warm_up);
+        // Memory after warm-up: the table, label sets and allocator pools have reached size.
+        agent.scrape()?;
+        let rss_warm = rss_bytes(agent.pid())?;
+        let started = Instant::now();
+        let mut rss_samples = vec![rss_warm];
+        while started.elapsed() < Duration::from_secs(seconds).saturating_sub(warm_up) {
+            thread::sleep(Duration::from_secs(5));
+            let scrape = agent.scrape()?;
+            assert_eq!(
+                lost(&scrape, "ringbuf_full"),
+                0.0,
+                "ring buffer overflowed during the soak"
+            );
+            rss_samples.push(rss_bytes(agent.pid())?);
+        }
+        control.stop.store(true, Ordering::Relaxed);
+        join_all(load)?;
+        let connections = totals.connections.load(Ordering::Relaxed) as f64;
+        let requests = totals.requests.load(Ordering::Relaxed) as f64;
+        assert_eq!(totals.errors.load(Ordering::Relaxed), 0, "the load itself failed");
 
-    let scrape = agent.scrape_until(WAIT, |s| {
-        closed(s, "client", &server) >= connections && closed(s, "server", &server) >= connections
-    })?;
-    let rss_end = rss_bytes(agent.pid())?;
-    eprintln!(
-        "soak: {seconds} s, {connections} connections, {requests} requests; agent RSS warm {:.1} MiB, end {:.1} MiB, samples {:?} MiB",
-        rss_warm as f64 / 1048576.0,
-        rss_end as f64 / 1048576.0,
-        rss_samples
+        let scrape = agent.scrape_until(WAIT, |s| {
+            closed(s, "client", &server) >= connections
+                && closed(s, "server", &server) >= connections
+        })?;
+        let rss_end = rss_bytes(agent.pid())?;
+        eprintln!(
+            "soak: {seconds} s, {connections} connections, {requests} requests; agent RSS warm {:.1} MiB, end {:.1} MiB, samples {:?} MiB",
+            rss_warm as f64 / 1048576.0,
+            rss_end as f64 / 1048576.0,
+            rss_samples
+                .iter()
+                .map(|r| (*r as f64 / 1048576.0 * 10.0).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
+        assert!(connections >= 100.0, "too little traffic: {connections}");
+        for reason in REAL_LOSSES {
+            assert_eq!(lost(&scrape, reason), 0.0, "{reason}: {}", scrape.text);
+        }
+        for role in ["client", "server"] {
+            assert_eq!(opened(&scrape, role, &server), connections, "{role} opened");
+            assert_eq!(closed(&scrape, role, &server), connections, "{role} closed");
+            assert_eq!(
+                scrape.sum("connscope_http_requests_total", &[("role", role), ("server", &server)]),
+                requests,
+                "{role} requests"
+            );
+            assert_eq!(
+                scrape.sum(
+                    "connscope_connection_requests_sum",
+                    &[("role", role), ("server", &server)]
+                ),
+                requests,
+                "{role} requests per connection"
+            );
+        }
+        // The one-request connections are nginx's closes, the rest the clients'.
+        let server_closes = scrape.sum(
+            "connscope_connections_closed_total",
+            &[
+                ("role", "server"),
+                ("server", &server),
+                ("closed_by", "local"),
+                ("reason", "connection_close"),
+            ],
+        );
+        assert!(server_closes > 0.0 && server_closes < connections, "{server_closes}");
+        // nginx's own log agrees.
+        let truth = nginx.requests_per_connection()?;
+        assert_eq!(truth.len() as f64, connections, "nginx connections");
+        assert_eq!(truth.values().sum::<u64>() as f64, requests, "nginx requests");
+
+        let settled = agent.scrape_until(WAIT, |s| tracked(s) <= baseline)?;
+        let open_now: Vec<String> = settled
+            .samples
             .iter()
-            .map(|r| (*r as f64 / 1048576.0 * 10.0).round() / 10.0)
-            .collect::<Vec<_>>()
-    );
-    assert!(connections >= 100.0, "too little traffic: {connections}");
-    for reason in REAL_LOSSES {
-        assert_eq!(lost(&scrape, reason), 0.0, "{reason}: {}", scrape.text);
-    }
-    for role in ["client", "server"] {
-        assert_eq!(opened(&scrape, role, &server), connections, "{role} opened");
-        assert_eq!(closed(&scrape, role, &server), connections, "{role} closed");
-        assert_eq!(
-            scrape.sum("connscope_http_requests_total", &[("role", role), ("server", &server)]),
-            requests,
-            "{role} requests"
+            .filter(|s| s.name == "connscope_connections_open" && s.value != 0.0)
+            .map(|s| format!("{:?} {}", s.labels, s.value))
+            .collect();
+        assert!(
+            tracked(&settled) <= baseline,
+            "tracked {} > baseline {baseline}; open: {open_now:#?}",
+            tracked(&settled)
         );
-        assert_eq!(
-            scrape.sum("connscope_connection_requests_sum", &[("role", role), ("server", &server)]),
-            requests,
-            "{role} requests per connection"
+        let growth = rss_end.saturating_sub(rss_warm);
+        assert!(
+            growth <= 4 << 20,
+            "agent RSS grew {:.1} MiB after warm-up",
+            growth as f64 / 1048576.0
         );
+        Ok(())
     }
-    // The one-request connections are nginx's closes, the rest the clients'.
-    let server_closes = scrape.sum(
-        "connscope_connections_closed_total",
-        &[
-            ("role", "server"),
-            ("server", &server),
-            ("closed_by", "local"),
-            ("reason", "connection_close"),
-        ],
-    );
-    assert!(server_closes > 0.0 && server_closes < connections, "{server_closes}");
-    // nginx's own log agrees.
-    let truth = nginx.requests_per_connection()?;
-    assert_eq!(truth.len() as f64, connections, "nginx connections");
-    assert_eq!(truth.values().sum::<u64>() as f64, requests, "nginx requests");
+);
 
-    let settled = agent.scrape_until(WAIT, |s| tracked(s) <= baseline)?;
-    let open_now: Vec<String> = settled
-        .samples
-        .iter()
-        .filter(|s| s.name == "connscope_connections_open" && s.value != 0.0)
-        .map(|s| format!("{:?} {}", s.labels, s.value))
-        .collect();
-    assert!(
-        tracked(&settled) <= baseline,
-        "tracked {} > baseline {baseline}; open: {open_now:#?}",
-        tracked(&settled)
-    );
-    let growth = rss_end.saturating_sub(rss_warm);
-    assert!(growth <= 4 << 20, "agent RSS grew {:.1} MiB after warm-up", growth as f64 / 1048576.0);
-    Ok(())
-}
+kernel_test!(
+    /// SIGTERM while traffic runs: exit 0 within a second, none of its programs left loaded;
+    /// a new agent counts the traffic that follows exactly, and the traffic never failed.
+    fn restart_under_load_detaches_and_counts_again() -> anyhow::Result<()> {
+        let _serial = exclusive();
+        let nginx = nginx(1000)?;
+        let server = nginx.server();
+        let first = Agent::start(&[])?;
 
-/// SIGTERM while traffic runs: exit 0 within a second, none of its programs left loaded;
-/// a new agent counts the traffic that follows exactly, and the traffic never failed.
-#[test]
-fn restart_under_load_detaches_and_counts_again() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("restart_under_load_detaches_and_counts_again") {
-        return Ok(());
-    }
-    let _serial = exclusive();
-    let nginx = nginx(1000)?;
-    let server = nginx.server();
-    let first = Agent::start(&[])?;
+        // Totals of the phase a connection started in: 1 once the new agent is ready.
+        let phases = Arc::new([Arc::new(Totals::default()), Arc::new(Totals::default())]);
+        let phase = Arc::new(AtomicU64::new(0));
+        let control = Arc::new(Control::default());
+        let (p, ph) = (phases.clone(), phase.clone());
+        const THREADS: usize = 2;
+        let load = churn(server.clone(), THREADS, control.clone(), move || {
+            p[ph.load(Ordering::SeqCst) as usize].clone()
+        })?;
+        let _stop_load = StopOnDrop(control.clone());
 
-    // Totals of the phase a connection started in: 1 once the new agent is ready.
-    let phases = Arc::new([Arc::new(Totals::default()), Arc::new(Totals::default())]);
-    let phase = Arc::new(AtomicU64::new(0));
-    let control = Arc::new(Control::default());
-    let (p, ph) = (phases.clone(), phase.clone());
-    const THREADS: usize = 2;
-    let load = churn(server.clone(), THREADS, control.clone(), move || {
-        p[ph.load(Ordering::SeqCst) as usize].clone()
-    });
-    let _stop_load = StopOnDrop(control.clone());
-
-    thread::sleep(Duration::from_secs(2));
-    let programs = program_ids(first.pid())?;
-    assert!(programs.len() >= 6, "the agent holds {} programs", programs.len());
-    let bound = first.stop_bound()?;
-    let (code, elapsed) = first.stop()?;
-    assert_eq!(code, Some(0), "exit code after SIGTERM under load");
-    assert!(elapsed < bound, "SIGTERM took {elapsed:?} (bound {bound:?})");
-    // Links are unhooked when the agent exits; the kernel frees BTF tracepoint programs
-    // after an RCU grace period, so give it a moment.
-    let mut left: Vec<u32> = programs.iter().copied().collect();
-    for _ in 0..40 {
-        left.retain(|&id| program_loaded(id));
-        if left.is_empty() {
-            break;
+        thread::sleep(Duration::from_secs(2));
+        let programs = program_ids(first.pid())?;
+        assert!(programs.len() >= 6, "the agent holds {} programs", programs.len());
+        let bound = first.stop_bound()?;
+        let (code, elapsed) = first.stop()?;
+        assert_eq!(code, Some(0), "exit code after SIGTERM under load");
+        assert!(elapsed < bound, "SIGTERM took {elapsed:?} (bound {bound:?})");
+        // Links are unhooked when the agent exits; the kernel frees BTF tracepoint programs
+        // after an RCU grace period, so give it a moment.
+        let mut left: Vec<u32> = programs.iter().copied().collect();
+        for _ in 0..40 {
+            left.retain(|&id| program_loaded(id));
+            if left.is_empty() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
         }
-        thread::sleep(Duration::from_millis(50));
-    }
-    assert!(left.is_empty(), "programs {left:?} of the stopped agent are still loaded after 2 s");
-
-    // Traffic goes on without an agent, then pauses between connections while the new
-    // agent starts, so every connection of phase 1 begins after it is ready.
-    thread::sleep(Duration::from_millis(500));
-    control.pause(THREADS as u64);
-    let second = Agent::start(&[])?;
-    phase.store(1, Ordering::SeqCst);
-    control.resume();
-    thread::sleep(Duration::from_secs(3));
-    control.stop.store(true, Ordering::Relaxed);
-    join_all(load)?;
-    for (i, totals) in phases.iter().enumerate() {
-        assert_eq!(totals.errors.load(Ordering::Relaxed), 0, "traffic failed in phase {i}");
-    }
-    let connections = phases[1].connections.load(Ordering::Relaxed) as f64;
-    let requests = phases[1].requests.load(Ordering::Relaxed) as f64;
-    assert!(phases[0].connections.load(Ordering::Relaxed) > 0 && connections > 0.0);
-
-    let scrape = second.scrape_until(WAIT, |s| {
-        closed(s, "client", &server) >= connections && closed(s, "server", &server) >= connections
-    })?;
-    eprintln!("restart: {connections} connections and {requests} requests after the restart");
-    for reason in REAL_LOSSES {
-        assert_eq!(lost(&scrape, reason), 0.0, "{reason}: {}", scrape.text);
-    }
-    for role in ["client", "server"] {
-        assert_eq!(opened(&scrape, role, &server), connections, "{role} opened: {}", scrape.text);
-        assert_eq!(closed(&scrape, role, &server), connections, "{role} closed");
-        assert_eq!(
-            scrape.sum("connscope_http_requests_total", &[("role", role), ("server", &server)]),
-            requests,
-            "{role} requests"
+        assert!(
+            left.is_empty(),
+            "programs {left:?} of the stopped agent are still loaded after 2 s"
         );
+
+        // Traffic goes on without an agent, then pauses between connections while the new
+        // agent starts, so every connection of phase 1 begins after it is ready.
+        thread::sleep(Duration::from_millis(500));
+        control.pause(THREADS as u64);
+        let second = Agent::start(&[])?;
+        phase.store(1, Ordering::SeqCst);
+        control.resume();
+        thread::sleep(Duration::from_secs(3));
+        control.stop.store(true, Ordering::Relaxed);
+        join_all(load)?;
+        for (i, totals) in phases.iter().enumerate() {
+            assert_eq!(totals.errors.load(Ordering::Relaxed), 0, "traffic failed in phase {i}");
+        }
+        let connections = phases[1].connections.load(Ordering::Relaxed) as f64;
+        let requests = phases[1].requests.load(Ordering::Relaxed) as f64;
+        assert!(phases[0].connections.load(Ordering::Relaxed) > 0 && connections > 0.0);
+
+        let scrape = second.scrape_until(WAIT, |s| {
+            closed(s, "client", &server) >= connections
+                && closed(s, "server", &server) >= connections
+        })?;
+        eprintln!("restart: {connections} connections and {requests} requests after the restart");
+        for reason in REAL_LOSSES {
+            assert_eq!(lost(&scrape, reason), 0.0, "{reason}: {}", scrape.text);
+        }
+        for role in ["client", "server"] {
+            assert_eq!(
+                opened(&scrape, role, &server),
+                connections,
+                "{role} opened: {}",
+                scrape.text
+            );
+            assert_eq!(closed(&scrape, role, &server), connections, "{role} closed");
+            assert_eq!(
+                scrape.sum("connscope_http_requests_total", &[("role", role), ("server", &server)]),
+                requests,
+                "{role} requests"
+            );
+        }
+        Ok(())
     }
-    Ok(())
-}
+);
 
 /// A separately spawned agent (the harness's `Agent` fixes `--metrics.max-servers`), with
 /// its log kept to check that no payload reaches it.
@@ -632,42 +648,39 @@ fn read_hostile_response(stream: &mut TcpStream) -> anyhow::Result<()> {
     }
 }
 
-/// 10k requests with distinct fake methods, hosts and paths, huge headers and invalid
-/// UTF-8, to 60 server addresses from 150 differently named threads: label cardinality
-/// stays within the caps, no payload byte reaches a label or the log, the agent stays up.
-#[test]
-fn hostile_payloads_keep_labels_bounded() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("hostile_payloads_keep_labels_bounded") {
-        return Ok(());
-    }
-    let _serial = exclusive();
-    const MAX_SERVERS: usize = 20;
-    const MAX_PROCESSES: usize = 30;
-    let agent = CappedAgent::start(&[
-        "--metrics.max-servers",
-        &MAX_SERVERS.to_string(),
-        "--metrics.max-processes",
-        &MAX_PROCESSES.to_string(),
-    ])?;
+kernel_test!(
+    /// 10k requests with distinct fake methods, hosts and paths, huge headers and invalid
+    /// UTF-8, to 60 server addresses from 150 differently named threads: label cardinality
+    /// stays within the caps, no payload byte reaches a label or the log, the agent stays up.
+    fn hostile_payloads_keep_labels_bounded() -> anyhow::Result<()> {
+        let _serial = exclusive();
+        const MAX_SERVERS: usize = 20;
+        const MAX_PROCESSES: usize = 30;
+        let agent = CappedAgent::start(&[
+            "--metrics.max-servers",
+            &MAX_SERVERS.to_string(),
+            "--metrics.max-processes",
+            &MAX_PROCESSES.to_string(),
+        ])?;
 
-    const SERVERS: usize = 60;
-    const THREADS: usize = 150;
-    const REQUESTS_PER_THREAD: usize = 67; // 10,050 requests in all
-    // 127.0.98.x: an address range no other test uses.
-    let mut servers = Vec::with_capacity(SERVERS);
-    let mut acceptors = Vec::with_capacity(SERVERS);
-    for i in 0..SERVERS {
-        let listener = TcpListener::bind(format!("127.0.98.{}:0", i + 1))?;
-        servers.push(listener.local_addr()?.to_string());
-        acceptors.push(hostile_server(listener));
-    }
-    let failures = Arc::new(AtomicU64::new(0));
-    for batch in 0..THREADS / 15 {
-        let mut clients = Vec::new();
-        for t in batch * 15..(batch + 1) * 15 {
-            let server = servers[t % SERVERS].clone();
-            let failures = failures.clone();
-            clients.push(thread::Builder::new().name(format!("cs-hostile-{t:03}")).spawn(move || {
+        const SERVERS: usize = 60;
+        const THREADS: usize = 150;
+        const REQUESTS_PER_THREAD: usize = 67; // 10,050 requests in all
+        // 127.0.98.x: an address range no other test uses.
+        let mut servers = Vec::with_capacity(SERVERS);
+        let mut acceptors = Vec::with_capacity(SERVERS);
+        for i in 0..SERVERS {
+            let listener = TcpListener::bind(format!("127.0.98.{}:0", i + 1))?;
+            servers.push(listener.local_addr()?.to_string());
+            acceptors.push(hostile_server(listener));
+        }
+        let failures = Arc::new(AtomicU64::new(0));
+        for batch in 0..THREADS / 15 {
+            let mut clients = Vec::new();
+            for t in batch * 15..(batch + 1) * 15 {
+                let server = servers[t % SERVERS].clone();
+                let failures = failures.clone();
+                clients.push(thread::Builder::new().name(format!("cs-hostile-{t:03}")).spawn(move || {
                 let run = || -> anyhow::Result<()> {
                     let mut stream = TcpStream::connect(&server)?;
                     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -694,77 +707,81 @@ fn hostile_payloads_keep_labels_bounded() -> anyhow::Result<()> {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
             })?);
+            }
+            for client in clients {
+                client.join().map_err(|_| anyhow::anyhow!("client panicked"))?;
+            }
         }
-        for client in clients {
-            client.join().map_err(|_| anyhow::anyhow!("client panicked"))?;
-        }
-    }
-    assert_eq!(failures.load(Ordering::Relaxed), 0, "hostile clients failed");
+        assert_eq!(failures.load(Ordering::Relaxed), 0, "hostile clients failed");
 
-    let scrape = agent.scrape_until_closed(THREADS)?;
-    let mut server_values = BTreeSet::new();
-    let mut process_values = BTreeSet::new();
-    for sample in &scrape.samples {
-        if let Some(v) = sample.labels.get("server") {
-            server_values.insert(v.clone());
+        let scrape = agent.scrape_until_closed(THREADS)?;
+        let mut server_values = BTreeSet::new();
+        let mut process_values = BTreeSet::new();
+        for sample in &scrape.samples {
+            if let Some(v) = sample.labels.get("server") {
+                server_values.insert(v.clone());
+            }
+            if let Some(v) = sample.labels.get("process") {
+                process_values.insert(v.clone());
+            }
+            for value in sample.labels.values() {
+                assert!(
+                    !value.contains("evil") && !value.contains("EVIL"),
+                    "payload in a label: {value:?}"
+                );
+            }
         }
-        if let Some(v) = sample.labels.get("process") {
-            process_values.insert(v.clone());
-        }
-        for value in sample.labels.values() {
-            assert!(
-                !value.contains("evil") && !value.contains("EVIL"),
-                "payload in a label: {value:?}"
+        eprintln!(
+            "hostile: {} server values, {} process values",
+            server_values.len(),
+            process_values.len()
+        );
+        // The cap plus "other".
+        assert!(
+            server_values.len() <= MAX_SERVERS + 1,
+            "{} server values: {server_values:?}",
+            server_values.len()
+        );
+        // The cap plus "other" and "unknown".
+        assert!(
+            process_values.len() <= MAX_PROCESSES + 2,
+            "{} process values: {process_values:?}",
+            process_values.len()
+        );
+        assert!(
+            server_values.contains("other") && process_values.contains("other"),
+            "the caps were not reached"
+        );
+        assert!(
+            !scrape.text.contains("evil") && !scrape.text.contains("EVIL"),
+            "payload in /metrics"
+        );
+        // `Keep-Alive: timeout=-1` is not a timeout: no advertised value for these servers.
+        for server in &servers {
+            assert_eq!(
+                scrape
+                    .matching(
+                        "connscope_http_keepalive_advertised_timeout_seconds",
+                        &[("server", server)]
+                    )
+                    .count(),
+                0,
+                "{server}"
             );
         }
-    }
-    eprintln!(
-        "hostile: {} server values, {} process values",
-        server_values.len(),
-        process_values.len()
-    );
-    // The cap plus "other".
-    assert!(
-        server_values.len() <= MAX_SERVERS + 1,
-        "{} server values: {server_values:?}",
-        server_values.len()
-    );
-    // The cap plus "other" and "unknown".
-    assert!(
-        process_values.len() <= MAX_PROCESSES + 2,
-        "{} process values: {process_values:?}",
-        process_values.len()
-    );
-    assert!(
-        server_values.contains("other") && process_values.contains("other"),
-        "the caps were not reached"
-    );
-    assert!(!scrape.text.contains("evil") && !scrape.text.contains("EVIL"), "payload in /metrics");
-    // `Keep-Alive: timeout=-1` is not a timeout: no advertised value for these servers.
-    for server in &servers {
-        assert_eq!(
-            scrape
-                .matching(
-                    "connscope_http_keepalive_advertised_timeout_seconds",
-                    &[("server", server)]
-                )
-                .count(),
-            0,
-            "{server}"
+        assert_eq!(lost(&scrape, "decode_error"), 0.0);
+        assert_eq!(http_get(agent.address, "/healthz")?.0, 200);
+        let log = std::fs::read(&agent.log)?;
+        let log = String::from_utf8_lossy(&log);
+        assert!(
+            !log.contains("evil") && !log.contains("EVIL") && !log.contains("bbbbbbbb"),
+            "payload in the log:\n{log}"
         );
+        assert!(!log.contains("panicked"), "{log}");
+        drop(acceptors);
+        Ok(())
     }
-    assert_eq!(lost(&scrape, "decode_error"), 0.0);
-    assert_eq!(http_get(agent.address, "/healthz")?.0, 200);
-    let log = std::fs::read(&agent.log)?;
-    let log = String::from_utf8_lossy(&log);
-    assert!(
-        !log.contains("evil") && !log.contains("EVIL") && !log.contains("bbbbbbbb"),
-        "payload in the log:\n{log}"
-    );
-    assert!(!log.contains("panicked"), "{log}");
-    drop(acceptors);
-    Ok(())
-}
+);
 
 impl CappedAgent {
     /// Scrapes until at least `connections` client closes to the hostile servers are seen.
@@ -782,63 +799,61 @@ impl CappedAgent {
     }
 }
 
-/// A request head written in pieces, the first ending at a line end ("GET / HTTP/1.1\r\n",
-/// then the headers): the turn's captured head is a partial head that ends exactly on a
-/// CRLF. Found by the `http_head` fuzz target; the agent must keep running and count it.
-#[test]
-fn head_split_at_a_line_end_does_not_stop_the_agent() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("head_split_at_a_line_end_does_not_stop_the_agent") {
-        return Ok(());
-    }
-    let _serial = exclusive();
-    let agent = CappedAgent::start(&[])?;
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let server = listener.local_addr()?.to_string();
-    const N: usize = 3;
-    let acceptor = thread::spawn(move || {
-        for _ in 0..N {
-            let (mut stream, _) = listener.accept()?;
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.ends_with(b"\r\n\r\n") {
-                let n = stream.read(&mut buf)?;
-                ensure!(n > 0, "closed before the head ended");
-                head.extend_from_slice(&buf[..n]);
+kernel_test!(
+    /// A request head written in pieces, the first ending at a line end ("GET / HTTP/1.1\r\n",
+    /// then the headers): the turn's captured head is a partial head that ends exactly on a
+    /// CRLF. Found by the `http_head` fuzz target; the agent must keep running and count it.
+    fn head_split_at_a_line_end_does_not_stop_the_agent() -> anyhow::Result<()> {
+        let _serial = exclusive();
+        let agent = CappedAgent::start(&[])?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let server = listener.local_addr()?.to_string();
+        const N: usize = 3;
+        let acceptor = thread::spawn(move || {
+            for _ in 0..N {
+                let (mut stream, _) = listener.accept()?;
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.ends_with(b"\r\n\r\n") {
+                    let n = stream.read(&mut buf)?;
+                    ensure!(n > 0, "closed before the head ended");
+                    head.extend_from_slice(&buf[..n]);
+                }
+                stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                )?;
             }
-            stream.write_all(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-            )?;
+            anyhow::Ok(())
+        });
+        for _ in 0..N {
+            let mut client = TcpStream::connect(&server)?;
+            client.set_nodelay(true)?;
+            client.write_all(b"GET / HTTP/1.1\r\n")?;
+            thread::sleep(Duration::from_millis(20));
+            client.write_all(b"Host: split\r\n\r\n")?;
+            let mut response = Vec::new();
+            client.read_to_end(&mut response)?;
         }
-        anyhow::Ok(())
-    });
-    for _ in 0..N {
-        let mut client = TcpStream::connect(&server)?;
-        client.set_nodelay(true)?;
-        client.write_all(b"GET / HTTP/1.1\r\n")?;
-        thread::sleep(Duration::from_millis(20));
-        client.write_all(b"Host: split\r\n\r\n")?;
-        let mut response = Vec::new();
-        client.read_to_end(&mut response)?;
+        acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
+        thread::sleep(Duration::from_millis(300));
+        let mut agent = agent;
+        let exited = agent.child.try_wait()?;
+        let log = String::from_utf8_lossy(&std::fs::read(&agent.log)?).into_owned();
+        assert!(exited.is_none(), "the agent stopped ({exited:?}):\n{log}");
+        let scrape = agent.scrape_until_closed_on(&server, 2 * N).with_context(|| {
+            format!(
+                "the agent stopped answering; its log:\n{}",
+                String::from_utf8_lossy(&std::fs::read(&agent.log).unwrap_or_default())
+            )
+        })?;
+        assert_eq!(opened(&scrape, "client", &server), N as f64, "{}", scrape.text);
+        assert_eq!(
+            scrape.sum("connscope_http_requests_total", &[("role", "client"), ("server", &server)]),
+            N as f64
+        );
+        Ok(())
     }
-    acceptor.join().map_err(|_| anyhow::anyhow!("acceptor panicked"))??;
-    thread::sleep(Duration::from_millis(300));
-    let mut agent = agent;
-    let exited = agent.child.try_wait()?;
-    let log = String::from_utf8_lossy(&std::fs::read(&agent.log)?).into_owned();
-    assert!(exited.is_none(), "the agent stopped ({exited:?}):\n{log}");
-    let scrape = agent.scrape_until_closed_on(&server, 2 * N).with_context(|| {
-        format!(
-            "the agent stopped answering; its log:\n{}",
-            String::from_utf8_lossy(&std::fs::read(&agent.log).unwrap_or_default())
-        )
-    })?;
-    assert_eq!(opened(&scrape, "client", &server), N as f64, "{}", scrape.text);
-    assert_eq!(
-        scrape.sum("connscope_http_requests_total", &[("role", "client"), ("server", &server)]),
-        N as f64
-    );
-    Ok(())
-}
+);
 
 impl CappedAgent {
     /// Scrapes until `closes` connections to `server` (both roles) have closed.

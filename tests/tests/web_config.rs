@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use connscope_tests::{agent_binary, free_port, kernel_tests_enabled, prometheus::Prometheus};
+use connscope_tests::{agent_binary, free_port, kernel_test, prometheus::Prometheus};
 
 /// Test certificates made with openssl: a CA, a server certificate for 127.0.0.1 and a
 /// client certificate, all in a directory of their own.
@@ -172,129 +172,140 @@ fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
     Ok((status.trim().parse().unwrap_or(0), body.to_owned()))
 }
 
-#[test]
-fn prometheus_scrapes_over_tls_with_basic_auth_and_client_certificate() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("prometheus_scrapes_over_tls_with_basic_auth_and_client_certificate") {
-        return Ok(());
-    }
-    let pki = Pki::create("prometheus")?;
-    let web_config = pki.web_config("RequireAndVerifyClientCert", &[("prometheus", "s3cret")])?;
-    let (client_crt, client_key) = (pki.path("client.crt"), pki.path("client.key"));
-    let (client_crt, client_key) = (client_crt.to_string_lossy(), client_key.to_string_lossy());
-    let credentials = ["--cert", &client_crt, "--key", &client_key, "-u", "prometheus:s3cret"];
-    let agent = TlsAgent::start(&web_config, &pki, &credentials)?;
-    // Without a client certificate the handshake fails: no HTTP answer at all.
-    let (status, body) = agent.curl(&pki, "/metrics", &["-u", "prometheus:s3cret"])?;
-    assert_eq!(status, 0, "no client certificate must be refused: {body}");
+kernel_test!(
+    fn prometheus_scrapes_over_tls_with_basic_auth_and_client_certificate() -> anyhow::Result<()> {
+        let pki = Pki::create("prometheus")?;
+        let web_config =
+            pki.web_config("RequireAndVerifyClientCert", &[("prometheus", "s3cret")])?;
+        let (client_crt, client_key) = (pki.path("client.crt"), pki.path("client.key"));
+        let (client_crt, client_key) = (client_crt.to_string_lossy(), client_key.to_string_lossy());
+        let credentials = ["--cert", &client_crt, "--key", &client_key, "-u", "prometheus:s3cret"];
+        let agent = TlsAgent::start(&web_config, &pki, &credentials)?;
+        // Without a client certificate the handshake fails: no HTTP answer at all.
+        let (status, body) = agent.curl(&pki, "/metrics", &["-u", "prometheus:s3cret"])?;
+        assert_eq!(status, 0, "no client certificate must be refused: {body}");
 
-    let job = format!(
-        "    scheme: https\n    tls_config:\n      ca_file: {}\n      cert_file: {client_crt}\n      key_file: {client_key}\n\
+        let job = format!(
+            "    scheme: https\n    tls_config:\n      ca_file: {}\n      cert_file: {client_crt}\n      key_file: {client_key}\n\
          \x20   basic_auth:\n      username: prometheus\n      password: s3cret\n",
-        pki.path("ca.crt").display(),
-    );
-    let prometheus = Prometheus::start("tls", &format!("127.0.0.1:{}", agent.port), &job, &[])?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let up = loop {
-        let up = prometheus.query("up{job=\"connscope\"}")?;
-        let value = up.first().and_then(|sample| sample["value"][1].as_str()).map(str::to_owned);
-        if value.as_deref() == Some("1") || Instant::now() > deadline {
-            break value;
+            pki.path("ca.crt").display(),
+        );
+        let prometheus = Prometheus::start("tls", &format!("127.0.0.1:{}", agent.port), &job, &[])?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let up = loop {
+            let up = prometheus.query("up{job=\"connscope\"}")?;
+            let value =
+                up.first().and_then(|sample| sample["value"][1].as_str()).map(str::to_owned);
+            if value.as_deref() == Some("1") || Instant::now() > deadline {
+                break value;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        assert_eq!(up.as_deref(), Some("1"), "Prometheus scraping over TLS + basic auth");
+        let build = prometheus.query("connscope_build_info")?;
+        assert_eq!(build.len(), 1, "the scrape carried the agent's metrics: {build:?}");
+        Ok(())
+    }
+);
+
+kernel_test!(
+    fn tls_port_demands_credentials_and_refuses_plain_http() -> anyhow::Result<()> {
+        let pki = Pki::create("auth")?;
+        let web_config = pki.web_config("VerifyClientCertIfGiven", &[("prometheus", "s3cret")])?;
+        let mut agent = TlsAgent::start(&web_config, &pki, &["-u", "prometheus:s3cret"])?;
+
+        for path in ["/metrics", "/healthz", "/readyz", "/"] {
+            let (status, _) = agent.curl(&pki, path, &[])?;
+            assert_eq!(status, 401, "{path} without credentials");
+            let (status, _) = agent.curl(&pki, path, &["-u", "prometheus:wrong"])?;
+            assert_eq!(status, 401, "{path} with a wrong password");
+            let (status, _) = agent.curl(&pki, path, &["-u", "nobody:s3cret"])?;
+            assert_eq!(status, 401, "{path} with an unknown user");
         }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    assert_eq!(up.as_deref(), Some("1"), "Prometheus scraping over TLS + basic auth");
-    let build = prometheus.query("connscope_build_info")?;
-    assert_eq!(build.len(), 1, "the scrape carried the agent's metrics: {build:?}");
-    Ok(())
-}
+        let (status, headers) = agent.curl(&pki, "/metrics", &["-o", "/dev/null", "-D", "-"])?;
+        assert_eq!(status, 401);
+        assert!(headers.to_ascii_lowercase().contains("www-authenticate: basic"), "{headers}");
+        let (status, body) = agent.curl(&pki, "/metrics", &["-u", "prometheus:s3cret"])?;
+        assert_eq!(status, 200);
+        assert!(body.contains("connscope_build_info{"), "metrics over TLS: {body:.200}");
+        // Cached verdicts: a scrape with known credentials costs no bcrypt (cost 5 here, ~2 ms;
+        // what matters is that repeated scrapes stay correct).
+        for _ in 0..3 {
+            assert_eq!(agent.curl(&pki, "/healthz", &["-u", "prometheus:s3cret"])?.0, 200);
+            assert_eq!(agent.curl(&pki, "/healthz", &["-u", "prometheus:wrong"])?.0, 401);
+        }
 
-#[test]
-fn tls_port_demands_credentials_and_refuses_plain_http() -> anyhow::Result<()> {
-    if !kernel_tests_enabled("tls_port_demands_credentials_and_refuses_plain_http") {
-        return Ok(());
+        // `connscope flows` with the client side of the same settings.
+        let password_file = pki.path("password");
+        std::fs::write(&password_file, "s3cret\n")?;
+        let ca = pki.path("ca.crt");
+        let flows = |extra: &[&str]| {
+            Command::new(agent_binary())
+                .args([
+                    "flows",
+                    "--url",
+                    &agent.url("https", ""),
+                    "--interval",
+                    "0",
+                    "--tls.ca-file",
+                ])
+                .arg(&ca)
+                .args(["--basic-auth.username", "prometheus"])
+                .args(extra)
+                .output()
+        };
+        let output = flows(&["--basic-auth.password-file", &password_file.to_string_lossy()])?;
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(String::from_utf8_lossy(&output.stdout).contains("totals since the agent started"));
+        let output = flows(&["--basic-auth.password", "wrong"])?;
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("401"), "{output:?}");
+
+        // Plain HTTP on the TLS port: no HTTP answer, no metrics.
+        let (status, body) = curl(&[&agent.url("http", "/metrics")])?;
+        assert_ne!(status, 200);
+        assert!(!body.contains("connscope_"), "plain HTTP must not get metrics: {body:.200}");
+
+        // A new user in the file applies without a restart.
+        pki.web_config(
+            "VerifyClientCertIfGiven",
+            &[("prometheus", "s3cret"), ("grafana", "other")],
+        )?;
+        assert_eq!(
+            agent.curl(&pki, "/metrics", &["-o", "/dev/null", "-u", "grafana:other"])?.0,
+            200
+        );
+
+        // A renewed certificate from another CA is served on the next connection.
+        pki.ca("ca2")?;
+        pki.signed("server", "ca2", "subjectAltName=IP:127.0.0.1")?;
+        let ca2 = pki.path("ca2.crt").to_string_lossy().into_owned();
+        let renewed = curl(&[
+            "--cacert",
+            &ca2,
+            "-u",
+            "prometheus:s3cret",
+            "-o",
+            "/dev/null",
+            &agent.url("https", "/healthz"),
+        ])?;
+        assert_eq!(renewed.0, 200, "the renewed certificate is served");
+        assert_eq!(
+            agent.curl(&pki, "/healthz", &["-u", "prometheus:s3cret"])?.0,
+            0,
+            "old CA no longer matches"
+        );
+        // SIGHUP reads the files again and does not end the agent.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(agent.child.try_wait()?.is_none(), "SIGHUP must not stop the agent");
+        let after_hangup =
+            curl(&["--cacert", &ca2, "-u", "prometheus:s3cret", &agent.url("https", "/healthz")])?;
+        assert_eq!(after_hangup.0, 200);
+        Ok(())
     }
-    let pki = Pki::create("auth")?;
-    let web_config = pki.web_config("VerifyClientCertIfGiven", &[("prometheus", "s3cret")])?;
-    let mut agent = TlsAgent::start(&web_config, &pki, &["-u", "prometheus:s3cret"])?;
-
-    for path in ["/metrics", "/healthz", "/readyz", "/"] {
-        let (status, _) = agent.curl(&pki, path, &[])?;
-        assert_eq!(status, 401, "{path} without credentials");
-        let (status, _) = agent.curl(&pki, path, &["-u", "prometheus:wrong"])?;
-        assert_eq!(status, 401, "{path} with a wrong password");
-        let (status, _) = agent.curl(&pki, path, &["-u", "nobody:s3cret"])?;
-        assert_eq!(status, 401, "{path} with an unknown user");
-    }
-    let (status, headers) = agent.curl(&pki, "/metrics", &["-o", "/dev/null", "-D", "-"])?;
-    assert_eq!(status, 401);
-    assert!(headers.to_ascii_lowercase().contains("www-authenticate: basic"), "{headers}");
-    let (status, body) = agent.curl(&pki, "/metrics", &["-u", "prometheus:s3cret"])?;
-    assert_eq!(status, 200);
-    assert!(body.contains("connscope_build_info{"), "metrics over TLS: {body:.200}");
-    // Cached verdicts: a scrape with known credentials costs no bcrypt (cost 5 here, ~2 ms;
-    // what matters is that repeated scrapes stay correct).
-    for _ in 0..3 {
-        assert_eq!(agent.curl(&pki, "/healthz", &["-u", "prometheus:s3cret"])?.0, 200);
-        assert_eq!(agent.curl(&pki, "/healthz", &["-u", "prometheus:wrong"])?.0, 401);
-    }
-
-    // `connscope flows` with the client side of the same settings.
-    let password_file = pki.path("password");
-    std::fs::write(&password_file, "s3cret\n")?;
-    let ca = pki.path("ca.crt");
-    let flows = |extra: &[&str]| {
-        Command::new(agent_binary())
-            .args(["flows", "--url", &agent.url("https", ""), "--interval", "0", "--tls.ca-file"])
-            .arg(&ca)
-            .args(["--basic-auth.username", "prometheus"])
-            .args(extra)
-            .output()
-    };
-    let output = flows(&["--basic-auth.password-file", &password_file.to_string_lossy()])?;
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(String::from_utf8_lossy(&output.stdout).contains("totals since the agent started"));
-    let output = flows(&["--basic-auth.password", "wrong"])?;
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("401"), "{output:?}");
-
-    // Plain HTTP on the TLS port: no HTTP answer, no metrics.
-    let (status, body) = curl(&[&agent.url("http", "/metrics")])?;
-    assert_ne!(status, 200);
-    assert!(!body.contains("connscope_"), "plain HTTP must not get metrics: {body:.200}");
-
-    // A new user in the file applies without a restart.
-    pki.web_config("VerifyClientCertIfGiven", &[("prometheus", "s3cret"), ("grafana", "other")])?;
-    assert_eq!(agent.curl(&pki, "/metrics", &["-o", "/dev/null", "-u", "grafana:other"])?.0, 200);
-
-    // A renewed certificate from another CA is served on the next connection.
-    pki.ca("ca2")?;
-    pki.signed("server", "ca2", "subjectAltName=IP:127.0.0.1")?;
-    let ca2 = pki.path("ca2.crt").to_string_lossy().into_owned();
-    let renewed = curl(&[
-        "--cacert",
-        &ca2,
-        "-u",
-        "prometheus:s3cret",
-        "-o",
-        "/dev/null",
-        &agent.url("https", "/healthz"),
-    ])?;
-    assert_eq!(renewed.0, 200, "the renewed certificate is served");
-    assert_eq!(
-        agent.curl(&pki, "/healthz", &["-u", "prometheus:s3cret"])?.0,
-        0,
-        "old CA no longer matches"
-    );
-    // SIGHUP reads the files again and does not end the agent.
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.child.id() as i32, libc::SIGHUP) };
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(agent.child.try_wait()?.is_none(), "SIGHUP must not stop the agent");
-    let after_hangup =
-        curl(&["--cacert", &ca2, "-u", "prometheus:s3cret", &agent.url("https", "/healthz")])?;
-    assert_eq!(after_hangup.0, 200);
-    Ok(())
-}
+);
 
 fn start_with(web_config: &Path) -> anyhow::Result<Output> {
     Ok(Command::new(agent_binary())

@@ -1,20 +1,11 @@
 //! Project tooling: `cargo xtask <command>`. Everything a fresh Debian 12 machine needs is
 //! installed by `setup`, which every other command runs first (fast when already done).
 
-mod bench;
-mod binaries;
-mod debian_packages;
-mod demo;
-mod fuzz;
-mod node_tools;
-mod setup;
-mod test;
-mod vm;
+use std::time::Duration;
 
-use std::{os::unix::process::CommandExt as _, path::PathBuf, process::Command, time::Duration};
-
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
+use xtask::{bench, demo, fuzz, run, setup, test, vm};
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "connscope project tooling")]
@@ -81,7 +72,7 @@ enum Task {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Task::Setup => setup::run(),
-        Task::Run { demo: false, args } => run(&args),
+        Task::Run { demo: false, args } => run::run(&args),
         Task::Run { demo: true, args } => {
             if !args.is_empty() {
                 bail!("`cargo xtask run --demo` takes no agent arguments (got {args:?})");
@@ -102,54 +93,4 @@ fn main() -> anyhow::Result<()> {
         Task::Bench => bench::run(),
         Task::Fuzz { seconds } => fuzz::run(seconds.unwrap_or_else(fuzz::seconds_from_env)),
     }
-}
-
-/// The workspace root (xtask lives one level below it).
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `cargo` as invoked by the user (so the same toolchain is used).
-pub fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
-    cmd.current_dir(workspace_root());
-    cmd
-}
-
-/// Runs a command and fails with its description when it does not succeed.
-pub fn run_checked(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
-    if !status.success() {
-        bail!("{cmd:?} failed: {status}");
-    }
-    Ok(())
-}
-
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn run(args: &[String]) -> anyhow::Result<()> {
-    setup::run()?;
-    let binary = binaries::release_agent()?;
-    let listen = args
-        .iter()
-        .position(|a| a == "--web.listen-address")
-        .and_then(|i| args.get(i + 1))
-        .map(String::as_str)
-        .or_else(|| args.iter().find_map(|a| a.strip_prefix("--web.listen-address=")))
-        .unwrap_or(":9477");
-    let port = listen.rsplit(':').next().unwrap_or("9477");
-    eprintln!("starting connscope; metrics at http://localhost:{port}/metrics (Ctrl-C stops it)");
-    let mut cmd = if is_root() {
-        Command::new(&binary)
-    } else {
-        eprintln!("not root: starting it with sudo (it needs CAP_BPF and CAP_PERFMON)");
-        let mut sudo = Command::new("sudo");
-        sudo.arg(&binary);
-        sudo
-    };
-    let err = cmd.args(args).exec();
-    bail!("starting {}: {err}", binary.display())
 }
