@@ -1,9 +1,6 @@
 //! The agent's life: checks, listen, load and attach, drain events until a signal, detach.
 
 use std::{
-    io,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::Path,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
 };
@@ -18,6 +15,7 @@ use crate::{
     config::Config,
     exposition::{
         kernel_stats::{LossCollector, UserLosses},
+        listen,
         metrics::Metrics,
         server::{self, AppState},
     },
@@ -29,7 +27,7 @@ use crate::{
         tls_uprobes::{self, TlsUprobes},
     },
     model::{
-        label_sets::{Build, Probe, SkipReason},
+        label_sets::{Build, Probe},
         metric_table::PREFIX,
     },
     pipeline::{
@@ -63,9 +61,9 @@ impl Agent {
             Arc::new(crate::exposition::web::WebSettings::load(config.web_config_file.as_deref())?);
         preflight::check_privileges()?;
         // Bind first: a busy port is reported before anything is loaded into the kernel.
-        let listener = bind(config.listen_address).await?;
+        let listener = listen::bind(config.listen_address).await?;
         preflight::ensure_tracefs()?;
-        raise_memlock_limit();
+        preflight::raise_memlock_limit();
 
         let pins = config.pin_path.as_deref().and_then(|dir| {
             Pins::prepare(dir, &config)
@@ -109,13 +107,13 @@ impl Agent {
         {
             tls.pin_links(links.join("tls"));
         }
-        read_existing_connections(&mut probes, &metrics)?;
+        adoption::read_existing_connections(&mut probes, &metrics)?;
         let losses = Arc::new(UserLosses::default());
         let mut registry = Registry::with_prefix(PREFIX);
         metrics.register(&mut registry);
         tls_status.register(&mut registry);
         registry.register_collector(Box::new(LossCollector::new(
-            PerCpuArray::try_from(take_map(&mut probes, map::LOST)?)?,
+            PerCpuArray::try_from(probes.take_map(map::LOST)?)?,
             losses.clone(),
         )));
         let state = Arc::new(AppState::new(registry));
@@ -127,12 +125,12 @@ impl Agent {
         let (events, backlog) = match drained {
             // The same ring buffer, read on from where the drain stopped.
             Some(Drained { ring, backlog }) => (ring, Some(backlog)),
-            None => (RingBuf::try_from(take_map(&mut probes, map::EVENTS)?)?, None),
+            None => (RingBuf::try_from(probes.take_map(map::EVENTS)?)?, None),
         };
         // SAFETY: the ring buffer owns its map fd and keeps it open until the AsyncFd drops it.
         let ring = unsafe { AsyncFd::register(events) }
             .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
-        let conns = HashMap::try_from(take_map(&mut probes, map::CONNS)?)?;
+        let conns = HashMap::try_from(probes.take_map(map::CONNS)?)?;
         let placement =
             KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
         let counters = EventCounters::new(&metrics);
@@ -145,8 +143,8 @@ impl Agent {
         );
         let (handover, carried) = match &probes.pins {
             Some(_) => (
-                Some(HashMap::try_from(take_map(&mut probes, map::HANDOVER)?)?),
-                Some(HashMap::try_from(take_map(&mut probes, map::CARRIED_METRICS)?)?),
+                Some(HashMap::try_from(probes.take_map(map::HANDOVER)?)?),
+                Some(HashMap::try_from(probes.take_map(map::CARRIED_METRICS)?)?),
             ),
             None => (None, None),
         };
@@ -176,7 +174,7 @@ impl Agent {
         tracing::info!(
             address = %config.listen_address,
             "connscope ready: metrics on http://{}/metrics",
-            display_address(config.listen_address)
+            listen::display_address(config.listen_address)
         );
 
         // The kernel wakes us only when enough is queued (agent-ebpf/src/maps.rs); the timer
@@ -250,33 +248,10 @@ impl Agent {
         pipeline.hand_over();
         state.scrapes.counts_final();
         drop(pipeline);
-        serve_final_counts(&state, signalled).await;
+        server::serve_final_counts(&state, signalled).await;
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
         Ok(())
-    }
-}
-
-/// A scraper that polls the stopping agent (it scraped in this long before the signal, or
-/// after it: a bench, a test) is waited for, this long at most, so that its last answer
-/// holds the counts the handover says were exported: what was counted after that answer
-/// would otherwise be counted by no agent. Before the signal too: with the uprobes pinned a
-/// stop can be over in milliseconds, before the poller's next scrape arrives.
-const FINAL_SCRAPE_WAIT: Duration = Duration::from_millis(300);
-/// Time for the answer's bytes to leave the process after it was encoded.
-const ANSWER_FLUSH: Duration = Duration::from_millis(20);
-
-async fn serve_final_counts(state: &AppState, signalled: Instant) {
-    let polled_since = signalled.checked_sub(FINAL_SCRAPE_WAIT).unwrap_or(signalled);
-    if !state.scrapes.scraped_since(polled_since) {
-        return;
-    }
-    let deadline = Instant::now() + FINAL_SCRAPE_WAIT;
-    while state.scrapes.final_answers() == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    if state.scrapes.final_answers() > 0 {
-        tokio::time::sleep(ANSWER_FLUSH).await;
     }
 }
 
@@ -287,7 +262,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// `connscope bench-floor`: the benchmark's floor arm, attached until SIGTERM/SIGINT.
 pub async fn run_floor(config: Config) -> anyhow::Result<()> {
     preflight::check_privileges()?;
-    raise_memlock_limit();
+    preflight::raise_memlock_limit();
     let floor = probes::load_floor(&config)?;
     eprintln!(
         "connscope: floor attached (sock_send_length, sock_recv_length, inet_sock_set_state, tcp_destroy_sock)"
@@ -296,87 +271,4 @@ pub async fn run_floor(config: Config) -> anyhow::Result<()> {
     tracing::info!("{name} received, detaching the floor arm");
     drop(floor);
     Ok(())
-}
-
-/// Gives the kernel the ports that were listening before it attached, so connections older
-/// than the agent are adopted with the right role (see `adoption`); where they cannot be
-/// adopted, counts them as skipped (`reason="backend"`) and says why in one line.
-fn read_existing_connections(probes: &mut probes::Probes, metrics: &Metrics) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut scan = adoption::scan_listening(Path::new("/proc"));
-    let written = match probes.no_adoption {
-        None => {
-            let mut ports = HashMap::try_from(take_map(probes, map::LISTEN_PORTS)?)?;
-            adoption::seed(&mut ports, &scan)
-        }
-        Some(why) => {
-            tracing::warn!(
-                connections = scan.established,
-                "connections older than the agent are not adopted: {why}"
-            );
-            scan.skip_established();
-            0
-        }
-    };
-    for reason in adoption::Skip::ALL {
-        let skipped = scan.skipped.get(&reason).copied().unwrap_or(0);
-        let labels = SkipReason { reason: reason.label().into() };
-        metrics.adoption_skipped.get_or_create(&labels).inc_by(skipped);
-    }
-    tracing::info!(
-        namespaces = scan.namespaces,
-        ports = written,
-        skipped = scan.skipped.values().sum::<u64>(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "listening ports read for adopting older connections"
-    );
-    Ok(())
-}
-
-fn take_map(probes: &mut probes::Probes, name: &str) -> anyhow::Result<aya::maps::Map> {
-    probes.ebpf.take_map(name).ok_or_else(|| anyhow!("{name} map missing from the eBPF object"))
-}
-
-async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
-    match TcpListener::bind(address).await {
-        Ok(listener) => Ok(listener),
-        // ":port" means all addresses; hosts without IPv6 only have the IPv4 wildcard.
-        Err(err)
-            if address.ip().is_unspecified()
-                && address.is_ipv6()
-                && err.kind() != io::ErrorKind::AddrInUse =>
-        {
-            let v4 = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), address.port());
-            TcpListener::bind(v4).await.map_err(|err| listen_error(v4, &err))
-        }
-        Err(err) => Err(listen_error(address, &err)),
-    }
-}
-
-fn listen_error(address: SocketAddr, err: &io::Error) -> anyhow::Error {
-    if err.kind() == io::ErrorKind::AddrInUse {
-        anyhow!(
-            "cannot listen on {address}: the port is already in use (another connscope?); \
-             pick another with --web.listen-address"
-        )
-    } else {
-        anyhow!("cannot listen on {address}: {err}")
-    }
-}
-
-fn display_address(address: SocketAddr) -> String {
-    if address.ip().is_unspecified() {
-        format!("localhost:{}", address.port())
-    } else {
-        address.to_string()
-    }
-}
-
-/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK; newer ones ignore it.
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
-    // SAFETY: plain syscall with a valid pointer to a local struct.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
-    }
 }

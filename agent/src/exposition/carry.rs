@@ -180,10 +180,7 @@ mod tests {
     }
 
     fn exposition(metrics: &Metrics) -> String {
-        let Some(text) = encode(metrics).ok().and_then(|blob| decompress(&blob)) else {
-            panic!("encoding failed")
-        };
-        text
+        decompress(&encode(metrics).expect("encoding")).expect("decompressing")
     }
 
     /// The carried families' lines of an exposition (what the next agent must export).

@@ -8,6 +8,7 @@ pub mod family;
 pub mod flow_series;
 pub mod kernel_stats;
 pub mod labels;
+pub mod listen;
 pub mod metrics;
 pub mod scrape_cache;
 pub mod server;

@@ -303,6 +303,29 @@ fn unauthorized() -> Response<Full<Bytes>> {
     response
 }
 
+/// A scraper that polls the stopping agent (it scraped in this long before the signal, or
+/// after it: a bench, a test) is waited for, this long at most, so that its last answer
+/// holds the counts the handover says were exported: what was counted after that answer
+/// would otherwise be counted by no agent. Before the signal too: with the uprobes pinned a
+/// stop can be over in milliseconds, before the poller's next scrape arrives.
+const FINAL_SCRAPE_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+/// Time for the answer's bytes to leave the process after it was encoded.
+const ANSWER_FLUSH: std::time::Duration = std::time::Duration::from_millis(20);
+
+pub async fn serve_final_counts(state: &AppState, signalled: std::time::Instant) {
+    let polled_since = signalled.checked_sub(FINAL_SCRAPE_WAIT).unwrap_or(signalled);
+    if !state.scrapes.scraped_since(polled_since) {
+        return;
+    }
+    let deadline = std::time::Instant::now() + FINAL_SCRAPE_WAIT;
+    while state.scrapes.final_answers() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    if state.scrapes.final_answers() > 0 {
+        tokio::time::sleep(ANSWER_FLUSH).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt as _;

@@ -329,7 +329,7 @@ connscope_keepalive_races_total{role="client",process="curl",server="10.0.0.1:80
     }
 
     fn parsed(text: &str) -> BTreeMap<FlowKey, FlowCounters> {
-        flows(&parse(text).unwrap_or_else(|err| panic!("fixture: {err}")))
+        flows(&parse(text).expect("fixture"))
     }
 
     #[test]

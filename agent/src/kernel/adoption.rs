@@ -13,10 +13,13 @@ use std::{
     collections::{HashMap, HashSet},
     io::{self, BufRead as _},
     path::Path,
+    time::Instant,
 };
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use connscope_common::ListenKey;
+use connscope_common::{ListenKey, names::map};
+
+use crate::{exposition::metrics::Metrics, kernel::probes::Probes, model::label_sets::SkipReason};
 
 /// `st` of a listening socket in `/proc/net/tcp`.
 const TCP_LISTEN_HEX: &str = "0A";
@@ -223,6 +226,41 @@ pub fn seed(map: &mut BpfHashMap<MapData, ListenKey, u32>, scan: &ListenScan) ->
         written += 1;
     }
     written
+}
+
+/// Gives the kernel the ports that were listening before it attached, so connections older
+/// than the agent are adopted with the right role (see `adoption`); where they cannot be
+/// adopted, counts them as skipped (`reason="backend"`) and says why in one line.
+pub fn read_existing_connections(probes: &mut Probes, metrics: &Metrics) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut scan = scan_listening(Path::new("/proc"));
+    let written = match probes.no_adoption {
+        None => {
+            let mut ports = BpfHashMap::try_from(probes.take_map(map::LISTEN_PORTS)?)?;
+            seed(&mut ports, &scan)
+        }
+        Some(why) => {
+            tracing::warn!(
+                connections = scan.established,
+                "connections older than the agent are not adopted: {why}"
+            );
+            scan.skip_established();
+            0
+        }
+    };
+    for reason in Skip::ALL {
+        let skipped = scan.skipped.get(&reason).copied().unwrap_or(0);
+        let labels = SkipReason { reason: reason.label().into() };
+        metrics.adoption_skipped.get_or_create(&labels).inc_by(skipped);
+    }
+    tracing::info!(
+        namespaces = scan.namespaces,
+        ports = written,
+        skipped = scan.skipped.values().sum::<u64>(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "listening ports read for adopting older connections"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -152,6 +152,11 @@ pub fn load_and_attach(config: &Config, pins: Option<Pins>) -> anyhow::Result<Pr
 }
 
 impl Probes {
+    /// Takes a map out of the loaded object, for the agent's own use.
+    pub fn take_map(&mut self, name: &str) -> anyhow::Result<aya::maps::Map> {
+        self.ebpf.take_map(name).ok_or_else(|| anyhow!("{name} map missing from the eBPF object"))
+    }
+
     /// Whether links made after loading (the libssl uprobes) can outlive the agent.
     pub fn links_outlive_agent(&self) -> bool {
         self.pins.is_some() && self.perf_event_links

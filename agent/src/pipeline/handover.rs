@@ -153,13 +153,13 @@ mod tests {
     #[test]
     fn a_session_survives_the_handover() {
         let head = http::parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
-        let Some(head) = head else { panic!("not a request") };
+        let head = head.expect("not a request");
         let mut session = HttpSession::default();
         session.on_request(&head, 3);
         session.last_advertised_max = Some(7);
         let mut entry = Handover::zeroed();
         put_session(&mut entry, &session);
-        let Some(mut restored) = super::session(&entry) else { panic!("no session") };
+        let mut restored = super::session(&entry).expect("no session");
         assert_eq!(restored, session);
         // Exchanges 4..=10 repeat the last head, as they would have before.
         assert_eq!(restored.repeat_until(10).http11, 7);

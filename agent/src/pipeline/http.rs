@@ -173,8 +173,7 @@ mod tests {
 
     #[test]
     fn http11_request_defaults_to_keep_alive() {
-        let head = parse_request(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
-            .unwrap_or_else(|| panic!("not parsed"));
+        let head = parse_request(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").expect("not parsed");
         assert_eq!(head.version, Version::Http11);
         assert!(head.wants_persistence());
         assert_eq!(head.count, 1);
@@ -197,7 +196,7 @@ mod tests {
         let head = parse_response(
             b"HTTP/1.1 200 OK\r\nServer: nginx\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5, max=100\r\n\r\nbody",
         );
-        let head = head.unwrap_or_else(|| panic!("not parsed"));
+        let head = head.expect("not parsed");
         assert_eq!(
             head.keep_alive,
             KeepAlive { timeout_seconds: Some(5), max_requests: Some(100) }
@@ -209,7 +208,7 @@ mod tests {
     fn hostile_keep_alive_values_are_ignored() {
         for value in ["timeout=-1", "timeout=abc, max=", "timeout=99999999999", "max=1e3", "=5"] {
             let raw = format!("HTTP/1.1 200 OK\r\nKeep-Alive: {value}\r\n\r\n");
-            let head = parse_response(raw.as_bytes()).unwrap_or_else(|| panic!("not parsed"));
+            let head = parse_response(raw.as_bytes()).expect("not parsed");
             assert_eq!(head.keep_alive, KeepAlive::default(), "{value}");
         }
     }

@@ -142,7 +142,7 @@ mod tests {
     use super::*;
 
     fn request(raw: &[u8]) -> http::Head {
-        http::parse_request(raw).unwrap_or_else(|| panic!("not a request"))
+        http::parse_request(raw).expect("not a request")
     }
 
     /// One head per exchange, or one head and the kernel's repeat count: the same requests.
@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn a_request_without_a_head_counts_in_its_responses_version() {
         let response = http::parse_response(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n")
-            .unwrap_or_else(|| panic!("not a response"));
+            .expect("not a response");
         let mut session = HttpSession::default();
         session.on_response(&response);
         let get = request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
