@@ -2,7 +2,7 @@
 //! and HTTPS keep-alive (decrypted by the libssl uprobes, whose links are pinned too), the agent is stopped with SIGTERM and started again, `restarts` times, with its
 //! kernel state pinned under a private path in /sys/fs/bpf (removed with `connscope
 //! cleanup` at the end; where /sys/fs/bpf is no BPF filesystem, in one mounted for the
-//! part alone). Each agent's counters go on from the one before it (`agent/src/carry.rs`),
+//! part alone). Each agent's counters go on from the one before it (`agent/src/exposition/carry.rs`),
 //! so the last agent's counts are the whole run's; they are compared with nginx's own:
 //! requests from its access log, connections from its `stub_status` (accepted connections,
 //! also those that closed before sending a request). Also: the gap per restart, from
