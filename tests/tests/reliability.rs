@@ -752,6 +752,10 @@ kernel_test!(
             server_values.contains("other") && process_values.contains("other"),
             "the caps were not reached"
         );
+        // The agent says it held back: each capped label is at its cap.
+        let in_use = |label| scrape.sum("connscope_label_values", &[("label", label)]);
+        assert_eq!(in_use("server"), MAX_SERVERS as f64);
+        assert_eq!(in_use("process"), MAX_PROCESSES as f64);
         assert!(
             !scrape.text.contains("evil") && !scrape.text.contains("EVIL"),
             "payload in /metrics"

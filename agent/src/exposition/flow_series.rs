@@ -16,7 +16,8 @@ use crate::{
     model::close_reason::CloseReason,
     model::http_version::Version,
     model::label_sets::{
-        Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server,
+        CappedLabel, Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, OpenState,
+        PlacedFlow, Server,
     },
     model::placement::{Placement, PlacementResolver},
 };
@@ -248,6 +249,14 @@ impl FlowCache {
         }
         for process in &carried.processes {
             self.processes.admit(process);
+        }
+    }
+
+    /// How many values each capped label holds now (`label_values`).
+    pub fn report_label_use(&self, metrics: &Metrics) {
+        for (label, cap) in [("server", &self.servers), ("process", &self.processes)] {
+            let gauge = metrics.label_values.get_or_create(&CappedLabel { label: label.into() });
+            gauge.set(cap.len() as i64);
         }
     }
 

@@ -11,8 +11,8 @@ use crate::{
     exposition::family::Carry,
     model::{
         label_sets::{
-            Build, Closed, ClosedByLabels, EventKindLabel, Flow, FlowProtocol, HttpRequest,
-            OpenState, PlacedFlow, Probe, Server, SkipReason,
+            Build, CappedLabel, Closed, ClosedByLabels, EventKindLabel, Flow, FlowProtocol,
+            HttpRequest, OpenState, PlacedFlow, Probe, Server, SkipReason,
         },
         metric_table::{self as table, Metric, Unit},
     },
@@ -115,6 +115,7 @@ families! {
     probes: Family<Probe, Gauge> = table::PROBE_INFO,
     build: Family<Build, Gauge> = table::BUILD_INFO,
     events: Family<EventKindLabel, Counter> = table::EVENTS_RECEIVED,
+    label_values: Family<CappedLabel, Gauge> = table::LABEL_VALUES,
 }
 
 impl Default for Metrics {

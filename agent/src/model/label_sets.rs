@@ -84,6 +84,11 @@ pub struct EventKindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct CappedLabel {
+    pub label: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
 pub struct SkipReason {
     pub reason: String,
 }

@@ -112,6 +112,7 @@ pub const LOST_REASON: Label = closed(
         "startup_backlog_full",
     ],
 );
+pub const CAPPED_LABEL: Label = closed("label", &["server", "process"]);
 pub const SKIP_REASON: Label =
     closed("reason", &["process_vanished", "unreadable", "unparsable", "backend"]);
 
@@ -250,6 +251,9 @@ metric_table! {
     TLS_UPROBE_TARGETS = Gauge "tls_uprobe_targets",
         "Files (libssl, executables with OpenSSL) the TLS uprobes attached to, or failed to",
         labels [TARGET_STATE];
+    LABEL_VALUES = Gauge "label_values",
+        "Distinct values of a capped label in use; once at its cap (--metrics.max-servers, --metrics.max-processes) new values are exported as other",
+        labels [CAPPED_LABEL];
     /// Read from the kernel's loss map at scrape time (`exposition::kernel_stats`): never
     /// carried, the map outlives the agent with pinned state.
     EVENTS_LOST = Counter "events_lost",

@@ -354,6 +354,7 @@ impl ConnectionTable {
     /// carried since the last sweep: reading each listing cost a `bpf()` call per
     /// connection. Each is re-read until a sweep finds it unchanged (`swept`).
     pub fn sweep_candidates(&mut self, into: &mut Vec<u64>) {
+        self.flows.report_label_use(&self.metrics);
         into.clear();
         for sock in self.sweep.drain(..) {
             if let Some(tracked) = self.conns.get_mut(&sock)
