@@ -25,6 +25,29 @@ pub enum Backend {
     Tracepoint,
 }
 
+/// How much the agent logs (node_exporter's `--log.level`): an unknown level is an error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    pub const fn directive(self) -> &'static str {
+        match self {
+            Self::Error => "error",
+            Self::Warn => "warn",
+            Self::Info => "info",
+            Self::Debug => "debug",
+            Self::Trace => "trace",
+        }
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "connscope",
@@ -107,6 +130,12 @@ impl FromSetting<String> for PinPath {
     }
 }
 
+impl FromSetting<String> for Option<String> {
+    fn from_setting(raw: String) -> anyhow::Result<Self> {
+        Ok(Some(raw))
+    }
+}
+
 impl FromSetting<PathBuf> for Option<PathBuf> {
     fn from_setting(raw: PathBuf) -> anyhow::Result<Self> {
         Ok(Some(raw))
@@ -172,7 +201,12 @@ settings! {
         "web.config.file", "CONNSCOPE_WEB_CONFIG_FILE";
 
     /// Log level: error, warn, info, debug or trace.
-    log_level: String = "info".into(), "log.level", "CONNSCOPE_LOG_LEVEL";
+    #[arg(value_enum)]
+    log_level: LogLevel = LogLevel::Info, "log.level", "CONNSCOPE_LOG_LEVEL";
+
+    /// A `tracing` filter directive (`info,connscope::kernel=debug`) used instead of
+    /// --log.level; one that does not parse is an error.
+    log_filter: String as Option<String> = None, "log.filter", "CONNSCOPE_LOG_FILTER";
 
     /// Hook backend: auto picks fentry, then kprobe, then tracepoint for each hook.
     #[arg(value_enum)]
@@ -253,6 +287,10 @@ impl Config {
                 self.ringbuf_bytes
             );
         }
+        if let Some(filter) = &self.log_filter {
+            tracing_subscriber::EnvFilter::try_new(filter)
+                .with_context(|| format!("invalid --log.filter {filter:?}"))?;
+        }
         if self.max_servers == 0 || self.max_processes == 0 {
             bail!("--metrics.max-servers and --metrics.max-processes must be at least 1");
         }
@@ -311,6 +349,12 @@ mod tests {
         assert!(cli(&["--bpf.ringbuf-bytes", "5000"])?.into_config().is_err());
         assert!(cli(&["--bpf.max-connections", "0"])?.into_config().is_err());
         assert!(cli(&["--no-such-flag"]).is_err());
+        // A level is a level: `loud` used to be read as a filter directive that silenced all.
+        assert!(cli(&["--log.level", "loud"]).is_err());
+        assert_eq!(cli(&["--log.level", "debug"])?.into_config()?.log_level, LogLevel::Debug);
+        assert!(cli(&["--log.filter", "info,connscope=[[["])?.into_config().is_err());
+        let filter = cli(&["--log.filter", "warn,connscope::kernel=debug"])?.into_config()?;
+        assert_eq!(filter.log_filter.as_deref(), Some("warn,connscope::kernel=debug"));
         Ok(())
     }
 

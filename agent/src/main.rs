@@ -56,7 +56,7 @@ fn with_config(cli: Cli, run: impl FnOnce(connscope::config::Config) -> ExitCode
             return ExitCode::from(2);
         }
     };
-    connscope::logging::init(&config.log_level);
+    connscope::logging::init(config.log_level, config.log_filter.as_deref());
     run(config)
 }
 

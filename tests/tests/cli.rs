@@ -35,6 +35,12 @@ fn bad_flags_are_rejected_with_usage() -> anyhow::Result<()> {
     assert_clean_failure(&output, "invalid --web.listen-address");
     let output = connscope(&["--config.file", "/nonexistent/connscope.yaml"])?;
     assert_clean_failure(&output, "cannot read --config.file");
+    // An unknown level is an error, not a filter that silences every line.
+    let output = connscope(&["--log.level", "loud"])?;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("invalid value 'loud'"));
+    let output = connscope(&["--log.filter", "info,connscope=[[["])?;
+    assert_clean_failure(&output, "invalid --log.filter");
     Ok(())
 }
 
