@@ -217,13 +217,15 @@ pub enum PinSlot {
     /// When the last takeover's trampoline updates were over (`CLOCK_MONOTONIC` ns;
     /// `u64::MAX` while one is under way, 0 before any). An fexit program does not run for a
     /// call in flight during an update, so a connection last counted before this time may
-    /// have missed one: its next call looks for it (`conn::recover_missed_turn`).
+    /// have missed one: its next call looks for it (`transfer::recover_missed_turn` in the
+    /// eBPF crate).
     TakeoverEndNs = 2,
     /// The kernel's jiffies just before this agent attached its hooks, written by the
     /// `ADOPTION_START` program (0: unknown). A receive no hook saw (at `tcp_recvmsg`'s exit,
     /// fexit and kretprobe, one already in progress then; on any backend, one that ended
     /// before the attach): a server end adopted at its response whose last data arrived
-    /// after this counts that request (`conn::request_read_in_flight_at_start`).
+    /// after this counts that request (`adopt::request_read_in_flight_at_start` in the eBPF
+    /// crate).
     AdoptionStartJiffies = 3,
 }
 

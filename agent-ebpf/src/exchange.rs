@@ -17,7 +17,7 @@
 //! and there only when a turn's length differs from the last head's (`steady_repeat`).
 
 use connscope_common::{
-    Conn, Direction, Protocol,
+    Conn, Direction, EventKind, Protocol,
     conn::{PROGRESS_AFTER_IDLE_NS, add_wrapping, gap_bucket},
     conn_flag, is_request,
 };
@@ -25,17 +25,38 @@ use connscope_common::{
 use crate::{
     head::{self, Status},
     payload_source::PayloadSource,
+    records::{self, now_ns},
 };
 
 /// While set, every request-direction transfer is looked at (TLS: record headers; HTTP/1.x:
 /// its first four bytes) until the request starts.
 const REQUEST_PENDING: u16 = conn_flag::REQUEST_PENDING;
 
+/// Counts `bytes` of payload moved in `direction`, readable from `source`, by the exchange
+/// rules; `report` forces a `Progress` record (a byte counter's top bit flipped).
+#[inline(always)]
+pub fn count(
+    sock: u64,
+    conn: &mut Conn,
+    source: PayloadSource,
+    direction: Direction,
+    bytes: u64,
+    report: bool,
+) {
+    let now = now_ns();
+    let report = on_payload(sock, conn, source, direction, bytes, now) || report;
+    conn.last_direction = direction as u8;
+    conn.last_ns = now;
+    if report {
+        records::snapshot(EventKind::Progress, sock, conn);
+    }
+}
+
 /// Updates the exchange state for `bytes` moved in `direction` at `now` (before `last_ns`
 /// and `last_direction` are updated), readable from `source`. Returns whether the agent
 /// must get a snapshot now.
 #[inline(always)]
-pub fn on_payload(
+fn on_payload(
     sock: u64,
     conn: &mut Conn,
     source: PayloadSource,
