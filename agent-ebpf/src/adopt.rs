@@ -4,7 +4,7 @@
 use connscope_common::{Conn, Direction, LostReason, PinSlot, Role, conn_flag, tcp_state};
 
 use crate::{
-    exchange,
+    exchange::{self, Transfer},
     maps::{CONNS, LISTEN_PORTS, PIN_STATE, count_lost, submit_flags},
     payload_source::PayloadSource,
     records::{self, current_attribution, now_jiffies, now_ns},
@@ -65,5 +65,6 @@ fn request_read_in_flight_at_start(sock: u64, conn: &mut Conn) {
     if start == 0 || now < start || !sock::data_received_within(sock, now, now - start) {
         return;
     }
-    exchange::count(sock, conn, PayloadSource::Unreadable, Direction::Recv, 0, false);
+    let source = PayloadSource::Unreadable;
+    exchange::count(conn, &Transfer { sock, source, direction: Direction::Recv, bytes: 0 }, false);
 }

@@ -3,7 +3,11 @@
 use connscope_common::{Direction, conn_flag};
 
 use crate::{
-    exchange, maps::UserBuffer, payload_source::PayloadSource, tls_calls, tracking::tracked,
+    exchange::{self, Transfer},
+    maps::UserBuffer,
+    payload_source::PayloadSource,
+    tls_calls,
+    tracking::tracked,
 };
 
 /// TLS plaintext libssl moved for `sock` (the uprobes' return probe): counted by the same
@@ -17,5 +21,6 @@ pub fn plaintext(sock: u64, direction: Direction, bytes: u64, buffer: UserBuffer
     if !conn.has(conn_flag::TLS_PLAINTEXT) {
         tls_calls::to_plaintext(conn);
     }
-    exchange::count(sock, conn, PayloadSource::Buffer(buffer), direction, bytes, false);
+    let source = PayloadSource::Buffer(buffer);
+    exchange::count(conn, &Transfer { sock, source, direction, bytes }, false);
 }

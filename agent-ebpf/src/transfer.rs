@@ -10,7 +10,7 @@ use connscope_common::{
 
 use crate::{
     adopt::adopt,
-    exchange,
+    exchange::{self, Transfer},
     globals::generation,
     maps::PIN_STATE,
     payload_source::PayloadSource,
@@ -98,7 +98,9 @@ fn transfer_counted_once(
             recover_missed_turn(sock, conn, direction);
         }
     }
-    count_transfer(sock, conn, direction, ret);
+    // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
+    let bytes = u64::from(ret as u32);
+    count_transfer(conn, &Transfer { sock, source: PayloadSource::Syscall, direction, bytes });
 }
 
 /// Whether `conn`'s last counted transfer came before the last takeover's trampoline updates
@@ -126,10 +128,14 @@ fn recover_missed_turn(sock: u64, conn: &mut Conn, direction: Direction) {
     }
     *counted = position;
     conn.flags |= conn_flag::COUNTED_BY_OTHER_GENERATION;
+    let transfer = Transfer {
+        sock,
+        source: PayloadSource::Unreadable,
+        direction: missed,
+        bytes: u64::from(moved),
+    };
     // Decrypted TLS counts exchanges from libssl's calls (uprobes, never missed).
-    add_and_count(sock, conn, PayloadSource::Unreadable, missed, moved, |_, conn| {
-        conn.has(conn_flag::TLS_PLAINTEXT)
-    });
+    add_and_count(conn, &transfer, |_, conn| conn.has(conn_flag::TLS_PLAINTEXT));
 }
 
 /// The stream position (`write_seq`, `copied_seq`) after the last call counted in
@@ -139,9 +145,10 @@ fn counted_position(conn: &mut Conn, direction: Direction) -> &mut u32 {
     if direction == Direction::Send { &mut conn.send_seq } else { &mut conn.recv_seq }
 }
 
-/// Counts `ret` (> 0) bytes moved on a tracked connection.
+/// Counts a system call's `transfer` (of at least one byte) on a tracked connection.
 #[inline(always)]
-fn count_transfer(sock: u64, conn: &mut Conn, direction: Direction, ret: i64) {
+fn count_transfer(conn: &mut Conn, transfer: &Transfer) {
+    let Transfer { sock, direction, .. } = *transfer;
     attribute_once(sock, conn);
     // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify asks nothing.
     if direction == Direction::Send
@@ -150,24 +157,19 @@ fn count_transfer(sock: u64, conn: &mut Conn, direction: Direction, ret: i64) {
     {
         conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
     }
-    // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
-    add_and_count(sock, conn, PayloadSource::Syscall, direction, ret as u32, |sock, conn| {
-        tls_calls::ciphertext(sock, conn, direction)
-    });
+    add_and_count(conn, transfer, |sock, conn| tls_calls::ciphertext(sock, conn, direction));
 }
 
-/// Adds `moved` bytes in `direction` and counts them by the exchange rules, unless
-/// `plaintext_counted_elsewhere` (TLS whose plaintext the libssl uprobes see: exchanges are
-/// counted there).
+/// Adds the bytes `transfer` moved (at most `u32::MAX`) and counts them by the exchange
+/// rules, unless `plaintext_counted_elsewhere` (TLS whose plaintext the libssl uprobes see:
+/// exchanges are counted there).
 #[inline(always)]
 fn add_and_count(
-    sock: u64,
     conn: &mut Conn,
-    source: PayloadSource,
-    direction: Direction,
-    moved: u32,
+    transfer: &Transfer,
     plaintext_counted_elsewhere: impl FnOnce(u64, &mut Conn) -> bool,
 ) {
+    let (sock, direction, moved) = (transfer.sock, transfer.direction, transfer.bytes as u32);
     // A response ends the wait before its bytes are counted (decrypted TLS too: the wire
     // says it left, even before libssl's call returns). The peer's FIN, processed meanwhile
     // on another CPU (`lifecycle::begin_close`), then sees no wait, or bytes acknowledged
@@ -187,5 +189,5 @@ fn add_and_count(
         }
         return;
     }
-    exchange::count(sock, conn, source, direction, u64::from(moved), wrapped);
+    exchange::count(conn, transfer, wrapped);
 }
