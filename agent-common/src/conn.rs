@@ -256,6 +256,9 @@ pub struct Conn {
 /// 64 bytes: with the hash map's 48-byte element header, the key and the allocator's
 /// 8-byte list node, a tracked socket takes one 128-byte kernel allocation.
 const _: () = assert!(size_of::<Conn>() == 64);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Conn {}
 
 /// The low 32 bits of a monotonic time, as [`Conn::open_token`] keeps them.
 pub const fn open_token(open_ns: u64) -> u32 {

@@ -61,6 +61,9 @@ pub struct SockLayout {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<SockLayout>() == 88);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockLayout {}
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).
@@ -89,6 +92,9 @@ pub struct FdLayout {
     pub inode_mode: u32,
 }
 const _: () = assert!(size_of::<FdLayout>() == 40);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FdLayout {}
 
 /// Where a send/receive hook finds the user buffer of the system call it runs in.
 #[repr(u32)]
@@ -112,6 +118,9 @@ pub struct ProgramConfig {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<ProgramConfig>() == 8);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ProgramConfig {}
 
 impl Default for ProgramConfig {
     fn default() -> Self {
@@ -181,6 +190,9 @@ pub struct PayloadSyscall {
     pub _pad: [u8; 6],
 }
 const _: () = assert!(size_of::<PayloadSyscall>() == 16);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PayloadSyscall {}
 
 impl PayloadSyscall {
     pub const UNUSED: Self = Self { nr: u64::MAX, direction: 0, layout: 0, _pad: [0; 6] };
