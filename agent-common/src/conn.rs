@@ -202,7 +202,7 @@ pub mod conn_flag {
     pub const CLOSED_BY_RESET: u16 = 1 << 11;
     /// An inactive generation of programs counted a send or receive at a function's exit
     /// during a takeover: the active one checks the stream position of its next call
-    /// (`conn::transfer_at_exit` in the eBPF crate).
+    /// (`transfer::transfer_at_exit` in the eBPF crate).
     pub const COUNTED_BY_OTHER_GENERATION: u16 = 1 << 12;
 }
 
@@ -233,10 +233,11 @@ pub struct Conn {
     pub response_len: u16,
     /// The socket's `tcp_sock.copied_seq` after the last receive counted at the exit of
     /// `tcp_recvmsg` (fexit, kretprobe): across a restart both agents' programs can see one
-    /// receive, and only the first counts it (see `conn::transfer_at_exit` in the eBPF crate).
+    /// receive, and only the first counts it (see `transfer::transfer_at_exit` in the eBPF
+    /// crate).
     pub recv_seq: u32,
     /// `tcp_sock.write_seq` after the last send counted at the exit of `tcp_sendmsg`, for
-    /// the same reason (`conn::transfer_at_exit` in the eBPF crate).
+    /// the same reason (`transfer::transfer_at_exit` in the eBPF crate).
     pub send_seq: u32,
     /// Idle time from the last transfer to the start of the close, in µs (saturating at
     /// [`CLOSE_IDLE_MAX_US`]), and [`CLOSE_AWAITING`].
@@ -255,6 +256,9 @@ pub struct Conn {
 /// 64 bytes: with the hash map's 48-byte element header, the key and the allocator's
 /// 8-byte list node, a tracked socket takes one 128-byte kernel allocation.
 const _: () = assert!(size_of::<Conn>() == 64);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Conn {}
 
 /// The low 32 bits of a monotonic time, as [`Conn::open_token`] keeps them.
 pub const fn open_token(open_ns: u64) -> u32 {

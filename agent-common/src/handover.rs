@@ -61,6 +61,9 @@ pub struct Handover {
     pub _pad: [u8; 10],
 }
 const _: () = assert!(size_of::<Handover>() == 160);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Handover {}
 
 impl Handover {
     pub const fn zeroed() -> Self {
@@ -110,6 +113,10 @@ pub struct CarriedChunk {
     pub bytes: [u8; CARRIED_CHUNK_BYTES],
 }
 const _: () = assert!(size_of::<CarriedChunk>() == 4096);
+// SAFETY: plain `#[repr(C)]` data, a `u32` and bytes, no padding; every bit pattern is
+// valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for CarriedChunk {}
 
 impl CarriedChunk {
     pub const fn zeroed() -> Self {

@@ -61,6 +61,9 @@ pub struct SockLayout {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<SockLayout>() == 88);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SockLayout {}
 
 /// Bytes of `struct sock` read at once to fill an [`Endpoints`](crate::Endpoints): every
 /// `sock_common` field above lies in them (the agent checks this against the BTF).
@@ -89,6 +92,9 @@ pub struct FdLayout {
     pub inode_mode: u32,
 }
 const _: () = assert!(size_of::<FdLayout>() == 40);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for FdLayout {}
 
 /// Where a send/receive hook finds the user buffer of the system call it runs in.
 #[repr(u32)]
@@ -112,6 +118,9 @@ pub struct ProgramConfig {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<ProgramConfig>() == 8);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ProgramConfig {}
 
 impl Default for ProgramConfig {
     fn default() -> Self {
@@ -181,6 +190,9 @@ pub struct PayloadSyscall {
     pub _pad: [u8; 6],
 }
 const _: () = assert!(size_of::<PayloadSyscall>() == 16);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PayloadSyscall {}
 
 impl PayloadSyscall {
     pub const UNUSED: Self = Self { nr: u64::MAX, direction: 0, layout: 0, _pad: [0; 6] };
@@ -217,13 +229,15 @@ pub enum PinSlot {
     /// When the last takeover's trampoline updates were over (`CLOCK_MONOTONIC` ns;
     /// `u64::MAX` while one is under way, 0 before any). An fexit program does not run for a
     /// call in flight during an update, so a connection last counted before this time may
-    /// have missed one: its next call looks for it (`conn::recover_missed_turn`).
+    /// have missed one: its next call looks for it (`transfer::recover_missed_turn` in the
+    /// eBPF crate).
     TakeoverEndNs = 2,
     /// The kernel's jiffies just before this agent attached its hooks, written by the
     /// `ADOPTION_START` program (0: unknown). A receive no hook saw (at `tcp_recvmsg`'s exit,
     /// fexit and kretprobe, one already in progress then; on any backend, one that ended
     /// before the attach): a server end adopted at its response whose last data arrived
-    /// after this counts that request (`conn::request_read_in_flight_at_start`).
+    /// after this counts that request (`adopt::request_read_in_flight_at_start` in the eBPF
+    /// crate).
     AdoptionStartJiffies = 3,
 }
 

@@ -11,7 +11,13 @@
 
 use core::mem::size_of;
 
-use crate::{COMM_LEN, Conn, Direction, EventKind, HEAD_LEN, Role};
+use crate::{Conn, Direction, EventKind, Role};
+
+/// Length of a task's `comm` (`TASK_COMM_LEN`).
+pub const COMM_LEN: usize = 16;
+/// Bytes of payload read at the start of a request or response head: enough for an HTTP/1.x
+/// head's start line and the headers that matter; the rest is never read.
+pub const HEAD_LEN: usize = 512;
 
 /// First bytes of every ring buffer record.
 #[repr(C)]
@@ -61,6 +67,15 @@ pub struct Attribution {
 }
 const _: () = assert!(size_of::<Attribution>() == 32);
 
+/// The character a byte of a task's `comm` becomes in the `process` label: label-safe
+/// ASCII is kept, anything else (spaces, quotes, control bytes, non-ASCII) becomes `_`.
+pub const fn process_label_byte(byte: u8) -> u8 {
+    match byte {
+        b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'.' | b'_' | b':' | b'+' | b'-' => byte,
+        _ => b'_',
+    }
+}
+
 /// `Open`: a connection is established.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -98,6 +113,9 @@ pub struct ListenKey {
     pub _pad: u16,
 }
 const _: () = assert!(size_of::<ListenKey>() == 8);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for ListenKey {}
 
 impl ListenKey {
     pub const fn new(netns: u32, port: u16) -> Self {

@@ -87,6 +87,12 @@ impl Direction {
     }
 }
 
+/// Whether payload moving in `direction` on a socket of `role` belongs to a request (client
+/// sends, server receives) rather than a response.
+pub const fn is_request(role: Role, direction: Direction) -> bool {
+    matches!((role, direction), (Role::Client, Direction::Send) | (Role::Server, Direction::Recv))
+}
+
 wire_enum! {
     /// What the first payload bytes of a connection say it speaks (the `protocol` label).
     pub enum Protocol: u8 {

@@ -1,6 +1,6 @@
 //! `connscope_adoption_start`: never attached. The agent runs it once with
 //! `BPF_PROG_TEST_RUN` just before it attaches the hooks, so the adoption of a server end
-//! whose receive was in flight then (`conn::request_read_in_flight_at_start`) compares
+//! whose receive was in flight then (`adopt::request_read_in_flight_at_start`) compares
 //! the kernel's own clock with the kernel's own clock.
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};

@@ -17,7 +17,7 @@
 //! and there only when a turn's length differs from the last head's (`steady_repeat`).
 
 use connscope_common::{
-    Conn, Direction, Protocol,
+    Conn, Direction, EventKind, Protocol,
     conn::{PROGRESS_AFTER_IDLE_NS, add_wrapping, gap_bucket},
     conn_flag, is_request,
 };
@@ -25,25 +25,42 @@ use connscope_common::{
 use crate::{
     head::{self, Status},
     payload_source::PayloadSource,
+    records::{self, now_ns},
 };
 
 /// While set, every request-direction transfer is looked at (TLS: record headers; HTTP/1.x:
 /// its first four bytes) until the request starts.
 const REQUEST_PENDING: u16 = conn_flag::REQUEST_PENDING;
 
-/// Updates the exchange state for `bytes` moved in `direction` at `now` (before `last_ns`
-/// and `last_direction` are updated), readable from `source`. Returns whether the agent
-/// must get a snapshot now.
+/// What a send or receive passes along: its socket, the bytes it moved in `direction`, and
+/// where they can be read. Borrowed down the transfer path (`transfer`, the heads' rules).
+#[derive(Clone, Copy)]
+pub struct Transfer {
+    pub sock: u64,
+    pub source: PayloadSource,
+    pub direction: Direction,
+    pub bytes: u64,
+}
+
+/// Counts `transfer` by the exchange rules; `report` forces a `Progress` record (a byte
+/// counter's top bit flipped).
 #[inline(always)]
-pub fn on_payload(
-    sock: u64,
-    conn: &mut Conn,
-    source: PayloadSource,
-    direction: Direction,
-    bytes: u64,
-    now: u64,
-) -> bool {
+pub fn count(conn: &mut Conn, transfer: &Transfer, report: bool) {
+    let now = now_ns();
+    let report = on_payload(conn, transfer, now) || report;
+    conn.last_direction = transfer.direction as u8;
+    conn.last_ns = now;
+    if report {
+        records::snapshot(EventKind::Progress, transfer.sock, conn);
+    }
+}
+
+/// Updates the exchange state for `transfer` at `now` (before `last_ns` and
+/// `last_direction` are updated). Returns whether the agent must get a snapshot now.
+#[inline(always)]
+fn on_payload(conn: &mut Conn, transfer: &Transfer, now: u64) -> bool {
     let Some(role) = conn.role() else { return false };
+    let direction = transfer.direction;
     let turn_start = conn.last_direction != direction as u8;
     // A connection quiet for a while may have dropped out of the agent's sweeps.
     let idle_restart = turn_start && now.saturating_sub(conn.last_ns) >= PROGRESS_AFTER_IDLE_NS;
@@ -51,10 +68,10 @@ pub fn on_payload(
         return idle_restart;
     }
     let wrapped = if is_request(role, direction) {
-        request_payload(sock, conn, source, direction, bytes, now, turn_start)
+        request_payload(conn, transfer, now, turn_start)
     } else {
         end_wait(conn);
-        response_payload(sock, conn, source, direction, bytes, now, turn_start);
+        response_payload(conn, transfer, now, turn_start);
         false
     };
     wrapped || idle_restart
@@ -67,15 +84,8 @@ pub fn end_wait(conn: &mut Conn) {
 }
 
 #[inline(always)]
-fn request_payload(
-    sock: u64,
-    conn: &mut Conn,
-    source: PayloadSource,
-    direction: Direction,
-    bytes: u64,
-    now: u64,
-    turn_start: bool,
-) -> bool {
+fn request_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: bool) -> bool {
+    let Transfer { sock, source, direction, bytes } = *transfer;
     let protocol = conn.protocol();
     let pending = conn.has(REQUEST_PENDING);
     if !turn_start && !pending {
@@ -138,15 +148,8 @@ fn request_payload(
 }
 
 #[inline(always)]
-fn response_payload(
-    sock: u64,
-    conn: &mut Conn,
-    source: PayloadSource,
-    direction: Direction,
-    bytes: u64,
-    now: u64,
-    turn_start: bool,
-) {
+fn response_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: bool) {
+    let Transfer { sock, source, direction, bytes } = *transfer;
     let protocol = conn.protocol();
     if protocol != Protocol::Http1 && protocol != Protocol::Unknown {
         return;

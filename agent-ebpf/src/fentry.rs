@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use connscope_common::Direction;
 
-use crate::conn;
+use crate::{tracking, transfer};
 
 /// `int tcp_connect(struct sock *sk)`, from `tcp_v4_connect` in `connect()`:
 /// <https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp_output.c#L4150>
 #[fentry(function = "tcp_connect")]
 pub fn connscope_fentry_tcp_connect(ctx: FEntryContext) -> i32 {
-    conn::on_process_context(ctx.arg(0));
+    tracking::on_process_context(ctx.arg(0));
     0
 }
 
@@ -23,7 +23,7 @@ pub fn connscope_fentry_tcp_connect(ctx: FEntryContext) -> i32 {
 /// <https://elixir.bootlin.com/linux/v6.18/source/net/ipv4/tcp.c#L3298>
 #[fentry(function = "tcp_close")]
 pub fn connscope_fentry_tcp_close(ctx: FEntryContext) -> i32 {
-    conn::on_process_context(ctx.arg(0));
+    tracking::on_process_context(ctx.arg(0));
     0
 }
 
@@ -32,7 +32,7 @@ pub fn connscope_fentry_tcp_close(ctx: FEntryContext) -> i32 {
 #[fexit(function = "tcp_sendmsg")]
 pub fn connscope_fexit_tcp_sendmsg(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.arg(3);
-    conn::transfer_at_exit(ctx.arg(0), Direction::Send, i64::from(ret), 0);
+    transfer::transfer_at_exit(ctx.arg(0), Direction::Send, i64::from(ret), 0);
     0
 }
 
@@ -43,7 +43,7 @@ pub fn connscope_fexit_tcp_sendmsg(ctx: FExitContext) -> i32 {
 pub fn connscope_fexit_tcp_recvmsg(ctx: FExitContext) -> i32 {
     let flags: i32 = ctx.arg(3);
     let ret: i32 = ctx.arg(5);
-    conn::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
+    transfer::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
     0
 }
 
@@ -54,7 +54,7 @@ pub fn connscope_fexit_tcp_recvmsg(ctx: FExitContext) -> i32 {
 pub fn connscope_fexit_tcp_recvmsg_nonblock(ctx: FExitContext) -> i32 {
     let flags: i32 = ctx.arg(4);
     let ret: i32 = ctx.arg(6);
-    conn::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
+    transfer::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
     0
 }
 
@@ -64,6 +64,6 @@ pub fn connscope_fexit_tcp_recvmsg_nonblock(ctx: FExitContext) -> i32 {
 pub fn connscope_fexit_tcp_recvmsg_no_addr_len(ctx: FExitContext) -> i32 {
     let flags: i32 = ctx.arg(3);
     let ret: i32 = ctx.arg(4);
-    conn::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
+    transfer::transfer_at_exit(ctx.arg(0), Direction::Recv, i64::from(ret), flags);
     0
 }

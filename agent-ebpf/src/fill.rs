@@ -33,7 +33,7 @@ pub fn zero_array<T: Default, const N: usize>(array: &mut [T; N]) {
 /// `dst` is valid for writing a `T`.
 #[inline(always)]
 pub unsafe fn zero_words<T>(dst: *mut T) {
-    const { assert!(size_of::<T>() % 8 == 0 && align_of::<T>() >= 8) };
+    const { assert!(size_of::<T>().is_multiple_of(8) && align_of::<T>() >= 8) };
     // SAFETY: `T` is a whole number of aligned words (checked above).
     unsafe { zero(dst.cast::<u64>(), size_of::<T>() / 8) };
 }

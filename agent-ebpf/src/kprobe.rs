@@ -9,13 +9,13 @@ use aya_ebpf::{
 };
 use connscope_common::Direction;
 
-use crate::{conn, maps::CALLS_IN_FLIGHT};
+use crate::{maps::CALLS_IN_FLIGHT, tracking, transfer};
 
 /// `tcp_connect(sk)`, see `fentry.rs`.
 #[kprobe(function = "tcp_connect")]
 pub fn connscope_kprobe_tcp_connect(ctx: ProbeContext) -> u32 {
     if let Some(sock) = ctx.arg::<u64>(0) {
-        conn::on_process_context(sock);
+        tracking::on_process_context(sock);
     }
     0
 }
@@ -24,7 +24,7 @@ pub fn connscope_kprobe_tcp_connect(ctx: ProbeContext) -> u32 {
 #[kprobe(function = "tcp_close")]
 pub fn connscope_kprobe_tcp_close(ctx: ProbeContext) -> u32 {
     if let Some(sock) = ctx.arg::<u64>(0) {
-        conn::on_process_context(sock);
+        tracking::on_process_context(sock);
     }
     0
 }
@@ -41,7 +41,7 @@ fn finish_call(ctx: &RetProbeContext, direction: Direction) {
     let Some([sock, flags]) = (unsafe { CALLS_IN_FLIGHT.get(&key) }).copied() else { return };
     let _ = CALLS_IN_FLIGHT.remove(&key);
     let ret = i64::from(ctx.ret::<i32>());
-    conn::transfer_at_exit(sock, direction, ret, flags as i32);
+    transfer::transfer_at_exit(sock, direction, ret, flags as i32);
 }
 
 #[kprobe(function = "tcp_sendmsg")]

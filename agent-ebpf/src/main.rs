@@ -6,8 +6,12 @@
 //!    socket, the current system call's user buffer (or a library's), a descriptor's socket.
 //! 3. `records`, `head`, `tls_calls`: writing records; reading and sending
 //!    heads; libssl calls in flight and their sockets.
-//! 4. `exchange`, `conn`: the per-socket state machine (`conn::transfer` is the common tail
-//!    of every send/receive backend).
+//! 4. The per-socket state machine, in three tiers:
+//!    - `exchange` (the exchange rules a `Transfer` is counted by) and `tracking` (whether
+//!      these programs count, a socket's `CONNS` entry, process attribution);
+//!    - `lifecycle` (open, close, resets, destruction), `adopt` (untracked sockets, at
+//!      their first transfer), `tls_plaintext` (the plaintext at libssl's returns);
+//!    - `transfer`: the common tail of every send/receive backend.
 //! 5. One thin file per hook backend, translating its arguments: `tp_btf`, `tracepoint`,
 //!    `fentry`, `kprobe`, `syscall_exit`, `tls_uprobes`; `floor`, the benchmark's floor
 //!    arm; and `adoption_start`, run once by the agent before it attaches the rest.
@@ -18,8 +22,8 @@
 // for the bpf target is what these files are checked for (the VM tier), not host lints.
 #![allow(clippy::needless_borrows_for_generic_args, clippy::collapsible_if)]
 
+mod adopt;
 mod adoption_start;
-mod conn;
 mod exchange;
 mod fd_socket;
 mod fentry;
@@ -28,6 +32,7 @@ mod floor;
 mod globals;
 mod head;
 mod kprobe;
+mod lifecycle;
 mod maps;
 mod payload_source;
 mod records;
@@ -36,9 +41,12 @@ mod syscall_args;
 mod syscall_exit;
 mod syscall_stash;
 mod tls_calls;
+mod tls_plaintext;
 mod tls_uprobes;
 mod tp_btf;
 mod tracepoint;
+mod tracking;
+mod transfer;
 
 // Host builds (clippy) link a dependency's std, which has its own handler.
 #[cfg(all(not(test), target_arch = "bpf"))]

@@ -9,13 +9,12 @@ use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use connscope_common::{Direction, Setting};
 
 use crate::{
-    conn,
     fd_socket::fd_sock,
     globals::heads_from_stash,
     maps::{CONNS, setting_on},
     sock::{BtfSocket, SocketView},
     syscall_args::payload_call,
-    syscall_stash,
+    syscall_stash, transfer,
 };
 
 /// `raw_syscalls:sys_exit(struct pt_regs *regs, long ret)`.
@@ -30,13 +29,13 @@ pub fn connscope_sys_exit(ctx: RawTracePointContext) -> i32 {
         };
         let ret: i64 = ctx.arg(1);
         if ret > 0 && setting_on(setting) {
-            // Tracked TCP sockets, and sockets to adopt (`conn::transfer` asks whether an
+            // Tracked TCP sockets, and sockets to adopt (`transfer::transfer` asks whether an
             // untracked one is TCP); files and pipes are neither.
             if let Some(fd) = fd_sock(call.fd)
                 && (CONNS.get_ptr(&fd.sock).is_some() || fd.is_socket())
             {
                 let sock = fd.sock;
-                conn::transfer(sock, direction, ret, 0, || BtfSocket { sock }.is_tcp());
+                transfer::transfer(sock, direction, ret, 0, || BtfSocket { sock }.is_tcp());
             }
         }
     }

@@ -1,7 +1,7 @@
 //! libssl uprobes (`--tls.uprobes`): `SSL_write`, `SSL_write_ex`, `SSL_read`, `SSL_read_ex`
 //! and `SSL_do_handshake` (OpenSSL 1.1 and 3; the same prototypes). Entries stash the call
 //! (`tls_calls`); one return probe, attached to all five, counts the plaintext the call moved
-//! on its socket (`conn::plaintext`). Prototypes (`ssl/ssl_lib.c`):
+//! on its socket (`tls_plaintext::plaintext`). Prototypes (`ssl/ssl_lib.c`):
 //! `int SSL_write(SSL *s, const void *buf, int num)`,
 //! `int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written)`, and the same
 //! for `SSL_read`/`SSL_read_ex`; `_ex` return 1 on success, the others the byte count.
@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use connscope_common::Direction;
 
-use crate::{conn, maps::UserBuffer, tls_calls};
+use crate::{maps::UserBuffer, tls_calls, tls_plaintext};
 
 #[uprobe]
 pub fn connscope_ssl_write(ctx: ProbeContext) -> u32 {
@@ -82,7 +82,7 @@ pub fn connscope_ssl_return(ctx: RetProbeContext) -> u32 {
         0
     };
     if bytes != 0 {
-        conn::plaintext(sock, direction, bytes, UserBuffer { addr: call.buf, len: bytes });
+        tls_plaintext::plaintext(sock, direction, bytes, UserBuffer { addr: call.buf, len: bytes });
     }
     0
 }

@@ -9,29 +9,30 @@ use aya_ebpf::{macros::btf_tracepoint, programs::BtfTracePointContext};
 use connscope_common::{ClosedBy, Direction};
 
 use crate::{
-    conn,
+    lifecycle,
     sock::{BtfSocket, SocketView as _},
+    transfer,
 };
 
 /// `inet_sock_set_state(const struct sock *sk, const int oldstate, const int newstate)`.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn connscope_btf_inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     let sock = BtfSocket { sock: ctx.arg(0) };
-    conn::on_state_change(sock.sock, ctx.arg(1), ctx.arg(2), &sock);
+    lifecycle::on_state_change(sock.sock, ctx.arg(1), ctx.arg(2), &sock);
     0
 }
 
 /// `tcp_destroy_sock(struct sock *sk)`, from `tcp_v4_destroy_sock`.
 #[btf_tracepoint(function = "tcp_destroy_sock")]
 pub fn connscope_btf_tcp_destroy_sock(ctx: BtfTracePointContext) -> i32 {
-    conn::on_destroy(ctx.arg(0));
+    lifecycle::on_destroy(ctx.arg(0));
     0
 }
 
 /// `tcp_receive_reset(struct sock *sk)`.
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn connscope_btf_tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    conn::on_reset(ctx.arg(0), ClosedBy::Peer);
+    lifecycle::on_reset(ctx.arg(0), ClosedBy::Peer);
     0
 }
 
@@ -41,7 +42,7 @@ pub fn connscope_btf_tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 pub fn connscope_btf_tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let sock: u64 = ctx.arg(0);
     if sock != 0 {
-        conn::on_reset(sock, ClosedBy::Local);
+        lifecycle::on_reset(sock, ClosedBy::Local);
     }
     0
 }
@@ -65,5 +66,5 @@ fn sock_length(ctx: &BtfTracePointContext, direction: Direction) {
     let sock = BtfSocket { sock: ctx.arg(0) };
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
-    conn::transfer(sock.sock, direction, i64::from(ret), flags, || sock.is_tcp());
+    transfer::transfer(sock.sock, direction, i64::from(ret), flags, || sock.is_tcp());
 }

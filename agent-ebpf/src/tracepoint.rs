@@ -7,9 +7,10 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use connscope_common::{AF_INET, AF_INET6, ClosedBy, Direction, Endpoints, IPPROTO_TCP};
 
 use crate::{
-    conn,
     fill::{self, Addresses},
+    lifecycle,
     sock::SocketView,
+    transfer,
 };
 
 /// The `inet_sock_set_state` record, which carries the socket's protocol and endpoints.
@@ -52,7 +53,7 @@ pub fn connscope_inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if let (Some(sock), Some(old), Some(new)) =
         (record.read::<u64>(8), record.read::<i32>(16), record.read::<i32>(20))
     {
-        conn::on_state_change(sock, old, new, &record);
+        lifecycle::on_state_change(sock, old, new, &record);
     }
     0
 }
@@ -67,7 +68,7 @@ fn skaddr(ctx: &TracePointContext, offset: usize) -> Option<u64> {
 #[tracepoint]
 pub fn connscope_tcp_destroy_sock(ctx: TracePointContext) -> u32 {
     if let Some(sock) = skaddr(&ctx, 8) {
-        conn::on_destroy(sock);
+        lifecycle::on_destroy(sock);
     }
     0
 }
@@ -76,7 +77,7 @@ pub fn connscope_tcp_destroy_sock(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn connscope_tcp_receive_reset(ctx: TracePointContext) -> u32 {
     if let Some(sock) = skaddr(&ctx, 8) {
-        conn::on_reset(sock, ClosedBy::Peer);
+        lifecycle::on_reset(sock, ClosedBy::Peer);
     }
     0
 }
@@ -85,7 +86,7 @@ pub fn connscope_tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn connscope_tcp_send_reset(ctx: TracePointContext) -> u32 {
     if let Some(sock) = skaddr(&ctx, 16) {
-        conn::on_reset(sock, ClosedBy::Local);
+        lifecycle::on_reset(sock, ClosedBy::Local);
     }
     0
 }
@@ -117,5 +118,5 @@ fn sock_length(ctx: &TracePointContext, direction: Direction) {
     else {
         return;
     };
-    conn::transfer(sock, direction, i64::from(ret), flags, || true);
+    transfer::transfer(sock, direction, i64::from(ret), flags, || true);
 }
