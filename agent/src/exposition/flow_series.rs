@@ -224,15 +224,19 @@ pub struct FlowCache {
 
 impl FlowCache {
     pub fn new(
+        metrics: &Metrics,
         max_servers: usize,
         max_processes: usize,
         resolver: Box<dyn PlacementResolver>,
     ) -> Self {
         let none = Placement::default();
+        let in_use = |label: &str| {
+            metrics.label_values.get_or_create_owned(&CappedLabel { label: label.into() })
+        };
         Self {
             flows: FastMap::default(),
-            servers: LabelCap::new(max_servers),
-            processes: LabelCap::new(max_processes),
+            servers: LabelCap::reporting(max_servers, in_use("server")),
+            processes: LabelCap::reporting(max_processes, in_use("process")),
             server_endpoints: LabelMemo::default(),
             process_names: LabelMemo::default(),
             placement_ids: [(none.clone(), PlacementId(0))].into_iter().collect(),
@@ -249,14 +253,6 @@ impl FlowCache {
         }
         for process in &carried.processes {
             self.processes.admit(process);
-        }
-    }
-
-    /// How many values each capped label holds now (`label_values`).
-    pub fn report_label_use(&self, metrics: &Metrics) {
-        for (label, cap) in [("server", &self.servers), ("process", &self.processes)] {
-            let gauge = metrics.label_values.get_or_create(&CappedLabel { label: label.into() });
-            gauge.set(cap.len() as i64);
         }
     }
 

@@ -7,6 +7,7 @@ use std::{
 };
 
 use connscope_common::{AF_INET, COMM_LEN, Endpoints, Role, process_label_byte};
+use prometheus_client::metrics::gauge::Gauge;
 
 /// Label value for anything past a cap.
 pub const OTHER: &str = "other";
@@ -116,11 +117,19 @@ pub struct LabelCap {
     max: usize,
     values: Vec<Box<str>>,
     ids: HashMap<Box<str>, LabelId, foldhash::fast::RandomState>,
+    /// How many values are admitted (`label_values`), kept as they are.
+    in_use: Gauge,
 }
 
 impl LabelCap {
     pub fn new(max: usize) -> Self {
-        let mut cap = Self { max: max.max(1), values: Vec::new(), ids: HashMap::default() };
+        Self::reporting(max, Gauge::default())
+    }
+
+    /// A cap that keeps `in_use` at its number of admitted values.
+    pub fn reporting(max: usize, in_use: Gauge) -> Self {
+        let values = Vec::new();
+        let mut cap = Self { max: max.max(1), values, ids: HashMap::default(), in_use };
         for value in [OTHER, UNKNOWN] {
             cap.insert(value);
         }
@@ -154,6 +163,8 @@ impl LabelCap {
         let id = LabelId(index);
         self.values.push(value.into());
         self.ids.insert(value.into(), id);
+        // OTHER and UNKNOWN, inserted first, take no place under the cap.
+        self.in_use.set(self.values.len().saturating_sub(2) as i64);
         id
     }
 
@@ -213,6 +224,21 @@ mod tests {
         assert_eq!(cap.len(), 2);
         assert_eq!(cap.admit(UNKNOWN), LabelId::UNKNOWN);
         assert_eq!(cap.len(), 2, "unknown takes no place under the cap");
+    }
+
+    #[test]
+    fn a_reporting_cap_keeps_its_gauge_at_the_values_admitted() {
+        let in_use = Gauge::default();
+        let mut cap = LabelCap::reporting(2, in_use.clone());
+        assert_eq!(in_use.get(), 0);
+        cap.admit("a");
+        cap.admit("a");
+        assert_eq!(in_use.get(), 1);
+        cap.admit("b");
+        cap.admit("c");
+        assert_eq!(in_use.get(), 2, "at the cap: c is other");
+        cap.restore("d");
+        assert_eq!(in_use.get(), 3, "a restored value is kept past the cap");
     }
 
     #[test]

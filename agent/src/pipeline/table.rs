@@ -111,7 +111,7 @@ impl ConnectionTable {
             conns: SockMap::with_capacity_and_hasher(max_connections / 8 * 7, Default::default()),
             pending_servers: SockMap::default(),
             sweep: Vec::new(),
-            flows: FlowCache::new(max_servers, max_processes, placement),
+            flows: FlowCache::new(&metrics, max_servers, max_processes, placement),
             metrics: Arc::new(metrics),
         }
     }
@@ -354,7 +354,6 @@ impl ConnectionTable {
     /// carried since the last sweep: reading each listing cost a `bpf()` call per
     /// connection. Each is re-read until a sweep finds it unchanged (`swept`).
     pub fn sweep_candidates(&mut self, into: &mut Vec<u64>) {
-        self.flows.report_label_use(&self.metrics);
         into.clear();
         for sock in self.sweep.drain(..) {
             if let Some(tracked) = self.conns.get_mut(&sock)
