@@ -14,6 +14,21 @@ pub const RECORD_HEADER: u64 = 5;
 /// its `close_notify` (§6.1) as such an application-data record.
 pub const TLS13_ALERT_RECORD_LEN: u16 = 2 + 1 + 16;
 
+/// Whether `len` is the length of one whole encrypted alert record, as a TLS library writes
+/// its `close_notify` when the connection closes: TLS 1.3 with any AEAD suite
+/// ([`TLS13_ALERT_RECORD_LEN`]); TLS 1.2 with AES-GCM or AES-CCM (an 8-byte explicit nonce)
+/// or ChaCha20-Poly1305. No HTTP/1.x message is this short once encrypted (the shortest
+/// response is 19 bytes, a 41-byte record). Without reading the bytes, this can also be a
+/// lone 9-byte HTTP/2 frame in TLS 1.3 (a `SETTINGS` acknowledgement): neither a request
+/// nor an answer either.
+pub const fn is_alert_record_len(len: u64) -> bool {
+    const HEADER: u64 = RECORD_HEADER;
+    const TAG: u64 = 16;
+    len == HEADER + TLS13_ALERT_RECORD_LEN as u64
+        || len == HEADER + 8 + 2 + TAG
+        || len == HEADER + 2 + TAG
+}
+
 /// The bytes of one transfer, read at an offset (`None`: unreadable).
 pub trait TransferBytes {
     fn byte_at(&self, offset: u64) -> Option<u8>;
@@ -102,5 +117,13 @@ mod tests {
         assert!(!carries(&flight[..13]));
         assert!(carries(&flight));
         assert!(!carries(&[]));
+    }
+
+    #[test]
+    fn alert_record_lengths() {
+        let lengths: [u64; 3] = [24, 31, 23];
+        assert!(lengths.iter().all(|&len| is_alert_record_len(len)));
+        assert!(!is_alert_record_len(RECORD_HEADER));
+        assert!(!is_alert_record_len(41), "the shortest HTTP/1.x response in TLS 1.3");
     }
 }

@@ -19,7 +19,7 @@
 use connscope_common::{
     Conn, Direction, EventKind, Protocol,
     conn::{PROGRESS_AFTER_IDLE_NS, add_wrapping, gap_bucket},
-    conn_flag, is_request,
+    conn_flag, is_request, tls_record,
 };
 
 use crate::{
@@ -46,6 +46,15 @@ pub struct Transfer {
 /// counter's top bit flipped).
 #[inline(always)]
 pub fn count(conn: &mut Conn, transfer: &Transfer, report: bool) {
+    // Undecrypted TLS: a whole alert record is the `close_notify` a side writes as it closes.
+    // It asks and answers nothing, and the idle time before the close is measured from the
+    // last exchange, not from it (the close starts right after it).
+    if conn.protocol == Protocol::Tls as u8 && tls_record::is_alert_record_len(transfer.bytes) {
+        if report {
+            records::snapshot(EventKind::Progress, transfer.sock, conn);
+        }
+        return;
+    }
     let now = now_ns();
     let report = on_payload(conn, transfer, now) || report;
     conn.last_direction = transfer.direction as u8;

@@ -116,6 +116,67 @@ kernel_test!(
     }
 );
 
+kernel_test!(
+    /// Undecrypted TLS close reasons, from the gap before the close alone (no header is
+    /// read), on both ends, TLS 1.3 and 1.2, nginx `keepalive_timeout 2s` and
+    /// `keepalive_requests 5`:
+    /// - `after_response`: curl closing after its last answer; nginx closing at its request
+    ///   limit (the client reads the answer after the FIN); Python closing after its last one;
+    /// - `idle`: Python closing after 0.8 s without a request; nginx closing a connection
+    ///   idle for its 2 s timeout. Both sides' `close_notify` is not taken for activity.
+    fn undecrypted_tls_close_reasons_follow_the_gap_before_the_close() -> anyhow::Result<()> {
+        let (tls13, tls12) = (free_port(), free_port());
+        let tls = SelfSignedTls::new("gaps")?;
+        let server = |port: u16, protocols: &str, log: &str| {
+            format!(
+                "server {{ listen 127.0.0.1:{port} ssl; ssl_protocols {protocols};\n\
+                   keepalive_timeout 2s; keepalive_requests 5;\n\
+                   {directives}\n\
+                   access_log {log} gaps; root html; }}\n",
+                directives = tls.directives,
+            )
+        };
+        let extra = format!(
+            "log_format gaps '$connection $connection_requests';\n{}{}",
+            server(tls13, "TLSv1.2 TLSv1.3", "gaps13.log"),
+            server(tls12, "TLSv1.2", "gaps12.log")
+        );
+        let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra)?;
+        let agent = Agent::start(&["--tls.uprobes=false"])?;
+        for (port, log) in [(tls13, "gaps13.log"), (tls12, "gaps12.log")] {
+            let url = format!("https://127.0.0.1:{port}/index.html");
+            run("curl", &["-sS", "-k", "-o", "/dev/null", &url, "-o", "/dev/null", &url])?;
+            let script = format!(
+                "import http.client, ssl, time\n\
+                 def connect():\n    return http.client.HTTPSConnection('127.0.0.1', {port}, \
+                 context=ssl._create_unverified_context())\n\
+                 def get(c):\n    c.request('GET', '/index.html'); c.getresponse().read()\n\
+                 c = connect()\nfor _ in range(7): get(c)\nc.close()\n\
+                 c = connect(); get(c); time.sleep(0.8); c.close()\n\
+                 c = connect(); get(c); time.sleep(3.0); c.close()\n"
+            );
+            run("python3", &["-c", &script])?;
+            let truth = logged_requests(&nginx, log, 2 + 7 + 1 + 1)?;
+            let mut sizes: Vec<u64> = truth.values().copied().collect();
+            sizes.sort();
+            assert_eq!(sizes, [1, 1, 2, 2, 5], "{log}");
+            let server = format!("127.0.0.1:{port}");
+            let scrape = scrape_closed(&agent, &server, 5.0)?;
+            for role in ROLES {
+                let reason = |reason: &str| {
+                    scrape.sum(
+                        "connscope_connections_closed_total",
+                        &[("server", &server), ("role", role), ("reason", reason)],
+                    )
+                };
+                assert_eq!(reason("after_response"), 3.0, "{log} {role}: {}", scrape.text);
+                assert_eq!(reason("idle"), 2.0, "{log} {role}: {}", scrape.text);
+            }
+        }
+        Ok(())
+    }
+);
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Decryption {
     Uprobes,

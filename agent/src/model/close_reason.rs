@@ -7,17 +7,21 @@ pub enum CloseReason {
     Http10,
     MaxRequests,
     Idle,
+    /// Undecrypted TLS closed within `classify::CLOSE_AFTER_RESPONSE_WITHIN` of its last
+    /// answer (its headers, which would say why, were not read).
+    AfterResponse,
     Reset,
     Error,
     Unknown,
 }
 
 impl CloseReason {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::ConnectionClose,
         Self::Http10,
         Self::MaxRequests,
         Self::Idle,
+        Self::AfterResponse,
         Self::Reset,
         Self::Error,
         Self::Unknown,
@@ -29,6 +33,7 @@ impl CloseReason {
             Self::Http10 => "http10",
             Self::MaxRequests => "max_requests",
             Self::Idle => "idle",
+            Self::AfterResponse => "after_response",
             Self::Reset => "reset",
             Self::Error => "error",
             Self::Unknown => "unknown",

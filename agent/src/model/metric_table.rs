@@ -84,7 +84,16 @@ pub const CLOSED_BY: Label = closed("closed_by", &["local", "peer", "unknown"]);
 pub const CLOSE_KIND: Label = closed("close_kind", &["fin", "reset"]);
 pub const CLOSE_REASON: Label = closed(
     "reason",
-    &["connection_close", "http10", "max_requests", "idle", "reset", "error", "unknown"],
+    &[
+        "connection_close",
+        "http10",
+        "max_requests",
+        "idle",
+        "after_response",
+        "reset",
+        "error",
+        "unknown",
+    ],
 );
 pub const OPEN_STATE: Label = closed("state", &["active", "idle"]);
 /// The protocols `connection_requests` reports (HTTP/2 is not observed there yet).

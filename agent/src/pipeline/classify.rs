@@ -1,9 +1,20 @@
 //! Pure classifiers of a closed connection: why it ended, and whether it was a keep-alive
 //! race. Inputs are the kernel's final state and what the HTTP heads said.
 
-use connscope_common::{CloseKind, ClosedBy, Conn, Direction, Role, conn_flag};
+use std::time::Duration;
+
+use connscope_common::{CloseKind, ClosedBy, Conn, Direction, Protocol, Role, conn_flag};
 
 use crate::{model::close_reason::CloseReason, pipeline::http_session::HttpSession};
+
+/// On a connection whose heads were not read (undecrypted TLS), a close that starts this soon
+/// after the last answer is `after_response`, not `idle`: a `Connection: close` or a client
+/// done with the connection, told apart from a keep-alive timeout's close without guessing
+/// a header. Keep-alive timeouts are whole seconds (nginx, Apache, Envoy, Go, Node: 1 s and
+/// up), and a close on `Connection: close` follows its answer in microseconds on loopback,
+/// a round trip across a network (docs/performance.md has the measured gaps). The bound is
+/// one of the idle-gap histogram's, so `connection_close_idle_seconds` shows the same split.
+pub const CLOSE_AFTER_RESPONSE_WITHIN: Duration = Duration::from_millis(500);
 
 /// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
 /// explains a `Connection: close` too, so they come before it. An HTTP reason also explains
@@ -26,11 +37,27 @@ pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
         CloseReason::Http10
     } else if http.connection_close {
         CloseReason::ConnectionClose
+    } else if conn.protocol() == Protocol::Tls && closed_right_after_answer(conn, answered) {
+        CloseReason::AfterResponse
     } else if answered {
         CloseReason::Idle
     } else {
         CloseReason::Unknown
     }
+}
+
+/// Whether the close started at most [`CLOSE_AFTER_RESPONSE_WITHIN`] after the last answer.
+/// The peer's FIN can arrive while this end still awaits an answer that was sent before it
+/// (a server closing right after its last answer): this end then reads the answer after the
+/// FIN, in stream order before it, and no longer awaits one at the end.
+fn closed_right_after_answer(conn: &Conn, answered: bool) -> bool {
+    if !answered {
+        return conn.closed_by() == ClosedBy::Peer
+            && !conn.has(conn_flag::AWAITING_RESPONSE)
+            && conn.exchanges > 0;
+    }
+    // `<=`, as a histogram's `le` bucket counts it.
+    u128::from(conn.idle_before_close_us()) <= CLOSE_AFTER_RESPONSE_WITHIN.as_micros()
 }
 
 /// A request sent on a connection the peer had started closing, or a reset from the peer
@@ -113,6 +140,33 @@ mod tests {
         assert_eq!(close_reason(&idle, &http), CloseReason::MaxRequests);
         let busy = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0);
         assert_eq!(close_reason(&busy, &HttpSession::default()), CloseReason::Unknown);
+    }
+
+    /// Undecrypted TLS: no header was read, so the gap before the close is all there is.
+    #[test]
+    fn a_ciphertext_close_right_after_an_answer_has_its_own_reason() {
+        let tls = |close_idle_us| Conn {
+            protocol: Protocol::Tls as u8,
+            close_idle_us,
+            ..closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0)
+        };
+        let http = HttpSession::default();
+        assert_eq!(close_reason(&tls(120), &http), CloseReason::AfterResponse);
+        assert_eq!(close_reason(&tls(500_000), &http), CloseReason::AfterResponse);
+        assert_eq!(close_reason(&tls(500_001), &http), CloseReason::Idle);
+        assert_eq!(close_reason(&tls(5_000_000), &http), CloseReason::Idle);
+        // Awaiting an answer at the close: unknown, unless it arrived after the peer's FIN.
+        let awaiting = Conn { flags: conn_flag::AWAITING_RESPONSE, ..tls(CLOSE_AWAITING) };
+        assert_eq!(close_reason(&awaiting, &http), CloseReason::Unknown);
+        let mut answered_late = tls(CLOSE_AWAITING);
+        answered_late.role = Role::Client as u8;
+        answered_late.closed_by = ClosedBy::Peer as u8;
+        assert_eq!(close_reason(&answered_late, &http), CloseReason::AfterResponse);
+        answered_late.flags |= conn_flag::AWAITING_RESPONSE;
+        assert_eq!(close_reason(&answered_late, &http), CloseReason::Unknown);
+        // Read heads say more than a gap: plaintext keeps `idle` for a quick close.
+        let plain = Conn { protocol: Protocol::Http1 as u8, ..tls(120) };
+        assert_eq!(close_reason(&plain, &http), CloseReason::Idle);
     }
 
     #[test]
