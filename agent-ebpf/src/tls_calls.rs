@@ -77,25 +77,22 @@ pub enum Ciphertext {
 /// (`transfer`).
 #[inline(always)]
 pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> Ciphertext {
-    if conn.has(conn_flag::TLS_PLAINTEXT) {
-        if direction != Direction::Send {
-            return Ciphertext::Yes;
-        }
-        let Some(write) = take_write(sock) else { return Ciphertext::Yes };
-        if crate::sock::sent_after_peer_close(sock, conn) {
+    let switched = conn.has(conn_flag::TLS_PLAINTEXT);
+    let protocol = conn.protocol;
+    if !switched && protocol != Protocol::Tls as u8 && protocol != Protocol::Unknown as u8 {
+        return Ciphertext::No;
+    }
+    // One call site: `take_write` is inlined once.
+    if let Some(write) = if direction == Direction::Send { take_write(sock) } else { None } {
+        if !switched {
+            to_plaintext(conn);
+        } else if crate::sock::sent_after_peer_close(sock, conn) {
             conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
         }
         return written(write);
     }
-    let protocol = conn.protocol;
-    if protocol != Protocol::Tls as u8 && protocol != Protocol::Unknown as u8 {
-        return Ciphertext::No;
-    }
-    if direction == Direction::Send {
-        if let Some(write) = take_write(sock) {
-            to_plaintext(conn);
-            return written(write);
-        }
+    if switched {
+        return Ciphertext::Yes;
     }
     if inside_call(sock) {
         to_plaintext(conn);
