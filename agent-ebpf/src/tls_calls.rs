@@ -22,7 +22,8 @@ use crate::{fill, maps::UserBuffer};
 /// libssl calls in progress, by pid_tgid. LRU: a thread that dies inside a call leaves its
 /// entry behind, and such entries must not fill the map. Pinned with `TLS_SOCKETS`: both
 /// generations' uprobes share them during a takeover, so a call entered under the old
-/// programs is finished, once, by whichever return probe runs first ([`finish`]).
+/// programs is finished, once, by whichever return probe runs first ([`finish`]), or for a
+/// write by whichever generation's send hook takes it first ([`take_write`]).
 #[map]
 pub static TLS_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
 
@@ -72,8 +73,8 @@ pub enum Ciphertext {
 /// return can come after the peer's FIN (the peer may answer and close before the writer
 /// runs again). Only `SSL_write`'s ciphertext counts: libssl's own records (`close_notify`
 /// from `SSL_shutdown`, tickets) ask nothing. A write sent in several `tcp_sendmsg` calls is
-/// judged at its first, the one that takes it from the stash (so that the race check reads
-/// the stash before it is emptied). A connection not yet switched was judged as cleartext
+/// judged at its first, the one that takes it from the stash: after that, nothing tells its
+/// later sends from a `close_notify`. A connection not yet switched was judged as cleartext
 /// (`transfer`).
 #[inline(always)]
 pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> Ciphertext {
