@@ -408,20 +408,23 @@ mod tests {
 }
 
 /// One libssl call in progress (`TLS_CALLS`, by pid_tgid), from its entry uprobe to its
-/// return probe.
+/// return probe (reads, the handshake) or to its first ciphertext on a socket (writes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SslCall {
     pub ssl: u64,
     /// The caller's plaintext buffer (0 for the handshake).
     pub buf: u64,
-    /// `SSL_*_ex`: where the call stores how many bytes it moved; 0 when the return value
-    /// says it (`SSL_read`, `SSL_write`).
+    /// `SSL_read_ex`: where the call stores how many bytes it read; 0 when the return value
+    /// says it (`SSL_read`) and for writes.
     pub moved_out: u64,
+    /// `SSL_write`, `SSL_write_ex`: the plaintext's length (`num`), known at entry; 0 for
+    /// the others.
+    pub len: u64,
     /// The socket a transfer inside this call moved ciphertext on (0 until one did).
     pub sock: u64,
     /// [`Direction`](crate::Direction) of the plaintext; `None` for the handshake.
     pub direction: u8,
     pub _pad: [u8; 7],
 }
-const _: () = assert!(core::mem::size_of::<SslCall>() == 40);
+const _: () = assert!(core::mem::size_of::<SslCall>() == 48);

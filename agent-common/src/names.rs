@@ -47,7 +47,7 @@ pub mod program {
     pub const FLOOR_STATE: &str = "floor_set_state";
     pub const FLOOR_DESTROY: &str = "floor_destroy";
     // libssl uprobes (`--tls.uprobes`): entries of `SSL_write`, `SSL_write_ex`, `SSL_read`,
-    // `SSL_read_ex`, `SSL_do_handshake`, and one return probe for all of them.
+    // `SSL_read_ex`, `SSL_do_handshake`, and one return probe for the reads and the handshake.
     pub const SSL_WRITE: &str = "connscope_ssl_write";
     pub const SSL_WRITE_EX: &str = "connscope_ssl_write_ex";
     pub const SSL_READ: &str = "connscope_ssl_read";

@@ -1,4 +1,5 @@
-//! The plaintext path at libssl's returns: decrypted TLS counted by the cleartext rules.
+//! The plaintext libssl moved: decrypted TLS counted by the cleartext rules, a read's at its
+//! return, a write's with its first ciphertext.
 
 use connscope_common::{Direction, conn_flag};
 
@@ -10,17 +11,25 @@ use crate::{
     tracking::tracked,
 };
 
-/// TLS plaintext libssl moved for `sock` (the uprobes' return probe): counted by the same
+/// TLS plaintext libssl read for `sock` (the uprobes' return probe): counted by the same
 /// rules as cleartext, reading `buffer`; its bytes were counted as ciphertext. By any
 /// generation: the call was finished by the one return probe that removed it from the
 /// shared `TLS_CALLS` (`tls_calls::finish`), and during a takeover a call entered under the
 /// old programs returns through theirs only.
 #[inline(always)]
-pub fn plaintext(sock: u64, direction: Direction, bytes: u64, buffer: UserBuffer) {
+pub fn plaintext(sock: u64, direction: Direction, buffer: UserBuffer) {
     let Some(conn) = tracked(sock) else { return };
     if !conn.has(conn_flag::TLS_PLAINTEXT) {
         tls_calls::to_plaintext(conn);
     }
-    let source = PayloadSource::Buffer(buffer);
-    exchange::count(conn, &Transfer { sock, source, direction, bytes }, false);
+    exchange::count(conn, &transfer(sock, direction, buffer), false);
+}
+
+/// The transfer that counts `buffer`, the plaintext libssl moved for `sock`: at a read's
+/// return ([`plaintext`]), or in the send hook that sees a write's first ciphertext (the
+/// call taken from `TLS_CALLS` by `tls_calls::ciphertext`, once, by whichever generation's
+/// hook removed it), on the connection that hook holds.
+#[inline(always)]
+pub fn transfer(sock: u64, direction: Direction, buffer: UserBuffer) -> Transfer {
+    Transfer { sock, source: PayloadSource::Buffer(buffer), direction, bytes: buffer.len }
 }

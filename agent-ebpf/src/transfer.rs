@@ -14,7 +14,9 @@ use crate::{
     globals::generation,
     maps::PIN_STATE,
     payload_source::PayloadSource,
-    records, sock, tls_calls,
+    records, sock,
+    tls_calls::{self, Ciphertext},
+    tls_plaintext,
     tracking::{active, attribute_once, process_context, tracked},
 };
 
@@ -135,7 +137,9 @@ fn recover_missed_turn(sock: u64, conn: &mut Conn, direction: Direction) {
         bytes: u64::from(moved),
     };
     // Decrypted TLS counts exchanges from libssl's calls (uprobes, never missed).
-    add_and_count(conn, &transfer, |_, conn| conn.has(conn_flag::TLS_PLAINTEXT));
+    add_and_count(conn, &transfer, |_, conn| {
+        if conn.has(conn_flag::TLS_PLAINTEXT) { Ciphertext::Yes } else { Ciphertext::No }
+    });
 }
 
 /// The stream position (`write_seq`, `copied_seq`) after the last call counted in
@@ -161,13 +165,14 @@ fn count_transfer(conn: &mut Conn, transfer: &Transfer) {
 }
 
 /// Adds the bytes `transfer` moved (at most `u32::MAX`) and counts them by the exchange
-/// rules, unless `plaintext_counted_elsewhere` (TLS whose plaintext the libssl uprobes see:
-/// exchanges are counted there).
+/// rules, unless `ciphertext` says they are TLS whose plaintext the libssl uprobes see:
+/// then the exchange rules count the plaintext, here for a write's first ciphertext
+/// (`tls_calls::Ciphertext::Write`), at the return for a read.
 #[inline(always)]
 fn add_and_count(
     conn: &mut Conn,
     transfer: &Transfer,
-    plaintext_counted_elsewhere: impl FnOnce(u64, &mut Conn) -> bool,
+    ciphertext: impl FnOnce(u64, &mut Conn) -> Ciphertext,
 ) {
     let (sock, direction, moved) = (transfer.sock, transfer.direction, transfer.bytes as u32);
     // A response ends the wait before its bytes are counted (decrypted TLS too: the wire
@@ -183,11 +188,16 @@ fn add_and_count(
     } else {
         add_wrapping(&mut conn.bytes_received, moved)
     };
-    if plaintext_counted_elsewhere(sock, conn) {
-        if wrapped {
-            records::snapshot(EventKind::Progress, sock, conn);
+    // One call of the exchange rules for both: inlined once.
+    let counted = match ciphertext(sock, conn) {
+        Ciphertext::No => *transfer,
+        Ciphertext::Write(plaintext) => tls_plaintext::transfer(sock, direction, plaintext),
+        Ciphertext::Yes => {
+            if wrapped {
+                records::snapshot(EventKind::Progress, sock, conn);
+            }
+            return;
         }
-        return;
-    }
-    exchange::count(conn, transfer, wrapped);
+    };
+    exchange::count(conn, &counted, wrapped);
 }

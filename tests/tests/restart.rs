@@ -58,9 +58,9 @@ kernel_test!(
     /// request every 20 ms while the first agent stops, no agent runs for half a second, and
     /// the second starts. The libssl uprobes' links are pinned with the rest, so their
     /// plaintext is counted while no agent runs, and during the takeover a libssl call is
-    /// finished once, by whichever generation's return probe removes it from the pinned
-    /// `TLS_CALLS`. The second agent reports the connection with nginx's
-    /// `$connection_requests`, on both ends.
+    /// finished once, by whichever generation removes it from the pinned `TLS_CALLS` (a
+    /// read's return probe, the send hook of a write's first ciphertext). The second agent
+    /// reports the connection with nginx's `$connection_requests`, on both ends.
     fn decrypted_https_across_a_restart_loses_no_request() -> anyhow::Result<()> {
         let fs = BpfFs::mount("restart-tls")?;
         let tls = SelfSignedTls::new("restart-tls")?;

@@ -52,14 +52,16 @@ pub const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 /// Every this many rescans, every process is looked at again.
 const FULL_RESCAN_EVERY: u64 = 6;
 
-/// `(entry program, symbol, required)`. The return probe serves them all; `_ex` variants
-/// are missing from OpenSSL before 1.1.1.
-const SYMBOLS: [(&str, &str, bool); 5] = [
-    (program::SSL_WRITE, "SSL_write", true),
-    (program::SSL_READ, "SSL_read", true),
-    (program::SSL_DO_HANDSHAKE, "SSL_do_handshake", true),
-    (program::SSL_WRITE_EX, "SSL_write_ex", false),
-    (program::SSL_READ_EX, "SSL_read_ex", false),
+/// `(entry program, symbol, required, return probe)`: `_ex` variants are missing from
+/// OpenSSL before 1.1.1. One return program serves the reads and the handshake; writes have
+/// none (their plaintext is counted with their first ciphertext, in the send hook), which
+/// saves one uprobe hit per write.
+const SYMBOLS: [(&str, &str, bool, bool); 5] = [
+    (program::SSL_WRITE, "SSL_write", true, false),
+    (program::SSL_READ, "SSL_read", true, true),
+    (program::SSL_DO_HANDSHAKE, "SSL_do_handshake", true, true),
+    (program::SSL_WRITE_EX, "SSL_write_ex", false, false),
+    (program::SSL_READ_EX, "SSL_read_ex", false, true),
 ];
 
 /// The `attach` label of `connscope_probe_info{hook="libssl"}`.
@@ -286,7 +288,7 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
     Ok(program.try_into()?)
 }
 
-/// Attaches every probe to one file, or none: the return probe before its entry, so no call
+/// Attaches every probe to one file, or none: a return probe before its entry, so no read
 /// is stashed without being finished. Their links then go to `kept`, if the links outlive
 /// the agent.
 fn attach(ebpf: &mut Ebpf, target: &Target, kept: Option<&mut UprobeLinks>) -> anyhow::Result<()> {
@@ -314,22 +316,21 @@ fn attach_all(
     target: &Target,
     links: &mut Vec<(&'static str, UProbeLinkId)>,
 ) -> anyhow::Result<()> {
-    for (entry, symbol, required) in SYMBOLS {
-        let returned = uprobe(ebpf, program::SSL_RETURN)?.attach(
-            symbol,
-            &target.path,
-            UProbeScope::AllProcesses,
-        );
-        let link = match returned {
-            Ok(link) => link,
-            Err(_) if !required => continue,
-            Err(err) => return Err(err).with_context(|| format!("return probe of {symbol}")),
-        };
-        links.push((program::SSL_RETURN, link));
-        let link = uprobe(ebpf, entry)?
-            .attach(symbol, &target.path, UProbeScope::AllProcesses)
-            .with_context(|| format!("entry probe of {symbol}"))?;
-        links.push((entry, link));
+    for (entry, symbol, required, returns) in SYMBOLS {
+        let first = if returns { program::SSL_RETURN } else { entry };
+        let link =
+            match uprobe(ebpf, first)?.attach(symbol, &target.path, UProbeScope::AllProcesses) {
+                Ok(link) => link,
+                Err(_) if !required => continue,
+                Err(err) => return Err(err).with_context(|| format!("{first} on {symbol}")),
+            };
+        links.push((first, link));
+        if returns {
+            let link = uprobe(ebpf, entry)?
+                .attach(symbol, &target.path, UProbeScope::AllProcesses)
+                .with_context(|| format!("{entry} on {symbol}"))?;
+            links.push((entry, link));
+        }
     }
     Ok(())
 }
