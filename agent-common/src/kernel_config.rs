@@ -115,7 +115,10 @@ pub enum UserBuffers {
 pub struct ProgramConfig {
     /// A [`UserBuffers`] as `u32`.
     pub user_buffers: u32,
-    pub _pad: u32,
+    /// 1 when the libssl uprobes may stash calls (`--tls.uprobes`): the send/receive hooks
+    /// of undecrypted TLS then look a call up; 0 when they are off, so none can be in
+    /// flight and the lookup is skipped.
+    pub libssl_calls: u32,
 }
 const _: () = assert!(size_of::<ProgramConfig>() == 8);
 // SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
@@ -124,7 +127,7 @@ unsafe impl aya::Pod for ProgramConfig {}
 
 impl Default for ProgramConfig {
     fn default() -> Self {
-        Self { user_buffers: UserBuffers::Off as u32, _pad: 0 }
+        Self { user_buffers: UserBuffers::Off as u32, libssl_calls: 0 }
     }
 }
 

@@ -53,13 +53,17 @@ pub fn carries_request(bytes: &impl TransferBytes, len: u64) -> bool {
     if len == 0 {
         return false;
     }
+    // A header read alone (OpenSSL reads a record's header, then its body) or a lone record
+    // the size of TLS 1.3's alert: its header, read once, tells. Nothing this short holds a
+    // ChangeCipherSpec, a Finished and application data.
+    if len == RECORD_HEADER || len == RECORD_HEADER + u64::from(TLS13_ALERT_RECORD_LEN) {
+        let Some(header) = bytes.header_at(0) else { return false };
+        let record_len = u16::from_be_bytes([header[3], header[4]]);
+        return header[0] == APPLICATION_DATA && record_len != TLS13_ALERT_RECORD_LEN;
+    }
     let Some(content_type) = bytes.byte_at(0) else { return false };
     match content_type {
-        APPLICATION_DATA => {
-            let alert_sized =
-                len == RECORD_HEADER || len == RECORD_HEADER + u64::from(TLS13_ALERT_RECORD_LEN);
-            !alert_sized || record_len(bytes, 0, len).is_none_or(|l| l != TLS13_ALERT_RECORD_LEN)
-        }
+        APPLICATION_DATA => true,
         CHANGE_CIPHER_SPEC => {
             let Some(ccs_len) = record_len(bytes, 0, len) else { return false };
             let finished = RECORD_HEADER + u64::from(ccs_len);

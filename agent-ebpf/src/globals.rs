@@ -54,7 +54,7 @@ static PAYLOAD_SYSCALLS: [PayloadSyscall; PAYLOAD_SYSCALL_SLOTS] =
 static GENERATION: u64 = 0;
 
 #[unsafe(no_mangle)]
-static PROGRAM_CONFIG: ProgramConfig = ProgramConfig { user_buffers: 0, _pad: 0 };
+static PROGRAM_CONFIG: ProgramConfig = ProgramConfig { user_buffers: 0, libssl_calls: 0 };
 
 // SAFETY (all readers): reads of globals the loader may have rewritten; volatile so the
 // compiler does not fold in the defaults above.
@@ -89,6 +89,13 @@ pub const PAYLOAD_SYSCALL_SLOTS: usize = connscope_common::PAYLOAD_SYSCALLS.len(
 pub fn user_buffers() -> u32 {
     // SAFETY: see above.
     unsafe { core::ptr::read_volatile(&PROGRAM_CONFIG.user_buffers) }
+}
+
+/// Whether libssl calls can be in flight (`--tls.uprobes`).
+#[inline(always)]
+pub fn libssl_calls() -> bool {
+    // SAFETY: see above.
+    unsafe { core::ptr::read_volatile(&PROGRAM_CONFIG.libssl_calls) != 0 }
 }
 
 #[inline(always)]

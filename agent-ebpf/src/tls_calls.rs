@@ -83,6 +83,11 @@ pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> Ciphertex
     if !switched && protocol != Protocol::Tls as u8 && protocol != Protocol::Unknown as u8 {
         return Ciphertext::No;
     }
+    // Without the uprobes no call is stashed: undecrypted TLS skips the lookups. (A
+    // connection switched under an earlier agent's uprobes keeps its path below.)
+    if !switched && !crate::globals::libssl_calls() {
+        return Ciphertext::No;
+    }
     // One call site: `take_write` is inlined once.
     if let Some(write) = if direction == Direction::Send { take_write(sock) } else { None } {
         if !switched {

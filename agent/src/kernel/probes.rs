@@ -52,7 +52,11 @@ pub struct Probes {
 }
 
 fn load(config: &Config, kernel: &Kernel, pins: Option<&Pins>) -> anyhow::Result<Ebpf> {
-    let program_config = ProgramConfig { user_buffers: kernel.user_buffers as u32, _pad: 0 };
+    let libssl_calls = config.tls_uprobes && config.capture_heads;
+    let program_config = ProgramConfig {
+        user_buffers: kernel.user_buffers as u32,
+        libssl_calls: u32::from(libssl_calls),
+    };
     let mut loader = EbpfLoader::new();
     // Pinned maps are reused when they exist, created and pinned otherwise.
     for (name, path) in pins.iter().flat_map(|pins| pins.map_paths()) {
