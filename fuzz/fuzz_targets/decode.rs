@@ -3,7 +3,7 @@
 //! the bytes it came from.
 #![no_main]
 
-use connscope::events::{self, Event};
+use connscope::pipeline::events::{self, Event};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

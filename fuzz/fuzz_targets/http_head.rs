@@ -2,7 +2,7 @@
 //! never panic, and what they return stays within the bounds the metrics rely on.
 #![no_main]
 
-use connscope::http;
+use connscope::pipeline::http;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
