@@ -1,9 +1,9 @@
 //! `cargo xtask fuzz`: runs every cargo-fuzz target in `fuzz/` for a bounded time.
 //!
 //! The targets feed arbitrary bytes to the parsers of untrusted input: the ring buffer
-//! record decoder (`connscope::events::decode`), the HTTP/1.x head parsers
-//! (`connscope::http::{parse_request, parse_response}`) and the TLS record rule the kernel
-//! runs on undecrypted TLS (`connscope_common::tls_record::carries_request`). cargo-fuzz needs a nightly
+//! record decoder (`connscope::pipeline::events::decode`), the HTTP/1.x head parsers
+//! (`connscope::pipeline::http::{parse_request, parse_response}`) and the TLS record rule the
+//! kernel runs on undecrypted TLS (`connscope_common::tls_record::carries_request`). cargo-fuzz needs a nightly
 //! toolchain (for `-Zsanitizer`), but no `rust-src`. It is installed with
 //! `cargo install cargo-fuzz --locked` when missing. A crash fails the command and leaves
 //! the input in `fuzz/artifacts/<target>/`.
