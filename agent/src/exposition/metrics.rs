@@ -83,6 +83,12 @@ macro_rules! families {
                 $(register(registry, &$row, self.$field.clone());)+
             }
 
+            /// Each family's row, in field order.
+            #[cfg(test)]
+            fn rows() -> Vec<&'static Metric> {
+                vec![$(&$row),+]
+            }
+
             /// The families a starting agent takes over from the agent before it, with
             /// their rows.
             pub fn carried(&self) -> Vec<(&'static Metric, &dyn Carry)> {
@@ -121,5 +127,22 @@ families! {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each row of the table is exposed once: by a family of `Metrics`, or by the two
+    /// producers that register their own (the TLS targets, the loss collector).
+    #[test]
+    fn every_row_has_one_family() {
+        let mut names: Vec<&str> = Metrics::rows().iter().map(|row| row.name).collect();
+        names.extend([table::TLS_UPROBE_TARGETS.name, table::EVENTS_LOST.name]);
+        names.sort_unstable();
+        let mut table: Vec<&str> = table::ALL.iter().map(|row| row.name).collect();
+        table.sort_unstable();
+        assert_eq!(names, table);
     }
 }
