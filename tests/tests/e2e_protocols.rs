@@ -125,25 +125,14 @@ kernel_test!(
     /// - `idle`: Python closing after 0.8 s without a request; nginx closing a connection
     ///   idle for its 2 s timeout. Both sides' `close_notify` is not taken for activity.
     fn undecrypted_tls_close_reasons_follow_the_gap_before_the_close() -> anyhow::Result<()> {
-        let (tls13, tls12) = (free_port(), free_port());
-        let tls = SelfSignedTls::new("gaps")?;
-        let server = |port: u16, protocols: &str, log: &str| {
-            format!(
-                "server {{ listen 127.0.0.1:{port} ssl; ssl_protocols {protocols};\n\
-                   keepalive_timeout 2s; keepalive_requests 5;\n\
-                   {directives}\n\
-                   access_log {log} gaps; root html; }}\n",
-                directives = tls.directives,
-            )
-        };
-        let extra = format!(
-            "log_format gaps '$connection $connection_requests';\n{}{}",
-            server(tls13, "TLSv1.2 TLSv1.3", "gaps13.log"),
-            server(tls12, "TLSv1.2", "gaps12.log")
-        );
-        let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra)?;
+        let (nginx, servers) = two_tls_servers(
+            "gaps",
+            "$connection $connection_requests",
+            "keepalive_timeout 2s; keepalive_requests 5;",
+        )?;
         let agent = Agent::start(&["--tls.uprobes=false"])?;
-        for (port, log) in [(tls13, "gaps13.log"), (tls12, "gaps12.log")] {
+        for TlsServer { port, log, .. } in servers {
+            let log = log.as_str();
             let url = format!("https://127.0.0.1:{port}/index.html");
             run("curl", &["-sS", "-k", "-o", "/dev/null", &url, "-o", "/dev/null", &url])?;
             let script = format!(
@@ -177,6 +166,45 @@ kernel_test!(
     }
 );
 
+/// One `ssl` server of [`two_tls_servers`]: its port, its access log and the version it
+/// negotiates with curl and Python.
+struct TlsServer {
+    port: u16,
+    log: String,
+    version: &'static str,
+}
+
+/// nginx (`keepalive_requests 5`) with two `ssl` servers, one offering TLS 1.3 (and 1.2),
+/// one TLS 1.2 only; each logs `log_format` to `<name>13.log` or `<name>12.log`, with
+/// `directives` added to both.
+fn two_tls_servers(
+    name: &str,
+    log_format: &str,
+    directives: &str,
+) -> anyhow::Result<(Nginx, [TlsServer; 2])> {
+    let tls = SelfSignedTls::new(name)?;
+    let servers = [("TLSv1.2 TLSv1.3", "13", "TLSv1.3"), ("TLSv1.2", "12", "TLSv1.2")].map(
+        |(protocols, suffix, version)| {
+            let server =
+                TlsServer { port: free_port(), log: format!("{name}{suffix}.log"), version };
+            (protocols, server)
+        },
+    );
+    let mut extra = format!("log_format {name} '{log_format}';\n");
+    for (protocols, server) in &servers {
+        extra.push_str(&format!(
+            "server {{ listen 127.0.0.1:{port} ssl; ssl_protocols {protocols};\n\
+               {directives}\n{tls}\n\
+               access_log {log} {name}; root html; }}\n",
+            port = server.port,
+            tls = tls.directives,
+            log = server.log,
+        ));
+    }
+    let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra)?;
+    Ok((nginx, servers.map(|(_, server)| server)))
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Decryption {
     Uprobes,
@@ -184,23 +212,8 @@ enum Decryption {
 }
 
 fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
-    let (tls13, tls12) = (free_port(), free_port());
-    let tls = SelfSignedTls::new("tls")?;
-    let log_format = "log_format tls '$connection $connection_requests $ssl_protocol';";
-    let server = |port: u16, protocols: &str, log: &str| {
-        format!(
-            "server {{ listen 127.0.0.1:{port} ssl; ssl_protocols {protocols};\n\
-               {directives}\n\
-               access_log {log} tls; root html; }}\n",
-            directives = tls.directives,
-        )
-    };
-    let extra = format!(
-        "{log_format}\n{}{}",
-        server(tls13, "TLSv1.2 TLSv1.3", "tls13.log"),
-        server(tls12, "TLSv1.2", "tls12.log")
-    );
-    let nginx = Nginx::start_with(nginx_config(free_port(), 5), &extra)?;
+    let (nginx, servers) =
+        two_tls_servers("tls", "$connection $connection_requests $ssl_protocol", "")?;
     let (flags, protocol, attach): (&[&str], _, _) = match decryption {
         Decryption::Uprobes => (&[], "http1", "uprobe"),
         Decryption::Off => (&["--tls.uprobes=false"], "tls", "off"),
@@ -212,7 +225,8 @@ fn tls_requests_per_connection(decryption: Decryption) -> anyhow::Result<()> {
     let (_, page) = agent.get("/")?;
     let listed = page.contains("libssl.so.3</td><td>attached");
     assert_eq!(listed, decryption == Decryption::Uprobes, "/ lists the attached libssl: {page}");
-    for (port, log, version) in [(tls13, "tls13.log", "TLSv1.3"), (tls12, "tls12.log", "TLSv1.2")] {
+    for TlsServer { port, log, version } in servers {
+        let log = log.as_str();
         let url = format!("https://127.0.0.1:{port}/index.html");
         let mut args = vec!["-sS", "-k"];
         for _ in 0..3 {
