@@ -3,17 +3,12 @@
 //! counts the agent before it exported (`carry`). Encoded exactly like prometheus-client's
 //! `Histogram`, so adding a bucket's count equals observing that many values in it.
 
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
-use connscope_common::conn::IDLE_BOUNDS_NS;
 use prometheus_client::{
     encoding::{EncodeMetric, MetricEncoder, NoLabelSet},
     metrics::{MetricType, TypedMetric},
 };
-
-/// Idle gaps: the kernel's bucket bounds (`connscope_common::conn::IDLE_BOUNDS_NS`) in s.
-pub static IDLE_BOUNDS: LazyLock<Vec<f64>> =
-    LazyLock::new(|| IDLE_BOUNDS_NS.iter().map(|&ns| ns as f64 / 1e9).collect());
 
 #[derive(Debug)]
 struct Counts {
@@ -101,6 +96,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::model::metric_table::Buckets;
 
     fn text(register: impl FnOnce(&mut Registry)) -> String {
         let mut registry = Registry::default();
@@ -120,9 +116,10 @@ mod tests {
             buckets[gap_bucket(gap)] += 1;
             sum_ns += gap;
         }
-        let kernel = BucketHistogram::new(&IDLE_BOUNDS);
+        let bounds = Buckets::IdleGaps.bounds();
+        let kernel = BucketHistogram::new(bounds);
         assert!(kernel.add(&buckets, sum_ns as f64 / 1e9));
-        let single = Histogram::new(IDLE_BOUNDS.iter().copied());
+        let single = Histogram::new(bounds.iter().copied());
         for gap in gaps_ns {
             single.observe(gap as f64 / 1e9);
         }

@@ -122,6 +122,7 @@ pub struct LabelCap {
 }
 
 impl LabelCap {
+    #[cfg(test)]
     pub fn new(max: usize) -> Self {
         Self::reporting(max, Gauge::default())
     }
@@ -163,14 +164,14 @@ impl LabelCap {
         let id = LabelId(index);
         self.values.push(value.into());
         self.ids.insert(value.into(), id);
-        // OTHER and UNKNOWN, inserted first, take no place under the cap.
-        self.in_use.set(self.values.len().saturating_sub(2) as i64);
+        self.in_use.set(self.len() as i64);
         id
     }
 
-    /// Values admitted under the cap.
+    /// Values admitted under the cap ([`OTHER`] and [`UNKNOWN`], inserted first, take no
+    /// place under it).
     pub fn len(&self) -> usize {
-        self.values.len() - 2
+        self.values.len().saturating_sub(2)
     }
 
     pub fn is_empty(&self) -> bool {

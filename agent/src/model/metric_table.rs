@@ -269,12 +269,6 @@ metric_table! {
         "Events or connections that could not be recorded, by reason", labels [LOST_REASON];
 }
 
-/// The row whose exposed sample name (`connscope_..._total`, or a histogram's family name)
-/// is `sample`.
-pub fn by_sample(sample: &str) -> Option<&'static Metric> {
-    ALL.iter().find(|metric| metric.sample() == sample)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -330,6 +324,6 @@ mod tests {
         assert_eq!(bounds.len(), IDLE_BOUNDS_NS.len());
         assert_eq!(bounds.first(), Some(&0.001));
         assert_eq!(CONNECTION_IDLE.sample(), "connscope_connection_idle_seconds");
-        assert_eq!(by_sample("connscope_bytes_sent_total"), Some(&BYTES_SENT));
+        assert_eq!(BYTES_SENT.sample(), "connscope_bytes_sent_total");
     }
 }
