@@ -45,20 +45,18 @@ pub struct Transfer {
 /// Counts `transfer` by the exchange rules; `report` forces a `Progress` record (a byte
 /// counter's top bit flipped).
 #[inline(always)]
-pub fn count(conn: &mut Conn, transfer: &Transfer, report: bool) {
+pub fn count(conn: &mut Conn, transfer: &Transfer, mut report: bool) {
     // Undecrypted TLS: a whole alert record is the `close_notify` a side writes as it closes.
     // It asks and answers nothing, and the idle time before the close is measured from the
     // last exchange, not from it (the close starts right after it).
-    if conn.protocol == Protocol::Tls as u8 && tls_record::is_alert_record_len(transfer.bytes) {
-        if report {
-            records::snapshot(EventKind::Progress, transfer.sock, conn);
-        }
-        return;
+    let close_notify =
+        conn.protocol == Protocol::Tls as u8 && tls_record::is_alert_record_len(transfer.bytes);
+    if !close_notify {
+        let now = now_ns();
+        report |= on_payload(conn, transfer, now);
+        conn.last_direction = transfer.direction as u8;
+        conn.last_ns = now;
     }
-    let now = now_ns();
-    let report = on_payload(conn, transfer, now) || report;
-    conn.last_direction = transfer.direction as u8;
-    conn.last_ns = now;
     if report {
         records::snapshot(EventKind::Progress, transfer.sock, conn);
     }
