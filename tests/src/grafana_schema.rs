@@ -10,12 +10,11 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context as _, bail, ensure};
 
-use crate::asset_files::{fresh_dir, repo_root};
+use crate::asset_files::{files_with_extension, fresh_dir, repo_root};
 use crate::external_tools::{combined_output, output, require_tool, skip_or_fail};
 
 /// Where `cargo xtask setup` installs the npm tools (xtask/src/node_tools.rs).
@@ -133,8 +132,8 @@ fn parse_diagnostic(line: &str) -> Option<(usize, usize, usize, String)> {
 /// with `schemaVersion` and `panels`) under deploy/.
 pub fn shipped_dashboards() -> anyhow::Result<Vec<Source>> {
     let root = repo_root();
-    let mut paths = json_files(&root.join("dashboards"))?;
-    paths.extend(json_files(&root.join("deploy"))?);
+    let mut paths = files_with_extension(&root.join("dashboards"), "json")?;
+    paths.extend(files_with_extension(&root.join("deploy"), "json")?);
     let mut sources = vec![];
     for path in paths {
         let json =
@@ -147,22 +146,4 @@ pub fn shipped_dashboards() -> anyhow::Result<Vec<Source>> {
         }
     }
     Ok(sources)
-}
-
-/// Every .json file below `dir`, sorted.
-fn json_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = vec![];
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        for entry in fs::read_dir(&dir).with_context(|| format!("listing {}", dir.display()))? {
-            let path = entry?.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else if path.extension().is_some_and(|e| e == "json") {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
 }

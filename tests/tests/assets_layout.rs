@@ -7,33 +7,19 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use anyhow::{Context as _, ensure};
 use connscope::model::metric_table::{self, Kind};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use connscope_tests::asset_files::{files_with_extension, read, repo_root as workspace, report};
 
 /// Every `.rs` file below `dir`, as paths relative to it.
 fn rust_files(dir: &Path) -> anyhow::Result<BTreeSet<String>> {
-    let mut files = BTreeSet::new();
-    let mut pending = vec![dir.to_path_buf()];
-    while let Some(current) = pending.pop() {
-        for entry in fs::read_dir(&current).with_context(|| format!("{}", current.display()))? {
-            let path = entry?.path();
-            if path.is_dir() {
-                pending.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
-                let relative = path.strip_prefix(dir)?.to_string_lossy().into_owned();
-                files.insert(relative);
-            }
-        }
-    }
-    Ok(files)
+    files_with_extension(dir, "rs")?
+        .iter()
+        .map(|path| Ok(path.strip_prefix(dir)?.to_string_lossy().into_owned()))
+        .collect()
 }
 
 /// A file's code before its test module, without comment lines: what the build ships.
@@ -99,7 +85,7 @@ fn agent_stages_import_one_way() -> anyhow::Result<()> {
     for file in rust_files(&src)? {
         let stage = file.split('/').next().unwrap_or_default();
         let Some(allowed) = allowed_imports(stage) else { continue };
-        let code = shipped_code(&fs::read_to_string(src.join(&file))?);
+        let code = shipped_code(&read(&src.join(&file))?);
         checked += 1;
         for module in crate_modules(&code) {
             if !allowed.contains(&module.as_str()) {
@@ -108,8 +94,7 @@ fn agent_stages_import_one_way() -> anyhow::Result<()> {
         }
     }
     ensure!(checked > 30, "only {checked} stage files found");
-    ensure!(problems.is_empty(), "imports against the stage order:\n{}", problems.join("\n"));
-    Ok(())
+    report("imports against the stage order", &problems)
 }
 
 #[test]
@@ -148,7 +133,7 @@ fn mapped_files(architecture: &str, heading: &str) -> anyhow::Result<BTreeSet<St
 #[test]
 fn the_module_map_lists_every_module_file() -> anyhow::Result<()> {
     let root = workspace();
-    let architecture = fs::read_to_string(root.join("docs/architecture.md"))?;
+    let architecture = read(&root.join("docs/architecture.md"))?;
     let mut problems = Vec::new();
     for (crate_dir, heading) in [
         ("agent", "### `agent` (userspace)"),
@@ -164,8 +149,7 @@ fn the_module_map_lists_every_module_file() -> anyhow::Result<()> {
             problems.push(format!("the module map names {crate_dir}/src/{stale}, which is gone"));
         }
     }
-    ensure!(problems.is_empty(), "docs/architecture.md is out of date:\n{}", problems.join("\n"));
-    Ok(())
+    report("docs/architecture.md's module map", &problems)
 }
 
 #[test]
@@ -176,7 +160,7 @@ fn metric_names_are_spelled_only_in_the_metric_table() -> anyhow::Result<()> {
         if file == "model/metric_table.rs" {
             continue;
         }
-        let code = shipped_code(&fs::read_to_string(src.join(&file))?);
+        let code = shipped_code(&read(&src.join(&file))?);
         let spelled = |line: &&str| {
             metric_table::ALL
                 .iter()
@@ -186,8 +170,7 @@ fn metric_names_are_spelled_only_in_the_metric_table() -> anyhow::Result<()> {
             problems.push(format!("agent/src/{file}: `{}`", line.trim()));
         }
     }
-    ensure!(problems.is_empty(), "metric names outside the table:\n{}", problems.join("\n"));
-    Ok(())
+    report("metric names outside the table", &problems)
 }
 
 /// README's metric table: the names in each row's first column (backticked, without the
@@ -208,7 +191,7 @@ fn readme_metrics(readme: &str) -> anyhow::Result<BTreeMap<String, String>> {
 
 #[test]
 fn readme_lists_exactly_the_metric_table() -> anyhow::Result<()> {
-    let readme = fs::read_to_string(workspace().join("README.md"))?;
+    let readme = read(&workspace().join("README.md"))?;
     let listed = readme_metrics(&readme)?;
     let prefix = format!("{}_", metric_table::PREFIX);
     let table: BTreeMap<String, String> = metric_table::ALL
