@@ -14,7 +14,7 @@ use crate::{
     exposition::labels::{self, LabelCap, LabelId, LabelMemo, ServerEndpoint},
     exposition::metrics::{BucketHistogram, Metrics},
     model::close_reason::CloseReason,
-    model::http_version::Version,
+    model::http_version::{RequestVersion, Version},
     model::label_sets::{
         CappedLabel, Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, OpenState,
         PlacedFlow, Server,
@@ -63,6 +63,10 @@ pub struct FlowSeries {
     adopted: OnceLock<Counter>,
     http10: OnceLock<Counter>,
     http11: OnceLock<Counter>,
+    http_unread: OnceLock<Counter>,
+    /// A connection of this flow spoke HTTP inside decrypted TLS: its TLS requests counted
+    /// from ciphertext are HTTP requests whose version was not read.
+    speaks_http_in_tls: std::sync::atomic::AtomicBool,
     advertised_timeout: OnceLock<Gauge>,
     advertised_max: OnceLock<Gauge>,
     /// `connections_closed_total` by (closed_by, close_kind, reason) as seen so far: a
@@ -94,6 +98,8 @@ impl FlowSeries {
             adopted: OnceLock::new(),
             http10: OnceLock::new(),
             http11: OnceLock::new(),
+            http_unread: OnceLock::new(),
+            speaks_http_in_tls: Default::default(),
             advertised_timeout: OnceLock::new(),
             advertised_max: OnceLock::new(),
             closes: Mutex::new(Vec::new()),
@@ -128,16 +134,26 @@ impl FlowSeries {
         })
     }
 
-    pub fn http_requests(&self, metrics: &Metrics, version: Version) -> &Counter {
+    pub fn http_requests(&self, metrics: &Metrics, version: RequestVersion) -> &Counter {
         let cell = match version {
-            Version::Http10 => &self.http10,
-            Version::Http11 => &self.http11,
+            RequestVersion::Read(Version::Http10) => &self.http10,
+            RequestVersion::Read(Version::Http11) => &self.http11,
+            RequestVersion::Unread => &self.http_unread,
         };
         cell.get_or_init(|| {
             let labels =
                 HttpRequest { flow: self.flow.clone(), http_version: version.label().to_owned() };
             metrics.http_requests.get_or_create_owned(&labels)
         })
+    }
+
+    /// Whether a connection of this flow spoke HTTP inside decrypted TLS.
+    pub fn speaks_http_in_tls(&self) -> bool {
+        self.speaks_http_in_tls.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn saw_http_in_tls(&self) {
+        self.speaks_http_in_tls.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts one close of this flow's connections.

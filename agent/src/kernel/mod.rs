@@ -2,6 +2,8 @@
 //! pinning them across restarts, the libssl uprobes, and the start-up adoption scan.
 
 pub mod adoption;
+pub mod decryption;
+pub mod decryption_budget;
 pub mod facts;
 pub mod hooks;
 pub mod layout;
@@ -10,4 +12,5 @@ pub mod preflight;
 pub mod probes;
 pub mod tls_targets;
 pub mod tls_uprobes;
+pub mod uprobe_cost;
 pub mod uprobe_links;

@@ -14,8 +14,9 @@
 //! A file that cannot be attached is logged once and counted, never fatal.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs,
+    num::NonZeroU32,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -39,9 +40,14 @@ use prometheus_client::{
 use crate::{
     config::Config,
     exposition::{metrics, status::UprobeReport},
+    kernel::decryption::{Change, Decryption},
     kernel::tls_targets::{self, FileId, REQUIRED_SYMBOL, Target},
-    kernel::uprobe_links::UprobeLinks,
-    model::{label_sets::Probe, metric_table},
+    kernel::uprobe_cost,
+    kernel::uprobe_links::{KeptId, UprobeLinks},
+    model::{
+        decryption_state::DecryptionState, label_sets::Probe, metric_table,
+        tls_requests::TlsRequests,
+    },
 };
 
 /// The `hook` label of the uprobes' `connscope_probe_info` row.
@@ -151,6 +157,7 @@ pub fn start(
     ebpf: &mut Ebpf,
     probe_info: Family<Probe, Gauge>,
     links_outlive_agent: bool,
+    requests: TlsRequests,
 ) -> (Option<TlsUprobes>, Arc<TlsStatus>) {
     if !config.tls_uprobes || !config.capture_heads {
         if config.tls_uprobes {
@@ -161,8 +168,9 @@ pub fn start(
     let status = Arc::new(TlsStatus::new(TlsAttach::None, probe_info));
     let links = links_outlive_agent.then(UprobeLinks::default);
     match TlsUprobes::start(ebpf, status.clone(), links) {
-        Ok(uprobes) => {
+        Ok(mut uprobes) => {
             status.set_attach(uprobes.attach_state());
+            uprobes.start_budget(ebpf, config, requests);
             (Some(uprobes), status)
         }
         Err(err) => {
@@ -178,10 +186,37 @@ pub struct TlsUprobes {
     /// Processes looked at by the previous scan.
     scanned: HashSet<u32>,
     rescans: u64,
-    attached: usize,
+    /// Files the uprobes are on, and for which processes.
+    files: HashMap<FileId, AttachedFile>,
+    /// The attached files each process maps, as its last read of `/proc/<pid>/maps` said.
+    users: HashMap<u32, Vec<FileId>>,
     status: Arc<TlsStatus>,
     /// `None`: the links stay with their programs and detach with the agent.
     links: Option<UprobeLinks>,
+    /// Which processes are decrypted (`None`: the budget could not start; all are).
+    decryption: Option<Decryption>,
+}
+
+/// One file's uprobes.
+struct AttachedFile {
+    target: Target,
+    scope: FileScope,
+}
+
+/// A uprobe is on a file for all processes, or for one: a process can be left out only
+/// when every other process that maps the file has uprobes of its own.
+enum FileScope {
+    /// One set of links for every process (and every process started later).
+    All(Vec<LinkRef>),
+    /// Links per decrypted process; a process started later is attached at the scan that
+    /// finds it.
+    PerProcess(HashMap<u32, Vec<LinkRef>>),
+}
+
+/// An attached uprobe: held by its program, or kept (`UprobeLinks`).
+enum LinkRef {
+    Program(&'static str, UProbeLinkId),
+    Kept(KeptId),
 }
 
 impl TlsUprobes {
@@ -199,9 +234,11 @@ impl TlsUprobes {
             known: HashSet::new(),
             scanned: HashSet::new(),
             rescans: 0,
-            attached: 0,
+            files: HashMap::new(),
+            users: HashMap::new(),
             status,
             links,
+            decryption: None,
         };
         let started = std::time::Instant::now();
         for target in tls_targets::system_libraries() {
@@ -209,12 +246,45 @@ impl TlsUprobes {
         }
         uprobes.scan(ebpf, true);
         tracing::info!(
-            attached = uprobes.attached,
+            attached = uprobes.files.len(),
             files = uprobes.known.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "TLS uprobe targets scanned"
         );
         Ok(uprobes)
+    }
+
+    /// Starts the decryption budget: measures what a hit costs, then judges every process
+    /// found so far. Without it every process is decrypted (logged).
+    fn start_budget(&mut self, ebpf: &mut Ebpf, config: &Config, requests: TlsRequests) {
+        let started = std::time::Instant::now();
+        let decryption = uprobe_cost::measure(ebpf).and_then(|hit| {
+            tracing::info!(
+                hit_ns = hit.as_nanos() as u64,
+                budget = config.tls_budget,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "uprobe hit cost measured"
+            );
+            Decryption::new(ebpf, config, hit, requests)
+        });
+        match decryption {
+            Ok(decryption) => {
+                self.decryption = Some(decryption);
+                let pids: Vec<u32> = self.users.keys().copied().collect();
+                for pid in pids {
+                    self.judge_found(ebpf, pid);
+                }
+            }
+            Err(err) => {
+                tracing::warn!("no decryption budget: every OpenSSL process is decrypted: {err:#}")
+            }
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        if let Some(decryption) = &self.decryption {
+            decryption.register(registry);
+        }
     }
 
     /// This agent's takeover is done: the uprobes' links are pinned in `dir` from now on.
@@ -225,7 +295,7 @@ impl TlsUprobes {
     }
 
     fn attach_state(&self) -> TlsAttach {
-        if self.attached > 0 { TlsAttach::Uprobe } else { TlsAttach::None }
+        if self.files.is_empty() { TlsAttach::None } else { TlsAttach::Uprobe }
     }
 
     /// The periodic rescan (see the module docs).
@@ -233,6 +303,24 @@ impl TlsUprobes {
         self.rescans += 1;
         self.scan(ebpf, self.rescans.is_multiple_of(FULL_RESCAN_EVERY));
         self.status.set_attach(self.attach_state());
+    }
+
+    /// The budget's tick (`decryption_budget::TICK`): processes over it leave
+    /// decryption, processes back under it rejoin.
+    pub fn budget_tick(&mut self, ebpf: &mut Ebpf) {
+        let Some(decryption) = &mut self.decryption else { return };
+        let changes = decryption.tick(std::time::Instant::now(), &self.scanned);
+        for change in changes {
+            match change {
+                Change::Leave(pid, state) => self.leave(ebpf, pid, state),
+                Change::Rejoin(pid) => self.rejoin(ebpf, pid),
+            }
+        }
+        if let (Some(decryption), Ok(mut shown)) =
+            (&self.decryption, self.status.report.processes.write())
+        {
+            *shown = decryption.report();
+        }
     }
 
     fn scan(&mut self, ebpf: &mut Ebpf, all: bool) {
@@ -255,11 +343,199 @@ impl TlsUprobes {
                 let is_libssl = exe != Some(target.id);
                 self.consider(ebpf, target, is_libssl);
             }
+            self.record_users(pid, &maps);
+            self.judge_found(ebpf, pid);
+        }
+        let gone: Vec<u32> = self.users.keys().filter(|pid| !seen.contains(pid)).copied().collect();
+        for pid in gone {
+            self.forget(ebpf, pid);
         }
         self.scanned = seen;
     }
 
-    /// Attaches `target` if it carries OpenSSL; remembered either way.
+    /// Remembers which attached files `pid` maps.
+    fn record_users(&mut self, pid: u32, maps: &str) {
+        let mut mapped: Vec<FileId> = Vec::new();
+        for mapping in maps.lines().filter_map(tls_targets::executable_mapping) {
+            if self.files.contains_key(&mapping.id) && !mapped.contains(&mapping.id) {
+                mapped.push(mapping.id);
+            }
+        }
+        if mapped.is_empty() {
+            self.users.remove(&pid);
+        } else {
+            self.users.insert(pid, mapped);
+        }
+    }
+
+    /// A process found mapping attached files: left out if it is opted out, else given
+    /// uprobes of its own on the files that have per-process ones.
+    fn judge_found(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        if !self.users.contains_key(&pid) {
+            return;
+        }
+        let Some(decryption) = &mut self.decryption else { return };
+        match decryption.found(pid) {
+            (DecryptionState::Decrypted, _) => self.attach_process(ebpf, pid),
+            (state, true) => self.leave(ebpf, pid, state),
+            (_, false) => {}
+        }
+    }
+
+    /// An exited process: its own uprobes are removed.
+    fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        self.users.remove(&pid);
+        if let Some(decryption) = &mut self.decryption {
+            decryption.gone(pid);
+        }
+        let mut removed = Vec::new();
+        for file in self.files.values_mut() {
+            if let FileScope::PerProcess(per_process) = &mut file.scope
+                && let Some(links) = per_process.remove(&pid)
+            {
+                removed.extend(links);
+            }
+        }
+        self.detach(ebpf, removed);
+    }
+
+    /// Gives `pid` uprobes of its own on the files it maps that have per-process ones.
+    fn attach_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { return };
+        for id in self.users.get(&pid).cloned().unwrap_or_default() {
+            let Some(file) = self.files.get_mut(&id) else { continue };
+            let FileScope::PerProcess(per_process) = &mut file.scope else { continue };
+            if per_process.contains_key(&pid) {
+                continue;
+            }
+            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
+                Ok(links) => {
+                    per_process.insert(pid, links);
+                }
+                Err(err) => {
+                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
+                }
+            }
+        }
+    }
+
+    /// `pid` is counted from its ciphertext from now on: the kernel ignores its calls at
+    /// once; then every other decrypted process that maps one of its files gets uprobes of
+    /// its own, and the uprobes `pid` ran into are removed.
+    fn leave(&mut self, ebpf: &mut Ebpf, pid: u32, state: DecryptionState) {
+        let Some(decryption) = &mut self.decryption else { return };
+        decryption.leave(pid, state);
+        if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+            self.record_users(pid, &maps);
+        }
+        let Some(decryption) = &self.decryption else { return };
+        let started = std::time::Instant::now();
+        let mut removed = Vec::new();
+        for id in self.users.get(&pid).cloned().unwrap_or_default() {
+            let Some(file) = self.files.get_mut(&id) else { continue };
+            match &mut file.scope {
+                FileScope::All(_) => {
+                    let mut per_process = HashMap::new();
+                    for (&other, mapped) in &self.users {
+                        let Some(scope) = NonZeroU32::new(other).map(UProbeScope::OneProcess)
+                        else {
+                            continue;
+                        };
+                        if other == pid || !mapped.contains(&id) || !decryption.is_decrypted(other)
+                        {
+                            continue;
+                        }
+                        match attach(ebpf, &file.target, scope, self.links.as_mut()) {
+                            Ok(links) => {
+                                per_process.insert(other, links);
+                            }
+                            Err(err) => tracing::warn!(
+                                pid = other,
+                                file = %file.target.shown,
+                                "TLS uprobes not attached: {err:#}"
+                            ),
+                        }
+                    }
+                    if let FileScope::All(links) =
+                        std::mem::replace(&mut file.scope, FileScope::PerProcess(per_process))
+                    {
+                        removed.extend(links);
+                    }
+                }
+                FileScope::PerProcess(per_process) => {
+                    removed.extend(per_process.remove(&pid).unwrap_or_default());
+                }
+            }
+        }
+        self.detach(ebpf, removed);
+        tracing::info!(
+            pid,
+            state = state.label(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "TLS decryption stopped for a process: counted from its ciphertext"
+        );
+    }
+
+    /// `pid` is decrypted again: its uprobes are attached (a file whose processes are all
+    /// decrypted again goes back to one uprobe for all), then the kernel reads its calls.
+    fn rejoin(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let Some(own_scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { return };
+        let Some(decryption) = &self.decryption else { return };
+        let mut removed = Vec::new();
+        for id in self.users.get(&pid).cloned().unwrap_or_default() {
+            let Some(file) = self.files.get_mut(&id) else { continue };
+            let FileScope::PerProcess(per_process) = &mut file.scope else { continue };
+            let others_left_out = self.users.iter().any(|(&other, mapped)| {
+                other != pid && mapped.contains(&id) && !decryption.is_decrypted(other)
+            });
+            let scope = if others_left_out { own_scope } else { UProbeScope::AllProcesses };
+            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
+                Ok(links) if others_left_out => {
+                    per_process.insert(pid, links);
+                }
+                Ok(links) => {
+                    if let FileScope::PerProcess(per_process) =
+                        std::mem::replace(&mut file.scope, FileScope::All(links))
+                    {
+                        removed.extend(per_process.into_values().flatten());
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
+                }
+            }
+        }
+        if let Some(decryption) = &mut self.decryption {
+            decryption.rejoin(pid);
+        }
+        self.detach(ebpf, removed);
+        tracing::info!(pid, "TLS decryption resumed for a process");
+    }
+
+    /// Removes uprobes. Detaching one waits for the kernel (about a second per file on a
+    /// busy host), so the links are dropped on a thread of their own.
+    fn detach(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) {
+        let mut dropped: Vec<Box<dyn Send>> = Vec::new();
+        for link in links {
+            match link {
+                LinkRef::Program(name, id) => {
+                    if let Ok(link) = uprobe(ebpf, name).and_then(|p| Ok(p.take_link(id)?)) {
+                        dropped.push(Box::new(link));
+                    }
+                }
+                LinkRef::Kept(id) => {
+                    if let Some(link) = self.links.as_mut().and_then(|links| links.remove(id)) {
+                        dropped.push(Box::new(link));
+                    }
+                }
+            }
+        }
+        if !dropped.is_empty() {
+            std::thread::spawn(move || drop(dropped));
+        }
+    }
+
+    /// Attaches `target` (for all processes) if it carries OpenSSL; remembered either way.
     fn consider(&mut self, ebpf: &mut Ebpf, target: Target, is_libssl: bool) {
         if !self.known.insert(target.id) {
             return;
@@ -267,17 +543,20 @@ impl TlsUprobes {
         if !is_libssl && !tls_targets::exports(&target.path, REQUIRED_SYMBOL) {
             return;
         }
-        let outcome = attach(ebpf, &target, self.links.as_mut()).map_err(|err| format!("{err:#}"));
-        match &outcome {
-            Ok(()) => {
-                self.attached += 1;
+        let outcome = attach(ebpf, &target, UProbeScope::AllProcesses, self.links.as_mut());
+        let shown = target.shown.clone();
+        let outcome = match outcome {
+            Ok(links) => {
                 tracing::info!(file = %target.shown, "TLS uprobes attached");
+                self.files.insert(target.id, AttachedFile { target, scope: FileScope::All(links) });
+                Ok(())
             }
             Err(err) => {
-                tracing::warn!(file = %target.shown, "TLS uprobes not attached: {err}");
+                tracing::warn!(file = %target.shown, "TLS uprobes not attached: {err:#}");
+                Err(format!("{err:#}"))
             }
-        }
-        self.status.record(&target.shown, outcome);
+        };
+        self.status.record(&shown, outcome);
     }
 }
 
@@ -288,46 +567,52 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
     Ok(program.try_into()?)
 }
 
-/// Attaches every probe to one file, or none: a return probe before its entry, so no read
-/// is stashed without being finished. Their links then go to `kept`, if the links outlive
-/// the agent.
-fn attach(ebpf: &mut Ebpf, target: &Target, kept: Option<&mut UprobeLinks>) -> anyhow::Result<()> {
+/// Attaches every probe to one file for `scope`, or none: a return probe before its entry,
+/// so no read is stashed without being finished. Their links then go to `kept`, if the
+/// links outlive the agent.
+fn attach(
+    ebpf: &mut Ebpf,
+    target: &Target,
+    scope: UProbeScope,
+    kept: Option<&mut UprobeLinks>,
+) -> anyhow::Result<Vec<LinkRef>> {
     let mut links: Vec<(&'static str, UProbeLinkId)> = Vec::new();
-    let result = attach_all(ebpf, target, &mut links);
-    if result.is_err() {
+    if let Err(err) = attach_all(ebpf, target, scope, &mut links) {
         for (name, link) in links.into_iter().rev() {
             if let Ok(probe) = uprobe(ebpf, name) {
                 let _ = probe.detach(link);
             }
         }
-        return result;
+        return Err(err);
     }
-    if let Some(kept) = kept {
-        for (name, id) in links {
-            let link = FdLink::try_from(uprobe(ebpf, name)?.take_link(id)?)?;
-            kept.keep(name, link)?;
-        }
+    let Some(kept) = kept else {
+        return Ok(links.into_iter().map(|(name, id)| LinkRef::Program(name, id)).collect());
+    };
+    let mut refs = Vec::with_capacity(links.len());
+    for (name, id) in links {
+        let link = FdLink::try_from(uprobe(ebpf, name)?.take_link(id)?)?;
+        refs.push(LinkRef::Kept(kept.keep(name, link)?));
     }
-    Ok(())
+    Ok(refs)
 }
 
 fn attach_all(
     ebpf: &mut Ebpf,
     target: &Target,
+    scope: UProbeScope,
     links: &mut Vec<(&'static str, UProbeLinkId)>,
 ) -> anyhow::Result<()> {
     for (entry, symbol, required, returns) in SYMBOLS {
         let first = if returns { program::SSL_RETURN } else { entry };
-        let link =
-            match uprobe(ebpf, first)?.attach(symbol, &target.path, UProbeScope::AllProcesses) {
-                Ok(link) => link,
-                Err(_) if !required => continue,
-                Err(err) => return Err(err).with_context(|| format!("{first} on {symbol}")),
-            };
+        let link = match uprobe(ebpf, first)?.attach(symbol, &target.path, scope) {
+            Ok(link) => link,
+            Err(_) if !required => continue,
+            Err(err) => return Err(err).with_context(|| format!("{first} on {symbol}")),
+        };
         links.push((first, link));
         if returns {
             let link = uprobe(ebpf, entry)?
-                .attach(symbol, &target.path, UProbeScope::AllProcesses)
+                .attach(symbol, &target.path, scope)
                 .with_context(|| format!("{entry} on {symbol}"))?;
             links.push((entry, link));
         }
