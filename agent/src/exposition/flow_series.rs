@@ -64,9 +64,6 @@ pub struct FlowSeries {
     http10: OnceLock<Counter>,
     http11: OnceLock<Counter>,
     http_unread: OnceLock<Counter>,
-    /// A connection of this flow spoke HTTP inside decrypted TLS: its TLS requests counted
-    /// from ciphertext are HTTP requests whose version was not read.
-    speaks_http_in_tls: std::sync::atomic::AtomicBool,
     advertised_timeout: OnceLock<Gauge>,
     advertised_max: OnceLock<Gauge>,
     /// `connections_closed_total` by (closed_by, close_kind, reason) as seen so far: a
@@ -99,7 +96,6 @@ impl FlowSeries {
             http10: OnceLock::new(),
             http11: OnceLock::new(),
             http_unread: OnceLock::new(),
-            speaks_http_in_tls: Default::default(),
             advertised_timeout: OnceLock::new(),
             advertised_max: OnceLock::new(),
             closes: Mutex::new(Vec::new()),
@@ -145,15 +141,6 @@ impl FlowSeries {
                 HttpRequest { flow: self.flow.clone(), http_version: version.label().to_owned() };
             metrics.http_requests.get_or_create_owned(&labels)
         })
-    }
-
-    /// Whether a connection of this flow spoke HTTP inside decrypted TLS.
-    pub fn speaks_http_in_tls(&self) -> bool {
-        self.speaks_http_in_tls.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn saw_http_in_tls(&self) {
-        self.speaks_http_in_tls.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Counts one close of this flow's connections.

@@ -195,6 +195,9 @@ pub struct TlsUprobes {
     links: Option<UprobeLinks>,
     /// Which processes are decrypted (`None`: the budget could not start; all are).
     decryption: Option<Decryption>,
+    /// Opt-outs exist: files keep per-process uprobes (a process to leave out may start
+    /// at any time).
+    per_process_only: bool,
 }
 
 /// One file's uprobes.
@@ -239,6 +242,7 @@ impl TlsUprobes {
             status,
             links,
             decryption: None,
+            per_process_only: false,
         };
         let started = std::time::Instant::now();
         for target in tls_targets::system_libraries() {
@@ -273,6 +277,16 @@ impl TlsUprobes {
                 let pids: Vec<u32> = self.users.keys().copied().collect();
                 for pid in pids {
                     self.judge_found(ebpf, pid);
+                }
+                // A process to leave out may start at any time, and an uprobe for all
+                // processes would decrypt it until a scan found it: with opt-outs, every
+                // file has per-process uprobes from the start.
+                if !config.tls_never_decrypt.is_empty() {
+                    self.per_process_only = true;
+                    let ids: Vec<FileId> = self.files.keys().copied().collect();
+                    let removed: Vec<LinkRef> =
+                        ids.into_iter().flat_map(|id| self.per_process(ebpf, id)).collect();
+                    self.detach(ebpf, removed);
                 }
             }
             Err(err) => {
@@ -428,40 +442,12 @@ impl TlsUprobes {
         if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
             self.record_users(pid, &maps);
         }
-        let Some(decryption) = &self.decryption else { return };
         let started = std::time::Instant::now();
         let mut removed = Vec::new();
         for id in self.users.get(&pid).cloned().unwrap_or_default() {
             let Some(file) = self.files.get_mut(&id) else { continue };
             match &mut file.scope {
-                FileScope::All(_) => {
-                    let mut per_process = HashMap::new();
-                    for (&other, mapped) in &self.users {
-                        let Some(scope) = NonZeroU32::new(other).map(UProbeScope::OneProcess)
-                        else {
-                            continue;
-                        };
-                        if other == pid || !mapped.contains(&id) || !decryption.is_decrypted(other)
-                        {
-                            continue;
-                        }
-                        match attach(ebpf, &file.target, scope, self.links.as_mut()) {
-                            Ok(links) => {
-                                per_process.insert(other, links);
-                            }
-                            Err(err) => tracing::warn!(
-                                pid = other,
-                                file = %file.target.shown,
-                                "TLS uprobes not attached: {err:#}"
-                            ),
-                        }
-                    }
-                    if let FileScope::All(links) =
-                        std::mem::replace(&mut file.scope, FileScope::PerProcess(per_process))
-                    {
-                        removed.extend(links);
-                    }
-                }
+                FileScope::All(_) => removed.extend(self.per_process(ebpf, id)),
                 FileScope::PerProcess(per_process) => {
                     removed.extend(per_process.remove(&pid).unwrap_or_default());
                 }
@@ -476,6 +462,36 @@ impl TlsUprobes {
         );
     }
 
+    /// Turns file `id`'s uprobe for all processes into one per decrypted process that maps
+    /// it; returns the links to remove.
+    fn per_process(&mut self, ebpf: &mut Ebpf, id: FileId) -> Vec<LinkRef> {
+        let (Some(file), Some(decryption)) = (self.files.get_mut(&id), &self.decryption) else {
+            return Vec::new();
+        };
+        if matches!(file.scope, FileScope::PerProcess(_)) {
+            return Vec::new();
+        }
+        let mut per_process = HashMap::new();
+        for (&pid, mapped) in &self.users {
+            let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { continue };
+            if !mapped.contains(&id) || !decryption.is_decrypted(pid) {
+                continue;
+            }
+            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
+                Ok(links) => {
+                    per_process.insert(pid, links);
+                }
+                Err(err) => {
+                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
+                }
+            }
+        }
+        match std::mem::replace(&mut file.scope, FileScope::PerProcess(per_process)) {
+            FileScope::All(links) => links,
+            FileScope::PerProcess(_) => Vec::new(),
+        }
+    }
+
     /// `pid` is decrypted again: its uprobes are attached (a file whose processes are all
     /// decrypted again goes back to one uprobe for all), then the kernel reads its calls.
     fn rejoin(&mut self, ebpf: &mut Ebpf, pid: u32) {
@@ -485,9 +501,10 @@ impl TlsUprobes {
         for id in self.users.get(&pid).cloned().unwrap_or_default() {
             let Some(file) = self.files.get_mut(&id) else { continue };
             let FileScope::PerProcess(per_process) = &mut file.scope else { continue };
-            let others_left_out = self.users.iter().any(|(&other, mapped)| {
-                other != pid && mapped.contains(&id) && !decryption.is_decrypted(other)
-            });
+            let others_left_out = self.per_process_only
+                || self.users.iter().any(|(&other, mapped)| {
+                    other != pid && mapped.contains(&id) && !decryption.is_decrypted(other)
+                });
             let scope = if others_left_out { own_scope } else { UProbeScope::AllProcesses };
             match attach(ebpf, &file.target, scope, self.links.as_mut()) {
                 Ok(links) if others_left_out => {

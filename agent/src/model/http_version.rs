@@ -20,8 +20,8 @@ impl Version {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RequestVersion {
     Read(Version),
-    /// A request counted from its ciphertext, on a flow seen speaking HTTP inside TLS: its
-    /// process left decryption (the budget), so its version was not read.
+    /// A request counted from its ciphertext, by a process seen speaking HTTP inside
+    /// decrypted TLS that left decryption (the budget): its version was not read.
     Unread,
 }
 

@@ -241,7 +241,7 @@ metric_table! {
         "Idle time from the last exchange to the start of the close",
         labels [ROLE, PROCESS, SERVER, CLOSED_BY], buckets Buckets::IdleGaps, carried: true;
     HTTP_REQUESTS = Counter "http_requests",
-        "HTTP/1.x requests seen, by version (unread: counted from TLS ciphertext on a flow seen speaking HTTP, after its process left decryption)",
+        "HTTP/1.x requests seen, by version (unread: counted from the TLS ciphertext of a process seen speaking HTTP, after it left decryption)",
         labels [ROLE, PROCESS, SERVER, HTTP_VERSION], carried: true;
     HTTP_KEEPALIVE_ADVERTISED_TIMEOUT = Gauge "http_keepalive_advertised_timeout" in Seconds,
         "Last Keep-Alive timeout advertised by the server", labels [SERVER], carried: true;

@@ -5,7 +5,10 @@
 //! table adds the differences since the last snapshot it saw, parses the heads the kernel
 //! sends, and classifies the close.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use connscope_common::{
     AttributeEvent, Attribution, ClosedBy, Conn, Direction, Handover, OpenEvent, Protocol, Role,
@@ -102,7 +105,15 @@ pub struct ConnectionTable {
     metrics: Arc<Metrics>,
     /// TLS requests by process, for the decryption budget.
     tls_requests: TlsRequests,
+    /// Processes seen speaking HTTP inside decrypted TLS: their requests counted from
+    /// ciphertext (once they left decryption) are HTTP requests whose version was not read.
+    http_in_tls: HashSet<u32>,
 }
+
+/// Processes [`ConnectionTable::http_in_tls`] remembers; past it, it starts again (a
+/// process forgotten counts its next ciphertext requests as `tls` only until one of its
+/// decrypted connections is seen again).
+const MAX_HTTP_IN_TLS: usize = 4_096;
 
 impl ConnectionTable {
     /// `max_connections` is the kernel map's size, which the table cannot exceed: it is
@@ -123,6 +134,7 @@ impl ConnectionTable {
             flows: FlowCache::new(&metrics, max_servers, max_processes, placement),
             metrics: Arc::new(metrics),
             tls_requests: TlsRequests::default(),
+            http_in_tls: HashSet::new(),
         }
     }
 
@@ -330,8 +342,11 @@ impl ConnectionTable {
     /// is older than one already applied).
     fn apply(&mut self, sock: u64, conn: &Conn) -> bool {
         let metrics = self.metrics.clone();
-        let tls_requests = self.tls_requests.clone();
-        let Some(tracked) = self.tracked(sock, conn.open_token) else { return false };
+        let Some(tracked) =
+            self.conns.get_mut(&sock).filter(|t| open_token(t.open_ns) == conn.open_token)
+        else {
+            return false;
+        };
         let Some(series) = tracked.series.clone() else { return false };
         let seen = tracked.seen;
         if conn.last_ns < seen.last_ns || conn.exchanges < seen.exchanges {
@@ -356,12 +371,16 @@ impl ConnectionTable {
         let decrypted = conn.has(conn_flag::TLS_PLAINTEXT);
         let protocol = conn.protocol();
         let ciphertext = protocol == Protocol::Tls;
+        let exchanges = u64::from(conn.exchanges - seen.exchanges);
         if decrypted || ciphertext {
-            tls_requests.add(tracked.pid, u64::from(conn.exchanges - seen.exchanges));
+            self.tls_requests.add(tracked.pid, exchanges);
         }
         if let Some(session) = tracked.http.as_deref_mut() {
-            if decrypted {
-                series.saw_http_in_tls();
+            if decrypted && tracked.pid != 0 && !self.http_in_tls.contains(&tracked.pid) {
+                if self.http_in_tls.len() >= MAX_HTTP_IN_TLS {
+                    self.http_in_tls.clear();
+                }
+                self.http_in_tls.insert(tracked.pid);
             }
             // Counted from its ciphertext now (its process left decryption): no head says
             // the version any more.
@@ -371,9 +390,9 @@ impl ConnectionTable {
                 session.repeat_until(conn.exchanges)
             };
             add_requests(&metrics, &series, counts);
-        } else if ciphertext && series.speaks_http_in_tls() {
-            let unread = u64::from(conn.exchanges - seen.exchanges);
-            add_requests(&metrics, &series, RequestCounts { unread, ..RequestCounts::default() });
+        } else if ciphertext && self.http_in_tls.contains(&tracked.pid) {
+            let unread = RequestCounts { unread: exchanges, ..RequestCounts::default() };
+            add_requests(&metrics, &series, unread);
         }
         // A connection keeps the protocol it was seen speaking: one counted from its
         // ciphertext after its plaintext was read stays `http1`.
