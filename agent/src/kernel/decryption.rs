@@ -118,6 +118,14 @@ impl Decryption {
         self.processes.get(&pid).is_none_or(|process| process.state == DecryptionState::Decrypted)
     }
 
+    /// Processes not decrypted now.
+    pub fn left_out(&self) -> impl Iterator<Item = u32> + '_ {
+        self.processes
+            .iter()
+            .filter(|(_, process)| process.state != DecryptionState::Decrypted)
+            .map(|(&pid, _)| pid)
+    }
+
     /// A process found mapping an OpenSSL the uprobes are on: its state from now, and
     /// whether it is new (a new process `--tls.never-decrypt` selects is left out at once,
     /// by the caller).

@@ -286,7 +286,7 @@ impl TlsUprobes {
                     let ids: Vec<FileId> = self.files.keys().copied().collect();
                     let removed: Vec<LinkRef> =
                         ids.into_iter().flat_map(|id| self.per_process(ebpf, id)).collect();
-                    self.detach(ebpf, removed);
+                    self.detach_now(ebpf, removed);
                 }
             }
             Err(err) => {
@@ -322,6 +322,19 @@ impl TlsUprobes {
     /// The budget's tick (`decryption_budget::TICK`): processes over it leave
     /// decryption, processes back under it rejoin.
     pub fn budget_tick(&mut self, ebpf: &mut Ebpf) {
+        let Some(decryption) = &mut self.decryption else { return };
+        // A process left out that exited is forgotten now, not at the next scan: while it
+        // is remembered, its files keep per-process uprobes.
+        let exited: Vec<u32> = decryption
+            .left_out()
+            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        if !exited.is_empty() {
+            for pid in exited {
+                self.forget(ebpf, pid);
+            }
+            self.settle_scopes(ebpf);
+        }
         let Some(decryption) = &mut self.decryption else { return };
         let changes = decryption.tick(std::time::Instant::now(), &self.scanned);
         for change in changes {
@@ -364,7 +377,26 @@ impl TlsUprobes {
         for pid in gone {
             self.forget(ebpf, pid);
         }
+        self.settle_scopes(ebpf);
         self.scanned = seen;
+    }
+
+    /// Reads the mappings of processes started since the last scan (judged at the next).
+    fn record_new_users(&mut self) {
+        let Ok(entries) = fs::read_dir("/proc") else { return };
+        let own = std::process::id();
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == own || self.scanned.contains(&pid) {
+                continue;
+            }
+            if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+                self.record_users(pid, &maps);
+            }
+        }
     }
 
     /// Remembers which attached files `pid` maps.
@@ -413,6 +445,43 @@ impl TlsUprobes {
         self.detach(ebpf, removed);
     }
 
+    /// Files with per-process uprobes whose processes are all decrypted go back to one
+    /// uprobe for all processes (which also covers processes started later at once).
+    fn settle_scopes(&mut self, ebpf: &mut Ebpf) {
+        let Some(decryption) = &self.decryption else { return };
+        if self.per_process_only {
+            return;
+        }
+        let settled: Vec<FileId> =
+            self.files
+                .iter()
+                .filter(|(id, file)| {
+                    matches!(file.scope, FileScope::PerProcess(_))
+                        && !self.users.iter().any(|(&pid, mapped)| {
+                            mapped.contains(id) && !decryption.is_decrypted(pid)
+                        })
+                })
+                .map(|(&id, _)| id)
+                .collect();
+        let mut removed = Vec::new();
+        for id in settled {
+            let Some(file) = self.files.get_mut(&id) else { continue };
+            match attach(ebpf, &file.target, UProbeScope::AllProcesses, self.links.as_mut()) {
+                Ok(links) => {
+                    if let FileScope::PerProcess(per_process) =
+                        std::mem::replace(&mut file.scope, FileScope::All(links))
+                    {
+                        removed.extend(per_process.into_values().flatten());
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(file = %file.target.shown, "TLS uprobes not attached: {err:#}");
+                }
+            }
+        }
+        self.detach(ebpf, removed);
+    }
+
     /// Gives `pid` uprobes of its own on the files it maps that have per-process ones.
     fn attach_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
         let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { return };
@@ -443,17 +512,18 @@ impl TlsUprobes {
             self.record_users(pid, &maps);
         }
         let started = std::time::Instant::now();
-        let mut removed = Vec::new();
+        let (mut shared, mut own) = (Vec::new(), Vec::new());
         for id in self.users.get(&pid).cloned().unwrap_or_default() {
             let Some(file) = self.files.get_mut(&id) else { continue };
             match &mut file.scope {
-                FileScope::All(_) => removed.extend(self.per_process(ebpf, id)),
+                FileScope::All(_) => shared.extend(self.per_process(ebpf, id)),
                 FileScope::PerProcess(per_process) => {
-                    removed.extend(per_process.remove(&pid).unwrap_or_default());
+                    own.extend(per_process.remove(&pid).unwrap_or_default());
                 }
             }
         }
-        self.detach(ebpf, removed);
+        self.detach_now(ebpf, shared);
+        self.detach(ebpf, own);
         tracing::info!(
             pid,
             state = state.label(),
@@ -465,12 +535,14 @@ impl TlsUprobes {
     /// Turns file `id`'s uprobe for all processes into one per decrypted process that maps
     /// it; returns the links to remove.
     fn per_process(&mut self, ebpf: &mut Ebpf, id: FileId) -> Vec<LinkRef> {
+        if !matches!(self.files.get(&id).map(|file| &file.scope), Some(FileScope::All(_))) {
+            return Vec::new();
+        }
+        // Processes started since the last scan get uprobes of their own too.
+        self.record_new_users();
         let (Some(file), Some(decryption)) = (self.files.get_mut(&id), &self.decryption) else {
             return Vec::new();
         };
-        if matches!(file.scope, FileScope::PerProcess(_)) {
-            return Vec::new();
-        }
         let mut per_process = HashMap::new();
         for (&pid, mapped) in &self.users {
             let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { continue };
@@ -495,43 +567,32 @@ impl TlsUprobes {
     /// `pid` is decrypted again: its uprobes are attached (a file whose processes are all
     /// decrypted again goes back to one uprobe for all), then the kernel reads its calls.
     fn rejoin(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        let Some(own_scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { return };
-        let Some(decryption) = &self.decryption else { return };
-        let mut removed = Vec::new();
-        for id in self.users.get(&pid).cloned().unwrap_or_default() {
-            let Some(file) = self.files.get_mut(&id) else { continue };
-            let FileScope::PerProcess(per_process) = &mut file.scope else { continue };
-            let others_left_out = self.per_process_only
-                || self.users.iter().any(|(&other, mapped)| {
-                    other != pid && mapped.contains(&id) && !decryption.is_decrypted(other)
-                });
-            let scope = if others_left_out { own_scope } else { UProbeScope::AllProcesses };
-            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
-                Ok(links) if others_left_out => {
-                    per_process.insert(pid, links);
-                }
-                Ok(links) => {
-                    if let FileScope::PerProcess(per_process) =
-                        std::mem::replace(&mut file.scope, FileScope::All(links))
-                    {
-                        removed.extend(per_process.into_values().flatten());
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
-                }
-            }
-        }
+        self.attach_process(ebpf, pid);
         if let Some(decryption) = &mut self.decryption {
             decryption.rejoin(pid);
         }
-        self.detach(ebpf, removed);
+        self.settle_scopes(ebpf);
         tracing::info!(pid, "TLS decryption resumed for a process");
     }
 
-    /// Removes uprobes. Detaching one waits for the kernel (about a second per file on a
-    /// busy host), so the links are dropped on a thread of their own.
+    /// Removes uprobes. Detaching one waits for the kernel, so the links are dropped on a
+    /// thread of their own: they belong to processes the kernel already ignores (left
+    /// out) or that exited. See [`Self::detach_now`] for the others.
     fn detach(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) {
+        let dropped = self.take_links(ebpf, links);
+        if !dropped.is_empty() {
+            std::thread::spawn(move || drop(dropped));
+        }
+    }
+
+    /// Removes uprobes before returning: an uprobe for all processes, replaced by
+    /// per-process ones. A process no scan has seen yet would otherwise start a decrypted
+    /// connection in the meantime and lose its uprobes in its middle.
+    fn detach_now(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) {
+        drop(self.take_links(ebpf, links));
+    }
+
+    fn take_links(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) -> Vec<Box<dyn Send>> {
         let mut dropped: Vec<Box<dyn Send>> = Vec::new();
         for link in links {
             match link {
@@ -547,9 +608,7 @@ impl TlsUprobes {
                 }
             }
         }
-        if !dropped.is_empty() {
-            std::thread::spawn(move || drop(dropped));
-        }
+        dropped
     }
 
     /// Attaches `target` (for all processes) if it carries OpenSSL; remembered either way.
