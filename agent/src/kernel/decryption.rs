@@ -155,10 +155,11 @@ impl Decryption {
         (state, true)
     }
 
-    /// The process exited.
+    /// The process exited: nothing of it is kept (its hit count would make it found again).
     pub fn gone(&mut self, pid: u32) {
         if self.processes.remove(&pid).is_some() {
             let _ = self.undecrypted.remove(&pid);
+            let _ = self.hits_map.remove(&pid);
         }
     }
 
