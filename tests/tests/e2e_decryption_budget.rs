@@ -281,6 +281,20 @@ kernel_test!(
         assert_eq!(sum("client", "tls"), 3.0, "{}", scrape.text);
         assert_eq!(sum("server", "http1"), 3.0, "{}", scrape.text);
         assert_eq!(scrape.sum("connscope_http_requests_total", &side(&quiet, "client")), 0.0);
+        // `connscope flows` shows the state of each flow's process.
+        let flows = Command::new(agent_binary())
+            .args(["flows", "--interval", "0", "--output", "json"])
+            .args(["--url", &format!("http://{}", agent.address)])
+            .output()?;
+        anyhow::ensure!(flows.status.success(), "connscope flows: {flows:?}");
+        let flows: serde_json::Value = serde_json::from_slice(&flows.stdout)?;
+        let nginx_row = flows["flows"]
+            .as_array()
+            .and_then(|rows| {
+                rows.iter().find(|row| row["server"] == quiet.as_str() && row["role"] == "server")
+            })
+            .with_context(|| format!("no nginx row in {flows}"))?;
+        assert_eq!(nginx_row["decryption"], serde_json::json!(["decrypted"]), "{nginx_row}");
 
         // Under load nginx's worker costs more than the budget, and stays decrypted.
         let worker = nginx_worker(&servers.nginx)?;
