@@ -565,6 +565,27 @@ def agent():
         "none", [
             target("max by (instance, version) (connscope_build_info{%s})" % AGENTS, ref="A", instant=True),
         ], {"Value": "running"}, "instance"), 12, 8))
+    panels.append(layout.place(timeseries("TLS decryption cost by process",
+        "Share of one CPU each process's libssl uprobes cost (uprobe hits per second times the "
+        "cost of one hit the agent measured at start), and the decryption budget: a process "
+        "above it is counted from its ciphertext until its estimated cost stays under half "
+        "the budget for 10 s.",
+        "percentunit", [
+            target("sum by (instance, process) (%s) * on (instance) group_left "
+                   "max by (instance) (connscope_tls_uprobe_hit_seconds{%s})"
+                   % (rate('connscope_tls_uprobe_hits_total'), AGENTS),
+                   "{{instance}} {{process}}", "A"),
+            target("max by (instance) (connscope_tls_decryption_budget{%s})" % AGENTS,
+                   "{{instance}} budget", "B"),
+        ]), 12, 8))
+    panels.append(layout.place(table("TLS decryption by process",
+        "Processes calling TLS by decryption state: decrypted (HTTP figures from the "
+        "plaintext), ciphertext_budget (over the budget), ciphertext_unsupported (no OpenSSL "
+        "to attach to), ciphertext_opt_out (--tls.never-decrypt).",
+        "none", [
+            target("sum by (process, state) (connscope_tls_decryption_processes{%s})" % AGENTS,
+                   ref="A", instant=True),
+        ], {"Value": "processes"}, "processes"), 12, 8))
     panels.append(layout.place(timeseries("Samples per scrape",
         "Series each agent exposes per scrape. Growth tracks label cardinality (flows are capped "
         "to the busiest servers by the agent; the rest is labelled other).",
