@@ -124,6 +124,52 @@ wire_enum! {
         Progress = 4 => "progress",
         /// The owning process of an accepted connection ([`crate::AttributeEvent`]).
         Attribute = 5 => "attribute",
+        /// A client's connect ended before the connection was established
+        /// ([`crate::ConnectFailedEvent`]).
+        ConnectFailed = 6 => "connect_failed",
+    }
+}
+
+wire_enum! {
+    /// Why a client's connect failed: a `SYN_SENT` socket moved to `CLOSE`
+    /// (`ConnectFailedEvent::reason`).
+    pub enum ConnectFailure: u8 {
+        /// A reset answered the SYN (or an ICMP port unreachable): `ECONNREFUSED`.
+        Refused = 1 => "refused",
+        /// The SYN retries ran out (`net.ipv4.tcp_syn_retries`): `ETIMEDOUT`.
+        Timeout = 2 => "timeout",
+        /// An ICMP error said the host or network cannot be reached.
+        Unreachable = 3 => "unreachable",
+        /// No local port was free (`EADDRNOTAVAIL`): `tcp_v4_connect` and `tcp_v6_connect`
+        /// enter `SYN_SENT` before they pick a port, and leave it for `CLOSE` with none.
+        NoLocalPort = 4 => "no_local_port",
+        /// The application closed (or disconnected) the connecting socket itself, with no
+        /// socket error, as on its own connect timeout.
+        Abandoned = 5 => "abandoned",
+        /// Any other socket error, or one that could not be read (no kernel BTF).
+        Other = 6 => "other",
+    }
+}
+
+impl ConnectFailure {
+    /// The reason of a connect that left `SYN_SENT` for `CLOSE`, from the socket's error
+    /// at that moment (`None`: not readable) and its local port (0: none was picked). The
+    /// kernel sets the error before it closes a connecting socket (`tcp_reset`,
+    /// `tcp_write_err`, `tcp_v4_err`); a close by the application sets none, and a failed
+    /// port search leaves the port at 0.
+    pub const fn of(socket_error: Option<i32>, local_port: u16) -> Self {
+        use crate::net::errno;
+        match socket_error {
+            Some(errno::ECONNREFUSED) => Self::Refused,
+            Some(errno::ETIMEDOUT) => Self::Timeout,
+            Some(errno::EHOSTUNREACH | errno::ENETUNREACH | errno::EHOSTDOWN | errno::ENONET) => {
+                Self::Unreachable
+            }
+            Some(0) if local_port == 0 => Self::NoLocalPort,
+            Some(0) => Self::Abandoned,
+            None if local_port == 0 => Self::NoLocalPort,
+            Some(_) | None => Self::Other,
+        }
     }
 }
 
@@ -158,5 +204,25 @@ mod tests {
         assert_eq!(EventKind::from_wire(99), None);
         assert_eq!(Protocol::from_wire(Protocol::Tls as u8).map(Protocol::label), Some("tls"));
         assert_eq!(LostReason::COUNT, 4);
+    }
+
+    #[test]
+    fn connect_failures_are_classified_by_socket_error_and_port() {
+        use crate::net::errno;
+        use ConnectFailure::*;
+        let cases = [
+            (Some(errno::ECONNREFUSED), 40_000, Refused),
+            (Some(errno::ETIMEDOUT), 40_000, Timeout),
+            (Some(errno::EHOSTUNREACH), 40_000, Unreachable),
+            (Some(errno::ENETUNREACH), 40_000, Unreachable),
+            (Some(0), 0, NoLocalPort),
+            (None, 0, NoLocalPort),
+            (Some(0), 40_000, Abandoned),
+            (Some(71), 40_000, Other),
+            (None, 40_000, Other),
+        ];
+        for (error, port, reason) in cases {
+            assert_eq!(ConnectFailure::of(error, port), reason, "{error:?} {port}");
+        }
     }
 }

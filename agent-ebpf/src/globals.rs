@@ -27,7 +27,7 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     lrcvtime: 0,
     lrcvtime_shift: 0,
     lrcvtime_bits: 0,
-    _pad: 0,
+    sk_err: 0,
 };
 
 #[unsafe(no_mangle)]

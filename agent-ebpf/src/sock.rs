@@ -99,6 +99,16 @@ pub fn stream_seq(sock: u64, direction: Direction) -> Option<u32> {
     read(sock + u64::from(offset))
 }
 
+/// `sock.sk_err`, the socket's pending error (0: none); `None` without its offset.
+#[inline(always)]
+pub fn socket_error(sock: u64) -> Option<i32> {
+    let offset = sock_layout().sk_err;
+    if offset == 0 {
+        return None;
+    }
+    read(sock + u64::from(offset))
+}
+
 /// Whether `sock` received its last data segment at most `window` jiffies before
 /// `now_jiffies` (`icsk_ack.lrcvtime`, compared modulo its width); false without the offset.
 #[inline(always)]

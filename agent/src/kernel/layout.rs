@@ -69,6 +69,8 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         // Optional: without it a client that read its response and closed before the
         // server's send returned (loopback) leaves an `unknown` close, not `idle`.
         bytes_acked: tcp_sock_offset(btf, "bytes_acked"),
+        // Optional: without it a failed connect's reason is `other` (or `no_local_port`).
+        sk_err: byte("sk_err").unwrap_or(0),
         ..SockLayout::default()
     };
     // Optional: without it a server end adopted at its response misses the request an

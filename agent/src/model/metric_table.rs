@@ -95,6 +95,8 @@ pub const CLOSE_REASON: Label = closed(
         "unknown",
     ],
 );
+pub const CONNECT_FAILURE: Label =
+    closed("reason", &["refused", "timeout", "unreachable", "no_local_port", "abandoned", "other"]);
 pub const OPEN_STATE: Label = closed("state", &["active", "idle"]);
 /// The protocols `connection_requests` reports (HTTP/2 is not observed there yet).
 pub const PROTOCOL: Label = closed("protocol", &["http1", "tls", "websocket", "other"]);
@@ -109,7 +111,8 @@ pub const ATTACH: Label = closed(
 );
 pub const TARGET_STATE: Label = closed("state", &["attached", "failed"]);
 pub const VERSION: Label = open("version");
-pub const EVENT_KIND: Label = closed("kind", &["open", "attribute", "head", "progress", "close"]);
+pub const EVENT_KIND: Label =
+    closed("kind", &["open", "attribute", "head", "progress", "close", "connect_failed"]);
 pub const LOST_REASON: Label = closed(
     "reason",
     &[
@@ -224,6 +227,20 @@ metric_table! {
             0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             1800.0, 3600.0,
         ]), carried: true;
+    /// Bounds from a loopback handshake (tens of µs) through a cross-region one (100-300 ms)
+    /// to the SYN retransmits: with the initial 1 s timeout doubling, a connect whose first,
+    /// second, third... SYN was lost completes just past 1, 3, 7, 15, 31 s.
+    CONNECT_DURATION = Histogram "connect_duration" in Seconds,
+        "Time a client's connect took, from the SYN (SYN_SENT) to ESTABLISHED, SYN retransmits included",
+        labels [ROLE, PROCESS, SERVER], pod [NAMESPACE, POD, CONTAINER],
+        buckets Buckets::Fixed(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+            1.0, 3.0, 7.0, 15.0, 31.0,
+        ]), carried: true;
+    CONNECT_FAILURES = Counter "connect_failures",
+        "Client connects that ended before ESTABLISHED, by reason: refused (reset), timeout (SYN retries exhausted), unreachable (ICMP), no_local_port (EADDRNOTAVAIL), abandoned (closed by the application), other",
+        labels [ROLE, PROCESS, SERVER, CONNECT_FAILURE], pod [NAMESPACE, POD, CONTAINER],
+        carried: true;
     /// 0 marks connections opened and never used, 1 the one-request connections that
     /// cause churn.
     CONNECTION_REQUESTS = Histogram "connection_requests",
@@ -273,7 +290,7 @@ metric_table! {
 mod tests {
     use std::collections::BTreeSet;
 
-    use connscope_common::{CloseKind, ClosedBy, EventKind, LostReason, Role};
+    use connscope_common::{CloseKind, ClosedBy, ConnectFailure, EventKind, LostReason, Role};
 
     use super::*;
     use crate::{
@@ -310,6 +327,7 @@ mod tests {
         let kinds = CloseKind::ALL.iter().filter(|k| **k != CloseKind::None);
         assert_eq!(values(CLOSE_KIND), set(kinds.map(|k| k.label())));
         assert_eq!(values(CLOSE_REASON), set(CloseReason::ALL.iter().map(|r| r.label())));
+        assert_eq!(values(CONNECT_FAILURE), set(ConnectFailure::ALL.iter().map(|r| r.label())));
         assert_eq!(values(HTTP_VERSION), set([Version::Http10.label(), Version::Http11.label()]));
         assert_eq!(values(EVENT_KIND), set(EventKind::ALL.iter().map(|k| k.label())));
         let kernel_losses = set(LostReason::ALL.iter().map(|r| r.label()));
