@@ -153,22 +153,22 @@ wire_enum! {
 
 impl ConnectFailure {
     /// The reason of a connect that left `SYN_SENT` for `CLOSE`, from the socket's error
-    /// at that moment (`None`: not readable) and its local port (0: none was picked). The
-    /// kernel sets the error before it closes a connecting socket (`tcp_reset`,
-    /// `tcp_write_err`, `tcp_v4_err`); a close by the application sets none, and a failed
-    /// port search leaves the port at 0.
-    pub const fn of(socket_error: Option<i32>, local_port: u16) -> Self {
+    /// at that moment and the local port its connect picked (`inet_sport`: 0 when none
+    /// was), each `None` where it cannot be read. The kernel sets the error before it
+    /// closes a connecting socket (`tcp_reset`, `tcp_write_err`, `tcp_v4_err`); a close by
+    /// the application sets none, and a failed port search picks no port.
+    pub const fn of(socket_error: Option<i32>, source_port: Option<u16>) -> Self {
         use crate::net::errno;
-        match socket_error {
-            Some(errno::ECONNREFUSED) => Self::Refused,
-            Some(errno::ETIMEDOUT) => Self::Timeout,
-            Some(errno::EHOSTUNREACH | errno::ENETUNREACH | errno::EHOSTDOWN | errno::ENONET) => {
-                Self::Unreachable
-            }
-            Some(0) if local_port == 0 => Self::NoLocalPort,
-            Some(0) => Self::Abandoned,
-            None if local_port == 0 => Self::NoLocalPort,
-            Some(_) | None => Self::Other,
+        match (socket_error, source_port) {
+            (Some(errno::ECONNREFUSED), _) => Self::Refused,
+            (Some(errno::ETIMEDOUT), _) => Self::Timeout,
+            (
+                Some(errno::EHOSTUNREACH | errno::ENETUNREACH | errno::EHOSTDOWN | errno::ENONET),
+                _,
+            ) => Self::Unreachable,
+            (Some(0) | None, Some(0)) => Self::NoLocalPort,
+            (Some(0), Some(_)) => Self::Abandoned,
+            _ => Self::Other,
         }
     }
 }
@@ -210,16 +210,18 @@ mod tests {
     fn connect_failures_are_classified_by_socket_error_and_port() {
         use crate::net::errno;
         use ConnectFailure::*;
+        let port = Some(40_000);
         let cases = [
-            (Some(errno::ECONNREFUSED), 40_000, Refused),
-            (Some(errno::ETIMEDOUT), 40_000, Timeout),
-            (Some(errno::EHOSTUNREACH), 40_000, Unreachable),
-            (Some(errno::ENETUNREACH), 40_000, Unreachable),
-            (Some(0), 0, NoLocalPort),
-            (None, 0, NoLocalPort),
-            (Some(0), 40_000, Abandoned),
-            (Some(71), 40_000, Other),
-            (None, 40_000, Other),
+            (Some(errno::ECONNREFUSED), port, Refused),
+            (Some(errno::ETIMEDOUT), port, Timeout),
+            (Some(errno::EHOSTUNREACH), port, Unreachable),
+            (Some(errno::ENETUNREACH), None, Unreachable),
+            (Some(0), Some(0), NoLocalPort),
+            (None, Some(0), NoLocalPort),
+            (Some(0), port, Abandoned),
+            (Some(0), None, Other),
+            (Some(71), port, Other),
+            (None, port, Other),
         ];
         for (error, port, reason) in cases {
             assert_eq!(ConnectFailure::of(error, port), reason, "{error:?} {port}");

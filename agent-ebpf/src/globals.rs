@@ -28,6 +28,8 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     lrcvtime_shift: 0,
     lrcvtime_bits: 0,
     sk_err: 0,
+    sport: 0,
+    _pad: 0,
 };
 
 #[unsafe(no_mangle)]

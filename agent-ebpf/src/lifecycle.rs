@@ -5,7 +5,8 @@
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use connscope_common::{
-    CloseKind, ClosedBy, Conn, ConnectInFlight, Direction, EventKind, LostReason, Role,
+    CloseKind, ClosedBy, Conn, ConnectFailure, ConnectInFlight, Direction, EventKind, LostReason,
+    Role,
     conn::{CLOSE_AWAITING, CLOSE_IDLE_MAX_US},
     conn_flag, is_request, tcp_state,
 };
@@ -37,8 +38,7 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
         (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) if view.is_tcp() => {
             track(sock, Role::Server, view)
         }
-        // A connect that failed or was given up (traced before `tcp_set_state` releases
-        // the local port, so a port of 0 means none was picked).
+        // A connect that failed or was given up.
         (tcp_state::SYN_SENT, tcp_state::CLOSE) if view.is_tcp() => connect_failed(sock, view),
         // listen() (inet_csk_listen_start) and the close of a listener.
         (tcp_state::CLOSE, tcp_state::LISTEN) if view.is_tcp() => listening(view, true),
@@ -90,7 +90,8 @@ fn listening(view: &impl SocketView, started: bool) {
 fn connect_failed(sock: u64, view: &impl SocketView) {
     // SAFETY: the attribution is copied into the record before the entry is removed.
     let pending = unsafe { CONNECTS_IN_FLIGHT.get(&sock) };
-    records::connect_failed(sock, view, pending.map(|p| &p.owner), sock::socket_error(sock));
+    let reason = ConnectFailure::of(sock::socket_error(sock), view.source_port());
+    records::connect_failed(sock, view, pending.map(|p| &p.owner), reason);
     if pending.is_some() {
         let _ = CONNECTS_IN_FLIGHT.remove(&sock);
     }

@@ -112,15 +112,14 @@ pub fn open(
 }
 
 /// Sends the `ConnectFailed` record of a client socket that left `SYN_SENT` for `CLOSE`:
-/// its endpoints, its process (when its connect was seen) and the reason, from the socket's
-/// error and its local port (`ConnectFailure::of`). Nothing is sent for a socket whose
-/// endpoints cannot be read.
+/// its endpoints, its process (when its connect was seen) and `reason`. Nothing is sent for
+/// a socket whose endpoints cannot be read.
 #[inline(always)]
 pub fn connect_failed(
     sock: u64,
     view: &impl SocketView,
     owner: Option<&Attribution>,
-    socket_error: Option<i32>,
+    reason: ConnectFailure,
 ) {
     let Some(mut entry) = EVENTS.reserve::<ConnectFailedEvent>(0) else {
         count_lost(LostReason::RingbufFull);
@@ -135,9 +134,8 @@ pub fn connect_failed(
             None => fill::zero_words(&raw mut (*event).attribution),
         }
         fill::zero_array(&mut (*event)._pad);
-        let filled = view.endpoints(&mut (*event).endpoints);
-        (*event).reason = ConnectFailure::of(socket_error, (*event).endpoints.local_port) as u8;
-        filled
+        (*event).reason = reason as u8;
+        view.endpoints(&mut (*event).endpoints)
     };
     if filled {
         entry.submit(submit_flags());

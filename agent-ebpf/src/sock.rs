@@ -25,6 +25,9 @@ pub trait SocketView {
     fn listen_key(&self) -> Option<ListenKey> {
         None
     }
+    /// The local port a connect picked (`inet_sport`, host order; 0: none); `None` where
+    /// it cannot be read.
+    fn source_port(&self) -> Option<u16>;
 }
 
 /// A socket read through the BTF offsets in `SOCK_LAYOUT`.
@@ -67,6 +70,14 @@ impl SocketView for BtfSocket {
 
     fn listen_key(&self) -> Option<ListenKey> {
         state_and_port(self.sock).map(|(_, key)| key)
+    }
+
+    fn source_port(&self) -> Option<u16> {
+        let offset = sock_layout().sport;
+        if offset == 0 {
+            return None;
+        }
+        read::<u16>(self.sock + u64::from(offset)).map(u16::from_be)
     }
 }
 

@@ -272,7 +272,7 @@ metric_table! {
     PROBE_INFO = Gauge "probe_info", "Hook backend in use for each hook", labels [HOOK, ATTACH];
     BUILD_INFO = Gauge "build_info", "connscope build", labels [VERSION];
     EVENTS_RECEIVED = Counter "events_received",
-        "Events the kernel sent to the agent, by kind (open, attribute, head, progress, close): the agent's own load",
+        "Events the kernel sent to the agent, by kind (open, attribute, head, progress, close, connect_failed): the agent's own load",
         labels [EVENT_KIND], carried: true;
     TLS_UPROBE_TARGETS = Gauge "tls_uprobe_targets",
         "Files (libssl, executables with OpenSSL) the TLS uprobes attached to, or failed to",
