@@ -224,7 +224,7 @@ mod tests {
             (None, port, Other),
         ];
         for (error, port, reason) in cases {
-            assert_eq!(ConnectFailure::of(error, port), reason, "{error:?} {port}");
+            assert_eq!(ConnectFailure::of(error, port), reason, "{error:?} {port:?}");
         }
     }
 }
