@@ -82,7 +82,10 @@ kernel_test!(
 
         let scrape = agent.scrape_until(WAIT, |s| connects(s, &server) >= N as f64)?;
         assert_eq!(connects(&scrape, &server), N as f64, "{}", scrape.text);
-        assert_eq!(bucket(&scrape, &server, "0.0001"), N as f64, "{}", scrape.text);
+        // A wall-clock bound: the VM tier reports it, rather than fails it, under software
+        // emulation (its `^loopback connects took ` form).
+        let fast = bucket(&scrape, &server, "0.0001");
+        assert!(fast == N as f64, "loopback connects took over 100 µs: {fast} of {N} within");
         // No server end has a connect time, and nothing failed.
         let server_side = [("role", "server"), ("server", server.as_str())];
         assert_eq!(scrape.sum(&format!("{DURATION}_count"), &server_side), 0.0);
@@ -151,15 +154,17 @@ kernel_test!(
     }
 );
 
-kernel_test!(
-    /// SYNs dropped (an nftables rule in the test's own namespace) with
-    /// `tcp_syn_retries=1`: the connect gives up after 3 s, `timeout`. A connect the
-    /// application gives up first (its own 200 ms timeout) is `abandoned`.
-    fn dropped_syns_time_out_and_a_given_up_connect_is_abandoned() -> anyhow::Result<()> {
-        let _serial = serial::shared();
-        let agent = agent(39580)?;
-        let ns = net::NetNs::create("connect-timeout")?;
-        let server = "127.0.28.1:80";
+/// Makes every SYN to `server` (`127.0.28.1:80`) in `ns` go unanswered: an nftables drop
+/// rule where `nft` is installed (`cargo xtask setup` installs it; this kernel has
+/// nf_tables), else a listener in `ns` whose accept queue is full, which drops SYNs too (the
+/// VM tier's guests have neither `nft` nor the nf_tables module). The listener and the
+/// connection it holds are returned: they keep that queue full.
+fn drop_syns(
+    ns: &net::NetNs,
+    server: &'static str,
+) -> anyhow::Result<Option<(TcpListener, TcpStream)>> {
+    let nft = std::process::Command::new("nft").arg("--version").output();
+    if nft.is_ok_and(|out| out.status.success()) {
         let rules = [
             "add table inet connscope_test",
             "add chain inet connscope_test input { type filter hook input priority 0 ; }",
@@ -170,6 +175,26 @@ kernel_test!(
             args.extend(rule.split(' '));
             net::run("ip", &args)?;
         }
+        return Ok(None);
+    }
+    ns.run(move || {
+        // listen(0) holds one connection; it is never accepted.
+        let listener = listen_with_backlog(server.parse()?, 0)?;
+        let queued = TcpStream::connect(server)?;
+        anyhow::Ok(Some((listener, queued)))
+    })?
+}
+
+kernel_test!(
+    /// SYNs dropped (an nftables rule in the test's own namespace, or a full listen queue)
+    /// with `tcp_syn_retries=1`: the connect gives up after 3 s, `timeout`. A connect the
+    /// application gives up first (its own 200 ms timeout) is `abandoned`.
+    fn dropped_syns_time_out_and_a_given_up_connect_is_abandoned() -> anyhow::Result<()> {
+        let _serial = serial::shared();
+        let agent = agent(39580)?;
+        let ns = net::NetNs::create("connect-timeout")?;
+        let server = "127.0.28.1:80";
+        let _dropping = drop_syns(&ns, server)?;
         let (timed_out, abandoned) = ns.run(move || {
             sysctl("net.ipv4.tcp_syn_retries", "1")?;
             let address: SocketAddr = server.parse()?;
