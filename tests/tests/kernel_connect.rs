@@ -67,7 +67,9 @@ fn sysctl(name: &str, value: &str) -> anyhow::Result<()> {
 }
 
 kernel_test!(
-    /// Loopback handshakes take microseconds: every one lands in the lowest bucket.
+    /// Loopback handshakes take microseconds: they land in the lowest bucket (100 µs). The
+    /// handshake lies within the `connect()` call, so every call the client timed within
+    /// 100 µs must be there (exact); a call preempted past it may be in another bucket.
     fn loopback_connects_land_in_the_lowest_bucket() -> anyhow::Result<()> {
         let _serial = serial::shared();
         let agent = agent(39577)?;
@@ -75,21 +77,33 @@ kernel_test!(
         let server = listener.local_addr()?.to_string();
         const N: usize = 20;
         let acceptor = net::drain_server(listener, N, "cc-acceptor");
+        let (mut fast_calls, mut calls_took) = (0, Duration::ZERO);
         for _ in 0..N {
-            TcpStream::connect(&server)?.write_all(b"x")?;
+            let started = Instant::now();
+            let mut client = TcpStream::connect(&server)?;
+            let took = started.elapsed();
+            calls_took += took;
+            fast_calls += usize::from(took <= Duration::from_micros(100));
+            client.write_all(b"x")?;
         }
         net::join(acceptor)?;
 
         let scrape = agent.scrape_until(WAIT, |s| connects(s, &server) >= N as f64)?;
         assert_eq!(connects(&scrape, &server), N as f64, "{}", scrape.text);
-        // A wall-clock bound: the VM tier reports it, rather than fails it, under software
-        // emulation (its `^loopback connects took ` form).
         let fast = bucket(&scrape, &server, "0.0001");
-        assert!(fast == N as f64, "loopback connects took over 100 µs: {fast} of {N} within");
+        assert!(fast >= fast_calls as f64, "{fast} in the lowest bucket, {fast_calls} calls");
+        let sum = scrape.sum(&format!("{DURATION}_sum"), &[("server", server.as_str())]);
+        assert!(sum > 0.0 && sum <= calls_took.as_secs_f64(), "{sum} s, calls {calls_took:?}");
         // No server end has a connect time, and nothing failed.
         let server_side = [("role", "server"), ("server", server.as_str())];
         assert_eq!(scrape.sum(&format!("{DURATION}_count"), &server_side), 0.0);
         assert_eq!(scrape.sum(FAILURES, &[("server", server.as_str())]), 0.0);
+        // A wall-clock bound, last: the VM tier reports it, rather than fails it, under
+        // software emulation (its `^loopback connects took ` form).
+        assert!(
+            fast_calls * 2 >= N,
+            "loopback connects took over 100 µs: {fast_calls} of {N} calls within"
+        );
         Ok(())
     }
 );
