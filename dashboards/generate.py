@@ -478,6 +478,14 @@ def churn():
             target(f"sum by (process, server, reason) ({rate('connscope_connect_failures_total', AGENTS_IN_NAMESPACE)}) > 0",
                    "{{process}} → {{server}} {{reason}}", "A"),
         ], stack=True), 12, 9))
+    panels.append(layout.place(timeseries("SYNs dropped at full accept queues /s by network namespace",
+        "Connection attempts a server's full accept queue dropped (TcpExt ListenOverflows), per "
+        "host and network namespace (netns: its inode number): each dropped SYN costs its client "
+        "a retransmit, 1 s or more. Per namespace: the kernel does not count them per port.",
+        "cps", [
+            target(f"sum by (instance, netns) ({rate('connscope_listen_overflows_total')})",
+                   "{{instance}} netns {{netns}}", "A"),
+        ]), 24, 8))
     panels.append(layout.row("TIME_WAIT"))
     tw = f"sum({rate('connscope_connections_closed_total', AGENTS_IN_NAMESPACE, LOCAL_FIN)})"
     panels.append(layout.place(stat("TIME_WAIT created /s (local side)",

@@ -22,6 +22,7 @@ use crate::{
     kernel::{
         adoption,
         hooks::HookAttach,
+        listen_queues::ListenQueueCollector,
         pinning::Pins,
         preflight, probes,
         tls_uprobes::{self, TlsUprobes},
@@ -112,6 +113,7 @@ impl Agent {
         let mut registry = Registry::with_prefix(PREFIX);
         metrics.register(&mut registry);
         tls_status.register(&mut registry);
+        registry.register_collector(Box::new(ListenQueueCollector::new("/proc")));
         registry.register_collector(Box::new(LossCollector::new(
             PerCpuArray::try_from(probes.take_map(map::LOST)?)?,
             losses.clone(),

@@ -6,7 +6,7 @@
 use std::{
     io::{ErrorKind, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    os::fd::FromRawFd as _,
+    os::{fd::FromRawFd as _, unix::fs::MetadataExt as _},
     thread,
     time::{Duration, Instant},
 };
@@ -273,6 +273,64 @@ kernel_test!(
         assert_eq!(failures(&scrape, server, "no_local_port"), no_port as f64, "{}", scrape.text);
         assert_eq!(scrape.sum(FAILURES, &[("server", server)]), no_port as f64);
         assert_eq!(connects(&scrape, server), connected as f64, "{}", scrape.text);
+        Ok(())
+    }
+);
+
+/// `ListenOverflows` and `ListenDrops` of the namespace `/proc/<pid>/net/netstat` shows.
+fn listen_counters(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let netstat = std::fs::read_to_string(format!("/proc/{pid}/net/netstat"))?;
+    let mut tcp_ext = netstat.lines().filter_map(|line| line.strip_prefix("TcpExt:"));
+    let (names, values) =
+        (tcp_ext.next().context("no TcpExt")?, tcp_ext.next().context("no values")?);
+    let pairs: Vec<(&str, &str)> =
+        names.split_whitespace().zip(values.split_whitespace()).collect();
+    let value = |name: &str| -> anyhow::Result<f64> {
+        let (_, value) = pairs.iter().find(|(n, _)| *n == name).context("no such counter")?;
+        Ok(value.parse()?)
+    };
+    Ok((value("ListenOverflows")?, value("ListenDrops")?))
+}
+
+kernel_test!(
+    /// A server with `listen(backlog=1)` that never accepts, and 20 clients that give up
+    /// after 100 ms: two fill its accept queue, the other SYNs are dropped. The drops the
+    /// agent reports for the namespace equal the namespace's own `ListenOverflows` and
+    /// `ListenDrops` (from 0: the namespace is new).
+    fn listen_queue_drops_equal_the_namespaces_listen_overflows() -> anyhow::Result<()> {
+        let _serial = serial::shared();
+        let agent = agent(39582)?;
+        let ns = net::NetNs::create("listen-queue")?;
+        let holder = net::NamespaceHolder::start(&ns)?;
+        let netns = std::fs::metadata(format!("/run/netns/{}", ns.name))?.ino().to_string();
+        const CLIENTS: usize = 20;
+        let (connected, listener) = ns.run(move || {
+            let address: SocketAddr = "127.0.28.3:8080".parse()?;
+            let listener = listen_with_backlog(address, 1)?;
+            let mut connected = Vec::new();
+            for _ in 0..CLIENTS {
+                match TcpStream::connect_timeout(&address, Duration::from_millis(100)) {
+                    Ok(stream) => connected.push(stream),
+                    Err(err) if err.kind() == ErrorKind::TimedOut => {}
+                    Err(err) => return Err(err.into()),
+                }
+            }
+            anyhow::Ok((connected, listener))
+        })??;
+        let (overflows, drops) = listen_counters(holder.pid())?;
+        let timed_out = (CLIENTS - connected.len()) as f64;
+        ensure!(overflows >= timed_out && drops >= overflows, "{overflows} {drops} {timed_out}");
+
+        let labels = [("netns", netns.as_str())];
+        let scrape = agent.scrape_until(WAIT, |s| {
+            s.sum("connscope_listen_overflows_total", &labels) >= overflows
+        })?;
+        let reported = |name: &str| scrape.sum(name, &labels);
+        assert_eq!(reported("connscope_listen_overflows_total"), overflows, "{}", scrape.text);
+        assert_eq!(reported("connscope_listen_drops_total"), drops, "{}", scrape.text);
+        // Nothing was dropped since: the figures are the namespace's at the scrape.
+        assert_eq!(listen_counters(holder.pid())?, (overflows, drops));
+        drop((connected, listener));
         Ok(())
     }
 );

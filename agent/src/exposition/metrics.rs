@@ -136,12 +136,14 @@ impl Default for Metrics {
 mod tests {
     use super::*;
 
-    /// Each row of the table is exposed once: by a family of `Metrics`, or by the two
-    /// producers that register their own (the TLS targets, the loss collector).
+    /// Each row of the table is exposed once: by a family of `Metrics`, or by the
+    /// producers that register their own (the TLS targets, the loss collector, the listen
+    /// queue collector).
     #[test]
     fn every_row_has_one_family() {
         let mut names: Vec<&str> = Metrics::rows().iter().map(|row| row.name).collect();
         names.extend([table::TLS_UPROBE_TARGETS.name, table::EVENTS_LOST.name]);
+        names.extend([table::LISTEN_OVERFLOWS.name, table::LISTEN_DROPS.name]);
         names.sort_unstable();
         let mut table: Vec<&str> = table::ALL.iter().map(|row| row.name).collect();
         table.sort_unstable();

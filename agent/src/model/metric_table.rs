@@ -124,6 +124,9 @@ pub const LOST_REASON: Label = closed(
         "startup_backlog_full",
     ],
 );
+/// A network namespace's inode number (`ls -L -i /proc/<pid>/ns/net`), `other` past
+/// `kernel::listen_queues::MAX_NAMESPACES`.
+pub const NETNS: Label = open("netns");
 pub const CAPPED_LABEL: Label = closed("label", &["server", "process"]);
 pub const SKIP_REASON: Label =
     closed("reason", &["process_vanished", "unreadable", "unparsable", "backend"]);
@@ -280,6 +283,14 @@ metric_table! {
     LABEL_VALUES = Gauge "label_values",
         "Distinct values of a capped label in use; once at its cap (--metrics.max-servers, --metrics.max-processes) new values are exported as other",
         labels [CAPPED_LABEL];
+    /// Read from each network namespace's `/proc/<pid>/net/netstat` at scrape time
+    /// (`kernel::listen_queues`): the kernel's own counts, never carried.
+    LISTEN_OVERFLOWS = Counter "listen_overflows",
+        "SYNs and handshake-completing ACKs dropped because a listening socket's accept queue was full (TcpExt ListenOverflows), per network namespace (netns: its inode number), the kernel's count since the namespace was made",
+        labels [NETNS];
+    LISTEN_DROPS = Counter "listen_drops",
+        "Connection attempts dropped at a listening socket for any reason, accept queue overflows included (TcpExt ListenDrops), per network namespace (netns: its inode number), the kernel's count since the namespace was made",
+        labels [NETNS];
     /// Read from the kernel's loss map at scrape time (`exposition::kernel_stats`): never
     /// carried, the map outlives the agent with pinned state.
     EVENTS_LOST = Counter "events_lost",
