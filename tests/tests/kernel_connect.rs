@@ -299,9 +299,11 @@ kernel_test!(
     /// `ListenDrops` (from 0: the namespace is new).
     fn listen_queue_drops_equal_the_namespaces_listen_overflows() -> anyhow::Result<()> {
         let _serial = serial::shared();
-        let agent = agent(39582)?;
         let ns = net::NetNs::create("listen-queue")?;
         let holder = net::NamespaceHolder::start(&ns)?;
+        // Started after the namespace has its process: an agent finds new namespaces at its
+        // next walk of /proc, up to 30 s later.
+        let agent = agent(39582)?;
         let netns = std::fs::metadata(format!("/run/netns/{}", ns.name))?.ino().to_string();
         const CLIENTS: usize = 20;
         let (connected, listener) = ns.run(move || {

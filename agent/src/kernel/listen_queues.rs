@@ -2,7 +2,11 @@
 //! `ListenOverflows` (a SYN, or the ACK that completes a handshake, dropped because the
 //! listening socket's accept queue was full) and `ListenDrops` (every drop at a listening
 //! socket, overflows included), per network namespace, read at scrape time from
-//! `/proc/<pid>/net/netstat` of one process per namespace (`netns`).
+//! `/proc/<pid>/net/netstat` of one process per namespace (`netns`). Finding those processes
+//! walks all of `/proc` (about 6 ms at 1000 processes, docs/performance.md): it is done at
+//! most every
+//! [`REWALK_AFTER`], and scrapes in between read only the files of the processes it found
+//! (a walk is due sooner when one of them exits).
 //!
 //! Per namespace rather than per listening port: the kernel counts these drops only in the
 //! namespace's SNMP counters, and no tracepoint marks them on the kernels connscope runs on
@@ -12,6 +16,8 @@
 use std::{
     io,
     path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
 };
 
 use prometheus_client::{
@@ -29,6 +35,10 @@ use crate::{
 /// summed under `other` (a host runs a namespace per pod, far fewer than this).
 pub const MAX_NAMESPACES: usize = 1024;
 
+/// How long the processes found for the namespaces are used before `/proc` is walked again
+/// (new namespaces show up within this).
+pub const REWALK_AFTER: Duration = Duration::from_secs(30);
+
 /// One namespace's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ListenDrops {
@@ -36,15 +46,19 @@ pub struct ListenDrops {
     pub drops: u64,
 }
 
-/// `(netns inode, counters)` of every namespace read, in inode order.
+/// The process read for each namespace (`/proc/<pid>`), and what was read there.
 #[derive(Debug, Default)]
-struct Scan(Vec<(u32, ListenDrops)>);
+struct Scan(Vec<(u32, PathBuf, ListenDrops)>);
+
+fn read_counters(process_dir: &Path) -> io::Result<ListenDrops> {
+    let file = std::fs::File::open(process_dir.join("net/netstat"))?;
+    parse_netstat(io::BufReader::new(file))
+}
 
 impl PerNamespace for Scan {
     fn read(&mut self, netns: u32, dir: &Path) -> io::Result<()> {
-        let file = std::fs::File::open(dir.join("net/netstat"))?;
-        let counters = parse_netstat(io::BufReader::new(file))?;
-        self.0.push((netns, counters));
+        let counters = read_counters(dir)?;
+        self.0.push((netns, dir.to_owned(), counters));
         Ok(())
     }
 
@@ -53,11 +67,12 @@ impl PerNamespace for Scan {
     fn unusable(&mut self, _: Unusable) {}
 }
 
-/// The listen drops of every namespace with a process under `proc_root`.
-pub fn read_all(proc_root: &Path) -> Vec<(u32, ListenDrops)> {
+/// The listen drops of every namespace with a process under `proc_root`, in inode order,
+/// with the process each was read through.
+fn walk(proc_root: &Path) -> Vec<(u32, PathBuf, ListenDrops)> {
     let mut scan = Scan::default();
     netns::visit(proc_root, &mut scan);
-    scan.0.sort_unstable_by_key(|(netns, _)| *netns);
+    scan.0.sort_unstable_by_key(|(netns, _, _)| *netns);
     scan.0
 }
 
@@ -91,11 +106,44 @@ fn parse_netstat(reader: impl io::BufRead) -> io::Result<ListenDrops> {
 #[derive(Debug)]
 pub struct ListenQueueCollector {
     proc_root: PathBuf,
+    found: Mutex<Found>,
+}
+
+/// What the last walk of `/proc` found.
+#[derive(Debug, Default)]
+struct Found {
+    /// `(netns, /proc/<pid>)`: the process read for each namespace.
+    processes: Vec<(u32, PathBuf)>,
+    walked: Option<Instant>,
 }
 
 impl ListenQueueCollector {
     pub fn new(proc_root: impl Into<PathBuf>) -> Self {
-        Self { proc_root: proc_root.into() }
+        Self { proc_root: proc_root.into(), found: Mutex::default() }
+    }
+
+    /// Every namespace's counters now: through the processes the last walk found, or a
+    /// new walk when that is older than [`REWALK_AFTER`] or one of them is gone (or its
+    /// process id is another namespace's now).
+    pub fn read_all(&self) -> Vec<(u32, ListenDrops)> {
+        let Ok(mut found) = self.found.lock() else { return Vec::new() };
+        if found.walked.is_some_and(|at| at.elapsed() < REWALK_AFTER) {
+            let still =
+                |netns: u32, dir: &Path| netns::of_process(dir).ok().flatten() == Some(netns);
+            let read: Vec<(u32, ListenDrops)> = found
+                .processes
+                .iter()
+                .filter(|(netns, dir)| still(*netns, dir))
+                .filter_map(|(netns, dir)| read_counters(dir).ok().map(|c| (*netns, c)))
+                .collect();
+            if read.len() == found.processes.len() {
+                return read;
+            }
+        }
+        let all = walk(&self.proc_root);
+        found.processes = all.iter().map(|(netns, dir, _)| (*netns, dir.clone())).collect();
+        found.walked = Some(Instant::now());
+        all.into_iter().map(|(netns, _, counters)| (netns, counters)).collect()
     }
 }
 
@@ -133,7 +181,7 @@ fn encode_family(
 
 impl Collector for ListenQueueCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let rows = capped(read_all(&self.proc_root));
+        let rows = capped(self.read_all());
         encode_family(&mut encoder, &metric_table::LISTEN_OVERFLOWS, &rows, |c| c.overflows)?;
         encode_family(&mut encoder, &metric_table::LISTEN_DROPS, &rows, |c| c.drops)
     }
@@ -170,9 +218,22 @@ mod tests {
             symlink(format!("net:[{netns}]"), dir.join("ns/net"))?;
             std::fs::write(dir.join("net/netstat"), NETSTAT)?;
         }
-        let all = read_all(&root);
+        let collector = ListenQueueCollector::new(&root);
         let counters = ListenDrops { overflows: 18, drops: 20 };
-        assert_eq!(all, [(111, counters), (222, counters)]);
+        assert_eq!(collector.read_all(), [(111, counters), (222, counters)]);
+        // Until the next walk only the processes found are read: a new namespace waits,
+        // a changed counter does not.
+        let dir = root.join("30");
+        std::fs::create_dir_all(dir.join("ns"))?;
+        std::fs::create_dir_all(dir.join("net"))?;
+        symlink("net:[333]", dir.join("ns/net"))?;
+        std::fs::write(dir.join("net/netstat"), NETSTAT)?;
+        let found = collector.read_all().iter().map(|(netns, _)| *netns).collect::<Vec<_>>();
+        assert_eq!(found, [111, 222]);
+        // A process that is gone makes the next read a walk, which finds every namespace.
+        std::fs::remove_dir_all(root.join("20"))?;
+        let found = collector.read_all().iter().map(|(netns, _)| *netns).collect::<Vec<_>>();
+        assert_eq!(found, [111, 333]);
         std::fs::remove_dir_all(&root)?;
 
         let many = (0..MAX_NAMESPACES as u32 + 2).map(|netns| (netns, counters)).collect();

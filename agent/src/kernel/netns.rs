@@ -41,14 +41,12 @@ pub fn visit(proc_root: &Path, visitor: &mut impl PerNamespace) -> usize {
             continue;
         }
         let dir = entry.path();
-        let netns = match std::fs::read_link(dir.join("ns/net")) {
-            Ok(link) => match parse_link(&link.to_string_lossy()) {
-                Some(inode) => inode,
-                None => {
-                    visitor.unusable(Unusable::Unparsable);
-                    continue;
-                }
-            },
+        let netns = match of_process(&dir) {
+            Ok(Some(inode)) => inode,
+            Ok(None) => {
+                visitor.unusable(Unusable::Unparsable);
+                continue;
+            }
             Err(err) => {
                 visitor.unusable(classify(&err, &dir));
                 continue;
@@ -65,6 +63,13 @@ pub fn visit(proc_root: &Path, visitor: &mut impl PerNamespace) -> usize {
         }
     }
     done.len()
+}
+
+/// The network namespace of the process at `process_dir` (`/proc/<pid>`); `None` when its
+/// link does not parse.
+pub fn of_process(process_dir: &Path) -> io::Result<Option<u32>> {
+    let link = std::fs::read_link(process_dir.join("ns/net"))?;
+    Ok(parse_link(&link.to_string_lossy()))
 }
 
 /// What a failed read of `process_dir`'s files means.
