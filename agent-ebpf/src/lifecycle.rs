@@ -1,6 +1,7 @@
 //! A connection's life: its open (from `sock:inet_sock_set_state`, all backends) with the
-//! time its connect took, a connect that failed, listeners counted by port, its close (FIN or reset, local or peer; from the state changes and the
-//! `tcp:*` reset tracepoints) and the destruction that sends its final state.
+//! time its connect took, a connect that failed, listeners counted by port, its close (FIN
+//! or reset, local or peer; from the state changes and the `tcp:*` reset tracepoints) and
+//! the destruction that sends its final state.
 
 use core::sync::atomic::{Ordering, compiler_fence};
 
