@@ -10,3 +10,7 @@ pub const DEFAULT_RINGBUF_BYTES: u32 = 4 << 20;
 pub const IN_FLIGHT_CALLS: u32 = 16_384;
 /// Capacity of `LISTEN_PORTS`: listening ports, host-wide (all network namespaces).
 pub const MAX_LISTEN_PORTS: u32 = 16_384;
+/// Capacity of the per-process decryption maps (uprobe hits by process, processes the
+/// agent stopped decrypting): processes that call libssl, host-wide. Past it the oldest
+/// process's hit count is dropped (LRU), and it is counted again from its next hit.
+pub const MAX_TLS_PROCESSES: u32 = 4_096;

@@ -31,6 +31,7 @@ pub mod wire;
 
 pub use capacity::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, IN_FLIGHT_CALLS, MAX_LISTEN_PORTS,
+    MAX_TLS_PROCESSES,
 };
 pub use conn::{Conn, SslCall, conn_flag};
 pub use handover::{CARRIED_CHUNKS, CarriedChunk, Handover, handover_flag};

@@ -54,12 +54,16 @@ pub mod program {
     pub const SSL_READ_EX: &str = "connscope_ssl_read_ex";
     pub const SSL_DO_HANDSHAKE: &str = "connscope_ssl_do_handshake";
     pub const SSL_RETURN: &str = "connscope_ssl_return";
+    /// Attached to a function of the agent itself, in its own process only, while it
+    /// measures what one uprobe hit costs (the decryption budget's unit).
+    pub const CALIBRATION_ENTRY: &str = "connscope_calibration_entry";
+    pub const CALIBRATION_RETURN: &str = "connscope_calibration_return";
     /// Never attached: run once by the agent (`BPF_PROG_TEST_RUN`) before it attaches the
     /// hooks, to stamp `PinSlot::AdoptionStartJiffies`.
     pub const ADOPTION_START: &str = "connscope_adoption_start";
 
     /// Every program of the object.
-    pub const ALL: [&str; 38] = [
+    pub const ALL: [&str; 40] = [
         BTF_INET_SOCK_SET_STATE,
         BTF_TCP_DESTROY_SOCK,
         BTF_TCP_RECEIVE_RESET,
@@ -97,6 +101,8 @@ pub mod program {
         SSL_READ_EX,
         SSL_DO_HANDSHAKE,
         SSL_RETURN,
+        CALIBRATION_ENTRY,
+        CALIBRATION_RETURN,
         ADOPTION_START,
     ];
 }
@@ -121,6 +127,8 @@ pub mod map {
     pub const LAST_WAKEUP: &str = "LAST_WAKEUP";
     pub const TLS_CALLS: &str = "TLS_CALLS";
     pub const TLS_SOCKETS: &str = "TLS_SOCKETS";
+    pub const UPROBE_HITS: &str = "UPROBE_HITS";
+    pub const UNDECRYPTED_PROCESSES: &str = "UNDECRYPTED_PROCESSES";
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
@@ -138,7 +146,7 @@ pub mod map {
         TLS_SOCKETS,
     ];
 
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 20] = [
         CONNS,
         EVENTS,
         LOST,
@@ -157,6 +165,8 @@ pub mod map {
         LAST_WAKEUP,
         TLS_CALLS,
         TLS_SOCKETS,
+        UPROBE_HITS,
+        UNDECRYPTED_PROCESSES,
     ];
 }
 

@@ -1,7 +1,8 @@
 //! connscope kernel programs. Layers, bottom-up (no module imports one above it):
 //!
 //! 1. `maps`, `globals`, `fill`: every map, the values the agent writes before loading, and
-//!    in-place fills of records and map values with plain stores.
+//!    in-place fills of records and map values with plain stores; `decryption`, the
+//!    budget's per-process hit counts and the processes left undecrypted.
 //! 2. `sock`, `syscall_args`, `syscall_stash`, `fd_socket`, `payload_source`: reading the
 //!    socket, the current system call's user buffer (or a library's), a descriptor's socket.
 //! 3. `records`, `head`, `tls_calls`: writing records; reading and sending
@@ -24,6 +25,7 @@
 
 mod adopt;
 mod adoption_start;
+mod decryption;
 mod exchange;
 mod fd_socket;
 mod fentry;

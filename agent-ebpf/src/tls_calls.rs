@@ -17,7 +17,7 @@ use connscope_common::{
     Conn, DEFAULT_MAX_CONNECTIONS, Direction, IN_FLIGHT_CALLS, Protocol, SslCall, conn_flag,
 };
 
-use crate::{fill, maps::UserBuffer};
+use crate::{decryption, fill, maps::UserBuffer};
 
 /// libssl calls in progress, by pid_tgid. LRU: a thread that dies inside a call leaves its
 /// entry behind, and such entries must not fill the map. Pinned with `TLS_SOCKETS`: both
@@ -88,9 +88,24 @@ pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> Ciphertex
     if !switched && !crate::globals::libssl_calls() {
         return Ciphertext::No;
     }
+    // A connection counted from its ciphertext stays so: switching mid-connection would
+    // start its plaintext in the middle of a turn, under another protocol label.
+    if !switched && conn.exchanges != 0 {
+        return Ciphertext::No;
+    }
+    if switched && decryption::current_undecrypted() {
+        // Its process left decryption: its calls still in flight are not counted, and the
+        // connection goes on from its ciphertext.
+        forget_call();
+        to_ciphertext(conn);
+        return Ciphertext::No;
+    }
     // One call site: `take_write` is inlined once.
     if let Some(write) = if direction == Direction::Send { take_write(sock) } else { None } {
         if !switched {
+            if decryption::current_undecrypted() {
+                return Ciphertext::No;
+            }
             to_plaintext(conn);
         } else if crate::sock::sent_after_peer_close(sock, conn) {
             conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
@@ -101,10 +116,20 @@ pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> Ciphertex
         return Ciphertext::Yes;
     }
     if inside_call(sock) {
+        if decryption::current_undecrypted() {
+            forget_call();
+            return Ciphertext::No;
+        }
         to_plaintext(conn);
         return Ciphertext::Yes;
     }
     Ciphertext::No
+}
+
+/// Drops the current thread's libssl call: its return finds nothing to count.
+#[inline(always)]
+fn forget_call() {
+    let _ = TLS_CALLS.remove(&bpf_get_current_pid_tgid());
 }
 
 /// A taken write's plaintext, if it has any (`SSL_write` with `num` ≤ 0 moves none).
@@ -187,6 +212,17 @@ pub fn to_plaintext(conn: &mut Conn) {
         | conn_flag::TLS_PLAINTEXT;
     conn.protocol = Protocol::Unknown as u8;
     conn.last_direction = Direction::None as u8;
+}
+
+/// Switches a decrypted connection back to counting its ciphertext, when its process left
+/// decryption (the agent's budget): turns go on where the plaintext left them
+/// (`last_direction` is kept), so the turn in progress is not counted twice, and the next
+/// request-direction turn's first application-data record starts the next exchange. The
+/// agent keeps the protocol label the connection had.
+#[inline(always)]
+fn to_ciphertext(conn: &mut Conn) {
+    conn.flags &= !(conn_flag::TLS_PLAINTEXT | conn_flag::REQUEST_PENDING | conn_flag::INTERIM);
+    conn.protocol = Protocol::Tls as u8;
 }
 
 /// Ends the current thread's call and returns it, with the socket it belongs to (0 when

@@ -20,6 +20,10 @@ use crate::{
 pub fn plaintext(sock: u64, direction: Direction, buffer: UserBuffer) {
     let Some(conn) = tracked(sock) else { return };
     if !conn.has(conn_flag::TLS_PLAINTEXT) {
+        // A connection counted from its ciphertext stays so (`tls_calls::ciphertext`).
+        if conn.exchanges != 0 {
+            return;
+        }
         tls_calls::to_plaintext(conn);
     }
     exchange::count(conn, &transfer(sock, direction, buffer), false);

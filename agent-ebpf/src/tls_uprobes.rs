@@ -16,11 +16,12 @@ use aya_ebpf::{
 };
 use connscope_common::Direction;
 
-use crate::{maps::UserBuffer, tls_calls, tls_plaintext};
+use crate::{decryption, maps::UserBuffer, tls_calls, tls_plaintext};
 
 /// `SSL_write(s, buf, int num)`: a negative `num` writes nothing.
 #[uprobe]
 pub fn connscope_ssl_write(ctx: ProbeContext) -> u32 {
+    decryption::count_hit();
     let num = ctx.arg::<i32>(2).and_then(|num| u64::try_from(num).ok());
     write(&ctx, num);
     0
@@ -29,18 +30,21 @@ pub fn connscope_ssl_write(ctx: ProbeContext) -> u32 {
 /// `SSL_write_ex(s, buf, size_t num, written)`.
 #[uprobe]
 pub fn connscope_ssl_write_ex(ctx: ProbeContext) -> u32 {
+    decryption::count_hit();
     write(&ctx, ctx.arg::<u64>(2));
     0
 }
 
 #[uprobe]
 pub fn connscope_ssl_read(ctx: ProbeContext) -> u32 {
+    decryption::count_hit();
     read(&ctx, false);
     0
 }
 
 #[uprobe]
 pub fn connscope_ssl_read_ex(ctx: ProbeContext) -> u32 {
+    decryption::count_hit();
     read(&ctx, true);
     0
 }
@@ -49,6 +53,7 @@ pub fn connscope_ssl_read_ex(ctx: ProbeContext) -> u32 {
 /// tell the socket of the `SSL*` before any read or write.
 #[uprobe]
 pub fn connscope_ssl_do_handshake(ctx: ProbeContext) -> u32 {
+    decryption::count_hit();
     if let Some(ssl) = ctx.arg::<u64>(0) {
         tls_calls::begin(ssl, 0, 0, 0, Direction::None);
     }
@@ -75,6 +80,7 @@ fn read(ctx: &ProbeContext, ex: bool) {
 /// The return of `SSL_read`, `SSL_read_ex` and `SSL_do_handshake`.
 #[uretprobe]
 pub fn connscope_ssl_return(ctx: RetProbeContext) -> u32 {
+    decryption::count_hit();
     let Some((call, sock)) = tls_calls::finish() else { return 0 };
     if call.direction != Direction::Recv as u8 || sock == 0 || call.buf == 0 {
         return 0;
@@ -94,5 +100,21 @@ pub fn connscope_ssl_return(ctx: RetProbeContext) -> u32 {
     if bytes != 0 {
         tls_plaintext::plaintext(sock, Direction::Recv, UserBuffer { addr: call.buf, len: bytes });
     }
+    0
+}
+
+/// The agent's own calibration target's entry: what a hit costs beyond the program (the
+/// trap and the kernel's uprobe work) is what the budget prices, so this one only counts.
+#[uprobe]
+pub fn connscope_calibration_entry(_ctx: ProbeContext) -> u32 {
+    decryption::count_hit();
+    0
+}
+
+/// The calibration target's return: a return probe costs more than an entry (a second
+/// trap), and the reads pay both.
+#[uretprobe]
+pub fn connscope_calibration_return(_ctx: RetProbeContext) -> u32 {
+    decryption::count_hit();
     0
 }

@@ -20,7 +20,7 @@ use crate::{
         server::{self, AppState},
     },
     kernel::{
-        adoption,
+        adoption, decryption_budget,
         hooks::HookAttach,
         listen_queues::ListenQueueCollector,
         pinning::Pins,
@@ -30,6 +30,7 @@ use crate::{
     model::{
         label_sets::{Build, Probe},
         metric_table::PREFIX,
+        tls_requests::TlsRequests,
     },
     pipeline::{
         backlog::{Drained, StartupDrain},
@@ -101,8 +102,14 @@ impl Agent {
                 .set(1);
         }
         let outlive = probes.links_outlive_agent();
-        let (mut tls, tls_status) =
-            tls_uprobes::start(&config, &mut probes.ebpf, metrics.probes.clone(), outlive);
+        let tls_requests = TlsRequests::default();
+        let (mut tls, tls_status) = tls_uprobes::start(
+            &config,
+            &mut probes.ebpf,
+            metrics.probes.clone(),
+            outlive,
+            tls_requests.clone(),
+        );
         if let Some(links) = probes.take_over()?
             && let Some(tls) = &mut tls
         {
@@ -113,6 +120,9 @@ impl Agent {
         let mut registry = Registry::with_prefix(PREFIX);
         metrics.register(&mut registry);
         tls_status.register(&mut registry);
+        if let Some(tls) = &tls {
+            tls.register(&mut registry);
+        }
         registry.register_collector(Box::new(ListenQueueCollector::new("/proc")));
         registry.register_collector(Box::new(LossCollector::new(
             PerCpuArray::try_from(probes.take_map(map::LOST)?)?,
@@ -136,13 +146,14 @@ impl Agent {
         let placement =
             KubeletPlacement::new(config.cgroup_path.clone(), config.kubelet_logs_path.clone());
         let counters = EventCounters::new(&metrics);
-        let table = ConnectionTable::new(
+        let mut table = ConnectionTable::new(
             metrics,
             config.max_connections as usize,
             config.max_servers,
             config.max_processes,
             Box::new(placement),
         );
+        table.count_tls_requests_in(tls_requests);
         let (handover, carried) = match &probes.pins {
             Some(_) => (
                 Some(HashMap::try_from(probes.take_map(map::HANDOVER)?)?),
@@ -190,6 +201,8 @@ impl Agent {
             tls_uprobes::RESCAN_INTERVAL,
         );
         tls_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut budget_timer = tokio::time::interval(decryption_budget::TICK);
+        budget_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         match early {
             Some(name) => tracing::info!("{name} received, stopping"),
             None => loop {
@@ -203,6 +216,11 @@ impl Agent {
                     _ = tls_timer.tick(), if tls.is_some() => {
                         if let Some(tls) = &mut tls {
                             tls.rescan(&mut probes.ebpf);
+                        }
+                    }
+                    _ = budget_timer.tick(), if tls.is_some() => {
+                        if let Some(tls) = &mut tls {
+                            tls.budget_tick(&mut probes.ebpf);
                         }
                     }
                     guard = pipeline.ring.readable_mut() => {

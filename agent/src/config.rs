@@ -244,6 +244,21 @@ settings! {
     /// counted undecrypted (requests by records, protocol "tls").
     tls_uprobes: bool = true, "tls.uprobes", "CONNSCOPE_TLS_UPROBES";
 
+    /// Decryption budget: the share of one CPU a process's libssl uprobes may cost (its hits
+    /// per second times the cost of one hit, measured at start) before the process is
+    /// counted from its ciphertext instead; 0 turns the budget off (decrypt every process).
+    tls_budget: f64 = DEFAULT_TLS_BUDGET, "tls.budget", "CONNSCOPE_TLS_BUDGET";
+
+    /// Processes always decrypted, over the budget too: comma-separated process names (as
+    /// /proc/<pid>/comm shows them) and `cgroup:<path>` (the cgroup v2 path or a parent).
+    tls_always_decrypt: String as ProcessSelectors = ProcessSelectors::default(),
+        "tls.always-decrypt", "CONNSCOPE_TLS_ALWAYS_DECRYPT";
+
+    /// Processes never decrypted (counted from ciphertext), in the form of
+    /// --tls.always-decrypt; a process both lists select is not decrypted.
+    tls_never_decrypt: String as ProcessSelectors = ProcessSelectors::default(),
+        "tls.never-decrypt", "CONNSCOPE_TLS_NEVER_DECRYPT";
+
     /// cgroup v2 mount used to resolve pod and container of a connection's process.
     cgroup_path: PathBuf = default_cgroup_path(), "path.cgroup", "CONNSCOPE_PATH_CGROUP";
 
@@ -270,6 +285,58 @@ impl Cli {
     }
 }
 
+/// The default `--tls.budget`: 1% of one CPU per process.
+pub const DEFAULT_TLS_BUDGET: f64 = 0.01;
+
+/// Processes chosen by name or cgroup (`--tls.always-decrypt`, `--tls.never-decrypt`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProcessSelectors {
+    names: Vec<String>,
+    /// cgroup v2 paths (`/kubepods.slice/...`): a process in one of them or below matches.
+    cgroups: Vec<String>,
+}
+
+/// The kernel's process names are at most 15 bytes (`TASK_COMM_LEN` 16 with its NUL).
+const MAX_COMM_LEN: usize = 15;
+
+impl FromSetting<String> for ProcessSelectors {
+    fn from_setting(raw: String) -> anyhow::Result<Self> {
+        let mut selectors = Self::default();
+        for item in raw.split(',').map(str::trim).filter(|item| !item.is_empty()) {
+            if let Some(path) = item.strip_prefix("cgroup:") {
+                if !path.starts_with('/') {
+                    bail!("invalid process selector {item:?}: a cgroup path starts with /");
+                }
+                selectors.cgroups.push(path.trim_end_matches('/').to_owned());
+            } else if item.len() > MAX_COMM_LEN || item.contains('/') || item.contains(':') {
+                bail!(
+                    "invalid process selector {item:?}: expected a process name of at most \
+                     {MAX_COMM_LEN} bytes (as /proc/<pid>/comm shows it) or cgroup:<path>"
+                );
+            } else {
+                selectors.names.push(item.to_owned());
+            }
+        }
+        Ok(selectors)
+    }
+}
+
+impl ProcessSelectors {
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.cgroups.is_empty()
+    }
+
+    /// Whether the process named `comm`, in cgroup v2 path `cgroup`, is selected.
+    pub fn selects(&self, comm: &str, cgroup: &str) -> bool {
+        self.names.iter().any(|name| name == comm)
+            || self.cgroups.iter().any(|path| {
+                cgroup
+                    .strip_prefix(path.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('/') || path.is_empty())
+            })
+    }
+}
+
 /// cgroup v2 hierarchy: `/sys/fs/cgroup` on unified hosts, `/sys/fs/cgroup/unified` on hybrid ones.
 fn default_cgroup_path() -> PathBuf {
     let hybrid = PathBuf::from("/sys/fs/cgroup/unified");
@@ -290,6 +357,12 @@ impl Config {
         if let Some(filter) = &self.log_filter {
             tracing_subscriber::EnvFilter::try_new(filter)
                 .with_context(|| format!("invalid --log.filter {filter:?}"))?;
+        }
+        if !(0.0..=1.0).contains(&self.tls_budget) {
+            bail!(
+                "--tls.budget is a share of one CPU, from 0 (no budget) to 1 (got {})",
+                self.tls_budget
+            );
         }
         if self.max_servers == 0 || self.max_processes == 0 {
             bail!("--metrics.max-servers and --metrics.max-processes must be at least 1");
@@ -353,8 +426,30 @@ mod tests {
         assert!(cli(&["--log.level", "loud"]).is_err());
         assert_eq!(cli(&["--log.level", "debug"])?.into_config()?.log_level, LogLevel::Debug);
         assert!(cli(&["--log.filter", "info,connscope=[[["])?.into_config().is_err());
+        assert!(cli(&["--tls.budget", "2"])?.into_config().is_err());
+        assert!(cli(&["--tls.budget", "NaN"])?.into_config().is_err());
+        assert!(cli(&["--tls.budget", "lots"]).is_err());
+        assert!(cli(&["--tls.never-decrypt", "a-process-name-too-long"])?.into_config().is_err());
+        assert!(cli(&["--tls.always-decrypt", "cgroup:kubepods"])?.into_config().is_err());
+        assert!(cli(&["--tls.always-decrypt", "usr/bin/curl"])?.into_config().is_err());
         let filter = cli(&["--log.filter", "warn,connscope::kernel=debug"])?.into_config()?;
         assert_eq!(filter.log_filter.as_deref(), Some("warn,connscope::kernel=debug"));
+        Ok(())
+    }
+
+    #[test]
+    fn process_selectors() -> anyhow::Result<()> {
+        let config = cli(&["--tls.never-decrypt", "nginx, cgroup:/system.slice/app.service/"])?
+            .into_config()?;
+        let never = &config.tls_never_decrypt;
+        assert!(never.selects("nginx", "/"));
+        assert!(!never.selects("nginx2", "/"));
+        assert!(never.selects("curl", "/system.slice/app.service"));
+        assert!(never.selects("curl", "/system.slice/app.service/worker"));
+        assert!(!never.selects("curl", "/system.slice/app.service2"));
+        assert!(config.tls_always_decrypt.is_empty());
+        assert_eq!(config.tls_budget, DEFAULT_TLS_BUDGET);
+        assert_eq!(cli(&["--tls.budget", "0"])?.into_config()?.tls_budget, 0.0);
         Ok(())
     }
 

@@ -66,6 +66,16 @@ impl Nginx {
         Ok(nginx)
     }
 
+    /// The master's pid and its workers'.
+    pub fn pids(&self) -> Vec<u32> {
+        let master = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{master}/task/{master}/children"))
+            .unwrap_or_default();
+        std::iter::once(master)
+            .chain(children.split_whitespace().filter_map(|pid| pid.parse().ok()))
+            .collect()
+    }
+
     pub fn server(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }

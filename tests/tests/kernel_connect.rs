@@ -18,9 +18,14 @@ const WAIT: Duration = Duration::from_secs(10);
 const DURATION: &str = "connscope_connect_duration_seconds";
 const FAILURES: &str = "connscope_connect_failures_total";
 
-/// This file's agents listen on ports of their own (39577 and up).
+/// This file's agents listen on ports of their own (39577 and up). Those lie in the
+/// ephemeral range: one a client's TIME_WAIT holds now is replaced by a free port.
 fn agent(port: u16) -> anyhow::Result<Agent> {
-    Agent::start_on(port, &[], None)
+    if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        Agent::start_on(port, &[], None)
+    } else {
+        Agent::start(&[])
+    }
 }
 
 fn bucket(scrape: &Scrape, server: &str, le: &str) -> f64 {

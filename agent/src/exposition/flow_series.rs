@@ -16,7 +16,7 @@ use crate::{
     exposition::labels::{self, LabelCap, LabelId, LabelMemo, ServerEndpoint},
     exposition::metrics::{BucketHistogram, Metrics},
     model::close_reason::CloseReason,
-    model::http_version::Version,
+    model::http_version::{RequestVersion, Version},
     model::label_sets::{
         CappedLabel, Closed, ClosedByLabels, ConnectFailed, Flow, FlowProtocol, HttpRequest,
         OpenState, PlacedFlow, Server,
@@ -65,6 +65,7 @@ pub struct FlowSeries {
     adopted: OnceLock<Counter>,
     http10: OnceLock<Counter>,
     http11: OnceLock<Counter>,
+    http_unread: OnceLock<Counter>,
     advertised_timeout: OnceLock<Gauge>,
     advertised_max: OnceLock<Gauge>,
     /// `connections_closed_total` by (closed_by, close_kind, reason) as seen so far: a
@@ -100,6 +101,7 @@ impl FlowSeries {
             adopted: OnceLock::new(),
             http10: OnceLock::new(),
             http11: OnceLock::new(),
+            http_unread: OnceLock::new(),
             advertised_timeout: OnceLock::new(),
             advertised_max: OnceLock::new(),
             closes: Mutex::new(Vec::new()),
@@ -133,10 +135,11 @@ impl FlowSeries {
         self.adopted.get_or_init(|| metrics.adopted.get_or_create_owned(&self.placed_flow()))
     }
 
-    pub fn http_requests(&self, metrics: &Metrics, version: Version) -> &Counter {
+    pub fn http_requests(&self, metrics: &Metrics, version: RequestVersion) -> &Counter {
         let cell = match version {
-            Version::Http10 => &self.http10,
-            Version::Http11 => &self.http11,
+            RequestVersion::Read(Version::Http10) => &self.http10,
+            RequestVersion::Read(Version::Http11) => &self.http11,
+            RequestVersion::Unread => &self.http_unread,
         };
         cell.get_or_init(|| {
             let labels =

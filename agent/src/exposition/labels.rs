@@ -122,9 +122,14 @@ pub struct LabelCap {
 }
 
 impl LabelCap {
+    /// A cap whose number of values is not exported (`label_values` reports the flows').
+    pub fn unreported(max: usize) -> Self {
+        Self::reporting(max, Gauge::default())
+    }
+
     #[cfg(test)]
     pub fn new(max: usize) -> Self {
-        Self::reporting(max, Gauge::default())
+        Self::unreported(max)
     }
 
     /// A cap that keeps `in_use` at its number of admitted values.
@@ -153,6 +158,11 @@ impl LabelCap {
             Some(&id) => id,
             None => self.insert(value),
         }
+    }
+
+    /// Every value, [`OTHER`] and [`UNKNOWN`] included.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.values.iter().map(|value| &**value)
     }
 
     pub fn name(&self, id: LabelId) -> &str {

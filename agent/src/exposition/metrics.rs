@@ -137,12 +137,21 @@ mod tests {
     use super::*;
 
     /// Each row of the table is exposed once: by a family of `Metrics`, or by the
-    /// producers that register their own (the TLS targets, the loss collector, the listen
-    /// queue collector).
+    /// producers that register their own (the TLS targets, the loss collector, the
+    /// decryption budget, the listen queue collector).
     #[test]
     fn every_row_has_one_family() {
         let mut names: Vec<&str> = Metrics::rows().iter().map(|row| row.name).collect();
         names.extend([table::TLS_UPROBE_TARGETS.name, table::EVENTS_LOST.name]);
+        names.extend(
+            [
+                &table::TLS_DECRYPTION_PROCESSES,
+                &table::TLS_UPROBE_HITS,
+                &table::TLS_UPROBE_HIT,
+                &table::TLS_DECRYPTION_BUDGET,
+            ]
+            .map(|row| row.name),
+        );
         names.extend([table::LISTEN_OVERFLOWS.name, table::LISTEN_DROPS.name]);
         names.sort_unstable();
         let mut table: Vec<&str> = table::ALL.iter().map(|row| row.name).collect();

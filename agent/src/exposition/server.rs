@@ -167,6 +167,19 @@ fn tls_section(page: &mut String, tls: &UprobeReport) {
             let _ = write!(page, "<tr><td>{}</td><td>{}</td></tr>", escape(file), escape(outcome));
         }
     }
+    page.push_str(
+        "</table><h3>Processes (decryption budget)</h3>\
+         <table><tr><th>process (pid)</th><th>state</th><th>uprobe hits/s</th></tr>",
+    );
+    if let Ok(processes) = tls.processes.read() {
+        for (process, state, hits) in processes.iter() {
+            let _ = write!(
+                page,
+                "<tr><td>{}</td><td>{state}</td><td>{hits:.0}</td></tr>",
+                escape(process)
+            );
+        }
+    }
     page.push_str("</table>");
 }
 

@@ -17,10 +17,16 @@ pub struct UprobeReport {
     pub attach: RwLock<&'static str>,
     /// `(path, "attached" or the error)`, per file.
     pub targets: RwLock<Vec<(String, String)>>,
+    /// `("name (pid)", decryption state, uprobe hits per second)`, per process calling TLS.
+    pub processes: RwLock<Vec<(String, &'static str, f64)>>,
 }
 
 impl UprobeReport {
     pub fn new(attach: &'static str) -> Self {
-        Self { attach: RwLock::new(attach), targets: RwLock::default() }
+        Self {
+            attach: RwLock::new(attach),
+            targets: RwLock::default(),
+            processes: RwLock::default(),
+        }
     }
 }

@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 
 use super::stats::FlowRow;
 
-const HEADERS: [&str; 10] = [
+const HEADERS: [&str; 11] = [
     "ROLE", "PROCESS", "SERVER", "OPENED/S", "REQ/CONN", "<=1 REQ", "IDLE P50", "IDLE P90",
-    "CLOSES", "RACES",
+    "CLOSES", "RACES", "TLS",
 ];
 
 /// `seconds`: the interval rates are over (None: totals since the agent started).
@@ -15,7 +15,7 @@ pub fn table(rows: &[FlowRow], seconds: Option<f64>) -> String {
     if seconds.is_none() {
         headers[3] = "OPENED".into();
     }
-    let cells: Vec<[String; 10]> = rows.iter().map(cells).collect();
+    let cells: Vec<[String; 11]> = rows.iter().map(cells).collect();
     let mut widths = headers.each_ref().map(|h| h.len());
     for row in &cells {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -37,7 +37,7 @@ pub fn table(rows: &[FlowRow], seconds: Option<f64>) -> String {
     out.trim_end().to_owned()
 }
 
-fn cells(row: &FlowRow) -> [String; 10] {
+fn cells(row: &FlowRow) -> [String; 11] {
     let number = |value: Option<f64>, digits: usize| {
         value.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
     };
@@ -61,6 +61,7 @@ fn cells(row: &FlowRow) -> [String; 10] {
         duration(row.idle_p90_seconds),
         if closes.is_empty() { "-".into() } else { closes.join(", ") },
         format!("{}", row.races),
+        if row.decryption.is_empty() { "-".into() } else { row.decryption.join(",") },
     ]
 }
 

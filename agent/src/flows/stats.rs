@@ -14,6 +14,7 @@ const CLOSED: &str = table::CONNECTIONS_CLOSED.name;
 const REQUESTS: &str = table::CONNECTION_REQUESTS.name;
 const IDLE: &str = table::CONNECTION_IDLE.name;
 const RACES: &str = table::KEEPALIVE_RACES.name;
+const DECRYPTION: &str = table::TLS_DECRYPTION_PROCESSES.name;
 
 /// A sample's part of its metric: the value itself, or a histogram's sum or count.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -74,15 +75,27 @@ pub struct FlowCounters {
     pub idle: Buckets,
     /// (closed_by, reason) to connections closed.
     pub closes: BTreeMap<(String, String), f64>,
+    /// The decryption states of the flow's process (`tls_decryption_processes`), now.
+    pub decryption: Vec<String>,
 }
 
 /// Every flow of one scrape.
 pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
     let mut flows: BTreeMap<FlowKey, FlowCounters> = BTreeMap::new();
+    let mut decryption: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let rows = sample_rows();
     for sample in &scrape.samples {
         let Some(&(row, part)) = rows.get(&sample.metric) else { continue };
         let labels = &sample.labels;
+        if row == DECRYPTION {
+            if let (Some(process), Some(state), Value::Gauge(count)) =
+                (labels.get("process"), labels.get("state"), &sample.value)
+                && *count > 0.0
+            {
+                decryption.entry(process.into()).or_default().push(state.into());
+            }
+            continue;
+        }
         let (Some(role), Some(process), Some(server)) =
             (labels.get("role"), labels.get("process"), labels.get("server"))
         else {
@@ -120,6 +133,9 @@ pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
             (IDLE, Part::Count) => flow.idle.count += value,
             _ => {}
         }
+    }
+    for (key, flow) in &mut flows {
+        flow.decryption = decryption.get(&key.process).cloned().unwrap_or_default();
     }
     flows
 }
@@ -186,6 +202,7 @@ impl FlowCounters {
                     (key.clone(), delta(*now, before.closes.get(key).copied().unwrap_or(0.0)))
                 })
                 .collect(),
+            decryption: self.decryption.clone(),
         }
     }
 }
@@ -208,6 +225,8 @@ pub struct FlowRow {
     /// `closed_by` to `reason` to connections.
     pub closes: BTreeMap<String, BTreeMap<String, f64>>,
     pub races: f64,
+    /// Whether the flow's process is decrypted (its processes' states; empty: no TLS).
+    pub decryption: Vec<String>,
 }
 
 /// Rows for the increase from `before` to `after`, `seconds` apart (`before` None: totals
@@ -254,6 +273,7 @@ fn row(key: &FlowKey, counters: &FlowCounters, seconds: Option<f64>) -> FlowRow 
         idle_p90_seconds: counters.idle.quantile(0.9),
         closes,
         races: counters.races,
+        decryption: counters.decryption.clone(),
     }
 }
 

@@ -3,6 +3,8 @@
 //! per-namespace listen queue counters.
 
 pub mod adoption;
+pub mod decryption;
+pub mod decryption_budget;
 pub mod facts;
 pub mod hooks;
 pub mod layout;
@@ -13,4 +15,5 @@ pub mod preflight;
 pub mod probes;
 pub mod tls_targets;
 pub mod tls_uprobes;
+pub mod uprobe_cost;
 pub mod uprobe_links;

@@ -14,8 +14,9 @@
 //! A file that cannot be attached is logged once and counted, never fatal.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     fs,
+    num::NonZeroU32,
     sync::{Arc, RwLock},
     time::Duration,
 };
@@ -39,9 +40,14 @@ use prometheus_client::{
 use crate::{
     config::Config,
     exposition::{metrics, status::UprobeReport},
+    kernel::decryption::{Change, Decryption},
     kernel::tls_targets::{self, FileId, REQUIRED_SYMBOL, Target},
-    kernel::uprobe_links::UprobeLinks,
-    model::{label_sets::Probe, metric_table},
+    kernel::uprobe_cost,
+    kernel::uprobe_links::{KeptId, UprobeLinks},
+    model::{
+        decryption_state::DecryptionState, label_sets::Probe, metric_table,
+        tls_requests::TlsRequests,
+    },
 };
 
 /// The `hook` label of the uprobes' `connscope_probe_info` row.
@@ -151,6 +157,7 @@ pub fn start(
     ebpf: &mut Ebpf,
     probe_info: Family<Probe, Gauge>,
     links_outlive_agent: bool,
+    requests: TlsRequests,
 ) -> (Option<TlsUprobes>, Arc<TlsStatus>) {
     if !config.tls_uprobes || !config.capture_heads {
         if config.tls_uprobes {
@@ -161,8 +168,9 @@ pub fn start(
     let status = Arc::new(TlsStatus::new(TlsAttach::None, probe_info));
     let links = links_outlive_agent.then(UprobeLinks::default);
     match TlsUprobes::start(ebpf, status.clone(), links) {
-        Ok(uprobes) => {
+        Ok(mut uprobes) => {
             status.set_attach(uprobes.attach_state());
+            uprobes.start_budget(ebpf, config, requests);
             (Some(uprobes), status)
         }
         Err(err) => {
@@ -178,10 +186,40 @@ pub struct TlsUprobes {
     /// Processes looked at by the previous scan.
     scanned: HashSet<u32>,
     rescans: u64,
-    attached: usize,
+    /// Files the uprobes are on, and for which processes.
+    files: HashMap<FileId, AttachedFile>,
+    /// The attached files each process maps, as its last read of `/proc/<pid>/maps` said.
+    users: HashMap<u32, Vec<FileId>>,
     status: Arc<TlsStatus>,
     /// `None`: the links stay with their programs and detach with the agent.
     links: Option<UprobeLinks>,
+    /// Which processes are decrypted (`None`: the budget could not start; all are).
+    decryption: Option<Decryption>,
+    /// Opt-outs exist: files keep per-process uprobes (a process to leave out may start
+    /// at any time).
+    per_process_only: bool,
+}
+
+/// One file's uprobes.
+struct AttachedFile {
+    target: Target,
+    scope: FileScope,
+}
+
+/// A uprobe is on a file for all processes, or for one: a process can be left out only
+/// when every other process that maps the file has uprobes of its own.
+enum FileScope {
+    /// One set of links for every process (and every process started later).
+    All(Vec<LinkRef>),
+    /// Links per decrypted process; a process started later is attached at the scan that
+    /// finds it.
+    PerProcess(HashMap<u32, Vec<LinkRef>>),
+}
+
+/// An attached uprobe: held by its program, or kept (`UprobeLinks`).
+enum LinkRef {
+    Program(&'static str, UProbeLinkId),
+    Kept(KeptId),
 }
 
 impl TlsUprobes {
@@ -199,9 +237,12 @@ impl TlsUprobes {
             known: HashSet::new(),
             scanned: HashSet::new(),
             rescans: 0,
-            attached: 0,
+            files: HashMap::new(),
+            users: HashMap::new(),
             status,
             links,
+            decryption: None,
+            per_process_only: false,
         };
         let started = std::time::Instant::now();
         for target in tls_targets::system_libraries() {
@@ -209,12 +250,55 @@ impl TlsUprobes {
         }
         uprobes.scan(ebpf, true);
         tracing::info!(
-            attached = uprobes.attached,
+            attached = uprobes.files.len(),
             files = uprobes.known.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "TLS uprobe targets scanned"
         );
         Ok(uprobes)
+    }
+
+    /// Starts the decryption budget: measures what a hit costs, then judges every process
+    /// found so far. Without it every process is decrypted (logged).
+    fn start_budget(&mut self, ebpf: &mut Ebpf, config: &Config, requests: TlsRequests) {
+        let started = std::time::Instant::now();
+        let decryption = uprobe_cost::measure(ebpf).and_then(|hit| {
+            tracing::info!(
+                hit_ns = hit.as_nanos() as u64,
+                budget = config.tls_budget,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "uprobe hit cost measured"
+            );
+            Decryption::new(ebpf, config, hit, requests)
+        });
+        match decryption {
+            Ok(decryption) => {
+                self.decryption = Some(decryption);
+                let pids: Vec<u32> = self.users.keys().copied().collect();
+                for pid in pids {
+                    self.judge_found(ebpf, pid);
+                }
+                // A process to leave out may start at any time, and an uprobe for all
+                // processes would decrypt it until a scan found it: with opt-outs, every
+                // file has per-process uprobes from the start.
+                if !config.tls_never_decrypt.is_empty() {
+                    self.per_process_only = true;
+                    let ids: Vec<FileId> = self.files.keys().copied().collect();
+                    let removed: Vec<LinkRef> =
+                        ids.into_iter().flat_map(|id| self.per_process(ebpf, id)).collect();
+                    self.detach_now(ebpf, removed);
+                }
+            }
+            Err(err) => {
+                tracing::warn!("no decryption budget: every OpenSSL process is decrypted: {err:#}")
+            }
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        if let Some(decryption) = &self.decryption {
+            decryption.register(registry);
+        }
     }
 
     /// This agent's takeover is done: the uprobes' links are pinned in `dir` from now on.
@@ -225,7 +309,7 @@ impl TlsUprobes {
     }
 
     fn attach_state(&self) -> TlsAttach {
-        if self.attached > 0 { TlsAttach::Uprobe } else { TlsAttach::None }
+        if self.files.is_empty() { TlsAttach::None } else { TlsAttach::Uprobe }
     }
 
     /// The periodic rescan (see the module docs).
@@ -233,6 +317,37 @@ impl TlsUprobes {
         self.rescans += 1;
         self.scan(ebpf, self.rescans.is_multiple_of(FULL_RESCAN_EVERY));
         self.status.set_attach(self.attach_state());
+    }
+
+    /// The budget's tick (`decryption_budget::TICK`): processes over it leave
+    /// decryption, processes back under it rejoin.
+    pub fn budget_tick(&mut self, ebpf: &mut Ebpf) {
+        let Some(decryption) = &mut self.decryption else { return };
+        // A process left out that exited is forgotten now, not at the next scan: while it
+        // is remembered, its files keep per-process uprobes.
+        let exited: Vec<u32> = decryption
+            .left_out()
+            .filter(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+            .collect();
+        if !exited.is_empty() {
+            for pid in exited {
+                self.forget(ebpf, pid);
+            }
+            self.settle_scopes(ebpf);
+        }
+        let Some(decryption) = &mut self.decryption else { return };
+        let changes = decryption.tick(std::time::Instant::now(), &self.scanned);
+        for change in changes {
+            match change {
+                Change::Leave(pid, state) => self.leave(ebpf, pid, state),
+                Change::Rejoin(pid) => self.rejoin(ebpf, pid),
+            }
+        }
+        if let (Some(decryption), Ok(mut shown)) =
+            (&self.decryption, self.status.report.processes.write())
+        {
+            *shown = decryption.report();
+        }
     }
 
     fn scan(&mut self, ebpf: &mut Ebpf, all: bool) {
@@ -255,11 +370,248 @@ impl TlsUprobes {
                 let is_libssl = exe != Some(target.id);
                 self.consider(ebpf, target, is_libssl);
             }
+            self.record_users(pid, &maps);
+            self.judge_found(ebpf, pid);
         }
+        let gone: Vec<u32> = self.users.keys().filter(|pid| !seen.contains(pid)).copied().collect();
+        for pid in gone {
+            self.forget(ebpf, pid);
+        }
+        self.settle_scopes(ebpf);
         self.scanned = seen;
     }
 
-    /// Attaches `target` if it carries OpenSSL; remembered either way.
+    /// Reads the mappings of processes started since the last scan (judged at the next).
+    fn record_new_users(&mut self) {
+        let Ok(entries) = fs::read_dir("/proc") else { return };
+        let own = std::process::id();
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == own || self.scanned.contains(&pid) {
+                continue;
+            }
+            if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+                self.record_users(pid, &maps);
+            }
+        }
+    }
+
+    /// Remembers which attached files `pid` maps.
+    fn record_users(&mut self, pid: u32, maps: &str) {
+        let mut mapped: Vec<FileId> = Vec::new();
+        for mapping in maps.lines().filter_map(tls_targets::executable_mapping) {
+            if self.files.contains_key(&mapping.id) && !mapped.contains(&mapping.id) {
+                mapped.push(mapping.id);
+            }
+        }
+        if mapped.is_empty() {
+            self.users.remove(&pid);
+        } else {
+            self.users.insert(pid, mapped);
+        }
+    }
+
+    /// A process found mapping attached files: left out if it is opted out, else given
+    /// uprobes of its own on the files that have per-process ones.
+    fn judge_found(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        if !self.users.contains_key(&pid) {
+            return;
+        }
+        let Some(decryption) = &mut self.decryption else { return };
+        match decryption.found(pid) {
+            (DecryptionState::Decrypted, _) => self.attach_process(ebpf, pid),
+            (state, true) => self.leave(ebpf, pid, state),
+            (_, false) => {}
+        }
+    }
+
+    /// An exited process: its own uprobes are removed.
+    fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        self.users.remove(&pid);
+        if let Some(decryption) = &mut self.decryption {
+            decryption.gone(pid);
+        }
+        let mut removed = Vec::new();
+        for file in self.files.values_mut() {
+            if let FileScope::PerProcess(per_process) = &mut file.scope
+                && let Some(links) = per_process.remove(&pid)
+            {
+                removed.extend(links);
+            }
+        }
+        self.detach(ebpf, removed);
+    }
+
+    /// Files with per-process uprobes whose processes are all decrypted go back to one
+    /// uprobe for all processes (which also covers processes started later at once).
+    fn settle_scopes(&mut self, ebpf: &mut Ebpf) {
+        let Some(decryption) = &self.decryption else { return };
+        if self.per_process_only {
+            return;
+        }
+        let settled: Vec<FileId> =
+            self.files
+                .iter()
+                .filter(|(id, file)| {
+                    matches!(file.scope, FileScope::PerProcess(_))
+                        && !self.users.iter().any(|(&pid, mapped)| {
+                            mapped.contains(id) && !decryption.is_decrypted(pid)
+                        })
+                })
+                .map(|(&id, _)| id)
+                .collect();
+        let mut removed = Vec::new();
+        for id in settled {
+            let Some(file) = self.files.get_mut(&id) else { continue };
+            match attach(ebpf, &file.target, UProbeScope::AllProcesses, self.links.as_mut()) {
+                Ok(links) => {
+                    if let FileScope::PerProcess(per_process) =
+                        std::mem::replace(&mut file.scope, FileScope::All(links))
+                    {
+                        removed.extend(per_process.into_values().flatten());
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(file = %file.target.shown, "TLS uprobes not attached: {err:#}");
+                }
+            }
+        }
+        self.detach(ebpf, removed);
+    }
+
+    /// Gives `pid` uprobes of its own on the files it maps that have per-process ones.
+    fn attach_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { return };
+        for id in self.users.get(&pid).cloned().unwrap_or_default() {
+            let Some(file) = self.files.get_mut(&id) else { continue };
+            let FileScope::PerProcess(per_process) = &mut file.scope else { continue };
+            if per_process.contains_key(&pid) {
+                continue;
+            }
+            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
+                Ok(links) => {
+                    per_process.insert(pid, links);
+                }
+                Err(err) => {
+                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
+                }
+            }
+        }
+    }
+
+    /// `pid` is counted from its ciphertext from now on: the kernel ignores its calls at
+    /// once; then every other decrypted process that maps one of its files gets uprobes of
+    /// its own, and the uprobes `pid` ran into are removed.
+    fn leave(&mut self, ebpf: &mut Ebpf, pid: u32, state: DecryptionState) {
+        let Some(decryption) = &mut self.decryption else { return };
+        decryption.leave(pid, state);
+        if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
+            self.record_users(pid, &maps);
+        }
+        let started = std::time::Instant::now();
+        let (mut shared, mut own) = (Vec::new(), Vec::new());
+        for id in self.users.get(&pid).cloned().unwrap_or_default() {
+            let Some(file) = self.files.get_mut(&id) else { continue };
+            match &mut file.scope {
+                FileScope::All(_) => shared.extend(self.per_process(ebpf, id)),
+                FileScope::PerProcess(per_process) => {
+                    own.extend(per_process.remove(&pid).unwrap_or_default());
+                }
+            }
+        }
+        self.detach_now(ebpf, shared);
+        self.detach(ebpf, own);
+        tracing::info!(
+            pid,
+            state = state.label(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "TLS decryption stopped for a process: counted from its ciphertext"
+        );
+    }
+
+    /// Turns file `id`'s uprobe for all processes into one per decrypted process that maps
+    /// it; returns the links to remove.
+    fn per_process(&mut self, ebpf: &mut Ebpf, id: FileId) -> Vec<LinkRef> {
+        if !matches!(self.files.get(&id).map(|file| &file.scope), Some(FileScope::All(_))) {
+            return Vec::new();
+        }
+        // Processes started since the last scan get uprobes of their own too.
+        self.record_new_users();
+        let (Some(file), Some(decryption)) = (self.files.get_mut(&id), &self.decryption) else {
+            return Vec::new();
+        };
+        let mut per_process = HashMap::new();
+        for (&pid, mapped) in &self.users {
+            let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { continue };
+            if !mapped.contains(&id) || !decryption.is_decrypted(pid) {
+                continue;
+            }
+            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
+                Ok(links) => {
+                    per_process.insert(pid, links);
+                }
+                Err(err) => {
+                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
+                }
+            }
+        }
+        match std::mem::replace(&mut file.scope, FileScope::PerProcess(per_process)) {
+            FileScope::All(links) => links,
+            FileScope::PerProcess(_) => Vec::new(),
+        }
+    }
+
+    /// `pid` is decrypted again: its uprobes are attached (a file whose processes are all
+    /// decrypted again goes back to one uprobe for all), then the kernel reads its calls.
+    fn rejoin(&mut self, ebpf: &mut Ebpf, pid: u32) {
+        self.attach_process(ebpf, pid);
+        if let Some(decryption) = &mut self.decryption {
+            decryption.rejoin(pid);
+        }
+        self.settle_scopes(ebpf);
+        tracing::info!(pid, "TLS decryption resumed for a process");
+    }
+
+    /// Removes uprobes. Detaching one waits for the kernel, so the links are dropped on a
+    /// thread of their own: they belong to processes the kernel already ignores (left
+    /// out) or that exited. See [`Self::detach_now`] for the others.
+    fn detach(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) {
+        let dropped = self.take_links(ebpf, links);
+        if !dropped.is_empty() {
+            std::thread::spawn(move || drop(dropped));
+        }
+    }
+
+    /// Removes uprobes before returning: an uprobe for all processes, replaced by
+    /// per-process ones. A process no scan has seen yet would otherwise start a decrypted
+    /// connection in the meantime and lose its uprobes in its middle.
+    fn detach_now(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) {
+        drop(self.take_links(ebpf, links));
+    }
+
+    fn take_links(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) -> Vec<Box<dyn Send>> {
+        let mut dropped: Vec<Box<dyn Send>> = Vec::new();
+        for link in links {
+            match link {
+                LinkRef::Program(name, id) => {
+                    if let Ok(link) = uprobe(ebpf, name).and_then(|p| Ok(p.take_link(id)?)) {
+                        dropped.push(Box::new(link));
+                    }
+                }
+                LinkRef::Kept(id) => {
+                    if let Some(link) = self.links.as_mut().and_then(|links| links.remove(id)) {
+                        dropped.push(Box::new(link));
+                    }
+                }
+            }
+        }
+        dropped
+    }
+
+    /// Attaches `target` (for all processes) if it carries OpenSSL; remembered either way.
     fn consider(&mut self, ebpf: &mut Ebpf, target: Target, is_libssl: bool) {
         if !self.known.insert(target.id) {
             return;
@@ -267,17 +619,20 @@ impl TlsUprobes {
         if !is_libssl && !tls_targets::exports(&target.path, REQUIRED_SYMBOL) {
             return;
         }
-        let outcome = attach(ebpf, &target, self.links.as_mut()).map_err(|err| format!("{err:#}"));
-        match &outcome {
-            Ok(()) => {
-                self.attached += 1;
+        let outcome = attach(ebpf, &target, UProbeScope::AllProcesses, self.links.as_mut());
+        let shown = target.shown.clone();
+        let outcome = match outcome {
+            Ok(links) => {
                 tracing::info!(file = %target.shown, "TLS uprobes attached");
+                self.files.insert(target.id, AttachedFile { target, scope: FileScope::All(links) });
+                Ok(())
             }
             Err(err) => {
-                tracing::warn!(file = %target.shown, "TLS uprobes not attached: {err}");
+                tracing::warn!(file = %target.shown, "TLS uprobes not attached: {err:#}");
+                Err(format!("{err:#}"))
             }
-        }
-        self.status.record(&target.shown, outcome);
+        };
+        self.status.record(&shown, outcome);
     }
 }
 
@@ -288,46 +643,52 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
     Ok(program.try_into()?)
 }
 
-/// Attaches every probe to one file, or none: a return probe before its entry, so no read
-/// is stashed without being finished. Their links then go to `kept`, if the links outlive
-/// the agent.
-fn attach(ebpf: &mut Ebpf, target: &Target, kept: Option<&mut UprobeLinks>) -> anyhow::Result<()> {
+/// Attaches every probe to one file for `scope`, or none: a return probe before its entry,
+/// so no read is stashed without being finished. Their links then go to `kept`, if the
+/// links outlive the agent.
+fn attach(
+    ebpf: &mut Ebpf,
+    target: &Target,
+    scope: UProbeScope,
+    kept: Option<&mut UprobeLinks>,
+) -> anyhow::Result<Vec<LinkRef>> {
     let mut links: Vec<(&'static str, UProbeLinkId)> = Vec::new();
-    let result = attach_all(ebpf, target, &mut links);
-    if result.is_err() {
+    if let Err(err) = attach_all(ebpf, target, scope, &mut links) {
         for (name, link) in links.into_iter().rev() {
             if let Ok(probe) = uprobe(ebpf, name) {
                 let _ = probe.detach(link);
             }
         }
-        return result;
+        return Err(err);
     }
-    if let Some(kept) = kept {
-        for (name, id) in links {
-            let link = FdLink::try_from(uprobe(ebpf, name)?.take_link(id)?)?;
-            kept.keep(name, link)?;
-        }
+    let Some(kept) = kept else {
+        return Ok(links.into_iter().map(|(name, id)| LinkRef::Program(name, id)).collect());
+    };
+    let mut refs = Vec::with_capacity(links.len());
+    for (name, id) in links {
+        let link = FdLink::try_from(uprobe(ebpf, name)?.take_link(id)?)?;
+        refs.push(LinkRef::Kept(kept.keep(name, link)?));
     }
-    Ok(())
+    Ok(refs)
 }
 
 fn attach_all(
     ebpf: &mut Ebpf,
     target: &Target,
+    scope: UProbeScope,
     links: &mut Vec<(&'static str, UProbeLinkId)>,
 ) -> anyhow::Result<()> {
     for (entry, symbol, required, returns) in SYMBOLS {
         let first = if returns { program::SSL_RETURN } else { entry };
-        let link =
-            match uprobe(ebpf, first)?.attach(symbol, &target.path, UProbeScope::AllProcesses) {
-                Ok(link) => link,
-                Err(_) if !required => continue,
-                Err(err) => return Err(err).with_context(|| format!("{first} on {symbol}")),
-            };
+        let link = match uprobe(ebpf, first)?.attach(symbol, &target.path, scope) {
+            Ok(link) => link,
+            Err(_) if !required => continue,
+            Err(err) => return Err(err).with_context(|| format!("{first} on {symbol}")),
+        };
         links.push((first, link));
         if returns {
             let link = uprobe(ebpf, entry)?
-                .attach(symbol, &target.path, UProbeScope::AllProcesses)
+                .attach(symbol, &target.path, scope)
                 .with_context(|| format!("{entry} on {symbol}"))?;
             links.push((entry, link));
         }

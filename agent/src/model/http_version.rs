@@ -15,3 +15,24 @@ impl Version {
         }
     }
 }
+
+/// The `http_version` label of a counted request: a head's version, or none read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RequestVersion {
+    Read(Version),
+    /// A request counted from its ciphertext, by a process seen speaking HTTP inside
+    /// decrypted TLS that left decryption (the budget): its version was not read.
+    Unread,
+}
+
+impl RequestVersion {
+    pub const ALL: [Self; 3] =
+        [Self::Read(Version::Http10), Self::Read(Version::Http11), Self::Unread];
+
+    pub const fn label(self) -> &'static str {
+        match self {
+            Self::Read(version) => version.label(),
+            Self::Unread => "unread",
+        }
+    }
+}

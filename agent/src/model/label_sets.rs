@@ -106,3 +106,14 @@ pub struct SkipReason {
 pub struct Build {
     pub version: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct ProcessLabel {
+    pub process: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct ProcessDecryption {
+    pub process: String,
+    pub state: String,
+}

@@ -100,7 +100,11 @@ pub const CONNECT_FAILURE: Label =
 pub const OPEN_STATE: Label = closed("state", &["active", "idle"]);
 /// The protocols `connection_requests` reports (HTTP/2 is not observed there yet).
 pub const PROTOCOL: Label = closed("protocol", &["http1", "tls", "websocket", "other"]);
-pub const HTTP_VERSION: Label = closed("http_version", &["1.0", "1.1"]);
+pub const HTTP_VERSION: Label = closed("http_version", &["1.0", "1.1", "unread"]);
+pub const DECRYPTION_STATE: Label = closed(
+    "state",
+    &["decrypted", "ciphertext_budget", "ciphertext_unsupported", "ciphertext_opt_out"],
+);
 pub const HOOK: Label = closed(
     "hook",
     &["tcp_connect", "tcp_close", "tcp_sendmsg", "tcp_recvmsg", "inet_sock_set_state", "libssl"],
@@ -256,7 +260,8 @@ metric_table! {
     CONNECTION_CLOSE_IDLE = Histogram "connection_close_idle" in Seconds,
         "Idle time from the last exchange to the start of the close",
         labels [ROLE, PROCESS, SERVER, CLOSED_BY], buckets Buckets::IdleGaps, carried: true;
-    HTTP_REQUESTS = Counter "http_requests", "HTTP/1.x requests seen, by version",
+    HTTP_REQUESTS = Counter "http_requests",
+        "HTTP/1.x requests seen, by version (unread: counted from the TLS ciphertext of a process seen speaking HTTP, after it left decryption)",
         labels [ROLE, PROCESS, SERVER, HTTP_VERSION], carried: true;
     HTTP_KEEPALIVE_ADVERTISED_TIMEOUT = Gauge "http_keepalive_advertised_timeout" in Seconds,
         "Last Keep-Alive timeout advertised by the server", labels [SERVER], carried: true;
@@ -280,6 +285,18 @@ metric_table! {
     TLS_UPROBE_TARGETS = Gauge "tls_uprobe_targets",
         "Files (libssl, executables with OpenSSL) the TLS uprobes attached to, or failed to",
         labels [TARGET_STATE];
+    TLS_DECRYPTION_PROCESSES = Gauge "tls_decryption_processes",
+        "Processes calling TLS, by whether the agent reads their plaintext (the decryption budget, --tls.budget)",
+        labels [PROCESS, DECRYPTION_STATE];
+    TLS_UPROBE_HITS = Counter "tls_uprobe_hits",
+        "libssl uprobe hits (entries and returns), by process: what decrypting it costs, in units of tls_uprobe_hit_seconds",
+        labels [PROCESS];
+    TLS_UPROBE_HIT = Gauge "tls_uprobe_hit" in Seconds,
+        "What one uprobe hit costs on this host, measured at start (the decryption budget's unit)",
+        labels [];
+    TLS_DECRYPTION_BUDGET = Gauge "tls_decryption_budget",
+        "Share of one CPU a process may spend on its libssl uprobes before it is counted from ciphertext (--tls.budget; 0: no budget)",
+        labels [];
     LABEL_VALUES = Gauge "label_values",
         "Distinct values of a capped label in use; once at its cap (--metrics.max-servers, --metrics.max-processes) new values are exported as other",
         labels [CAPPED_LABEL];
@@ -306,7 +323,10 @@ mod tests {
     use super::*;
     use crate::{
         kernel::{adoption::Skip, hooks::Attach},
-        model::{close_reason::CloseReason, http_version::Version},
+        model::{
+            close_reason::CloseReason, decryption_state::DecryptionState,
+            http_version::RequestVersion,
+        },
     };
 
     fn values(label: Label) -> BTreeSet<&'static str> {
@@ -339,7 +359,8 @@ mod tests {
         assert_eq!(values(CLOSE_KIND), set(kinds.map(|k| k.label())));
         assert_eq!(values(CLOSE_REASON), set(CloseReason::ALL.iter().map(|r| r.label())));
         assert_eq!(values(CONNECT_FAILURE), set(ConnectFailure::ALL.iter().map(|r| r.label())));
-        assert_eq!(values(HTTP_VERSION), set([Version::Http10.label(), Version::Http11.label()]));
+        assert_eq!(values(HTTP_VERSION), set(RequestVersion::ALL.map(RequestVersion::label)));
+        assert_eq!(values(DECRYPTION_STATE), set(DecryptionState::ALL.map(DecryptionState::label)));
         assert_eq!(values(EVENT_KIND), set(EventKind::ALL.iter().map(|k| k.label())));
         let kernel_losses = set(LostReason::ALL.iter().map(|r| r.label()));
         assert!(kernel_losses.is_subset(&values(LOST_REASON)));

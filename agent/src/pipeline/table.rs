@@ -5,7 +5,10 @@
 //! table adds the differences since the last snapshot it saw, parses the heads the kernel
 //! sends, and classifies the close.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use connscope_common::{
     AttributeEvent, Attribution, ClosedBy, Conn, ConnectFailedEvent, Direction, Handover,
@@ -18,7 +21,11 @@ use crate::{
     exposition::flow_series::{Activity, FlowCache, FlowSeries},
     exposition::labels::LabelId,
     exposition::metrics::Metrics,
-    model::{http_version::Version, placement::PlacementResolver},
+    model::{
+        http_version::{RequestVersion, Version},
+        placement::PlacementResolver,
+        tls_requests::TlsRequests,
+    },
     pipeline::classify::{close_reason, is_keepalive_race},
     pipeline::events::{Event, Head},
     pipeline::handover,
@@ -66,6 +73,9 @@ struct Tracked {
     adopted: bool,
     /// The owner's cgroup (placement), kept for the handover to the next agent.
     cgroup_id: u64,
+    /// The owning process (0 until known, and for connections taken over from the
+    /// previous agent): its TLS requests feed the decryption budget.
+    pid: u32,
     /// Set once the owning process is known (clients at open, accepted sockets at their
     /// first use); until then only the `server` label is kept, in
     /// `ConnectionTable::pending_servers`.
@@ -93,7 +103,17 @@ pub struct ConnectionTable {
     /// Shared with the per-event paths by reference count (a `Metrics` clone copies every
     /// family handle).
     metrics: Arc<Metrics>,
+    /// TLS requests by process, for the decryption budget.
+    tls_requests: TlsRequests,
+    /// Processes seen speaking HTTP inside decrypted TLS: their requests counted from
+    /// ciphertext (once they left decryption) are HTTP requests whose version was not read.
+    http_in_tls: HashSet<u32>,
 }
+
+/// Processes [`ConnectionTable::http_in_tls`] remembers; past it, it starts again (a
+/// process forgotten counts its next ciphertext requests as `tls` only until one of its
+/// decrypted connections is seen again).
+const MAX_HTTP_IN_TLS: usize = 4_096;
 
 impl ConnectionTable {
     /// `max_connections` is the kernel map's size, which the table cannot exceed: it is
@@ -113,7 +133,14 @@ impl ConnectionTable {
             sweep: Vec::new(),
             flows: FlowCache::new(&metrics, max_servers, max_processes, placement),
             metrics: Arc::new(metrics),
+            tls_requests: TlsRequests::default(),
+            http_in_tls: HashSet::new(),
         }
+    }
+
+    /// Where TLS requests by process go (the decryption budget reads them).
+    pub fn count_tls_requests_in(&mut self, requests: TlsRequests) {
+        self.tls_requests = requests;
     }
 
     pub fn len(&self) -> usize {
@@ -169,6 +196,7 @@ impl ConnectionTable {
             role,
             adopted: event.adopted != 0,
             cgroup_id: 0,
+            pid: 0,
             series: None,
             activity: Activity::Idle,
             protocol: Protocol::Unknown,
@@ -234,6 +262,7 @@ impl ConnectionTable {
             role,
             adopted: entry.has(handover_flag::ADOPTED),
             cgroup_id: entry.cgroup_id,
+            pid: 0,
             series: None,
             activity,
             protocol: Protocol::from_wire(entry.protocol).unwrap_or(Protocol::Unknown),
@@ -330,7 +359,11 @@ impl ConnectionTable {
     /// is older than one already applied).
     fn apply(&mut self, sock: u64, conn: &Conn) -> bool {
         let metrics = self.metrics.clone();
-        let Some(tracked) = self.tracked(sock, conn.open_token) else { return false };
+        let Some(tracked) =
+            self.conns.get_mut(&sock).filter(|t| open_token(t.open_ns) == conn.open_token)
+        else {
+            return false;
+        };
         let Some(series) = tracked.series.clone() else { return false };
         let seen = tracked.seen;
         if conn.last_ns < seen.last_ns || conn.exchanges < seen.exchanges {
@@ -352,11 +385,35 @@ impl ConnectionTable {
         if gaps.iter().any(|&n| n != 0) {
             series.idle.add(&gaps, gap_sum_us as f64 / 1e6);
         }
-        if let Some(session) = tracked.http.as_deref_mut() {
-            add_requests(&metrics, &series, session.repeat_until(conn.exchanges));
-        }
+        let decrypted = conn.has(conn_flag::TLS_PLAINTEXT);
         let protocol = conn.protocol();
-        if protocol != Protocol::Unknown {
+        let ciphertext = protocol == Protocol::Tls;
+        let exchanges = u64::from(conn.exchanges - seen.exchanges);
+        if decrypted || ciphertext {
+            self.tls_requests.add(tracked.pid, exchanges);
+        }
+        if let Some(session) = tracked.http.as_deref_mut() {
+            if decrypted && tracked.pid != 0 && !self.http_in_tls.contains(&tracked.pid) {
+                if self.http_in_tls.len() >= MAX_HTTP_IN_TLS {
+                    self.http_in_tls.clear();
+                }
+                self.http_in_tls.insert(tracked.pid);
+            }
+            // Counted from its ciphertext now (its process left decryption): no head says
+            // the version any more.
+            let counts = if ciphertext {
+                session.unread_until(conn.exchanges)
+            } else {
+                session.repeat_until(conn.exchanges)
+            };
+            add_requests(&metrics, &series, counts);
+        } else if ciphertext && self.http_in_tls.contains(&tracked.pid) {
+            let unread = RequestCounts { unread: exchanges, ..RequestCounts::default() };
+            add_requests(&metrics, &series, unread);
+        }
+        // A connection keeps the protocol it was seen speaking: one counted from its
+        // ciphertext after its plaintext was read stays `http1`.
+        if protocol != Protocol::Unknown && !(ciphertext && tracked.protocol != Protocol::Unknown) {
             tracked.protocol = protocol;
         }
         tracked.seen = Seen::of(conn);
@@ -505,14 +562,19 @@ fn give_series(
     series.open_gauge(tracked.activity).inc();
     tracked.series = Some(series);
     tracked.cgroup_id = owner.map_or(0, |owner| owner.cgroup_id);
+    tracked.pid = owner.map_or(0, |owner| owner.tgid);
 }
 
 fn add_requests(metrics: &Metrics, series: &FlowSeries, counts: RequestCounts) {
-    if counts.http10 > 0 {
-        series.http_requests(metrics, Version::Http10).inc_by(counts.http10);
-    }
-    if counts.http11 > 0 {
-        series.http_requests(metrics, Version::Http11).inc_by(counts.http11);
+    let by_version = [
+        (RequestVersion::Read(Version::Http10), counts.http10),
+        (RequestVersion::Read(Version::Http11), counts.http11),
+        (RequestVersion::Unread, counts.unread),
+    ];
+    for (version, requests) in by_version {
+        if requests > 0 {
+            series.http_requests(metrics, version).inc_by(requests);
+        }
     }
 }
 

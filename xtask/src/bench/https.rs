@@ -1,12 +1,19 @@
-//! HTTPS keep-alive: what the libssl uprobes cost. wrk over `https://` (Debian's wrk links
-//! libssl3, as nginx does, so both ends are decrypted) against a local nginx `ssl` server, in
-//! three arms per round: no observer, connscope with `--tls.uprobes=false` (undecrypted
-//! counting) and connscope with the uprobes. Reported: req/s ratios per round (median, min,
-//! max), and from `kernel.bpf_stats_enabled` the ns per uprobe program run and the runs per
-//! request. BPF run time leaves out the trap into the kernel that every uprobe hit costs
-//! first, so the throughput ratio is the figure that tells the whole cost.
+//! HTTPS keep-alive: what the libssl uprobes cost, and what the decryption budget keeps of
+//! it. wrk over `https://` (Debian's wrk links libssl3, as nginx does, so both ends can be
+//! decrypted) against a local nginx `ssl` server, in four arms per round: no observer;
+//! connscope with `--tls.uprobes=false` (undecrypted counting); connscope with its defaults
+//! (the decryption budget), measured in steady state once nginx has left decryption, whose
+//! reaction time from the load's start is reported too; and connscope with `--tls.budget 0`
+//! (every process decrypted: informational), with its uprobe hits per request per side
+//! from the agent's own `tls_uprobe_hits_total`. Reported: req/s ratios per round (median,
+//! min, max), and from `kernel.bpf_stats_enabled` the ns per uprobe program run. BPF run
+//! time leaves out the trap into the kernel that every uprobe hit costs first, so the
+//! throughput ratio is the figure that tells the whole cost.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
 
 use anyhow::ensure;
 use connscope_tests::{
@@ -21,7 +28,7 @@ use super::{
     kernel_cost::{BpfStats, program_stats},
     report::{Figure, Part, Target},
     round, spread,
-    wrk::wrk,
+    wrk::{interrupt, spawn, wrk},
 };
 
 /// The uprobe programs' kernel names start so (`connscope_ssl_write`, `…_return`, truncated
@@ -48,17 +55,33 @@ struct UprobeLoad {
     requests: u64,
 }
 
+/// What one agent arm measured.
+struct Arm {
+    requests_per_second: f64,
+    /// The budget's reaction: from the warm-up load's start to nginx's worker leaving
+    /// decryption.
+    reaction: Option<Duration>,
+    /// Uprobe hits per request by side (`nginx`, `wrk`), from the agent's metrics.
+    hits_per_request: [f64; 2],
+}
+
+/// Runs wrk once with an agent started with `flags`. `warm_until_left`: first load nginx
+/// until the budget has taken it out of decryption (the arm measures the steady state).
 fn agent_arm(
     url: &str,
     seconds: u64,
     flags: &[&str],
+    warm_until_left: bool,
     load: &mut UprobeLoad,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Arm> {
     let agent = Agent::start(flags)?;
+    let reaction = if warm_until_left { Some(wait_until_nginx_left(&agent, url)?) } else { None };
     let uprobes: BTreeSet<u32> = program_ids(agent.pid())?;
     let before = program_stats(&uprobes);
+    let hits_before = hits_by_side(&agent)?;
     let result = wrk(url, seconds, false)?;
     let after = program_stats(&uprobes);
+    let hits_after = hits_by_side(&agent)?;
     let (code, _) = agent.stop()?;
     ensure!(code == Some(0), "the agent exited with {code:?}");
     ensure!(result.errors == 0, "wrk over https: {} errors", result.errors);
@@ -68,28 +91,74 @@ fn agent_arm(
         load.runs += runs - runs0;
     }
     load.requests += result.requests;
-    Ok(result.requests_per_second)
+    let requests = result.requests.max(1) as f64;
+    let hits_per_request = [0, 1].map(|side| (hits_after[side] - hits_before[side]) / requests);
+    Ok(Arm { requests_per_second: result.requests_per_second, reaction, hits_per_request })
+}
+
+/// `tls_uprobe_hits_total` of nginx and of wrk.
+fn hits_by_side(agent: &Agent) -> anyhow::Result<[f64; 2]> {
+    let scrape = agent.scrape()?;
+    Ok(["nginx", "wrk"]
+        .map(|process| scrape.sum("connscope_tls_uprobe_hits_total", &[("process", process)])))
+}
+
+/// Loads nginx until the agent says a `nginx` process left decryption under the budget;
+/// returns how long that took from the load's start.
+fn wait_until_nginx_left(agent: &Agent, url: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let warm = spawn(url, 30, false)?;
+    let left = |agent: &Agent| -> anyhow::Result<bool> {
+        let scrape = agent.scrape()?;
+        let labels = [("process", "nginx"), ("state", "ciphertext_budget")];
+        Ok(scrape.sum("connscope_tls_decryption_processes", &labels) >= 1.0)
+    };
+    while !left(agent)? {
+        ensure!(started.elapsed() < Duration::from_secs(20), "nginx never left decryption");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reaction = started.elapsed();
+    // Let the uprobes' removal finish before the measured run.
+    std::thread::sleep(Duration::from_secs(1));
+    interrupt(warm)?;
+    Ok(reaction)
 }
 
 pub fn https_keepalive(settings: &Settings) -> anyhow::Result<Part> {
     let (nginx, url) = https_nginx()?;
     let stats = BpfStats::enable()?;
     wrk(&url, 1, false)?;
-    let (mut none, mut undecrypted, mut uprobes) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut none, mut undecrypted, mut budget, mut all) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut reactions, mut hits_nginx, mut hits_wrk) = (Vec::new(), Vec::new(), Vec::new());
     let mut load = UprobeLoad::default();
     let mut off_load = UprobeLoad::default();
+    let mut budget_load = UprobeLoad::default();
     for round in 1..=settings.pairs {
         let a = wrk(&url, settings.seconds, false)?.requests_per_second;
-        let off = agent_arm(&url, settings.seconds, &["--tls.uprobes=false"], &mut off_load)?;
-        let on = agent_arm(&url, settings.seconds, &[], &mut load)?;
+        let off =
+            agent_arm(&url, settings.seconds, &["--tls.uprobes=false"], false, &mut off_load)?;
+        let kept = agent_arm(&url, settings.seconds, &[], true, &mut budget_load)?;
+        let on = agent_arm(&url, settings.seconds, &["--tls.budget", "0"], false, &mut load)?;
+        let reaction = kept.reaction.unwrap_or_default().as_secs_f64();
         eprintln!(
-            "bench: https keep-alive round {round}: none {a:.0}, undecrypted {off:.0}, uprobes {on:.0} req/s; uprobes/none {:.3}, uprobes/undecrypted {:.3}",
-            on / a,
-            on / off
+            "bench: https keep-alive round {round}: none {a:.0}, undecrypted {:.0}, default (budget) {:.0}, all decrypted {:.0} req/s; budget/none {:.3}, undecrypted/none {:.3}, all/none {:.3}; budget reacted in {reaction:.2} s; hits per request nginx {:.2}, wrk {:.2}",
+            off.requests_per_second,
+            kept.requests_per_second,
+            on.requests_per_second,
+            kept.requests_per_second / a,
+            off.requests_per_second / a,
+            on.requests_per_second / a,
+            on.hits_per_request[0],
+            on.hits_per_request[1],
         );
         none.push(a);
-        undecrypted.push(off);
-        uprobes.push(on);
+        undecrypted.push(off.requests_per_second);
+        budget.push(kept.requests_per_second);
+        all.push(on.requests_per_second);
+        reactions.push(reaction);
+        hits_nginx.push(on.hits_per_request[0]);
+        hits_wrk.push(on.hits_per_request[1]);
     }
     drop(stats);
     drop(nginx);
@@ -97,32 +166,50 @@ pub fn https_keepalive(settings: &Settings) -> anyhow::Result<Part> {
     let ratio = |over: &[f64], under: &[f64]| -> Vec<f64> {
         over.iter().zip(under).map(|(o, u)| o / u).collect()
     };
-    let vs_none = spread(&ratio(&uprobes, &none));
-    let vs_undecrypted = spread(&ratio(&uprobes, &undecrypted));
+    let budget_vs_none = spread(&ratio(&budget, &none));
+    let all_vs_none = spread(&ratio(&all, &none));
     let undecrypted_vs_none = spread(&ratio(&undecrypted, &none));
+    let reaction = spread(&reactions);
+    let (nginx_hits, wrk_hits) = (spread(&hits_nginx), spread(&hits_wrk));
     let ns_per_hit = load.run_time_ns as f64 / load.runs.max(1) as f64;
     let hits_per_request = load.runs as f64 / load.requests.max(1) as f64;
+    let budget_hits = budget_load.runs as f64 / budget_load.requests.max(1) as f64;
     let rps = |values: &[f64]| values.iter().map(|v| round(*v, 0)).collect::<Vec<_>>();
     let details = json!({
         "wrk": format!("wrk -t1 -c16 -d{}s {url}", settings.seconds),
         "rounds": settings.pairs,
         "none_rps": rps(&none),
         "undecrypted_rps": rps(&undecrypted),
-        "uprobes_rps": rps(&uprobes),
-        "uprobes_over_none": vs_none.to_json(),
-        "uprobes_over_undecrypted": vs_undecrypted.to_json(),
+        "default_budget_rps": rps(&budget),
+        "all_decrypted_rps": rps(&all),
+        "default_budget_over_none": budget_vs_none.to_json(),
+        "all_decrypted_over_none": all_vs_none.to_json(),
         "undecrypted_over_none": undecrypted_vs_none.to_json(),
+        "budget_reaction_seconds": reaction.to_json(),
+        "all_decrypted_hits_per_request_nginx": nginx_hits.to_json(),
+        "all_decrypted_hits_per_request_wrk": wrk_hits.to_json(),
+        "default_budget_uprobe_runs_per_request": round(budget_hits, 3),
         "uprobe_runs": load.runs,
         "uprobe_run_time_ns": load.run_time_ns,
         "uprobe_ns_per_run": round(ns_per_hit, 1),
         "uprobe_runs_per_request": round(hits_per_request, 3),
     });
     let figures = vec![
-        vs_none.figure("https keep-alive req/s, connscope (uprobes) / none", Target::None),
-        vs_undecrypted
-            .figure("https keep-alive req/s, uprobes / --tls.uprobes=false", Target::None),
+        budget_vs_none.figure(
+            "https keep-alive req/s, connscope defaults (budget) / none",
+            Target::AtLeast(0.95),
+        ),
         undecrypted_vs_none
-            .figure("https keep-alive req/s, --tls.uprobes=false / none", Target::None),
+            .figure("https keep-alive req/s, --tls.uprobes=false / none", Target::AtLeast(0.97)),
+        all_vs_none
+            .figure("https keep-alive req/s, --tls.budget 0 (all decrypted) / none", Target::None),
+        reaction.figure(
+            "decryption budget reaction, load start to nginx left (s)",
+            Target::AtMost(2.0),
+        ),
+        nginx_hits
+            .figure("uprobe hits per request, nginx side (all decrypted)", Target::AtMost(4.0)),
+        wrk_hits.figure("uprobe hits per request, wrk side (all decrypted)", Target::AtMost(4.0)),
         Figure::new(
             "ns per uprobe program run (BPF time only)",
             ns_per_hit,

@@ -14,7 +14,9 @@
 //! 6. Restart loss: requests and connections lost across consecutive agent restarts under
 //!    wrk load, with the kernel state pinned, against nginx's own counts.
 //! 7. HTTPS keep-alive (nginx `ssl`, wrk over https): no observer, undecrypted counting,
-//!    the libssl uprobes; ns per uprobe program run.
+//!    the defaults (the decryption budget, in steady state, and its reaction time), and
+//!    everything decrypted (`--tls.budget 0`: hits per request per side); ns per uprobe
+//!    program run.
 //!
 //! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
 //! time and count, and is cleaned up.
