@@ -129,8 +129,9 @@ kernel_test!(
             let stream = TcpStream::connect(&second_server)?;
             anyhow::Ok((stream, started.elapsed()))
         });
-        // Accepts late: after the second SYN was dropped, before its retransmit.
-        thread::sleep(Duration::from_millis(400));
+        // Accepts late: after the second SYN was dropped (its client had 700 ms to send it,
+        // slow emulation included), before its retransmit 1 s after it.
+        thread::sleep(Duration::from_millis(700));
         let accepted_first = listener.accept()?;
         let second = second.join().map_err(|_| anyhow::anyhow!("client panicked"))?;
         let (second, took) = second?;
@@ -299,7 +300,7 @@ fn listen_counters(pid: u32) -> anyhow::Result<(f64, f64)> {
 
 kernel_test!(
     /// A server with `listen(backlog=1)` that never accepts, and 20 clients that give up
-    /// after 100 ms: two fill its accept queue, the other SYNs are dropped. The drops the
+    /// after 250 ms: two fill its accept queue, the other SYNs are dropped. The drops the
     /// agent reports for the namespace equal the namespace's own `ListenOverflows` and
     /// `ListenDrops` (from 0: the namespace is new).
     fn listen_queue_drops_equal_the_namespaces_listen_overflows() -> anyhow::Result<()> {
@@ -316,7 +317,7 @@ kernel_test!(
             let listener = listen_with_backlog(address, 1)?;
             let mut connected = Vec::new();
             for _ in 0..CLIENTS {
-                match TcpStream::connect_timeout(&address, Duration::from_millis(100)) {
+                match TcpStream::connect_timeout(&address, Duration::from_millis(250)) {
                     Ok(stream) => connected.push(stream),
                     Err(err) if err.kind() == ErrorKind::TimedOut => {}
                     Err(err) => return Err(err.into()),
