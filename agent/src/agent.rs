@@ -154,6 +154,9 @@ impl Agent {
             Box::new(placement),
         );
         table.count_tls_requests_in(tls_requests);
+        if let Some(tls) = &mut tls {
+            tls.share_process_labels(table.process_labels());
+        }
         let (handover, carried) = match &probes.pins {
             Some(_) => (
                 Some(HashMap::try_from(probes.take_map(map::HANDOVER)?)?),

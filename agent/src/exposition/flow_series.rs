@@ -13,7 +13,7 @@ use connscope_common::{
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 
 use crate::{
-    exposition::labels::{self, LabelCap, LabelId, LabelMemo, ServerEndpoint},
+    exposition::labels::{self, LabelCap, LabelId, LabelMemo, ServerEndpoint, SharedLabelCap},
     exposition::metrics::{BucketHistogram, Metrics},
     model::close_reason::CloseReason,
     model::http_version::{RequestVersion, Version},
@@ -241,7 +241,8 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub struct FlowCache {
     flows: FastMap<FlowKey, Arc<FlowSeries>>,
     servers: LabelCap,
-    processes: LabelCap,
+    /// Shared with the decryption budget's metrics.
+    processes: SharedLabelCap,
     server_endpoints: LabelMemo<ServerEndpoint>,
     process_names: LabelMemo<[u8; COMM_LEN]>,
     /// Every placement seen, the empty one first; few per node (its pods' containers).
@@ -264,7 +265,7 @@ impl FlowCache {
         Self {
             flows: FastMap::default(),
             servers: LabelCap::reporting(max_servers, in_use("server")),
-            processes: LabelCap::reporting(max_processes, in_use("process")),
+            processes: SharedLabelCap::new(LabelCap::reporting(max_processes, in_use("process"))),
             server_endpoints: LabelMemo::default(),
             process_names: LabelMemo::default(),
             placement_ids: [(none.clone(), PlacementId(0))].into_iter().collect(),
@@ -279,9 +280,15 @@ impl FlowCache {
         for server in &carried.servers {
             self.servers.admit(server);
         }
+        let mut processes = self.processes.lock();
         for process in &carried.processes {
-            self.processes.admit(process);
+            processes.admit(process);
         }
+    }
+
+    /// The `process` label's cap, for other producers of the label.
+    pub fn process_labels(&self) -> SharedLabelCap {
+        self.processes.clone()
     }
 
     /// The `server` label of a connection's server end, within the cap.
@@ -312,9 +319,9 @@ impl FlowCache {
         let owner = owner.filter(|owner| owner.valid != 0);
         let process = match owner {
             Some(owner) => {
-                let processes = &mut self.processes;
+                let processes = &self.processes;
                 self.process_names.get_or_label(labels::comm_key(&owner.comm), || {
-                    processes.admit(&labels::process_label(&owner.comm))
+                    processes.lock().admit(&labels::process_label(&owner.comm))
                 })
             }
             None => LabelId::UNKNOWN,
@@ -330,7 +337,7 @@ impl FlowCache {
         let labels = PlacedFlow {
             flow: Flow {
                 role: role.label().to_owned(),
-                process: self.processes.name(process).to_owned(),
+                process: self.processes.lock().name(process).to_owned(),
                 server: self.servers.name(server).to_owned(),
             },
             placement: self.placements[placement.0 as usize].clone(),

@@ -108,6 +108,30 @@ impl LabelId {
     pub const UNKNOWN: Self = Self(1);
 }
 
+/// A cap shared by the producers of one label (`process`: the flows and the decryption
+/// budget), so that every metric together keeps within it.
+#[derive(Clone, Debug)]
+pub struct SharedLabelCap(std::sync::Arc<std::sync::Mutex<LabelCap>>);
+
+impl SharedLabelCap {
+    pub fn new(cap: LabelCap) -> Self {
+        Self(std::sync::Arc::new(std::sync::Mutex::new(cap)))
+    }
+
+    /// The cap, for a few calls (a poisoned lock still holds a consistent cap: every
+    /// change is one insert).
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, LabelCap> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The label to use for `value`, as a string.
+    pub fn admitted(&self, value: &str) -> String {
+        let mut cap = self.lock();
+        let id = cap.admit(value);
+        cap.name(id).to_owned()
+    }
+}
+
 /// Bounds the distinct values of one label: the first `max` values seen keep their own
 /// label, later ones are reported as [`OTHER`]. Admission is stable on purpose: a value
 /// that lost its label later would leave its series behind and the bound would not hold.

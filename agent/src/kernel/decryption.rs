@@ -22,7 +22,7 @@ use prometheus_client::{
 use crate::{
     config::{Config, ProcessSelectors},
     exposition::{
-        labels::{LabelCap, LabelId, process_label},
+        labels::{LabelCap, SharedLabelCap, process_label},
         metrics,
     },
     kernel::decryption_budget::{Budget, ProcessCost, Sample},
@@ -45,7 +45,8 @@ pub enum Change {
 
 #[derive(Debug)]
 struct Process {
-    label: LabelId,
+    /// Its name, as the `process` label shows it (within the cap at export).
+    comm: String,
     state: DecryptionState,
     /// `--tls.always-decrypt` selects it: the budget does not apply.
     opted_in: bool,
@@ -67,9 +68,12 @@ pub struct Decryption {
     /// entries its calls left while it was not.
     calls: BpfHashMap<MapData, u64, [u8; size_of::<SslCall>()]>,
     requests: TlsRequests,
-    labels: LabelCap,
+    /// The flows' `process` cap: together the metrics stay within it.
+    labels: SharedLabelCap,
     last_tick: Instant,
     states: Family<ProcessDecryption, Gauge>,
+    /// The rows of `states` set at the last export.
+    exported: HashSet<ProcessDecryption>,
     hits: Family<ProcessLabel, Counter>,
     hit_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     share: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -95,9 +99,10 @@ impl Decryption {
             undecrypted: BpfHashMap::try_from(take(map::UNDECRYPTED_PROCESSES)?)?,
             calls: BpfHashMap::try_from(take(map::TLS_CALLS)?)?,
             requests,
-            labels: LabelCap::unreported(config.max_processes),
+            labels: SharedLabelCap::new(LabelCap::unreported(config.max_processes)),
             last_tick: Instant::now(),
             states: Family::default(),
+            exported: HashSet::new(),
             hits: Family::default(),
             hit_seconds: Gauge::default(),
             share: Gauge::default(),
@@ -105,6 +110,11 @@ impl Decryption {
         decryption.hit_seconds.set(hit.as_secs_f64());
         decryption.share.set(config.tls_budget);
         Ok(decryption)
+    }
+
+    /// Uses the flows' `process` cap from now on.
+    pub fn share_process_labels(&mut self, labels: SharedLabelCap) {
+        self.labels = labels;
     }
 
     pub fn register(&self, registry: &mut Registry) {
@@ -140,11 +150,10 @@ impl Decryption {
             DecryptionState::Decrypted
         };
         let opted_in = self.always.selects(&comm, &cgroup);
-        let label = self.labels.admit(&comm);
         self.processes.insert(
             pid,
             Process {
-                label,
+                comm,
                 state,
                 opted_in,
                 cost: ProcessCost::default(),
@@ -228,8 +237,8 @@ impl Decryption {
             process.hits = process.hits.max(sample.hits);
             process.hits_per_second = hits as f64 / elapsed.as_secs_f64().max(1e-3);
             if hits > 0 {
-                let label = self.labels.name(process.label).to_owned();
-                self.hits.get_or_create(&ProcessLabel { process: label }).inc_by(hits);
+                let process_label = self.labels.admitted(&process.comm);
+                self.hits.get_or_create(&ProcessLabel { process: process_label }).inc_by(hits);
             }
             let tick = Sample { hits, requests: sample.requests };
             if process.state == DecryptionState::Decrypted
@@ -254,11 +263,10 @@ impl Decryption {
 
     fn unsupported(&mut self, pid: u32) {
         let (comm, _) = identity(pid);
-        let label = self.labels.admit(&comm);
         self.processes.insert(
             pid,
             Process {
-                label,
+                comm,
                 state: DecryptionState::CiphertextUnsupported,
                 opted_in: false,
                 cost: ProcessCost::default(),
@@ -269,26 +277,19 @@ impl Decryption {
     }
 
     /// `tls_decryption_processes`: processes per (label, state), stale rows removed.
-    fn export_states(&self) {
+    fn export_states(&mut self) {
         let mut counts: HashMap<ProcessDecryption, i64> = HashMap::new();
         for process in self.processes.values() {
             let key = ProcessDecryption {
-                process: self.labels.name(process.label).to_owned(),
+                process: self.labels.admitted(&process.comm),
                 state: process.state.label().to_owned(),
             };
             *counts.entry(key).or_default() += 1;
         }
-        for state in DecryptionState::ALL {
-            for process in self.labels.names() {
-                let key = ProcessDecryption {
-                    process: process.to_owned(),
-                    state: state.label().to_owned(),
-                };
-                if !counts.contains_key(&key) {
-                    self.states.remove(&key);
-                }
-            }
+        for stale in self.exported.difference(&counts.keys().cloned().collect()) {
+            self.states.remove(stale);
         }
+        self.exported = counts.keys().cloned().collect();
         for (key, count) in counts {
             self.states.get_or_create(&key).set(count);
         }
@@ -300,7 +301,7 @@ impl Decryption {
             .processes
             .iter()
             .map(|(pid, process)| {
-                let label = format!("{} ({pid})", self.labels.name(process.label));
+                let label = format!("{} ({pid})", process.comm);
                 (label, process.state.label(), process.hits_per_second)
             })
             .collect();

@@ -295,6 +295,13 @@ impl TlsUprobes {
         }
     }
 
+    /// The `process` label's cap the flows use: the budget's metrics share it.
+    pub fn share_process_labels(&mut self, labels: crate::exposition::labels::SharedLabelCap) {
+        if let Some(decryption) = &mut self.decryption {
+            decryption.share_process_labels(labels);
+        }
+    }
+
     pub fn register(&self, registry: &mut Registry) {
         if let Some(decryption) = &self.decryption {
             decryption.register(registry);
@@ -466,17 +473,12 @@ impl TlsUprobes {
         let mut removed = Vec::new();
         for id in settled {
             let Some(file) = self.files.get_mut(&id) else { continue };
-            match attach(ebpf, &file.target, UProbeScope::AllProcesses, self.links.as_mut()) {
-                Ok(links) => {
-                    if let FileScope::PerProcess(per_process) =
-                        std::mem::replace(&mut file.scope, FileScope::All(links))
-                    {
-                        removed.extend(per_process.into_values().flatten());
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(file = %file.target.shown, "TLS uprobes not attached: {err:#}");
-                }
+            let all = UProbeScope::AllProcesses;
+            if let Some(links) = attach_logged(ebpf, &file.target, all, self.links.as_mut())
+                && let FileScope::PerProcess(per_process) =
+                    std::mem::replace(&mut file.scope, FileScope::All(links))
+            {
+                removed.extend(per_process.into_values().flatten());
             }
         }
         self.detach(ebpf, removed);
@@ -491,13 +493,8 @@ impl TlsUprobes {
             if per_process.contains_key(&pid) {
                 continue;
             }
-            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
-                Ok(links) => {
-                    per_process.insert(pid, links);
-                }
-                Err(err) => {
-                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
-                }
+            if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut()) {
+                per_process.insert(pid, links);
             }
         }
     }
@@ -549,13 +546,8 @@ impl TlsUprobes {
             if !mapped.contains(&id) || !decryption.is_decrypted(pid) {
                 continue;
             }
-            match attach(ebpf, &file.target, scope, self.links.as_mut()) {
-                Ok(links) => {
-                    per_process.insert(pid, links);
-                }
-                Err(err) => {
-                    tracing::warn!(pid, file = %file.target.shown, "TLS uprobes not attached: {err:#}");
-                }
+            if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut()) {
+                per_process.insert(pid, links);
             }
         }
         match std::mem::replace(&mut file.scope, FileScope::PerProcess(per_process)) {
@@ -641,6 +633,20 @@ fn uprobe<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut UProbe> 
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the object"))?;
     Ok(program.try_into()?)
+}
+
+/// [`attach`], a failure logged: the processes it was for are counted from ciphertext.
+fn attach_logged(
+    ebpf: &mut Ebpf,
+    target: &Target,
+    scope: UProbeScope,
+    kept: Option<&mut UprobeLinks>,
+) -> Option<Vec<LinkRef>> {
+    attach(ebpf, target, scope, kept)
+        .inspect_err(|err| {
+            tracing::warn!(file = %target.shown, ?scope, "TLS uprobes not attached: {err:#}");
+        })
+        .ok()
 }
 
 /// Attaches every probe to one file for `scope`, or none: a return probe before its entry,

@@ -138,6 +138,11 @@ impl ConnectionTable {
         }
     }
 
+    /// The `process` label's cap, shared with the decryption budget's metrics.
+    pub fn process_labels(&self) -> crate::exposition::labels::SharedLabelCap {
+        self.flows.process_labels()
+    }
+
     /// Where TLS requests by process go (the decryption budget reads them).
     pub fn count_tls_requests_in(&mut self, requests: TlsRequests) {
         self.tls_requests = requests;
