@@ -10,7 +10,8 @@ Conventions every panel follows (checked by tests/tests/assets_dashboards.rs):
 - every rate()/increase() uses `$__rate_interval`;
 - every panel has a unit and a description;
 - `namespace=~"$namespace"` only on the metrics that carry Kubernetes labels
-  (connections_opened_total, connections_closed_total); its All value is `.*`, which also
+  (connections_opened_total, connections_closed_total, connect_duration_seconds,
+  connect_failures_total); its All value is `.*`, which also
   matches series without the label (plain hosts).
 
 Every dashboard must also type-check against Grafana's own types (@grafana/schema, with the
@@ -456,6 +457,35 @@ def churn():
             target(f"topk(10, sum by ({FLOW}) ({rate('connscope_connection_requests_bucket', AGENTS, AT_MOST_ONE_REQUEST)}))",
                    "{{role}} {{process}} → {{server}}", "A"),
         ]), 12, 9))
+    panels.append(layout.row("Cost of churn"))
+    connect_time = rate("connscope_connect_duration_seconds_bucket", AGENTS_IN_NAMESPACE)
+    panels.append(layout.place(timeseries("Connect time p50 / p99 by client flow",
+        "Handshake time of new client connections, from the SYN to ESTABLISHED, per process "
+        "and server: every new connection pays it on the request's path. Past 1 s a SYN was "
+        "retransmitted (a full listen queue, loss). Question 4.",
+        "s", [
+            target(f"histogram_quantile(0.5, sum by (le, process, server) ({connect_time}))",
+                   "{{process}} → {{server}} p50", "A"),
+            target(f"histogram_quantile(0.99, sum by (le, process, server) ({connect_time}))",
+                   "{{process}} → {{server}} p99", "B"),
+        ]), 12, 9))
+    panels.append(layout.place(timeseries("Failed connects /s by reason",
+        "Client connects that never reached ESTABLISHED, per process, server and reason: "
+        "refused (reset), timeout (SYN retries exhausted), unreachable (ICMP), no_local_port "
+        "(ephemeral ports exhausted for the destination), abandoned (the application gave up), "
+        "other.",
+        "cps", [
+            target(f"sum by (process, server, reason) ({rate('connscope_connect_failures_total', AGENTS_IN_NAMESPACE)}) > 0",
+                   "{{process}} → {{server}} {{reason}}", "A"),
+        ], stack=True), 12, 9))
+    panels.append(layout.place(timeseries("SYNs dropped at full accept queues /s by network namespace",
+        "Connection attempts a server's full accept queue dropped (TcpExt ListenOverflows), per "
+        "host and network namespace (netns: its inode number): each dropped SYN costs its client "
+        "a retransmit, 1 s or more. Per namespace: the kernel does not count them per port.",
+        "cps", [
+            target(f"sum by (instance, netns) ({rate('connscope_listen_overflows_total')})",
+                   "{{instance}} netns {{netns}}", "A"),
+        ]), 24, 8))
     panels.append(layout.row("TIME_WAIT"))
     tw = f"sum({rate('connscope_connections_closed_total', AGENTS_IN_NAMESPACE, LOCAL_FIN)})"
     panels.append(layout.place(stat("TIME_WAIT created /s (local side)",
@@ -513,7 +543,8 @@ def churn():
         ], stack=True), 12, 8))
     return dashboard("connscope-churn", "connscope / Churn",
                      "Where new connections come from: new connections per request by flow, "
-                     "one-request connections, TIME_WAIT created on the local side, resets.",
+                     "one-request connections; what they cost: connect time, failed connects, "
+                     "TIME_WAIT created on the local side, resets.",
                      panels, ["churn"])
 
 

@@ -58,9 +58,16 @@ pub struct SockLayout {
     pub lrcvtime: u32,
     pub lrcvtime_shift: u32,
     pub lrcvtime_bits: u32,
+    /// `sock.sk_err` (0: unknown): the error a connecting socket failed with, read as it
+    /// leaves `SYN_SENT` for `CLOSE` (`ConnectFailure::of`).
+    pub sk_err: u32,
+    /// `inet_sock.inet_sport` (network order; 0: unknown): the local port a connect picked.
+    /// Read there rather than `skc_num`, which the move to `CLOSE` zeroes (`inet_put_port`)
+    /// before the state change is traced; `inet_sport` stays until the socket is reused.
+    pub sport: u32,
     pub _pad: u32,
 }
-const _: () = assert!(size_of::<SockLayout>() == 88);
+const _: () = assert!(size_of::<SockLayout>() == 96);
 // SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SockLayout {}
@@ -262,6 +269,8 @@ pub const fn contract_fingerprint() -> u64 {
         size_of::<crate::SnapshotEvent>(),
         size_of::<crate::HeadEvent>(),
         size_of::<crate::Attribution>(),
+        size_of::<crate::ConnectInFlight>(),
+        size_of::<crate::ConnectFailedEvent>(),
         size_of::<crate::ListenKey>(),
         size_of::<crate::Handover>(),
         size_of::<crate::SslCall>(),

@@ -41,7 +41,11 @@ pub use kernel_config::{
 };
 pub use net::{AF_INET, AF_INET6, IPPROTO_TCP, tcp_state};
 pub use records::{
-    AttributeEvent, Attribution, COMM_LEN, Endpoints, EventHeader, HEAD_FIXED_LEN, HEAD_LEN,
-    HeadEvent, ListenKey, OpenEvent, SnapshotEvent, process_label_byte,
+    AttributeEvent, Attribution, COMM_LEN, ConnectFailedEvent, ConnectInFlight, Endpoints,
+    EventHeader, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, ListenKey, OpenEvent, SnapshotEvent,
+    process_label_byte,
 };
-pub use wire::{CloseKind, ClosedBy, Direction, EventKind, LostReason, Protocol, Role, is_request};
+pub use wire::{
+    CloseKind, ClosedBy, ConnectFailure, Direction, EventKind, LostReason, Protocol, Role,
+    is_request,
+};

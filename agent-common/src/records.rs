@@ -8,10 +8,11 @@
 //! | `Head` | [`HeadEvent`] | a request or response head differs from the last one sent |
 //! | `Progress` | [`SnapshotEvent`] | counts the agent could otherwise miss (idle restart, bucket wrap) |
 //! | `Close` | [`SnapshotEvent`] | the socket is destroyed: its final state |
+//! | `ConnectFailed` | [`ConnectFailedEvent`] | a client's connect ended before establishment |
 
 use core::mem::size_of;
 
-use crate::{Conn, Direction, EventKind, Role};
+use crate::{Conn, ConnectFailure, Direction, EventKind, Role};
 
 /// Length of a task's `comm` (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
@@ -67,6 +68,18 @@ pub struct Attribution {
 }
 const _: () = assert!(size_of::<Attribution>() == 32);
 
+/// A `connect()` in progress (the `CONNECTS_IN_FLIGHT` map's value, by socket): its
+/// process and when it entered `SYN_SENT`, kept out of [`Conn`] until the handshake ends.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectInFlight {
+    pub owner: Attribution,
+    /// `bpf_ktime_get_ns()` at `CLOSE` → `SYN_SENT` (in `tcp_v4_connect`/`tcp_v6_connect`,
+    /// just before the SYN is sent).
+    pub syn_ns: u64,
+}
+const _: () = assert!(size_of::<ConnectInFlight>() == 40);
+
 /// The character a byte of a task's `comm` becomes in the `process` label: label-safe
 /// ASCII is kept, anything else (spaces, quotes, control bytes, non-ASCII) becomes `_`.
 pub const fn process_label_byte(byte: u8) -> u8 {
@@ -93,12 +106,38 @@ pub struct OpenEvent {
     /// send or receive; `open_ns` is the adoption time).
     pub adopted: u8,
     pub _pad: [u8; 6],
+    /// Clients: nanoseconds from `SYN_SENT` to `ESTABLISHED` (the handshake, SYN
+    /// retransmits included); 0 when the connect's start was not seen (servers, adopted
+    /// connections, a connect begun before the agent).
+    pub connect_ns: u64,
 }
-const _: () = assert!(size_of::<OpenEvent>() == 112);
+const _: () = assert!(size_of::<OpenEvent>() == 120);
 
 impl OpenEvent {
     pub const fn role(&self) -> Option<Role> {
         Role::from_wire(self.role)
+    }
+}
+
+/// `ConnectFailed`: a client's socket left `SYN_SENT` for `CLOSE` (the connect failed or
+/// was given up); never tracked in `CONNS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectFailedEvent {
+    pub header: EventHeader,
+    /// The server end is `remote`; the local port is 0 when none was picked.
+    pub endpoints: Endpoints,
+    /// The connecting process (invalid when the connect began before the agent).
+    pub attribution: Attribution,
+    /// A [`ConnectFailure`] as `u8`.
+    pub reason: u8,
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<ConnectFailedEvent>() == 104);
+
+impl ConnectFailedEvent {
+    pub const fn reason(&self) -> Option<ConnectFailure> {
+        ConnectFailure::from_wire(self.reason)
     }
 }
 

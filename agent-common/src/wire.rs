@@ -124,6 +124,52 @@ wire_enum! {
         Progress = 4 => "progress",
         /// The owning process of an accepted connection ([`crate::AttributeEvent`]).
         Attribute = 5 => "attribute",
+        /// A client's connect ended before the connection was established
+        /// ([`crate::ConnectFailedEvent`]).
+        ConnectFailed = 6 => "connect_failed",
+    }
+}
+
+wire_enum! {
+    /// Why a client's connect failed: a `SYN_SENT` socket moved to `CLOSE`
+    /// (`ConnectFailedEvent::reason`).
+    pub enum ConnectFailure: u8 {
+        /// A reset answered the SYN (or an ICMP port unreachable): `ECONNREFUSED`.
+        Refused = 1 => "refused",
+        /// The SYN retries ran out (`net.ipv4.tcp_syn_retries`): `ETIMEDOUT`.
+        Timeout = 2 => "timeout",
+        /// An ICMP error said the host or network cannot be reached.
+        Unreachable = 3 => "unreachable",
+        /// No local port was free (`EADDRNOTAVAIL`): `tcp_v4_connect` and `tcp_v6_connect`
+        /// enter `SYN_SENT` before they pick a port, and leave it for `CLOSE` with none.
+        NoLocalPort = 4 => "no_local_port",
+        /// The application closed (or disconnected) the connecting socket itself, with no
+        /// socket error, as on its own connect timeout.
+        Abandoned = 5 => "abandoned",
+        /// Any other socket error, or one that could not be read (no kernel BTF).
+        Other = 6 => "other",
+    }
+}
+
+impl ConnectFailure {
+    /// The reason of a connect that left `SYN_SENT` for `CLOSE`, from the socket's error
+    /// at that moment and the local port its connect picked (`inet_sport`: 0 when none
+    /// was), each `None` where it cannot be read. The kernel sets the error before it
+    /// closes a connecting socket (`tcp_reset`, `tcp_write_err`, `tcp_v4_err`); a close by
+    /// the application sets none, and a failed port search picks no port.
+    pub const fn of(socket_error: Option<i32>, source_port: Option<u16>) -> Self {
+        use crate::net::errno;
+        match (socket_error, source_port) {
+            (Some(errno::ECONNREFUSED), _) => Self::Refused,
+            (Some(errno::ETIMEDOUT), _) => Self::Timeout,
+            (
+                Some(errno::EHOSTUNREACH | errno::ENETUNREACH | errno::EHOSTDOWN | errno::ENONET),
+                _,
+            ) => Self::Unreachable,
+            (Some(0) | None, Some(0)) => Self::NoLocalPort,
+            (Some(0), Some(_)) => Self::Abandoned,
+            _ => Self::Other,
+        }
     }
 }
 
@@ -158,5 +204,27 @@ mod tests {
         assert_eq!(EventKind::from_wire(99), None);
         assert_eq!(Protocol::from_wire(Protocol::Tls as u8).map(Protocol::label), Some("tls"));
         assert_eq!(LostReason::COUNT, 4);
+    }
+
+    #[test]
+    fn connect_failures_are_classified_by_socket_error_and_port() {
+        use crate::net::errno;
+        use ConnectFailure::*;
+        let port = Some(40_000);
+        let cases = [
+            (Some(errno::ECONNREFUSED), port, Refused),
+            (Some(errno::ETIMEDOUT), port, Timeout),
+            (Some(errno::EHOSTUNREACH), port, Unreachable),
+            (Some(errno::ENETUNREACH), None, Unreachable),
+            (Some(0), Some(0), NoLocalPort),
+            (None, Some(0), NoLocalPort),
+            (Some(0), port, Abandoned),
+            (Some(0), None, Other),
+            (Some(71), port, Other),
+            (None, port, Other),
+        ];
+        for (error, port, reason) in cases {
+            assert_eq!(ConnectFailure::of(error, port), reason, "{error:?} {port:?}");
+        }
     }
 }

@@ -29,7 +29,7 @@ pub fn adopt(sock: u64, direction: Direction) -> Option<&'static mut Conn> {
     let role = if LISTEN_PORTS.get_ptr(&key).is_some() { Role::Server } else { Role::Client };
     let open_ns = now_ns();
     let owner = current_attribution();
-    let mut open = records::open(sock, open_ns, role, &BtfSocket { sock }, Some(&owner))?;
+    let mut open = records::open(sock, open_ns, role, &BtfSocket { sock }, Some(&owner), 0)?;
     records::mark_adopted(&mut open);
     let Some(conn) = new_conn(open_ns, role, conn_flag::ATTRIBUTED | conn_flag::ADOPTED) else {
         open.discard(0);

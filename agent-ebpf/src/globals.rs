@@ -27,6 +27,8 @@ static SOCK_LAYOUT: SockLayout = SockLayout {
     lrcvtime: 0,
     lrcvtime_shift: 0,
     lrcvtime_bits: 0,
+    sk_err: 0,
+    sport: 0,
     _pad: 0,
 };
 

@@ -1,11 +1,13 @@
-//! A connection's life: its open (from `sock:inet_sock_set_state`, all backends), listeners
-//! counted by port, its close (FIN or reset, local or peer; from the state changes and the
-//! `tcp:*` reset tracepoints) and the destruction that sends its final state.
+//! A connection's life: its open (from `sock:inet_sock_set_state`, all backends) with the
+//! time its connect took, a connect that failed, listeners counted by port, its close (FIN
+//! or reset, local or peer; from the state changes and the `tcp:*` reset tracepoints) and
+//! the destruction that sends its final state.
 
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use connscope_common::{
-    CloseKind, ClosedBy, Conn, Direction, EventKind, LostReason, Role,
+    CloseKind, ClosedBy, Conn, ConnectFailure, ConnectInFlight, Direction, EventKind, LostReason,
+    Role,
     conn::{CLOSE_AWAITING, CLOSE_IDLE_MAX_US},
     conn_flag, is_request, tcp_state,
 };
@@ -24,9 +26,11 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
         return;
     }
     match (old, new) {
-        // connect(): runs in the calling process, so its attribution is taken here.
+        // connect(): runs in the calling process, so its attribution is taken here, and
+        // the handshake starts (`tcp_v4_connect` enters SYN_SENT just before the SYN).
         (tcp_state::CLOSE, tcp_state::SYN_SENT) if view.is_tcp() => {
-            let _ = CONNECTS_IN_FLIGHT.insert(&sock, &current_attribution(), 0);
+            let pending = ConnectInFlight { owner: current_attribution(), syn_ns: now_ns() };
+            let _ = CONNECTS_IN_FLIGHT.insert(&sock, &pending, 0);
         }
         (tcp_state::SYN_SENT, tcp_state::ESTABLISHED) if view.is_tcp() => {
             track(sock, Role::Client, view)
@@ -35,9 +39,8 @@ pub fn on_state_change(sock: u64, old: i32, new: i32, view: &impl SocketView) {
         (tcp_state::SYN_RECV, tcp_state::ESTABLISHED) if view.is_tcp() => {
             track(sock, Role::Server, view)
         }
-        (tcp_state::SYN_SENT, tcp_state::CLOSE) => {
-            let _ = CONNECTS_IN_FLIGHT.remove(&sock);
-        }
+        // A connect that failed or was given up.
+        (tcp_state::SYN_SENT, tcp_state::CLOSE) if view.is_tcp() => connect_failed(sock, view),
         // listen() (inet_csk_listen_start) and the close of a listener.
         (tcp_state::CLOSE, tcp_state::LISTEN) if view.is_tcp() => listening(view, true),
         (tcp_state::LISTEN, tcp_state::CLOSE) if view.is_tcp() => listening(view, false),
@@ -83,14 +86,30 @@ fn listening(view: &impl SocketView, started: bool) {
     }
 }
 
-/// Starts tracking an established connection and announces it.
+/// Announces a client socket's failed connect and forgets the connect.
+#[inline(never)]
+fn connect_failed(sock: u64, view: &impl SocketView) {
+    // SAFETY: the attribution is copied into the record before the entry is removed.
+    let pending = unsafe { CONNECTS_IN_FLIGHT.get(&sock) };
+    let reason = ConnectFailure::of(sock::socket_error(sock), view.source_port());
+    records::connect_failed(sock, view, pending.map(|p| &p.owner), reason);
+    if pending.is_some() {
+        let _ = CONNECTS_IN_FLIGHT.remove(&sock);
+    }
+}
+
+/// Starts tracking an established connection and announces it, with a client's connect
+/// time.
 #[inline(never)]
 fn track(sock: u64, role: Role, view: &impl SocketView) {
     let open_ns = now_ns();
     // SAFETY: the attribution is copied into the record before the entry is removed.
-    let owner = if role == Role::Client { unsafe { CONNECTS_IN_FLIGHT.get(&sock) } } else { None };
-    let attributed = owner.is_some();
-    let Some(open) = records::open(sock, open_ns, role, view, owner) else { return };
+    let pending =
+        if role == Role::Client { unsafe { CONNECTS_IN_FLIGHT.get(&sock) } } else { None };
+    let attributed = pending.is_some();
+    let connect_ns = pending.map_or(0, |p| open_ns.saturating_sub(p.syn_ns));
+    let owner = pending.map(|p| &p.owner);
+    let Some(open) = records::open(sock, open_ns, role, view, owner, connect_ns) else { return };
     if attributed {
         let _ = CONNECTS_IN_FLIGHT.remove(&sock);
     }

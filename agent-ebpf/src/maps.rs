@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use connscope_common::{
-    Attribution, CARRIED_CHUNKS, CarriedChunk, Conn, DEFAULT_MAX_CONNECTIONS,
+    CARRIED_CHUNKS, CarriedChunk, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_RINGBUF_BYTES, Handover, HeadEvent, IN_FLIGHT_CALLS, ListenKey, LostReason,
     MAX_LISTEN_PORTS, PinSlot, Setting, kernel_config::SOCK_COMMON_READ,
 };
@@ -33,11 +33,11 @@ pub static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LostReason::CO
 #[map]
 pub static SETTINGS: Array<u32> = Array::with_max_entries(Setting::COUNT, 0);
 
-/// The process of a `connect()` in progress, by socket, until the handshake completes and
-/// the connection is announced. LRU: a connect that fails without a state change we see
-/// leaves nothing behind for long.
+/// The process and start time of a `connect()` in progress, by socket, until the handshake
+/// completes and the connection is announced (with its connect time), or the connect fails.
+/// LRU: a connect that ends without a state change we see leaves nothing behind for long.
 #[map]
-pub static CONNECTS_IN_FLIGHT: LruHashMap<u64, Attribution> =
+pub static CONNECTS_IN_FLIGHT: LruHashMap<u64, ConnectInFlight> =
     LruHashMap::with_max_entries(IN_FLIGHT_CALLS, 0);
 
 /// Per-CPU space where a new connection's state is built before it is inserted, and where

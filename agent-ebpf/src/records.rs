@@ -7,8 +7,8 @@ use aya_ebpf::helpers::{
     bpf_get_current_cgroup_id, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, generated,
 };
 use connscope_common::{
-    AttributeEvent, Attribution, COMM_LEN, Conn, EventHeader, EventKind, LostReason, OpenEvent,
-    Role, SnapshotEvent,
+    AttributeEvent, Attribution, COMM_LEN, Conn, ConnectFailedEvent, ConnectFailure, EventHeader,
+    EventKind, LostReason, OpenEvent, Role, SnapshotEvent,
 };
 
 use aya_ebpf::maps::ring_buf::RingBufEntry;
@@ -74,6 +74,7 @@ fn emit<T: 'static>(fill: impl FnOnce(*mut T)) {
 /// Reserves and fills the `Open` record of a connection, unsubmitted: the caller submits it
 /// once the connection is tracked, or discards it. Inlined: verifiers before 6.x do not know
 /// that a reservation returned by a subprogram is non-NULL, and would report it leaked.
+/// `connect_ns`: a client's handshake time (0: unknown).
 #[inline(always)]
 pub fn open(
     sock: u64,
@@ -81,6 +82,7 @@ pub fn open(
     role: Role,
     view: &impl SocketView,
     owner: Option<&Attribution>,
+    connect_ns: u64,
 ) -> Option<RingBufEntry<OpenEvent>> {
     let Some(mut entry) = EVENTS.reserve::<OpenEvent>(0) else {
         count_lost(LostReason::RingbufFull);
@@ -99,6 +101,7 @@ pub fn open(
         (*event).role = role as u8;
         (*event).adopted = 0;
         fill::zero_array(&mut (*event)._pad);
+        (*event).connect_ns = connect_ns;
         view.endpoints(&mut (*event).endpoints)
     };
     if !filled {
@@ -106,6 +109,39 @@ pub fn open(
         return None;
     }
     Some(entry)
+}
+
+/// Sends the `ConnectFailed` record of a client socket that left `SYN_SENT` for `CLOSE`:
+/// its endpoints, its process (when its connect was seen) and `reason`. Nothing is sent for
+/// a socket whose endpoints cannot be read.
+#[inline(always)]
+pub fn connect_failed(
+    sock: u64,
+    view: &impl SocketView,
+    owner: Option<&Attribution>,
+    reason: ConnectFailure,
+) {
+    let Some(mut entry) = EVENTS.reserve::<ConnectFailedEvent>(0) else {
+        count_lost(LostReason::RingbufFull);
+        return;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: as in `open`.
+    let filled = unsafe {
+        (*event).header = EventHeader::new(EventKind::ConnectFailed, sock, now_ns());
+        match owner {
+            Some(owner) => (*event).attribution = *owner,
+            None => fill::zero_words(&raw mut (*event).attribution),
+        }
+        fill::zero_array(&mut (*event)._pad);
+        (*event).reason = reason as u8;
+        view.endpoints(&mut (*event).endpoints)
+    };
+    if filled {
+        entry.submit(submit_flags());
+    } else {
+        entry.discard(0);
+    }
 }
 
 /// Marks a reserved `Open` record as an adopted connection's.

@@ -25,6 +25,9 @@ pub trait SocketView {
     fn listen_key(&self) -> Option<ListenKey> {
         None
     }
+    /// The local port a connect picked (`inet_sport`, host order; 0: none); `None` where
+    /// it cannot be read.
+    fn source_port(&self) -> Option<u16>;
 }
 
 /// A socket read through the BTF offsets in `SOCK_LAYOUT`.
@@ -68,6 +71,14 @@ impl SocketView for BtfSocket {
     fn listen_key(&self) -> Option<ListenKey> {
         state_and_port(self.sock).map(|(_, key)| key)
     }
+
+    fn source_port(&self) -> Option<u16> {
+        let offset = sock_layout().sport;
+        if offset == 0 {
+            return None;
+        }
+        read::<u16>(self.sock + u64::from(offset)).map(u16::from_be)
+    }
 }
 
 /// The TCP state of `sock` and its {network namespace, local port}: what adopting it
@@ -93,6 +104,16 @@ pub fn state_and_port(sock: u64) -> Option<(u8, ListenKey)> {
 pub fn stream_seq(sock: u64, direction: Direction) -> Option<u32> {
     let layout = sock_layout();
     let offset = if direction == Direction::Send { layout.write_seq } else { layout.copied_seq };
+    if offset == 0 {
+        return None;
+    }
+    read(sock + u64::from(offset))
+}
+
+/// `sock.sk_err`, the socket's pending error (0: none); `None` without its offset.
+#[inline(always)]
+pub fn socket_error(sock: u64) -> Option<i32> {
+    let offset = sock_layout().sk_err;
     if offset == 0 {
         return None;
     }

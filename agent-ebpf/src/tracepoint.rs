@@ -31,6 +31,11 @@ impl SocketView for StateRecord<'_> {
     fn endpoints(&self, out: &mut Endpoints) -> bool {
         self.fill_endpoints(out).is_some()
     }
+
+    /// The record's `sport` is `inet_sport`.
+    fn source_port(&self) -> Option<u16> {
+        self.read(24)
+    }
 }
 
 impl StateRecord<'_> {

@@ -22,6 +22,7 @@ use crate::{
     kernel::{
         adoption, decryption_budget,
         hooks::HookAttach,
+        listen_queues::ListenQueueCollector,
         pinning::Pins,
         preflight, probes,
         tls_uprobes::{self, TlsUprobes},
@@ -122,6 +123,7 @@ impl Agent {
         if let Some(tls) = &tls {
             tls.register(&mut registry);
         }
+        registry.register_collector(Box::new(ListenQueueCollector::new("/proc")));
         registry.register_collector(Box::new(LossCollector::new(
             PerCpuArray::try_from(probes.take_map(map::LOST)?)?,
             losses.clone(),

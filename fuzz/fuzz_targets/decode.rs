@@ -10,6 +10,7 @@ fuzz_target!(|data: &[u8]| {
     match events::decode(data) {
         Ok(Event::Open(event)) => assert_eq!(events::encode(&event), data),
         Ok(Event::Attribute(event)) => assert_eq!(events::encode(&event), data),
+        Ok(Event::ConnectFailed(event)) => assert_eq!(events::encode(&event), data),
         Ok(Event::Progress(event) | Event::Close(event)) => {
             assert_eq!(events::encode(&event), data)
         }

@@ -36,6 +36,8 @@ pub struct DemoServers {
     pub short_timeout: String,
     /// 3 requests per connection.
     pub limited: String,
+    /// A loopback port nothing listens on: every connect to it is refused.
+    pub closed: String,
 }
 
 impl Demo {
@@ -56,6 +58,7 @@ impl Demo {
             steady: steady.server(),
             short_timeout: short.server(),
             limited: limited.server(),
+            closed: format!("127.0.0.1:{}", free_port()),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let deadline = Instant::now() + until;
@@ -78,6 +81,7 @@ impl Demo {
         spawn("demo-idler", &servers.short_timeout, idler)?;
         spawn("demo-burst", &servers.limited, burst)?;
         spawn("demo-aborter", &servers.steady, aborter)?;
+        spawn("demo-refused", &servers.closed, refused)?;
         Ok((Self { stop, clients, servers: vec![steady, short, limited] }, servers))
     }
 
@@ -241,5 +245,13 @@ fn aborter(server: &str, running: &Running) {
             let _ = net::set_linger_zero(&stream);
         }
         running.pause(Duration::from_millis(300));
+    }
+}
+
+/// A client of a server that is down: its connects are refused (a reset answers the SYN).
+fn refused(server: &str, running: &Running) {
+    while running.on() {
+        let _ = connect(server);
+        running.pause(Duration::from_millis(500));
     }
 }

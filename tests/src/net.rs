@@ -5,8 +5,9 @@ use std::{
     io::Read as _,
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd as _,
-    process::Command,
+    process::{Child, Command, Stdio},
     thread::{self, JoinHandle},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -47,6 +48,45 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = run("ip", &["netns", "delete", &self.name]);
+    }
+}
+
+/// A process that lives in the namespace, as a pod's pause container does: the agent reads
+/// the namespace's files (listening ports, `netstat` counters) through it.
+pub struct NamespaceHolder(Child);
+
+impl NamespaceHolder {
+    pub fn start(ns: &NetNs) -> anyhow::Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "sleep", "120"])
+            .stdin(Stdio::null())
+            .spawn()?;
+        // Until `sleep` runs inside the namespace.
+        let deadline = Instant::now() + Duration::from_secs(10) * crate::wait_scale();
+        let holder = Self(child);
+        while !holder.in_namespace()? {
+            anyhow::ensure!(Instant::now() < deadline, "the namespace holder did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(holder)
+    }
+
+    /// The process's id (its `/proc/<pid>/net/` shows the namespace).
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn in_namespace(&self) -> anyhow::Result<bool> {
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.0.id()))?;
+        Ok(comm.trim() == "sleep" && ns(&self.0.id().to_string()) != ns("self"))
+    }
+}
+
+impl Drop for NamespaceHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -9,8 +9,6 @@
 use std::{
     fs::File,
     net::{TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -74,45 +72,11 @@ kernel_test!(
     }
 );
 
-/// A process that lives in the namespace, as a pod's pause container does: the agent reads
-/// the namespace's listening ports through it.
-struct NamespaceHolder(Child);
-
-impl NamespaceHolder {
-    fn start(ns: &net::NetNs) -> anyhow::Result<Self> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "sleep", "120"])
-            .stdin(Stdio::null())
-            .spawn()?;
-        // Until `sleep` runs inside the namespace.
-        let deadline = Instant::now() + WAIT;
-        let holder = Self(child);
-        while !holder.in_namespace()? {
-            anyhow::ensure!(Instant::now() < deadline, "the namespace holder did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(holder)
-    }
-
-    fn in_namespace(&self) -> anyhow::Result<bool> {
-        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", self.0.id()))?;
-        Ok(comm.trim() == "sleep" && ns(&self.0.id().to_string()) != ns("self"))
-    }
-}
-
-impl Drop for NamespaceHolder {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 kernel_test!(
     fn connection_in_a_network_namespace_opened_before_the_agent_is_adopted() -> anyhow::Result<()>
     {
         let ns = net::NetNs::create("adoption")?;
-        let _holder = NamespaceHolder::start(&ns)?;
+        let _holder = net::NamespaceHolder::start(&ns)?;
         // The listener, its server thread and the client socket all live in the namespace;
         // the sockets stay there after the thread that made them returns.
         opened_before_the_agent(|| ns.run(|| server_and_client("127.0.0.78:0"))?)

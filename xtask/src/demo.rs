@@ -59,11 +59,13 @@ pub fn run(demo_run: &DemoRun) -> anyhow::Result<()> {
     eprintln!(
         "demo running for {} s (Ctrl-C stops it); metrics at http://{LISTEN}/metrics\n  \
          steady server {}  (pooled, one-shot, HTTP/1.0 clients)\n  \
-         1 s keep-alive {}  (racer, idler)\n  3 requests/connection {}  (burst)",
+         1 s keep-alive {}  (racer, idler)\n  3 requests/connection {}  (burst)\n  \
+         nothing listening {}  (refused)",
         demo_run.duration.as_secs(),
         servers.steady,
         servers.short_timeout,
-        servers.limited
+        servers.limited,
+        servers.closed
     );
     let started = Instant::now();
     let mut last_summary = started;

@@ -5,7 +5,7 @@
 //! - Debian's `rustc-web` toolchain ships a prebuilt `core` for `bpfel-unknown-none`; it is
 //!   linked into rustup as `connscope-bpf`, which `agent/build.rs` picks up.
 //! - `bpf-linker` 0.13.0 built against Debian's LLVM 22.
-//! - The tools the tests drive: nginx, wrk, curl, Prometheus/promtool, iproute2, and the
+//! - The tools the tests drive: nginx, wrk, curl, Prometheus/promtool, iproute2, nftables, and the
 //!   PyPI validators of the Kubernetes manifests.
 
 use std::{process::Command, time::Instant};
@@ -25,6 +25,8 @@ const APT_PACKAGES: &[&str] = &[
     "curl",
     "prometheus",
     "iproute2",
+    // `nft`: the connect tests drop SYNs inside their own network namespace.
+    "nftables",
     "python3",
     "python3-pip",
     "systemd",

@@ -7,7 +7,9 @@ use std::{
     sync::{Arc, Mutex, OnceLock},
 };
 
-use connscope_common::{Attribution, COMM_LEN, CloseKind, ClosedBy, Endpoints, Protocol, Role};
+use connscope_common::{
+    Attribution, COMM_LEN, CloseKind, ClosedBy, ConnectFailure, Endpoints, Protocol, Role,
+};
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 
 use crate::{
@@ -16,8 +18,8 @@ use crate::{
     model::close_reason::CloseReason,
     model::http_version::{RequestVersion, Version},
     model::label_sets::{
-        CappedLabel, Closed, ClosedByLabels, Flow, FlowProtocol, HttpRequest, OpenState,
-        PlacedFlow, Server,
+        CappedLabel, Closed, ClosedByLabels, ConnectFailed, Flow, FlowProtocol, HttpRequest,
+        OpenState, PlacedFlow, Server,
     },
     model::placement::{Placement, PlacementResolver},
 };
@@ -71,6 +73,10 @@ pub struct FlowSeries {
     closes: Mutex<Vec<(CloseKey, Counter)>>,
     /// `close_idle_seconds` by `closed_by` (in `ClosedBy` wire order).
     close_idle: [OnceLock<BucketHistogram>; ClosedBy::ALL.len()],
+    /// Clients only: `connect_duration_seconds`, and `connect_failures_total` by reason (in
+    /// `ConnectFailure` wire order).
+    connect_duration: OnceLock<BucketHistogram>,
+    connect_failures: [OnceLock<Counter>; ConnectFailure::ALL.len()],
 }
 
 impl FlowSeries {
@@ -100,6 +106,8 @@ impl FlowSeries {
             advertised_max: OnceLock::new(),
             closes: Mutex::new(Vec::new()),
             close_idle: Default::default(),
+            connect_duration: OnceLock::new(),
+            connect_failures: Default::default(),
             placement: key.placement.clone(),
             flow,
         }
@@ -124,10 +132,7 @@ impl FlowSeries {
 
     /// `connections_adopted_total` of this flow.
     pub fn adopted(&self, metrics: &Metrics) -> &Counter {
-        self.adopted.get_or_init(|| {
-            let labels = PlacedFlow { flow: self.flow.clone(), placement: self.placement.clone() };
-            metrics.adopted.get_or_create_owned(&labels)
-        })
+        self.adopted.get_or_init(|| metrics.adopted.get_or_create_owned(&self.placed_flow()))
     }
 
     pub fn http_requests(&self, metrics: &Metrics, version: RequestVersion) -> &Counter {
@@ -158,7 +163,7 @@ impl FlowSeries {
             return;
         }
         let labels = Closed {
-            flow: PlacedFlow { flow: self.flow.clone(), placement: self.placement.clone() },
+            flow: self.placed_flow(),
             closed_by: by.label().to_owned(),
             close_kind: kind.label().to_owned(),
             reason: reason.label().to_owned(),
@@ -176,6 +181,26 @@ impl FlowSeries {
                 ClosedByLabels { flow: self.flow.clone(), closed_by: by.label().to_owned() };
             metrics.close_idle.get_or_create_owned(&labels)
         })
+    }
+
+    /// This client flow's `connect_duration_seconds`.
+    pub fn connect_duration(&self, metrics: &Metrics) -> &BucketHistogram {
+        self.connect_duration
+            .get_or_init(|| metrics.connect_duration.get_or_create_owned(&self.placed_flow()))
+    }
+
+    /// This client flow's `connect_failures_total` of `reason`.
+    pub fn connect_failures(&self, metrics: &Metrics, reason: ConnectFailure) -> &Counter {
+        let slot = ConnectFailure::ALL.iter().position(|&r| r == reason).unwrap_or(0);
+        self.connect_failures[slot].get_or_init(|| {
+            let labels =
+                ConnectFailed { flow: self.placed_flow(), reason: reason.label().to_owned() };
+            metrics.connect_failures.get_or_create_owned(&labels)
+        })
+    }
+
+    fn placed_flow(&self) -> PlacedFlow {
+        PlacedFlow { flow: self.flow.clone(), placement: self.placement.clone() }
     }
 
     pub fn advertised_timeout(&self, metrics: &Metrics) -> &Gauge {

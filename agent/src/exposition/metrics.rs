@@ -11,8 +11,8 @@ use crate::{
     exposition::family::Carry,
     model::{
         label_sets::{
-            Build, CappedLabel, Closed, ClosedByLabels, EventKindLabel, Flow, FlowProtocol,
-            HttpRequest, OpenState, PlacedFlow, Probe, Server, SkipReason,
+            Build, CappedLabel, Closed, ClosedByLabels, ConnectFailed, EventKindLabel, Flow,
+            FlowProtocol, HttpRequest, OpenState, PlacedFlow, Probe, Server, SkipReason,
         },
         metric_table::{self as table, Metric, Unit},
     },
@@ -107,6 +107,8 @@ families! {
     closed: Family<Closed, Counter> = table::CONNECTIONS_CLOSED,
     open: Family<OpenState, Gauge> = table::CONNECTIONS_OPEN,
     duration: HistogramFamily<Flow> = table::CONNECTION_DURATION,
+    connect_duration: HistogramFamily<PlacedFlow> = table::CONNECT_DURATION,
+    connect_failures: Family<ConnectFailed, Counter> = table::CONNECT_FAILURES,
     requests: HistogramFamily<FlowProtocol> = table::CONNECTION_REQUESTS,
     idle: HistogramFamily<Flow> = table::CONNECTION_IDLE,
     close_idle: HistogramFamily<ClosedByLabels> = table::CONNECTION_CLOSE_IDLE,
@@ -136,7 +138,7 @@ mod tests {
 
     /// Each row of the table is exposed once: by a family of `Metrics`, or by the
     /// producers that register their own (the TLS targets, the loss collector, the
-    /// decryption budget).
+    /// decryption budget, the listen queue collector).
     #[test]
     fn every_row_has_one_family() {
         let mut names: Vec<&str> = Metrics::rows().iter().map(|row| row.name).collect();
@@ -150,6 +152,7 @@ mod tests {
             ]
             .map(|row| row.name),
         );
+        names.extend([table::LISTEN_OVERFLOWS.name, table::LISTEN_DROPS.name]);
         names.sort_unstable();
         let mut table: Vec<&str> = table::ALL.iter().map(|row| row.name).collect();
         table.sort_unstable();

@@ -10,7 +10,7 @@
 //! scan finds are counted as skipped with `reason="backend"` instead.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io::{self, BufRead as _},
     path::Path,
     time::Instant,
@@ -19,7 +19,12 @@ use std::{
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use connscope_common::{ListenKey, names::map};
 
-use crate::{exposition::metrics::Metrics, kernel::probes::Probes, model::label_sets::SkipReason};
+use crate::{
+    exposition::metrics::Metrics,
+    kernel::netns::{self, PerNamespace, Unusable},
+    kernel::probes::Probes,
+    model::label_sets::SkipReason,
+};
 
 /// `st` of a listening socket in `/proc/net/tcp`.
 const TCP_LISTEN_HEX: &str = "0A";
@@ -80,68 +85,37 @@ impl ListenScan {
 /// `proc_root` (normally `/proc`). Nothing here is an error: what cannot be read is counted.
 pub fn scan_listening(proc_root: &Path) -> ListenScan {
     let mut scan = ListenScan::default();
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        scan.skip(Skip::Unreadable);
-        return scan;
-    };
-    let mut done = HashSet::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        if !name.to_str().is_some_and(|pid| pid.bytes().all(|b| b.is_ascii_digit())) {
-            continue;
-        }
-        let dir = entry.path();
-        let netns = match std::fs::read_link(dir.join("ns/net")) {
-            Ok(link) => match parse_netns_link(&link.to_string_lossy()) {
-                Some(inode) => inode,
-                None => {
-                    scan.skip(Skip::Unparsable);
-                    continue;
-                }
-            },
-            Err(err) => {
-                scan.skip(classify(&err, &dir));
-                continue;
-            }
-        };
-        if done.contains(&netns) {
-            continue;
-        }
-        // The namespace counts as scanned once its IPv4 table was read; a process that
-        // exits first leaves the namespace to the next process in it.
-        match read_table(&dir.join("net/tcp"), netns, &mut scan) {
-            Ok(()) => {}
-            Err(err) => {
-                scan.skip(classify(&err, &dir));
-                continue;
-            }
-        }
-        match read_table(&dir.join("net/tcp6"), netns, &mut scan) {
-            // No tcp6 file: IPv6 is off in this kernel.
-            Err(err) if err.kind() == io::ErrorKind::NotFound && dir.exists() => {}
-            Err(err) => scan.skip(classify(&err, &dir)),
-            Ok(()) => {}
-        }
-        done.insert(netns);
-    }
-    scan.namespaces = done.len();
+    scan.namespaces = netns::visit(proc_root, &mut scan);
     scan
 }
 
-fn classify(err: &io::Error, process_dir: &Path) -> Skip {
-    // ESRCH: the process is exiting; ENOENT once it is gone.
-    if err.raw_os_error() == Some(libc::ESRCH)
-        || (err.kind() == io::ErrorKind::NotFound && !process_dir.exists())
-    {
-        Skip::ProcessVanished
-    } else {
-        Skip::Unreadable
+impl From<Unusable> for Skip {
+    fn from(why: Unusable) -> Self {
+        match why {
+            Unusable::ProcessVanished => Self::ProcessVanished,
+            Unusable::Unreadable => Self::Unreadable,
+            Unusable::Unparsable => Self::Unparsable,
+        }
     }
 }
 
-/// `net:[4026531840]` → the namespace's inode number.
-fn parse_netns_link(link: &str) -> Option<u32> {
-    link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+impl PerNamespace for ListenScan {
+    /// The namespace counts as scanned once its IPv4 table was read; a process that exits
+    /// first leaves the namespace to the next process in it.
+    fn read(&mut self, netns: u32, dir: &Path) -> io::Result<()> {
+        read_table(&dir.join("net/tcp"), netns, self)?;
+        match read_table(&dir.join("net/tcp6"), netns, self) {
+            // No tcp6 file: IPv6 is off in this kernel.
+            Err(err) if err.kind() == io::ErrorKind::NotFound && dir.exists() => {}
+            Err(err) => self.skip(netns::classify(&err, dir).into()),
+            Ok(()) => {}
+        }
+        Ok(())
+    }
+
+    fn unusable(&mut self, why: Unusable) {
+        self.skip(why.into());
+    }
 }
 
 /// Streams the table a line at a time: a busy namespace's table (150 bytes per socket,
@@ -350,20 +324,6 @@ mod tests {
     }
 
     #[test]
-    fn a_missing_process_counts_as_vanished() {
-        let err = io::Error::from(io::ErrorKind::NotFound);
-        assert_eq!(classify(&err, Path::new("/proc/no-such-process")), Skip::ProcessVanished);
-        assert_eq!(
-            classify(&io::Error::from_raw_os_error(libc::ESRCH), Path::new("/")),
-            Skip::ProcessVanished
-        );
-        assert_eq!(
-            classify(&io::Error::from_raw_os_error(libc::EACCES), Path::new("/")),
-            Skip::Unreadable
-        );
-    }
-
-    #[test]
     fn lines_parse_or_are_rejected() {
         let line = socket_line;
         assert_eq!(line("0: 0100007F:1F90 00000000:0000 0A x"), Some(Socket::Listening(8080)));
@@ -371,7 +331,5 @@ mod tests {
         assert_eq!(line("0: 0100007F:1F90 0100007F:0050 06"), Some(Socket::Other));
         assert_eq!(line("0: 0100007F:ZZZZ 00000000:0000 0A"), None);
         assert_eq!(line("0: 0100007F:1F90"), None);
-        assert_eq!(parse_netns_link("net:[4026531840]"), Some(4026531840));
-        assert_eq!(parse_netns_link("net:[x]"), None);
     }
 }

@@ -69,6 +69,9 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
         // Optional: without it a client that read its response and closed before the
         // server's send returned (loopback) leaves an `unknown` close, not `idle`.
         bytes_acked: tcp_sock_offset(btf, "bytes_acked"),
+        // Optional: without it a failed connect's reason is `other` (or `no_local_port`).
+        sk_err: byte("sk_err").unwrap_or(0),
+        sport: struct_offset(btf, "inet_sock", "inet_sport"),
         ..SockLayout::default()
     };
     // Optional: without it a server end adopted at its response misses the request an
@@ -92,7 +95,12 @@ fn sock_layout(btf: &Btf) -> anyhow::Result<SockLayout> {
 
 /// A `tcp_sock` field's byte offset, 0 when the BTF does not have it.
 fn tcp_sock_offset(btf: &Btf, field: &str) -> u32 {
-    find_struct(btf, "tcp_sock").and_then(|tcp| byte_offset(btf, &tcp, field)).unwrap_or(0)
+    struct_offset(btf, "tcp_sock", field)
+}
+
+/// The byte offset of `field` in the kernel's `struct <name>`, 0 when the BTF has neither.
+fn struct_offset(btf: &Btf, name: &str, field: &str) -> u32 {
+    find_struct(btf, name).and_then(|outer| byte_offset(btf, &outer, field)).unwrap_or(0)
 }
 
 /// Where `icsk_ack.lrcvtime` lies in a `tcp_sock`: the byte offset of the 32-bit word that
@@ -242,6 +250,11 @@ mod tests {
         let width = (layout.lrcvtime_shift, layout.lrcvtime_bits);
         assert!(width == (0, 32) || width.0 + width.1 == 32, "{layout:?}");
         assert!(layout.lrcvtime > 1000 && layout.lrcvtime % 4 == 0, "{layout:?}");
+        // `inet_sport` follows the whole `struct sock` in an `inet_sock`.
+        assert!(
+            layout.sk_err > 0 && layout.sport > layout.protocol.max(layout.sk_err),
+            "{layout:?}"
+        );
         let fds = types.fd_layout()?;
         assert_eq!(fds.valid, 1);
         // 6 parameters before 5.19 (`nonblock`), 5 after, 4 without `addr_len`.

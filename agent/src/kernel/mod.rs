@@ -1,5 +1,6 @@
 //! The kernel side: what the running kernel offers, loading and attaching the programs,
-//! pinning them across restarts, the libssl uprobes, and the start-up adoption scan.
+//! pinning them across restarts, the libssl uprobes, the start-up adoption scan, and the
+//! per-namespace listen queue counters.
 
 pub mod adoption;
 pub mod decryption;
@@ -7,6 +8,8 @@ pub mod decryption_budget;
 pub mod facts;
 pub mod hooks;
 pub mod layout;
+pub mod listen_queues;
+pub mod netns;
 pub mod pinning;
 pub mod preflight;
 pub mod probes;

@@ -25,7 +25,7 @@ use aya::{
     programs::links::FdLink,
 };
 use connscope_common::{
-    Attribution, CARRIED_CHUNKS, CarriedChunk, Conn, DEFAULT_MAX_CONNECTIONS, Handover,
+    CARRIED_CHUNKS, CarriedChunk, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS, Handover,
     IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting, SslCall,
     kernel_config::contract_fingerprint, names::map,
 };
@@ -69,7 +69,7 @@ fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
         map::LOST => shape(MapType::PerCpuArray, 4, 8, LostReason::COUNT),
         map::SETTINGS => shape(MapType::Array, 4, 4, Setting::COUNT),
         map::CONNECTS_IN_FLIGHT => {
-            shape(MapType::LruHash, 8, size_of::<Attribution>(), IN_FLIGHT_CALLS)
+            shape(MapType::LruHash, 8, size_of::<ConnectInFlight>(), IN_FLIGHT_CALLS)
         }
         map::LISTEN_PORTS => shape(MapType::Hash, size_of::<ListenKey>(), 4, MAX_LISTEN_PORTS),
         map::PIN_STATE => shape(MapType::Array, 4, 8, PinSlot::COUNT),

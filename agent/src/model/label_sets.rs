@@ -33,6 +33,15 @@ pub struct Closed {
     pub reason: String,
 }
 
+/// Why a client's connect failed (`ConnectFailure`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct ConnectFailed {
+    #[prometheus(flatten)]
+    #[serde(flatten)]
+    pub flow: PlacedFlow,
+    pub reason: String,
+}
+
 /// Requests per connection are read differently per protocol (HTTP/1.x requests, exchanges
 /// of other request/response protocols, TLS records, WebSocket upgrades).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]

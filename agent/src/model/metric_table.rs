@@ -95,6 +95,8 @@ pub const CLOSE_REASON: Label = closed(
         "unknown",
     ],
 );
+pub const CONNECT_FAILURE: Label =
+    closed("reason", &["refused", "timeout", "unreachable", "no_local_port", "abandoned", "other"]);
 pub const OPEN_STATE: Label = closed("state", &["active", "idle"]);
 /// The protocols `connection_requests` reports (HTTP/2 is not observed there yet).
 pub const PROTOCOL: Label = closed("protocol", &["http1", "tls", "websocket", "other"]);
@@ -113,7 +115,8 @@ pub const ATTACH: Label = closed(
 );
 pub const TARGET_STATE: Label = closed("state", &["attached", "failed"]);
 pub const VERSION: Label = open("version");
-pub const EVENT_KIND: Label = closed("kind", &["open", "attribute", "head", "progress", "close"]);
+pub const EVENT_KIND: Label =
+    closed("kind", &["open", "attribute", "head", "progress", "close", "connect_failed"]);
 pub const LOST_REASON: Label = closed(
     "reason",
     &[
@@ -125,6 +128,9 @@ pub const LOST_REASON: Label = closed(
         "startup_backlog_full",
     ],
 );
+/// A network namespace's inode number (`ls -L -i /proc/<pid>/ns/net`), `other` past
+/// `kernel::listen_queues::MAX_NAMESPACES`.
+pub const NETNS: Label = open("netns");
 pub const CAPPED_LABEL: Label = closed("label", &["server", "process"]);
 pub const SKIP_REASON: Label =
     closed("reason", &["process_vanished", "unreadable", "unparsable", "backend"]);
@@ -228,6 +234,20 @@ metric_table! {
             0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
             1800.0, 3600.0,
         ]), carried: true;
+    /// Bounds from a loopback handshake (tens of µs) through a cross-region one (100-300 ms)
+    /// to the SYN retransmits: with the initial 1 s timeout doubling, a connect whose first,
+    /// second, third... SYN was lost completes just past 1, 3, 7, 15, 31 s.
+    CONNECT_DURATION = Histogram "connect_duration" in Seconds,
+        "Time a client's connect took, from the SYN (SYN_SENT) to ESTABLISHED, SYN retransmits included",
+        labels [ROLE, PROCESS, SERVER], pod [NAMESPACE, POD, CONTAINER],
+        buckets Buckets::Fixed(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+            1.0, 3.0, 7.0, 15.0, 31.0,
+        ]), carried: true;
+    CONNECT_FAILURES = Counter "connect_failures",
+        "Client connects that ended before ESTABLISHED, by reason: refused (reset), timeout (SYN retries exhausted), unreachable (ICMP), no_local_port (EADDRNOTAVAIL), abandoned (closed by the application), other",
+        labels [ROLE, PROCESS, SERVER, CONNECT_FAILURE], pod [NAMESPACE, POD, CONTAINER],
+        carried: true;
     /// 0 marks connections opened and never used, 1 the one-request connections that
     /// cause churn.
     CONNECTION_REQUESTS = Histogram "connection_requests",
@@ -260,7 +280,7 @@ metric_table! {
     PROBE_INFO = Gauge "probe_info", "Hook backend in use for each hook", labels [HOOK, ATTACH];
     BUILD_INFO = Gauge "build_info", "connscope build", labels [VERSION];
     EVENTS_RECEIVED = Counter "events_received",
-        "Events the kernel sent to the agent, by kind (open, attribute, head, progress, close): the agent's own load",
+        "Events the kernel sent to the agent, by kind (open, attribute, head, progress, close, connect_failed): the agent's own load",
         labels [EVENT_KIND], carried: true;
     TLS_UPROBE_TARGETS = Gauge "tls_uprobe_targets",
         "Files (libssl, executables with OpenSSL) the TLS uprobes attached to, or failed to",
@@ -280,6 +300,14 @@ metric_table! {
     LABEL_VALUES = Gauge "label_values",
         "Distinct values of a capped label in use; once at its cap (--metrics.max-servers, --metrics.max-processes) new values are exported as other",
         labels [CAPPED_LABEL];
+    /// Read from each network namespace's `/proc/<pid>/net/netstat` at scrape time
+    /// (`kernel::listen_queues`): the kernel's own counts, never carried.
+    LISTEN_OVERFLOWS = Counter "listen_overflows",
+        "SYNs and handshake-completing ACKs dropped because a listening socket's accept queue was full (TcpExt ListenOverflows), per network namespace (netns: its inode number), the kernel's count since the namespace was made",
+        labels [NETNS];
+    LISTEN_DROPS = Counter "listen_drops",
+        "Connection attempts dropped at a listening socket for any reason, accept queue overflows included (TcpExt ListenDrops), per network namespace (netns: its inode number), the kernel's count since the namespace was made",
+        labels [NETNS];
     /// Read from the kernel's loss map at scrape time (`exposition::kernel_stats`): never
     /// carried, the map outlives the agent with pinned state.
     EVENTS_LOST = Counter "events_lost",
@@ -290,7 +318,7 @@ metric_table! {
 mod tests {
     use std::collections::BTreeSet;
 
-    use connscope_common::{CloseKind, ClosedBy, EventKind, LostReason, Role};
+    use connscope_common::{CloseKind, ClosedBy, ConnectFailure, EventKind, LostReason, Role};
 
     use super::*;
     use crate::{
@@ -330,6 +358,7 @@ mod tests {
         let kinds = CloseKind::ALL.iter().filter(|k| **k != CloseKind::None);
         assert_eq!(values(CLOSE_KIND), set(kinds.map(|k| k.label())));
         assert_eq!(values(CLOSE_REASON), set(CloseReason::ALL.iter().map(|r| r.label())));
+        assert_eq!(values(CONNECT_FAILURE), set(ConnectFailure::ALL.iter().map(|r| r.label())));
         assert_eq!(values(HTTP_VERSION), set(RequestVersion::ALL.map(RequestVersion::label)));
         assert_eq!(values(DECRYPTION_STATE), set(DecryptionState::ALL.map(DecryptionState::label)));
         assert_eq!(values(EVENT_KIND), set(EventKind::ALL.iter().map(|k| k.label())));

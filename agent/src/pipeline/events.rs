@@ -5,8 +5,8 @@
 use std::mem::size_of;
 
 use connscope_common::{
-    AttributeEvent, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, OpenEvent,
-    SnapshotEvent,
+    AttributeEvent, ConnectFailedEvent, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN,
+    HeadEvent, OpenEvent, SnapshotEvent,
 };
 use thiserror::Error;
 
@@ -28,6 +28,7 @@ pub enum Event<'a> {
     Head(Head<'a>),
     Progress(SnapshotEvent),
     Close(SnapshotEvent),
+    ConnectFailed(ConnectFailedEvent),
 }
 
 impl Event<'_> {
@@ -38,6 +39,7 @@ impl Event<'_> {
             Self::Head(_) => EventKind::Head,
             Self::Progress(_) => EventKind::Progress,
             Self::Close(_) => EventKind::Close,
+            Self::ConnectFailed(_) => EventKind::ConnectFailed,
         }
     }
 }
@@ -76,6 +78,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::Progress => read_exact(bytes, kind).map(Event::Progress),
         EventKind::Close => read_exact(bytes, kind).map(Event::Close),
         EventKind::Head => decode_head(bytes).map(Event::Head),
+        EventKind::ConnectFailed => read_exact(bytes, kind).map(Event::ConnectFailed),
     }
 }
 
@@ -182,6 +185,12 @@ mod tests {
             ..AttributeEvent::default()
         };
         assert_eq!(decode(&encode(&attribute)), Ok(Event::Attribute(attribute)));
+        let failed = ConnectFailedEvent {
+            header: EventHeader::new(EventKind::ConnectFailed, 1, 5),
+            reason: connscope_common::ConnectFailure::Refused as u8,
+            ..ConnectFailedEvent::default()
+        };
+        assert_eq!(decode(&encode(&failed)), Ok(Event::ConnectFailed(failed)));
         let header = EventHeader::new(EventKind::Head, 1, 4);
         let record = encode_head(header, 2, 1, Direction::Send as u8, Role::Client as u8, b"GET");
         let Ok(Event::Head(head)) = decode(&record) else { panic!("not a head: {record:?}") };

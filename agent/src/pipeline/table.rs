@@ -11,8 +11,8 @@ use std::{
 };
 
 use connscope_common::{
-    AttributeEvent, Attribution, ClosedBy, Conn, Direction, Handover, OpenEvent, Protocol, Role,
-    SnapshotEvent,
+    AttributeEvent, Attribution, ClosedBy, Conn, ConnectFailedEvent, Direction, Handover,
+    OpenEvent, Protocol, Role, SnapshotEvent,
     conn::{GAP_BUCKETS, GapCounts, gap_sum_delta, open_token},
     conn_flag, handover_flag, is_request,
 };
@@ -180,6 +180,7 @@ impl ConnectionTable {
             Event::Head(head) => self.head(head),
             Event::Progress(snapshot) => self.progress(snapshot.header.sock, &snapshot.conn),
             Event::Close(snapshot) => self.close(snapshot),
+            Event::ConnectFailed(failed) => self.connect_failed(failed),
         }
         self.metrics.tracked.set(self.conns.len() as i64);
     }
@@ -219,8 +220,24 @@ impl ConnectionTable {
         } else {
             self.pending_servers.insert(sock, server);
         }
+        if let Some(series) = &tracked.series
+            && role == Role::Client
+            && event.connect_ns != 0
+        {
+            series.connect_duration(&self.metrics).observe(seconds(event.connect_ns));
+        }
         self.conns.insert(sock, tracked);
         self.mark_active(sock);
+    }
+
+    /// A client's connect that ended before the connection was established: counted on
+    /// its flow (process unknown when its connect began before the agent).
+    fn connect_failed(&mut self, event: &ConnectFailedEvent) {
+        let Some(reason) = event.reason() else { return };
+        let server = self.flows.server(&event.endpoints, Role::Client);
+        let series =
+            self.flows.series(&self.metrics, Role::Client, server, Some(&event.attribution));
+        series.connect_failures(&self.metrics, reason).inc();
     }
 
     /// The connections for the next agent (`handover`): labels, counts already exported,

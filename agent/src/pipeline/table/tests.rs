@@ -9,7 +9,9 @@ use connscope_common::{
 
 use super::*;
 use crate::{
-    model::label_sets::{Closed, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server},
+    model::label_sets::{
+        Closed, ConnectFailed, Flow, FlowProtocol, HttpRequest, OpenState, PlacedFlow, Server,
+    },
     model::placement::{NoPlacement, Placement},
     pipeline::events::{self, Event},
 };
@@ -401,4 +403,65 @@ fn sweeps_read_a_reused_socket_address_once_and_a_closed_one_never() {
     table.handle(&snapshot(EventKind::Close, state(Role::Client), 2_000));
     table.sweep_candidates(&mut candidates);
     assert!(candidates.is_empty(), "closed since: nothing to read");
+}
+
+fn placed(role: &str) -> PlacedFlow {
+    PlacedFlow { flow: flow(role), placement: Placement::default() }
+}
+
+#[test]
+fn a_client_open_observes_its_connect_time_and_a_server_open_none() {
+    let (mut table, metrics) = table();
+    let Event::Open(mut client) = open(Role::Client) else { unreachable!() };
+    client.connect_ns = 1_200_000_000;
+    table.handle(&Event::Open(client));
+    let histogram = metrics.connect_duration.get(&placed("client")).expect("a client series");
+    assert_eq!((histogram.count(), histogram.sum()), (1, 1.2));
+    // An adopted or older connect (0: its start was not seen) and a server end observe none.
+    let Event::Open(mut unseen) = open(Role::Client) else { unreachable!() };
+    unseen.header.sock = SOCK + 1;
+    table.handle(&Event::Open(unseen));
+    let Event::Open(mut server) = open(Role::Server) else { unreachable!() };
+    server.header.sock = SOCK + 2;
+    server.connect_ns = 5;
+    table.handle(&Event::Open(server));
+    assert_eq!(histogram.count(), 1);
+    assert!(metrics.connect_duration.get(&placed("server")).is_none());
+}
+
+#[test]
+fn failed_connects_count_by_reason_on_the_client_flow() {
+    use connscope_common::{ConnectFailedEvent, ConnectFailure};
+    let (mut table, metrics) = table();
+    let Event::Open(open) = open(Role::Client) else { unreachable!() };
+    let failed = |reason: u8| ConnectFailedEvent {
+        header: EventHeader::new(EventKind::ConnectFailed, SOCK, 5),
+        endpoints: open.endpoints,
+        attribution: open.attribution,
+        reason,
+        _pad: [0; 7],
+    };
+    for reason in [ConnectFailure::Refused, ConnectFailure::Refused, ConnectFailure::NoLocalPort] {
+        handle_bytes(&mut table, &events::encode(&failed(reason as u8)));
+    }
+    // A reason this build does not know is dropped, not counted as another.
+    table.handle(&Event::ConnectFailed(failed(200)));
+    let count = |reason: &str| {
+        let labels = ConnectFailed { flow: placed("client"), reason: reason.into() };
+        metrics.connect_failures.get(&labels).map(|c| c.get()).unwrap_or(0)
+    };
+    assert_eq!((count("refused"), count("no_local_port"), count("timeout")), (2, 1, 0));
+    assert_eq!(open_gauge(&metrics, "client", "idle"), 0);
+    assert_eq!(table.len(), 0);
+}
+
+/// The socket errors the kernel programs compare with are the host's.
+#[test]
+fn connect_errors_are_the_kernels_errno_values() {
+    use connscope_common::net::errno;
+    assert_eq!(
+        [errno::ENONET, errno::ENETUNREACH, errno::ETIMEDOUT, errno::ECONNREFUSED],
+        [libc::ENONET, libc::ENETUNREACH, libc::ETIMEDOUT, libc::ECONNREFUSED]
+    );
+    assert_eq!([errno::EHOSTDOWN, errno::EHOSTUNREACH], [libc::EHOSTDOWN, libc::EHOSTUNREACH]);
 }
