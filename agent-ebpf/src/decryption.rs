@@ -1,5 +1,5 @@
 //! The kernel's half of the decryption budget: what each process's libssl uprobes cost
-//! (`UPROBE_HITS`, read by the agent every second), and which processes the agent stopped
+//! (`UPROBE_HITS`, read by the agent every 0.5 s), and which processes the agent stopped
 //! decrypting (`UNDECRYPTED_PROCESSES`, written by the agent before it removes their
 //! uprobes). A connection of such a process is counted from its ciphertext: the send and
 //! receive hooks ignore its libssl calls still in flight (`tls_calls::ciphertext`).

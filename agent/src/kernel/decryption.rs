@@ -257,7 +257,6 @@ impl Decryption {
                 changes.push(Change::Rejoin(pid));
             }
         }
-        self.export_states();
         changes
     }
 
@@ -276,8 +275,9 @@ impl Decryption {
         );
     }
 
-    /// `tls_decryption_processes`: processes per (label, state), stale rows removed.
-    fn export_states(&mut self) {
+    /// `tls_decryption_processes`: processes per (label, state), stale rows removed. After
+    /// the tick's changes are applied, so a scrape sees a switch as soon as it is made.
+    pub fn export_states(&mut self) {
         let mut counts: HashMap<ProcessDecryption, i64> = HashMap::new();
         for process in self.processes.values() {
             let key = ProcessDecryption {

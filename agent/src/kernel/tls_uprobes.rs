@@ -350,10 +350,11 @@ impl TlsUprobes {
                 Change::Rejoin(pid) => self.rejoin(ebpf, pid),
             }
         }
-        if let (Some(decryption), Ok(mut shown)) =
-            (&self.decryption, self.status.report.processes.write())
-        {
-            *shown = decryption.report();
+        if let Some(decryption) = &mut self.decryption {
+            decryption.export_states();
+            if let Ok(mut shown) = self.status.report.processes.write() {
+                *shown = decryption.report();
+            }
         }
     }
 
@@ -580,8 +581,18 @@ impl TlsUprobes {
     /// Removes uprobes before returning: an uprobe for all processes, replaced by
     /// per-process ones. A process no scan has seen yet would otherwise start a decrypted
     /// connection in the meantime and lose its uprobes in its middle.
+    ///
+    /// Each removal waits for the kernel's grace period (about 0.1 s here), so they are
+    /// dropped on a thread each, together, and joined.
     fn detach_now(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) {
-        drop(self.take_links(ebpf, links));
+        let threads: Vec<_> = self
+            .take_links(ebpf, links)
+            .into_iter()
+            .map(|link| std::thread::spawn(move || drop(link)))
+            .collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
     }
 
     fn take_links(&mut self, ebpf: &mut Ebpf, links: Vec<LinkRef>) -> Vec<Box<dyn Send>> {
