@@ -275,7 +275,8 @@ impl Decryption {
         );
     }
 
-    /// `tls_decryption_processes`: processes per (label, state), stale rows removed. After
+    /// `tls_decryption_processes`: processes per (label, state), stale rows removed; each
+    /// process's `tls_uprobe_hits_total`, at 0 until its first hit. After
     /// the tick's changes are applied, so a scrape sees a switch as soon as it is made.
     pub fn export_states(&mut self) {
         let mut counts: HashMap<ProcessDecryption, i64> = HashMap::new();
@@ -284,6 +285,8 @@ impl Decryption {
                 process: self.labels.admitted(&process.comm),
                 state: process.state.label().to_owned(),
             };
+            // Its hits counter exists from the start (at 0), so that its rate does too.
+            drop(self.hits.get_or_create(&ProcessLabel { process: key.process.clone() }));
             *counts.entry(key).or_default() += 1;
         }
         for stale in self.exported.difference(&counts.keys().cloned().collect()) {
