@@ -88,9 +88,7 @@ pub fn ciphertext(sock: u64, conn: &mut Conn, direction: Direction) -> Ciphertex
     if !switched && !crate::globals::libssl_calls() {
         return Ciphertext::No;
     }
-    // A connection counted from its ciphertext stays so: switching mid-connection would
-    // start its plaintext in the middle of a turn, under another protocol label.
-    if !switched && conn.exchanges != 0 {
+    if stays_ciphertext(conn) {
         return Ciphertext::No;
     }
     if switched && decryption::current_undecrypted() {
@@ -202,6 +200,14 @@ fn inside_call(sock: u64) -> bool {
         (*call).sock = sock;
     }
     true
+}
+
+/// Whether a connection is counted from its ciphertext for good: it counted an exchange
+/// without plaintext, and switching now would start its plaintext in the middle of a turn,
+/// under another protocol label.
+#[inline(always)]
+pub fn stays_ciphertext(conn: &Conn) -> bool {
+    !conn.has(conn_flag::TLS_PLAINTEXT) && conn.exchanges != 0
 }
 
 /// Switches a connection to plaintext counting: what the undecrypted-TLS rules were waiting

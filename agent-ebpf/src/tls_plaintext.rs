@@ -19,11 +19,10 @@ use crate::{
 #[inline(always)]
 pub fn plaintext(sock: u64, direction: Direction, buffer: UserBuffer) {
     let Some(conn) = tracked(sock) else { return };
+    if tls_calls::stays_ciphertext(conn) {
+        return;
+    }
     if !conn.has(conn_flag::TLS_PLAINTEXT) {
-        // A connection counted from its ciphertext stays so (`tls_calls::ciphertext`).
-        if conn.exchanges != 0 {
-            return;
-        }
         tls_calls::to_plaintext(conn);
     }
     exchange::count(conn, &transfer(sock, direction, buffer), false);
