@@ -57,6 +57,13 @@ struct Process {
     hits_per_second: f64,
 }
 
+impl Process {
+    /// A process just found, with no hits counted yet.
+    fn new(comm: String, state: DecryptionState, opted_in: bool) -> Self {
+        Self { comm, state, opted_in, cost: ProcessCost::default(), hits: 0, hits_per_second: 0.0 }
+    }
+}
+
 pub struct Decryption {
     budget: Budget,
     always: ProcessSelectors,
@@ -150,17 +157,7 @@ impl Decryption {
             DecryptionState::Decrypted
         };
         let opted_in = self.always.selects(&comm, &cgroup);
-        self.processes.insert(
-            pid,
-            Process {
-                comm,
-                state,
-                opted_in,
-                cost: ProcessCost::default(),
-                hits: 0,
-                hits_per_second: 0.0,
-            },
-        );
+        self.processes.insert(pid, Process::new(comm, state, opted_in));
         (state, true)
     }
 
@@ -262,17 +259,8 @@ impl Decryption {
 
     fn unsupported(&mut self, pid: u32) {
         let (comm, _) = identity(pid);
-        self.processes.insert(
-            pid,
-            Process {
-                comm,
-                state: DecryptionState::CiphertextUnsupported,
-                opted_in: false,
-                cost: ProcessCost::default(),
-                hits: 0,
-                hits_per_second: 0.0,
-            },
-        );
+        let process = Process::new(comm, DecryptionState::CiphertextUnsupported, false);
+        self.processes.insert(pid, process);
     }
 
     /// `tls_decryption_processes`: processes per (label, state), stale rows removed; each
@@ -289,10 +277,11 @@ impl Decryption {
             drop(self.hits.get_or_create(&ProcessLabel { process: key.process.clone() }));
             *counts.entry(key).or_default() += 1;
         }
-        for stale in self.exported.difference(&counts.keys().cloned().collect()) {
+        let exported: HashSet<ProcessDecryption> = counts.keys().cloned().collect();
+        for stale in self.exported.difference(&exported) {
             self.states.remove(stale);
         }
-        self.exported = counts.keys().cloned().collect();
+        self.exported = exported;
         for (key, count) in counts {
             self.states.get_or_create(&key).set(count);
         }

@@ -77,6 +77,15 @@ pub fn system_libraries() -> Vec<Target> {
     targets
 }
 
+/// The ids of the processes running now (the numeric entries of `/proc`).
+pub fn process_ids() -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str().and_then(|name| name.parse().ok()))
+        .collect()
+}
+
 /// The device and inode of the file at `path` (following symlinks, as `/proc/<pid>/exe`).
 pub fn file_id(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt as _;

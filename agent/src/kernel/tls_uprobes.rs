@@ -359,14 +359,9 @@ impl TlsUprobes {
     }
 
     fn scan(&mut self, ebpf: &mut Ebpf, all: bool) {
-        let Ok(entries) = fs::read_dir("/proc") else { return };
         let own = std::process::id();
         let mut seen = HashSet::with_capacity(self.scanned.len());
-        for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for pid in tls_targets::process_ids() {
             seen.insert(pid);
             if pid == own || (!all && self.scanned.contains(&pid)) {
                 continue;
@@ -391,13 +386,8 @@ impl TlsUprobes {
 
     /// Reads the mappings of processes started since the last scan (judged at the next).
     fn record_new_users(&mut self) {
-        let Ok(entries) = fs::read_dir("/proc") else { return };
         let own = std::process::id();
-        for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|name| name.parse::<u32>().ok())
-            else {
-                continue;
-            };
+        for pid in tls_targets::process_ids() {
             if pid == own || self.scanned.contains(&pid) {
                 continue;
             }

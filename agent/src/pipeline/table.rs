@@ -319,7 +319,7 @@ impl ConnectionTable {
     /// The connection of `sock` whose open time has `token` as its low bits (not an
     /// earlier one on the same socket).
     fn tracked(&mut self, sock: u64, token: u32) -> Option<&mut Tracked> {
-        self.conns.get_mut(&sock).filter(|t| open_token(t.open_ns) == token)
+        tracked_in(&mut self.conns, sock, token)
     }
 
     fn mark_active(&mut self, sock: u64) {
@@ -364,9 +364,8 @@ impl ConnectionTable {
     /// is older than one already applied).
     fn apply(&mut self, sock: u64, conn: &Conn) -> bool {
         let metrics = self.metrics.clone();
-        let Some(tracked) =
-            self.conns.get_mut(&sock).filter(|t| open_token(t.open_ns) == conn.open_token)
-        else {
+        // Borrows the map alone: the TLS request counts are updated beside it.
+        let Some(tracked) = tracked_in(&mut self.conns, sock, conn.open_token) else {
             return false;
         };
         let Some(series) = tracked.series.clone() else { return false };
@@ -536,6 +535,11 @@ impl Tracked {
         }
         Some(entry)
     }
+}
+
+/// The connection of `sock` in `conns` whose open time has `token` as its low bits.
+fn tracked_in(conns: &mut SockMap<Tracked>, sock: u64, token: u32) -> Option<&mut Tracked> {
+    conns.get_mut(&sock).filter(|t| open_token(t.open_ns) == token)
 }
 
 fn seconds(ns: u64) -> f64 {
