@@ -153,7 +153,6 @@ fn counted_position(conn: &mut Conn, direction: Direction) -> &mut u32 {
 #[inline(always)]
 fn count_transfer(conn: &mut Conn, transfer: &Transfer) {
     let Transfer { sock, direction, .. } = *transfer;
-    attribute_once(sock, conn);
     // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify asks nothing.
     if direction == Direction::Send
         && !conn.has(conn_flag::TLS_PLAINTEXT)
@@ -162,6 +161,8 @@ fn count_transfer(conn: &mut Conn, transfer: &Transfer) {
         conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
     }
     add_and_count(conn, transfer, |sock, conn| tls_calls::ciphertext(sock, conn, direction));
+    // After the counting: a head it sent carried the process, an `Attribute` record less.
+    attribute_once(sock, conn);
 }
 
 /// Adds the bytes `transfer` moved (at most `u32::MAX`) and counts them by the exchange

@@ -310,10 +310,16 @@ impl ConnectionTable {
 
     fn attribute(&mut self, event: &AttributeEvent) {
         let sock = event.header.sock;
-        if self.tracked(sock, event.open_token).is_some_and(|t| t.series.is_none()) {
-            self.resolve_pending(sock, Some(&event.attribution));
-        }
+        self.attribute_once(sock, event.open_token, &event.attribution);
         self.mark_active(sock);
+    }
+
+    /// Gives the connection of `sock` (opened at `token`) its process, from an `Attribute`
+    /// record or the first head of its first use, unless it has one.
+    fn attribute_once(&mut self, sock: u64, token: u32, owner: &Attribution) {
+        if self.tracked(sock, token).is_some_and(|t| t.series.is_none()) {
+            self.resolve_pending(sock, Some(owner));
+        }
     }
 
     /// The connection of `sock` whose open time has `token` as its low bits (not an
@@ -332,6 +338,9 @@ impl ConnectionTable {
     }
 
     fn head(&mut self, head: &Head<'_>) {
+        if let Some(owner) = &head.owner {
+            self.attribute_once(head.header.sock, head.open_token, owner);
+        }
         let metrics = self.metrics.clone();
         let Some(tracked) = self.tracked(head.header.sock, head.open_token) else { return };
         let Some(series) = tracked.series.clone() else { return };

@@ -58,8 +58,19 @@ fn snapshot(kind: EventKind, conn: Conn, ts_ns: u64) -> Event<'static> {
 
 /// A head record as the kernel sends it (bytes kept alive by the caller).
 fn head_record(role: Role, direction: Direction, exchanges: u32, head: &[u8]) -> Vec<u8> {
-    let header = EventHeader::new(EventKind::Head, SOCK, 0);
-    events::encode_head(header, open_token(OPEN_NS), exchanges, direction as u8, role as u8, head)
+    events::encode_head(&head_event(role, direction, exchanges, head))
+}
+
+fn head_event(role: Role, direction: Direction, exchanges: u32, bytes: &[u8]) -> events::Head<'_> {
+    events::Head {
+        header: EventHeader::new(EventKind::Head, SOCK, 0),
+        open_token: open_token(OPEN_NS),
+        exchanges,
+        direction: direction as u8,
+        role: role as u8,
+        owner: None,
+        bytes,
+    }
 }
 
 fn handle_bytes(table: &mut ConnectionTable, record: &[u8]) {
@@ -309,11 +320,28 @@ fn accepted_sockets_count_once_their_process_is_known() {
 }
 
 #[test]
+fn an_accepted_socket_takes_its_process_from_its_first_head() {
+    let (mut table, metrics) = table();
+    let Event::Open(mut accepted) = open(Role::Server) else { return };
+    let owner = accepted.attribution;
+    accepted.attribution = Attribution::default();
+    table.handle(&Event::Open(accepted));
+    let request =
+        events::Head { owner: Some(owner), ..head_event(Role::Server, Direction::Recv, 1, GET) };
+    handle_bytes(&mut table, &events::encode_head(&request));
+    let opened = PlacedFlow { flow: flow("server"), placement: Placement::default() };
+    assert_eq!(metrics.opened.get(&opened).map(|c| c.get()), Some(1));
+    assert_eq!(http11(&metrics, "server"), 1);
+    assert_eq!(open_gauge(&metrics, "server", "active"), 1);
+}
+
+#[test]
 fn records_of_other_generations_and_stale_snapshots_are_ignored() {
     let (mut table, metrics) = table();
     table.handle(&open(Role::Client));
-    let header = EventHeader::new(EventKind::Head, SOCK, 0);
-    let stale = events::encode_head(header, 999, 1, Direction::Send as u8, Role::Client as u8, GET);
+    let stale =
+        events::Head { open_token: 999, ..head_event(Role::Client, Direction::Send, 1, GET) };
+    let stale = events::encode_head(&stale);
     handle_bytes(&mut table, &stale);
     assert_eq!(http11(&metrics, "client"), 0);
     let mut newer = state(Role::Client);
