@@ -6,6 +6,7 @@ pub mod classify;
 pub mod driver;
 pub mod events;
 pub mod handover;
+pub mod head_memo;
 pub mod http;
 pub mod http_session;
 pub mod pod_resolver;

@@ -29,6 +29,7 @@ use crate::{
     pipeline::classify::{close_reason, is_keepalive_race},
     pipeline::events::{Event, Head},
     pipeline::handover,
+    pipeline::head_memo::HeadMemo,
     pipeline::http,
     pipeline::http_session::{HttpSession, RequestCounts},
 };
@@ -108,6 +109,8 @@ pub struct ConnectionTable {
     /// Processes seen speaking HTTP inside decrypted TLS: their requests counted from
     /// ciphertext (once they left decryption) are HTTP requests whose version was not read.
     http_in_tls: HashSet<u32>,
+    /// Heads parsed once per distinct head.
+    heads: HeadMemo,
 }
 
 /// Processes [`ConnectionTable::http_in_tls`] remembers; past it, it starts again (a
@@ -135,6 +138,7 @@ impl ConnectionTable {
             metrics: Arc::new(metrics),
             tls_requests: TlsRequests::default(),
             http_in_tls: HashSet::new(),
+            heads: HeadMemo::default(),
         }
     }
 
@@ -342,11 +346,13 @@ impl ConnectionTable {
             self.attribute_once(head.header.sock, head.open_token, owner);
         }
         let metrics = self.metrics.clone();
-        let Some(tracked) = self.tracked(head.header.sock, head.open_token) else { return };
+        let Some(tracked) = tracked_in(&mut self.conns, head.header.sock, head.open_token) else {
+            return;
+        };
         let Some(series) = tracked.series.clone() else { return };
         let direction = Direction::from_wire(head.direction).unwrap_or(Direction::None);
         if is_request(tracked.role, direction) {
-            if let Some(request) = http::parse_request(head.bytes) {
+            if let Some(request) = self.heads.request(head.bytes) {
                 let session = tracked.http.get_or_insert_default();
                 let counts = session.on_request(&request, head.exchanges);
                 add_requests(&metrics, &series, counts);
@@ -354,7 +360,7 @@ impl ConnectionTable {
             }
             set_activity(tracked, &series, Activity::Active);
         } else {
-            if let Some(response) = http::parse_response(head.bytes) {
+            if let Some(response) = self.heads.response(head.bytes) {
                 on_response(&metrics, tracked, &series, &response);
             }
             set_activity(tracked, &series, Activity::Idle);
