@@ -7,11 +7,13 @@
 //! which sends them all; parsing them was about a quarter of the agent's CPU. A repeat now
 //! costs one hash of its bytes.
 //!
-//! Heads are remembered by a keyed hash of their bytes (random keys per agent, so a
-//! collision cannot be crafted), never by the bytes themselves: the agent keeps no copy of
-//! a path or a cookie.
+//! Heads are remembered by their length and a seeded 64-bit hash of their bytes (foldhash's
+//! quality variant, a random seed per agent, so a collision cannot be aimed at), never by
+//! the bytes themselves: the agent keeps no copy of a path or a cookie.
 
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::quality::RandomState;
 
 use crate::pipeline::http::{self, Head};
 
@@ -58,7 +60,7 @@ pub struct HeadMemo {
 
 impl Default for HeadMemo {
     fn default() -> Self {
-        Self { keys: RandomState::new(), requests: Recent::new(), responses: Recent::new() }
+        Self { keys: RandomState::default(), requests: Recent::new(), responses: Recent::new() }
     }
 }
 
