@@ -78,17 +78,21 @@ pub enum Command {
     #[command(hide = true)]
     BenchFloor,
     /// Remove everything the agent pinned (programs detach, maps are freed): uninstall.
-    Cleanup(CleanupArgs),
+    Cleanup(PinPathArgs),
+    /// Mount a BPF filesystem on /sys/fs/bpf for the pin path unless one is there: what a
+    /// sandboxed deployment runs on the host first (the agent mounts one itself when it
+    /// runs in the host's mount namespace; in its own, that mount would end with it).
+    MountBpffs(PinPathArgs),
 }
 
 #[derive(Debug, clap::Args)]
-pub struct CleanupArgs {
+pub struct PinPathArgs {
     /// The agent's --bpf.pin-path ("" means nothing is pinned).
     #[arg(long = "bpf.pin-path", env = "CONNSCOPE_BPF_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pin_path: String,
 }
 
-impl CleanupArgs {
+impl PinPathArgs {
     pub fn pin_path(self) -> anyhow::Result<Option<PathBuf>> {
         PinPath::from_setting(self.pin_path).map(|path| path.0)
     }

@@ -186,6 +186,48 @@ kernel_test!(
     }
 );
 
+kernel_test!(
+    /// A host with nothing mounted on `/sys/fs/bpf` (a fresh machine without systemd): the
+    /// agent, a plain root process, mounts a BPF filesystem there, says so once, and pins
+    /// its state in it at the default pin path.
+    fn an_agent_mounts_a_bpf_filesystem_where_none_is() -> anyhow::Result<()> {
+        let log_path = std::env::temp_dir().join(format!("connscope-bpffs-{}", std::process::id()));
+        let log = File::create(&log_path)?;
+        let extra = ["--bpf.pin-path", "/sys/fs/bpf/connscope", "--log.level", "info"];
+        let agent = Agent::start_without_bpf_fs(&extra, Some(&log))?;
+        let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.pid()))?;
+        let bpf_fs =
+            mounts.lines().filter(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "));
+        assert_eq!(bpf_fs.count(), 1, "{mounts}");
+        // The agent's mount namespace, seen through its root.
+        let pinned =
+            std::path::PathBuf::from(format!("/proc/{}/root/sys/fs/bpf/connscope", agent.pid()));
+        assert!(pinned.join("maps/CONNS").exists() && pinned.join("links/1").is_dir());
+        let (code, _) = agent.stop()?;
+        assert_eq!(code, Some(0));
+        let logged = std::fs::read_to_string(&log_path)?;
+        let _ = std::fs::remove_file(&log_path);
+        let said = "mounted a BPF filesystem on /sys/fs/bpf (none was mounted)";
+        assert_eq!(logged.matches(said).count(), 1, "{logged}");
+        assert!(logged.contains("kernel state pinned in /sys/fs/bpf/connscope"), "{logged}");
+
+        // What the deployments run on the host first: `connscope mount-bpffs`, twice.
+        let script = "umount /sys/fs/bpf 2>/dev/null; \"$0\" mount-bpffs && \"$0\" mount-bpffs \
+                      && grep -c ' /sys/fs/bpf bpf ' /proc/self/mounts";
+        let output = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .arg(connscope_tests::agent_binary())
+            .output()?;
+        let (out, err) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "{out}{err}");
+        assert_eq!(out.trim(), "1", "{err}");
+        assert_eq!(err.matches("mounted a BPF filesystem on /sys/fs/bpf").count(), 1, "{err}");
+        assert_eq!(err.matches("a BPF filesystem is on /sys/fs/bpf already").count(), 1, "{err}");
+        Ok(())
+    }
+);
+
 /// `BPF_MAP_CREATE` a hash map with the given value size and `BPF_OBJ_PIN` it at `path`:
 /// what an older build with another `Conn` would have left.
 fn pin_hash_map(path: &str, key_size: u32, value_size: u32) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //! per-namespace listen queue counters.
 
 pub mod adoption;
+pub mod bpffs;
 pub mod decryption;
 pub mod decryption_budget;
 pub mod facts;

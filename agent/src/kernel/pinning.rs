@@ -30,10 +30,7 @@ use connscope_common::{
     kernel_config::contract_fingerprint, names::map,
 };
 
-use crate::config::Config;
-
-/// `statfs` type of a BPF filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+use crate::{config::Config, kernel::bpffs};
 
 /// Where this agent's state is pinned, and which generation its programs are.
 #[derive(Debug)]
@@ -95,9 +92,10 @@ impl Pins {
     /// Checks what is pinned under `dir`: state of this layout is taken over, anything else
     /// is removed (one log line) and the programs start at generation 1.
     pub fn prepare(dir: &Path, config: &Config) -> anyhow::Result<Self> {
+        bpffs::mount_for(dir)?;
         std::fs::create_dir_all(dir.join("maps"))
             .with_context(|| format!("creating --bpf.pin-path {}", dir.display()))?;
-        if !on_bpf_fs(dir)? {
+        if !bpffs::is_on_bpf_fs(dir)? {
             anyhow::bail!(
                 "--bpf.pin-path {} is not on a BPF filesystem (mount -t bpf bpf /sys/fs/bpf), \
                  or turn pinning off with --bpf.pin-path \"\"",
@@ -264,17 +262,6 @@ fn detach_later(previous: Vec<PathBuf>, state_pin: PathBuf) {
     if let Err(err) = spawned {
         tracing::warn!("previous programs stay attached until the next restart: {err}");
     }
-}
-
-fn on_bpf_fs(dir: &Path) -> anyhow::Result<bool> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statfs with a NUL-terminated path and a zeroed out-struct.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error()).context(format!("statfs {}", dir.display()));
-    }
-    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
 }
 
 fn remove_path(path: &Path) -> io::Result<()> {
