@@ -23,6 +23,7 @@ use crate::{
         adoption, decryption_budget,
         hooks::HookAttach,
         listen_queues::ListenQueueCollector,
+        pin_owner::OwnerStillRunning,
         pinning::Pins,
         preflight, probes,
         tls_uprobes::{self, TlsUprobes},
@@ -67,13 +68,16 @@ impl Agent {
         preflight::ensure_tracefs()?;
         preflight::raise_memlock_limit();
 
-        let pins = config.pin_path.as_deref().and_then(|dir| {
-            Pins::prepare(dir, &config)
-                .inspect_err(|err| {
-                    tracing::warn!("kernel state will not outlive this agent: {err:#}");
-                })
-                .ok()
-        });
+        let pins = match config.pin_path.as_deref().map(|dir| Pins::prepare(dir, &config)) {
+            None => None,
+            Some(Ok(pins)) => Some(pins),
+            // Running beside the owner, even unpinned, would count everything twice.
+            Some(Err(err)) if err.is::<OwnerStillRunning>() => return Err(err),
+            Some(Err(err)) => {
+                tracing::warn!("kernel state will not outlive this agent: {err:#}");
+                None
+            }
+        };
         // Before anything slow: records the pinned programs queue meanwhile would
         // otherwise overflow the ring buffer during start-up.
         let startup_drain = match &pins {

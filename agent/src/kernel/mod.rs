@@ -11,6 +11,7 @@ pub mod hooks;
 pub mod layout;
 pub mod listen_queues;
 pub mod netns;
+pub mod pin_owner;
 pub mod pinning;
 pub mod preflight;
 pub mod probes;

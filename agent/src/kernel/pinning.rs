@@ -30,7 +30,13 @@ use connscope_common::{
     kernel_config::contract_fingerprint, names::map,
 };
 
-use crate::{config::Config, kernel::bpffs};
+use crate::{
+    config::Config,
+    kernel::{
+        bpffs,
+        pin_owner::{self, Owner},
+    },
+};
 
 /// Where this agent's state is pinned, and which generation its programs are.
 #[derive(Debug)]
@@ -107,6 +113,8 @@ impl Pins {
         match pins.pinned_generation(config) {
             Ok(None) => {}
             Ok(Some(previous)) => {
+                let state = open_pin_state(&dir.join("maps").join(map::PIN_STATE))?;
+                pin_owner::wait_for_exit(Owner::recorded(&state)?, &dir.display().to_string())?;
                 pins.previous = Some(previous);
                 pins.generation = previous + 1;
             }
@@ -177,6 +185,9 @@ impl Pins {
         let mut state = pin_state(ebpf)?;
         state.set(PinSlot::Fingerprint as u32, self.fingerprint, 0)?;
         state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
+        if let Some(me) = Owner::current() {
+            me.record(&mut state)?;
+        }
         let links_dir = self.dir.join("links");
         let mut previous = Vec::new();
         if links_dir.exists() {
