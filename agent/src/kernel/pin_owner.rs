@@ -44,10 +44,11 @@ impl Owner {
         Self::of(std::process::id())
     }
 
-    /// The process `pid`, if it runs.
+    /// The process `pid`, if it runs (an exited one not yet reaped, a zombie, does not).
     fn of(pid: u32) -> Option<Self> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        Some(Self { pid, start_ticks: start_ticks(&stat)? })
+        let (state, start_ticks) = state_and_start_ticks(&stat)?;
+        (!matches!(state, "Z" | "X")).then_some(Self { pid, start_ticks })
     }
 
     fn is_running(&self) -> bool {
@@ -103,12 +104,13 @@ pub fn wait_for_exit(owner: Option<Owner>, pin_path: &str) -> Result<(), OwnerSt
     Ok(())
 }
 
-/// Field 22 of `/proc/<pid>/stat` (`starttime`), counted after the command name, which is
-/// in parentheses and may itself hold spaces and parentheses.
-fn start_ticks(stat: &str) -> Option<u64> {
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    // Fields from 3 (`state`) on: `starttime` is the 20th of them.
-    after_name.split_whitespace().nth(19)?.parse().ok()
+/// Fields 3 (`state`) and 22 (`starttime`) of `/proc/<pid>/stat`, counted after the command
+/// name, which is in parentheses and may itself hold spaces and parentheses.
+fn state_and_start_ticks(stat: &str) -> Option<(&str, u64)> {
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?;
+    // `starttime` is the 20th field from `state` on.
+    Some((state, fields.nth(18)?.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -119,9 +121,9 @@ mod tests {
     fn start_time_is_read_past_a_command_name_with_spaces_and_parentheses() {
         let stat = "4242 (a) b (c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 \
                     1000 10 18446744073709551615";
-        assert_eq!(start_ticks(stat), Some(987_654));
-        assert_eq!(start_ticks("4242 (short) S 1"), None);
-        assert_eq!(start_ticks("no parenthesis"), None);
+        assert_eq!(state_and_start_ticks(stat), Some(("S", 987_654)));
+        assert_eq!(state_and_start_ticks("4242 (short) S 1"), None);
+        assert_eq!(state_and_start_ticks("no parenthesis"), None);
     }
 
     #[test]
@@ -130,5 +132,20 @@ mod tests {
         assert!(me.is_running());
         assert!(!Owner { start_ticks: me.start_ticks + 1, ..me }.is_running());
         assert!(wait_for_exit(Some(me), "/x").is_ok(), "an agent does not wait for itself");
+    }
+
+    #[test]
+    fn an_exited_process_not_yet_reaped_is_not_running() -> anyhow::Result<()> {
+        let mut child = std::process::Command::new("true").spawn()?;
+        let pid = child.id();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // A zombie until reaped below: its /proc entry stays.
+        while Owner::of(pid).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(std::path::Path::new(&format!("/proc/{pid}/stat")).exists());
+        assert_eq!(Owner::of(pid), None);
+        child.wait()?;
+        Ok(())
     }
 }
