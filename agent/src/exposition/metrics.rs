@@ -8,7 +8,7 @@ use prometheus_client::{
 
 pub use crate::exposition::bucket_histogram::BucketHistogram;
 use crate::{
-    exposition::family::Carry,
+    exposition::family::{Carry, HistogramFamily},
     model::{
         label_sets::{
             Build, CappedLabel, Closed, ClosedByLabels, ConnectFailed, EventKindLabel, Flow,
@@ -17,8 +17,6 @@ use crate::{
         metric_table::{self as table, Metric, Unit},
     },
 };
-
-pub type HistogramFamily<L> = Family<L, BucketHistogram, fn() -> BucketHistogram>;
 
 /// Registers `metric` under its row: name, help and unit.
 pub fn register(registry: &mut Registry, row: &Metric, metric: impl registry::Metric) {
