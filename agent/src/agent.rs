@@ -9,7 +9,11 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::{HashMap, PerCpuArray, RingBuf};
 use connscope_common::{conn::SWEEP_INTERVAL_NS, names::map};
 use prometheus_client::registry::Registry;
-use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
+use tokio::{
+    io::unix::AsyncFd,
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 
 use crate::{
     config::Config,
@@ -25,11 +29,13 @@ use crate::{
         listen_queues::ListenQueueCollector,
         pinning::Pins,
         preflight, probes,
+        socket_census::{self, SocketCensus},
         tls_uprobes::{self, TlsUprobes},
     },
     model::{
         label_sets::{Build, Probe},
         metric_table::PREFIX,
+        socket_census::Census,
         tls_requests::TlsRequests,
     },
     pipeline::{
@@ -55,6 +61,7 @@ pub struct Agent {
     pipeline: Pipeline,
     /// The libssl uprobes, rescanned for new OpenSSL copies while the agent runs.
     tls: Option<TlsUprobes>,
+    census: SocketCensus,
 }
 
 impl Agent {
@@ -124,6 +131,8 @@ impl Agent {
             tls.register(&mut registry);
         }
         registry.register_collector(Box::new(ListenQueueCollector::new("/proc")));
+        let (census, port_ranges) = SocketCensus::new("/proc");
+        registry.register_collector(Box::new(port_ranges));
         registry.register_collector(Box::new(LossCollector::new(
             PerCpuArray::try_from(probes.take_map(map::LOST)?)?,
             losses.clone(),
@@ -168,12 +177,13 @@ impl Agent {
         if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
             pipeline.take_over_connections(backlog);
         }
-        Ok(Self { config, listener, web, probes, state, pipeline, tls })
+        Ok(Self { config, listener, web, probes, state, pipeline, tls, census })
     }
 
     /// Serves and drains events until SIGTERM/SIGINT, then detaches.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Self { config, listener, web, mut probes, state, mut pipeline, mut tls } = self;
+        let Self { config, listener, web, mut probes, state, mut pipeline, mut tls, census } = self;
+        let mut censuses = take_censuses(census);
         let (stop_server, server_stopped) = watch::channel(false);
         let server = tokio::spawn(server::serve(listener, web, state.clone(), server_stopped));
         let signal = shutdown::signal_received();
@@ -216,6 +226,7 @@ impl Agent {
                     }
                     _ = drain_timer.tick() => pipeline.drain(),
                     _ = sweep_timer.tick() => pipeline.sweep(),
+                    Some(census) = censuses.recv() => pipeline.count_sockets(&census),
                     _ = tls_timer.tick(), if tls.is_some() => {
                         if let Some(tls) = &mut tls {
                             tls.rescan(&mut probes.ebpf);
@@ -276,6 +287,29 @@ impl Agent {
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
         Ok(())
     }
+}
+
+/// Takes a socket census every `socket_census::INTERVAL` on a blocking thread (it reads
+/// files of `/proc`), and hands each to the event loop; ends when the loop stops listening.
+fn take_censuses(census: SocketCensus) -> mpsc::Receiver<Census> {
+    let (sender, receiver) = mpsc::channel(1);
+    let census = Arc::new(census);
+    tokio::spawn(async move {
+        let mut timer = tokio::time::interval(socket_census::INTERVAL);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            timer.tick().await;
+            let census = census.clone();
+            let Ok(taken) = tokio::task::spawn_blocking(move || census.take()).await else {
+                tracing::warn!("the socket census stopped");
+                return;
+            };
+            if sender.send(taken).await.is_err() {
+                return;
+            }
+        }
+    });
+    receiver
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
