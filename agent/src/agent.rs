@@ -289,24 +289,25 @@ impl Agent {
     }
 }
 
-/// Takes a socket census every `socket_census::INTERVAL` on a blocking thread (it reads
-/// files of `/proc`), and hands each to the event loop; ends when the loop stops listening.
+/// Takes a socket census on a blocking thread (it reads files of `/proc`) every
+/// `socket_census::INTERVAL`, or longer after a slow one (`socket_census::next_after`), and
+/// hands each to the event loop; ends when the loop stops listening.
 fn take_censuses(census: SocketCensus) -> mpsc::Receiver<Census> {
     let (sender, receiver) = mpsc::channel(1);
     let census = Arc::new(census);
     tokio::spawn(async move {
-        let mut timer = tokio::time::interval(socket_census::INTERVAL);
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
-            timer.tick().await;
+            let started = tokio::time::Instant::now();
             let census = census.clone();
             let Ok(taken) = tokio::task::spawn_blocking(move || census.take()).await else {
                 tracing::warn!("the socket census stopped");
                 return;
             };
+            let next = started + socket_census::next_after(started.elapsed());
             if sender.send(taken).await.is_err() {
                 return;
             }
+            tokio::time::sleep_until(next).await;
         }
     });
     receiver

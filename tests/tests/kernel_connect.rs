@@ -16,6 +16,9 @@ use anyhow::{Context as _, bail, ensure};
 use connscope_tests::{Agent, Scrape, kernel_test, net, serial};
 
 const WAIT: Duration = Duration::from_secs(10);
+/// The socket census runs every 5 s, later on a host with tens of thousands of sockets
+/// (1% of a CPU at most): its gauges are waited for longer.
+const CENSUS_WAIT: Duration = Duration::from_secs(30);
 const DURATION: &str = "connscope_connect_duration_seconds";
 const FAILURES: &str = "connscope_connect_failures_total";
 const TIME_WAIT: &str = "connscope_connections_time_wait";
@@ -285,7 +288,7 @@ kernel_test!(
 
         let in_namespace = [("role", "client"), ("server", server), ("netns", netns.as_str())];
         let range = [("netns", netns.as_str())];
-        let scrape = agent.scrape_until(WAIT, |s| {
+        let scrape = agent.scrape_until(CENSUS_WAIT, |s| {
             failures(s, server, "no_local_port") >= no_port as f64
                 && connects(s, server) >= connected as f64
                 && s.sum(PORTS, &in_namespace) >= connected as f64
@@ -340,7 +343,8 @@ kernel_test!(
         net::join(acceptor)?;
         let closed = Instant::now();
 
-        let scrape = agent.scrape_until(WAIT, |s| time_wait(s, "client", &server) >= N as f64)?;
+        let scrape =
+            agent.scrape_until(CENSUS_WAIT, |s| time_wait(s, "client", &server) >= N as f64)?;
         let listed = ss_time_wait(&server)?;
         assert_eq!(time_wait(&scrape, "client", &server), listed as f64, "{}", scrape.text);
         assert_eq!(listed, N);
@@ -350,7 +354,7 @@ kernel_test!(
         assert_eq!(ports, N as f64, "{}", scrape.text);
 
         thread::sleep(Duration::from_secs(61).saturating_sub(closed.elapsed()));
-        let scrape = agent.scrape_until(WAIT, |s| time_wait(s, "client", &server) == 0.0)?;
+        let scrape = agent.scrape_until(CENSUS_WAIT, |s| time_wait(s, "client", &server) == 0.0)?;
         assert_eq!(time_wait(&scrape, "client", &server), 0.0, "{}", scrape.text);
         assert_eq!(ss_time_wait(&server)?, 0);
         let ports = scrape.sum(PORTS, &[("role", "client"), ("server", server.as_str())]);
