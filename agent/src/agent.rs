@@ -183,7 +183,7 @@ impl Agent {
     /// Serves and drains events until SIGTERM/SIGINT, then detaches.
     pub async fn run(self) -> anyhow::Result<()> {
         let Self { config, listener, web, mut probes, state, mut pipeline, mut tls, census } = self;
-        let mut censuses = take_censuses(census);
+        let mut censuses = take_censuses(census, config.census_budget);
         let (stop_server, server_stopped) = watch::channel(false);
         let server = tokio::spawn(server::serve(listener, web, state.clone(), server_stopped));
         let signal = shutdown::signal_received();
@@ -226,7 +226,7 @@ impl Agent {
                     }
                     _ = drain_timer.tick() => pipeline.drain(),
                     _ = sweep_timer.tick() => pipeline.sweep(),
-                    Some(census) = censuses.recv() => pipeline.count_sockets(&census),
+                    Some(census) = next_census(&mut censuses) => pipeline.count_sockets(&census),
                     _ = tls_timer.tick(), if tls.is_some() => {
                         if let Some(tls) = &mut tls {
                             tls.rescan(&mut probes.ebpf);
@@ -291,8 +291,12 @@ impl Agent {
 
 /// Takes a socket census on a blocking thread (it reads files of `/proc`) every
 /// `socket_census::INTERVAL`, or longer after a slow one (`socket_census::next_after`), and
-/// hands each to the event loop; ends when the loop stops listening.
-fn take_censuses(census: SocketCensus) -> mpsc::Receiver<Census> {
+/// hands each to the event loop; ends when the loop stops listening. None with a budget of 0.
+fn take_censuses(census: SocketCensus, budget: f64) -> Option<mpsc::Receiver<Census>> {
+    if budget <= 0.0 {
+        tracing::info!("no socket census (--census.budget 0): no TIME_WAIT or port metrics");
+        return None;
+    }
     let (sender, receiver) = mpsc::channel(1);
     let census = Arc::new(census);
     tokio::spawn(async move {
@@ -303,14 +307,22 @@ fn take_censuses(census: SocketCensus) -> mpsc::Receiver<Census> {
                 tracing::warn!("the socket census stopped");
                 return;
             };
-            let next = started + socket_census::next_after(started.elapsed());
+            let next = started + socket_census::next_after(started.elapsed(), budget);
             if sender.send(taken).await.is_err() {
                 return;
             }
             tokio::time::sleep_until(next).await;
         }
     });
-    receiver
+    Some(receiver)
+}
+
+/// The next census, or never without one.
+async fn next_census(censuses: &mut Option<mpsc::Receiver<Census>>) -> Option<Census> {
+    match censuses {
+        Some(censuses) => censuses.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {

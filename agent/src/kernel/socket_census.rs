@@ -1,8 +1,8 @@
 //! The periodic census of TCP sockets behind `connections_time_wait`,
 //! `connections_time_wait_unattributed`, `client_ports_in_use` and
 //! `client_port_range_size`. No hook sees a TIME_WAIT socket (the full socket is destroyed
-//! as it enters TIME_WAIT), so every [`INTERVAL`] (longer on a host with many sockets:
-//! [`next_after`]) the sockets of each network namespace are
+//! as it enters TIME_WAIT), so every [`INTERVAL`] (longer when a census costs more than
+//! `--census.budget` of a CPU: [`next_after`]) the sockets of each network namespace are
 //! read from `/proc/<pid>/net/tcp{,6}` of one process in it (`netns::NamespaceProcesses`),
 //! off the agent's event loop; the pipeline attributes them to flows by four-tuple. The
 //! same pass reads each namespace's ephemeral port range (`port_range`), exported at scrape
@@ -11,7 +11,10 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -38,18 +41,17 @@ use crate::{
 /// of it.
 pub const INTERVAL: Duration = Duration::from_secs(5);
 
-/// A census costs about 2 µs of CPU per socket, mostly the kernel's formatting of the tables
-/// (docs/performance.md): the next one waits this many times as long as the last one took,
-/// so the census spends at most 1% of a CPU however many sockets a host holds (every 5 s up
-/// to about 25,000 sockets, every 60 s at 300,000).
-pub const SPACING: u32 = 100;
-
 /// The longest wait between two censuses, whatever the last one took.
 pub const LONGEST_INTERVAL: Duration = Duration::from_secs(300);
 
-/// When the census after one that took `took` is due.
-pub fn next_after(took: Duration) -> Duration {
-    took.saturating_mul(SPACING).clamp(INTERVAL, LONGEST_INTERVAL)
+/// When the census after one that took `took` is due, for the census to spend at most
+/// `budget` of a CPU (`--census.budget`, above 0). A census costs about 7 ms per namespace
+/// and 1.5 µs per socket here (docs/performance.md): at the default 1%, one every 5 s up to
+/// about 30,000 sockets in a few namespaces.
+pub fn next_after(took: Duration, budget: f64) -> Duration {
+    Duration::try_from_secs_f64(took.as_secs_f64() / budget)
+        .unwrap_or(LONGEST_INTERVAL)
+        .clamp(INTERVAL, LONGEST_INTERVAL)
 }
 
 /// One namespace's sockets that hold a local port, and its lines that did not parse.
@@ -81,14 +83,19 @@ type Ranges = Arc<Mutex<Vec<(String, u32)>>>;
 pub struct SocketCensus {
     namespaces: NamespaceProcesses,
     ranges: Ranges,
+    /// Whether a range that could not be read was reported.
+    range_warned: AtomicBool,
 }
 
 impl SocketCensus {
     /// The census, and the collector that exports the port ranges it reads.
     pub fn new(proc_root: impl Into<PathBuf>) -> (Self, PortRangeCollector) {
         let ranges = Ranges::default();
-        let census =
-            Self { namespaces: NamespaceProcesses::new(proc_root), ranges: ranges.clone() };
+        let census = Self {
+            namespaces: NamespaceProcesses::new(proc_root),
+            ranges: ranges.clone(),
+            range_warned: AtomicBool::new(false),
+        };
         (census, PortRangeCollector { ranges })
     }
 
@@ -130,7 +137,7 @@ impl SocketCensus {
             let size = match size {
                 Ok(size) => size,
                 Err(err) => {
-                    tracing::debug!(netns = label, "port range unreadable: {err}");
+                    self.range_unreadable(label, &err);
                     continue;
                 }
             };
@@ -141,6 +148,26 @@ impl SocketCensus {
         }
         if let Ok(mut shared) = self.ranges.lock() {
             *shared = ranges;
+        }
+    }
+}
+
+impl SocketCensus {
+    /// Says once why a namespace's range is missing (then at debug level).
+    fn range_unreadable(&self, netns: &str, err: &io::Error) {
+        let first = !self.range_warned.swap(true, Ordering::Relaxed);
+        let hint = if err.raw_os_error() == Some(libc::EPERM) {
+            ": entering another network namespace needs CAP_SYS_ADMIN"
+        } else {
+            ""
+        };
+        if first {
+            tracing::warn!(
+                netns,
+                "client_port_range_size is left out for a namespace: {err}{hint}"
+            );
+        } else {
+            tracing::debug!(netns, "port range unreadable: {err}{hint}");
         }
     }
 }
@@ -172,9 +199,11 @@ mod tests {
 
     #[test]
     fn a_slow_census_spaces_the_next_one_out() {
-        assert_eq!(next_after(Duration::from_millis(20)), INTERVAL);
-        assert_eq!(next_after(Duration::from_millis(120)), Duration::from_secs(12));
-        assert_eq!(next_after(Duration::MAX), LONGEST_INTERVAL);
+        assert_eq!(next_after(Duration::from_millis(20), 0.01), INTERVAL);
+        assert_eq!(next_after(Duration::from_millis(120), 0.01), Duration::from_secs(12));
+        assert_eq!(next_after(Duration::from_millis(120), 0.1), INTERVAL);
+        assert_eq!(next_after(Duration::MAX, 0.01), LONGEST_INTERVAL);
+        assert_eq!(next_after(Duration::from_secs(1), f64::MIN_POSITIVE), LONGEST_INTERVAL);
     }
 
     const HEADER: &str = "  sl  local_address rem_address   st tx_queue rx_queue\n";
