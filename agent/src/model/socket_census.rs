@@ -6,6 +6,7 @@ use std::{
     collections::HashMap,
     hash::BuildHasher as _,
     net::{Ipv4Addr, Ipv6Addr},
+    num::NonZeroU64,
 };
 
 use connscope_common::{AF_INET, AF_INET6, Endpoints};
@@ -17,12 +18,14 @@ use foldhash::fast::FixedState;
 /// share a key with a probability of about 2^-64 per pair. The network namespace is not
 /// part of it: the kernel's records do not carry it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct TupleKey(u64);
+pub struct TupleKey(NonZeroU64);
 
 impl TupleKey {
     pub fn new(local: (Ipv6Addr, u16), remote: (Ipv6Addr, u16)) -> Self {
-        // A fixed seed: the same key for the same tuple in every agent and every test.
-        Self(FixedState::with_seed(0x636f_6e6e_7363_6f70).hash_one((local, remote)))
+        // A fixed seed: the same key for the same tuple in every agent and every test. Never
+        // 0, so `Option<TupleKey>` stays 8 bytes in every connection of the table.
+        let folded = FixedState::with_seed(0x636f_6e6e_7363_6f70).hash_one((local, remote));
+        Self(NonZeroU64::new(folded).unwrap_or(NonZeroU64::MIN))
     }
 
     /// The tuple of a connection record's endpoints; `None` for another family.
@@ -80,5 +83,6 @@ mod tests {
         assert_ne!(TupleKey::new(local, remote), TupleKey::new(remote, local));
         endpoints.family = 0;
         assert_eq!(TupleKey::of_endpoints(&endpoints), None);
+        assert_eq!(size_of::<Option<TupleKey>>(), 8);
     }
 }
