@@ -335,12 +335,7 @@ kernel_test!(
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let server = listener.local_addr()?.to_string();
         const N: usize = 200;
-        let acceptor = net::drain_server(listener, N, "tw-acceptor");
-        for _ in 0..N {
-            let mut client = TcpStream::connect(&server)?;
-            client.write_all(b"x")?;
-        }
-        net::join(acceptor)?;
+        net::closed_by_client(listener, N, "tw-acceptor", b"x")?;
         let closed = Instant::now();
 
         let scrape =
