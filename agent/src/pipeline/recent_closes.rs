@@ -74,12 +74,43 @@ impl RecentCloses {
     pub fn iter(&self) -> impl Iterator<Item = (&TupleKey, &ClosedFlow)> {
         self.by_tuple.iter()
     }
+}
 
-    pub fn len(&self) -> usize {
-        self.by_tuple.len()
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+    use crate::{
+        exposition::{flow_series::FlowCache, labels::LabelId, metrics::Metrics},
+        model::placement::NoPlacement,
+    };
+
+    /// A distinct tuple for each `n` below 2^32.
+    fn tuple(n: usize) -> TupleKey {
+        let (local, remote) = ((n & 0xffff) as u16, (n >> 16) as u16);
+        TupleKey::new((Ipv6Addr::LOCALHOST, local), (Ipv6Addr::LOCALHOST, remote))
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.by_tuple.is_empty()
+    #[test]
+    fn closes_are_forgotten_after_the_time_wait_length_or_past_the_bound() {
+        let metrics = Metrics::new();
+        let mut flows = FlowCache::new(&metrics, 10, 10, Box::new(NoPlacement));
+        let series = flows.series(&metrics, Role::Client, LabelId::UNKNOWN, None);
+        let mut closes = RecentCloses::default();
+        closes.insert(tuple(1), series.clone(), Role::Client, 1_000);
+        closes.insert(tuple(2), series.clone(), Role::Client, 2_000);
+        // The same tuple closed again: kept from its later close.
+        closes.insert(tuple(1), series.clone(), Role::Client, 3_000);
+        closes.expire(2_000 + KEPT_NS + 1);
+        assert!(closes.contains(&tuple(1)) && !closes.contains(&tuple(2)));
+        closes.expire(3_000 + KEPT_NS + 1);
+        assert_eq!(closes.iter().count(), 0);
+        // Past the bound the oldest goes first.
+        for n in 0..=MAX_KEPT {
+            closes.insert(tuple(n), series.clone(), Role::Client, 10_000 + n as u64);
+        }
+        assert_eq!((closes.order.len(), closes.by_tuple.len()), (MAX_KEPT, MAX_KEPT));
+        assert!(!closes.contains(&tuple(0)) && closes.contains(&tuple(1)));
     }
 }

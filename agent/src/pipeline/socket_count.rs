@@ -5,7 +5,10 @@
 //! before the agent started, by a connection whose close it did not see, or forgotten past
 //! `recent_closes::MAX_KEPT`) are `connections_time_wait_unattributed` of their namespace.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+};
 
 use connscope_common::Role;
 use prometheus_client::metrics::gauge::Gauge;
@@ -67,8 +70,8 @@ impl<'a> Tally<'a> {
         if role == Role::Client {
             let netns = &self.census.namespaces[held.namespace as usize];
             let entry = match self.ports.entry((flow, held.namespace)) {
-                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
-                std::collections::hash_map::Entry::Vacant(entry) => {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
                     let Some(gauge) = series.ports_in_use(self.metrics, netns) else { return };
                     entry.insert((gauge, 0))
                 }
