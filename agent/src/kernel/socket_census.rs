@@ -83,8 +83,9 @@ type Ranges = Arc<Mutex<Vec<(String, u32)>>>;
 pub struct SocketCensus {
     namespaces: NamespaceProcesses,
     ranges: Ranges,
-    /// Whether a range that could not be read was reported.
+    /// Whether a range that could not be read, and lines that did not parse, were reported.
     range_warned: AtomicBool,
+    unparsable_warned: AtomicBool,
 }
 
 impl SocketCensus {
@@ -95,6 +96,7 @@ impl SocketCensus {
             namespaces: NamespaceProcesses::new(proc_root),
             ranges: ranges.clone(),
             range_warned: AtomicBool::new(false),
+            unparsable_warned: AtomicBool::new(false),
         };
         (census, PortRangeCollector { ranges })
     }
@@ -121,7 +123,12 @@ impl SocketCensus {
             dirs.push((namespace, dir));
         }
         if unparsable > 0 {
-            tracing::warn!(lines = unparsable, "socket table lines that do not parse were skipped");
+            let message = "socket table lines that do not parse were skipped";
+            if warn_once(&self.unparsable_warned) {
+                tracing::warn!(lines = unparsable, "{message}");
+            } else {
+                tracing::debug!(lines = unparsable, "{message}");
+            }
         }
         self.read_ranges(&census.namespaces, dirs);
         census
@@ -150,26 +157,27 @@ impl SocketCensus {
             *shared = ranges;
         }
     }
-}
 
-impl SocketCensus {
-    /// Says once why a namespace's range is missing (then at debug level).
+    /// Says why a namespace's range is missing: as a warning the first time, then at debug
+    /// level (the census repeats every few seconds).
     fn range_unreadable(&self, netns: &str, err: &io::Error) {
-        let first = !self.range_warned.swap(true, Ordering::Relaxed);
         let hint = if err.raw_os_error() == Some(libc::EPERM) {
             ": entering another network namespace needs CAP_SYS_ADMIN"
         } else {
             ""
         };
-        if first {
-            tracing::warn!(
-                netns,
-                "client_port_range_size is left out for a namespace: {err}{hint}"
-            );
+        let message = "client_port_range_size is left out for a namespace";
+        if warn_once(&self.range_warned) {
+            tracing::warn!(netns, "{message}: {err}{hint}");
         } else {
-            tracing::debug!(netns, "port range unreadable: {err}{hint}");
+            tracing::debug!(netns, "{message}: {err}{hint}");
         }
     }
+}
+
+/// True the first time it is asked about `warned`.
+fn warn_once(warned: &AtomicBool) -> bool {
+    !warned.swap(true, Ordering::Relaxed)
 }
 
 /// `connscope_client_port_range_size{netns}`, as the last census read it.
