@@ -11,8 +11,8 @@ use std::{
 };
 
 use connscope_common::{
-    AttributeEvent, Attribution, ClosedBy, Conn, ConnectFailedEvent, Direction, Handover,
-    OpenEvent, Protocol, Role, SnapshotEvent,
+    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, ConnectFailedEvent, Direction,
+    Handover, OpenEvent, Protocol, Role, SnapshotEvent,
     conn::{GAP_BUCKETS, GapCounts, gap_sum_delta, open_token},
     conn_flag, handover_flag, is_request,
 };
@@ -24,6 +24,7 @@ use crate::{
     model::{
         http_version::{RequestVersion, Version},
         placement::PlacementResolver,
+        socket_census::{Census, TupleKey},
         tls_requests::TlsRequests,
     },
     pipeline::classify::{close_reason, is_keepalive_race},
@@ -32,6 +33,8 @@ use crate::{
     pipeline::head_memo::HeadMemo,
     pipeline::http,
     pipeline::http_session::{HttpSession, RequestCounts},
+    pipeline::recent_closes::RecentCloses,
+    pipeline::socket_count::{Published, Tally},
 };
 
 /// The kernel's cumulative counts last added to the metrics.
@@ -88,6 +91,9 @@ struct Tracked {
     seen: Seen,
     /// Only for connections that sent an HTTP head.
     http: Option<Box<HttpSession>>,
+    /// Its four-tuple, for the socket census (unknown for connections taken over from the
+    /// previous agent: the handover does not carry endpoints).
+    tuple: Option<TupleKey>,
 }
 
 /// Socket addresses are kernel pointers, not input anyone chooses: a fast hash will do.
@@ -111,6 +117,10 @@ pub struct ConnectionTable {
     http_in_tls: HashSet<u32>,
     /// Heads parsed once per distinct head.
     heads: HeadMemo,
+    /// Connections whose local side closed first, for the census's TIME_WAIT sockets.
+    recent_closes: RecentCloses,
+    /// The gauges the last census set.
+    census_gauges: Published,
 }
 
 /// Processes [`ConnectionTable::http_in_tls`] remembers; past it, it starts again (a
@@ -139,6 +149,8 @@ impl ConnectionTable {
             tls_requests: TlsRequests::default(),
             http_in_tls: HashSet::new(),
             heads: HeadMemo::default(),
+            recent_closes: RecentCloses::default(),
+            census_gauges: Published::default(),
         }
     }
 
@@ -212,6 +224,7 @@ impl ConnectionTable {
             in_sweep: false,
             seen: Seen::opened_at(event.open_ns),
             http: None,
+            tuple: TupleKey::of_endpoints(&event.endpoints),
         };
         if event.attribution.valid != 0 {
             give_series(
@@ -285,6 +298,7 @@ impl ConnectionTable {
                 gaps: entry.gaps,
             },
             http: handover::session(entry).map(Box::new),
+            tuple: None,
         };
         if entry.has(handover_flag::ATTRIBUTED) {
             let owner =
@@ -486,6 +500,13 @@ impl ConnectionTable {
         let http = tracked.http.as_deref().unwrap_or(&no_http);
         let by = conn.closed_by();
         series.count_close(&self.metrics, by, conn.close_kind(), close_reason(conn, http));
+        // The active closer's socket stays in TIME_WAIT (a reset leaves none).
+        if by == ClosedBy::Local
+            && conn.close_kind() == CloseKind::Fin
+            && let Some(tuple) = tracked.tuple
+        {
+            self.recent_closes.insert(tuple, series.clone(), tracked.role, event.header.ts_ns);
+        }
         let protocol =
             if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
         let end_ns = event.header.ts_ns;
@@ -509,6 +530,30 @@ impl ConnectionTable {
         if is_keepalive_race(conn) {
             series.races.inc();
         }
+    }
+}
+
+impl ConnectionTable {
+    /// Attributes a socket census to flows and sets their gauges (`socket_count`): open
+    /// connections first, so a tuple used again since its close counts for its new flow.
+    pub fn count_sockets(&mut self, census: &Census) {
+        self.recent_closes.expire(census.taken_ns);
+        let mut tally = Tally::new(census, &self.metrics);
+        let mut reused = HashSet::new();
+        for tracked in self.conns.values() {
+            if let (Some(tuple), Some(series)) = (tracked.tuple, &tracked.series) {
+                tally.add(tuple, series, tracked.role);
+                if self.recent_closes.contains(&tuple) {
+                    reused.insert(tuple);
+                }
+            }
+        }
+        for (tuple, closed) in self.recent_closes.iter() {
+            if !reused.contains(tuple) {
+                tally.add(*tuple, &closed.series, closed.role);
+            }
+        }
+        tally.publish(&mut self.census_gauges);
     }
 }
 

@@ -493,3 +493,71 @@ fn connect_errors_are_the_kernels_errno_values() {
     );
     assert_eq!([errno::EHOSTDOWN, errno::EHOSTUNREACH], [libc::EHOSTDOWN, libc::EHOSTUNREACH]);
 }
+
+/// A census that found `sockets` (four-tuple, TIME_WAIT?) in one namespace, at `taken_ns`.
+fn census(taken_ns: u64, sockets: &[(TupleKey, bool)]) -> Census {
+    use crate::model::socket_census::Held;
+    let mut census = Census { taken_ns, namespaces: vec!["111".into()], ..Census::default() };
+    for &(tuple, time_wait) in sockets {
+        census.sockets.insert(tuple, Held { namespace: 0, time_wait });
+    }
+    census
+}
+
+fn tuple_of(event: &Event<'_>) -> TupleKey {
+    let Event::Open(open) = event else { unreachable!() };
+    TupleKey::of_endpoints(&open.endpoints).expect("an IPv4 tuple")
+}
+
+#[test]
+fn a_census_counts_time_wait_and_ports_on_the_flow_that_closed_first() {
+    use crate::model::label_sets::{Netns, PlacedFlowNetns};
+    let (mut table, metrics) = table();
+    let client = open(Role::Client);
+    let tuple = tuple_of(&client);
+    table.handle(&client);
+    let ports = PlacedFlowNetns { flow: placed("client"), netns: "111".into() };
+    let ports_in_use = || metrics.ports_in_use.get(&ports).map(|g| g.get());
+    let time_wait = || metrics.time_wait.get(&placed("client")).map(|g| g.get());
+    let unattributed = || metrics.time_wait_unattributed.get(&Netns { netns: "111".into() });
+    let unattributed = || unattributed().map(|g| g.get());
+    // Open: a port, no TIME_WAIT. A TIME_WAIT socket no connection of the table had is
+    // unattributed.
+    let stranger = TupleKey::new(
+        (std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 1),
+        (std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 2),
+    );
+    table.count_sockets(&census(2_000, &[(tuple, false), (stranger, true)]));
+    assert_eq!((ports_in_use(), time_wait(), unattributed()), (Some(1), None, Some(1)));
+    // Closed first by this side with a FIN: its socket in TIME_WAIT still holds the port.
+    let closed = closing_idle(state(Role::Client), ClosedBy::Local, CloseKind::Fin);
+    table.handle(&snapshot(EventKind::Close, closed, 3_000));
+    table.count_sockets(&census(4_000, &[(tuple, true), (stranger, true)]));
+    assert_eq!((ports_in_use(), time_wait(), unattributed()), (Some(1), Some(1), Some(1)));
+    // Past TIME_WAIT: the gauges fall back to 0.
+    table.count_sockets(&census(5_000, &[]));
+    assert_eq!((ports_in_use(), time_wait(), unattributed()), (Some(0), Some(0), Some(0)));
+    // The close is forgotten after the TIME_WAIT length: a socket of that tuple found then
+    // is not the flow's.
+    let later = 3_000 + crate::pipeline::recent_closes::KEPT_NS + 1;
+    table.count_sockets(&census(later, &[(tuple, true)]));
+    assert_eq!((time_wait(), unattributed()), (Some(0), Some(1)));
+}
+
+#[test]
+fn a_close_by_the_peer_or_by_a_reset_leaves_no_time_wait_here() {
+    use crate::model::label_sets::PlacedFlowNetns;
+    let (mut table, metrics) = table();
+    for (by, kind) in [(ClosedBy::Peer, CloseKind::Fin), (ClosedBy::Local, CloseKind::Reset)] {
+        let server = open(Role::Server);
+        let tuple = tuple_of(&server);
+        table.handle(&server);
+        let closed = closing_idle(state(Role::Server), by, kind);
+        table.handle(&snapshot(EventKind::Close, closed, 3_000));
+        table.count_sockets(&census(4_000, &[(tuple, true)]));
+        assert_eq!(metrics.time_wait.get(&placed("server")).map(|g| g.get()), None);
+        // Servers hold no client port.
+        let ports = PlacedFlowNetns { flow: placed("server"), netns: "111".into() };
+        assert!(metrics.ports_in_use.get(&ports).is_none());
+    }
+}
