@@ -254,10 +254,12 @@ pub enum PinSlot {
     /// process given the same pid. A second agent waits for it to exit.
     OwnerPid = 4,
     OwnerStartTicks = 5,
+    /// The crash checkpoint's commit word (`checkpoint::Commit`; 0: none).
+    Checkpoint = 6,
 }
 
 impl PinSlot {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
 }
 
 /// Bumped whenever the meaning of pinned state changes without a change of size.
@@ -279,6 +281,7 @@ pub const fn contract_fingerprint() -> u64 {
         size_of::<crate::ListenKey>(),
         size_of::<crate::Handover>(),
         size_of::<crate::SslCall>(),
+        size_of::<crate::CheckpointSlot>(),
         crate::conn::GAP_BUCKETS,
     ];
     // FNV-1a over the sizes.

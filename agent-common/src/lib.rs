@@ -6,6 +6,7 @@
 //! - [`conn`]: the per-socket state kept in the kernel map.
 //! - [`records`]: the ring buffer records (a tagged header, then one struct per kind).
 //! - [`handover`]: what a stopping agent leaves for the next one.
+//! - [`checkpoint`]: what a running agent keeps for the next one, should it crash.
 //! - [`kernel_config`]: values the agent writes into the programs before loading them
 //!   (struct offsets from the kernel's BTF, the syscall table, switches).
 //! - [`capacity`]: map capacities.
@@ -20,6 +21,7 @@
 #![no_std]
 
 pub mod capacity;
+pub mod checkpoint;
 pub mod conn;
 pub mod handover;
 pub mod kernel_config;
@@ -33,6 +35,7 @@ pub use capacity::{
     DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, IN_FLIGHT_CALLS, MAX_LISTEN_PORTS,
     MAX_TLS_PROCESSES,
 };
+pub use checkpoint::{CheckpointSlot, JournalChunk};
 pub use conn::{Conn, SslCall, conn_flag};
 pub use handover::{CARRIED_CHUNKS, CarriedChunk, Handover, handover_flag};
 pub use kernel_config::{

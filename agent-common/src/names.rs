@@ -129,10 +129,14 @@ pub mod map {
     pub const TLS_SOCKETS: &str = "TLS_SOCKETS";
     pub const UPROBE_HITS: &str = "UPROBE_HITS";
     pub const UNDECRYPTED_PROCESSES: &str = "UNDECRYPTED_PROCESSES";
+    pub const CHECKPOINT: &str = "CHECKPOINT";
+    pub const CHECKPOINT_CONNS: &str = "CHECKPOINT_CONNS";
+    pub const CHECKPOINT_METRICS: &str = "CHECKPOINT_METRICS";
+    pub const JOURNAL: &str = "JOURNAL";
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 15] = [
         CONNS,
         EVENTS,
         LOST,
@@ -144,9 +148,13 @@ pub mod map {
         CARRIED_METRICS,
         TLS_CALLS,
         TLS_SOCKETS,
+        CHECKPOINT,
+        CHECKPOINT_CONNS,
+        CHECKPOINT_METRICS,
+        JOURNAL,
     ];
 
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 24] = [
         CONNS,
         EVENTS,
         LOST,
@@ -167,6 +175,10 @@ pub mod map {
         TLS_SOCKETS,
         UPROBE_HITS,
         UNDECRYPTED_PROCESSES,
+        CHECKPOINT,
+        CHECKPOINT_CONNS,
+        CHECKPOINT_METRICS,
+        JOURNAL,
     ];
 }
 

@@ -7,9 +7,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use connscope_common::{
-    CARRIED_CHUNKS, CarriedChunk, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_RINGBUF_BYTES, Handover, HeadEvent, IN_FLIGHT_CALLS, ListenKey, LostReason,
-    MAX_LISTEN_PORTS, PinSlot, Setting, kernel_config::SOCK_COMMON_READ,
+    CARRIED_CHUNKS, CarriedChunk, CheckpointSlot, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_RINGBUF_BYTES, Handover, HeadEvent, IN_FLIGHT_CALLS, JournalChunk, ListenKey,
+    LostReason, MAX_LISTEN_PORTS, PinSlot, Setting,
+    checkpoint::{CHECKPOINT_SLOTS, journal_chunks},
+    kernel_config::SOCK_COMMON_READ,
 };
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
@@ -69,6 +71,25 @@ pub static HANDOVER: HashMap<u64, Handover> =
 #[map]
 pub static CARRIED_METRICS: HashMap<u32, CarriedChunk> =
     HashMap::with_max_entries(CARRIED_CHUNKS, NO_PREALLOC);
+
+/// The crash checkpoint (`connscope_common::checkpoint`), written by the running agent and
+/// read by the next after a crash; no program touches these. They live here so the loader
+/// creates and pins them with the rest.
+#[map]
+pub static CHECKPOINT: Array<CheckpointSlot> = Array::with_max_entries(CHECKPOINT_SLOTS, 0);
+
+#[map]
+pub static CHECKPOINT_CONNS: HashMap<u64, Handover> =
+    HashMap::with_max_entries(CHECKPOINT_SLOTS * DEFAULT_MAX_CONNECTIONS, NO_PREALLOC);
+
+#[map]
+pub static CHECKPOINT_METRICS: HashMap<u32, CarriedChunk> =
+    HashMap::with_max_entries(CHECKPOINT_SLOTS * CARRIED_CHUNKS, NO_PREALLOC);
+
+/// Sized by the agent for its `--bpf.ringbuf-bytes` (`journal_chunks`).
+#[map]
+pub static JOURNAL: Array<JournalChunk> =
+    Array::with_max_entries(journal_chunks(DEFAULT_RINGBUF_BYTES), 0);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

@@ -6,7 +6,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use aya::maps::{HashMap, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, Map, PerCpuArray};
 use connscope_common::{conn::SWEEP_INTERVAL_NS, names::map};
 use prometheus_client::registry::Registry;
 use tokio::{
@@ -41,8 +41,10 @@ use crate::{
     },
     pipeline::{
         backlog::{Drained, StartupDrain},
+        checkpoint::{CheckpointMetrics, Checkpointer},
         driver::{EventCounters, Pipeline, release_freed_memory},
         pod_resolver::KubeletPlacement,
+        ring_reader::RingReader,
         table::ConnectionTable,
     },
     shutdown,
@@ -141,6 +143,8 @@ impl Agent {
             PerCpuArray::try_from(probes.take_map(map::LOST)?)?,
             losses.clone(),
         )));
+        let checkpoint_metrics = CheckpointMetrics::default();
+        checkpoint_metrics.register(&mut registry);
         let state = Arc::new(AppState::new(registry));
         let _ = state.tls.set(tls_status.report.clone());
         if let Ok(mut hooks) = state.hooks.write() {
@@ -150,9 +154,12 @@ impl Agent {
         let (events, backlog) = match drained {
             // The same ring buffer, read on from where the drain stopped.
             Some(Drained { ring, backlog }) => (ring, Some(backlog)),
-            None => (RingBuf::try_from(probes.take_map(map::EVENTS)?)?, None),
+            None => match probes.take_map(map::EVENTS)? {
+                Map::RingBuf(data) => (RingReader::new(data)?, None),
+                _ => anyhow::bail!("{} is not a ring buffer", map::EVENTS),
+            },
         };
-        // SAFETY: the ring buffer owns its map fd and keeps it open until the AsyncFd drops it.
+        // SAFETY: the reader owns its map fd and keeps it open until the AsyncFd drops it.
         let ring = unsafe { AsyncFd::register(events) }
             .map_err(|err| anyhow!("polling the ring buffer: {}", err.into_parts().1))?;
         let conns = HashMap::try_from(probes.take_map(map::CONNS)?)?;
@@ -177,9 +184,23 @@ impl Agent {
             ),
             None => (None, None),
         };
-        let mut pipeline = Pipeline::new(ring, conns, table, counters, losses, handover, carried);
+        let checkpoint = match &probes.pins {
+            Some(pins) if config.checkpoints() => Checkpointer::open(
+                pins.dir(),
+                config.checkpoint_budget,
+                config.journal_chunks(),
+                checkpoint_metrics,
+            )
+            .map_err(|err| tracing::warn!("no crash checkpoint: {err:#}"))
+            .ok(),
+            _ => None,
+        };
+        let mut pipeline =
+            Pipeline::new(ring, conns, table, counters, losses, handover, carried, checkpoint);
         if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
             pipeline.take_over_connections(backlog);
+        } else {
+            pipeline.start_checkpoint_afresh();
         }
         Ok(Self { config, listener, web, probes, state, pipeline, tls, census })
     }

@@ -268,6 +268,14 @@ settings! {
     /// this share of that (0 to 1; 0 turns it off, and those metrics with it).
     census_budget: f64 = DEFAULT_CENSUS_BUDGET, "census.budget", "CONNSCOPE_CENSUS_BUDGET";
 
+    /// Share of one CPU the crash checkpoint may spend (with --bpf.pin-path): the journal
+    /// of consumed records is always written; a base of the metrics and connections is
+    /// written every 60 s, when the journal is half full, or later when the last one took
+    /// more than this share of that (0 to 1; 0: no checkpoint, a crash loses what it does
+    /// without one).
+    checkpoint_budget: f64 = DEFAULT_CHECKPOINT_BUDGET,
+        "checkpoint.budget", "CONNSCOPE_CHECKPOINT_BUDGET";
+
     /// cgroup v2 mount used to resolve pod and container of a connection's process.
     cgroup_path: PathBuf = default_cgroup_path(), "path.cgroup", "CONNSCOPE_PATH_CGROUP";
 
@@ -299,6 +307,9 @@ pub const DEFAULT_TLS_BUDGET: f64 = 0.01;
 
 /// The default `--census.budget`: 1% of one CPU.
 pub const DEFAULT_CENSUS_BUDGET: f64 = 0.01;
+
+/// The default `--checkpoint.budget`: 1% of one CPU.
+pub const DEFAULT_CHECKPOINT_BUDGET: f64 = 0.01;
 
 /// Processes chosen by name or cgroup (`--tls.always-decrypt`, `--tls.never-decrypt`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -356,6 +367,21 @@ fn default_cgroup_path() -> PathBuf {
 }
 
 impl Config {
+    /// Whether the agent keeps a crash checkpoint: with pinned state and a budget.
+    pub fn checkpoints(&self) -> bool {
+        self.pin_path.0.is_some() && self.checkpoint_budget > 0.0
+    }
+
+    /// Chunks of the pinned journal (one, unused, without checkpoints: the array is
+    /// allocated in full).
+    pub fn journal_chunks(&self) -> u32 {
+        if self.checkpoints() {
+            connscope_common::checkpoint::journal_chunks(self.ringbuf_bytes)
+        } else {
+            1
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         if self.max_connections == 0 {
             bail!("--bpf.max-connections must be at least 1");
@@ -380,6 +406,12 @@ impl Config {
             bail!(
                 "--census.budget is a share of one CPU, from 0 (no census) to 1 (got {})",
                 self.census_budget
+            );
+        }
+        if !(0.0..=1.0).contains(&self.checkpoint_budget) {
+            bail!(
+                "--checkpoint.budget is a share of one CPU, from 0 (no checkpoint) to 1 (got {})",
+                self.checkpoint_budget
             );
         }
         if self.max_servers == 0 || self.max_processes == 0 {
@@ -449,6 +481,8 @@ mod tests {
         assert!(cli(&["--tls.budget", "lots"]).is_err());
         assert!(cli(&["--census.budget=-0.1"])?.into_config().is_err());
         assert!(cli(&["--census.budget", "NaN"])?.into_config().is_err());
+        assert!(cli(&["--checkpoint.budget", "2"])?.into_config().is_err());
+        assert_eq!(cli(&["--checkpoint.budget", "0"])?.into_config()?.checkpoint_budget, 0.0);
         assert!(cli(&["--tls.never-decrypt", "a-process-name-too-long"])?.into_config().is_err());
         assert!(cli(&["--tls.always-decrypt", "cgroup:kubepods"])?.into_config().is_err());
         assert!(cli(&["--tls.always-decrypt", "usr/bin/curl"])?.into_config().is_err());

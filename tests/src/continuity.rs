@@ -205,6 +205,20 @@ pub struct Restarted {
 /// every 20 ms across an agent restart, and `SHORT` connections of `SHORT_REQUESTS`
 /// requests each open and close while no agent runs.
 pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<Restarted> {
+    restart_with(fs, server, Stop::Graceful)
+}
+
+/// How the first agent of [`restart_with`] ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: it hands over.
+    Graceful,
+    /// SIGKILL, right after a scrape: the next agent recovers from its checkpoint.
+    Crash,
+}
+
+/// [`restart_under_traffic`], the first agent ending as `stop` says.
+pub fn restart_with(fs: &BpfFs, server: &str, stop_how: Stop) -> anyhow::Result<Restarted> {
     let first = fs.agent()?;
     let stop = Arc::new(AtomicBool::new(false));
     let pooled = {
@@ -222,8 +236,18 @@ pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<Restart
         })
     };
     std::thread::sleep(Duration::from_millis(300));
-    let (first_last, code) = first.stop_scraping()?;
-    anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
+    let first_last = match stop_how {
+        Stop::Graceful => {
+            let (first_last, code) = first.stop_scraping()?;
+            anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
+            first_last
+        }
+        Stop::Crash => {
+            let (first_last, signal) = first.kill_after_scrape()?;
+            anyhow::ensure!(signal == Some(libc::SIGKILL), "the first agent ended with {signal:?}");
+            first_last
+        }
+    };
     for _ in 0..SHORT {
         let mut client = TcpStream::connect(server)?;
         for _ in 0..SHORT_REQUESTS {

@@ -293,6 +293,18 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Scrapes once, then kills the agent with SIGKILL (a crash: no handover is written):
+    /// that last answer and the exit status's signal.
+    pub fn kill_after_scrape(mut self) -> anyhow::Result<(Scrape, Option<i32>)> {
+        let last = self.scrape()?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let status = self.child.wait()?;
+        Ok((last, std::os::unix::process::ExitStatusExt::signal(&status)))
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {

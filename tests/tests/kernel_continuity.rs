@@ -15,8 +15,8 @@ use anyhow::{Context as _, bail};
 use connscope_tests::{
     Agent, Scrape,
     continuity::{
-        BpfFs, Restarted, SHORT, WAIT, assert_nothing_lost, assert_opened_before_the_agent,
-        both_closed, cleanup, restart_under_traffic, scrape_after_restart,
+        BpfFs, Restarted, SHORT, Stop, WAIT, assert_nothing_lost, assert_opened_before_the_agent,
+        both_closed, cleanup, restart_under_traffic, restart_with, scrape_after_restart,
     },
     http_server, kernel_test, net, own_process_label,
 };
@@ -138,6 +138,28 @@ kernel_test!(
         net::join(server_thread)?;
         let scrape = scrape_after_restart(&second, &server)?;
         assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
+        assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
+        Ok(())
+    }
+);
+
+kernel_test!(
+    /// The same, the first agent killed with SIGKILL right after a scrape: no handover is
+    /// written, and the second recovers from the first's checkpoint (its last base, the
+    /// journal of the records it consumed since, then the ring buffer after them). Every
+    /// request is counted once and no counter goes back.
+    fn a_crash_under_traffic_loses_nothing() -> anyhow::Result<()> {
+        let fs = BpfFs::mount("crash-own")?;
+        let listener = TcpListener::bind("127.0.0.83:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
+        let Restarted { second, first_last, pooled_requests } =
+            restart_with(&fs, &server, Stop::Crash)?;
+        net::join(server_thread)?;
+        let scrape = scrape_after_restart(&second, &server)?;
+        assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
+        assert_eq!(scrape.sum("connscope_checkpoint_covered", &[]), 1.0, "{}", scrape.text);
         assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
         Ok(())
     }

@@ -56,10 +56,8 @@ pub fn encode(metrics: &Metrics) -> anyhow::Result<Vec<u8>> {
     Ok(gzip.finish()?)
 }
 
-/// Writes `blob` in chunks keyed from 0; the map is emptied first. Fails, leaving nothing,
-/// when it does not fit.
-pub fn write(map: &mut HashMap<MapData, u32, CarriedChunk>, blob: &[u8]) -> anyhow::Result<()> {
-    clear(map);
+/// `blob` cut into chunks, in order; an error when it needs more than the map holds.
+pub fn chunked(blob: &[u8]) -> anyhow::Result<Vec<CarriedChunk>> {
     let chunks = blob.chunks(CARRIED_CHUNK_BYTES);
     if chunks.len() > CARRIED_CHUNKS as usize {
         anyhow::bail!(
@@ -69,10 +67,21 @@ pub fn write(map: &mut HashMap<MapData, u32, CarriedChunk>, blob: &[u8]) -> anyh
             CARRIED_CHUNK_BYTES
         );
     }
-    for (index, piece) in chunks.enumerate() {
-        let mut chunk = CarriedChunk::zeroed();
-        chunk.len = piece.len() as u32;
-        chunk.bytes[..piece.len()].copy_from_slice(piece);
+    Ok(chunks
+        .map(|piece| {
+            let mut chunk = CarriedChunk::zeroed();
+            chunk.len = piece.len() as u32;
+            chunk.bytes[..piece.len()].copy_from_slice(piece);
+            chunk
+        })
+        .collect())
+}
+
+/// Writes `blob` in chunks keyed from 0; the map is emptied first. Fails, leaving nothing,
+/// when it does not fit.
+pub fn write(map: &mut HashMap<MapData, u32, CarriedChunk>, blob: &[u8]) -> anyhow::Result<()> {
+    clear(map);
+    for (index, chunk) in chunked(blob)?.into_iter().enumerate() {
         if let Err(err) = map.insert(index as u32, chunk, 0) {
             clear(map);
             anyhow::bail!("writing chunk {index}: {err}");

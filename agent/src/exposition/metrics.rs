@@ -156,6 +156,10 @@ mod tests {
         );
         names.extend([table::LISTEN_OVERFLOWS.name, table::LISTEN_DROPS.name]);
         names.push(table::CLIENT_PORT_RANGE_SIZE.name);
+        names.extend(
+            [table::CHECKPOINTS, table::CHECKPOINT_WRITE, table::CHECKPOINT_COVERED]
+                .map(|row| row.name),
+        );
         names.sort_unstable();
         let mut table: Vec<&str> = table::ALL.iter().map(|row| row.name).collect();
         table.sort_unstable();

@@ -25,9 +25,10 @@ use aya::{
     programs::links::FdLink,
 };
 use connscope_common::{
-    CARRIED_CHUNKS, CarriedChunk, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS, Handover,
-    IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting, SslCall,
-    kernel_config::contract_fingerprint, names::map,
+    CARRIED_CHUNKS, CarriedChunk, CheckpointSlot, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
+    Handover, IN_FLIGHT_CALLS, JournalChunk, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot,
+    Setting, SslCall, checkpoint::CHECKPOINT_SLOTS, kernel_config::contract_fingerprint,
+    names::map,
 };
 
 use crate::{
@@ -80,6 +81,19 @@ fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
         map::CARRIED_METRICS => shape(MapType::Hash, 4, size_of::<CarriedChunk>(), CARRIED_CHUNKS),
         map::TLS_CALLS => shape(MapType::LruHash, 8, size_of::<SslCall>(), IN_FLIGHT_CALLS),
         map::TLS_SOCKETS => shape(MapType::LruHash, 8, 8, DEFAULT_MAX_CONNECTIONS),
+        map::CHECKPOINT => shape(MapType::Array, 4, size_of::<CheckpointSlot>(), CHECKPOINT_SLOTS),
+        map::CHECKPOINT_CONNS => shape(
+            MapType::Hash,
+            8,
+            size_of::<Handover>(),
+            CHECKPOINT_SLOTS * config.max_connections,
+        ),
+        map::CHECKPOINT_METRICS => {
+            shape(MapType::Hash, 4, size_of::<CarriedChunk>(), CHECKPOINT_SLOTS * CARRIED_CHUNKS)
+        }
+        map::JOURNAL => {
+            shape(MapType::Array, 4, size_of::<JournalChunk>(), config.journal_chunks())
+        }
         _ => return None,
     })
 }

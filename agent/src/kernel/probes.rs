@@ -18,6 +18,7 @@ use aya::{
 };
 use connscope_common::{
     ProgramConfig, Setting, UserBuffers,
+    checkpoint::CHECKPOINT_SLOTS,
     names::{global, map, program},
 };
 
@@ -68,6 +69,8 @@ fn load(config: &Config, kernel: &Kernel, pins: Option<&Pins>) -> anyhow::Result
         .override_global(global::GENERATION, &generation, true)
         .map_max_entries(map::CONNS, config.max_connections)
         .map_max_entries(map::HANDOVER, config.max_connections + 1)
+        .map_max_entries(map::CHECKPOINT_CONNS, CHECKPOINT_SLOTS * config.max_connections)
+        .map_max_entries(map::JOURNAL, config.journal_chunks())
         .map_max_entries(map::EVENTS, config.ringbuf_bytes)
         .override_global(global::PAYLOAD_SYSCALLS, &payload_syscall_table(), true)
         .override_global(global::SOCK_LAYOUT, &kernel.sock_layout.unwrap_or_default(), true)

@@ -313,6 +313,16 @@ metric_table! {
     TLS_DECRYPTION_BUDGET = Gauge "tls_decryption_budget",
         "Share of one CPU a process may spend on its libssl uprobes before it is counted from ciphertext (--tls.budget; 0: no budget)",
         labels [];
+    /// The crash checkpoint (`pipeline::checkpoint`): the agent's own, never carried.
+    CHECKPOINTS = Counter "checkpoints",
+        "Bases of the crash checkpoint written (the metric values and live connections a killed agent's successor goes on from)",
+        labels [];
+    CHECKPOINT_WRITE = Counter "checkpoint_write" in Seconds,
+        "Time spent writing the crash checkpoint: the journal of consumed records after each batch, and the bases (--checkpoint.budget)",
+        labels [];
+    CHECKPOINT_COVERED = Gauge "checkpoint_covered",
+        "1 when a crash of the agent now would lose nothing (the checkpoint covers every record consumed); 0 while the journal is full and the budget allows no base yet",
+        labels [];
     LABEL_VALUES = Gauge "label_values",
         "Distinct values of a capped label in use; once at its cap (--metrics.max-servers, --metrics.max-processes) new values are exported as other",
         labels [CAPPED_LABEL];

@@ -7,8 +7,7 @@
 //! the last time before it wrote the handover, and reads it no more), [`StartupDrain`] opens
 //! the pinned ring buffer before any of that and a thread copies its records into a
 //! [`Backlog`] in memory. Once the pipeline has restored the handover it applies the
-//! backlog in order and carries on with the same ring buffer (its consumer position is
-//! kept by this `RingBuf`, so the ring must not be opened twice).
+//! backlog in order and carries on with the same ring buffer reader.
 //!
 //! The backlog is bounded ([`BACKLOG_RINGBUF_MULTIPLE`] times `--bpf.ringbuf-bytes`, 64 MiB
 //! with the default 4 MiB); a record that does not fit is dropped and counted as
@@ -25,10 +24,10 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use aya::maps::{HashMap, Map, MapData, RingBuf};
+use aya::maps::{HashMap, Map, MapData};
 use connscope_common::{Handover, names::map};
 
-use crate::pipeline::handover;
+use crate::pipeline::{handover, ring_reader::RingReader};
 
 /// The backlog may hold this many times the ring buffer's size.
 pub const BACKLOG_RINGBUF_MULTIPLE: usize = 16;
@@ -110,13 +109,13 @@ impl Backlog {
 /// it read: the next agent will not see them.
 pub struct StartupDrain {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<(RingBuf<MapData>, Backlog)>>,
+    thread: Option<JoinHandle<(RingReader, Backlog)>>,
 }
 
 /// What the drain held when it was stopped: the ring buffer to read on from, and the
 /// records read so far.
 pub struct Drained {
-    pub ring: RingBuf<MapData>,
+    pub ring: RingReader,
     pub backlog: Backlog,
 }
 
@@ -136,7 +135,7 @@ impl StartupDrain {
         }
         let events = MapData::from_pin(maps.join(map::EVENTS))
             .with_context(|| format!("opening the pinned {} ring buffer", map::EVENTS))?;
-        let mut ring = RingBuf::try_from(Map::from_map_data(events)?)?;
+        let mut ring = RingReader::new(events)?;
         let limit = ringbuf_bytes as usize * BACKLOG_RINGBUF_MULTIPLE;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();
@@ -147,11 +146,13 @@ impl StartupDrain {
                 loop {
                     let mut read = 0;
                     while read < BATCH
-                        && let Some(record) = ring.next()
+                        && let Some(record) = ring.next_record()
                     {
-                        backlog.push(&record);
+                        backlog.push(record);
                         read += 1;
                     }
+                    // Held in memory from here: a start-up that fails loses them (logged).
+                    ring.commit();
                     // What is left in the ring is read next by the pipeline, after the
                     // backlog: stopping between two batches keeps the order.
                     if stopping.load(Ordering::Acquire) {
@@ -172,7 +173,7 @@ impl StartupDrain {
         Ok(Drained { ring, backlog })
     }
 
-    fn stop_thread(&mut self) -> anyhow::Result<(RingBuf<MapData>, Backlog)> {
+    fn stop_thread(&mut self) -> anyhow::Result<(RingReader, Backlog)> {
         self.stop.store(true, Ordering::Release);
         let thread = self.thread.take().ok_or_else(|| anyhow!("the drain was stopped already"))?;
         thread.join().map_err(|_| anyhow!("the ring buffer drain thread panicked"))
@@ -206,7 +207,7 @@ fn handed_over(path: &Path) -> anyhow::Result<bool> {
 }
 
 /// Sleeps until the ring has records or [`POLL_MS`] passed.
-fn wait_readable(ring: &RingBuf<MapData>) {
+fn wait_readable(ring: &RingReader) {
     let mut fd = libc::pollfd { fd: ring.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd; the ring buffer keeps its descriptor open.
     unsafe { libc::poll(&mut fd, 1, POLL_MS) };

@@ -7,7 +7,7 @@ use std::{
     time::Instant,
 };
 
-use aya::maps::{HashMap, MapData, RingBuf};
+use aya::maps::{HashMap, MapData};
 use connscope_common::{CarriedChunk, Conn, EventKind, Handover};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::unix::AsyncFd;
@@ -15,13 +15,22 @@ use tokio::io::unix::AsyncFd;
 use crate::{
     exposition::{carry, kernel_stats::UserLosses, metrics::Metrics},
     model::{label_sets::EventKindLabel, socket_census::Census},
-    pipeline::{backlog::Backlog, events, handover, table::ConnectionTable},
+    pipeline::{
+        backlog::Backlog,
+        checkpoint::Checkpointer,
+        events, handover,
+        ring_reader::{self, RingReader},
+        table::ConnectionTable,
+    },
 };
+
+/// Records applied between two checkpoint journal writes at most.
+const BATCH: usize = 4096;
 
 /// The path from the ring buffer to the metrics.
 pub struct Pipeline {
     /// Polled by the agent's loop for readiness.
-    pub ring: AsyncFd<RingBuf<MapData>>,
+    pub ring: AsyncFd<RingReader>,
     conns: HashMap<MapData, u64, Conn>,
     table: ConnectionTable,
     counters: EventCounters,
@@ -32,26 +41,95 @@ pub struct Pipeline {
     handover: Option<HashMap<MapData, u64, Handover>>,
     /// With pinned state: where it leaves its metric values (`carry`).
     carried: Option<HashMap<MapData, u32, CarriedChunk>>,
+    /// With pinned state and a budget: the crash checkpoint.
+    checkpoint: Option<Checkpointer>,
 }
 
 impl Pipeline {
+    #[expect(clippy::too_many_arguments, reason = "the parts the agent built, moved in once")]
     pub fn new(
-        ring: AsyncFd<RingBuf<MapData>>,
+        ring: AsyncFd<RingReader>,
         conns: HashMap<MapData, u64, Conn>,
         table: ConnectionTable,
         counters: EventCounters,
         losses: Arc<UserLosses>,
         handover: Option<HashMap<MapData, u64, Handover>>,
         carried: Option<HashMap<MapData, u32, CarriedChunk>>,
+        checkpoint: Option<Checkpointer>,
     ) -> Self {
-        Self { ring, conns, table, counters, losses, sweep: Vec::new(), handover, carried }
+        Self {
+            ring,
+            conns,
+            table,
+            counters,
+            losses,
+            sweep: Vec::new(),
+            handover,
+            carried,
+            checkpoint,
+        }
     }
 
+    /// Applies what waits in the ring buffer, a batch at a time; each batch is journaled
+    /// (with a checkpoint) before the kernel gets its space back.
     pub fn drain(&mut self) {
         let ring = self.ring.get_mut();
-        while let Some(record) = ring.next() {
-            apply_record(&mut self.table, &self.counters, &self.losses, &record);
+        loop {
+            let mut read = 0;
+            while read < BATCH
+                && let Some(record) = ring.next_record()
+            {
+                apply_record(&mut self.table, &self.counters, &self.losses, record);
+                read += 1;
+            }
+            if let Some(checkpoint) = &mut self.checkpoint {
+                checkpoint.after_batch(ring.uncommitted(), ring.position(), &self.table);
+            }
+            if !ring.commit() || read == 0 {
+                return;
+            }
         }
+    }
+
+    /// A fresh agent: no earlier checkpoint describes what it consumes.
+    pub fn start_checkpoint_afresh(&mut self) {
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.start_afresh();
+        }
+    }
+
+    /// After a crash (no handover): applies the last checkpoint's base and journal, and
+    /// reads the ring buffer on from after them. False when there is none to use.
+    fn recover_from_checkpoint(&mut self) -> bool {
+        let Some(recovered) = self.checkpoint.as_ref().and_then(Checkpointer::recover) else {
+            return false;
+        };
+        if let Err(err) = self.ring.get_mut().skip_to(recovered.resume_pos) {
+            tracing::warn!("the previous agent's checkpoint is not used: {err:#}");
+            return false;
+        }
+        let carried = recovered.metrics_text.as_deref().map(|text| self.table.carry_on(text));
+        let restored = recovered
+            .connections
+            .iter()
+            .filter(|(sock, entry)| self.table.restore(*sock, entry))
+            .count();
+        let mut replayed = 0u64;
+        for record in ring_reader::records_in(&recovered.journal) {
+            apply_record(&mut self.table, &self.counters, &self.losses, record);
+            replayed += 1;
+        }
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.resume(&recovered);
+        }
+        tracing::info!(
+            age_ms = recovered.age.as_millis() as u64,
+            series = carried.as_ref().map_or(0, |carried| carried.series),
+            restored,
+            replayed,
+            "recovered from the crashed agent's checkpoint"
+        );
+        true
     }
 
     /// After a takeover: reads what waited in the pinned ring buffer (connections opened
@@ -64,6 +142,9 @@ impl Pipeline {
         let entries = self.handover.as_mut().and_then(handover::take);
         // Emptied in any case: values left without a handover are a crashed agent's.
         let carried = self.carried.as_mut().and_then(carry::take);
+        if entries.is_some() || !self.recover_from_checkpoint() {
+            self.start_checkpoint_afresh();
+        }
         if let Some(text) =
             carried.filter(|_| entries.is_some()).and_then(|blob| carry::decompress(&blob))
         {

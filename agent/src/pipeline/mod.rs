@@ -3,6 +3,7 @@
 //! ports), and the state handed from one agent to the next.
 
 pub mod backlog;
+pub mod checkpoint;
 pub mod classify;
 pub mod driver;
 pub mod events;
@@ -12,5 +13,6 @@ pub mod http;
 pub mod http_session;
 pub mod pod_resolver;
 pub mod recent_closes;
+pub mod ring_reader;
 pub mod socket_count;
 pub mod table;

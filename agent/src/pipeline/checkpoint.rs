@@ -1,0 +1,401 @@
+//! The crash checkpoint: what a killed agent's successor recovers from when no handover
+//! was written (`connscope_common::checkpoint` has the pinned layout).
+//!
+//! A checkpoint taken on a timer alone cannot be exact: a connection that closes after it
+//! has its kernel entry deleted and its `Close` record consumed. So the checkpoint is tied
+//! to the records it covers, as a write-ahead log is:
+//! - after each drain batch, the batch's ring buffer bytes are appended to the pinned
+//!   journal and the commit word is advanced, and only then does the kernel get that space
+//!   back (`ring_reader`);
+//! - a base (the metric values, as the graceful carry encodes them, and the live
+//!   connections, as the handover writes them) is written into the slot not in use, and
+//!   the commit word then names it with an empty journal.
+//!
+//! Recovery applies the named base, the journal's records, then the ring buffer from the
+//! position after them: each record once, and the counters go on without a reset.
+//!
+//! Cost: the journal costs a copy and a map update per 64 KiB chunk touched per batch. A
+//! base costs the carry's encode (about 42 ms at the label caps) and a map update per live
+//! connection; it is written every [`BASE_INTERVAL`], or when the journal is half full,
+//! but never sooner after the last one than its cost divided by `--checkpoint.budget`.
+//! When the journal fills before the budget allows a base, the agent stops covering
+//! (`connscope_checkpoint_covered` 0) until the next base: a crash then loses what it lost
+//! without a checkpoint, and never counts a record twice.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap, Map, MapData};
+use connscope_common::{
+    CarriedChunk, CheckpointSlot, Handover, JournalChunk, PinSlot,
+    checkpoint::{
+        CHECKPOINT_SLOTS, Commit, JOURNAL_CHUNK_BYTES, connection_key, connection_of, metrics_key,
+    },
+    names::map,
+};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::{
+    exposition::{carry, metrics},
+    model::{clock::monotonic_ns, metric_table},
+    pipeline::{handover, table::ConnectionTable},
+};
+
+/// A base at least this often while the budget allows.
+pub const BASE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The checkpoint's pinned maps, opened by path (the programs never touch them).
+pub struct CheckpointMaps {
+    slots: Array<MapData, CheckpointSlot>,
+    conns: HashMap<MapData, u64, Handover>,
+    metrics: HashMap<MapData, u32, CarriedChunk>,
+    journal: Array<MapData, JournalChunk>,
+    pin_state: Array<MapData, u64>,
+}
+
+fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
+    maps: &Path,
+    name: &str,
+) -> anyhow::Result<T> {
+    let data = MapData::from_pin(maps.join(name))
+        .with_context(|| format!("opening the pinned {name} map"))?;
+    Ok(T::try_from(Map::from_map_data(data)?)?)
+}
+
+impl CheckpointMaps {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
+        let maps = pin_dir.join("maps");
+        Ok(Self {
+            slots: open(&maps, map::CHECKPOINT)?,
+            conns: open(&maps, map::CHECKPOINT_CONNS)?,
+            metrics: open(&maps, map::CHECKPOINT_METRICS)?,
+            journal: open(&maps, map::JOURNAL)?,
+            pin_state: open(&maps, map::PIN_STATE)?,
+        })
+    }
+
+    fn commit(&mut self, commit: Option<Commit>) -> anyhow::Result<()> {
+        let word = commit.map_or(0, Commit::encode);
+        self.pin_state.set(PinSlot::Checkpoint as u32, word, 0).context("writing the commit word")
+    }
+
+    /// Journal bytes `0..len`.
+    fn read_journal(&self, len: usize) -> anyhow::Result<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(len);
+        for index in 0..len.div_ceil(JOURNAL_CHUNK_BYTES) {
+            let chunk = self.journal.get(&(index as u32), 0)?;
+            let take = (len - bytes.len()).min(JOURNAL_CHUNK_BYTES);
+            bytes.extend_from_slice(&chunk.bytes[..take]);
+        }
+        Ok(bytes)
+    }
+}
+
+/// The base a commit word names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Base {
+    slot: u32,
+    seq: u64,
+}
+
+/// What a crashed agent left: its last base and the journal after it.
+pub struct Recovered {
+    base: Base,
+    pub metrics_text: Option<String>,
+    pub connections: Vec<(u64, Handover)>,
+    pub journal: Vec<u8>,
+    /// The ring buffer position after the journal's records.
+    pub resume_pos: u64,
+    pub age: Duration,
+}
+
+/// The last complete checkpoint, if one is usable; why not is logged.
+pub fn recover(maps: &CheckpointMaps) -> Option<Recovered> {
+    match read_checkpoint(maps) {
+        Ok(Some(recovered)) => Some(recovered),
+        Ok(None) => {
+            tracing::info!("no checkpoint of a previous agent");
+            None
+        }
+        Err(err) => {
+            tracing::warn!("the previous agent's checkpoint is not used: {err:#}");
+            None
+        }
+    }
+}
+
+fn read_checkpoint(maps: &CheckpointMaps) -> anyhow::Result<Option<Recovered>> {
+    let word = maps.pin_state.get(&(PinSlot::Checkpoint as u32), 0)?;
+    let Some(commit) = Commit::decode(word) else { return Ok(None) };
+    let header = maps.slots.get(&commit.slot, 0)?;
+    anyhow::ensure!(commit.names(&header), "its slot {} was being rewritten", commit.slot);
+    let age = Duration::from_nanos(monotonic_ns().saturating_sub(header.written_ns));
+    anyhow::ensure!(
+        age <= handover::MAX_AGE,
+        "its base is {} s old (at most {} s)",
+        age.as_secs(),
+        handover::MAX_AGE.as_secs()
+    );
+    let mut blob = Vec::with_capacity(header.metric_bytes as usize);
+    for index in 0..header.metric_chunks {
+        blob.extend_from_slice(maps.metrics.get(&metrics_key(commit.slot, index), 0)?.used());
+    }
+    anyhow::ensure!(blob.len() as u64 == header.metric_bytes, "its metric values are incomplete");
+    let connections: Vec<(u64, Handover)> = maps
+        .conns
+        .iter()
+        .filter_map(Result::ok)
+        .filter_map(|(key, entry)| match connection_of(key) {
+            Some((slot, sock)) if slot == commit.slot => Some((sock, entry)),
+            _ => None,
+        })
+        .collect();
+    anyhow::ensure!(
+        connections.len() == header.connections as usize,
+        "{} of its {} connections found",
+        connections.len(),
+        header.connections
+    );
+    let journal = maps.read_journal(commit.journal_bytes as usize)?;
+    Ok(Some(Recovered {
+        base: Base { slot: commit.slot, seq: header.seq },
+        metrics_text: (!blob.is_empty()).then(|| carry::decompress(&blob)).flatten(),
+        connections,
+        resume_pos: header.ring_pos + journal.len() as u64,
+        journal,
+        age,
+    }))
+}
+
+/// `connscope_checkpoint*`: the agent's own account of its checkpoint.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointMetrics {
+    bases: Counter,
+    write_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    covered: Gauge,
+}
+
+impl CheckpointMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        metrics::register(registry, &metric_table::CHECKPOINTS, self.bases.clone());
+        metrics::register(registry, &metric_table::CHECKPOINT_WRITE, self.write_seconds.clone());
+        metrics::register(registry, &metric_table::CHECKPOINT_COVERED, self.covered.clone());
+    }
+}
+
+/// The running agent's side: journal after each batch, a base when due.
+pub struct Checkpointer {
+    maps: CheckpointMaps,
+    budget: f64,
+    /// Journal bytes the map holds.
+    capacity: usize,
+    /// The journal since the current base, mirrored: a flush rewrites only the chunks it
+    /// touches.
+    journal: Vec<u8>,
+    flushed: usize,
+    scratch: Box<JournalChunk>,
+    /// `None`: a crash now would not be covered.
+    base: Option<Base>,
+    next_seq: u64,
+    /// What each slot holds, so it is emptied before it is written again.
+    slot_keys: [Vec<u64>; CHECKPOINT_SLOTS as usize],
+    slot_chunks: [u32; CHECKPOINT_SLOTS as usize],
+    last_base: Instant,
+    next_base_allowed: Instant,
+    stats: CheckpointMetrics,
+}
+
+impl Checkpointer {
+    /// Opens the checkpoint of `pin_dir`; it covers nothing until [`Self::resume`] or the
+    /// first base.
+    pub fn open(
+        pin_dir: &Path,
+        budget: f64,
+        journal_chunks: u32,
+        stats: CheckpointMetrics,
+    ) -> anyhow::Result<Self> {
+        let maps = CheckpointMaps::open(pin_dir)?;
+        let mut slot_keys: [Vec<u64>; 2] = Default::default();
+        for key in maps.conns.keys().filter_map(Result::ok) {
+            if let Some((slot, _)) = connection_of(key) {
+                slot_keys[slot as usize].push(key);
+            }
+        }
+        let mut slot_chunks = [0; 2];
+        for key in maps.metrics.keys().filter_map(Result::ok) {
+            let slot = (key >> 16) as usize;
+            if let Some(chunks) = slot_chunks.get_mut(slot) {
+                *chunks = (*chunks).max((key & 0xffff) + 1);
+            }
+        }
+        let now = Instant::now();
+        Ok(Self {
+            maps,
+            budget,
+            capacity: journal_chunks as usize * JOURNAL_CHUNK_BYTES,
+            journal: Vec::new(),
+            flushed: 0,
+            scratch: Box::new(JournalChunk { bytes: [0; JOURNAL_CHUNK_BYTES] }),
+            base: None,
+            next_seq: 1,
+            slot_keys,
+            slot_chunks,
+            last_base: now,
+            next_base_allowed: now,
+            stats,
+        })
+    }
+
+    /// The previous agent's checkpoint, read for recovery.
+    pub fn recover(&self) -> Option<Recovered> {
+        recover(&self.maps)
+    }
+
+    /// Goes on with a recovered checkpoint: what this agent consumes from now on is
+    /// appended to the same journal, so a crash during its start-up is covered too.
+    pub fn resume(&mut self, recovered: &Recovered) {
+        self.base = Some(recovered.base);
+        self.next_seq = recovered.base.seq + 1;
+        self.journal.clone_from(&recovered.journal);
+        self.flushed = self.journal.len();
+        self.stats.covered.set(1);
+    }
+
+    /// Forgets a checkpoint this agent does not go on with (after a handover, or a stale
+    /// one): from now on it describes nothing this agent consumed.
+    pub fn start_afresh(&mut self) {
+        self.uncover(None);
+    }
+
+    /// After a batch of records read from the ring buffer and applied to `table`, before
+    /// the ring buffer gets their space back: `bytes` are those records as the ring held
+    /// them, and `ring_pos` the position after them.
+    pub fn after_batch(&mut self, bytes: &[u8], ring_pos: u64, table: &ConnectionTable) {
+        let started = Instant::now();
+        let journaled = self.base.is_some() && self.append(bytes);
+        let due = !journaled
+            || self.journal.len() > self.capacity / 2
+            || started >= self.last_base + BASE_INTERVAL;
+        if due && started >= self.next_base_allowed {
+            self.write_base(ring_pos, table);
+        } else if !journaled && self.base.is_some() {
+            self.uncover(Some(
+                "the journal is full and --checkpoint.budget allows no base yet".into(),
+            ));
+        }
+        self.stats.write_seconds.inc_by(started.elapsed().as_secs_f64());
+    }
+
+    /// Appends `bytes` to the journal and commits it; false when they do not fit or the
+    /// write failed (nothing of them is then committed).
+    fn append(&mut self, bytes: &[u8]) -> bool {
+        if bytes.is_empty() {
+            return true;
+        }
+        if self.journal.len() + bytes.len() > self.capacity {
+            return false;
+        }
+        self.journal.extend_from_slice(bytes);
+        match self.flush() {
+            Ok(()) => true,
+            Err(err) => {
+                self.journal.truncate(self.flushed);
+                tracing::warn!("journal not written: {err:#}");
+                false
+            }
+        }
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let Some(base) = self.base else { return Ok(()) };
+        let first = self.flushed / JOURNAL_CHUNK_BYTES;
+        for index in first..self.journal.len().div_ceil(JOURNAL_CHUNK_BYTES) {
+            let start = index * JOURNAL_CHUNK_BYTES;
+            let piece = &self.journal[start..self.journal.len().min(start + JOURNAL_CHUNK_BYTES)];
+            self.scratch.bytes[..piece.len()].copy_from_slice(piece);
+            let chunk: &JournalChunk = &self.scratch;
+            self.maps.journal.set(index as u32, chunk, 0)?;
+        }
+        let journal_bytes = u32::try_from(self.journal.len())?;
+        self.maps.commit(Some(Commit { slot: base.slot, seq: base.seq as u32, journal_bytes }))?;
+        self.flushed = self.journal.len();
+        Ok(())
+    }
+
+    fn write_base(&mut self, ring_pos: u64, table: &ConnectionTable) {
+        let started = Instant::now();
+        let base = Base { slot: self.base.map_or(0, |base| 1 - base.slot), seq: self.next_seq };
+        match self.fill_slot(base, ring_pos, table) {
+            Ok(()) => {
+                self.base = Some(base);
+                self.next_seq += 1;
+                self.journal.clear();
+                self.flushed = 0;
+                self.stats.bases.inc();
+                if self.stats.covered.set(1) == 0 {
+                    tracing::info!("a crash of this agent is covered by its checkpoint");
+                }
+            }
+            Err(err) => self.uncover(Some(format!("checkpoint base not written: {err:#}"))),
+        }
+        let cost = started.elapsed();
+        self.last_base = Instant::now();
+        self.next_base_allowed = started + cost.div_f64(self.budget);
+    }
+
+    /// Writes `base` into its slot (the one the commit word does not name), then names it.
+    fn fill_slot(
+        &mut self,
+        base: Base,
+        ring_pos: u64,
+        table: &ConnectionTable,
+    ) -> anyhow::Result<()> {
+        let slot = base.slot as usize;
+        for key in self.slot_keys[slot].drain(..) {
+            let _ = self.maps.conns.remove(&key);
+        }
+        for index in 0..std::mem::take(&mut self.slot_chunks[slot]) {
+            let _ = self.maps.metrics.remove(&metrics_key(base.slot, index));
+        }
+        let blob = table.carried_metrics()?;
+        for (index, chunk) in carry::chunked(&blob)?.into_iter().enumerate() {
+            self.maps.metrics.insert(metrics_key(base.slot, index as u32), chunk, 0)?;
+            self.slot_chunks[slot] += 1;
+        }
+        for (sock, entry) in table.handover() {
+            let key = connection_key(sock, base.slot);
+            self.maps.conns.insert(key, entry, 0).context("a connection")?;
+            self.slot_keys[slot].push(key);
+        }
+        let header = CheckpointSlot {
+            seq: base.seq,
+            written_ns: monotonic_ns(),
+            ring_pos,
+            connections: self.slot_keys[slot].len() as u32,
+            metric_chunks: self.slot_chunks[slot],
+            metric_bytes: blob.len() as u64,
+        };
+        self.maps.slots.set(base.slot, header, 0)?;
+        self.maps.commit(Some(Commit { slot: base.slot, seq: base.seq as u32, journal_bytes: 0 }))
+    }
+
+    /// Stops covering: the commit word names nothing until the next base.
+    fn uncover(&mut self, reason: Option<String>) {
+        if let Err(err) = self.maps.commit(None) {
+            tracing::warn!("{err:#}");
+        }
+        let was = self.stats.covered.set(0);
+        if let (Some(reason), 1) = (reason, was) {
+            tracing::warn!("a crash of this agent is not covered until the next base: {reason}");
+        }
+        self.base = None;
+        self.journal.clear();
+        self.flushed = 0;
+    }
+}
