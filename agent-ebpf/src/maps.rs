@@ -16,6 +16,8 @@ use connscope_common::{
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
 const NO_PREALLOC: u32 = 1;
+/// `BPF_F_MMAPABLE`: an array userspace can map.
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Per-socket state, keyed by the `struct sock` address. Bounded: when full, new
 /// connections are counted as lost (`map_full`) and the host's traffic is unaffected.
@@ -86,10 +88,11 @@ pub static CHECKPOINT_CONNS: HashMap<u64, Handover> =
 pub static CHECKPOINT_METRICS: HashMap<u32, CarriedChunk> =
     HashMap::with_max_entries(CHECKPOINT_SLOTS * CARRIED_CHUNKS, NO_PREALLOC);
 
-/// Sized by the agent for its `--bpf.ringbuf-bytes` (`journal_chunks`).
+/// Sized by the agent for its `--bpf.ringbuf-bytes` (`journal_chunks`); mapped into the
+/// agent's memory (`BPF_F_MMAPABLE`), so a journal write is a copy, not a syscall.
 #[map]
 pub static JOURNAL: Array<JournalChunk> =
-    Array::with_max_entries(journal_chunks(DEFAULT_RINGBUF_BYTES), 0);
+    Array::with_max_entries(journal_chunks(DEFAULT_RINGBUF_BYTES), BPF_F_MMAPABLE);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

@@ -188,7 +188,6 @@ impl Agent {
             Some(pins) if config.checkpoints() => Checkpointer::open(
                 pins.dir(),
                 config.checkpoint_budget,
-                config.journal_chunks(),
                 checkpoint_metrics,
             )
             .map_err(|err| tracing::warn!("no crash checkpoint: {err:#}"))

@@ -172,10 +172,14 @@ kernel_test!(
         assert_eq!(code, Some(0));
         let maps = [
             "CARRIED_METRICS",
+            "CHECKPOINT",
+            "CHECKPOINT_CONNS",
+            "CHECKPOINT_METRICS",
             "CONNECTS_IN_FLIGHT",
             "CONNS",
             "EVENTS",
             "HANDOVER",
+            "JOURNAL",
             "LISTEN_PORTS",
             "LOST",
             "PIN_STATE",

@@ -14,7 +14,8 @@
 //! Recovery applies the named base, the journal's records, then the ring buffer from the
 //! position after them: each record once, and the counters go on without a reset.
 //!
-//! Cost: the journal costs a copy and a map update per 64 KiB chunk touched per batch. A
+//! Cost: the journal is an array mapped into the agent's memory: a batch costs a copy of
+//! its bytes and one map update (the commit word). A
 //! base costs the carry's encode (about 42 ms at the label caps) and a map update per live
 //! connection; it is written every [`BASE_INTERVAL`], or when the journal is half full,
 //! but never sooner after the last one than its cost divided by `--checkpoint.budget`.
@@ -28,9 +29,11 @@ use std::{
 };
 
 use anyhow::Context as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
+
 use aya::maps::{Array, HashMap, Map, MapData};
 use connscope_common::{
-    CarriedChunk, CheckpointSlot, Handover, JournalChunk, PinSlot,
+    CarriedChunk, CheckpointSlot, Handover, PinSlot,
     checkpoint::{
         CHECKPOINT_SLOTS, Commit, JOURNAL_CHUNK_BYTES, connection_key, connection_of, metrics_key,
     },
@@ -44,7 +47,7 @@ use prometheus_client::{
 use crate::{
     exposition::{carry, metrics},
     model::{clock::monotonic_ns, metric_table},
-    pipeline::{handover, table::ConnectionTable},
+    pipeline::{handover, ring_reader::Mapping, table::ConnectionTable},
 };
 
 /// A base at least this often while the budget allows.
@@ -55,7 +58,9 @@ pub struct CheckpointMaps {
     slots: Array<MapData, CheckpointSlot>,
     conns: HashMap<MapData, u64, Handover>,
     metrics: HashMap<MapData, u32, CarriedChunk>,
-    journal: Array<MapData, JournalChunk>,
+    /// The `JOURNAL` array's memory, mapped.
+    journal: Mapping,
+    _journal_map: MapData,
     pin_state: Array<MapData, u64>,
 }
 
@@ -71,11 +76,22 @@ fn open<T: TryFrom<Map, Error = aya::maps::MapError>>(
 impl CheckpointMaps {
     pub fn open(pin_dir: &Path) -> anyhow::Result<Self> {
         let maps = pin_dir.join("maps");
+        let journal_map = MapData::from_pin(maps.join(map::JOURNAL))
+            .with_context(|| format!("opening the pinned {} map", map::JOURNAL))?;
+        let chunks = journal_map.info()?.max_entries() as usize;
+        let fd = journal_map.fd().as_fd().as_raw_fd();
+        let journal = Mapping::new(
+            fd,
+            chunks * JOURNAL_CHUNK_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            0,
+        )?;
         Ok(Self {
             slots: open(&maps, map::CHECKPOINT)?,
             conns: open(&maps, map::CHECKPOINT_CONNS)?,
             metrics: open(&maps, map::CHECKPOINT_METRICS)?,
-            journal: open(&maps, map::JOURNAL)?,
+            journal,
+            _journal_map: journal_map,
             pin_state: open(&maps, map::PIN_STATE)?,
         })
     }
@@ -87,13 +103,11 @@ impl CheckpointMaps {
 
     /// Journal bytes `0..len`.
     fn read_journal(&self, len: usize) -> anyhow::Result<Vec<u8>> {
-        let mut bytes = Vec::with_capacity(len);
-        for index in 0..len.div_ceil(JOURNAL_CHUNK_BYTES) {
-            let chunk = self.journal.get(&(index as u32), 0)?;
-            let take = (len - bytes.len()).min(JOURNAL_CHUNK_BYTES);
-            bytes.extend_from_slice(&chunk.bytes[..take]);
-        }
-        Ok(bytes)
+        let bytes = self.journal.bytes();
+        let journal = bytes.get(..len).with_context(|| {
+            format!("its journal of {len} bytes is longer than the map's {}", bytes.len())
+        })?;
+        Ok(journal.to_vec())
     }
 }
 
@@ -195,11 +209,8 @@ pub struct Checkpointer {
     budget: f64,
     /// Journal bytes the map holds.
     capacity: usize,
-    /// The journal since the current base, mirrored: a flush rewrites only the chunks it
-    /// touches.
-    journal: Vec<u8>,
-    flushed: usize,
-    scratch: Box<JournalChunk>,
+    /// Journal bytes since the current base (all committed).
+    journal_len: usize,
     /// `None`: a crash now would not be covered.
     base: Option<Base>,
     next_seq: u64,
@@ -214,12 +225,7 @@ pub struct Checkpointer {
 impl Checkpointer {
     /// Opens the checkpoint of `pin_dir`; it covers nothing until [`Self::resume`] or the
     /// first base.
-    pub fn open(
-        pin_dir: &Path,
-        budget: f64,
-        journal_chunks: u32,
-        stats: CheckpointMetrics,
-    ) -> anyhow::Result<Self> {
+    pub fn open(pin_dir: &Path, budget: f64, stats: CheckpointMetrics) -> anyhow::Result<Self> {
         let maps = CheckpointMaps::open(pin_dir)?;
         let mut slot_keys: [Vec<u64>; 2] = Default::default();
         for key in maps.conns.keys().filter_map(Result::ok) {
@@ -236,12 +242,9 @@ impl Checkpointer {
         }
         let now = Instant::now();
         Ok(Self {
-            maps,
             budget,
-            capacity: journal_chunks as usize * JOURNAL_CHUNK_BYTES,
-            journal: Vec::new(),
-            flushed: 0,
-            scratch: Box::new(JournalChunk { bytes: [0; JOURNAL_CHUNK_BYTES] }),
+            capacity: maps.journal.bytes().len(),
+            journal_len: 0,
             base: None,
             next_seq: 1,
             slot_keys,
@@ -249,6 +252,7 @@ impl Checkpointer {
             last_base: now,
             next_base_allowed: now,
             stats,
+            maps,
         })
     }
 
@@ -262,8 +266,7 @@ impl Checkpointer {
     pub fn resume(&mut self, recovered: &Recovered) {
         self.base = Some(recovered.base);
         self.next_seq = recovered.base.seq + 1;
-        self.journal.clone_from(&recovered.journal);
-        self.flushed = self.journal.len();
+        self.journal_len = recovered.journal.len();
         self.stats.covered.set(1);
     }
 
@@ -280,7 +283,7 @@ impl Checkpointer {
         let started = Instant::now();
         let journaled = self.base.is_some() && self.append(bytes);
         let due = !journaled
-            || self.journal.len() > self.capacity / 2
+            || self.journal_len > self.capacity / 2
             || started >= self.last_base + BASE_INTERVAL;
         if due && started >= self.next_base_allowed {
             self.write_base(ring_pos, table);
@@ -292,40 +295,32 @@ impl Checkpointer {
         self.stats.write_seconds.inc_by(started.elapsed().as_secs_f64());
     }
 
-    /// Appends `bytes` to the journal and commits it; false when they do not fit or the
-    /// write failed (nothing of them is then committed).
+    /// Appends `bytes` to the journal and commits them; false when they do not fit or the
+    /// commit failed (the journal's committed length is then unchanged).
     fn append(&mut self, bytes: &[u8]) -> bool {
+        let Some(base) = self.base else { return false };
         if bytes.is_empty() {
             return true;
         }
-        if self.journal.len() + bytes.len() > self.capacity {
+        let end = self.journal_len + bytes.len();
+        if end > self.capacity {
             return false;
         }
-        self.journal.extend_from_slice(bytes);
-        match self.flush() {
-            Ok(()) => true,
+        // Past the committed length: a reader after a crash does not look there yet.
+        self.maps.journal.bytes_mut()[self.journal_len..end].copy_from_slice(bytes);
+        let commit = u32::try_from(end).map_err(anyhow::Error::from).and_then(|journal_bytes| {
+            self.maps.commit(Some(Commit { slot: base.slot, seq: base.seq as u32, journal_bytes }))
+        });
+        match commit {
+            Ok(()) => {
+                self.journal_len = end;
+                true
+            }
             Err(err) => {
-                self.journal.truncate(self.flushed);
-                tracing::warn!("journal not written: {err:#}");
+                tracing::warn!("journal not committed: {err:#}");
                 false
             }
         }
-    }
-
-    fn flush(&mut self) -> anyhow::Result<()> {
-        let Some(base) = self.base else { return Ok(()) };
-        let first = self.flushed / JOURNAL_CHUNK_BYTES;
-        for index in first..self.journal.len().div_ceil(JOURNAL_CHUNK_BYTES) {
-            let start = index * JOURNAL_CHUNK_BYTES;
-            let piece = &self.journal[start..self.journal.len().min(start + JOURNAL_CHUNK_BYTES)];
-            self.scratch.bytes[..piece.len()].copy_from_slice(piece);
-            let chunk: &JournalChunk = &self.scratch;
-            self.maps.journal.set(index as u32, chunk, 0)?;
-        }
-        let journal_bytes = u32::try_from(self.journal.len())?;
-        self.maps.commit(Some(Commit { slot: base.slot, seq: base.seq as u32, journal_bytes }))?;
-        self.flushed = self.journal.len();
-        Ok(())
     }
 
     fn write_base(&mut self, ring_pos: u64, table: &ConnectionTable) {
@@ -335,8 +330,7 @@ impl Checkpointer {
             Ok(()) => {
                 self.base = Some(base);
                 self.next_seq += 1;
-                self.journal.clear();
-                self.flushed = 0;
+                self.journal_len = 0;
                 self.stats.bases.inc();
                 if self.stats.covered.set(1) == 0 {
                     tracing::info!("a crash of this agent is covered by its checkpoint");
@@ -395,7 +389,6 @@ impl Checkpointer {
             tracing::warn!("a crash of this agent is not covered until the next base: {reason}");
         }
         self.base = None;
-        self.journal.clear();
-        self.flushed = 0;
+        self.journal_len = 0;
     }
 }

@@ -71,24 +71,38 @@ pub fn records_in(mut bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     })
 }
 
-/// A shared mapping of the map's pages, unmapped on drop.
-struct Mapping {
+/// A shared mapping of a map's pages, unmapped on drop.
+pub struct Mapping {
     ptr: NonNull<u8>,
     len: usize,
 }
 
 impl Mapping {
-    fn new(fd: RawFd, len: usize, prot: i32, offset: usize) -> anyhow::Result<Self> {
-        // SAFETY: a fresh mapping of the ring buffer's own fd; the kernel checks the length,
+    pub fn new(fd: RawFd, len: usize, prot: i32, offset: usize) -> anyhow::Result<Self> {
+        // SAFETY: a fresh mapping of a map's own fd; the kernel checks the length,
         // protection and offset against the map's layout.
         let ptr = unsafe {
             libc::mmap(std::ptr::null_mut(), len, prot, libc::MAP_SHARED, fd, offset as i64)
         };
         if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mapping the ring buffer");
+            return Err(std::io::Error::last_os_error()).context("mapping a BPF map");
         }
         let ptr = NonNull::new(ptr.cast()).ok_or_else(|| anyhow!("mmap returned null"))?;
         Ok(Self { ptr, len })
+    }
+}
+
+impl Mapping {
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `len` bytes mapped for as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The mapped bytes, for a writable mapping. Other processes may map them too: the
+    /// agent writes only what no reader trusts yet (past the committed length).
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above; `&mut self` makes this the only view from this process.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 }
 
