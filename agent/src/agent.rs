@@ -185,13 +185,11 @@ impl Agent {
             None => (None, None),
         };
         let checkpoint = match &probes.pins {
-            Some(pins) if config.checkpoints() => Checkpointer::open(
-                pins.dir(),
-                config.checkpoint_budget,
-                checkpoint_metrics,
-            )
-            .map_err(|err| tracing::warn!("no crash checkpoint: {err:#}"))
-            .ok(),
+            Some(pins) if config.checkpoints() => {
+                Checkpointer::open(pins.dir(), config.checkpoint_budget, checkpoint_metrics)
+                    .map_err(|err| tracing::warn!("no crash checkpoint: {err:#}"))
+                    .ok()
+            }
             _ => None,
         };
         let mut pipeline =

@@ -14,42 +14,54 @@ use std::{
 use connscope_tests::{
     Scrape,
     continuity::{
-        BpfFs, Restarted, SHORT, SHORT_REQUESTS, WAIT, assert_nothing_lost, restart_under_traffic,
+        BpfFs, Restarted, SHORT, SHORT_REQUESTS, Stop, WAIT, assert_nothing_lost, restart_with,
         scrape_after_restart,
     },
     free_port, kernel_test,
     nginx::{Nginx, NginxConfig, SelfSignedTls},
 };
 
+/// Restart under traffic against nginx, the first agent ending as `stop` says; checked
+/// against nginx's `$connection_requests`.
+fn against_nginx(tag: &str, stop: Stop) -> anyhow::Result<()> {
+    let fs = BpfFs::mount(tag)?;
+    let nginx = Nginx::start(NginxConfig {
+        port: free_port(),
+        keepalive_timeout: Duration::from_secs(60),
+        keepalive_requests: 100_000,
+        workers: 1,
+        advertise_keep_alive: false,
+    })?;
+    // `http_server::request` reads a 2-byte body.
+    std::fs::write(nginx.dir.join("html/resource"), "ok")?;
+    let server = nginx.server();
+    let Restarted { second, first_last, pooled_requests } = restart_with(&fs, &server, stop)?;
+    let scrape = scrape_after_restart(&second, &server)?;
+
+    let mut truth: Vec<u64> = nginx.requests_per_connection()?.into_values().collect();
+    truth.sort_unstable();
+    let mut expected = vec![SHORT_REQUESTS; SHORT];
+    expected.push(pooled_requests);
+    expected.sort_unstable();
+    assert_eq!(truth, expected, "nginx's $connection_requests");
+    assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
+    assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
+    eprintln!(
+        "{stop:?} under traffic: {pooled_requests} pooled requests and {SHORT} short connections, 0 lost"
+    );
+    Ok(())
+}
+
 kernel_test!(
     fn restart_under_traffic_loses_no_connection_and_no_request() -> anyhow::Result<()> {
-        let fs = BpfFs::mount("restart")?;
-        let nginx = Nginx::start(NginxConfig {
-            port: free_port(),
-            keepalive_timeout: Duration::from_secs(60),
-            keepalive_requests: 100_000,
-            workers: 1,
-            advertise_keep_alive: false,
-        })?;
-        // `http_server::request` reads a 2-byte body.
-        std::fs::write(nginx.dir.join("html/resource"), "ok")?;
-        let server = nginx.server();
-        let Restarted { second, first_last, pooled_requests } =
-            restart_under_traffic(&fs, &server)?;
-        let scrape = scrape_after_restart(&second, &server)?;
+        against_nginx("restart", Stop::Graceful)
+    }
+);
 
-        let mut truth: Vec<u64> = nginx.requests_per_connection()?.into_values().collect();
-        truth.sort_unstable();
-        let mut expected = vec![SHORT_REQUESTS; SHORT];
-        expected.push(pooled_requests);
-        expected.sort_unstable();
-        assert_eq!(truth, expected, "nginx's $connection_requests");
-        assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
-        assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
-        eprintln!(
-            "restart under traffic: {pooled_requests} pooled requests and {SHORT} short connections, 0 lost"
-        );
-        Ok(())
+kernel_test!(
+    /// The first agent killed with SIGKILL: the second recovers from its checkpoint.
+    fn a_crash_under_traffic_loses_no_connection_and_no_request() -> anyhow::Result<()> {
+        against_nginx("crash", Stop::Crash)
     }
 );
 

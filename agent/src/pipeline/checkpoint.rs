@@ -80,12 +80,8 @@ impl CheckpointMaps {
             .with_context(|| format!("opening the pinned {} map", map::JOURNAL))?;
         let chunks = journal_map.info()?.max_entries() as usize;
         let fd = journal_map.fd().as_fd().as_raw_fd();
-        let journal = Mapping::new(
-            fd,
-            chunks * JOURNAL_CHUNK_BYTES,
-            libc::PROT_READ | libc::PROT_WRITE,
-            0,
-        )?;
+        let journal =
+            Mapping::new(fd, chunks * JOURNAL_CHUNK_BYTES, libc::PROT_READ | libc::PROT_WRITE, 0)?;
         Ok(Self {
             slots: open(&maps, map::CHECKPOINT)?,
             conns: open(&maps, map::CHECKPOINT_CONNS)?,
