@@ -27,7 +27,7 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::{HashMap, Map, MapData};
 use connscope_common::{Handover, names::map};
 
-use crate::pipeline::{handover, ring_reader::RingReader};
+use crate::pipeline::{checkpoint, handover, ring_reader::RingReader};
 
 /// The backlog may hold this many times the ring buffer's size.
 pub const BACKLOG_RINGBUF_MULTIPLE: usize = 16;
@@ -120,22 +120,33 @@ pub struct Drained {
 }
 
 impl StartupDrain {
-    /// Starts draining `<pin_dir>/maps/EVENTS` when the previous agent finished with it
-    /// (its handover is written); `None` otherwise (nothing pinned, an agent still running or
-    /// one that stopped without a handover: the ring is then read once the pipeline is
-    /// ready, as before). The caller has checked that the pinned layout is this build's.
+    /// Starts draining `<pin_dir>/maps/EVENTS`, which the previous agent no longer reads
+    /// (it exited: `pin_owner`): after its handover, or after a crash from the position its
+    /// checkpoint covers up to (`checkpoint::resume_position`). `None` after a crash
+    /// without a usable checkpoint: the ring is then read once the pipeline is ready. The
+    /// caller has checked that the pinned layout is this build's.
     pub fn start(pin_dir: &Path, ringbuf_bytes: u32) -> anyhow::Result<Option<Self>> {
         let maps = pin_dir.join("maps");
-        if !handed_over(&maps.join(map::HANDOVER))? {
-            tracing::info!(
-                "no handover from the previous agent: the pinned ring buffer is read once this \
-                 agent is ready"
-            );
-            return Ok(None);
-        }
+        let skip_to = if handed_over(&maps.join(map::HANDOVER))? {
+            None
+        } else {
+            match checkpoint::resume_position(pin_dir) {
+                Some(position) => Some(position),
+                None => {
+                    tracing::info!(
+                        "neither a handover nor a checkpoint from the previous agent: the \
+                         pinned ring buffer is read once this agent is ready"
+                    );
+                    return Ok(None);
+                }
+            }
+        };
         let events = MapData::from_pin(maps.join(map::EVENTS))
             .with_context(|| format!("opening the pinned {} ring buffer", map::EVENTS))?;
         let mut ring = RingReader::new(events)?;
+        if let Some(position) = skip_to {
+            ring.skip_to(position).context("skipping what the checkpoint's journal holds")?;
+        }
         let limit = ringbuf_bytes as usize * BACKLOG_RINGBUF_MULTIPLE;
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = stop.clone();

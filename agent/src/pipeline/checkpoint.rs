@@ -31,7 +31,7 @@ use std::{
 use anyhow::Context as _;
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::maps::{Array, HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData};
 use connscope_common::{
     CarriedChunk, CheckpointSlot, Handover, PinSlot,
     checkpoint::{
@@ -47,7 +47,7 @@ use prometheus_client::{
 use crate::{
     exposition::{carry, metrics},
     model::{clock::monotonic_ns, metric_table},
-    pipeline::{handover, ring_reader::Mapping, table::ConnectionTable},
+    pipeline::{handover, map_batch, ring_reader::Mapping, table::ConnectionTable},
 };
 
 /// A base at least this often while the budget allows.
@@ -181,6 +181,19 @@ fn read_checkpoint(maps: &CheckpointMaps) -> anyhow::Result<Option<Recovered>> {
         journal,
         age,
     }))
+}
+
+/// Where the ring buffer's records not covered by the last checkpoint of the agent
+/// pinned in `pin_dir` start (its base's position plus its journal); `None` without a
+/// usable one. Read before anything else at start-up, so the start-up drain skips what the
+/// journal holds.
+pub fn resume_position(pin_dir: &Path) -> Option<u64> {
+    let maps = pin_dir.join("maps");
+    let pin_state: Array<MapData, u64> = open(&maps, map::PIN_STATE).ok()?;
+    let slots: Array<MapData, CheckpointSlot> = open(&maps, map::CHECKPOINT).ok()?;
+    let commit = Commit::decode(pin_state.get(&(PinSlot::Checkpoint as u32), 0).ok()?)?;
+    let header = slots.get(&commit.slot, 0).ok().filter(|header| commit.names(header))?;
+    Some(header.ring_pos + u64::from(commit.journal_bytes))
 }
 
 /// `connscope_checkpoint*`: the agent's own account of its checkpoint.
@@ -347,22 +360,28 @@ impl Checkpointer {
         table: &ConnectionTable,
     ) -> anyhow::Result<()> {
         let slot = base.slot as usize;
-        for key in self.slot_keys[slot].drain(..) {
-            let _ = self.maps.conns.remove(&key);
-        }
-        for index in 0..std::mem::take(&mut self.slot_chunks[slot]) {
-            let _ = self.maps.metrics.remove(&metrics_key(base.slot, index));
-        }
+        let conns_fd = self.maps.conns.map().fd().as_fd().as_raw_fd();
+        let metrics_fd = self.maps.metrics.map().fd().as_fd().as_raw_fd();
+        map_batch::delete(conns_fd, &std::mem::take(&mut self.slot_keys[slot]))
+            .context("emptying the slot's connections")?;
+        let old_chunks: Vec<u32> = (0..std::mem::take(&mut self.slot_chunks[slot]))
+            .map(|index| metrics_key(base.slot, index))
+            .collect();
+        map_batch::delete(metrics_fd, &old_chunks).context("emptying the slot's metrics")?;
         let blob = table.carried_metrics()?;
-        for (index, chunk) in carry::chunked(&blob)?.into_iter().enumerate() {
-            self.maps.metrics.insert(metrics_key(base.slot, index as u32), chunk, 0)?;
-            self.slot_chunks[slot] += 1;
-        }
-        for (sock, entry) in table.handover() {
-            let key = connection_key(sock, base.slot);
-            self.maps.conns.insert(key, entry, 0).context("a connection")?;
-            self.slot_keys[slot].push(key);
-        }
+        let chunks: Vec<(u32, CarriedChunk)> = carry::chunked(&blob)?
+            .into_iter()
+            .enumerate()
+            .map(|(index, chunk)| (metrics_key(base.slot, index as u32), chunk))
+            .collect();
+        map_batch::update(metrics_fd, &chunks).context("the metric values")?;
+        self.slot_chunks[slot] = chunks.len() as u32;
+        let entries: Vec<(u64, Handover)> = table
+            .handover()
+            .map(|(sock, entry)| (connection_key(sock, base.slot), entry))
+            .collect();
+        map_batch::update(conns_fd, &entries).context("the connections")?;
+        self.slot_keys[slot] = entries.iter().map(|(key, _)| *key).collect();
         let header = CheckpointSlot {
             seq: base.seq,
             written_ns: monotonic_ns(),

@@ -99,12 +99,13 @@ impl Pipeline {
     }
 
     /// After a crash (no handover): applies the last checkpoint's base and journal, and
-    /// reads the ring buffer on from after them. False when there is none to use.
-    fn recover_from_checkpoint(&mut self) -> bool {
+    /// reads the ring buffer on from after them (the start-up drain did, when `drained`).
+    /// False when there is none to use.
+    fn recover_from_checkpoint(&mut self, drained: bool) -> bool {
         let Some(recovered) = self.checkpoint.as_ref().and_then(Checkpointer::recover) else {
             return false;
         };
-        if let Err(err) = self.ring.get_mut().skip_to(recovered.resume_pos) {
+        if !drained && let Err(err) = self.ring.get_mut().skip_to(recovered.resume_pos) {
             tracing::warn!("the previous agent's checkpoint is not used: {err:#}");
             return false;
         }
@@ -119,7 +120,11 @@ impl Pipeline {
             apply_record(&mut self.table, &self.counters, &self.losses, record);
             replayed += 1;
         }
-        if let Some(checkpoint) = &mut self.checkpoint {
+        // Without a drain, this agent appends to the same journal: its own start-up is
+        // covered. The drain's records were read outside it: a new base covers them.
+        if let Some(checkpoint) = &mut self.checkpoint
+            && !drained
+        {
             checkpoint.resume(&recovered);
         }
         tracing::info!(
@@ -142,7 +147,8 @@ impl Pipeline {
         let entries = self.handover.as_mut().and_then(handover::take);
         // Emptied in any case: values left without a handover are a crashed agent's.
         let carried = self.carried.as_mut().and_then(carry::take);
-        if entries.is_some() || !self.recover_from_checkpoint() {
+        let drained = backlog.is_some();
+        if entries.is_some() || !self.recover_from_checkpoint(drained) || drained {
             self.start_checkpoint_afresh();
         }
         if let Some(text) =

@@ -11,6 +11,7 @@ pub mod handover;
 pub mod head_memo;
 pub mod http;
 pub mod http_session;
+pub mod map_batch;
 pub mod pod_resolver;
 pub mod recent_closes;
 pub mod ring_reader;
