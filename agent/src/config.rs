@@ -270,9 +270,9 @@ settings! {
 
     /// Share of one CPU the crash checkpoint may spend (with --bpf.pin-path): the journal
     /// of consumed records is always written; a base of the metrics and connections is
-    /// written every 60 s, when the journal is half full, or later when the last one took
-    /// more than this share of that (0 to 1; 0: no checkpoint, a crash loses what it does
-    /// without one).
+    /// written every 60 s or when the journal is half full, while bases have spent no more
+    /// than this share of a CPU, kept over 10 s windows (0 to 1; 0: no checkpoint, a crash
+    /// loses what it does without one).
     checkpoint_budget: f64 = DEFAULT_CHECKPOINT_BUDGET,
         "checkpoint.budget", "CONNSCOPE_CHECKPOINT_BUDGET";
 

@@ -18,7 +18,8 @@
 //! its bytes and one map update (the commit word). A
 //! base costs the carry's encode (about 42 ms at the label caps) and a map update per live
 //! connection; it is written every [`BASE_INTERVAL`], or when the journal is half full,
-//! but never sooner after the last one than its cost divided by `--checkpoint.budget`.
+//! while bases have spent no more than `--checkpoint.budget` of a CPU (kept over
+//! [`BUDGET_WINDOW`]: a single costly base may take the window's share at once).
 //! When the journal fills before the budget allows a base, the agent stops covering
 //! (`connscope_checkpoint_covered` 0) until the next base: a crash then loses what it lost
 //! without a checkpoint, and never counts a record twice.
@@ -52,6 +53,9 @@ use crate::{
 
 /// A base at least this often while the budget allows.
 pub const BASE_INTERVAL: Duration = Duration::from_secs(60);
+/// The budget is kept over this window: bases may spend `budget` times it at once (a
+/// costly base after start-up, say), and no more than `budget` of a CPU over time.
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
 /// The checkpoint's pinned maps, opened by path (the programs never touch them).
 pub struct CheckpointMaps {
@@ -227,7 +231,10 @@ pub struct Checkpointer {
     slot_keys: [Vec<u64>; CHECKPOINT_SLOTS as usize],
     slot_chunks: [u32; CHECKPOINT_SLOTS as usize],
     last_base: Instant,
-    next_base_allowed: Instant,
+    /// CPU seconds bases may spend now (a token bucket of `budget` per second, at most
+    /// `budget` times [`BUDGET_WINDOW`]); a base is written while it is positive.
+    allowance: f64,
+    allowance_at: Instant,
     stats: CheckpointMetrics,
 }
 
@@ -259,7 +266,8 @@ impl Checkpointer {
             slot_keys,
             slot_chunks,
             last_base: now,
-            next_base_allowed: now,
+            allowance: budget * BUDGET_WINDOW.as_secs_f64(),
+            allowance_at: now,
             stats,
             maps,
         })
@@ -294,7 +302,7 @@ impl Checkpointer {
         let due = !journaled
             || self.journal_len > self.capacity / 2
             || started >= self.last_base + BASE_INTERVAL;
-        if due && started >= self.next_base_allowed {
+        if due && self.budget_allows(started) {
             self.write_base(ring_pos, table);
         } else if !journaled && self.base.is_some() {
             self.uncover(Some(
@@ -347,9 +355,15 @@ impl Checkpointer {
             }
             Err(err) => self.uncover(Some(format!("checkpoint base not written: {err:#}"))),
         }
-        let cost = started.elapsed();
         self.last_base = Instant::now();
-        self.next_base_allowed = started + cost.div_f64(self.budget);
+        self.allowance -= started.elapsed().as_secs_f64();
+    }
+
+    fn budget_allows(&mut self, now: Instant) -> bool {
+        let earned = now.saturating_duration_since(self.allowance_at).as_secs_f64() * self.budget;
+        self.allowance = (self.allowance + earned).min(self.budget * BUDGET_WINDOW.as_secs_f64());
+        self.allowance_at = now;
+        self.allowance > 0.0
     }
 
     /// Writes `base` into its slot (the one the commit word does not name), then names it.
