@@ -608,6 +608,15 @@ def agent():
             target("connscope_tracked_connections{%s}" % AGENTS, "{{instance}} tracked", "A"),
             target("connscope_tracked_connections_capacity{%s}" % AGENTS, "{{instance}} capacity", "B"),
         ]), 12, 8))
+    panels.append(layout.place(timeseries("Crash checkpoint",
+        "Whether a crash of each agent now would lose nothing (1: its checkpoint covers every "
+        "record it consumed; 0: the journal filled before --checkpoint.budget allowed a base), "
+        "and the share of a CPU writing the checkpoint takes (journal and bases).",
+        "short", [
+            target("connscope_checkpoint_covered{%s}" % AGENTS, "{{instance}} covered", "A"),
+            target(f"sum by (instance) ({rate('connscope_checkpoint_write_seconds_total')})",
+                   "{{instance}} CPU share", "B"),
+        ]), 12, 8))
     panels.append(layout.place(table("Probe attach modes",
         "How each kernel hook is attached (fentry, kprobe, tp_btf, tracepoint, sock_ops) and on "
         "how many agents. Mixed modes across nodes point to different kernels.",

@@ -144,7 +144,10 @@ impl Agent {
             losses.clone(),
         )));
         let checkpoint_metrics = CheckpointMetrics::default();
-        checkpoint_metrics.register(&mut registry);
+        // Only where there is a checkpoint: `checkpoint_covered` 0 means one is failing.
+        if config.checkpoints() && probes.pins.is_some() {
+            checkpoint_metrics.register(&mut registry);
+        }
         let state = Arc::new(AppState::new(registry));
         let _ = state.tls.set(tls_status.report.clone());
         if let Ok(mut hooks) = state.hooks.write() {
