@@ -192,20 +192,12 @@ pub fn both_closed(server: &str) -> impl Fn(&Scrape) -> bool + '_ {
 pub const SHORT: usize = 5;
 pub const SHORT_REQUESTS: u64 = 3;
 
-/// What [`restart_under_traffic`] leaves: the second agent, the first one's last answer to
+/// What [`restart_with`] leaves: the second agent, the first one's last answer to
 /// `/metrics` (scraped until it stopped), and the pooled connection's requests.
 pub struct Restarted {
     pub second: Agent,
     pub first_last: Scrape,
     pub pooled_requests: u64,
-}
-
-/// Restart under traffic against the HTTP server at `server` (which serves `/resource`
-/// with a 2-byte body, for `SHORT + 1` connections): a pooled connection sends a request
-/// every 20 ms across an agent restart, and `SHORT` connections of `SHORT_REQUESTS`
-/// requests each open and close while no agent runs.
-pub fn restart_under_traffic(fs: &BpfFs, server: &str) -> anyhow::Result<Restarted> {
-    restart_with(fs, server, Stop::Graceful)
 }
 
 /// How the first agent of [`restart_with`] ends.
@@ -217,7 +209,10 @@ pub enum Stop {
     Crash,
 }
 
-/// [`restart_under_traffic`], the first agent ending as `stop` says.
+/// Restart under traffic against the HTTP server at `server` (which serves `/resource`
+/// with a 2-byte body, for `SHORT + 1` connections): a pooled connection sends a request
+/// every 20 ms across an agent restart (the first agent ending as `stop_how` says), and
+/// `SHORT` connections of `SHORT_REQUESTS` requests each open and close while no agent runs.
 pub fn restart_with(fs: &BpfFs, server: &str, stop_how: Stop) -> anyhow::Result<Restarted> {
     let first = fs.agent()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -271,7 +266,7 @@ fn requests_per_connection(scrape: &Scrape, role: &str, server: &str) -> (f64, f
     )
 }
 
-/// Waits until the second agent of [`restart_under_traffic`] saw every connection close
+/// Waits until the second agent of [`restart_with`] saw every connection close
 /// (in every family: `/metrics` encodes them one after the other while events arrive).
 pub fn scrape_after_restart(agent: &Agent, server: &str) -> anyhow::Result<Scrape> {
     let closed = (SHORT + 1) as f64;

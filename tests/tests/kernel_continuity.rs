@@ -16,7 +16,7 @@ use connscope_tests::{
     Agent, Scrape,
     continuity::{
         BpfFs, Restarted, SHORT, Stop, WAIT, assert_nothing_lost, assert_opened_before_the_agent,
-        both_closed, cleanup, restart_under_traffic, restart_with, scrape_after_restart,
+        both_closed, cleanup, restart_with, scrape_after_restart,
     },
     http_server, kernel_test, net, own_process_label,
 };
@@ -125,21 +125,26 @@ kernel_test!(
     }
 );
 
+/// Restart under traffic against the tests' own server, on `address`, the first agent
+/// ending as `stop` says; the client's counts are the truth. The second agent's last
+/// scrape.
+fn against_own_server(tag: &str, address: &str, stop: Stop) -> anyhow::Result<Scrape> {
+    let fs = BpfFs::mount(tag)?;
+    let listener = TcpListener::bind(address)?;
+    let server = listener.local_addr()?.to_string();
+    let server_thread =
+        http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
+    let Restarted { second, first_last, pooled_requests } = restart_with(&fs, &server, stop)?;
+    net::join(server_thread)?;
+    let scrape = scrape_after_restart(&second, &server)?;
+    assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
+    assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
+    Ok(scrape)
+}
+
 kernel_test!(
-    /// Restart under traffic against the tests' own server; the client's counts are the truth.
     fn restart_under_traffic_loses_nothing() -> anyhow::Result<()> {
-        let fs = BpfFs::mount("restart-own")?;
-        let listener = TcpListener::bind("127.0.0.82:0")?;
-        let server = listener.local_addr()?.to_string();
-        let server_thread =
-            http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
-        let Restarted { second, first_last, pooled_requests } =
-            restart_under_traffic(&fs, &server)?;
-        net::join(server_thread)?;
-        let scrape = scrape_after_restart(&second, &server)?;
-        assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
-        assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
-        Ok(())
+        against_own_server("restart-own", "127.0.0.82:0", Stop::Graceful).map(drop)
     }
 );
 
@@ -149,18 +154,8 @@ kernel_test!(
     /// journal of the records it consumed since, then the ring buffer after them). Every
     /// request is counted once and no counter goes back.
     fn a_crash_under_traffic_loses_nothing() -> anyhow::Result<()> {
-        let fs = BpfFs::mount("crash-own")?;
-        let listener = TcpListener::bind("127.0.0.83:0")?;
-        let server = listener.local_addr()?.to_string();
-        let server_thread =
-            http_server::serve(listener, SHORT + 1, http_server::ServerBehaviour::default());
-        let Restarted { second, first_last, pooled_requests } =
-            restart_with(&fs, &server, Stop::Crash)?;
-        net::join(server_thread)?;
-        let scrape = scrape_after_restart(&second, &server)?;
-        assert_nothing_lost(&scrape, &first_last, &server, pooled_requests);
+        let scrape = against_own_server("crash-own", "127.0.0.83:0", Stop::Crash)?;
         assert_eq!(scrape.sum("connscope_checkpoint_covered", &[]), 1.0, "{}", scrape.text);
-        assert_eq!(fs.link_generations_settled(), vec!["2".to_owned()]);
         Ok(())
     }
 );

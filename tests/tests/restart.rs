@@ -1,5 +1,5 @@
 //! Restart under traffic against nginx, whose `$connection_requests` is the truth: the
-//! second agent reports every connection in full (`continuity::restart_under_traffic`).
+//! second agent reports every connection in full (`continuity::restart_with`).
 //! The same against the tests' own HTTP server, `connscope cleanup` and pinned state of
 //! another layout are in `kernel_continuity`, which the VM tier runs on every backend.
 //!
