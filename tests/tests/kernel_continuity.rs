@@ -160,6 +160,84 @@ kernel_test!(
     }
 );
 
+/// Opens the pinned map `name` of the agent pinned under `fs`.
+fn pinned_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    fs: &BpfFs,
+    name: &str,
+) -> anyhow::Result<T> {
+    let path = fs.mount.join("connscope/maps").join(name);
+    let data = aya::maps::MapData::from_pin(&path).with_context(|| format!("{path:?}"))?;
+    Ok(T::try_from(aya::maps::Map::from_map_data(data)?)?)
+}
+
+kernel_test!(
+    /// What a kill in the middle of a base leaves: the slot being written has entries and
+    /// even its header, but the commit word still names the other slot, which is used
+    /// unchanged. A word naming a slot whose header is another base's (torn) is refused.
+    fn a_torn_checkpoint_slot_falls_back_to_the_last_complete_one() -> anyhow::Result<()> {
+        use aya::maps::{Array, HashMap};
+        use connscope::pipeline::checkpoint::{CheckpointMaps, recover};
+        use connscope_common::{
+            CheckpointSlot, Handover, PinSlot,
+            checkpoint::{Commit, connection_key},
+        };
+
+        let fs = BpfFs::mount("torn")?;
+        let agent = fs.agent()?;
+        let listener = TcpListener::bind("127.0.0.84:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, 2, http_server::ServerBehaviour::default());
+        let mut clients = vec![TcpStream::connect(&server)?, TcpStream::connect(&server)?];
+        for client in &mut clients {
+            http_server::request(client, "1.1", "")?;
+        }
+        let requests = |s: &Scrape| s.sum("connscope_http_requests_total", &[("server", &server)]);
+        agent.scrape_until(WAIT, |s| requests(s) >= 4.0)?;
+        let (_, signal) = agent.kill_after_scrape()?;
+        assert_eq!(signal, Some(libc::SIGKILL));
+
+        let maps = CheckpointMaps::open(&fs.mount.join("connscope"))?;
+        let complete = recover(&maps).context("no checkpoint after the kill")?;
+        // The base came at start; the connections and requests since are in the journal.
+        assert!(!complete.journal.is_empty());
+        let mut pin_state: Array<_, u64> = pinned_map(&fs, "PIN_STATE")?;
+        let word = pin_state.get(&(PinSlot::Checkpoint as u32), 0)?;
+        let commit = Commit::decode(word).context("no commit word")?;
+        let other = 1 - commit.slot;
+
+        // A base being written into the other slot when the kill came.
+        let mut conns: HashMap<_, u64, Handover> = pinned_map(&fs, "CHECKPOINT_CONNS")?;
+        for sock in 1..=3u64 {
+            conns.insert(
+                connection_key(0xffff_8880_0000_0000 + sock * 64, other),
+                Handover::zeroed(),
+                0,
+            )?;
+        }
+        let mut slots: Array<_, CheckpointSlot> = pinned_map(&fs, "CHECKPOINT")?;
+        let torn = CheckpointSlot {
+            seq: u64::from(commit.seq) + 1,
+            connections: 3,
+            ..CheckpointSlot::default()
+        };
+        slots.set(other, torn, 0)?;
+        let again = recover(&maps).context("the complete slot was not used")?;
+        assert_eq!(again.connections.len(), complete.connections.len());
+        assert_eq!(again.journal, complete.journal);
+        assert_eq!(again.resume_pos, complete.resume_pos);
+        assert_eq!(again.metrics_text, complete.metrics_text);
+
+        // A word naming a slot that holds another base: not used.
+        let wrong = Commit { slot: other, seq: commit.seq + 2, journal_bytes: 0 };
+        pin_state.set(PinSlot::Checkpoint as u32, wrong.encode(), 0)?;
+        assert!(recover(&maps).is_none());
+        drop(clients);
+        net::join(server_thread)?;
+        Ok(())
+    }
+);
+
 kernel_test!(
     fn a_stopped_agent_leaves_its_state_pinned_and_cleanup_removes_it() -> anyhow::Result<()> {
         let fs = BpfFs::mount("cleanup")?;
