@@ -71,27 +71,26 @@ impl Counts {
         counts
     }
 
-    fn fields(&self) -> [&[f64; 2]; 5] {
-        [&self.requests, &self.requests_of_closed, &self.connections, &self.adopted, &self.closed]
+    /// Every count, in one order.
+    fn fields(&self) -> [[f64; 2]; 5] {
+        [self.requests, self.requests_of_closed, self.connections, self.adopted, self.closed]
+    }
+
+    fn from_fields(
+        [requests, requests_of_closed, connections, adopted, closed]: [[f64; 2]; 5],
+    ) -> Self {
+        Self { requests, requests_of_closed, connections, adopted, closed }
     }
 
     /// Each count combined with `other`'s by `f`.
     fn combine(&self, other: &Self, f: impl Fn(f64, f64) -> f64) -> Self {
-        let mut out = *self;
-        let theirs = other.fields();
-        let mine = [
-            &mut out.requests,
-            &mut out.requests_of_closed,
-            &mut out.connections,
-            &mut out.adopted,
-            &mut out.closed,
-        ];
-        for (mine, theirs) in mine.into_iter().zip(theirs) {
+        let mut mine = self.fields();
+        for (mine, theirs) in mine.iter_mut().zip(other.fields()) {
             for i in 0..2 {
                 mine[i] = f(mine[i], theirs[i]);
             }
         }
-        out
+        Self::from_fields(mine)
     }
 
     fn add(&mut self, other: &Self) {
@@ -100,7 +99,7 @@ impl Counts {
 
     /// Whether any count is below `earlier`'s: a counter reset.
     fn went_back_from(&self, earlier: &Self) -> bool {
-        self.minus(earlier).fields().iter().copied().flatten().any(|d| *d < 0.0)
+        self.minus(earlier).fields().iter().flatten().any(|d| *d < 0.0)
     }
 
     fn minus(&self, earlier: &Self) -> Self {
