@@ -376,12 +376,8 @@ impl Checkpointer {
         let slot = base.slot as usize;
         let conns_fd = self.maps.conns.map().fd().as_fd().as_raw_fd();
         let metrics_fd = self.maps.metrics.map().fd().as_fd().as_raw_fd();
-        map_batch::delete(conns_fd, &std::mem::take(&mut self.slot_keys[slot]))
-            .context("emptying the slot's connections")?;
-        let old_chunks: Vec<u32> = (0..std::mem::take(&mut self.slot_chunks[slot]))
-            .map(|index| metrics_key(base.slot, index))
-            .collect();
-        map_batch::delete(metrics_fd, &old_chunks).context("emptying the slot's metrics")?;
+        // Entries the slot holds already are overwritten in place; only what is gone is
+        // deleted (most connections outlive a base).
         let blob = table.carried_metrics()?;
         let chunks: Vec<(u32, CarriedChunk)> = carry::chunked(&blob)?
             .into_iter()
@@ -389,13 +385,24 @@ impl Checkpointer {
             .map(|(index, chunk)| (metrics_key(base.slot, index as u32), chunk))
             .collect();
         map_batch::update(metrics_fd, &chunks).context("the metric values")?;
+        let gone_chunks: Vec<u32> = (chunks.len() as u32..self.slot_chunks[slot])
+            .map(|index| metrics_key(base.slot, index))
+            .collect();
+        map_batch::delete(metrics_fd, &gone_chunks).context("the slot's older metric values")?;
         self.slot_chunks[slot] = chunks.len() as u32;
         let entries: Vec<(u64, Handover)> = table
             .handover()
             .map(|(sock, entry)| (connection_key(sock, base.slot), entry))
             .collect();
         map_batch::update(conns_fd, &entries).context("the connections")?;
-        self.slot_keys[slot] = entries.iter().map(|(key, _)| *key).collect();
+        let mut keys: Vec<u64> = entries.iter().map(|(key, _)| *key).collect();
+        keys.sort_unstable();
+        let gone: Vec<u64> = std::mem::take(&mut self.slot_keys[slot])
+            .into_iter()
+            .filter(|key| keys.binary_search(key).is_err())
+            .collect();
+        map_batch::delete(conns_fd, &gone).context("the slot's closed connections")?;
+        self.slot_keys[slot] = keys;
         let header = CheckpointSlot {
             seq: base.seq,
             written_ns: monotonic_ns(),
