@@ -372,10 +372,11 @@ impl Config {
         self.pin_path.0.is_some() && self.checkpoint_budget > 0.0
     }
 
-    /// Chunks of the pinned journal (one, unused, without checkpoints: the array is
-    /// allocated in full).
+    /// Chunks of the pinned journal: one, unused, without pinned state (the array is
+    /// allocated in full). With it, whatever the budget: the pinned layout does not depend
+    /// on `--checkpoint.budget`, so changing it at a restart keeps the handover.
     pub fn journal_chunks(&self) -> u32 {
-        if self.checkpoints() {
+        if self.pin_path.0.is_some() {
             connscope_common::checkpoint::journal_chunks(self.ringbuf_bytes)
         } else {
             1
