@@ -17,7 +17,9 @@ const RATE_INTERVAL: &str = "20s";
 
 kernel_test!(
     fn every_dashboard_query_and_recording_rule_returns_data() -> anyhow::Result<()> {
-        let agent = Agent::start(&[])?;
+        // With pinned state, as deployed: the crash checkpoint's panel has data then.
+        let fs = BpfFs::mount("prometheus-dashboards")?;
+        let agent = fs.agent()?;
         let target = agent.address.to_string();
         let rule_file = grafana::repo_root().join("deploy/prometheus/connscope-rules.yml");
         let prometheus = Prometheus::start("dashboards", &target, "", &[&rule_file])?;
