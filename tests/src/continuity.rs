@@ -238,6 +238,11 @@ pub fn restart_with(fs: &BpfFs, server: &str, stop_how: Stop) -> anyhow::Result<
             first_last
         }
         Stop::Crash => {
+            // Killed once a scrape shows the pooled requests (a slow host may answer the
+            // first scrapes before it counted any): only then can a reset show.
+            let pooled_counted =
+                |s: &Scrape| s.sum("connscope_http_requests_total", &[("server", server)]) > 0.0;
+            first.scrape_until(WAIT, pooled_counted)?;
             let (first_last, signal) = first.kill_after_scrape()?;
             anyhow::ensure!(signal == Some(libc::SIGKILL), "the first agent ended with {signal:?}");
             first_last
