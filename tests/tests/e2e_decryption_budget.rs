@@ -118,6 +118,41 @@ fn logged(nginx: &Nginx, log: &str, requests: u64) -> anyhow::Result<BTreeMap<u6
     }
 }
 
+/// nginx's requests per connection in `log` once nginx has closed every connection it
+/// accepted on `port`. It logs a request before it reads its connection's next one or
+/// its end, so the log is then complete: a request the client sent just before it
+/// exited (wrk at the end of its duration) is served, counted and logged after the client
+/// is gone, and a log read as soon as the client exits can lack it.
+fn logged_once_closed(nginx: &Nginx, log: &str, port: u16) -> anyhow::Result<BTreeMap<u64, u64>> {
+    let deadline = Instant::now() + Duration::from_secs(10) * wait_scale();
+    loop {
+        let open = connections_open_on(port)?;
+        if open == 0 {
+            return nginx.requests_per_connection_in(log);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "nginx still has {open} connections on {port}");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connections on local port `port` (IPv4) that its side has not closed yet: established,
+/// or closed by the peer only (`CLOSE_WAIT`), from `/proc/net/tcp`.
+fn connections_open_on(port: u16) -> anyhow::Result<usize> {
+    const ESTABLISHED: &str = "01";
+    const CLOSE_WAIT: &str = "08";
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let local_port = format!(":{port:04X}");
+    Ok(table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(1).is_some_and(|local| local.ends_with(&local_port))
+                && fields.get(3).is_some_and(|state| [ESTABLISHED, CLOSE_WAIT].contains(state))
+        })
+        .count())
+}
+
 /// A Python HTTPS client that loads `ssl`, says its pid, and waits for a line on stdin
 /// before its requests: 4 on one connection (the last with `Connection: close`, so nginx
 /// closes it), then 2 on another it closes itself; 50 ms apart (a low rate).
@@ -176,7 +211,7 @@ kernel_test!(
 
         // The load's connections, against nginx's log (wrk may open one last connection
         // unused: it carries no request on either side).
-        let truth = logged(&servers.nginx, "load.log", 1)?;
+        let truth = logged_once_closed(&servers.nginx, "load.log", servers.load)?;
         let requests: u64 = truth.values().sum();
         let load_server = format!("127.0.0.1:{}", servers.load);
         let scrape = wait_for(&agent, Duration::from_secs(10), "the load's requests", |s| {
