@@ -21,6 +21,7 @@
 
 pub mod capacity;
 pub mod conn;
+pub mod h2_frames;
 pub mod handover;
 pub mod kernel_config;
 pub mod names;
