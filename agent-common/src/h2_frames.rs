@@ -37,27 +37,30 @@ pub const END_STREAM: u8 = 0x1;
 /// The highest error code RFC 9113 §7 defines (`HTTP_1_1_REQUIRED`).
 pub const LAST_KNOWN_ERROR: u32 = 0xd;
 
-/// Frames read per transfer at most (all its iovecs together): a bounded loop for the
-/// verifier. A transfer with more frame headers than this cannot be followed: its
+/// Steps of the walk per transfer at most (a frame unit read, or a move to the next iovec):
+/// a bounded loop for the verifier. A transfer that needs more cannot be followed: its
 /// connection loses frame sync (counted).
-pub const MAX_FRAMES_PER_TRANSFER: u32 = 48;
+pub const MAX_STEPS_PER_TRANSFER: u32 = 64;
+/// Iovecs of a vectored call walked at most; bytes past them are passed over unread.
+pub const MAX_SEGMENTS: u64 = 64;
 
 /// Upper bounds of the streams-in-flight histogram (`connscope_http2_concurrent_streams`),
 /// taken at each stream's opening, the new stream included.
 pub const CONCURRENCY_BOUNDS: [u32; 9] = [1, 2, 3, 4, 5, 10, 20, 50, 100];
 pub const CONCURRENCY_BUCKETS: usize = CONCURRENCY_BOUNDS.len() + 1;
 
-/// Index of the concurrency bucket `in_flight` falls in.
+/// Index of the concurrency bucket `in_flight` (at least 1) falls in. Arithmetic, not a
+/// loop over the bounds: the kernel runs it inside its frame loop.
 #[inline(always)]
 pub fn concurrency_bucket(in_flight: u32) -> usize {
-    let mut index = 0;
-    while index < CONCURRENCY_BOUNDS.len() {
-        if in_flight <= CONCURRENCY_BOUNDS[index] {
-            return index;
-        }
-        index += 1;
+    const _: () = assert!(CONCURRENCY_BOUNDS[4] == 5 && CONCURRENCY_BOUNDS[5] == 10);
+    if in_flight <= 5 {
+        return in_flight.saturating_sub(1) as usize;
     }
-    CONCURRENCY_BOUNDS.len()
+    5 + usize::from(in_flight > 10)
+        + usize::from(in_flight > 20)
+        + usize::from(in_flight > 50)
+        + usize::from(in_flight > 100)
 }
 
 /// What `partial` collects.
@@ -85,31 +88,45 @@ pub struct H2Direction {
 }
 const _: () = assert!(core::mem::size_of::<H2Direction>() == 24);
 
-/// Bits of [`H2State::flags`].
-pub mod h2_flag {
-    /// Frame sync was lost (a header no peer sends, too many frames in one transfer,
-    /// unreadable bytes where a header was due): nothing is counted any more.
-    pub const UNPARSED: u8 = 1 << 0;
-}
-
-/// Streams tracked one by one in [`H2State::open`]: a window of 64 client stream ids from
-/// [`H2State::window_base`].
+/// Streams tracked one by one in [`H2Streams::open`]: a window of 64 client stream ids from
+/// [`H2Streams::window_base`].
 pub const STREAM_WINDOW: u32 = 64;
 
 /// An HTTP/2 connection's frame walk and streams (the kernel's `H2_CONNS` map value, made
-/// at the client preface; `Conn` stays 64 bytes).
+/// at the client preface; `Conn` stays 64 bytes). Apart, so the walk of a direction and
+/// the streams its frames change can be borrowed at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct H2State {
     /// Client → server, and server → client.
     pub request: H2Direction,
     pub response: H2Direction,
+    pub streams: H2Streams,
+}
+const _: () = assert!(core::mem::size_of::<H2State>() == 152);
+// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for H2State {}
+
+impl H2State {
+    /// A zeroed state made at a client preface: the preface itself is passed over in the
+    /// request direction.
+    #[inline(always)]
+    pub fn start_at_preface(&mut self) {
+        self.request.skip = PREFACE.len() as u32;
+    }
+}
+
+/// The streams of an HTTP/2 connection, and its first `GOAWAY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Streams {
     /// The first and highest client-initiated stream ids seen (0: none yet).
     pub first_stream: u32,
     pub highest_stream: u32,
     /// The client stream id of bit 0 of the window bitmaps.
     pub window_base: u32,
-    /// Streams open now (in the window or [`H2State::outside_window`]).
+    /// Streams open now (in the window or [`H2Streams::outside_window`]).
     pub in_flight: u32,
     /// Streams still open when 64 newer ones pushed them out of the window: they end at a
     /// `RST_STREAM` or the server's `END_STREAM`.
@@ -117,8 +134,10 @@ pub struct H2State {
     /// The first `GOAWAY`'s error code, and who sent it (a [`crate::Role`] as `u8`; 0: none).
     pub goaway_code: u32,
     pub goaway_by: u8,
-    /// [`h2_flag`] bits.
-    pub flags: u8,
+    /// [`change`] bits of the transfer being walked (the kernel reads and clears them after
+    /// it: kept here, in map memory, the verifier does not tell the loop's states apart by
+    /// them).
+    pub changes: u8,
     pub _pad: [u8; 6],
     /// Per window stream: open, and `END_STREAM` sent by the client, by the server.
     pub open: u64,
@@ -130,10 +149,7 @@ pub struct H2State {
     pub concurrency_sum: u32,
     pub _pad2: u32,
 }
-const _: () = assert!(core::mem::size_of::<H2State>() == 152);
-// SAFETY: plain `#[repr(C)]` data with explicit padding; every bit pattern is valid.
-#[cfg(feature = "user")]
-unsafe impl aya::Pod for H2State {}
+const _: () = assert!(core::mem::size_of::<H2Streams>() == 104);
 
 /// A frame header, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +194,13 @@ impl FrameHeader {
     }
 }
 
+/// Bits of [`H2Streams::changes`].
+pub mod change {
+    pub const OPENED: u8 = 1 << 0;
+    pub const OPENED_AFTER_IDLE: u8 = 1 << 1;
+    pub const ENDED: u8 = 1 << 2;
+}
+
 /// How a stream changed at one frame (what the kernel adds to `Conn`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StreamChange {
@@ -189,14 +212,7 @@ pub struct StreamChange {
     pub ended: bool,
 }
 
-impl H2State {
-    /// The state made at a client preface: the preface itself is passed over in the
-    /// request direction.
-    pub fn at_preface(&mut self) {
-        *self = Self::default();
-        self.request.skip = PREFACE.len() as u32;
-    }
-
+impl H2Streams {
     /// Streams the client opened: (highest − first) / 2 + 1 (client ids are odd and rise).
     pub fn streams(&self) -> u32 {
         if self.first_stream == 0 {
@@ -206,13 +222,37 @@ impl H2State {
         }
     }
 
-    pub fn unparsed(&self) -> bool {
-        self.flags & h2_flag::UNPARSED != 0
-    }
-
-    /// Applies a frame header sent by the client (`from_client`) or the server.
+    /// Applies a frame header sent by the client (`from_client`) or the server; the change
+    /// is also added to [`H2Streams::changes`].
     #[inline(always)]
     pub fn on_frame(&mut self, header: &FrameHeader, from_client: bool) -> StreamChange {
+        let change = self.stream_change(header, from_client);
+        if change.opened {
+            self.changes |= change::OPENED;
+        }
+        if change.after_idle {
+            self.changes |= change::OPENED_AFTER_IDLE;
+        }
+        if change.ended {
+            self.changes |= change::ENDED;
+        }
+        change
+    }
+
+    /// The changes gathered since the last call, cleared.
+    #[inline(always)]
+    pub fn take_changes(&mut self) -> StreamChange {
+        let bits = self.changes;
+        self.changes = 0;
+        StreamChange {
+            opened: bits & change::OPENED != 0,
+            after_idle: bits & change::OPENED_AFTER_IDLE != 0,
+            ended: bits & change::ENDED != 0,
+        }
+    }
+
+    #[inline(always)]
+    fn stream_change(&mut self, header: &FrameHeader, from_client: bool) -> StreamChange {
         use frame_type::*;
         let stream = header.stream;
         let end = header.flags & END_STREAM != 0;
@@ -358,12 +398,22 @@ impl H2State {
     }
 }
 
-/// The bytes of one transfer segment (an iovec, a buffer), read at an offset (`None`:
-/// unreadable).
+/// The bytes of one transfer segment (an iovec, a buffer), read at an offset into a
+/// destination (false: unreadable).
 pub trait FrameBytes {
-    fn header_at(&self, offset: u64) -> Option<[u8; FRAME_HEADER]>;
-    fn prefix_at(&self, offset: u64) -> Option<[u8; GOAWAY_PREFIX]>;
-    fn byte_at(&self, offset: u64) -> Option<u8>;
+    /// `len` bytes (1 to 9) at the front of `out`.
+    fn read_into(&self, offset: u64, len: u64, out: &mut [u8; FRAME_HEADER]) -> bool;
+}
+
+/// Where a step puts the bytes it reads: the kernel gives map memory (`H2_CURSOR`), so its
+/// stack stays small and the values stay unknown to the verifier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C)]
+pub struct Scratch {
+    pub unit: [u8; FRAME_HEADER],
+    pub _pad: [u8; 7],
+    pub fresh: [u8; FRAME_HEADER],
+    pub _pad2: [u8; 7],
 }
 
 /// What the walk found in one frame unit.
@@ -379,123 +429,153 @@ pub enum Unit {
 pub enum Lost {
     /// A header no peer sends, or bytes that could not be read where a header was due.
     Sync,
-    /// More frames than [`MAX_FRAMES_PER_TRANSFER`] in one transfer.
+    /// More steps than [`MAX_STEPS_PER_TRANSFER`] in one transfer.
     TooManyFrames,
 }
 
-/// Walks `len` bytes of one segment in `dir`, calling `on_unit` for each complete header
-/// and `GOAWAY` code, with `budget` frames left for the transfer (decremented). Nothing is
-/// read at or past `len`.
+/// One step of the walk of a segment of `len` bytes from `offset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// A unit read; the walk goes on at this offset.
+    Unit(Unit, u64),
+    /// The segment is used up (its last bytes may be carried in `partial`).
+    SegmentDone,
+    Lost(Lost),
+}
+
+/// Reads the next frame unit of the segment `bytes` (`len` bytes, from `offset`) in `dir`:
+/// passes over the current payload, then reads a header or a `GOAWAY` prefix, whole or
+/// completing one carried from the previous segment, into `scratch`. Nothing is read at or
+/// past `len`.
 #[inline(always)]
+pub fn step(
+    dir: &mut H2Direction,
+    bytes: &impl FrameBytes,
+    offset: u64,
+    len: u64,
+    scratch: &mut Scratch,
+) -> Step {
+    let left = len.saturating_sub(offset);
+    if u64::from(dir.skip) >= left {
+        dir.skip -= left as u32;
+        return Step::SegmentDone;
+    }
+    let offset = offset + u64::from(dir.skip);
+    dir.skip = 0;
+    let left = len - offset;
+    let goaway = dir.phase == phase::GOAWAY;
+    let unit_len = if goaway { GOAWAY_PREFIX } else { FRAME_HEADER } as u64;
+    let next = if dir.partial_len == 0 && left >= unit_len {
+        if !bytes.read_into(offset, unit_len, &mut scratch.unit) {
+            return Step::Lost(Lost::Sync);
+        }
+        offset + unit_len
+    } else {
+        match join(dir, bytes, offset, left, unit_len, scratch) {
+            Ok(Some(read)) => offset + read,
+            Ok(None) => return Step::SegmentDone,
+            Err(lost) => return Step::Lost(lost),
+        }
+    };
+    let unit = &scratch.unit;
+    if goaway {
+        dir.phase = phase::HEADER;
+        dir.skip = dir.goaway_rest;
+        let code = u32::from_be_bytes([unit[4], unit[5], unit[6], unit[7]]);
+        return Step::Unit(Unit::GoAway(code), next);
+    }
+    let header = FrameHeader::parse(unit);
+    if !header.plausible() {
+        return Step::Lost(Lost::Sync);
+    }
+    if header.kind == frame_type::GOAWAY {
+        dir.phase = phase::GOAWAY;
+        dir.goaway_rest = header.len - GOAWAY_PREFIX as u32;
+    } else {
+        dir.skip = header.len;
+    }
+    Step::Unit(Unit::Header(header), next)
+}
+
+/// Walks `len` bytes of one segment in `dir`, calling `on_unit` for each complete header
+/// and `GOAWAY` code, with `steps` left for the transfer (decremented). The host's form
+/// of the kernel's loop (`h2.rs` in the eBPF crate), for the tests and the fuzz target.
 pub fn walk(
     dir: &mut H2Direction,
     bytes: &impl FrameBytes,
     len: u64,
-    budget: &mut u32,
+    steps: &mut u32,
     mut on_unit: impl FnMut(Unit),
 ) -> Result<(), Lost> {
-    let mut offset: u64 = 0;
-    let mut rounds = 0;
-    while rounds < MAX_FRAMES_PER_TRANSFER {
-        rounds += 1;
-        let left = len.saturating_sub(offset);
-        if u64::from(dir.skip) >= left {
-            dir.skip -= left as u32;
-            return Ok(());
-        }
-        offset += u64::from(dir.skip);
-        dir.skip = 0;
-        if *budget == 0 {
+    let mut offset = 0;
+    let mut scratch = Scratch::default();
+    loop {
+        if *steps == 0 {
             return Err(Lost::TooManyFrames);
         }
-        *budget -= 1;
-        let left = len - offset;
-        let goaway = dir.phase == phase::GOAWAY;
-        let unit_len = if goaway { GOAWAY_PREFIX } else { FRAME_HEADER };
-        let unit: [u8; FRAME_HEADER] = if dir.partial_len == 0 && left >= unit_len as u64 {
-            offset += unit_len as u64;
-            let whole = if goaway {
-                bytes.prefix_at(offset - unit_len as u64).map(|p| {
-                    let mut unit = [0u8; FRAME_HEADER];
-                    unit[..GOAWAY_PREFIX].copy_from_slice(&p);
-                    unit
-                })
-            } else {
-                bytes.header_at(offset - unit_len as u64)
-            };
-            whole.ok_or(Lost::Sync)?
-        } else {
-            match collect(dir, bytes, offset, left, unit_len)? {
-                Some(unit) => {
-                    offset += (unit_len - usize::from(dir.partial_len)) as u64;
-                    dir.partial_len = 0;
-                    unit
-                }
-                None => return Ok(()),
+        *steps -= 1;
+        match step(dir, bytes, offset, len, &mut scratch) {
+            Step::Unit(unit, next) => {
+                offset = next;
+                on_unit(unit);
             }
-        };
-        if goaway {
-            dir.phase = phase::HEADER;
-            dir.skip = dir.goaway_rest;
-            on_unit(Unit::GoAway(u32::from_be_bytes([unit[4], unit[5], unit[6], unit[7]])));
-            continue;
+            Step::SegmentDone => return Ok(()),
+            Step::Lost(lost) => return Err(lost),
         }
-        let header = FrameHeader::parse(&unit);
-        if !header.plausible() {
-            return Err(Lost::Sync);
-        }
-        if header.kind == frame_type::GOAWAY {
-            dir.phase = phase::GOAWAY;
-            dir.goaway_rest = header.len - GOAWAY_PREFIX as u32;
-        } else {
-            dir.skip = header.len;
-        }
-        on_unit(Unit::Header(header));
     }
-    // Every round reads a unit or returns; `budget` stops the transfer first.
-    Err(Lost::TooManyFrames)
 }
 
-/// Adds the segment's first bytes (at most `left`) to a header or `GOAWAY` prefix cut by
-/// the end of the previous segment. `Some(unit)` when it is complete (`partial_len` still
-/// says how many bytes were carried: the caller advances by the rest), `None` when the
-/// segment ended first (all its bytes are carried).
+/// A unit cut by the end of a segment: the segment's first bytes (at most `left`) join the
+/// bytes carried in `partial`, without a loop (one read of at most 8 bytes, joined as
+/// big-endian words) into `scratch.unit`. `Some(bytes read)` when the unit is whole,
+/// `None` when the segment ended first (its bytes are carried).
 #[inline(always)]
-fn collect(
+fn join(
     dir: &mut H2Direction,
     bytes: &impl FrameBytes,
     offset: u64,
     left: u64,
-    unit_len: usize,
-) -> Result<Option<[u8; FRAME_HEADER]>, Lost> {
-    let mut unit = [0u8; FRAME_HEADER];
-    let carried = usize::from(dir.partial_len).min(dir.partial.len());
-    let mut index = 0;
-    while index < dir.partial.len() {
-        if index < carried {
-            unit[index] = dir.partial[index];
-        }
-        index += 1;
+    unit_len: u64,
+    scratch: &mut Scratch,
+) -> Result<Option<u64>, Lost> {
+    let carried = u64::from(dir.partial_len);
+    if carried >= unit_len || carried > 8 {
+        return Err(Lost::Sync);
     }
-    let mut have = carried;
-    let mut read: u64 = 0;
-    while have < unit_len && read < left && have < FRAME_HEADER {
-        unit[have] = bytes.byte_at(offset + read).ok_or(Lost::Sync)?;
-        have += 1;
-        read += 1;
+    // At least 1 byte (a cut header carries at most 8 of its 9).
+    let need = unit_len - carried;
+    let take = if left < need { left } else { need };
+    if take == 0 || take > 8 {
+        return Err(Lost::Sync);
     }
+    scratch.fresh = [0; FRAME_HEADER];
+    if !bytes.read_into(offset, take, &mut scratch.fresh) {
+        return Err(Lost::Sync);
+    }
+    let f = &scratch.fresh;
+    // The unit's first 8 bytes as a big-endian word: the carried bytes, then the fresh ones
+    // (no 128-bit shifts on the bpf target).
+    let fresh_word = u64::from_be_bytes([f[0], f[1], f[2], f[3], f[4], f[5], f[6], f[7]]);
+    let first8 =
+        u64::from_be_bytes(dir.partial) | fresh_word.checked_shr(8 * carried as u32).unwrap_or(0);
+    let have = carried + take;
     if have < unit_len {
-        let mut index = 0;
-        while index < dir.partial.len() {
-            if index < have {
-                dir.partial[index] = unit[index];
-            }
-            index += 1;
-        }
+        // Still cut: carried, left-aligned in `partial` (bytes past `have` are zeros).
+        dir.partial = first8.to_be_bytes();
         dir.partial_len = have as u8;
         return Ok(None);
     }
-    Ok(Some(unit))
+    dir.partial_len = 0;
+    dir.partial = [0; 8];
+    let [b0, b1, b2, b3, b4, b5, b6, b7] = first8.to_be_bytes();
+    // The ninth byte: fresh byte `8 - carried` (carried is at least 1 then).
+    let ninth = if have > 8 {
+        (fresh_word.checked_shl(8 * (8 - carried) as u32).unwrap_or(0) >> 56) as u8
+    } else {
+        0
+    };
+    scratch.unit = [b0, b1, b2, b3, b4, b5, b6, b7, ninth];
+    Ok(Some(take))
 }
 
 /// Passes over `len` bytes of a direction that cannot be read (a `sendfile`'s, an iovec

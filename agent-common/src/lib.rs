@@ -11,6 +11,8 @@
 //! - [`capacity`]: map capacities.
 //! - [`net`]: the kernel's TCP states, address families and protocol number.
 //! - [`tls_record`]: the undecrypted-TLS record rule the kernel runs (fuzzed on the host).
+//! - [`h2_frames`]: the HTTP/2 frame walk and stream state the kernel keeps (fuzzed on the
+//!   host).
 //! - [`names`]: program, map and global names, used by the programs' attributes' tests and by
 //!   the loader alike.
 //!
@@ -31,8 +33,8 @@ pub mod tls_record;
 pub mod wire;
 
 pub use capacity::{
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, IN_FLIGHT_CALLS, MAX_LISTEN_PORTS,
-    MAX_TLS_PROCESSES,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, IN_FLIGHT_CALLS, MAX_H2_CONNECTIONS,
+    MAX_LISTEN_PORTS, MAX_TLS_PROCESSES,
 };
 pub use conn::{Conn, SslCall, conn_flag};
 pub use handover::{CARRIED_CHUNKS, CarriedChunk, Handover, handover_flag};
@@ -43,7 +45,7 @@ pub use kernel_config::{
 pub use net::{AF_INET, AF_INET6, IPPROTO_TCP, tcp_state};
 pub use records::{
     AttributeEvent, Attribution, COMM_LEN, ConnectFailedEvent, ConnectInFlight, Endpoints,
-    EventHeader, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, ListenKey, OpenEvent, SnapshotEvent,
+    EventHeader, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, Http2CloseEvent, ListenKey, OpenEvent, SnapshotEvent,
     process_label_byte,
 };
 pub use wire::{

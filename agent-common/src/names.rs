@@ -129,10 +129,13 @@ pub mod map {
     pub const TLS_SOCKETS: &str = "TLS_SOCKETS";
     pub const UPROBE_HITS: &str = "UPROBE_HITS";
     pub const UNDECRYPTED_PROCESSES: &str = "UNDECRYPTED_PROCESSES";
+    pub const H2_CONNS: &str = "H2_CONNS";
+    pub const H2_SCRATCH: &str = "H2_SCRATCH";
+    pub const H2_CURSOR: &str = "H2_CURSOR";
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
-    pub const PINNED: [&str; 11] = [
+    pub const PINNED: [&str; 12] = [
         CONNS,
         EVENTS,
         LOST,
@@ -144,9 +147,10 @@ pub mod map {
         CARRIED_METRICS,
         TLS_CALLS,
         TLS_SOCKETS,
+        H2_CONNS,
     ];
 
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 23] = [
         CONNS,
         EVENTS,
         LOST,
@@ -167,6 +171,9 @@ pub mod map {
         TLS_SOCKETS,
         UPROBE_HITS,
         UNDECRYPTED_PROCESSES,
+        H2_CONNS,
+        H2_SCRATCH,
+        H2_CURSOR,
     ];
 }
 

@@ -9,7 +9,9 @@ use aya_ebpf::{
 use connscope_common::{
     CARRIED_CHUNKS, CarriedChunk, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_RINGBUF_BYTES, Handover, HeadEvent, IN_FLIGHT_CALLS, ListenKey, LostReason,
-    MAX_LISTEN_PORTS, PinSlot, Setting, kernel_config::SOCK_COMMON_READ,
+    MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, PinSlot, Setting,
+    h2_frames::{H2State, Scratch},
+    kernel_config::SOCK_COMMON_READ,
 };
 
 /// `BPF_F_NO_PREALLOC`: a tracked socket costs kernel memory only while it is tracked.
@@ -69,6 +71,48 @@ pub static HANDOVER: HashMap<u64, Handover> =
 #[map]
 pub static CARRIED_METRICS: HashMap<u32, CarriedChunk> =
     HashMap::with_max_entries(CARRIED_CHUNKS, NO_PREALLOC);
+
+/// HTTP/2 connections' frame walks and streams, by socket: made at the client preface,
+/// removed at the socket's destruction (or when frame sync is lost). Apart from `CONNS`, so
+/// no other connection pays for it.
+#[map]
+pub static H2_CONNS: HashMap<u64, H2State> =
+    HashMap::with_max_entries(MAX_H2_CONNECTIONS, NO_PREALLOC);
+
+/// Per-CPU space where a new HTTP/2 state is built before it is inserted.
+#[map]
+pub static H2_SCRATCH: PerCpuArray<H2State> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where the HTTP/2 walk of one transfer is (`h2::walk_transfer`): kept in a map, not in
+/// registers, so the verifier does not tell the frame loop's states apart by it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WalkCursor {
+    /// The transfer to walk, left by the transfer path for the hook to walk once it is
+    /// counted (`h2::walk_pending`): its socket, length, direction and kind of segments
+    /// (`h2::on_payload`), the buffer or iovec array and its length or count.
+    pub sock: u64,
+    pub packed: u64,
+    pub addr: u64,
+    pub len: u64,
+    /// Non-zero while a transfer waits to be walked.
+    pub pending: u64,
+    /// The segment being walked, and the offset in it.
+    pub segment: UserBuffer,
+    pub offset: u64,
+    /// Bytes of the transfer not walked yet (this segment's included).
+    pub left: u64,
+    /// The next iovec's address, and the end of those walked.
+    pub iov_next: u64,
+    pub iov_end: u64,
+    /// A `WALK_*` value.
+    pub status: u64,
+    /// What each step reads.
+    pub scratch: Scratch,
+}
+
+#[map]
+pub static H2_CURSOR: PerCpuArray<WalkCursor> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

@@ -9,7 +9,7 @@ use connscope_common::Direction;
 use crate::{
     globals::{heads_from_stash, heads_from_task_regs},
     maps::UserBuffer,
-    syscall_args::{head_buffer, payload_call},
+    syscall_args::{Segments, payload_call, segments},
     syscall_stash,
 };
 
@@ -24,20 +24,27 @@ pub enum PayloadSource {
 }
 
 impl PayloadSource {
-    /// The buffer of a transfer moving payload in `direction`, if it can be read.
+    /// The buffer holding the head of a transfer moving payload in `direction` (a vectored
+    /// call's first iovec), if it can be read.
     #[inline(always)]
     pub fn buffer(self, direction: Direction) -> Option<UserBuffer> {
+        self.segments(direction)?.first()
+    }
+
+    /// Where all of a transfer's bytes lie (the iovecs of a vectored call).
+    #[inline(always)]
+    pub fn segments(self, direction: Direction) -> Option<Segments> {
         match self {
-            Self::Syscall => current_buffer(direction),
-            Self::Buffer(buffer) => Some(buffer),
+            Self::Syscall => current_segments(direction),
+            Self::Buffer(buffer) => Some(Segments::Flat(buffer)),
             Self::Unreadable => None,
         }
     }
 }
 
-/// The user buffer of the current system call when it moves payload in `direction`.
+/// The user buffers of the current system call when it moves payload in `direction`.
 #[inline(always)]
-fn current_buffer(direction: Direction) -> Option<UserBuffer> {
+fn current_segments(direction: Direction) -> Option<Segments> {
     if heads_from_task_regs() {
         // SAFETY: helpers without preconditions; the task is the current one.
         let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) };
@@ -45,9 +52,9 @@ fn current_buffer(direction: Direction) -> Option<UserBuffer> {
         if call.direction != direction as u8 {
             return None;
         }
-        head_buffer(&call)
+        segments(&call)
     } else if heads_from_stash() {
-        syscall_stash::take(direction)
+        syscall_stash::get(direction)
     } else {
         None
     }

@@ -11,6 +11,7 @@ use connscope_common::{
 use crate::{
     adopt::adopt,
     exchange::{self, Transfer},
+    h2,
     globals::generation,
     maps::PIN_STATE,
     payload_source::PayloadSource,
@@ -103,6 +104,8 @@ fn transfer_counted_once(
     // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
     let bytes = u64::from(ret as u32);
     count_transfer(conn, &Transfer { sock, source: PayloadSource::Syscall, direction, bytes });
+    // HTTP/2 frames, walked here, in the hook's own body (`h2::on_payload`).
+    h2::walk_pending();
 }
 
 /// Whether `conn`'s last counted transfer came before the last takeover's trampoline updates

@@ -3,21 +3,18 @@ use super::*;
 struct Slice<'a>(&'a [u8]);
 
 impl Slice<'_> {
-    fn read<const N: usize>(&self, offset: u64) -> Option<[u8; N]> {
+    fn read_slice(&self, offset: u64, len: u64) -> Option<&[u8]> {
         let start = usize::try_from(offset).ok()?;
-        self.0.get(start..start.checked_add(N)?)?.try_into().ok()
+        self.0.get(start..start.checked_add(len as usize)?)
     }
 }
 
 impl FrameBytes for Slice<'_> {
-    fn header_at(&self, offset: u64) -> Option<[u8; FRAME_HEADER]> {
-        self.read(offset)
-    }
-    fn prefix_at(&self, offset: u64) -> Option<[u8; GOAWAY_PREFIX]> {
-        self.read(offset)
-    }
-    fn byte_at(&self, offset: u64) -> Option<u8> {
-        self.read::<1>(offset).map(|[b]| b)
+    fn read_into(&self, offset: u64, len: u64, out: &mut [u8; FRAME_HEADER]) -> bool {
+        assert!((1..=9).contains(&len), "{len}");
+        let Some(part) = self.read_slice(offset, len) else { return false };
+        out[..part.len()].copy_from_slice(part);
+        true
     }
 }
 
@@ -34,7 +31,7 @@ use std::vec::Vec;
 
 /// Walks `data` cut into `cuts` segments in one direction of `state`.
 fn feed(state: &mut H2State, from_client: bool, segments: &[&[u8]]) -> Result<(), Lost> {
-    let mut budget = MAX_FRAMES_PER_TRANSFER;
+    let mut budget = MAX_STEPS_PER_TRANSFER;
     for segment in segments {
         let mut units = Vec::new();
         let dir = if from_client { &mut state.request } else { &mut state.response };
@@ -44,9 +41,9 @@ fn feed(state: &mut H2State, from_client: bool, segments: &[&[u8]]) -> Result<()
         for unit in units {
             match unit {
                 Unit::Header(header) => {
-                    state.on_frame(&header, from_client);
+                    state.streams.on_frame(&header, from_client);
                 }
-                Unit::GoAway(code) => state.on_goaway(code, if from_client { 1 } else { 2 }),
+                Unit::GoAway(code) => state.streams.on_goaway(code, if from_client { 1 } else { 2 }),
             }
         }
         result?;
@@ -72,11 +69,11 @@ fn streams_are_counted_by_id_across_every_cut() {
     for first in 0..=data.len() {
         for second in first..=data.len().min(first + 12) {
             let mut state = H2State::default();
-            state.at_preface();
+            state.start_at_preface();
             let segments = [&data[..first], &data[first..second], &data[second..]];
             feed(&mut state, true, &segments).unwrap();
-            assert_eq!(state.streams(), 3, "cut at {first}, {second}");
-            assert_eq!(state.in_flight, 3);
+            assert_eq!(state.streams.streams(), 3, "cut at {first}, {second}");
+            assert_eq!(state.streams.in_flight, 3);
             assert_eq!((state.request.skip, state.request.partial_len), (0, 0));
         }
     }
@@ -85,21 +82,21 @@ fn streams_are_counted_by_id_across_every_cut() {
 #[test]
 fn trailers_do_not_count_and_streams_end_both_ways_or_by_reset() {
     let mut state = H2State::default();
-    state.at_preface();
+    state.start_at_preface();
     let mut client = PREFACE.to_vec();
     client.extend(frame(frame_type::HEADERS, 0x4, 1, b"h"));
     client.extend(frame(frame_type::HEADERS, 0x4, 3, b"h"));
     client.extend(frame(frame_type::DATA, END_STREAM, 1, b""));
     feed(&mut state, true, &[&client]).unwrap();
-    assert_eq!(state.concurrency_sum, 1 + 2);
-    assert_eq!(state.in_flight, 2);
+    assert_eq!(state.streams.concurrency_sum, 1 + 2);
+    assert_eq!(state.streams.in_flight, 2);
     let mut server = frame(frame_type::HEADERS, 0x4, 1, b"h");
     // Trailers end stream 1 (both sides now); stream 3 is reset.
     server.extend(frame(frame_type::HEADERS, 0x4 | END_STREAM, 1, b"t"));
     server.extend(frame(frame_type::RST_STREAM, 0, 3, &8u32.to_be_bytes()));
     feed(&mut state, false, &[&server]).unwrap();
-    assert_eq!((state.in_flight, state.streams()), (0, 2));
-    assert_eq!(state.concurrency[concurrency_bucket(2)], 1);
+    assert_eq!((state.streams.in_flight, state.streams.streams()), (0, 2));
+    assert_eq!(state.streams.concurrency[concurrency_bucket(2)], 1);
 }
 
 #[test]
@@ -113,7 +110,7 @@ fn goaway_codes_are_read_even_when_cut() {
     for cut in 0..=server.len() {
         let mut state = H2State::default();
         feed(&mut state, false, &[&server[..cut], &server[cut..]]).unwrap();
-        assert_eq!((state.goaway_by, state.goaway_code), (2, 2), "cut at {cut}");
+        assert_eq!((state.streams.goaway_by, state.streams.goaway_code), (2, 2), "cut at {cut}");
         assert_eq!(state.response.skip, 0);
     }
     assert_eq!(GoAwayCode::of(0), GoAwayCode::Graceful);
@@ -130,7 +127,7 @@ fn hostile_frames_lose_sync_and_never_read_past_the_segment() {
     assert_eq!(feed(&mut state, false, &[&short]), Err(Lost::Sync));
     // Random bytes after the preface (a fixed pattern: the reserved bit set).
     let mut state = H2State::default();
-    state.at_preface();
+    state.start_at_preface();
     let mut noise = PREFACE.to_vec();
     noise.extend([0xa7u8; 40]);
     assert_eq!(feed(&mut state, true, &[&noise]), Err(Lost::Sync));
@@ -143,14 +140,14 @@ fn hostile_frames_lose_sync_and_never_read_past_the_segment() {
     assert_eq!(state.request.skip, 0xff_ffff - 10);
     // An interleaved preface after the first is not a frame.
     let mut state = H2State::default();
-    state.at_preface();
+    state.start_at_preface();
     let mut twice = PREFACE.to_vec();
     twice.extend(PREFACE);
     assert_eq!(feed(&mut state, true, &[&twice]), Err(Lost::Sync));
     // More headers in one transfer than the walk reads.
     let mut state = H2State::default();
     let many: Vec<u8> =
-        (0..MAX_FRAMES_PER_TRANSFER + 1).flat_map(|_| frame(frame_type::PING, 0, 0, &[0; 8])).collect();
+        (0..MAX_STEPS_PER_TRANSFER + 1).flat_map(|_| frame(frame_type::PING, 0, 0, &[0; 8])).collect();
     assert_eq!(feed(&mut state, false, &[&many]), Err(Lost::TooManyFrames));
 }
 
@@ -166,12 +163,12 @@ fn unreadable_bytes_pass_only_inside_a_payload() {
 
 #[test]
 fn long_lived_streams_stay_in_flight_past_the_window() {
-    let mut state = H2State::default();
-    let open = |state: &mut H2State, stream: u32, end: bool| {
+    let mut state = H2Streams::default();
+    let open = |state: &mut H2Streams, stream: u32, end: bool| {
         let flags = 0x4 | if end { END_STREAM } else { 0 };
         state.on_frame(&FrameHeader { len: 1, kind: frame_type::HEADERS, flags, stream }, true)
     };
-    let server_end = |state: &mut H2State, stream: u32| {
+    let server_end = |state: &mut H2Streams, stream: u32| {
         let header = FrameHeader { len: 1, kind: frame_type::DATA, flags: END_STREAM, stream };
         state.on_frame(&header, false)
     };

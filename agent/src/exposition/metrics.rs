@@ -110,6 +110,7 @@ families! {
     connect_duration: HistogramFamily<PlacedFlow> = table::CONNECT_DURATION,
     connect_failures: Family<ConnectFailed, Counter> = table::CONNECT_FAILURES,
     requests: HistogramFamily<FlowProtocol> = table::CONNECTION_REQUESTS,
+    h2_concurrency: HistogramFamily<Flow> = table::HTTP2_CONCURRENT_STREAMS,
     idle: HistogramFamily<Flow> = table::CONNECTION_IDLE,
     close_idle: HistogramFamily<ClosedByLabels> = table::CONNECTION_CLOSE_IDLE,
     http_requests: Family<HttpRequest, Counter> = table::HTTP_REQUESTS,

@@ -12,6 +12,7 @@ use crate::{model::http_version::Version, pipeline::http};
 pub struct RequestCounts {
     pub http10: u64,
     pub http11: u64,
+    pub http2: u64,
     pub unread: u64,
 }
 
