@@ -26,7 +26,8 @@ use aya::{
 };
 use connscope_common::{
     CARRIED_CHUNKS, CarriedChunk, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS, Handover,
-    IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot, Setting, SslCall,
+    IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, PinSlot, Setting,
+    SslCall, h2_frames::H2State,
     kernel_config::contract_fingerprint, names::map,
 };
 
@@ -77,6 +78,7 @@ fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
         map::CARRIED_METRICS => shape(MapType::Hash, 4, size_of::<CarriedChunk>(), CARRIED_CHUNKS),
         map::TLS_CALLS => shape(MapType::LruHash, 8, size_of::<SslCall>(), IN_FLIGHT_CALLS),
         map::TLS_SOCKETS => shape(MapType::LruHash, 8, 8, DEFAULT_MAX_CONNECTIONS),
+        map::H2_CONNS => shape(MapType::Hash, 8, size_of::<H2State>(), MAX_H2_CONNECTIONS),
         _ => return None,
     })
 }

@@ -179,8 +179,8 @@ mod tests {
         use crate::model::close_reason::{GoAwayBy, GoAwayCode};
         let http = HttpSession::default();
         let server = Some(CloseReason::GoAway(GoAwayBy::Server, GoAwayCode::Graceful));
-        let idle = idle(closed(Role::Client, ClosedBy::Local, CloseKind::Fin, 0));
-        assert_eq!(close_reason(&idle, &http, server), server.unwrap());
+        let quiet = idle(closed(Role::Client, ClosedBy::Local, CloseKind::Fin, 0));
+        assert_eq!(close_reason(&quiet, &http, server), server.unwrap());
         let reset =
             idle(closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT));
         assert_eq!(close_reason(&reset, &http, server), server.unwrap());
