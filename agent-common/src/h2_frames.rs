@@ -215,11 +215,7 @@ pub struct StreamChange {
 impl H2Streams {
     /// Streams the client opened: (highest − first) / 2 + 1 (client ids are odd and rise).
     pub fn streams(&self) -> u32 {
-        if self.first_stream == 0 {
-            0
-        } else {
-            (self.highest_stream - self.first_stream) / 2 + 1
-        }
+        if self.first_stream == 0 { 0 } else { (self.highest_stream - self.first_stream) / 2 + 1 }
     }
 
     /// Applies a frame header sent by the client (`from_client`) or the server; the change

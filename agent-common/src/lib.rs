@@ -45,8 +45,8 @@ pub use kernel_config::{
 pub use net::{AF_INET, AF_INET6, IPPROTO_TCP, tcp_state};
 pub use records::{
     AttributeEvent, Attribution, COMM_LEN, ConnectFailedEvent, ConnectInFlight, Endpoints,
-    EventHeader, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, Http2CloseEvent, ListenKey, OpenEvent, SnapshotEvent,
-    process_label_byte,
+    EventHeader, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, Http2CloseEvent, ListenKey, OpenEvent,
+    SnapshotEvent, process_label_byte,
 };
 pub use wire::{
     CloseKind, ClosedBy, ConnectFailure, Direction, EventKind, LostReason, Protocol, Role,

@@ -71,11 +71,8 @@ pub fn count(conn: &mut Conn, transfer: &Transfer, mut report: bool) {
 /// `last_direction` are updated). Returns whether the agent must get a snapshot now.
 #[inline(always)]
 fn on_payload(conn: &mut Conn, transfer: &Transfer, now: u64) -> bool {
-    let report = if conn.protocol == Protocol::Http2 as u8 {
-        false
-    } else {
-        by_turns(conn, transfer, now)
-    };
+    let report =
+        if conn.protocol == Protocol::Http2 as u8 { false } else { by_turns(conn, transfer, now) };
     // HTTP/2 known before this transfer, or sniffed in it (`request_payload` made its
     // state): its frames are walked once the hook counted the transfer (`h2`).
     if conn.protocol == Protocol::Http2 as u8 {

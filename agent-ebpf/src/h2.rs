@@ -10,8 +10,8 @@ use connscope_common::{
     conn::PROGRESS_AFTER_IDLE_NS,
     conn_flag,
     h2_frames::{
-        FRAME_HEADER, FrameBytes, H2Direction, H2State, H2Streams, Lost,
-        MAX_SEGMENTS, MAX_STEPS_PER_TRANSFER, Step, StreamChange, Unit, pass_unread, step,
+        FRAME_HEADER, FrameBytes, H2Direction, H2State, H2Streams, Lost, MAX_SEGMENTS,
+        MAX_STEPS_PER_TRANSFER, Step, StreamChange, Unit, pass_unread, step,
     },
     is_request,
 };

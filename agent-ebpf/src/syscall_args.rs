@@ -87,7 +87,10 @@ pub fn payload_call(regs: u64) -> Option<PayloadCall> {
 pub enum Segments {
     Flat(UserBuffer),
     /// `count` iovecs at `iov`.
-    Vectored { iov: u64, count: u64 },
+    Vectored {
+        iov: u64,
+        count: u64,
+    },
 }
 
 impl Segments {
@@ -125,8 +128,7 @@ pub fn segments(call: &PayloadCall) -> Option<Segments> {
         _ => {
             // SAFETY: user memory read through the fault-tolerant helper.
             let [iov, count]: [u64; 2] =
-                unsafe { bpf_probe_read_user((call.buf + MSGHDR_IOV) as *const [u64; 2]) }
-                    .ok()?;
+                unsafe { bpf_probe_read_user((call.buf + MSGHDR_IOV) as *const [u64; 2]) }.ok()?;
             Some(Segments::Vectored { iov, count })
         }
     }

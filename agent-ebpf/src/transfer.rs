@@ -11,8 +11,8 @@ use connscope_common::{
 use crate::{
     adopt::adopt,
     exchange::{self, Transfer},
-    h2,
     globals::generation,
+    h2,
     maps::PIN_STATE,
     payload_source::PayloadSource,
     records, sock,

@@ -33,13 +33,18 @@ fuzz_target!(|data: &[u8]| {
     // Up to 4 cuts, each at a position taken from the cut byte's bits.
     let mut rest = data;
     for index in 0..4 {
-        let take = if index == 3 { rest.len() } else { (usize::from(cuts >> (2 * index)) * 7) % (rest.len() + 1) };
+        let take = if index == 3 {
+            rest.len()
+        } else {
+            (usize::from(cuts >> (2 * index)) * 7) % (rest.len() + 1)
+        };
         let (segment, after) = rest.split_at(take);
         rest = after;
         let from_client = cuts & 0x80 == 0;
         let dir = if from_client { &mut state.request } else { &mut state.response };
         let mut units = Vec::new();
-        let walked = walk(dir, &Segment(segment), segment.len() as u64, &mut steps, |u| units.push(u));
+        let walked =
+            walk(dir, &Segment(segment), segment.len() as u64, &mut steps, |u| units.push(u));
         for unit in units {
             match unit {
                 Unit::Header(header) => {

@@ -109,7 +109,10 @@ fn grpc_client(mode: &str, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn with<'a>(labels: &[(&'a str, &'a str)], extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+fn with<'a>(
+    labels: &[(&'a str, &'a str)],
+    extra: &[(&'a str, &'a str)],
+) -> Vec<(&'a str, &'a str)> {
     labels.iter().chain(extra).copied().collect()
 }
 
@@ -138,7 +141,8 @@ kernel_test!(
             assert_eq!(scrape.sum("connscope_http_requests_total", &version), 103.0, "{role}");
             let openings = scrape.sum("connscope_http2_concurrent_streams_count", &labels);
             assert_eq!(openings, 103.0, "{role}: {}", scrape.text);
-            let alone = scrape.sum("connscope_http2_concurrent_streams_bucket", &with(&labels, &[("le", "1")]));
+            let alone = scrape
+                .sum("connscope_http2_concurrent_streams_bucket", &with(&labels, &[("le", "1")]));
             assert!(alone < openings, "{role}: some stream opened beside another: {}", scrape.text);
         }
         Ok(())
@@ -159,7 +163,8 @@ kernel_test!(
             let labels = with(&side(&server, role), &[("reason", "server_goaway")]);
             s.sum("connscope_connections_closed_total", &labels)
         };
-        let scrape = agent.scrape_until(WAIT, |s| ROLES.iter().all(|role| goaway(s, role) >= 1.0))?;
+        let scrape =
+            agent.scrape_until(WAIT, |s| ROLES.iter().all(|role| goaway(s, role) >= 1.0))?;
         drop(grpc);
         for role in ROLES {
             assert!(goaway(&scrape, role) >= 1.0, "{role}: {}", scrape.text);
@@ -219,16 +224,25 @@ kernel_test!(
             let labels = with(&side(&server, role), &[("reason", "server_goaway")]);
             s.sum("connscope_connections_closed_total", &labels)
         };
-        let scrape = agent.scrape_until(WAIT, |s| ROLES.iter().all(|role| reason(s, role) >= 1.0))?;
+        let scrape =
+            agent.scrape_until(WAIT, |s| ROLES.iter().all(|role| reason(s, role) >= 1.0))?;
         for (role, by) in [("client", "peer"), ("server", "local")] {
             let labels = side(&server, role);
             assert_eq!(reason(&scrape, role), 1.0, "{role}: {}", scrape.text);
             let closed = with(&labels, &[("closed_by", by), ("protocol", "http2")]);
             assert_eq!(scrape.sum("connscope_connections_closed_total", &closed), 1.0, "{role}");
             let idle = |le: &'static str| {
-                scrape.sum("connscope_connection_close_idle_seconds_bucket", &with(&labels, &[("le", le)]))
+                scrape.sum(
+                    "connscope_connection_close_idle_seconds_bucket",
+                    &with(&labels, &[("le", le)]),
+                )
             };
-            assert_eq!((idle("0.5"), idle("2.0")), (0.0, 1.0), "{role}: idle ~1 s: {}", scrape.text);
+            assert_eq!(
+                (idle("0.5"), idle("2.0")),
+                (0.0, 1.0),
+                "{role}: idle ~1 s: {}",
+                scrape.text
+            );
             let streams = with(&labels, &[("protocol", "http2")]);
             assert_eq!(scrape.sum("connscope_connection_requests_sum", &streams), 1.0, "{role}");
         }

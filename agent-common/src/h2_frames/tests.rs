@@ -35,15 +35,16 @@ fn feed(state: &mut H2State, from_client: bool, segments: &[&[u8]]) -> Result<()
     for segment in segments {
         let mut units = Vec::new();
         let dir = if from_client { &mut state.request } else { &mut state.response };
-        let result = walk(dir, &Slice(segment), segment.len() as u64, &mut budget, |unit| {
-            units.push(unit)
-        });
+        let result =
+            walk(dir, &Slice(segment), segment.len() as u64, &mut budget, |unit| units.push(unit));
         for unit in units {
             match unit {
                 Unit::Header(header) => {
                     state.streams.on_frame(&header, from_client);
                 }
-                Unit::GoAway(code) => state.streams.on_goaway(code, if from_client { 1 } else { 2 }),
+                Unit::GoAway(code) => {
+                    state.streams.on_goaway(code, if from_client { 1 } else { 2 })
+                }
             }
         }
         result?;
@@ -146,8 +147,9 @@ fn hostile_frames_lose_sync_and_never_read_past_the_segment() {
     assert_eq!(feed(&mut state, true, &[&twice]), Err(Lost::Sync));
     // More headers in one transfer than the walk reads.
     let mut state = H2State::default();
-    let many: Vec<u8> =
-        (0..MAX_STEPS_PER_TRANSFER + 1).flat_map(|_| frame(frame_type::PING, 0, 0, &[0; 8])).collect();
+    let many: Vec<u8> = (0..MAX_STEPS_PER_TRANSFER + 1)
+        .flat_map(|_| frame(frame_type::PING, 0, 0, &[0; 8]))
+        .collect();
     assert_eq!(feed(&mut state, false, &[&many]), Err(Lost::TooManyFrames));
 }
 

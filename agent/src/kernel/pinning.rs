@@ -27,8 +27,7 @@ use aya::{
 use connscope_common::{
     CARRIED_CHUNKS, CarriedChunk, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS, Handover,
     IN_FLIGHT_CALLS, ListenKey, LostReason, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, PinSlot, Setting,
-    SslCall, h2_frames::H2State,
-    kernel_config::contract_fingerprint, names::map,
+    SslCall, h2_frames::H2State, kernel_config::contract_fingerprint, names::map,
 };
 
 use crate::config::Config;

@@ -28,12 +28,8 @@ pub enum RequestVersion {
 }
 
 impl RequestVersion {
-    pub const ALL: [Self; 4] = [
-        Self::Read(Version::Http10),
-        Self::Read(Version::Http11),
-        Self::Http2,
-        Self::Unread,
-    ];
+    pub const ALL: [Self; 4] =
+        [Self::Read(Version::Http10), Self::Read(Version::Http11), Self::Http2, Self::Unread];
 
     pub const fn label(self) -> &'static str {
         match self {

@@ -121,8 +121,10 @@ pub const ATTACH: Label = closed(
 );
 pub const TARGET_STATE: Label = closed("state", &["attached", "failed"]);
 pub const VERSION: Label = open("version");
-pub const EVENT_KIND: Label =
-    closed("kind", &["open", "attribute", "head", "progress", "close", "connect_failed", "http2_close"]);
+pub const EVENT_KIND: Label = closed(
+    "kind",
+    &["open", "attribute", "head", "progress", "close", "connect_failed", "http2_close"],
+);
 pub const LOST_REASON: Label = closed(
     "reason",
     &[
@@ -385,7 +387,10 @@ mod tests {
         use connscope_common::h2_frames::CONCURRENCY_BOUNDS;
         let bounds = HTTP2_CONCURRENT_STREAMS.buckets.bounds();
         assert_eq!(bounds, CONCURRENCY_BOUNDS.map(f64::from));
-        assert_eq!(values(PROTOCOL), set(connscope_common::Protocol::ALL.iter().map(|p| p.label())));
+        assert_eq!(
+            values(PROTOCOL),
+            set(connscope_common::Protocol::ALL.iter().map(|p| p.label()))
+        );
     }
 
     #[test]

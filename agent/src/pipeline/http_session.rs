@@ -202,7 +202,10 @@ mod tests {
         let get = request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         let second = session.on_request(&get, 2);
         assert_eq!(second, RequestCounts { http10: 1, http11: 1, unread: 0, http2: 0 });
-        assert_eq!(session.repeat_until(3), RequestCounts { http10: 0, http11: 1, unread: 0, http2: 0 });
+        assert_eq!(
+            session.repeat_until(3),
+            RequestCounts { http10: 0, http11: 1, unread: 0, http2: 0 }
+        );
         assert_eq!(session.requests, 3);
     }
 
@@ -211,9 +214,15 @@ mod tests {
         let mut session = HttpSession::default();
         let get = request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         session.on_request(&get, 1);
-        assert_eq!(session.repeat_until(2), RequestCounts { http10: 0, http11: 1, unread: 0, http2: 0 });
+        assert_eq!(
+            session.repeat_until(2),
+            RequestCounts { http10: 0, http11: 1, unread: 0, http2: 0 }
+        );
         // The process left decryption: exchanges 3..=5 came from its ciphertext.
-        assert_eq!(session.unread_until(5), RequestCounts { http10: 0, http11: 0, unread: 3, http2: 0 });
+        assert_eq!(
+            session.unread_until(5),
+            RequestCounts { http10: 0, http11: 0, unread: 3, http2: 0 }
+        );
         assert_eq!(session.unread_until(5), RequestCounts::default());
         assert_eq!(session.repeat_until(5), RequestCounts::default());
         assert_eq!(session.requests, 5);
