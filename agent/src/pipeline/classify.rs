@@ -178,12 +178,13 @@ mod tests {
     fn a_goaway_names_the_close_and_explains_a_reset_after_the_last_answer() {
         use crate::model::close_reason::{GoAwayBy, GoAwayCode};
         let http = HttpSession::default();
-        let server = Some(CloseReason::GoAway(GoAwayBy::Server, GoAwayCode::Graceful));
+        let graceful = CloseReason::GoAway(GoAwayBy::Server, GoAwayCode::Graceful);
+        let server = Some(graceful);
         let quiet = idle(closed(Role::Client, ClosedBy::Local, CloseKind::Fin, 0));
-        assert_eq!(close_reason(&quiet, &http, server), server.unwrap());
+        assert_eq!(close_reason(&quiet, &http, server), graceful);
         let reset =
             idle(closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT));
-        assert_eq!(close_reason(&reset, &http, server), server.unwrap());
+        assert_eq!(close_reason(&reset, &http, server), graceful);
         let busy = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT);
         assert_eq!(close_reason(&busy, &http, server), CloseReason::Reset);
     }
