@@ -425,8 +425,8 @@ def keepalive():
     panels.append(layout.place(timeseries("HTTP/2 streams per connection by flow",
         "Streams the client opened per HTTP/2 connection. Live: streams per second over the "
         "flow's open connections (a gRPC channel holding one connection with 100 streams shows "
-        "as one connection carrying them all, pinning its load to one backend). At close "
-        "(dashed): the mean streams per closed connection.",
+        "as one connection carrying them all, pinning its load to one backend). At close: the "
+        "mean streams per closed connection.",
         "none", [
             target(f"sum by ({FLOW}) ({rate('connscope_http_requests_total', AGENTS, HTTP2)}) / "
                    f"sum by ({FLOW}) (connscope_connections_open{{{AGENTS}}})",

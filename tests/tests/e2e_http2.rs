@@ -14,7 +14,9 @@ use anyhow::Context as _;
 use connscope_tests::{
     Agent,
     exchange_counts::{ROLES, WAIT, side},
-    free_port, kernel_test,
+    free_port,
+    http2::{PREFACE, frame_header},
+    kernel_test,
     metrics_text::Scrape,
     nginx::{Nginx, NginxConfig},
 };
@@ -175,14 +177,6 @@ kernel_test!(
     }
 );
 
-/// An HTTP/2 frame header.
-fn h2_frame(len: u32, kind: u8, flags: u8, stream: u32) -> Vec<u8> {
-    let mut frame = len.to_be_bytes()[1..].to_vec();
-    frame.extend([kind, flags]);
-    frame.extend(stream.to_be_bytes());
-    frame
-}
-
 kernel_test!(
     /// nginx `listen … http2` with a 1 s `keepalive_timeout` (its HTTP/2 idle timeout since
     /// 1.19.7): a prior-knowledge client sends one request and stays; nginx closes the idle
@@ -209,9 +203,9 @@ kernel_test!(
         // `GET /` (HPACK static table: :method GET, :scheme http, :path /) and `:authority`.
         let block = [&[0x82u8, 0x86, 0x84, 0x41, 9][..], b"127.0.0.1"].concat();
         let request = [
-            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
-            &h2_frame(0, 0x4, 0, 0),
-            &h2_frame(block.len() as u32, 0x1, 0x5, 1),
+            PREFACE,
+            &frame_header(0, 0x4, 0, 0),
+            &frame_header(block.len() as u32, 0x1, 0x5, 1),
             &block,
         ]
         .concat();

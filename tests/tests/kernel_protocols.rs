@@ -18,6 +18,7 @@ use connscope_tests::{
         PROTOCOLS, ROLES, assert_counts, bind_loopback, join_counted, scrape_closed, side,
     },
     framing_server::{self, HttpStream, Reply},
+    http2::{PREFACE, frame_header},
     kernel_test,
 };
 
@@ -254,14 +255,6 @@ fn echo(stream: &mut TcpStream, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// An HTTP/2 frame header: `len` bytes of payload follow (or are claimed to).
-fn h2_frame(len: u32, kind: u8, flags: u8, stream: u32) -> Vec<u8> {
-    let mut frame = len.to_be_bytes()[1..].to_vec();
-    frame.extend([kind, flags]);
-    frame.extend(stream.to_be_bytes());
-    frame
-}
-
 kernel_test!(
     /// Hostile HTTP/2 after a real client preface, one connection each: random bytes, and a
     /// `GOAWAY` shorter than its 8 bytes of ids and code, lose the frame sync: counted once
@@ -269,17 +262,17 @@ kernel_test!(
     /// with no stream count; a frame whose length runs past everything sent is passed over
     /// (its stream counted). Labels stay in their sets and the agent keeps serving.
     fn hostile_http2_frames_lose_sync_once_and_are_counted() -> anyhow::Result<()> {
-        const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
         let agent = Agent::start(&[])?;
         let (listener, server) = bind_loopback()?;
-        let settings = h2_frame(0, 0x4, 0, 0);
-        let headers = [h2_frame(1, 0x1, 0x4, 1), vec![0x82]].concat();
+        let settings = frame_header(0, 0x4, 0, 0);
+        let headers = [frame_header(1, 0x1, 0x4, 1), vec![0x82]].concat();
         // Random-looking bytes (fixed, so the count is exact): the reserved bit is set.
         let noise: Vec<u8> = (0u8..64).map(|i| i.wrapping_mul(37) | 0x80).collect();
         let flights: Vec<Vec<u8>> = vec![
             [PREFACE, &settings, &noise].concat(),
-            [PREFACE, &settings, &headers, &h2_frame(0xff_ffff, 0x0, 0, 1), &[0u8; 100]].concat(),
-            [PREFACE, &settings, &h2_frame(4, 0x7, 0, 0), &[0u8; 4]].concat(),
+            [PREFACE, &settings, &headers, &frame_header(0xff_ffff, 0x0, 0, 1), &[0u8; 100]]
+                .concat(),
+            [PREFACE, &settings, &frame_header(4, 0x7, 0, 0), &[0u8; 4]].concat(),
         ];
         let connections = flights.len();
         let serving = thread::spawn(move || {
