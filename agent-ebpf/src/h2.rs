@@ -54,7 +54,7 @@ fn read_short(addr: u64, len: u64, dst: &mut [u8; FRAME_HEADER]) -> bool {
 }
 
 /// The client preface was seen on `conn`: its frame state starts, the preface to be passed
-/// over ([`on_payload`] walks the transfer that holds it).
+/// over (the transfer that holds it is walked like every other, [`on_payload`]).
 #[inline(always)]
 pub fn start(conn: &mut Conn, sock: u64) {
     let Some(scratch) = H2_SCRATCH.get_ptr_mut(0) else { return };
@@ -69,8 +69,9 @@ pub fn start(conn: &mut Conn, sock: u64) {
     }
 }
 
-/// Walks the frames `transfer` moved on the HTTP/2 connection `conn`, or has them walked
-/// once the hook's transfer is counted ([`walk_pending`]).
+/// Leaves the frames `transfer` moved on the HTTP/2 connection `conn` to be walked once the
+/// hook's transfer is counted ([`walk_pending`]); bytes that cannot be read are passed over
+/// at once.
 ///
 /// The walk runs in [`connscope_h2_transfer`], a global function: the kernel verifies it
 /// once, apart from its callers, instead of once per state a caller reaches it in (its
