@@ -153,6 +153,7 @@ kernel_test!(
             "CONNECTS_IN_FLIGHT",
             "CONNS",
             "EVENTS",
+            "H2_CONNS",
             "HANDOVER",
             "LISTEN_PORTS",
             "LOST",
