@@ -4,7 +4,7 @@
 //! crate): the req/s ratio is what that costs, and from `kernel.bpf_stats_enabled` the ns
 //! its send/receive programs spend per run on this traffic.
 
-use std::{collections::BTreeSet, process::Command};
+use std::{collections::BTreeSet, path::Path, process::Command};
 
 use anyhow::{Context as _, ensure};
 use connscope_tests::{Agent, free_port, nginx::Nginx, procfs::program_ids};
@@ -12,14 +12,10 @@ use serde_json::json;
 
 use super::{
     Settings, bench_nginx,
-    kernel_cost::{BpfStats, program_stats},
+    kernel_cost::{BpfStats, Class, describe, object_programs, program_stats},
     report::{Figure, Part, Target},
     round, spread,
 };
-
-/// The kernel names of the send and receive programs start so (`connscope_btf_sock_send…`,
-/// `connscope_fexit_tcp_recvmsg`, `connscope_tcp_sendmsg`…: truncated to 15 characters).
-const TRANSFER_PROGRAMS: [&str; 4] = ["send", "recv", "sendmsg", "recvmsg"];
 
 /// An nginx with one h2c server.
 fn h2c_nginx() -> anyhow::Result<(Nginx, String)> {
@@ -56,7 +52,9 @@ fn h2load(url: &str, seconds: u64) -> anyhow::Result<(f64, u64)> {
     Ok((rps, field(" succeeded").unwrap_or(0)))
 }
 
-pub fn h2load_keepalive(settings: &Settings) -> anyhow::Result<Part> {
+pub fn h2load_keepalive(settings: &Settings, object: &Path) -> anyhow::Result<Part> {
+    // The send/receive programs, told by their hooks (kernel names are truncated).
+    let programs = object_programs(object)?;
     let (nginx, url) = h2c_nginx()?;
     let stats = BpfStats::enable()?;
     h2load(&url, 1)?;
@@ -75,7 +73,7 @@ pub fn h2load_keepalive(settings: &Settings) -> anyhow::Result<Part> {
         ensure!(code == Some(0), "the agent exited with {code:?}");
         ensure!(lost == 0.0, "h2load's connections lost their frame sync ({lost})");
         for (name, (time, count)) in &after {
-            if TRANSFER_PROGRAMS.iter().any(|p| name.contains(p)) {
+            if describe(name, &programs).1 == Class::SendReceive {
                 let (time0, count0) = before.get(name).copied().unwrap_or((0, 0));
                 run_time_ns += time - time0;
                 runs += count - count0;

@@ -163,7 +163,7 @@ pub fn run() -> anyhow::Result<()> {
         parts.push(https::https_keepalive(&settings)?);
     }
     if settings.runs("h2load") {
-        parts.push(h2load::h2load_keepalive(&settings)?);
+        parts.push(h2load::h2load_keepalive(&settings, &object)?);
     }
 
     let machine = machine();
