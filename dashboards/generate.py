@@ -11,7 +11,8 @@ Conventions every panel follows (checked by tests/tests/assets_dashboards.rs):
 - every panel has a unit and a description;
 - `namespace=~"$namespace"` only on the metrics that carry Kubernetes labels
   (connections_opened_total, connections_closed_total, connect_duration_seconds,
-  connect_failures_total); its All value is `.*`, which also
+  connect_failures_total, connections_time_wait, client_ports_in_use); its All value is
+  `.*`, which also
   matches series without the label (plain hosts).
 
 Every dashboard must also type-check against Grafana's own types (@grafana/schema, with the
@@ -515,17 +516,39 @@ def churn():
             target(f"sum by (instance, netns) ({rate('connscope_listen_overflows_total')})",
                    "{{instance}} netns {{netns}}", "A"),
         ]), 24, 8))
+    panels.append(layout.place(timeseries("Sockets in TIME_WAIT by flow (top 10)",
+        "Sockets each flow holds in TIME_WAIT now: its connections this host closed first, "
+        "which Linux keeps 60 s (counted every 5 s from the sockets of each network namespace). "
+        "Unattributed: TIME_WAIT sockets of a host's namespaces no flow accounts for (closed "
+        "before the agent started, or unseen). Question 4.",
+        "short", [
+            target(f"topk(10, sum by ({FLOW}) (connscope_connections_time_wait{{{AGENTS_IN_NAMESPACE}}}) > 0)",
+                   "{{role}} {{process}} → {{server}}", "A"),
+            target(f"sum by (instance) (connscope_connections_time_wait_unattributed{{{AGENTS}}}) > 0",
+                   "{{instance}} unattributed", "B"),
+        ]), 12, 9))
+    panels.append(layout.place(timeseries("Ephemeral ports held against the range, by destination",
+        "Share of the local port range that client sockets (open or in TIME_WAIT) hold toward "
+        "each server, per host and network namespace: every process of a namespace picks its "
+        "ports from the same range (ip_local_port_range less ip_local_reserved_ports). At 100% "
+        "the next connect to that server fails with no_local_port. Question 4.",
+        "percentunit", [
+            target(f"sum by (instance, netns, server) (connscope_client_ports_in_use{{{AGENTS_IN_NAMESPACE}}}) "
+                   f"/ on (instance, netns) group_left () "
+                   f"max by (instance, netns) (connscope_client_port_range_size{{{AGENTS}}})",
+                   "{{instance}} netns {{netns}} → {{server}}", "A"),
+        ]), 12, 9))
     panels.append(layout.row("TIME_WAIT"))
     tw = f"sum({rate('connscope_connections_closed_total', AGENTS_IN_NAMESPACE, LOCAL_FIN)})"
     panels.append(layout.place(stat("TIME_WAIT created /s (local side)",
         "Sockets entering TIME_WAIT per second on the selected hosts: connections this host "
         "closed first with a FIN (the active closer holds TIME_WAIT).",
         "cps", tw, decimals=1), 6, 5))
-    panels.append(layout.place(stat("TIME_WAIT held (estimate)",
-        "Approximate sockets in TIME_WAIT right now: creation rate times 60 s, the time Linux "
-        "keeps a socket in TIME_WAIT. Compare with the ephemeral port range (28232 ports by "
-        "default) per destination ip:port.",
-        "short", f"{tw} * 60", decimals=0,
+    panels.append(layout.place(stat("TIME_WAIT held now",
+        "Sockets of the selected flows in TIME_WAIT now (connections_time_wait, counted every "
+        "5 s), about the creation rate times the 60 s Linux keeps them. The ports they hold "
+        "against the range are in the Cost of churn row.",
+        "short", f"sum(connscope_connections_time_wait{{{AGENTS_IN_NAMESPACE}}})", decimals=0,
         thresholds=[{"color": "green", "value": None}, {"color": "orange", "value": 10000},
                     {"color": "red", "value": 25000}]), 6, 5))
     panels.append(layout.place(timeseries("TIME_WAIT created /s by flow (top 10)",
@@ -573,7 +596,7 @@ def churn():
     return dashboard("connscope-churn", "connscope / Churn",
                      "Where new connections come from: new connections per request by flow, "
                      "one-request connections; what they cost: connect time, failed connects, "
-                     "TIME_WAIT created on the local side, resets.",
+                     "TIME_WAIT sockets and ephemeral ports held per flow, resets.",
                      panels, ["churn"])
 
 

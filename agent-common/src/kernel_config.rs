@@ -249,10 +249,15 @@ pub enum PinSlot {
     /// after this counts that request (`adopt::request_read_in_flight_at_start` in the eBPF
     /// crate).
     AdoptionStartJiffies = 3,
+    /// The pid of the agent that runs the pinned state (the last to take it over), and its
+    /// start time (clock ticks after boot, `/proc/<pid>/stat`), which tells it from a later
+    /// process given the same pid. A second agent waits for it to exit.
+    OwnerPid = 4,
+    OwnerStartTicks = 5,
 }
 
 impl PinSlot {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
 }
 
 /// Bumped whenever the meaning of pinned state changes without a change of size.

@@ -4,8 +4,8 @@
 //! | kind | struct | when |
 //! |---|---|---|
 //! | `Open` | [`OpenEvent`] | a connection is established (endpoints; the process for clients) |
-//! | `Attribute` | [`AttributeEvent`] | an accepted socket is first used by its process |
-//! | `Head` | [`HeadEvent`] | a request or response head differs from the last one sent |
+//! | `Attribute` | [`AttributeEvent`] | an accepted socket is first used by its process, with no head to carry it |
+//! | `Head` | [`HeadEvent`] | a request or response head differs from the last one sent (and an accepted socket's process, at its first use) |
 //! | `Progress` | [`SnapshotEvent`] | counts the agent could otherwise miss (idle restart, bucket wrap) |
 //! | `Close` | [`SnapshotEvent`] | the socket is destroyed: its final state |
 //! | `ConnectFailed` | [`ConnectFailedEvent`] | a client's connect ended before establishment |
@@ -203,9 +203,13 @@ pub struct HeadEvent {
     /// A [`Role`] as `u8`.
     pub role: u8,
     pub _pad: [u8; 6],
+    /// Valid in the first record of an accepted socket's first use by its process: the
+    /// attribution an `Attribute` record would otherwise carry (one record less per
+    /// connection; `Attribute` remains for a first use that sends no head).
+    pub attribution: Attribution,
     pub head: [u8; HEAD_LEN],
 }
-const _: () = assert!(size_of::<HeadEvent>() == 48 + HEAD_LEN);
+const _: () = assert!(size_of::<HeadEvent>() == 80 + HEAD_LEN);
 
 /// A head record is sent with only `head_len` bytes of `head`: this is its fixed part.
 pub const HEAD_FIXED_LEN: usize = size_of::<HeadEvent>() - HEAD_LEN;

@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::{bpf_probe_read_user, generated};
 use connscope_common::{
     Conn, Direction, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, LostReason,
-    Protocol, h2_frames,
+    Protocol, conn_flag, h2_frames,
     tls_record::{self, TransferBytes},
 };
 use core::ffi::c_void;
@@ -15,6 +15,7 @@ use crate::{
     fill,
     maps::{EVENTS, HEAD_SCRATCH, UserBuffer, count_lost, submit_flags},
     payload_source::PayloadSource,
+    records::current_attribution,
 };
 
 /// The head of the current transfer, read into this CPU's scratch record (`head_len` set).
@@ -192,9 +193,11 @@ pub fn status(head: &HeadEvent) -> Option<Status> {
     })
 }
 
-/// Sends the head record at its real length.
+/// Sends the head record at its real length. The first head of an accepted socket not yet
+/// attributed carries its process (heads are only read in the process's own system calls
+/// and libssl calls), in place of a separate `Attribute` record.
 #[inline(always)]
-pub fn send(sock: u64, conn: &Conn, record: &mut HeadEvent, request: bool, now: u64) -> bool {
+pub fn send(sock: u64, conn: &mut Conn, record: &mut HeadEvent, request: bool, now: u64) -> bool {
     record.header = EventHeader::new(EventKind::Head, sock, now);
     record.open_token = conn.open_token;
     record._pad0 = 0;
@@ -202,9 +205,18 @@ pub fn send(sock: u64, conn: &Conn, record: &mut HeadEvent, request: bool, now: 
     record.direction = direction_of(conn.role, request);
     record.role = conn.role;
     fill::zero_array(&mut record._pad);
+    let attributes = !conn.has(conn_flag::ATTRIBUTED);
+    if attributes {
+        record.attribution = current_attribution();
+    } else {
+        // SAFETY: the record's own field.
+        unsafe { fill::zero_words(&raw mut record.attribution) };
+    }
     let sent = output(record, record.head_len);
     if !sent {
         count_lost(LostReason::RingbufFull);
+    } else if attributes {
+        conn.flags |= conn_flag::ATTRIBUTED;
     }
     sent
 }

@@ -5,7 +5,7 @@
 use core::sync::atomic::{Ordering, compiler_fence};
 
 use connscope_common::{
-    Conn, Direction, EventKind, PinSlot, conn::add_wrapping, conn_flag, is_request,
+    Conn, Direction, EventKind, PinSlot, Protocol, Role, conn::add_wrapping, conn_flag, is_request,
 };
 
 use crate::{
@@ -156,7 +156,9 @@ fn counted_position(conn: &mut Conn, direction: Direction) -> &mut u32 {
 #[inline(always)]
 fn count_transfer(conn: &mut Conn, transfer: &Transfer) {
     let Transfer { sock, direction, .. } = *transfer;
-    attribute_once(sock, conn);
+    if !head_may_attribute(conn, direction) {
+        attribute_once(sock, conn);
+    }
     // Decrypted TLS: only `SSL_write`'s ciphertext (`tls_calls`); a close_notify asks nothing.
     if direction == Direction::Send
         && !conn.has(conn_flag::TLS_PLAINTEXT)
@@ -165,6 +167,20 @@ fn count_transfer(conn: &mut Conn, transfer: &Transfer) {
         conn.flags |= conn_flag::SENT_AFTER_PEER_CLOSE;
     }
     add_and_count(conn, transfer, |sock, conn| tls_calls::ciphertext(sock, conn, direction));
+}
+
+/// Whether this transfer is the first request read of an accepted socket whose process is
+/// not reported yet, in cleartext that may be HTTP/1.x: the request's head record, if one is
+/// sent, carries the process (`head::send`), an `Attribute` record less per connection.
+/// When none is sent (not HTTP/1.x, unreadable), the socket's next transfer or its close
+/// (both in its process's context) reports the process.
+#[inline(always)]
+fn head_may_attribute(conn: &Conn, direction: Direction) -> bool {
+    conn.role == Role::Server as u8
+        && direction == Direction::Recv
+        && !conn.has(conn_flag::ATTRIBUTED)
+        && matches!(conn.protocol(), Protocol::Unknown | Protocol::Http1)
+        && !conn.has(conn_flag::TLS_PLAINTEXT)
 }
 
 /// Adds the bytes `transfer` moved (at most `u32::MAX`) and counts them by the exchange

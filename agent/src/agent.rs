@@ -9,7 +9,11 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::{HashMap, PerCpuArray, RingBuf};
 use connscope_common::{conn::SWEEP_INTERVAL_NS, names::map};
 use prometheus_client::registry::Registry;
-use tokio::{io::unix::AsyncFd, net::TcpListener, sync::watch};
+use tokio::{
+    io::unix::AsyncFd,
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
 
 use crate::{
     config::Config,
@@ -23,13 +27,16 @@ use crate::{
         adoption, decryption_budget,
         hooks::HookAttach,
         listen_queues::ListenQueueCollector,
+        pin_owner::OwnerStillRunning,
         pinning::Pins,
         preflight, probes,
+        socket_census::{self, SocketCensus},
         tls_uprobes::{self, TlsUprobes},
     },
     model::{
         label_sets::{Build, Probe},
         metric_table::PREFIX,
+        socket_census::Census,
         tls_requests::TlsRequests,
     },
     pipeline::{
@@ -55,6 +62,7 @@ pub struct Agent {
     pipeline: Pipeline,
     /// The libssl uprobes, rescanned for new OpenSSL copies while the agent runs.
     tls: Option<TlsUprobes>,
+    census: SocketCensus,
 }
 
 impl Agent {
@@ -67,13 +75,16 @@ impl Agent {
         preflight::ensure_tracefs()?;
         preflight::raise_memlock_limit();
 
-        let pins = config.pin_path.as_deref().and_then(|dir| {
-            Pins::prepare(dir, &config)
-                .inspect_err(|err| {
-                    tracing::warn!("kernel state will not outlive this agent: {err:#}");
-                })
-                .ok()
-        });
+        let pins = match config.pin_path.as_deref().map(|dir| Pins::prepare(dir, &config)) {
+            None => None,
+            Some(Ok(pins)) => Some(pins),
+            // Running beside the owner, even unpinned, would count everything twice.
+            Some(Err(err)) if err.is::<OwnerStillRunning>() => return Err(err),
+            Some(Err(err)) => {
+                tracing::warn!("kernel state will not outlive this agent: {err:#}");
+                None
+            }
+        };
         // Before anything slow: records the pinned programs queue meanwhile would
         // otherwise overflow the ring buffer during start-up.
         let startup_drain = match &pins {
@@ -124,6 +135,8 @@ impl Agent {
             tls.register(&mut registry);
         }
         registry.register_collector(Box::new(ListenQueueCollector::new("/proc")));
+        let (census, port_ranges) = SocketCensus::new("/proc");
+        registry.register_collector(Box::new(port_ranges));
         registry.register_collector(Box::new(LossCollector::new(
             PerCpuArray::try_from(probes.take_map(map::LOST)?)?,
             losses.clone(),
@@ -168,12 +181,13 @@ impl Agent {
         if probes.pins.as_ref().is_some_and(|pins| pins.previous.is_some()) {
             pipeline.take_over_connections(backlog);
         }
-        Ok(Self { config, listener, web, probes, state, pipeline, tls })
+        Ok(Self { config, listener, web, probes, state, pipeline, tls, census })
     }
 
     /// Serves and drains events until SIGTERM/SIGINT, then detaches.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Self { config, listener, web, mut probes, state, mut pipeline, mut tls } = self;
+        let Self { config, listener, web, mut probes, state, mut pipeline, mut tls, census } = self;
+        let mut censuses = take_censuses(census, config.census_budget);
         let (stop_server, server_stopped) = watch::channel(false);
         let server = tokio::spawn(server::serve(listener, web, state.clone(), server_stopped));
         let signal = shutdown::signal_received();
@@ -216,6 +230,7 @@ impl Agent {
                     }
                     _ = drain_timer.tick() => pipeline.drain(),
                     _ = sweep_timer.tick() => pipeline.sweep(),
+                    Some(census) = next_census(&mut censuses) => pipeline.count_sockets(&census),
                     _ = tls_timer.tick(), if tls.is_some() => {
                         if let Some(tls) = &mut tls {
                             tls.rescan(&mut probes.ebpf);
@@ -275,6 +290,42 @@ impl Agent {
         let _ = stop_server.send(true);
         let _ = tokio::time::timeout(Duration::from_millis(500), server).await;
         Ok(())
+    }
+}
+
+/// Takes a socket census on a blocking thread (it reads files of `/proc`) every
+/// `socket_census::INTERVAL`, or longer after a slow one (`socket_census::next_after`), and
+/// hands each to the event loop; ends when the loop stops listening. None with a budget of 0.
+fn take_censuses(census: SocketCensus, budget: f64) -> Option<mpsc::Receiver<Census>> {
+    if budget <= 0.0 {
+        tracing::info!("no socket census (--census.budget 0): no TIME_WAIT or port metrics");
+        return None;
+    }
+    let (sender, receiver) = mpsc::channel(1);
+    let census = Arc::new(census);
+    tokio::spawn(async move {
+        loop {
+            let started = tokio::time::Instant::now();
+            let census = census.clone();
+            let Ok(taken) = tokio::task::spawn_blocking(move || census.take()).await else {
+                tracing::warn!("the socket census stopped");
+                return;
+            };
+            let next = started + socket_census::next_after(started.elapsed(), budget);
+            if sender.send(taken).await.is_err() {
+                return;
+            }
+            tokio::time::sleep_until(next).await;
+        }
+    });
+    Some(receiver)
+}
+
+/// The next census, or never without one.
+async fn next_census(censuses: &mut Option<mpsc::Receiver<Census>>) -> Option<Census> {
+    match censuses {
+        Some(censuses) => censuses.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -78,17 +78,21 @@ pub enum Command {
     #[command(hide = true)]
     BenchFloor,
     /// Remove everything the agent pinned (programs detach, maps are freed): uninstall.
-    Cleanup(CleanupArgs),
+    Cleanup(PinPathArgs),
+    /// Mount a BPF filesystem on /sys/fs/bpf for the pin path unless one is there: what a
+    /// sandboxed deployment runs on the host first (the agent mounts one itself when it
+    /// runs in the host's mount namespace; in its own, that mount would end with it).
+    MountBpffs(PinPathArgs),
 }
 
 #[derive(Debug, clap::Args)]
-pub struct CleanupArgs {
+pub struct PinPathArgs {
     /// The agent's --bpf.pin-path ("" means nothing is pinned).
     #[arg(long = "bpf.pin-path", env = "CONNSCOPE_BPF_PIN_PATH", default_value = DEFAULT_PIN_PATH)]
     pin_path: String,
 }
 
-impl CleanupArgs {
+impl PinPathArgs {
     pub fn pin_path(self) -> anyhow::Result<Option<PathBuf>> {
         PinPath::from_setting(self.pin_path).map(|path| path.0)
     }
@@ -259,6 +263,11 @@ settings! {
     tls_never_decrypt: String as ProcessSelectors = ProcessSelectors::default(),
         "tls.never-decrypt", "CONNSCOPE_TLS_NEVER_DECRYPT";
 
+    /// Share of one CPU the socket census (TIME_WAIT sockets and ports per flow, port
+    /// ranges) may spend: it runs every 5 s, or less often when the last one took more than
+    /// this share of that (0 to 1; 0 turns it off, and those metrics with it).
+    census_budget: f64 = DEFAULT_CENSUS_BUDGET, "census.budget", "CONNSCOPE_CENSUS_BUDGET";
+
     /// cgroup v2 mount used to resolve pod and container of a connection's process.
     cgroup_path: PathBuf = default_cgroup_path(), "path.cgroup", "CONNSCOPE_PATH_CGROUP";
 
@@ -287,6 +296,9 @@ impl Cli {
 
 /// The default `--tls.budget`: 1% of one CPU per process.
 pub const DEFAULT_TLS_BUDGET: f64 = 0.01;
+
+/// The default `--census.budget`: 1% of one CPU.
+pub const DEFAULT_CENSUS_BUDGET: f64 = 0.01;
 
 /// Processes chosen by name or cgroup (`--tls.always-decrypt`, `--tls.never-decrypt`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -364,6 +376,12 @@ impl Config {
                 self.tls_budget
             );
         }
+        if !(0.0..=1.0).contains(&self.census_budget) {
+            bail!(
+                "--census.budget is a share of one CPU, from 0 (no census) to 1 (got {})",
+                self.census_budget
+            );
+        }
         if self.max_servers == 0 || self.max_processes == 0 {
             bail!("--metrics.max-servers and --metrics.max-processes must be at least 1");
         }
@@ -429,6 +447,8 @@ mod tests {
         assert!(cli(&["--tls.budget", "2"])?.into_config().is_err());
         assert!(cli(&["--tls.budget", "NaN"])?.into_config().is_err());
         assert!(cli(&["--tls.budget", "lots"]).is_err());
+        assert!(cli(&["--census.budget=-0.1"])?.into_config().is_err());
+        assert!(cli(&["--census.budget", "NaN"])?.into_config().is_err());
         assert!(cli(&["--tls.never-decrypt", "a-process-name-too-long"])?.into_config().is_err());
         assert!(cli(&["--tls.always-decrypt", "cgroup:kubepods"])?.into_config().is_err());
         assert!(cli(&["--tls.always-decrypt", "usr/bin/curl"])?.into_config().is_err());
@@ -450,6 +470,8 @@ mod tests {
         assert!(config.tls_always_decrypt.is_empty());
         assert_eq!(config.tls_budget, DEFAULT_TLS_BUDGET);
         assert_eq!(cli(&["--tls.budget", "0"])?.into_config()?.tls_budget, 0.0);
+        assert_eq!(config.census_budget, DEFAULT_CENSUS_BUDGET);
+        assert_eq!(cli(&["--census.budget", "0"])?.into_config()?.census_budget, 0.0);
         Ok(())
     }
 

@@ -20,12 +20,19 @@ fn main() -> ExitCode {
         }
         Some(Command::Cleanup(args)) => match args.pin_path() {
             Ok(path) => connscope::kernel::pinning::cleanup_command(path.as_deref()),
-            Err(err) => {
-                eprintln!("connscope: {err:#}");
-                ExitCode::from(2)
-            }
+            Err(err) => bad_flags(&err),
+        },
+        Some(Command::MountBpffs(args)) => match args.pin_path() {
+            Ok(path) => connscope::kernel::bpffs::mount_command(path.as_deref()),
+            Err(err) => bad_flags(&err),
         },
     }
+}
+
+/// Exit code 2 with one line: the flags are wrong.
+fn bad_flags(err: &anyhow::Error) -> ExitCode {
+    eprintln!("connscope: {err:#}");
+    ExitCode::from(2)
 }
 
 fn run_agent(cli: Cli) -> ExitCode {

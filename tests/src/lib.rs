@@ -142,11 +142,34 @@ impl Agent {
         extra: &[&str],
         log: Option<&std::fs::File>,
     ) -> anyhow::Result<Self> {
+        Self::spawn(Command::new(agent_binary()), port, extra, log)
+    }
+
+    /// [`Agent::start_logging`] in a mount namespace of its own where nothing is mounted
+    /// on `/sys/fs/bpf`: a host without a BPF filesystem, whatever this one has (the VM
+    /// guests mount one at boot). The namespace, and what the agent mounts in it, end with
+    /// the agent (same pid: `unshare` and the shell exec it).
+    pub fn start_without_bpf_fs(
+        extra: &[&str],
+        log: Option<&std::fs::File>,
+    ) -> anyhow::Result<Self> {
+        let mut command = Command::new("unshare");
+        command.args(["--mount", "--propagation", "private", "sh", "-c"]);
+        command.arg("umount /sys/fs/bpf 2>/dev/null; exec \"$0\" \"$@\"").arg(agent_binary());
+        Self::spawn(command, free_port(), extra, log)
+    }
+
+    /// Runs `command` (the agent, or what execs it) with the tests' flags and `extra`.
+    fn spawn(
+        mut command: Command,
+        port: u16,
+        extra: &[&str],
+        log: Option<&std::fs::File>,
+    ) -> anyhow::Result<Self> {
         let address: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let listen = address.to_string();
         let mut args = vec!["--web.listen-address", &listen, "--metrics.max-servers", "100000"];
         args.extend_from_slice(extra);
-        let mut command = Command::new(agent_binary());
         command
             .args(&args)
             .env("CONNSCOPE_LOG_LEVEL", "warn")

@@ -136,6 +136,24 @@ pub fn drain_server(
     spawned.unwrap_or_else(|err| panic!("cannot spawn the server thread: {err}"))
 }
 
+/// `connections` connections to `listener` that each send `payload` and close first, the
+/// server (a thread named `name`) reading each to EOF; returns once the server read them
+/// all (each client socket then waits in TIME_WAIT).
+pub fn closed_by_client(
+    listener: TcpListener,
+    connections: usize,
+    name: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let server = listener.local_addr()?;
+    let acceptor = drain_server(listener, connections, name);
+    for _ in 0..connections {
+        let mut client = TcpStream::connect(server)?;
+        std::io::Write::write_all(&mut client, payload)?;
+    }
+    join(acceptor)
+}
+
 /// Joins a server thread, turning its panic into an error.
 pub fn join(handle: JoinHandle<anyhow::Result<()>>) -> anyhow::Result<()> {
     handle.join().map_err(|_| anyhow::anyhow!("server thread panicked"))?

@@ -140,6 +140,29 @@ fn check_daemonset(ds: &Value, privileged: bool, problems: &mut Vec<String>) {
         mounts.iter().all(|(h, _, ro)| *ro || *h == "/sys/fs/bpf"),
         "every host mount but /sys/fs/bpf must be read-only",
     );
+    // A host without a BPF filesystem gets one before the agent starts, from an init
+    // container whose mount reaches the host (the agent's own would end with its container).
+    let inits = pod["initContainers"].as_array().cloned().unwrap_or_default();
+    want(
+        inits.iter().any(|init| {
+            let command: Vec<&str> = init["command"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let bidirectional = init["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+                volumes.get(str_at(m, "/name")) == Some(&"/sys/fs/bpf")
+                    && str_at(m, "/mountPath") == "/sys/fs/bpf"
+                    && str_at(m, "/mountPropagation") == "Bidirectional"
+            });
+            command.contains(&"mount-bpffs")
+                && bidirectional
+                && init["securityContext"]["privileged"] == json!(true)
+        }),
+        "needs a privileged init container running `connscope mount-bpffs` with /sys/fs/bpf \
+         mounted Bidirectional",
+    );
     // The flags must point where the mounts are.
     want(
         mounts.iter().any(|(h, m, _)| *h == "/sys/fs/cgroup" && *m == "/host/sys/fs/cgroup"),

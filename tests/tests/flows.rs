@@ -1,5 +1,6 @@
 //! `connscope flows` against a real agent watching known traffic on real sockets: the printed
-//! requests per connection and close sides equal what the test did, and `--output json` parses.
+//! requests per connection, close sides and TIME_WAIT sockets equal what the test did, and
+//! `--output json` parses.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -72,6 +73,12 @@ kernel_test!(
         agent.scrape_until(Duration::from_secs(10), |scrape| {
             scrape.sum("connscope_connection_requests_count", &labels) >= closed
         })?;
+        // The server closed first, so its sockets wait in TIME_WAIT (60 s): counted by the
+        // agent's socket census, every 5 s or more.
+        let served_labels = [("server", server_label.as_str()), ("role", "server")];
+        agent.scrape_until(Duration::from_secs(30), |scrape| {
+            scrape.sum("connscope_connections_time_wait", &served_labels) >= CONNECTIONS as f64
+        })?;
 
         let output = flows(&agent, &["--interval", "0", "--output", "json"])?;
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -85,6 +92,11 @@ kernel_test!(
             assert_eq!(row["one_request_share"], 0.0, "{row}");
             assert_eq!(row["races"], 0.0, "{row}");
         }
+        // The server holds the TIME_WAIT sockets; the client no port once its sockets closed.
+        assert_eq!(served["time_wait"], CONNECTIONS as f64, "{served}");
+        assert_eq!(client["time_wait"], 0.0, "{client}");
+        assert_eq!(client["ports_in_use"].as_f64().unwrap_or(0.0), 0.0, "{client}");
+        assert_eq!(served["ports_in_use"], Value::Null, "{served}");
         // The server closes first: "local" on its side, "peer" on the client's.
         assert_eq!(
             client["closes"],
@@ -104,6 +116,13 @@ kernel_test!(
         let cells: Vec<&str> = line.split_whitespace().collect();
         assert_eq!(cells[3..6], [CONNECTIONS.to_string().as_str(), "3.00", "0%"], "{table}");
         assert!(line.contains(&format!("peer: max_requests={CONNECTIONS}")), "{table}");
+        let served_line = table
+            .lines()
+            .find(|line| line.starts_with("server") && line.contains(&server_label))
+            .with_context(|| format!("no server row in:\n{table}"))?;
+        // `… RACES TIME_WAIT PORTS TLS`: 0 races, the TIME_WAIT sockets, no ports, no TLS.
+        let cells: Vec<&str> = served_line.split_whitespace().rev().take(4).collect();
+        assert_eq!(cells, ["-", "-", CONNECTIONS.to_string().as_str(), "0"], "{table}");
         Ok(())
     }
 );

@@ -1,6 +1,7 @@
 //! What churn costs, against the real kernel: the handshake time of each client connect
-//! (`connect_duration_seconds`) and the connects that fail (`connect_failures_total`), from
-//! real sockets made here. Counts are exact: each test owns its server address (loopback,
+//! (`connect_duration_seconds`), the connects that fail (`connect_failures_total`), the
+//! sockets left in TIME_WAIT and the local ports held per destination against the range,
+//! from real sockets made here. Counts are exact: each test owns its server address (loopback,
 //! or `127.0.28.x` inside a network namespace of its own) and its agent port.
 
 use std::{
@@ -15,10 +16,17 @@ use anyhow::{Context as _, bail, ensure};
 use connscope_tests::{Agent, Scrape, kernel_test, net, serial};
 
 const WAIT: Duration = Duration::from_secs(10);
+/// The socket census runs every 5 s, later on a host with tens of thousands of sockets
+/// (1% of a CPU at most): its gauges are waited for longer.
+const CENSUS_WAIT: Duration = Duration::from_secs(30);
 const DURATION: &str = "connscope_connect_duration_seconds";
 const FAILURES: &str = "connscope_connect_failures_total";
+const TIME_WAIT: &str = "connscope_connections_time_wait";
+const UNATTRIBUTED: &str = "connscope_connections_time_wait_unattributed";
+const PORTS: &str = "connscope_client_ports_in_use";
+const RANGE: &str = "connscope_client_port_range_size";
 
-/// This file's agents listen on ports of their own (39577 and up). Those lie in the
+/// This file's agents listen on ports of their own (39577 to 39583). Those lie in the
 /// ephemeral range: one a client's TIME_WAIT holds now is replaced by a free port.
 fn agent(port: u16) -> anyhow::Result<Agent> {
     if TcpListener::bind(("127.0.0.1", port)).is_ok() {
@@ -242,16 +250,22 @@ kernel_test!(
 kernel_test!(
     /// 20 local ports (`ip_local_port_range`), no TIME_WAIT reuse, 30 connections to one
     /// server that the client closes first: each holds its port in TIME_WAIT, so 20
-    /// connect and the other 10 fail with `EADDRNOTAVAIL`, counted as `no_local_port`.
+    /// connect and the other 10 fail with `EADDRNOTAVAIL`, counted as `no_local_port`. The
+    /// client flow then holds 20 ports (in TIME_WAIT) of its namespace's range of 20.
     fn an_exhausted_port_range_fails_connects_with_no_local_port() -> anyhow::Result<()> {
         let _serial = serial::shared();
-        let agent = agent(39581)?;
         let ns = net::NetNs::create("connect-ports")?;
+        ns.run(|| {
+            sysctl("net.ipv4.ip_local_port_range", "40000 40019")?;
+            sysctl("net.ipv4.tcp_tw_reuse", "0")
+        })??;
+        // The agent reads the namespace (its sockets, its range) through this process.
+        let _holder = net::NamespaceHolder::start(&ns)?;
+        let agent = agent(39581)?;
+        let netns = std::fs::metadata(format!("/run/netns/{}", ns.name))?.ino().to_string();
         let server = "127.0.28.2:8080";
         const ATTEMPTS: usize = 30;
         let (connected, no_port) = ns.run(move || {
-            sysctl("net.ipv4.ip_local_port_range", "40000 40019")?;
-            sysctl("net.ipv4.tcp_tw_reuse", "0")?;
             let listener = TcpListener::bind(server)?;
             let (mut connected, mut no_port) = (0, 0);
             for _ in 0..ATTEMPTS {
@@ -272,13 +286,74 @@ kernel_test!(
         })??;
         assert_eq!((connected, no_port), (20, ATTEMPTS - 20));
 
-        let scrape = agent.scrape_until(WAIT, |s| {
+        let in_namespace = [("role", "client"), ("server", server), ("netns", netns.as_str())];
+        let range = [("netns", netns.as_str())];
+        let scrape = agent.scrape_until(CENSUS_WAIT, |s| {
             failures(s, server, "no_local_port") >= no_port as f64
                 && connects(s, server) >= connected as f64
+                && s.sum(PORTS, &in_namespace) >= connected as f64
+                && s.sum(RANGE, &range) > 0.0
         })?;
         assert_eq!(failures(&scrape, server, "no_local_port"), no_port as f64, "{}", scrape.text);
         assert_eq!(scrape.sum(FAILURES, &[("server", server)]), no_port as f64);
         assert_eq!(connects(&scrape, server), connected as f64, "{}", scrape.text);
+        assert_eq!(scrape.sum(PORTS, &in_namespace), 20.0, "{}", scrape.text);
+        assert_eq!(scrape.sum(PORTS, &[("server", server)]), 20.0, "{}", scrape.text);
+        assert_eq!(scrape.sum(RANGE, &range), 20.0, "{}", scrape.text);
+        // Every port is held by a client socket in TIME_WAIT, all of that flow.
+        assert_eq!(time_wait(&scrape, "client", server), 20.0, "{}", scrape.text);
+        assert_eq!(scrape.sum(UNATTRIBUTED, &range), 0.0, "{}", scrape.text);
+        Ok(())
+    }
+);
+
+/// Sockets in TIME_WAIT toward `server` (`ip:port`) in the calling thread's namespace, as
+/// `ss -tan` lists them.
+fn ss_time_wait(server: &str) -> anyhow::Result<usize> {
+    let out = std::process::Command::new("ss").args(["-H", "-t", "-a", "-n"]).output()?;
+    ensure!(out.status.success(), "ss: {}", String::from_utf8_lossy(&out.stderr));
+    let listing = String::from_utf8(out.stdout)?;
+    Ok(listing
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|fields| fields.first() == Some(&"TIME-WAIT") && fields.get(4) == Some(&server))
+        .count())
+}
+
+fn time_wait(scrape: &Scrape, role: &str, server: &str) -> f64 {
+    scrape.sum(TIME_WAIT, &[("role", role), ("server", server)])
+}
+
+kernel_test!(
+    /// 200 short connections the client closes first each leave its socket in TIME_WAIT:
+    /// the client flow's gauge equals what `ss` lists for that destination at the same
+    /// moment (the server closed after the client, so it holds none), and falls back to 0
+    /// once the 60 s TIME_WAIT length has passed.
+    fn time_wait_sockets_count_on_the_flow_that_closed_first() -> anyhow::Result<()> {
+        let _serial = serial::shared();
+        let agent = agent(39583)?;
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let server = listener.local_addr()?.to_string();
+        const N: usize = 200;
+        net::closed_by_client(listener, N, "tw-acceptor", b"x")?;
+        let closed = Instant::now();
+
+        let scrape =
+            agent.scrape_until(CENSUS_WAIT, |s| time_wait(s, "client", &server) >= N as f64)?;
+        let listed = ss_time_wait(&server)?;
+        assert_eq!(time_wait(&scrape, "client", &server), listed as f64, "{}", scrape.text);
+        assert_eq!(listed, N);
+        assert_eq!(time_wait(&scrape, "server", &server), 0.0, "{}", scrape.text);
+        // The client flow's ports: each TIME_WAIT socket holds one.
+        let ports = scrape.sum(PORTS, &[("role", "client"), ("server", server.as_str())]);
+        assert_eq!(ports, N as f64, "{}", scrape.text);
+
+        thread::sleep(Duration::from_secs(61).saturating_sub(closed.elapsed()));
+        let scrape = agent.scrape_until(CENSUS_WAIT, |s| time_wait(s, "client", &server) == 0.0)?;
+        assert_eq!(time_wait(&scrape, "client", &server), 0.0, "{}", scrape.text);
+        assert_eq!(ss_time_wait(&server)?, 0);
+        let ports = scrape.sum(PORTS, &[("role", "client"), ("server", server.as_str())]);
+        assert_eq!(ports, 0.0, "{}", scrape.text);
         Ok(())
     }
 );

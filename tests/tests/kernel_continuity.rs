@@ -187,6 +187,117 @@ kernel_test!(
     }
 );
 
+kernel_test!(
+    /// A host with nothing mounted on `/sys/fs/bpf` (a fresh machine without systemd): the
+    /// agent, a plain root process, mounts a BPF filesystem there, says so once, and pins
+    /// its state in it at the default pin path.
+    fn an_agent_mounts_a_bpf_filesystem_where_none_is() -> anyhow::Result<()> {
+        let log_path = std::env::temp_dir().join(format!("connscope-bpffs-{}", std::process::id()));
+        let log = File::create(&log_path)?;
+        let extra = ["--bpf.pin-path", "/sys/fs/bpf/connscope", "--log.level", "info"];
+        let agent = Agent::start_without_bpf_fs(&extra, Some(&log))?;
+        let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", agent.pid()))?;
+        let bpf_fs =
+            mounts.lines().filter(|l| l.contains(" /sys/fs/bpf ") && l.contains(" - bpf "));
+        assert_eq!(bpf_fs.count(), 1, "{mounts}");
+        // The agent's mount namespace, seen through its root.
+        let pinned =
+            std::path::PathBuf::from(format!("/proc/{}/root/sys/fs/bpf/connscope", agent.pid()));
+        assert!(pinned.join("maps/CONNS").exists() && pinned.join("links/1").is_dir());
+        let (code, _) = agent.stop()?;
+        assert_eq!(code, Some(0));
+        let logged = std::fs::read_to_string(&log_path)?;
+        let _ = std::fs::remove_file(&log_path);
+        let said = "mounted a BPF filesystem on /sys/fs/bpf (none was mounted)";
+        assert_eq!(logged.matches(said).count(), 1, "{logged}");
+        assert!(logged.contains("kernel state pinned in /sys/fs/bpf/connscope"), "{logged}");
+
+        // What the deployments run on the host first: `connscope mount-bpffs`, twice.
+        let script = "umount /sys/fs/bpf 2>/dev/null; \"$0\" mount-bpffs && \"$0\" mount-bpffs \
+                      && grep -c ' /sys/fs/bpf bpf ' /proc/self/mounts";
+        let output = std::process::Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", script])
+            .arg(connscope_tests::agent_binary())
+            .output()?;
+        let (out, err) =
+            (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(output.status.success(), "{out}{err}");
+        assert_eq!(out.trim(), "1", "{err}");
+        assert_eq!(err.matches("mounted a BPF filesystem on /sys/fs/bpf").count(), 1, "{err}");
+        assert_eq!(err.matches("a BPF filesystem is on /sys/fs/bpf already").count(), 1, "{err}");
+        Ok(())
+    }
+);
+
+kernel_test!(
+    /// A second agent started on the same pinned state while the first still runs (a
+    /// force-deleted pod's replacement) waits for the first to exit, then takes it over:
+    /// the first counts on undisturbed, and no request is lost or counted twice.
+    fn a_second_agent_waits_for_the_running_owner_of_the_pinned_state() -> anyhow::Result<()> {
+        const EACH: u64 = 5;
+        let fs = BpfFs::mount("owner")?;
+        let listener = TcpListener::bind("127.0.0.84:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, 1, http_server::ServerBehaviour::default());
+        let first = fs.agent()?;
+        let mut client = TcpStream::connect(&server)?;
+        let requests = |client: &mut TcpStream| -> anyhow::Result<()> {
+            for _ in 0..EACH {
+                http_server::request(client, "1.1", "")?;
+            }
+            Ok(())
+        };
+        requests(&mut client)?;
+
+        let log_path = std::env::temp_dir().join(format!("connscope-owner-{}", std::process::id()));
+        let log = File::create(&log_path)?;
+        let pin_path = fs.pin_path();
+        let second = std::thread::spawn(move || {
+            Agent::start_logging(&["--bpf.pin-path", &pin_path, "--log.level", "info"], Some(&log))
+        });
+        let waiting = "waiting for it to exit";
+        let deadline = std::time::Instant::now() + WAIT * connscope_tests::wait_scale();
+        while !std::fs::read_to_string(&log_path)?.contains(waiting) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the second agent never waited");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        // The first still counts while the second waits.
+        requests(&mut client)?;
+        let labels = [("role", "server"), ("server", server.as_str())];
+        let counted = |s: &Scrape| s.sum("connscope_http_requests_total", &labels);
+        let scrape = first.scrape_until(WAIT, |s| counted(s) >= (2 * EACH) as f64)?;
+        assert_eq!(counted(&scrape), (2 * EACH) as f64, "{}", scrape.text);
+        let (_, code) = first.stop_scraping()?;
+        assert_eq!(code, Some(0));
+        let second =
+            second.join().map_err(|_| anyhow::anyhow!("the second agent's start panicked"))??;
+        requests(&mut client)?;
+        drop(client);
+        net::join(server_thread)?;
+
+        let scrape = second.scrape_until(WAIT, |s| {
+            ["client", "server"].iter().all(|role| {
+                let labels = [("role", *role), ("server", server.as_str())];
+                s.sum("connscope_connection_requests_count", &labels) >= 1.0
+            })
+        })?;
+        for role in ["client", "server"] {
+            let labels = [("role", role), ("server", server.as_str())];
+            let per_connection = scrape.sum("connscope_connection_requests_sum", &labels);
+            assert_eq!(per_connection, (3 * EACH) as f64, "{role}: {}", scrape.text);
+            let requests = scrape.sum("connscope_http_requests_total", &labels);
+            assert_eq!(requests, (3 * EACH) as f64, "{role}: {}", scrape.text);
+        }
+        let logged = std::fs::read_to_string(&log_path)?;
+        let _ = std::fs::remove_file(&log_path);
+        let took_over = logged.find("taking the pinned state over").context("no takeover line")?;
+        let pinned = logged.find("kernel state pinned in").context("never pinned")?;
+        assert!(logged.find(waiting) < Some(took_over) && took_over < pinned, "{logged}");
+        Ok(())
+    }
+);
+
 /// `BPF_MAP_CREATE` a hash map with the given value size and `BPF_OBJ_PIN` it at `path`:
 /// what an older build with another `Conn` would have left.
 fn pin_hash_map(path: &str, key_size: u32, value_size: u32) -> anyhow::Result<()> {

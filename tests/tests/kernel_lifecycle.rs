@@ -39,12 +39,7 @@ kernel_test!(
         let agent = Agent::start(&[])?;
         let (listener, server) = listener("127.0.0.1")?;
         const N: usize = 5;
-        let acceptor = net::drain_server(listener, N, "cs-acceptor");
-        for _ in 0..N {
-            let mut client = TcpStream::connect(&server)?;
-            client.write_all(b"ping")?;
-        }
-        net::join(acceptor)?;
+        net::closed_by_client(listener, N, "cs-acceptor", b"ping")?;
 
         let scrape = agent.scrape_until(WAIT, |s| {
             closed(s, "client", &server, "local", "fin") >= N as f64

@@ -9,7 +9,10 @@ use prometheus_client::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::exposition::{bucket_histogram::BucketHistogram, metrics::HistogramFamily};
+use crate::exposition::bucket_histogram::BucketHistogram;
+
+/// A histogram family with the agent's own bucket histograms.
+pub type HistogramFamily<L> = Family<L, BucketHistogram, fn() -> BucketHistogram>;
 
 /// One carried value: a counter's or gauge's number, or a histogram's buckets.
 #[derive(Debug, PartialEq)]

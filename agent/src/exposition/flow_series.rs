@@ -19,7 +19,7 @@ use crate::{
     model::http_version::{RequestVersion, Version},
     model::label_sets::{
         CappedLabel, Closed, ClosedByLabels, ConnectFailed, Flow, FlowProtocol, HttpRequest,
-        OpenState, PlacedFlow, Server,
+        OpenState, PlacedFlow, PlacedFlowNetns, Server,
     },
     model::placement::{Placement, PlacementResolver},
 };
@@ -80,6 +80,10 @@ pub struct FlowSeries {
     /// `ConnectFailure` wire order).
     connect_duration: OnceLock<BucketHistogram>,
     connect_failures: [OnceLock<Counter>; ConnectFailure::ALL.len()],
+    /// Set by each socket census (`pipeline::socket_count`).
+    time_wait: OnceLock<Gauge>,
+    /// Clients: `client_ports_in_use` by `netns` label (one namespace for most flows).
+    ports_in_use: Mutex<Vec<(String, Gauge)>>,
 }
 
 impl FlowSeries {
@@ -113,6 +117,8 @@ impl FlowSeries {
             close_idle: Default::default(),
             connect_duration: OnceLock::new(),
             connect_failures: Default::default(),
+            time_wait: OnceLock::new(),
+            ports_in_use: Mutex::new(Vec::new()),
             placement: key.placement.clone(),
             flow,
         }
@@ -203,6 +209,23 @@ impl FlowSeries {
                 ConnectFailed { flow: self.placed_flow(), reason: reason.label().to_owned() };
             metrics.connect_failures.get_or_create_owned(&labels)
         })
+    }
+
+    /// This flow's `connections_time_wait`.
+    pub fn time_wait(&self, metrics: &Metrics) -> &Gauge {
+        self.time_wait.get_or_init(|| metrics.time_wait.get_or_create_owned(&self.placed_flow()))
+    }
+
+    /// This client flow's `client_ports_in_use` in the namespace labelled `netns`.
+    pub fn ports_in_use(&self, metrics: &Metrics, netns: &str) -> Option<Gauge> {
+        let mut ports = self.ports_in_use.lock().ok()?;
+        if let Some((_, gauge)) = ports.iter().find(|(label, _)| label == netns) {
+            return Some(gauge.clone());
+        }
+        let labels = PlacedFlowNetns { flow: self.placed_flow(), netns: netns.to_owned() };
+        let gauge = metrics.ports_in_use.get_or_create_owned(&labels);
+        ports.push((netns.to_owned(), gauge.clone()));
+        Some(gauge)
     }
 
     fn placed_flow(&self) -> PlacedFlow {

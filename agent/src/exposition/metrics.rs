@@ -8,17 +8,16 @@ use prometheus_client::{
 
 pub use crate::exposition::bucket_histogram::BucketHistogram;
 use crate::{
-    exposition::family::Carry,
+    exposition::family::{Carry, HistogramFamily},
     model::{
         label_sets::{
             Build, CappedLabel, Closed, ClosedByLabels, ConnectFailed, EventKindLabel, Flow,
-            FlowProtocol, HttpRequest, OpenState, PlacedFlow, Probe, Server, SkipReason,
+            FlowProtocol, HttpRequest, Netns, OpenState, PlacedFlow, PlacedFlowNetns, Probe,
+            Server, SkipReason,
         },
         metric_table::{self as table, Metric, Unit},
     },
 };
-
-pub type HistogramFamily<L> = Family<L, BucketHistogram, fn() -> BucketHistogram>;
 
 /// Registers `metric` under its row: name, help and unit.
 pub fn register(registry: &mut Registry, row: &Metric, metric: impl registry::Metric) {
@@ -109,6 +108,9 @@ families! {
     duration: HistogramFamily<Flow> = table::CONNECTION_DURATION,
     connect_duration: HistogramFamily<PlacedFlow> = table::CONNECT_DURATION,
     connect_failures: Family<ConnectFailed, Counter> = table::CONNECT_FAILURES,
+    time_wait: Family<PlacedFlow, Gauge> = table::CONNECTIONS_TIME_WAIT,
+    time_wait_unattributed: Family<Netns, Gauge> = table::TIME_WAIT_UNATTRIBUTED,
+    ports_in_use: Family<PlacedFlowNetns, Gauge> = table::CLIENT_PORTS_IN_USE,
     requests: HistogramFamily<FlowProtocol> = table::CONNECTION_REQUESTS,
     h2_concurrency: HistogramFamily<Flow> = table::HTTP2_CONCURRENT_STREAMS,
     idle: HistogramFamily<Flow> = table::CONNECTION_IDLE,
@@ -139,7 +141,7 @@ mod tests {
 
     /// Each row of the table is exposed once: by a family of `Metrics`, or by the
     /// producers that register their own (the TLS targets, the loss collector, the
-    /// decryption budget, the listen queue collector).
+    /// decryption budget, the listen queue and port range collectors).
     #[test]
     fn every_row_has_one_family() {
         let mut names: Vec<&str> = Metrics::rows().iter().map(|row| row.name).collect();
@@ -154,6 +156,7 @@ mod tests {
             .map(|row| row.name),
         );
         names.extend([table::LISTEN_OVERFLOWS.name, table::LISTEN_DROPS.name]);
+        names.push(table::CLIENT_PORT_RANGE_SIZE.name);
         names.sort_unstable();
         let mut table: Vec<&str> = table::ALL.iter().map(|row| row.name).collect();
         table.sort_unstable();

@@ -4,9 +4,20 @@ use std::fmt::Write as _;
 
 use super::stats::FlowRow;
 
-const HEADERS: [&str; 11] = [
-    "ROLE", "PROCESS", "SERVER", "OPENED/S", "REQ/CONN", "<=1 REQ", "IDLE P50", "IDLE P90",
-    "CLOSES", "RACES", "TLS",
+const HEADERS: [&str; 13] = [
+    "ROLE",
+    "PROCESS",
+    "SERVER",
+    "OPENED/S",
+    "REQ/CONN",
+    "<=1 REQ",
+    "IDLE P50",
+    "IDLE P90",
+    "CLOSES",
+    "RACES",
+    "TIME_WAIT",
+    "PORTS",
+    "TLS",
 ];
 
 /// `seconds`: the interval rates are over (None: totals since the agent started).
@@ -15,7 +26,7 @@ pub fn table(rows: &[FlowRow], seconds: Option<f64>) -> String {
     if seconds.is_none() {
         headers[3] = "OPENED".into();
     }
-    let cells: Vec<[String; 11]> = rows.iter().map(cells).collect();
+    let cells: Vec<[String; 13]> = rows.iter().map(cells).collect();
     let mut widths = headers.each_ref().map(|h| h.len());
     for row in &cells {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -37,7 +48,7 @@ pub fn table(rows: &[FlowRow], seconds: Option<f64>) -> String {
     out.trim_end().to_owned()
 }
 
-fn cells(row: &FlowRow) -> [String; 11] {
+fn cells(row: &FlowRow) -> [String; 13] {
     let number = |value: Option<f64>, digits: usize| {
         value.map_or_else(|| "-".to_owned(), |v| format!("{v:.digits$}"))
     };
@@ -61,8 +72,19 @@ fn cells(row: &FlowRow) -> [String; 11] {
         duration(row.idle_p90_seconds),
         if closes.is_empty() { "-".into() } else { closes.join(", ") },
         format!("{}", row.races),
+        format!("{}", row.time_wait),
+        ports(row),
         if row.decryption.is_empty() { "-".into() } else { row.decryption.join(",") },
     ]
+}
+
+/// `20 (71%)`: the ports a client flow holds, and the largest share of a namespace's range.
+fn ports(row: &FlowRow) -> String {
+    match (row.ports_in_use, row.port_range_share) {
+        (None, _) => "-".into(),
+        (Some(ports), None) => format!("{ports}"),
+        (Some(ports), Some(share)) => format!("{ports} ({:.0}%)", share * 100.0),
+    }
 }
 
 fn duration(seconds: Option<f64>) -> String {

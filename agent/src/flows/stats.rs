@@ -15,6 +15,9 @@ const REQUESTS: &str = table::CONNECTION_REQUESTS.name;
 const IDLE: &str = table::CONNECTION_IDLE.name;
 const RACES: &str = table::KEEPALIVE_RACES.name;
 const DECRYPTION: &str = table::TLS_DECRYPTION_PROCESSES.name;
+const TIME_WAIT: &str = table::CONNECTIONS_TIME_WAIT.name;
+const PORTS: &str = table::CLIENT_PORTS_IN_USE.name;
+const PORT_RANGE: &str = table::CLIENT_PORT_RANGE_SIZE.name;
 
 /// A sample's part of its metric: the value itself, or a histogram's sum or count.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -77,12 +80,18 @@ pub struct FlowCounters {
     pub closes: BTreeMap<(String, String), f64>,
     /// The decryption states of the flow's process (`tls_decryption_processes`), now.
     pub decryption: Vec<String>,
+    /// Sockets in TIME_WAIT now (a gauge).
+    pub time_wait: f64,
+    /// Clients: ports held now, by network namespace, and the namespaces' port ranges.
+    pub ports: BTreeMap<String, f64>,
+    pub port_ranges: BTreeMap<String, f64>,
 }
 
 /// Every flow of one scrape.
 pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
     let mut flows: BTreeMap<FlowKey, FlowCounters> = BTreeMap::new();
     let mut decryption: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut port_ranges: BTreeMap<String, f64> = BTreeMap::new();
     let rows = sample_rows();
     for sample in &scrape.samples {
         let Some(&(row, part)) = rows.get(&sample.metric) else { continue };
@@ -93,6 +102,12 @@ pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
                 && *count > 0.0
             {
                 decryption.entry(process.into()).or_default().push(state.into());
+            }
+            continue;
+        }
+        if row == PORT_RANGE {
+            if let (Some(netns), Value::Gauge(size)) = (labels.get("netns"), &sample.value) {
+                port_ranges.insert(netns.into(), *size);
             }
             continue;
         }
@@ -122,6 +137,11 @@ pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
         match (row, part) {
             (OPENED, Part::Value) => flow.opened += value,
             (RACES, Part::Value) => flow.races += value,
+            (TIME_WAIT, Part::Value) => flow.time_wait += value,
+            (PORTS, Part::Value) => {
+                let netns = labels.get("netns").unwrap_or("unknown").to_owned();
+                *flow.ports.entry(netns).or_default() += value;
+            }
             (CLOSED, Part::Value) => {
                 let side = labels.get("closed_by").unwrap_or("unknown").to_owned();
                 let reason = labels.get("reason").unwrap_or("unknown").to_owned();
@@ -136,6 +156,11 @@ pub fn flows(scrape: &Scrape) -> BTreeMap<FlowKey, FlowCounters> {
     }
     for (key, flow) in &mut flows {
         flow.decryption = decryption.get(&key.process).cloned().unwrap_or_default();
+        flow.port_ranges = flow
+            .ports
+            .keys()
+            .filter_map(|netns| Some((netns.clone(), *port_ranges.get(netns)?)))
+            .collect();
     }
     flows
 }
@@ -203,6 +228,10 @@ impl FlowCounters {
                 })
                 .collect(),
             decryption: self.decryption.clone(),
+            // Gauges: what they are now.
+            time_wait: self.time_wait,
+            ports: self.ports.clone(),
+            port_ranges: self.port_ranges.clone(),
         }
     }
 }
@@ -227,6 +256,12 @@ pub struct FlowRow {
     pub races: f64,
     /// Whether the flow's process is decrypted (its processes' states; empty: no TLS).
     pub decryption: Vec<String>,
+    /// Sockets in TIME_WAIT now.
+    pub time_wait: f64,
+    /// Clients: local ports held toward the server now (None: none reported).
+    pub ports_in_use: Option<f64>,
+    /// The largest share of a namespace's port range the flow holds (None: range unknown).
+    pub port_range_share: Option<f64>,
 }
 
 /// Rows for the increase from `before` to `after`, `seconds` apart (`before` None: totals
@@ -274,6 +309,16 @@ fn row(key: &FlowKey, counters: &FlowCounters, seconds: Option<f64>) -> FlowRow 
         closes,
         races: counters.races,
         decryption: counters.decryption.clone(),
+        time_wait: counters.time_wait,
+        ports_in_use: (!counters.ports.is_empty()).then(|| counters.ports.values().sum()),
+        port_range_share: counters
+            .ports
+            .iter()
+            .filter_map(|(netns, ports)| {
+                let range = counters.port_ranges.get(netns).filter(|range| **range > 0.0)?;
+                Some(ports / range)
+            })
+            .max_by(f64::total_cmp),
     }
 }
 
@@ -314,6 +359,15 @@ connscope_connection_idle_seconds_count{role="client",process="curl",server="10.
 connscope_keepalive_races_total{role="client",process="curl",server="10.0.0.1:80"} 1
 # TYPE connscope_tracked_connections gauge
 connscope_tracked_connections 3
+# TYPE connscope_connections_time_wait gauge
+connscope_connections_time_wait{role="client",process="curl",server="10.0.0.1:80",pod="p1"} 3
+connscope_connections_time_wait{role="client",process="curl",server="10.0.0.1:80",pod="p2"} 1
+# TYPE connscope_client_ports_in_use gauge
+connscope_client_ports_in_use{role="client",process="curl",server="10.0.0.1:80",netns="1",pod="p1"} 5
+connscope_client_ports_in_use{role="client",process="curl",server="10.0.0.1:80",netns="2",pod="p2"} 3
+# TYPE connscope_client_port_range_size gauge
+connscope_client_port_range_size{netns="1"} 100
+connscope_client_port_range_size{netns="2"} 10
 # EOF
 "#;
 
@@ -363,6 +417,23 @@ connscope_keepalive_races_total{role="client",process="curl",server="10.0.0.1:80
         assert_eq!(curl.requests.at_most(1.0), 1.0);
         assert_eq!(curl.closes[&("local".to_owned(), "idle".to_owned())], 4.0);
         assert_eq!(curl.races, 1.0);
+        assert_eq!(curl.time_wait, 4.0);
+        let ports: Vec<(&str, f64)> = curl.ports.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+        assert_eq!(ports, [("1", 5.0), ("2", 3.0)]);
+    }
+
+    #[test]
+    fn gauges_are_shown_as_they_are_now() {
+        let rows = rows(Some(&parsed(BEFORE)), &parsed(BEFORE), 10.0);
+        let row = rows.iter().find(|row| row.flow == curl()).expect("curl's row");
+        assert_eq!((row.time_wait, row.ports_in_use), (4.0, Some(8.0)));
+        // Namespace 2's 3 of 10 ports is the fuller range.
+        assert_eq!(row.port_range_share, Some(0.3));
+        let nginx = rows.iter().find(|row| row.flow.role == "server").expect("nginx's row");
+        assert_eq!(
+            (nginx.time_wait, nginx.ports_in_use, nginx.port_range_share),
+            (0.0, None, None)
+        );
     }
 
     #[test]

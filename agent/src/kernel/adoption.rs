@@ -9,12 +9,7 @@
 //! call exit, which sees descriptors rather than sockets), the established connections the
 //! scan finds are counted as skipped with `reason="backend"` instead.
 
-use std::{
-    collections::HashMap,
-    io::{self, BufRead as _},
-    path::Path,
-    time::Instant,
-};
+use std::{collections::HashMap, io, path::Path, time::Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use connscope_common::{ListenKey, names::map};
@@ -23,15 +18,9 @@ use crate::{
     exposition::metrics::Metrics,
     kernel::netns::{self, PerNamespace, Unusable},
     kernel::probes::Probes,
+    kernel::proc_net_tcp::{self, TcpLine},
     model::label_sets::SkipReason,
 };
-
-/// `st` of a listening socket in `/proc/net/tcp`.
-const TCP_LISTEN_HEX: &str = "0A";
-/// `st` of an established one.
-const TCP_ESTABLISHED_HEX: &str = "01";
-/// procfs hands out a table a page or so per read.
-const TABLE_READ_BUFFER: usize = 64 * 1024;
 
 /// Why an item of the scan was skipped (`connscope_adoption_skipped_total{reason}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -118,29 +107,18 @@ impl PerNamespace for ListenScan {
     }
 }
 
-/// Streams the table a line at a time: a busy namespace's table (150 bytes per socket,
-/// TIME_WAIT ones included) read whole would grow the agent's heap by megabytes at start.
 /// A table counts whole or not at all: one that fails part way (its process exiting) is
 /// read again from the namespace's next process, which must not count its ports twice.
 fn read_table(path: &Path, netns: u32, scan: &mut ListenScan) -> io::Result<()> {
-    let mut table = io::BufReader::with_capacity(TABLE_READ_BUFFER, std::fs::File::open(path)?);
     let mut counts = TableCounts::default();
-    let mut line = String::new();
-    // The header line.
-    table.read_line(&mut line)?;
-    loop {
-        line.clear();
-        if table.read_line(&mut line)? == 0 {
-            counts.add_to(scan, netns);
-            return Ok(());
-        }
-        match socket_line(&line) {
-            Some(Socket::Listening(port)) => counts.listening.push(port),
-            Some(Socket::Established) => counts.established += 1,
-            Some(Socket::Other) => {}
-            None => counts.unparsable += 1,
-        }
-    }
+    proc_net_tcp::for_each_line(path, |line| match line.map(socket) {
+        Some(Socket::Listening(port)) => counts.listening.push(port),
+        Some(Socket::Established) => counts.established += 1,
+        Some(Socket::Other) => {}
+        None => counts.unparsable += 1,
+    })?;
+    counts.add_to(scan, netns);
+    Ok(())
 }
 
 /// One table's lines, kept apart until the table was read to its end.
@@ -164,7 +142,7 @@ impl TableCounts {
     }
 }
 
-/// What a `/proc/net/tcp{,6}` line is about.
+/// What a table's line is about.
 #[derive(Debug, PartialEq, Eq)]
 enum Socket {
     Listening(u16),
@@ -172,19 +150,12 @@ enum Socket {
     Other,
 }
 
-/// A `/proc/net/tcp{,6}` line, `None` when it does not parse.
-/// (`  0: 0100007F:1F90 00000000:0000 0A ...`: local address, remote address, state.)
-fn socket_line(line: &str) -> Option<Socket> {
-    let mut fields = line.split_whitespace().skip(1);
-    let (local, _remote, state) = (fields.next()?, fields.next()?, fields.next()?);
-    let (_, port) = local.rsplit_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    u8::from_str_radix(state, 16).ok()?;
-    Some(match state {
-        TCP_LISTEN_HEX => Socket::Listening(port),
-        TCP_ESTABLISHED_HEX => Socket::Established,
+fn socket(line: TcpLine) -> Socket {
+    match line.state {
+        proc_net_tcp::LISTEN => Socket::Listening(line.local.1),
+        proc_net_tcp::ESTABLISHED => Socket::Established,
         _ => Socket::Other,
-    })
+    }
 }
 
 /// Writes the scan into the kernel's `LISTEN_PORTS`. A port the kernel already counted
@@ -324,12 +295,11 @@ mod tests {
     }
 
     #[test]
-    fn lines_parse_or_are_rejected() {
-        let line = socket_line;
+    fn lines_are_told_apart_by_state() {
+        let line = |text: &str| proc_net_tcp::parse(text).map(socket);
         assert_eq!(line("0: 0100007F:1F90 00000000:0000 0A x"), Some(Socket::Listening(8080)));
         assert_eq!(line("0: 0100007F:1F90 0100007F:0050 01"), Some(Socket::Established));
         assert_eq!(line("0: 0100007F:1F90 0100007F:0050 06"), Some(Socket::Other));
         assert_eq!(line("0: 0100007F:ZZZZ 00000000:0000 0A"), None);
-        assert_eq!(line("0: 0100007F:1F90"), None);
     }
 }

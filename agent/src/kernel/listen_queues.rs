@@ -2,11 +2,9 @@
 //! `ListenOverflows` (a SYN, or the ACK that completes a handshake, dropped because the
 //! listening socket's accept queue was full) and `ListenDrops` (every drop at a listening
 //! socket, overflows included), per network namespace, read at scrape time from
-//! `/proc/<pid>/net/netstat` of one process per namespace (`netns`). Finding those processes
-//! walks all of `/proc` (about 6 ms at 1000 processes, docs/performance.md): it is done at
-//! most every
-//! [`REWALK_AFTER`], and scrapes in between read only the files of the processes it found
-//! (a walk is due sooner when one of them exits).
+//! `/proc/<pid>/net/netstat` of one process per namespace (`netns::NamespaceProcesses`:
+//! `/proc` is walked at most every 30 s, scrapes in between read the files of the processes
+//! it found).
 //!
 //! Per namespace rather than per listening port: the kernel counts these drops only in the
 //! namespace's SNMP counters, and no tracepoint marks them on the kernels connscope runs on
@@ -16,8 +14,6 @@
 use std::{
     io,
     path::{Path, PathBuf},
-    sync::Mutex,
-    time::{Duration, Instant},
 };
 
 use prometheus_client::{
@@ -27,17 +23,9 @@ use prometheus_client::{
 };
 
 use crate::{
-    kernel::netns::{self, PerNamespace, Unusable},
+    kernel::netns::{self, MAX_NAMESPACES, NamespaceProcesses},
     model::metric_table::{self, Metric},
 };
-
-/// Namespaces exported with a `netns` label of their own; the counters of any beyond are
-/// summed under `other` (a host runs a namespace per pod, far fewer than this).
-pub const MAX_NAMESPACES: usize = 1024;
-
-/// How long the processes found for the namespaces are used before `/proc` is walked again
-/// (new namespaces show up within this).
-pub const REWALK_AFTER: Duration = Duration::from_secs(30);
 
 /// One namespace's counters.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,34 +34,9 @@ pub struct ListenDrops {
     pub drops: u64,
 }
 
-/// The process read for each namespace (`/proc/<pid>`), and what was read there.
-#[derive(Debug, Default)]
-struct Scan(Vec<(u32, PathBuf, ListenDrops)>);
-
 fn read_counters(process_dir: &Path) -> io::Result<ListenDrops> {
     let file = std::fs::File::open(process_dir.join("net/netstat"))?;
     parse_netstat(io::BufReader::new(file))
-}
-
-impl PerNamespace for Scan {
-    fn read(&mut self, netns: u32, dir: &Path) -> io::Result<()> {
-        let counters = read_counters(dir)?;
-        self.0.push((netns, dir.to_owned(), counters));
-        Ok(())
-    }
-
-    /// A namespace whose processes cannot be read is left out (and shows as a missing
-    /// series); nothing else is counted.
-    fn unusable(&mut self, _: Unusable) {}
-}
-
-/// The listen drops of every namespace with a process under `proc_root`, in inode order,
-/// with the process each was read through.
-fn walk(proc_root: &Path) -> Vec<(u32, PathBuf, ListenDrops)> {
-    let mut scan = Scan::default();
-    netns::visit(proc_root, &mut scan);
-    scan.0.sort_unstable_by_key(|(netns, _, _)| *netns);
-    scan.0
 }
 
 /// `ListenOverflows` and `ListenDrops` from a `netstat` file: a `TcpExt:` line of names
@@ -105,45 +68,17 @@ fn parse_netstat(reader: impl io::BufRead) -> io::Result<ListenDrops> {
 /// `connscope_listen_overflows_total{netns}` and `connscope_listen_drops_total{netns}`.
 #[derive(Debug)]
 pub struct ListenQueueCollector {
-    proc_root: PathBuf,
-    found: Mutex<Found>,
-}
-
-/// What the last walk of `/proc` found.
-#[derive(Debug, Default)]
-struct Found {
-    /// `(netns, /proc/<pid>)`: the process read for each namespace.
-    processes: Vec<(u32, PathBuf)>,
-    walked: Option<Instant>,
+    namespaces: NamespaceProcesses,
 }
 
 impl ListenQueueCollector {
     pub fn new(proc_root: impl Into<PathBuf>) -> Self {
-        Self { proc_root: proc_root.into(), found: Mutex::default() }
+        Self { namespaces: NamespaceProcesses::new(proc_root) }
     }
 
-    /// Every namespace's counters now: through the processes the last walk found, or a
-    /// new walk when that is older than [`REWALK_AFTER`] or one of them is gone (or its
-    /// process id is another namespace's now).
+    /// Every namespace's counters now, in inode order.
     pub fn read_all(&self) -> Vec<(u32, ListenDrops)> {
-        let Ok(mut found) = self.found.lock() else { return Vec::new() };
-        if found.walked.is_some_and(|at| at.elapsed() < REWALK_AFTER) {
-            let still =
-                |netns: u32, dir: &Path| netns::of_process(dir).ok().flatten() == Some(netns);
-            let read: Vec<(u32, ListenDrops)> = found
-                .processes
-                .iter()
-                .filter(|(netns, dir)| still(*netns, dir))
-                .filter_map(|(netns, dir)| read_counters(dir).ok().map(|c| (*netns, c)))
-                .collect();
-            if read.len() == found.processes.len() {
-                return read;
-            }
-        }
-        let all = walk(&self.proc_root);
-        found.processes = all.iter().map(|(netns, dir, _)| (*netns, dir.clone())).collect();
-        found.walked = Some(Instant::now());
-        all.into_iter().map(|(netns, _, counters)| (netns, counters)).collect()
+        self.namespaces.read_each(read_counters)
     }
 }
 
@@ -154,7 +89,7 @@ fn capped(all: Vec<(u32, ListenDrops)>) -> Vec<(String, ListenDrops)> {
     let mut other: Option<ListenDrops> = None;
     for (index, (netns, counters)) in all.into_iter().enumerate() {
         if index < MAX_NAMESPACES {
-            rows.push((netns.to_string(), counters));
+            rows.push((netns::label(index, netns), counters));
         } else {
             let sum = other.get_or_insert_default();
             sum.overflows += counters.overflows;

@@ -1,11 +1,30 @@
 //! One process per network namespace under `/proc`: the files of `/proc/<pid>/net/` show
 //! that process's network namespace whoever reads them, so reading them for one process of
 //! each namespace covers every namespace that has a process in it, with no `setns`. Used by
-//! the start-up scan of listening ports (`adoption`) and the listen queue counters
-//! (`listen_queues`). A namespace no process is in (only bind-mounted, as `ip netns add`
-//! leaves it) is not seen.
+//! the start-up scan of listening ports (`adoption`), the listen queue counters
+//! (`listen_queues`) and the socket census (`socket_census`). A namespace no process is in
+//! (only bind-mounted, as `ip netns add` leaves it) is not seen.
 
-use std::{collections::HashSet, io, path::Path};
+use std::{
+    collections::HashSet,
+    io,
+    path::{Path, PathBuf},
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// Namespaces exported with a `netns` label of their own; the figures of any beyond are
+/// summed under `other` (a host runs a namespace per pod, far fewer than this).
+pub const MAX_NAMESPACES: usize = 1024;
+
+/// How long the processes found for the namespaces are used before `/proc` is walked again
+/// (new namespaces show up within this).
+pub const REWALK_AFTER: Duration = Duration::from_secs(30);
+
+/// The `netns` label of the namespace `netns`, the `index`th in inode order.
+pub fn label(index: usize, netns: u32) -> String {
+    if index < MAX_NAMESPACES { netns.to_string() } else { "other".to_owned() }
+}
 
 /// Why an entry of `/proc` could not be used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +82,72 @@ pub fn visit(proc_root: &Path, visitor: &mut impl PerNamespace) -> usize {
         }
     }
     done.len()
+}
+
+/// One process per namespace, found by a walk of `/proc` (about 6 ms at 1000 processes,
+/// docs/performance.md) at most every [`REWALK_AFTER`]: reads in between go to the processes
+/// it found (a walk is due sooner when one of them exits or fails to read).
+#[derive(Debug)]
+pub struct NamespaceProcesses {
+    proc_root: PathBuf,
+    found: Mutex<Found>,
+}
+
+/// What the last walk of `/proc` found.
+#[derive(Debug, Default)]
+struct Found {
+    /// `(netns, /proc/<pid>)`: the process read for each namespace, in inode order.
+    processes: Vec<(u32, PathBuf)>,
+    walked: Option<Instant>,
+}
+
+/// A walk's visitor: `read` through the first process of each namespace that reads.
+struct Walk<T, F> {
+    read: F,
+    rows: Vec<(u32, PathBuf, T)>,
+}
+
+impl<T, F: FnMut(&Path) -> io::Result<T>> PerNamespace for Walk<T, F> {
+    fn read(&mut self, netns: u32, dir: &Path) -> io::Result<()> {
+        let value = (self.read)(dir)?;
+        self.rows.push((netns, dir.to_owned(), value));
+        Ok(())
+    }
+
+    /// A namespace whose processes cannot be read is left out; nothing else is counted.
+    fn unusable(&mut self, _: Unusable) {}
+}
+
+impl NamespaceProcesses {
+    pub fn new(proc_root: impl Into<PathBuf>) -> Self {
+        Self { proc_root: proc_root.into(), found: Mutex::default() }
+    }
+
+    /// `read` of every namespace now, in inode order: through the processes the last walk
+    /// found, or a new walk when that is older than [`REWALK_AFTER`] or one of them is gone
+    /// (or its process id is another namespace's now).
+    pub fn read_each<T>(&self, mut read: impl FnMut(&Path) -> io::Result<T>) -> Vec<(u32, T)> {
+        let Ok(mut found) = self.found.lock() else { return Vec::new() };
+        if found.walked.is_some_and(|at| at.elapsed() < REWALK_AFTER) {
+            let mut rows = Vec::with_capacity(found.processes.len());
+            for (netns, dir) in &found.processes {
+                if of_process(dir).ok().flatten() != Some(*netns) {
+                    break;
+                }
+                let Ok(value) = read(dir) else { break };
+                rows.push((*netns, value));
+            }
+            if rows.len() == found.processes.len() {
+                return rows;
+            }
+        }
+        let mut walk = Walk { read, rows: Vec::new() };
+        visit(&self.proc_root, &mut walk);
+        walk.rows.sort_unstable_by_key(|(netns, _, _)| *netns);
+        found.processes = walk.rows.iter().map(|(netns, dir, _)| (*netns, dir.clone())).collect();
+        found.walked = Some(Instant::now());
+        walk.rows.into_iter().map(|(netns, _, value)| (netns, value)).collect()
+    }
 }
 
 /// The network namespace of the process at `process_dir` (`/proc/<pid>`); `None` when its

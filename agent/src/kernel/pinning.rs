@@ -30,10 +30,13 @@ use connscope_common::{
     SslCall, h2_frames::H2State, kernel_config::contract_fingerprint, names::map,
 };
 
-use crate::config::Config;
-
-/// `statfs` type of a BPF filesystem.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+use crate::{
+    config::Config,
+    kernel::{
+        bpffs,
+        pin_owner::{self, Owner},
+    },
+};
 
 /// Where this agent's state is pinned, and which generation its programs are.
 #[derive(Debug)]
@@ -96,9 +99,10 @@ impl Pins {
     /// Checks what is pinned under `dir`: state of this layout is taken over, anything else
     /// is removed (one log line) and the programs start at generation 1.
     pub fn prepare(dir: &Path, config: &Config) -> anyhow::Result<Self> {
+        bpffs::mount_for(dir)?;
         std::fs::create_dir_all(dir.join("maps"))
             .with_context(|| format!("creating --bpf.pin-path {}", dir.display()))?;
-        if !on_bpf_fs(dir)? {
+        if !bpffs::is_on_bpf_fs(dir)? {
             anyhow::bail!(
                 "--bpf.pin-path {} is not on a BPF filesystem (mount -t bpf bpf /sys/fs/bpf), \
                  or turn pinning off with --bpf.pin-path \"\"",
@@ -110,6 +114,8 @@ impl Pins {
         match pins.pinned_generation(config) {
             Ok(None) => {}
             Ok(Some(previous)) => {
+                let state = open_pin_state(&dir.join("maps").join(map::PIN_STATE))?;
+                pin_owner::wait_for_exit(Owner::recorded(&state)?, &dir.display().to_string())?;
                 pins.previous = Some(previous);
                 pins.generation = previous + 1;
             }
@@ -180,6 +186,9 @@ impl Pins {
         let mut state = pin_state(ebpf)?;
         state.set(PinSlot::Fingerprint as u32, self.fingerprint, 0)?;
         state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
+        if let Some(me) = Owner::current() {
+            me.record(&mut state)?;
+        }
         let links_dir = self.dir.join("links");
         let mut previous = Vec::new();
         if links_dir.exists() {
@@ -265,17 +274,6 @@ fn detach_later(previous: Vec<PathBuf>, state_pin: PathBuf) {
     if let Err(err) = spawned {
         tracing::warn!("previous programs stay attached until the next restart: {err}");
     }
-}
-
-fn on_bpf_fs(dir: &Path) -> anyhow::Result<bool> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    // SAFETY: statfs with a NUL-terminated path and a zeroed out-struct.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(path.as_ptr(), &mut stat) } != 0 {
-        return Err(io::Error::last_os_error()).context(format!("statfs {}", dir.display()));
-    }
-    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
 }
 
 fn remove_path(path: &Path) -> io::Result<()> {

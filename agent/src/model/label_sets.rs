@@ -43,6 +43,21 @@ pub struct ConnectFailed {
     pub reason: String,
 }
 
+/// A client flow's ports, per network namespace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct PlacedFlowNetns {
+    #[prometheus(flatten)]
+    #[serde(flatten)]
+    pub flow: PlacedFlow,
+    pub netns: String,
+}
+
+/// A network namespace's inode number (`other` past the cap).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]
+pub struct Netns {
+    pub netns: String,
+}
+
 /// Requests per connection are read differently per protocol (HTTP/1.x requests, exchanges
 /// of other request/response protocols, TLS records, WebSocket upgrades).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet, Deserialize)]

@@ -138,7 +138,7 @@ pub const LOST_REASON: Label = closed(
     ],
 );
 /// A network namespace's inode number (`ls -L -i /proc/<pid>/ns/net`), `other` past
-/// `kernel::listen_queues::MAX_NAMESPACES`.
+/// `kernel::netns::MAX_NAMESPACES`.
 pub const NETNS: Label = open("netns");
 pub const CAPPED_LABEL: Label = closed("label", &["server", "process"]);
 pub const SKIP_REASON: Label =
@@ -257,6 +257,22 @@ metric_table! {
         "Client connects that ended before ESTABLISHED, by reason: refused (reset), timeout (SYN retries exhausted), unreachable (ICMP), no_local_port (EADDRNOTAVAIL), abandoned (closed by the application), other",
         labels [ROLE, PROCESS, SERVER, CONNECT_FAILURE], pod [NAMESPACE, POD, CONTAINER],
         carried: true;
+    /// Counted every 5 s from each network namespace's socket tables
+    /// (`kernel::socket_census`), each TIME_WAIT socket attributed by its four-tuple to the
+    /// connection the agent saw close (`pipeline::socket_count`).
+    CONNECTIONS_TIME_WAIT = Gauge "connections_time_wait",
+        "Sockets of the flow in TIME_WAIT now (its connections this side closed first), counted every 5 s from each network namespace's socket table",
+        labels [ROLE, PROCESS, SERVER], pod [NAMESPACE, POD, CONTAINER];
+    TIME_WAIT_UNATTRIBUTED = Gauge "connections_time_wait_unattributed",
+        "TIME_WAIT sockets no flow accounts for (closed before the agent started, or by a connection it did not see close), per network namespace (netns: its inode number)",
+        labels [NETNS];
+    CLIENT_PORTS_IN_USE = Gauge "client_ports_in_use",
+        "Local ports the client flow holds toward its server now, open or in TIME_WAIT, per network namespace (netns): against client_port_range_size, how near the flow is to no_local_port",
+        labels [ROLE, PROCESS, SERVER, NETNS], pod [NAMESPACE, POD, CONTAINER];
+    /// Read with the census (`kernel::port_range`), exported at scrape time.
+    CLIENT_PORT_RANGE_SIZE = Gauge "client_port_range_size",
+        "Local ports a client connect can pick toward one destination: net.ipv4.ip_local_port_range less net.ipv4.ip_local_reserved_ports, per network namespace (netns: its inode number)",
+        labels [NETNS];
     /// 0 marks connections opened and never used, 1 the one-request connections that
     /// cause churn.
     CONNECTION_REQUESTS = Histogram "connection_requests",

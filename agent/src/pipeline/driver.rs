@@ -14,7 +14,7 @@ use tokio::io::unix::AsyncFd;
 
 use crate::{
     exposition::{carry, kernel_stats::UserLosses, metrics::Metrics},
-    model::label_sets::EventKindLabel,
+    model::{label_sets::EventKindLabel, socket_census::Census},
     pipeline::{backlog::Backlog, events, handover, table::ConnectionTable},
 };
 
@@ -135,6 +135,13 @@ impl Pipeline {
             elapsed_ms = started.elapsed().as_millis() as u64,
             "connections handed over to the next agent"
         );
+    }
+
+    /// Attributes a socket census to flows, once the records queued before it are applied
+    /// (a connection that closed since is then a recent close, not an open one).
+    pub fn count_sockets(&mut self, census: &Census) {
+        self.drain();
+        self.table.count_sockets(census);
     }
 
     /// Re-reads the connections active since the last sweep, so counts of steady traffic

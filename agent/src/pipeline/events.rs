@@ -5,8 +5,8 @@
 use std::mem::size_of;
 
 use connscope_common::{
-    AttributeEvent, ConnectFailedEvent, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN,
-    HeadEvent, Http2CloseEvent, OpenEvent, SnapshotEvent,
+    AttributeEvent, Attribution, ConnectFailedEvent, EventHeader, EventKind, HEAD_FIXED_LEN,
+    HEAD_LEN, HeadEvent, Http2CloseEvent, OpenEvent, SnapshotEvent,
 };
 use thiserror::Error;
 
@@ -18,6 +18,8 @@ pub struct Head<'a> {
     pub exchanges: u32,
     pub direction: u8,
     pub role: u8,
+    /// The process of an accepted socket, in the first head of its first use.
+    pub owner: Option<Attribution>,
     pub bytes: &'a [u8],
 }
 
@@ -106,6 +108,7 @@ fn decode_head(bytes: &[u8]) -> Result<Head<'_>, DecodeError> {
         exchanges: fixed.exchanges,
         direction: fixed.direction,
         role: fixed.role,
+        owner: (fixed.attribution.valid != 0).then_some(fixed.attribution),
         bytes: head,
     })
 }
@@ -122,6 +125,7 @@ struct HeadFixed {
     direction: u8,
     role: u8,
     _pad: [u8; 6],
+    attribution: Attribution,
 }
 const _: () = assert!(size_of::<HeadFixed>() == HEAD_FIXED_LEN);
 
@@ -131,27 +135,21 @@ pub fn encode<T: Copy>(value: &T) -> Vec<u8> {
     unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
 }
 
-/// The bytes of a `Head` record carrying `head`, for tests and fuzzing.
-pub fn encode_head(
-    header: EventHeader,
-    open_token: u32,
-    exchanges: u32,
-    direction: u8,
-    role: u8,
-    head: &[u8],
-) -> Vec<u8> {
+/// The bytes of the `Head` record `head` decodes from, for tests and fuzzing.
+pub fn encode_head(head: &Head<'_>) -> Vec<u8> {
     let fixed = HeadFixed {
-        header,
-        open_token,
+        header: head.header,
+        open_token: head.open_token,
         _pad0: 0,
-        exchanges,
-        head_len: head.len() as u32,
-        direction,
-        role,
+        exchanges: head.exchanges,
+        head_len: head.bytes.len() as u32,
+        direction: head.direction,
+        role: head.role,
         _pad: [0; 6],
+        attribution: head.owner.unwrap_or_default(),
     };
     let mut bytes = encode(&fixed);
-    bytes.extend_from_slice(head);
+    bytes.extend_from_slice(head.bytes);
     bytes
 }
 
@@ -166,6 +164,18 @@ mod tests {
         SnapshotEvent {
             header: EventHeader::new(kind, 0xffff_8880_1234_5678, 42),
             conn: Conn { open_token: 7, exchanges: 3, role: Role::Client as u8, ..Conn::default() },
+        }
+    }
+
+    fn get_head() -> Head<'static> {
+        Head {
+            header: EventHeader::new(EventKind::Head, 1, 4),
+            open_token: 2,
+            exchanges: 1,
+            direction: Direction::Send as u8,
+            role: Role::Client as u8,
+            owner: None,
+            bytes: b"GET",
         }
     }
 
@@ -194,10 +204,11 @@ mod tests {
             ..ConnectFailedEvent::default()
         };
         assert_eq!(decode(&encode(&failed)), Ok(Event::ConnectFailed(failed)));
-        let header = EventHeader::new(EventKind::Head, 1, 4);
-        let record = encode_head(header, 2, 1, Direction::Send as u8, Role::Client as u8, b"GET");
-        let Ok(Event::Head(head)) = decode(&record) else { panic!("not a head: {record:?}") };
-        assert_eq!((head.open_token, head.exchanges, head.bytes), (2, 1, &b"GET"[..]));
+        let head = get_head();
+        assert_eq!(decode(&encode_head(&head)), Ok(Event::Head(head)));
+        let owner = Attribution { tgid: 9, valid: 1, ..Attribution::default() };
+        let attributed = Head { owner: Some(owner), ..head };
+        assert_eq!(decode(&encode_head(&attributed)), Ok(Event::Head(attributed)));
     }
 
     #[test]
@@ -212,8 +223,7 @@ mod tests {
         longer.push(0);
         assert!(matches!(decode(&longer), Err(DecodeError::WrongLength { .. })));
         // A head length that disagrees with the record length is rejected.
-        let header = EventHeader::new(EventKind::Head, 1, 4);
-        let mut record = encode_head(header, 2, 1, 1, 1, b"GET");
+        let mut record = encode_head(&get_head());
         record.push(b' ');
         assert!(matches!(decode(&record), Err(DecodeError::WrongLength { .. })));
     }

@@ -10,12 +10,16 @@ use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
 };
 
-use crate::model::placement::{Placement, PlacementResolver};
+use crate::model::{
+    clock::coarse_monotonic_ns,
+    placement::{Placement, PlacementResolver},
+};
 
-const RESCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// At most one rescan per second (ns of the coarse monotonic clock: checked for every
+/// connection of an unknown cgroup, which on a host without pods is every connection).
+const RESCAN_INTERVAL_NS: u64 = 1_000_000_000;
 /// Directory depth searched below the cgroup root (kubepods trees are 3 to 5 deep).
 const MAX_DEPTH: usize = 8;
 
@@ -23,16 +27,16 @@ pub struct KubeletPlacement {
     cgroup_root: PathBuf,
     logs_root: PathBuf,
     resolved: HashMap<u64, Placement>,
-    last_scan: Option<Instant>,
+    last_scan_ns: Option<u64>,
 }
 
 impl KubeletPlacement {
     pub fn new(cgroup_root: PathBuf, logs_root: PathBuf) -> Self {
-        Self { cgroup_root, logs_root, resolved: HashMap::new(), last_scan: None }
+        Self { cgroup_root, logs_root, resolved: HashMap::new(), last_scan_ns: None }
     }
 
     fn rescan(&mut self) {
-        self.last_scan = Some(Instant::now());
+        self.last_scan_ns = Some(coarse_monotonic_ns());
         let pods = read_pod_dirs(&self.logs_root.join("pods"));
         if pods.is_empty() {
             // Not a Kubernetes node (or no pods yet): nothing to match the cgroups against.
@@ -53,7 +57,9 @@ impl KubeletPlacement {
 impl PlacementResolver for KubeletPlacement {
     fn resolve(&mut self, cgroup_id: u64) -> Option<&Placement> {
         if !self.resolved.contains_key(&cgroup_id)
-            && self.last_scan.is_none_or(|at| at.elapsed() >= RESCAN_INTERVAL)
+            && self
+                .last_scan_ns
+                .is_none_or(|at| coarse_monotonic_ns().saturating_sub(at) >= RESCAN_INTERVAL_NS)
         {
             self.rescan();
         }

@@ -11,8 +11,8 @@ use std::{
 };
 
 use connscope_common::{
-    AttributeEvent, Attribution, ClosedBy, Conn, ConnectFailedEvent, Direction, Handover,
-    Http2CloseEvent, OpenEvent, Protocol, Role, SnapshotEvent,
+    AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, ConnectFailedEvent, Direction,
+    Handover, Http2CloseEvent, OpenEvent, Protocol, Role, SnapshotEvent,
     conn::{GAP_BUCKETS, GapCounts, gap_sum_delta, open_token},
     conn_flag, handover_flag, is_request,
 };
@@ -25,13 +25,17 @@ use crate::{
         close_reason::{CloseReason, GoAwayBy, GoAwayCode},
         http_version::{RequestVersion, Version},
         placement::PlacementResolver,
+        socket_census::{Census, TupleKey},
         tls_requests::TlsRequests,
     },
     pipeline::classify::{close_reason, is_keepalive_race},
     pipeline::events::{Event, Head},
     pipeline::handover,
+    pipeline::head_memo::HeadMemo,
     pipeline::http,
     pipeline::http_session::{HttpSession, RequestCounts},
+    pipeline::recent_closes::RecentCloses,
+    pipeline::socket_count::{Published, Tally},
 };
 
 /// The kernel's cumulative counts last added to the metrics.
@@ -90,6 +94,9 @@ struct Tracked {
     http: Option<Box<HttpSession>>,
     /// HTTP/2: what the kernel's frame walk found, sent just before the close.
     h2: Option<Box<Http2CloseEvent>>,
+    /// Its four-tuple, for the socket census (unknown for connections taken over from the
+    /// previous agent: the handover does not carry endpoints).
+    tuple: Option<TupleKey>,
 }
 
 /// Socket addresses are kernel pointers, not input anyone chooses: a fast hash will do.
@@ -111,6 +118,12 @@ pub struct ConnectionTable {
     /// Processes seen speaking HTTP inside decrypted TLS: their requests counted from
     /// ciphertext (once they left decryption) are HTTP requests whose version was not read.
     http_in_tls: HashSet<u32>,
+    /// Heads parsed once per distinct head.
+    heads: HeadMemo,
+    /// Connections whose local side closed first, for the census's TIME_WAIT sockets.
+    recent_closes: RecentCloses,
+    /// The gauges the last census set.
+    census_gauges: Published,
 }
 
 /// Processes [`ConnectionTable::http_in_tls`] remembers; past it, it starts again (a
@@ -138,6 +151,9 @@ impl ConnectionTable {
             metrics: Arc::new(metrics),
             tls_requests: TlsRequests::default(),
             http_in_tls: HashSet::new(),
+            heads: HeadMemo::default(),
+            recent_closes: RecentCloses::default(),
+            census_gauges: Published::default(),
         }
     }
 
@@ -217,6 +233,7 @@ impl ConnectionTable {
             seen: Seen::opened_at(event.open_ns),
             http: None,
             h2: None,
+            tuple: TupleKey::of_endpoints(&event.endpoints),
         };
         if event.attribution.valid != 0 {
             give_series(
@@ -291,6 +308,7 @@ impl ConnectionTable {
             },
             http: handover::session(entry).map(Box::new),
             h2: None,
+            tuple: None,
         };
         if entry.has(handover_flag::ATTRIBUTED) {
             let owner =
@@ -320,10 +338,16 @@ impl ConnectionTable {
 
     fn attribute(&mut self, event: &AttributeEvent) {
         let sock = event.header.sock;
-        if self.tracked(sock, event.open_token).is_some_and(|t| t.series.is_none()) {
-            self.resolve_pending(sock, Some(&event.attribution));
-        }
+        self.attribute_once(sock, event.open_token, &event.attribution);
         self.mark_active(sock);
+    }
+
+    /// Gives the connection of `sock` (opened at `token`) its process, from an `Attribute`
+    /// record or the first head of its first use, unless it has one.
+    fn attribute_once(&mut self, sock: u64, token: u32, owner: &Attribution) {
+        if self.tracked(sock, token).is_some_and(|t| t.series.is_none()) {
+            self.resolve_pending(sock, Some(owner));
+        }
     }
 
     /// The connection of `sock` whose open time has `token` as its low bits (not an
@@ -342,12 +366,17 @@ impl ConnectionTable {
     }
 
     fn head(&mut self, head: &Head<'_>) {
+        if let Some(owner) = &head.owner {
+            self.attribute_once(head.header.sock, head.open_token, owner);
+        }
         let metrics = self.metrics.clone();
-        let Some(tracked) = self.tracked(head.header.sock, head.open_token) else { return };
+        let Some(tracked) = tracked_in(&mut self.conns, head.header.sock, head.open_token) else {
+            return;
+        };
         let Some(series) = tracked.series.clone() else { return };
         let direction = Direction::from_wire(head.direction).unwrap_or(Direction::None);
         if is_request(tracked.role, direction) {
-            if let Some(request) = http::parse_request(head.bytes) {
+            if let Some(request) = self.heads.request(head.bytes) {
                 let session = tracked.http.get_or_insert_default();
                 let counts = session.on_request(&request, head.exchanges);
                 add_requests(&metrics, &series, counts);
@@ -355,7 +384,7 @@ impl ConnectionTable {
             }
             set_activity(tracked, &series, Activity::Active);
         } else {
-            if let Some(response) = http::parse_response(head.bytes) {
+            if let Some(response) = self.heads.response(head.bytes) {
                 on_response(&metrics, tracked, &series, &response);
             }
             set_activity(tracked, &series, Activity::Idle);
@@ -483,6 +512,13 @@ impl ConnectionTable {
         let no_http = HttpSession::default();
         let http = tracked.http.as_deref().unwrap_or(&no_http);
         let by = conn.closed_by();
+        // The active closer's socket stays in TIME_WAIT (a reset leaves none).
+        if by == ClosedBy::Local
+            && conn.close_kind() == CloseKind::Fin
+            && let Some(tuple) = tracked.tuple
+        {
+            self.recent_closes.insert(tuple, series.clone(), tracked.role, event.header.ts_ns);
+        }
         let protocol =
             if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
         let h2 = tracked.h2.as_deref();
@@ -517,6 +553,30 @@ impl ConnectionTable {
         if is_keepalive_race(conn) {
             series.races.inc();
         }
+    }
+}
+
+impl ConnectionTable {
+    /// Attributes a socket census to flows and sets their gauges (`socket_count`): open
+    /// connections first, so a tuple used again since its close counts for its new flow.
+    pub fn count_sockets(&mut self, census: &Census) {
+        self.recent_closes.expire(census.taken_ns);
+        let mut tally = Tally::new(census, &self.metrics);
+        let mut reused = HashSet::new();
+        for tracked in self.conns.values() {
+            if let (Some(tuple), Some(series)) = (tracked.tuple, &tracked.series) {
+                tally.add(tuple, series, tracked.role);
+                if self.recent_closes.contains(&tuple) {
+                    reused.insert(tuple);
+                }
+            }
+        }
+        for (tuple, closed) in self.recent_closes.iter() {
+            if !reused.contains(tuple) {
+                tally.add(*tuple, &closed.series, closed.role);
+            }
+        }
+        tally.publish(&mut self.census_gauges);
     }
 }
 

@@ -1,5 +1,7 @@
-//! Restart loss (issue 10): under wrk load against nginx, keep-alive, `Connection: close`
-//! and HTTPS keep-alive (decrypted by the libssl uprobes, whose links are pinned too), the agent is stopped with SIGTERM and started again, `restarts` times, with its
+//! Restart loss (issue 10; crashes, issue 29): under wrk load against nginx, keep-alive,
+//! `Connection: close` and HTTPS keep-alive (decrypted by the libssl uprobes, whose links
+//! are pinned too), the agent is stopped with SIGTERM (graceful) or SIGKILL (a crash) and
+//! started again, `restarts` times each, with its
 //! kernel state pinned under a private path in /sys/fs/bpf (removed with `connscope
 //! cleanup` at the end; where /sys/fs/bpf is no BPF filesystem, in one mounted for the
 //! part alone). Each agent's counters go on from the one before it (`agent/src/exposition/carry.rs`),
@@ -69,35 +71,46 @@ impl Counts {
         counts
     }
 
-    fn add(&mut self, other: &Self) {
-        for i in 0..2 {
-            self.requests[i] += other.requests[i];
-            self.requests_of_closed[i] += other.requests_of_closed[i];
-            self.connections[i] += other.connections[i];
-            self.adopted[i] += other.adopted[i];
-            self.closed[i] += other.closed[i];
+    fn fields(&self) -> [&[f64; 2]; 5] {
+        [&self.requests, &self.requests_of_closed, &self.connections, &self.adopted, &self.closed]
+    }
+
+    /// Each count combined with `other`'s by `f`.
+    fn combine(&self, other: &Self, f: impl Fn(f64, f64) -> f64) -> Self {
+        let mut out = *self;
+        let theirs = other.fields();
+        let mine = [
+            &mut out.requests,
+            &mut out.requests_of_closed,
+            &mut out.connections,
+            &mut out.adopted,
+            &mut out.closed,
+        ];
+        for (mine, theirs) in mine.into_iter().zip(theirs) {
+            for i in 0..2 {
+                mine[i] = f(mine[i], theirs[i]);
+            }
         }
+        out
+    }
+
+    fn add(&mut self, other: &Self) {
+        *self = self.combine(other, |a, b| a + b);
     }
 
     /// Whether any count is below `earlier`'s: a counter reset.
     fn went_back_from(&self, earlier: &Self) -> bool {
-        let diff = self.minus(earlier);
-        [diff.requests, diff.requests_of_closed, diff.connections, diff.adopted, diff.closed]
-            .iter()
-            .flatten()
-            .any(|d| *d < 0.0)
+        self.minus(earlier).fields().iter().copied().flatten().any(|d| *d < 0.0)
     }
 
     fn minus(&self, earlier: &Self) -> Self {
-        let mut out = *self;
-        for i in 0..2 {
-            out.requests[i] -= earlier.requests[i];
-            out.requests_of_closed[i] -= earlier.requests_of_closed[i];
-            out.connections[i] -= earlier.connections[i];
-            out.adopted[i] -= earlier.adopted[i];
-            out.closed[i] -= earlier.closed[i];
-        }
-        out
+        self.combine(earlier, |a, b| a - b)
+    }
+
+    /// What Prometheus's `increase()` adds for this answer after `earlier`: the difference,
+    /// or the whole count after a reset.
+    fn increase_since(&self, earlier: &Self) -> Self {
+        self.combine(earlier, |now, then| if now >= then { now - then } else { now })
     }
 
     fn to_json(self) -> Value {
@@ -120,9 +133,36 @@ fn start_agent(pin_path: &str) -> anyhow::Result<Agent> {
     Agent::start(&["--bpf.pin-path", pin_path, "--tls.budget", "0"])
 }
 
+/// How each agent is stopped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM: the agent drains the ring buffer and leaves a handover.
+    Graceful,
+    /// SIGKILL: a crash (an OOM kill, an eviction, a panic).
+    Crash,
+}
+
+impl Stop {
+    const ALL: [Self; 2] = [Self::Graceful, Self::Crash];
+
+    fn signal(self) -> i32 {
+        match self {
+            Self::Graceful => libc::SIGTERM,
+            Self::Crash => libc::SIGKILL,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Graceful => "SIGTERM",
+            Self::Crash => "SIGKILL",
+        }
+    }
+}
+
 /// What a stopped agent counted.
 struct Stopped {
-    /// At the scrape just before SIGTERM.
+    /// At the scrape just before the signal.
     before: Counts,
     /// At its last answer.
     last: Counts,
@@ -133,23 +173,25 @@ struct Stopped {
     took: Duration,
 }
 
-/// SIGTERM, then scrapes until the agent stops answering.
-fn stop_agent(agent: Agent, server: &str) -> anyhow::Result<Stopped> {
+/// Signals the agent (`stop`), then scrapes until it stops answering (a killed one answers
+/// no more: its last answer is the scrape before).
+fn stop_agent(agent: Agent, server: &str, stop: Stop) -> anyhow::Result<Stopped> {
     let scrape = agent.scrape()?;
     let before = Counts::of(&scrape, server);
     let mut losses = real_losses(&scrape);
     let signalled = Instant::now();
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(agent.pid() as i32, stop.signal()) };
     let mut last = before;
     while let Ok(scrape) = agent.scrape() {
         last = Counts::of(&scrape, server);
         losses = real_losses(&scrape);
     }
-    // Reaps the child (a second SIGTERM to a stopping agent is ignored).
+    // Reaps the child (a SIGTERM to a stopping or killed agent changes nothing).
     let (code, _) = agent.stop()?;
     let took = signalled.elapsed();
-    ensure!(code == Some(0), "the agent exited with {code:?}");
+    let expected = if stop == Stop::Graceful { Some(0) } else { None };
+    ensure!(code == expected, "the agent exited with {code:?} after {}", stop.name());
     Ok(Stopped { before, last, losses, took })
 }
 
@@ -217,14 +259,18 @@ impl Load {
 
 /// One load mode: the restarts, and the comparison with nginx.
 struct ModeRun {
-    mode: &'static str,
+    mode: String,
     load: Load,
+    stop: Stop,
     nginx_requests: f64,
     nginx_connections: f64,
     wrk_requests: u64,
     wrk_errors: u64,
     wrk_cpu_seconds: f64,
-    /// The last agent's last answer: the whole run's counts.
+    /// The whole run's counts as Prometheus would have them, scraping each agent at its
+    /// start and at its end: the sum of `increase()` over the answers, so a counter reset
+    /// (a new agent starting from 0) keeps what came before it. Without resets, the last
+    /// agent's last answer.
     counted: Counts,
     /// Each agent's last answer, in order.
     per_agent: Vec<Counts>,
@@ -253,8 +299,13 @@ impl ModeRun {
     }
 }
 
-fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<ModeRun> {
-    let mode = load.label();
+fn run_mode(
+    settings: &Settings,
+    load: Load,
+    stop: Stop,
+    pin_path: &str,
+) -> anyhow::Result<ModeRun> {
+    let mode = format!("{}, {}", load.label(), stop.name());
     let status = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut extra =
         format!("server {{ listen {status}; access_log off; location / {{ stub_status; }} }}\n");
@@ -279,6 +330,13 @@ fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<M
     cleanup(pin_path)?;
     let mut agent = start_agent(pin_path)?;
     ensure!(Path::new(pin_path).join("maps").is_dir(), "the agent pinned nothing under {pin_path}");
+    // Prometheus's view: each agent's first and last answers, in order.
+    let (mut counted, mut previous) = (Counts::default(), Counts::default());
+    let mut observe = |answer: Counts| {
+        counted.add(&answer.increase_since(&previous));
+        previous = answer;
+    };
+    observe(Counts::of(&agent.scrape()?, &server));
     let (accepts_before, requests_before) = stub_status(status)?;
     // Bounded: interrupted after the restarts, at most this long in any case.
     let bound = settings.restarts as u64 * (settings.restart_run_ms / 1000 + 35) + 30;
@@ -289,20 +347,25 @@ fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<M
     for restart in 1..=settings.restarts {
         thread::sleep(run);
         let signalled = Instant::now();
-        let stopped = stop_agent(agent, &server)?;
+        let stopped = stop_agent(agent, &server, stop)?;
         agent = start_agent(pin_path)?;
         let gap = signalled.elapsed();
-        if Counts::of(&agent.scrape()?, &server).went_back_from(&stopped.last) {
+        let first = Counts::of(&agent.scrape()?, &server);
+        if first.went_back_from(&stopped.last) {
             resets += 1;
         }
+        observe(stopped.before);
+        observe(stopped.last);
+        observe(first);
         per_agent.push(stopped.last);
         after_last_scrape.add(&stopped.last.minus(&stopped.before));
         stop_seconds.push(stopped.took.as_secs_f64());
         gap_seconds.push(gap.as_secs_f64());
         eprintln!(
-            "bench: restart loss, {mode}, restart {restart}: exit {:.3} s, ready again {:.3} s after SIGTERM",
+            "bench: restart loss, {mode}, restart {restart}: exit {:.3} s, ready again {:.3} s after {}",
             stopped.took.as_secs_f64(),
-            gap.as_secs_f64()
+            gap.as_secs_f64(),
+            stop.name()
         );
     }
     thread::sleep(run);
@@ -314,8 +377,10 @@ fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<M
         })
     };
     agent.scrape_until(SETTLE, settled)?;
-    let stopped = stop_agent(agent, &server)?;
-    let counted = stopped.last;
+    // The last agent stops gracefully in either mode: its final counts are all there.
+    let stopped = stop_agent(agent, &server, Stop::Graceful)?;
+    observe(stopped.before);
+    observe(stopped.last);
     per_agent.push(stopped.last);
     after_last_scrape.add(&stopped.last.minus(&stopped.before));
     let (accepts_after, requests_after) = stub_status(status)?;
@@ -333,6 +398,7 @@ fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<M
     Ok(ModeRun {
         mode,
         load,
+        stop,
         nginx_requests: logged,
         nginx_connections,
         wrk_requests: result.requests,
@@ -350,6 +416,10 @@ fn run_mode(settings: &Settings, load: Load, pin_path: &str) -> anyhow::Result<M
 
 fn figures(run: &ModeRun, restarts: usize) -> Vec<Figure> {
     let (requests, connections) = (run.requests_lost(), run.connections_lost());
+    let restarts = match run.stop {
+        Stop::Graceful => format!("{restarts} restarts"),
+        Stop::Crash => format!("{restarts} SIGKILLs"),
+    };
     let gap = spread(&run.gap_seconds);
     let c = &run.counted;
     vec![
@@ -375,13 +445,16 @@ fn figures(run: &ModeRun, restarts: usize) -> Vec<Figure> {
             format!("counter resets across {restarts} restarts, {}", run.mode),
             run.resets as f64,
             format!(
-                "{} (counted after the scrape before each SIGTERM: client {}, server {} requests)",
-                run.resets, run.after_last_scrape.requests[0], run.after_last_scrape.requests[1]
+                "{} (counted after the scrape before each {}: client {}, server {} requests)",
+                run.resets,
+                run.stop.name(),
+                run.after_last_scrape.requests[0],
+                run.after_last_scrape.requests[1]
             ),
             Target::AtMost(0.0),
         ),
         Figure::new(
-            format!("restart gap (SIGTERM to next agent ready), {}", run.mode),
+            format!("restart gap (signal to next agent ready), {}", run.mode),
             gap.median,
             format!("{} s", gap.shown(3)),
             Target::None,
@@ -393,12 +466,15 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
     // Unmounted (if mounted here) when the part ends.
     let (dir, _private) = bpf_dir()?;
     let pin_path = format!("{dir}/connscope-bench-{}", std::process::id());
-    let runs = Load::ALL.map(|load| {
-        let run = run_mode(settings, load, &pin_path);
-        // Nothing stays pinned or attached after the part, whatever happened.
-        let cleaned = cleanup(&pin_path);
-        run.and_then(|run| cleaned.map(|_| run))
-    });
+    let modes = Load::ALL.into_iter().flat_map(|load| Stop::ALL.map(|stop| (load, stop)));
+    let runs: Vec<_> = modes
+        .map(|(load, stop)| {
+            let run = run_mode(settings, load, stop, &pin_path);
+            // Nothing stays pinned or attached after the part, whatever happened.
+            let cleaned = cleanup(&pin_path);
+            run.and_then(|run| cleaned.map(|_| run))
+        })
+        .collect();
     let mut details = serde_json::Map::new();
     details.insert("pin_path".into(), json!(pin_path));
     details.insert("restarts".into(), json!(settings.restarts));
@@ -412,8 +488,12 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
             Load::Close => "wrk -t1 -c16 -H 'Connection: close' http://…",
             Load::HttpsKeepAlive => "wrk -t1 -c16 https://…",
         };
+        let key = match run.stop {
+            Stop::Graceful => run.load.key().to_owned(),
+            Stop::Crash => format!("{}_sigkill", run.load.key()),
+        };
         details.insert(
-            run.load.key().into(),
+            key,
             json!({
                 "mode": run.mode,
                 "wrk": format!("{wrk}, interrupted after the restarts"),
@@ -428,7 +508,7 @@ pub fn restart_loss(settings: &Settings) -> anyhow::Result<Part> {
                 "counter_resets": run.resets,
                 "counted_by_each_agent": run.per_agent.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
                 "events_lost_by_reason": run.losses,
-                "counted_after_last_scrape_before_sigterm": run.after_last_scrape.to_json(),
+                "counted_after_last_scrape_before_signal": run.after_last_scrape.to_json(),
                 "exit_seconds": run.stop_seconds.iter().map(|s| round(*s, 3)).collect::<Vec<_>>(),
                 "gap_seconds": spread(&run.gap_seconds).to_json(),
             }),

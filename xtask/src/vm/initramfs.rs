@@ -119,6 +119,13 @@ pub fn build(
         &which("ip", &["/usr/bin/ip", "/bin/ip", "/sbin/ip"])?,
         None,
     )?;
+    // iproute2's `ss`: the TIME_WAIT test compares the agent's count with it.
+    add_program(
+        &mut archive,
+        "usr/bin/ss",
+        &which("ss", &["/usr/bin/ss", "/bin/ss", "/sbin/ss"])?,
+        None,
+    )?;
     add_program(&mut archive, "bin/connscope", agent, Some(&strip_dir))?;
     for (name, path) in tests {
         add_program(&mut archive, &format!("tests/{name}"), path, Some(&strip_dir))?;

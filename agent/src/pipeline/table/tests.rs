@@ -58,8 +58,19 @@ fn snapshot(kind: EventKind, conn: Conn, ts_ns: u64) -> Event<'static> {
 
 /// A head record as the kernel sends it (bytes kept alive by the caller).
 fn head_record(role: Role, direction: Direction, exchanges: u32, head: &[u8]) -> Vec<u8> {
-    let header = EventHeader::new(EventKind::Head, SOCK, 0);
-    events::encode_head(header, open_token(OPEN_NS), exchanges, direction as u8, role as u8, head)
+    events::encode_head(&head_event(role, direction, exchanges, head))
+}
+
+fn head_event(role: Role, direction: Direction, exchanges: u32, bytes: &[u8]) -> events::Head<'_> {
+    events::Head {
+        header: EventHeader::new(EventKind::Head, SOCK, 0),
+        open_token: open_token(OPEN_NS),
+        exchanges,
+        direction: direction as u8,
+        role: role as u8,
+        owner: None,
+        bytes,
+    }
 }
 
 fn handle_bytes(table: &mut ConnectionTable, record: &[u8]) {
@@ -318,11 +329,28 @@ fn accepted_sockets_count_once_their_process_is_known() {
 }
 
 #[test]
+fn an_accepted_socket_takes_its_process_from_its_first_head() {
+    let (mut table, metrics) = table();
+    let Event::Open(mut accepted) = open(Role::Server) else { return };
+    let owner = accepted.attribution;
+    accepted.attribution = Attribution::default();
+    table.handle(&Event::Open(accepted));
+    let request =
+        events::Head { owner: Some(owner), ..head_event(Role::Server, Direction::Recv, 1, GET) };
+    handle_bytes(&mut table, &events::encode_head(&request));
+    let opened = PlacedFlow { flow: flow("server"), placement: Placement::default() };
+    assert_eq!(metrics.opened.get(&opened).map(|c| c.get()), Some(1));
+    assert_eq!(http11(&metrics, "server"), 1);
+    assert_eq!(open_gauge(&metrics, "server", "active"), 1);
+}
+
+#[test]
 fn records_of_other_generations_and_stale_snapshots_are_ignored() {
     let (mut table, metrics) = table();
     table.handle(&open(Role::Client));
-    let header = EventHeader::new(EventKind::Head, SOCK, 0);
-    let stale = events::encode_head(header, 999, 1, Direction::Send as u8, Role::Client as u8, GET);
+    let stale =
+        events::Head { open_token: 999, ..head_event(Role::Client, Direction::Send, 1, GET) };
+    let stale = events::encode_head(&stale);
     handle_bytes(&mut table, &stale);
     assert_eq!(http11(&metrics, "client"), 0);
     let mut newer = state(Role::Client);
@@ -473,4 +501,72 @@ fn connect_errors_are_the_kernels_errno_values() {
         [libc::ENONET, libc::ENETUNREACH, libc::ETIMEDOUT, libc::ECONNREFUSED]
     );
     assert_eq!([errno::EHOSTDOWN, errno::EHOSTUNREACH], [libc::EHOSTDOWN, libc::EHOSTUNREACH]);
+}
+
+/// A census that found `sockets` (four-tuple, TIME_WAIT?) in one namespace, at `taken_ns`.
+fn census(taken_ns: u64, sockets: &[(TupleKey, bool)]) -> Census {
+    use crate::model::socket_census::Held;
+    let mut census = Census { taken_ns, namespaces: vec!["111".into()], ..Census::default() };
+    for &(tuple, time_wait) in sockets {
+        census.sockets.insert(tuple, Held { namespace: 0, time_wait });
+    }
+    census
+}
+
+fn tuple_of(event: &Event<'_>) -> TupleKey {
+    let Event::Open(open) = event else { unreachable!() };
+    TupleKey::of_endpoints(&open.endpoints).expect("an IPv4 tuple")
+}
+
+#[test]
+fn a_census_counts_time_wait_and_ports_on_the_flow_that_closed_first() {
+    use crate::model::label_sets::{Netns, PlacedFlowNetns};
+    let (mut table, metrics) = table();
+    let client = open(Role::Client);
+    let tuple = tuple_of(&client);
+    table.handle(&client);
+    let ports = PlacedFlowNetns { flow: placed("client"), netns: "111".into() };
+    let ports_in_use = || metrics.ports_in_use.get(&ports).map(|g| g.get());
+    let time_wait = || metrics.time_wait.get(&placed("client")).map(|g| g.get());
+    let unattributed = || metrics.time_wait_unattributed.get(&Netns { netns: "111".into() });
+    let unattributed = || unattributed().map(|g| g.get());
+    // Open: a port, no TIME_WAIT. A TIME_WAIT socket no connection of the table had is
+    // unattributed.
+    let stranger = TupleKey::new(
+        (std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 1),
+        (std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped(), 2),
+    );
+    table.count_sockets(&census(2_000, &[(tuple, false), (stranger, true)]));
+    assert_eq!((ports_in_use(), time_wait(), unattributed()), (Some(1), None, Some(1)));
+    // Closed first by this side with a FIN: its socket in TIME_WAIT still holds the port.
+    let closed = closing_idle(state(Role::Client), ClosedBy::Local, CloseKind::Fin);
+    table.handle(&snapshot(EventKind::Close, closed, 3_000));
+    table.count_sockets(&census(4_000, &[(tuple, true), (stranger, true)]));
+    assert_eq!((ports_in_use(), time_wait(), unattributed()), (Some(1), Some(1), Some(1)));
+    // Past TIME_WAIT: the gauges fall back to 0.
+    table.count_sockets(&census(5_000, &[]));
+    assert_eq!((ports_in_use(), time_wait(), unattributed()), (Some(0), Some(0), Some(0)));
+    // The close is forgotten after the TIME_WAIT length: a socket of that tuple found then
+    // is not the flow's.
+    let later = 3_000 + crate::pipeline::recent_closes::KEPT_NS + 1;
+    table.count_sockets(&census(later, &[(tuple, true)]));
+    assert_eq!((time_wait(), unattributed()), (Some(0), Some(1)));
+}
+
+#[test]
+fn a_close_by_the_peer_or_by_a_reset_leaves_no_time_wait_here() {
+    use crate::model::label_sets::PlacedFlowNetns;
+    let (mut table, metrics) = table();
+    for (by, kind) in [(ClosedBy::Peer, CloseKind::Fin), (ClosedBy::Local, CloseKind::Reset)] {
+        let server = open(Role::Server);
+        let tuple = tuple_of(&server);
+        table.handle(&server);
+        let closed = closing_idle(state(Role::Server), by, kind);
+        table.handle(&snapshot(EventKind::Close, closed, 3_000));
+        table.count_sockets(&census(4_000, &[(tuple, true)]));
+        assert_eq!(metrics.time_wait.get(&placed("server")).map(|g| g.get()), None);
+        // Servers hold no client port.
+        let ports = PlacedFlowNetns { flow: placed("server"), netns: "111".into() };
+        assert!(metrics.ports_in_use.get(&ports).is_none());
+    }
 }
