@@ -9,7 +9,7 @@ use connscope_common::Direction;
 use crate::{
     globals::{heads_from_stash, heads_from_task_regs},
     maps::UserBuffer,
-    syscall_args::{Segments, payload_call, segments},
+    syscall_args::{Segments, head_buffer, payload_call, segments},
     syscall_stash,
 };
 
@@ -28,7 +28,13 @@ impl PayloadSource {
     /// call's first iovec), if it can be read.
     #[inline(always)]
     pub fn buffer(self, direction: Direction) -> Option<UserBuffer> {
-        self.segments(direction)?.first()
+        // Not through `segments`: the enum's match left a path the 5.10 verifier saw with
+        // an unset register ("R1 !read_ok") in the TLS record check that reads this buffer.
+        match self {
+            Self::Syscall => current_head_buffer(direction),
+            Self::Buffer(buffer) => Some(buffer),
+            Self::Unreadable => None,
+        }
     }
 
     /// Where all of a transfer's bytes lie (the iovecs of a vectored call).
@@ -39,6 +45,24 @@ impl PayloadSource {
             Self::Buffer(buffer) => Some(Segments::Flat(buffer)),
             Self::Unreadable => None,
         }
+    }
+}
+
+/// The head buffer of the current system call when it moves payload in `direction`.
+#[inline(always)]
+fn current_head_buffer(direction: Direction) -> Option<UserBuffer> {
+    if heads_from_task_regs() {
+        // SAFETY: helpers without preconditions; the task is the current one.
+        let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) };
+        let call = payload_call(regs as u64)?;
+        if call.direction != direction as u8 {
+            return None;
+        }
+        head_buffer(&call)
+    } else if heads_from_stash() {
+        syscall_stash::head(direction)
+    } else {
+        None
     }
 }
 

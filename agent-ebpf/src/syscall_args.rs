@@ -115,6 +115,20 @@ pub fn read_iovec(addr: u64) -> Option<UserBuffer> {
 /// Size of a user `struct iovec`.
 pub const IOVEC_SIZE: u64 = core::mem::size_of::<IoVec>() as u64;
 
+/// The buffer holding the call's payload head (the first iovec of vectored calls).
+#[inline(always)]
+pub fn head_buffer(call: &PayloadCall) -> Option<UserBuffer> {
+    let iov = match call.layout {
+        layout if layout == BufferLayout::Flat as u8 => {
+            return Some(UserBuffer { addr: call.buf, len: call.len });
+        }
+        layout if layout == BufferLayout::Vectored as u8 => call.buf,
+        // SAFETY: user memory read through the fault-tolerant helper.
+        _ => unsafe { bpf_probe_read_user((call.buf + MSGHDR_IOV) as *const u64) }.ok()?,
+    };
+    read_iovec(iov)
+}
+
 /// The segments holding the call's payload.
 #[inline(always)]
 pub fn segments(call: &PayloadCall) -> Option<Segments> {

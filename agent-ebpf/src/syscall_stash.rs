@@ -12,7 +12,7 @@ use connscope_common::Direction;
 
 use crate::{
     maps::{SYSCALL_STASH, UserBuffer},
-    syscall_args::{Segments, payload_call, payload_syscall_of, segments},
+    syscall_args::{Segments, payload_call, payload_syscall_of, read_iovec, segments},
 };
 
 /// A stashed buffer also records its direction in the top bit of `len` (lengths never
@@ -42,6 +42,22 @@ pub fn connscope_sys_enter(ctx: RawTracePointContext) -> i32 {
     // A full table only loses this call's head; the transfer is still counted.
     let _ = SYSCALL_STASH.insert(&bpf_get_current_pid_tgid(), &buffer, 0);
     0
+}
+
+/// The head buffer of this thread's stashed call if it is for `direction` (a vectored
+/// call's first iovec; left for `sys_exit`).
+#[inline(always)]
+pub fn head(direction: Direction) -> Option<UserBuffer> {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out at once.
+    let buffer = unsafe { SYSCALL_STASH.get(&key) }.copied()?;
+    if (buffer.len & SEND_BIT != 0) != (direction == Direction::Send) {
+        return None;
+    }
+    if buffer.len & VECTORED_BIT != 0 {
+        return read_iovec(buffer.addr);
+    }
+    Some(UserBuffer { addr: buffer.addr, len: buffer.len & !SEND_BIT })
 }
 
 /// This thread's stashed segments if they are for `direction` (left for `sys_exit`).
