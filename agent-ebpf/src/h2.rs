@@ -10,8 +10,8 @@ use connscope_common::{
     conn::PROGRESS_AFTER_IDLE_NS,
     conn_flag,
     h2_frames::{
-        FRAME_HEADER, FrameBytes, H2Direction, H2State, H2Streams, Lost, MAX_SEGMENTS,
-        MAX_STEPS_PER_TRANSFER, Step, StreamChange, Unit, pass_unread, step,
+        FRAME_HEADER, FrameBytes, H2State, H2Streams, Lost, MAX_SEGMENTS, MAX_STEPS_PER_TRANSFER,
+        Step, StreamChange, Unit, pass_unread, step,
     },
     is_request,
 };
@@ -19,10 +19,7 @@ use connscope_common::{
 use crate::{
     exchange::{Transfer, count_gap},
     fill,
-    maps::{
-        CONNS, EVENTS, H2_CONNS, H2_CURSOR, H2_SCRATCH, UserBuffer, WalkCursor, count_lost,
-        submit_flags,
-    },
+    maps::{CONNS, EVENTS, H2_CONNS, H2_CURSOR, H2_SCRATCH, UserBuffer, count_lost, submit_flags},
     records::{self, now_ns},
     syscall_args::{IOVEC_SIZE, Segments, read_iovec},
 };
@@ -95,7 +92,7 @@ pub fn on_payload(conn: &mut Conn, transfer: &Transfer) {
     if kind == SEGMENTS_NONE {
         // Nothing to read (a turn no hook saw, `sendfile`): passed over now, no loop.
         let Some(state) = H2_CONNS.get_ptr_mut(&transfer.sock) else { return };
-        // SAFETY: the map value of this socket (see `walk_frames`).
+        // SAFETY: the map value of this socket (see `connscope_h2_transfer`).
         let state = unsafe { &mut *state };
         let dir = if from_client(conn, transfer.direction) {
             &mut state.request
@@ -147,6 +144,11 @@ const SEGMENTS_VECTORED: u64 = 2;
 /// The walk of the transfer left in `H2_CURSOR`, verified on its own (a global function:
 /// no arguments; what it reads from the map is unknown to the verifier). Sends the
 /// connection's snapshot when the walk says the agent needs one.
+///
+/// Its loop calls [`connscope_h2_step`], another global function, once per step: the
+/// verifier checks a step once, and the loop's 64 iterations as calls. With the step
+/// inlined, it walked every path of a step in every iteration: about 500,000 instructions
+/// per transfer program, seconds of loading (minutes under emulation) for each of them.
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn connscope_h2_transfer() -> i64 {
@@ -160,6 +162,10 @@ pub extern "C" fn connscope_h2_transfer() -> i64 {
     if conn.has(conn_flag::H2_UNPARSED) {
         return 0;
     }
+    let Some(state) = H2_CONNS.get_ptr_mut(&sock) else {
+        lose(conn, sock);
+        return 0;
+    };
     let (packed, addr, len) = (cursor.packed, cursor.addr, cursor.len);
     cursor.left = packed & 0xffff_ffff;
     cursor.offset = 0;
@@ -186,50 +192,44 @@ pub extern "C" fn connscope_h2_transfer() -> i64 {
     }
     let send = (packed >> DIRECTION_SHIFT) & 3 == Direction::Send as u64;
     let direction = if send { Direction::Send } else { Direction::Recv };
-    let client = from_client(conn, direction);
-    if walk_frames(conn, sock, client, cursor) {
-        records::snapshot(EventKind::Progress, sock, conn);
-    }
-    0
-}
-
-/// The body of [`connscope_h2_transfer`], for a transfer the client sent (`from_client`)
-/// or the server, whose bytes `cursor` says where to read.
-#[inline(always)]
-fn walk_frames(conn: &mut Conn, sock: u64, from_client: bool, cursor: &mut WalkCursor) -> bool {
-    let Some(state) = H2_CONNS.get_ptr_mut(&sock) else {
-        lose(conn, sock);
-        return false;
-    };
+    let from_client = from_client(conn, direction);
+    cursor.from_client = u64::from(from_client);
     // SAFETY: the map value of this socket; its hooks run under the socket lock (or libssl's
-    // call on it), one at a time. Walked in place: values in map memory are unknown to the
-    // verifier, so the loop's states converge.
-    let H2State { request, response, streams } = unsafe { &mut *state };
+    // call on it), one at a time. Copied whole into the cursor and back once walked.
+    unsafe { core::ptr::copy_nonoverlapping(state, &raw mut cursor.state, 1) };
+    // Gathered over the walk (`H2Streams::changes`) and counted once after it.
+    cursor.state.streams.changes = 0;
+    let mut steps = 0;
+    while steps < MAX_STEPS_PER_TRANSFER {
+        steps += 1;
+        if connscope_h2_step() != WALK_GOING as i64 {
+            break;
+        }
+    }
+    let H2State { request, response, streams } = &mut cursor.state;
     let dir = if from_client { request } else { response };
-    // Gathered over the walk (`H2Streams::changes`) and counted once after it: the loop's
-    // body stays small.
-    streams.changes = 0;
-    let walked = walk_transfer(dir, streams, cursor, |streams, unit| match unit {
-        Unit::Header(header) => {
-            streams.on_frame(&header, from_client);
-        }
-        Unit::GoAway(code) => {
-            let by = if from_client { Role::Client } else { Role::Server };
-            streams.on_goaway(code, by as u8);
-        }
-    });
+    let walked = match cursor.status {
+        WALK_DONE => Ok(()),
+        WALK_UNREAD => pass_unread(dir, cursor.left),
+        WALK_GOING => Err(Lost::TooManyFrames),
+        _ => Err(Lost::Sync),
+    };
     let changes = streams.take_changes();
     let report = count_change(conn, streams, changes, now_ns());
+    let in_flight = streams.in_flight;
+    // SAFETY: as above.
+    unsafe { core::ptr::copy_nonoverlapping(&raw const cursor.state, state, 1) };
     if walked.is_err() {
         lose(conn, sock);
-        return report;
-    }
-    if streams.in_flight > 0 {
+    } else if in_flight > 0 {
         conn.flags |= conn_flag::AWAITING_RESPONSE;
     } else {
         conn.flags &= !conn_flag::AWAITING_RESPONSE;
     }
-    report
+    if report {
+        records::snapshot(EventKind::Progress, sock, conn);
+    }
+    0
 }
 
 /// `WalkCursor::status`.
@@ -239,60 +239,56 @@ const WALK_DONE: u64 = 1;
 const WALK_UNREAD: u64 = 2;
 const WALK_LOST: u64 = 3;
 
-/// Walks every readable byte of a transfer (from `cursor`) in its direction's state,
-/// calling `on_unit`:
-/// the iovecs of a vectored call one after the other, at most `MAX_STEPS_PER_TRANSFER`
-/// steps in one flat loop (the verifier follows one loop, not one per iovec). Bytes that
-/// cannot be read (none readable, iovecs past `MAX_SEGMENTS`) are passed over inside a
-/// payload, or lose the sync.
+/// One step of the walk of the transfer in `H2_CURSOR` (a frame unit read, or a move to
+/// the next iovec), in the direction's state copied there; returns the walk's `WALK_*`
+/// status after it. A global function, verified once (see [`connscope_h2_transfer`]).
 ///
-/// Everything the loop carries lives in map memory (`H2_CURSOR`, the direction, the
-/// streams), whose values the verifier does not track: its states at the loop's head then
-/// differ by the step count only, and one state per step is verified, not one per path.
-#[inline(always)]
-fn walk_transfer(
-    dir: &mut H2Direction,
-    streams: &mut H2Streams,
-    cursor: &mut WalkCursor,
-    mut on_unit: impl FnMut(&mut H2Streams, Unit),
-) -> Result<(), Lost> {
-    let mut steps = 0;
-    while steps < MAX_STEPS_PER_TRANSFER {
-        steps += 1;
-        if cursor.status != WALK_GOING {
-            break;
+/// The iovecs of a vectored call are walked one after the other. Bytes that cannot be read
+/// (none readable, iovecs past `MAX_SEGMENTS`) are left for the caller to pass over inside
+/// a payload (`WALK_UNREAD`), or lose the sync. Everything a step carries lives in map
+/// memory, whose values the verifier does not track.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn connscope_h2_step() -> i64 {
+    let Some(cursor) = H2_CURSOR.get_ptr_mut(0) else { return WALK_LOST as i64 };
+    // SAFETY: this CPU's slot, used only until this program ends.
+    let cursor = unsafe { &mut *cursor };
+    if cursor.status != WALK_GOING {
+        return cursor.status as i64;
+    }
+    let from_client = cursor.from_client != 0;
+    let H2State { request, response, streams } = &mut cursor.state;
+    let dir = if from_client { request } else { response };
+    let buffer = cursor.segment;
+    let len = if buffer.len < cursor.left { buffer.len } else { cursor.left };
+    match step(dir, &buffer, cursor.offset, len, &mut cursor.scratch) {
+        Step::Unit(Unit::Header(header), next) => {
+            cursor.offset = next;
+            streams.on_frame(&header, from_client);
         }
-        let buffer = cursor.segment;
-        let len = if buffer.len < cursor.left { buffer.len } else { cursor.left };
-        match step(dir, &buffer, cursor.offset, len, &mut cursor.scratch) {
-            Step::Unit(unit, next) => {
-                cursor.offset = next;
-                on_unit(streams, unit);
-            }
-            Step::SegmentDone => {
-                cursor.left -= len;
-                cursor.offset = 0;
-                if cursor.left == 0 {
-                    cursor.status = WALK_DONE;
-                } else if cursor.iov_next < cursor.iov_end {
-                    match read_iovec(cursor.iov_next) {
-                        Some(segment) => cursor.segment = segment,
-                        None => cursor.status = WALK_UNREAD,
-                    }
-                    cursor.iov_next += IOVEC_SIZE;
-                } else {
-                    cursor.status = WALK_UNREAD;
+        Step::Unit(Unit::GoAway(code), next) => {
+            cursor.offset = next;
+            let by = if from_client { Role::Client } else { Role::Server };
+            streams.on_goaway(code, by as u8);
+        }
+        Step::SegmentDone => {
+            cursor.left -= len;
+            cursor.offset = 0;
+            if cursor.left == 0 {
+                cursor.status = WALK_DONE;
+            } else if cursor.iov_next < cursor.iov_end {
+                match read_iovec(cursor.iov_next) {
+                    Some(segment) => cursor.segment = segment,
+                    None => cursor.status = WALK_UNREAD,
                 }
+                cursor.iov_next += IOVEC_SIZE;
+            } else {
+                cursor.status = WALK_UNREAD;
             }
-            Step::Lost(_) => cursor.status = WALK_LOST,
         }
+        Step::Lost(_) => cursor.status = WALK_LOST,
     }
-    match cursor.status {
-        WALK_DONE => Ok(()),
-        WALK_UNREAD => pass_unread(dir, cursor.left),
-        WALK_GOING => Err(Lost::TooManyFrames),
-        _ => Err(Lost::Sync),
-    }
+    cursor.status as i64
 }
 
 /// Adds a transfer's stream changes to the connection's counts: new streams are exchanges

@@ -83,7 +83,7 @@ pub static H2_CONNS: HashMap<u64, H2State> =
 #[map]
 pub static H2_SCRATCH: PerCpuArray<H2State> = PerCpuArray::with_max_entries(1, 0);
 
-/// Where the HTTP/2 walk of one transfer is (`h2::walk_transfer`): kept in a map, not in
+/// Where the HTTP/2 walk of one transfer is (`h2::connscope_h2_step`): kept in a map, not in
 /// registers, so the verifier does not tell the frame loop's states apart by it.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -107,8 +107,14 @@ pub struct WalkCursor {
     pub iov_end: u64,
     /// A `WALK_*` value.
     pub status: u64,
+    /// Non-zero when the transfer walked was sent by the client.
+    pub from_client: u64,
     /// What each step reads.
     pub scratch: Scratch,
+    /// The connection's `H2_CONNS` value while its transfer is walked: copied in before the
+    /// walk and back after it, so a step (`h2::connscope_h2_step`) finds it here with no
+    /// hash lookup.
+    pub state: H2State,
 }
 
 #[map]

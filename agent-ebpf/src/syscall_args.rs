@@ -93,17 +93,6 @@ pub enum Segments {
     },
 }
 
-impl Segments {
-    /// The buffer holding the payload's head (the first iovec of vectored calls).
-    #[inline(always)]
-    pub fn first(self) -> Option<UserBuffer> {
-        match self {
-            Self::Flat(buffer) => Some(buffer),
-            Self::Vectored { iov, count } => (count > 0).then(|| read_iovec(iov)).flatten(),
-        }
-    }
-}
-
 /// The iovec at `addr`, as a buffer.
 #[inline(always)]
 pub fn read_iovec(addr: u64) -> Option<UserBuffer> {
