@@ -14,7 +14,7 @@ use super::{
     Settings, bench_nginx,
     kernel_cost::{BpfStats, Class, describe, object_programs, program_stats},
     report::{Figure, Part, Target},
-    round, spread,
+    round, spread, whole_rates,
 };
 
 /// An nginx with one h2c server.
@@ -90,12 +90,11 @@ pub fn h2load_keepalive(settings: &Settings, object: &Path) -> anyhow::Result<Pa
     drop(nginx);
     let ratio = spread(&with.iter().zip(&none).map(|(w, n)| w / n).collect::<Vec<_>>());
     let ns_per_run = run_time_ns as f64 / runs.max(1) as f64;
-    let rps = |values: &[f64]| values.iter().map(|v| round(*v, 0)).collect::<Vec<_>>();
     let details = json!({
         "h2load": format!("h2load -c16 -m10 -D{} {url}", settings.seconds),
         "rounds": settings.pairs,
-        "none_rps": rps(&none),
-        "connscope_rps": rps(&with),
+        "none_rps": whole_rates(&none),
+        "connscope_rps": whole_rates(&with),
         "connscope_over_none": ratio.to_json(),
         "transfer_program_runs": runs,
         "transfer_ns_per_run": round(ns_per_run, 1),

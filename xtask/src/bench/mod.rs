@@ -261,3 +261,8 @@ fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (value * scale).round() / scale
 }
+
+/// Request rates of the rounds, to the request (as `report.json` lists them).
+fn whole_rates(values: &[f64]) -> Vec<f64> {
+    values.iter().map(|v| round(*v, 0)).collect()
+}
