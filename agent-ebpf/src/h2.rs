@@ -6,7 +6,7 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, generated};
 use connscope_common::{
-    Conn, Direction, EventHeader, EventKind, Http2CloseEvent, LostReason, Role,
+    Conn, Direction, EventHeader, EventKind, Http2CloseEvent, LostReason, Protocol, Role,
     conn::PROGRESS_AFTER_IDLE_NS,
     conn_flag,
     h2_frames::{
@@ -114,10 +114,14 @@ pub fn on_payload(conn: &mut Conn, transfer: &Transfer) {
     cursor.pending = 1;
 }
 
-/// Walks the transfer [`on_payload`] left, if any: called by each hook once its transfer is
-/// counted.
+/// Walks the transfer [`on_payload`] left, if any: called by each hook once its transfer on
+/// `conn` is counted. Only an HTTP/2 connection's transfer can have left one (`on_payload`
+/// runs for no other), so the others skip the cursor's lookup.
 #[inline(always)]
-pub fn walk_pending() {
+pub fn walk_pending(conn: &Conn) {
+    if conn.protocol != Protocol::Http2 as u8 {
+        return;
+    }
     let Some(cursor) = H2_CURSOR.get_ptr_mut(0) else { return };
     // SAFETY: this CPU's slot, used only until this program ends.
     let cursor = unsafe { &mut *cursor };

@@ -105,7 +105,7 @@ fn transfer_counted_once(
     let bytes = u64::from(ret as u32);
     count_transfer(conn, &Transfer { sock, source: PayloadSource::Syscall, direction, bytes });
     // HTTP/2 frames, walked here, in the hook's own body (`h2::on_payload`).
-    h2::walk_pending();
+    h2::walk_pending(conn);
 }
 
 /// Whether `conn`'s last counted transfer came before the last takeover's trampoline updates
