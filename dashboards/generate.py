@@ -39,6 +39,8 @@ CLIENT = 'role="client"'
 LOCAL_FIN = 'closed_by="local", close_kind="fin"'  # the active closer holds TIME_WAIT
 RESET = 'close_kind="reset"'
 HTTP10 = 'http_version="1.0"'
+HTTP2 = 'http_version="2"'
+PROTOCOL_HTTP2 = 'protocol="http2"'
 HEADER_CLOSE = 'reason=~"connection_close|http10"'
 
 
@@ -420,6 +422,33 @@ def keepalive():
                    f"sum by ({FLOW}) ({rate('connscope_http_requests_total')})",
                    "{{role}} {{process}} → {{server}}", "A"),
         ], decimals=2), 12, 9))
+    panels.append(layout.row("HTTP/2 and gRPC: streams per connection, concurrency, GOAWAY"))
+    panels.append(layout.place(timeseries("HTTP/2 streams per connection by flow",
+        "Streams the client opened per HTTP/2 connection. Live: streams per second over the "
+        "flow's open connections (a gRPC channel holding one connection with 100 streams shows "
+        "as one connection carrying them all, pinning its load to one backend). At close: the "
+        "mean streams per closed connection.",
+        "none", [
+            target(f"sum by ({FLOW}) ({rate('connscope_http_requests_total', AGENTS, HTTP2)}) / "
+                   f"sum by ({FLOW}) (connscope_connections_open{{{AGENTS}}})",
+                   "streams/s per open connection {{role}} {{process}} → {{server}}", "A"),
+            target(f"sum by ({FLOW}) ({rate('connscope_connection_requests_sum', AGENTS, PROTOCOL_HTTP2)}) / "
+                   f"sum by ({FLOW}) ({rate('connscope_connection_requests_count', AGENTS, PROTOCOL_HTTP2)})",
+                   "streams per closed connection {{role}} {{process}} → {{server}}", "B"),
+        ], decimals=1), 12, 9))
+    panels.append(layout.place(timeseries("HTTP/2 streams in flight at each opening",
+        "p50 and p99 of the streams in flight when a stream opened (itself included), by flow, "
+        "from connections that closed: 1 throughout is a connection used like HTTP/1.1, more is "
+        "multiplexing.",
+        "none", quantiles("connscope_http2_concurrent_streams", FLOW), decimals=1), 12, 9))
+    panels.append(layout.place(timeseries("HTTP/2 closes by GOAWAY",
+        "HTTP/2 connections closed per second by their first GOAWAY: server_goaway (graceful: a "
+        "max connection age, an idle timeout, a shutdown; a steady rate at one per connection "
+        "age is a server churning its pool), client_goaway, and the _error/_other codes.",
+        "cps", [
+            target(f"sum by (role, reason) ({rate('connscope_connections_closed_total', AGENTS_IN_NAMESPACE, PROTOCOL_HTTP2)})",
+                   "{{role}}: {{reason}}", "A"),
+        ], stack=True), 12, 9))
     return dashboard("connscope-keepalive", "connscope / Keep-alive",
                      "Requests per connection, idle gaps, who closes first and why, advertised "
                      "keep-alive timeouts and keep-alive races.", panels, ["keepalive"])

@@ -14,3 +14,6 @@ pub const MAX_LISTEN_PORTS: u32 = 16_384;
 /// agent stopped decrypting): processes that call libssl, host-wide. Past it the oldest
 /// process's hit count is dropped (LRU), and it is counted again from its next hit.
 pub const MAX_TLS_PROCESSES: u32 = 4_096;
+/// Capacity of `H2_CONNS`: HTTP/2 connections followed frame by frame at once, host-wide.
+/// Past it a new HTTP/2 connection is counted as `http2_unparsed`.
+pub const MAX_H2_CONNECTIONS: u32 = 16_384;

@@ -178,7 +178,10 @@ pub mod conn_flag {
     pub const RESET_RECEIVED: u16 = 1 << 2;
     /// The local side sent payload after the peer had started closing (keep-alive race).
     pub const SENT_AFTER_PEER_CLOSE: u16 = 1 << 3;
-    // Bit 4 is free (it was "idle at close", now `Conn::close_idle_us`'s `CLOSE_AWAITING`).
+    /// HTTP/2 whose frame sync was lost, or whose frame state found no room: no stream
+    /// count (`h2_frames`; bit 4 was "idle at close", now `Conn::close_idle_us`'s
+    /// `CLOSE_AWAITING`).
+    pub const H2_UNPARSED: u16 = 1 << 4;
     /// A `1xx` interim response was seen: the request body and the final response that
     /// follow belong to the same exchange.
     pub const INTERIM: u16 = 1 << 5;

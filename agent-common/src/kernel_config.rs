@@ -282,6 +282,8 @@ pub const fn contract_fingerprint() -> u64 {
         size_of::<crate::Handover>(),
         size_of::<crate::SslCall>(),
         size_of::<crate::CheckpointSlot>(),
+        size_of::<crate::h2_frames::H2State>(),
+        crate::LostReason::COUNT as usize,
         crate::conn::GAP_BUCKETS,
     ];
     // FNV-1a over the sizes.

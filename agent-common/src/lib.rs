@@ -12,6 +12,8 @@
 //! - [`capacity`]: map capacities.
 //! - [`net`]: the kernel's TCP states, address families and protocol number.
 //! - [`tls_record`]: the undecrypted-TLS record rule the kernel runs (fuzzed on the host).
+//! - [`h2_frames`]: the HTTP/2 frame walk and stream state the kernel keeps (fuzzed on the
+//!   host).
 //! - [`names`]: program, map and global names, used by the programs' attributes' tests and by
 //!   the loader alike.
 //!
@@ -23,6 +25,7 @@
 pub mod capacity;
 pub mod checkpoint;
 pub mod conn;
+pub mod h2_frames;
 pub mod handover;
 pub mod kernel_config;
 pub mod names;
@@ -32,8 +35,8 @@ pub mod tls_record;
 pub mod wire;
 
 pub use capacity::{
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, IN_FLIGHT_CALLS, MAX_LISTEN_PORTS,
-    MAX_TLS_PROCESSES,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_RINGBUF_BYTES, IN_FLIGHT_CALLS, MAX_H2_CONNECTIONS,
+    MAX_LISTEN_PORTS, MAX_TLS_PROCESSES,
 };
 pub use checkpoint::{CheckpointSlot, JournalChunk};
 pub use conn::{Conn, SslCall, conn_flag};
@@ -45,8 +48,8 @@ pub use kernel_config::{
 pub use net::{AF_INET, AF_INET6, IPPROTO_TCP, tcp_state};
 pub use records::{
     AttributeEvent, Attribution, COMM_LEN, ConnectFailedEvent, ConnectInFlight, Endpoints,
-    EventHeader, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, ListenKey, OpenEvent, SnapshotEvent,
-    process_label_byte,
+    EventHeader, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, Http2CloseEvent, ListenKey, OpenEvent,
+    SnapshotEvent, process_label_byte,
 };
 pub use wire::{
     CloseKind, ClosedBy, ConnectFailure, Direction, EventKind, LostReason, Protocol, Role,

@@ -133,10 +133,13 @@ pub mod map {
     pub const CHECKPOINT_CONNS: &str = "CHECKPOINT_CONNS";
     pub const CHECKPOINT_METRICS: &str = "CHECKPOINT_METRICS";
     pub const JOURNAL: &str = "JOURNAL";
+    pub const H2_CONNS: &str = "H2_CONNS";
+    pub const H2_SCRATCH: &str = "H2_SCRATCH";
+    pub const H2_CURSOR: &str = "H2_CURSOR";
 
     /// Maps kept pinned across agent restarts (`--bpf.pin-path`): the connections, the
     /// records waiting for the next agent, and what the programs share.
-    pub const PINNED: [&str; 15] = [
+    pub const PINNED: [&str; 16] = [
         CONNS,
         EVENTS,
         LOST,
@@ -152,9 +155,10 @@ pub mod map {
         CHECKPOINT_CONNS,
         CHECKPOINT_METRICS,
         JOURNAL,
+        H2_CONNS,
     ];
 
-    pub const ALL: [&str; 24] = [
+    pub const ALL: [&str; 27] = [
         CONNS,
         EVENTS,
         LOST,
@@ -179,6 +183,9 @@ pub mod map {
         CHECKPOINT_CONNS,
         CHECKPOINT_METRICS,
         JOURNAL,
+        H2_CONNS,
+        H2_SCRATCH,
+        H2_CURSOR,
     ];
 }
 

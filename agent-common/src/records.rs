@@ -9,10 +9,11 @@
 //! | `Progress` | [`SnapshotEvent`] | counts the agent could otherwise miss (idle restart, bucket wrap) |
 //! | `Close` | [`SnapshotEvent`] | the socket is destroyed: its final state |
 //! | `ConnectFailed` | [`ConnectFailedEvent`] | a client's connect ended before establishment |
+//! | `Http2Close` | [`Http2CloseEvent`] | an HTTP/2 connection's socket is destroyed, before its `Close` |
 
 use core::mem::size_of;
 
-use crate::{Conn, ConnectFailure, Direction, EventKind, Role};
+use crate::{Conn, ConnectFailure, Direction, EventKind, Role, h2_frames::CONCURRENCY_BUCKETS};
 
 /// Length of a task's `comm` (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
@@ -225,3 +226,23 @@ impl HeadEvent {
         Role::from_wire(self.role)
     }
 }
+
+/// `Http2Close`: what the frame walk of an HTTP/2 connection found (`h2_frames::H2State`),
+/// sent just before its `Close`. Its stream count is `Conn::exchanges`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Http2CloseEvent {
+    pub header: EventHeader,
+    /// [`Conn::open_token`] of the connection.
+    pub open_token: u32,
+    /// The first `GOAWAY`'s error code.
+    pub goaway_code: u32,
+    /// Who sent it: a [`Role`] as `u8`, 0 when none was seen.
+    pub goaway_by: u8,
+    pub _pad: [u8; 3],
+    /// Streams in flight at each stream's opening: counts per bucket of
+    /// `h2_frames::CONCURRENCY_BOUNDS`, and their sum.
+    pub concurrency_sum: u32,
+    pub concurrency: [u32; CONCURRENCY_BUCKETS],
+}
+const _: () = assert!(size_of::<Http2CloseEvent>() == 80);

@@ -127,6 +127,9 @@ wire_enum! {
         /// A client's connect ended before the connection was established
         /// ([`crate::ConnectFailedEvent`]).
         ConnectFailed = 6 => "connect_failed",
+        /// An HTTP/2 connection's streams, concurrency and first `GOAWAY`, sent just before
+        /// its `Close` ([`crate::Http2CloseEvent`]).
+        Http2Close = 7 => "http2_close",
     }
 }
 
@@ -184,6 +187,9 @@ wire_enum! {
         UntrackedSocket = 2 => "untracked_socket",
         /// A payload head could not be read from the caller's memory.
         PayloadUnreadable = 3 => "payload_unreadable",
+        /// An HTTP/2 connection whose frame boundaries were lost (or whose frame state had
+        /// no room): its streams are not counted. Once per connection.
+        Http2Unparsed = 4 => "http2_unparsed",
     }
 }
 
@@ -203,7 +209,7 @@ mod tests {
         assert_eq!(Role::from_wire(0), None);
         assert_eq!(EventKind::from_wire(99), None);
         assert_eq!(Protocol::from_wire(Protocol::Tls as u8).map(Protocol::label), Some("tls"));
-        assert_eq!(LostReason::COUNT, 4);
+        assert_eq!(LostReason::COUNT, 5);
     }
 
     #[test]

@@ -15,6 +15,7 @@
 //!
 //! Heads are read only on HTTP/1.x connections (and once to tell what a connection speaks),
 //! and there only when a turn's length differs from the last head's (`steady_repeat`).
+//! HTTP/2 connections count streams instead of turns, from their frame headers (`h2`).
 
 use connscope_common::{
     Conn, Direction, EventKind, Protocol,
@@ -23,6 +24,7 @@ use connscope_common::{
 };
 
 use crate::{
+    h2,
     head::{self, Status},
     payload_source::PayloadSource,
     records::{self, now_ns},
@@ -55,7 +57,10 @@ pub fn count(conn: &mut Conn, transfer: &Transfer, mut report: bool) {
         let now = now_ns();
         report |= on_payload(conn, transfer, now);
         conn.last_direction = transfer.direction as u8;
-        conn.last_ns = now;
+        // HTTP/2's activity is its streams' (`h2`).
+        if conn.protocol != Protocol::Http2 as u8 {
+            conn.last_ns = now;
+        }
     }
     if report {
         records::snapshot(EventKind::Progress, transfer.sock, conn);
@@ -66,6 +71,19 @@ pub fn count(conn: &mut Conn, transfer: &Transfer, mut report: bool) {
 /// `last_direction` are updated). Returns whether the agent must get a snapshot now.
 #[inline(always)]
 fn on_payload(conn: &mut Conn, transfer: &Transfer, now: u64) -> bool {
+    let report =
+        if conn.protocol == Protocol::Http2 as u8 { false } else { by_turns(conn, transfer, now) };
+    // HTTP/2 known before this transfer, or sniffed in it (`request_payload` made its
+    // state): its frames are walked once the hook counted the transfer (`h2`).
+    if conn.protocol == Protocol::Http2 as u8 {
+        h2::on_payload(conn, transfer);
+    }
+    report
+}
+
+/// [`on_payload`] by direction changes and heads: every protocol but HTTP/2.
+#[inline(always)]
+fn by_turns(conn: &mut Conn, transfer: &Transfer, now: u64) -> bool {
     let Some(role) = conn.role() else { return false };
     let direction = transfer.direction;
     let turn_start = conn.last_direction != direction as u8;
@@ -143,6 +161,10 @@ fn request_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: b
             conn.flags |= REQUEST_PENDING;
             return false;
         }
+        if conn.protocol == Protocol::Http2 as u8 {
+            h2::start(conn, sock);
+            return false;
+        }
     }
     let report = new_exchange(conn, now);
     if let Some(head) = head {
@@ -170,9 +192,12 @@ fn response_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: 
     }
     let Some(head) = head::read(source, direction, bytes) else { return };
     let Some(status) = head::status(head) else {
-        // A response that is not HTTP/1.x (or a server that speaks first). In TLS
-        // plaintext an HTTP/2 server sends its SETTINGS first: the client's preface decides.
-        if protocol == Protocol::Unknown && !conn.has(conn_flag::TLS_PLAINTEXT) {
+        // A response that is not HTTP/1.x (or a server that speaks first). An HTTP/2
+        // server may send its SETTINGS before it reads the client's preface, which decides.
+        if protocol == Protocol::Unknown
+            && !conn.has(conn_flag::TLS_PLAINTEXT)
+            && !head::starts_h2_settings(head)
+        {
             conn.protocol = Protocol::Other as u8;
         }
         return;
@@ -227,6 +252,13 @@ fn new_exchange(conn: &mut Conn, now: u64) -> bool {
     if conn.exchanges == 1 {
         return false;
     }
+    count_gap(conn, now)
+}
+
+/// Counts the idle gap from the last activity (`last_ns`) to `now`. Returns whether a gap
+/// bucket count must be reported.
+#[inline(always)]
+pub fn count_gap(conn: &mut Conn, now: u64) -> bool {
     let gap = now.saturating_sub(conn.last_ns);
     let sum_wrapped = add_wrapping(&mut conn.gap_sum_us, (gap / 1000) as u32);
     conn.gaps.add(gap_bucket(gap)) || sum_wrapped

@@ -6,7 +6,7 @@
 use aya_ebpf::helpers::{bpf_probe_read_user, generated};
 use connscope_common::{
     Conn, Direction, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, LostReason,
-    Protocol, conn_flag,
+    Protocol, conn_flag, h2_frames,
     tls_record::{self, TransferBytes},
 };
 use core::ffi::c_void;
@@ -156,6 +156,18 @@ pub fn sniff_request(head: &HeadEvent) -> Protocol {
     } else {
         Protocol::Other
     }
+}
+
+/// Whether the head starts with an HTTP/2 `SETTINGS` frame header (the server's preface,
+/// RFC 9113 §3.4), which a server may send before it reads the client's.
+#[inline(always)]
+pub fn starts_h2_settings(head: &HeadEvent) -> bool {
+    let h = &head.head;
+    head.head_len >= h2_frames::FRAME_HEADER as u32
+        && h[3] == h2_frames::frame_type::SETTINGS
+        && h[4] & !1 == 0
+        && u32::from_be_bytes([h[5], h[6], h[7], h[8]]) == 0
+        && u32::from_be_bytes([0, h[0], h[1], h[2]]) % 6 == 0
 }
 
 /// The class of an HTTP/1.x status line (`HTTP/1.x NNN`).

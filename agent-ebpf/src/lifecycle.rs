@@ -7,12 +7,13 @@ use core::sync::atomic::{Ordering, compiler_fence};
 
 use connscope_common::{
     CloseKind, ClosedBy, Conn, ConnectFailure, ConnectInFlight, Direction, EventKind, LostReason,
-    Role,
+    Protocol, Role,
     conn::{CLOSE_AWAITING, CLOSE_IDLE_MAX_US},
     conn_flag, is_request, tcp_state,
 };
 
 use crate::{
+    h2,
     maps::{CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, count_lost, submit_flags},
     records::{self, current_attribution, now_ns},
     sock::{self, SocketView},
@@ -190,6 +191,9 @@ pub fn on_destroy(sock: u64) {
         return;
     }
     let Some(conn) = tracked(sock) else { return };
+    if conn.protocol == Protocol::Http2 as u8 {
+        h2::close(sock, conn, now_ns());
+    }
     records::snapshot(EventKind::Close, sock, conn);
     let _ = CONNS.remove(&sock);
 }

@@ -32,6 +32,7 @@ mod fentry;
 mod fill;
 mod floor;
 mod globals;
+mod h2;
 mod head;
 mod kprobe;
 mod lifecycle;

@@ -9,8 +9,9 @@ use aya_ebpf::{
 use connscope_common::{
     CARRIED_CHUNKS, CarriedChunk, CheckpointSlot, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_RINGBUF_BYTES, Handover, HeadEvent, IN_FLIGHT_CALLS, JournalChunk, ListenKey,
-    LostReason, MAX_LISTEN_PORTS, PinSlot, Setting,
+    LostReason, MAX_H2_CONNECTIONS, MAX_LISTEN_PORTS, PinSlot, Setting,
     checkpoint::{CHECKPOINT_SLOTS, journal_chunks},
+    h2_frames::{H2State, Scratch},
     kernel_config::SOCK_COMMON_READ,
 };
 
@@ -93,6 +94,54 @@ pub static CHECKPOINT_METRICS: HashMap<u32, CarriedChunk> =
 #[map]
 pub static JOURNAL: Array<JournalChunk> =
     Array::with_max_entries(journal_chunks(DEFAULT_RINGBUF_BYTES), BPF_F_MMAPABLE);
+
+/// HTTP/2 connections' frame walks and streams, by socket: made at the client preface,
+/// removed at the socket's destruction (or when frame sync is lost). Apart from `CONNS`, so
+/// no other connection pays for it.
+#[map]
+pub static H2_CONNS: HashMap<u64, H2State> =
+    HashMap::with_max_entries(MAX_H2_CONNECTIONS, NO_PREALLOC);
+
+/// Per-CPU space where a new HTTP/2 state is built before it is inserted.
+#[map]
+pub static H2_SCRATCH: PerCpuArray<H2State> = PerCpuArray::with_max_entries(1, 0);
+
+/// Where the HTTP/2 walk of one transfer is (`h2::connscope_h2_step`): kept in a map, not in
+/// registers, so the verifier does not tell the frame loop's states apart by it.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct WalkCursor {
+    /// The transfer to walk, left by the transfer path for the hook to walk once it is
+    /// counted (`h2::walk_pending`): its socket, length, direction and kind of segments
+    /// (`h2::on_payload`), the buffer or iovec array and its length or count.
+    pub sock: u64,
+    pub packed: u64,
+    pub addr: u64,
+    pub len: u64,
+    /// Non-zero while a transfer waits to be walked.
+    pub pending: u64,
+    /// The segment being walked, and the offset in it.
+    pub segment: UserBuffer,
+    pub offset: u64,
+    /// Bytes of the transfer not walked yet (this segment's included).
+    pub left: u64,
+    /// The next iovec's address, and the end of those walked.
+    pub iov_next: u64,
+    pub iov_end: u64,
+    /// A `WALK_*` value.
+    pub status: u64,
+    /// Non-zero when the transfer walked was sent by the client.
+    pub from_client: u64,
+    /// What each step reads.
+    pub scratch: Scratch,
+    /// The connection's `H2_CONNS` value while its transfer is walked: copied in before the
+    /// walk and back after it, so a step (`h2::connscope_h2_step`) finds it here with no
+    /// hash lookup.
+    pub state: H2State,
+}
+
+#[map]
+pub static H2_CURSOR: PerCpuArray<WalkCursor> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU space where a head record is read and built before it is sent at its real length.
 #[map]

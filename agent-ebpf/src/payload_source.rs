@@ -9,7 +9,7 @@ use connscope_common::Direction;
 use crate::{
     globals::{heads_from_stash, heads_from_task_regs},
     maps::UserBuffer,
-    syscall_args::{head_buffer, payload_call},
+    syscall_args::{PayloadCall, Segments, head_buffer, payload_call, segments},
     syscall_stash,
 };
 
@@ -24,20 +24,39 @@ pub enum PayloadSource {
 }
 
 impl PayloadSource {
-    /// The buffer of a transfer moving payload in `direction`, if it can be read.
+    /// The buffer holding the head of a transfer moving payload in `direction` (a vectored
+    /// call's first iovec), if it can be read.
     #[inline(always)]
     pub fn buffer(self, direction: Direction) -> Option<UserBuffer> {
+        // Not through `segments`: the enum's match left a path the 5.10 verifier saw with
+        // an unset register ("R1 !read_ok") in the TLS record check that reads this buffer.
         match self {
-            Self::Syscall => current_buffer(direction),
+            Self::Syscall => current_call(direction, head_buffer, syscall_stash::head),
             Self::Buffer(buffer) => Some(buffer),
+            Self::Unreadable => None,
+        }
+    }
+
+    /// Where all of a transfer's bytes lie (the iovecs of a vectored call).
+    #[inline(always)]
+    pub fn segments(self, direction: Direction) -> Option<Segments> {
+        match self {
+            Self::Syscall => current_call(direction, segments, syscall_stash::get),
+            Self::Buffer(buffer) => Some(Segments::Flat(buffer)),
             Self::Unreadable => None,
         }
     }
 }
 
-/// The user buffer of the current system call when it moves payload in `direction`.
+/// What the current system call moving payload in `direction` says of its buffers:
+/// `from_call` of its arguments (read from the task's registers), or `from_stash` of those
+/// `sys_enter` stashed.
 #[inline(always)]
-fn current_buffer(direction: Direction) -> Option<UserBuffer> {
+fn current_call<T>(
+    direction: Direction,
+    from_call: impl FnOnce(&PayloadCall) -> Option<T>,
+    from_stash: impl FnOnce(Direction) -> Option<T>,
+) -> Option<T> {
     if heads_from_task_regs() {
         // SAFETY: helpers without preconditions; the task is the current one.
         let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) };
@@ -45,9 +64,9 @@ fn current_buffer(direction: Direction) -> Option<UserBuffer> {
         if call.direction != direction as u8 {
             return None;
         }
-        head_buffer(&call)
+        from_call(&call)
     } else if heads_from_stash() {
-        syscall_stash::take(direction)
+        from_stash(direction)
     } else {
         None
     }

@@ -35,7 +35,8 @@ struct IoVec {
     len: u64,
 }
 
-/// Offset of `msg_iov` in the user `struct msghdr` (after `msg_name` and `msg_namelen`).
+/// Offset of `msg_iov` in the user `struct msghdr` (after `msg_name` and `msg_namelen`);
+/// `msg_iovlen` follows it.
 const MSGHDR_IOV: u64 = 16;
 
 /// The `PAYLOAD_SYSCALLS` entry of syscall `nr`: `(direction, layout)`.
@@ -81,6 +82,28 @@ pub fn payload_call(regs: u64) -> Option<PayloadCall> {
     Some(PayloadCall { direction, layout, fd, buf, len })
 }
 
+/// Where a call's payload lies in user memory: one buffer, or an iovec array.
+#[derive(Clone, Copy)]
+pub enum Segments {
+    Flat(UserBuffer),
+    /// `count` iovecs at `iov`.
+    Vectored {
+        iov: u64,
+        count: u64,
+    },
+}
+
+/// The iovec at `addr`, as a buffer.
+#[inline(always)]
+pub fn read_iovec(addr: u64) -> Option<UserBuffer> {
+    // SAFETY: user memory read through the fault-tolerant helper.
+    let vec: IoVec = unsafe { bpf_probe_read_user(addr as *const IoVec) }.ok()?;
+    Some(UserBuffer { addr: vec.base, len: vec.len })
+}
+
+/// Size of a user `struct iovec`.
+pub const IOVEC_SIZE: u64 = core::mem::size_of::<IoVec>() as u64;
+
 /// The buffer holding the call's payload head (the first iovec of vectored calls).
 #[inline(always)]
 pub fn head_buffer(call: &PayloadCall) -> Option<UserBuffer> {
@@ -92,7 +115,24 @@ pub fn head_buffer(call: &PayloadCall) -> Option<UserBuffer> {
         // SAFETY: user memory read through the fault-tolerant helper.
         _ => unsafe { bpf_probe_read_user((call.buf + MSGHDR_IOV) as *const u64) }.ok()?,
     };
-    // SAFETY: as above.
-    let first: IoVec = unsafe { bpf_probe_read_user(iov as *const IoVec) }.ok()?;
-    Some(UserBuffer { addr: first.base, len: first.len })
+    read_iovec(iov)
+}
+
+/// The segments holding the call's payload.
+#[inline(always)]
+pub fn segments(call: &PayloadCall) -> Option<Segments> {
+    match call.layout {
+        layout if layout == BufferLayout::Flat as u8 => {
+            Some(Segments::Flat(UserBuffer { addr: call.buf, len: call.len }))
+        }
+        layout if layout == BufferLayout::Vectored as u8 => {
+            Some(Segments::Vectored { iov: call.buf, count: call.len })
+        }
+        _ => {
+            // SAFETY: user memory read through the fault-tolerant helper.
+            let [iov, count]: [u64; 2] =
+                unsafe { bpf_probe_read_user((call.buf + MSGHDR_IOV) as *const [u64; 2]) }.ok()?;
+            Some(Segments::Vectored { iov, count })
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! The syscall stash, for kernels without `bpf_task_pt_regs` (before 5.15) or without BTF:
 //! `sys_enter` keeps the user buffer of read/write-like system calls per thread, the
-//! send/receive hook takes it, and `sys_exit` drops what is left (a non-socket call).
+//! send/receive hook reads it (an HTTP/2 transfer twice: its head, then its frames), and
+//! `sys_exit` drops it.
 //! This costs every such system call of the host a hash update, which is why kernels with
 //! the helper do not attach it.
 
@@ -11,12 +12,14 @@ use connscope_common::Direction;
 
 use crate::{
     maps::{SYSCALL_STASH, UserBuffer},
-    syscall_args::{head_buffer, payload_call, payload_syscall_of},
+    syscall_args::{Segments, payload_call, payload_syscall_of, read_iovec, segments},
 };
 
 /// A stashed buffer also records its direction in the top bit of `len` (lengths never
 /// reach it), so a hook of the other direction does not take it.
 const SEND_BIT: u64 = 1 << 63;
+/// And whether it is an iovec array (`addr`) and its count (`len`).
+const VECTORED_BIT: u64 = 1 << 62;
 
 /// `raw_syscalls:sys_enter(struct pt_regs *regs, long id)`.
 #[raw_tracepoint(tracepoint = "sys_enter")]
@@ -28,7 +31,11 @@ pub fn connscope_sys_enter(ctx: RawTracePointContext) -> i32 {
     }
     let regs: u64 = ctx.arg(0);
     let Some(call) = payload_call(regs) else { return 0 };
-    let Some(mut buffer) = head_buffer(&call) else { return 0 };
+    let Some(segments) = segments(&call) else { return 0 };
+    let mut buffer = match segments {
+        Segments::Flat(buffer) => buffer,
+        Segments::Vectored { iov, count } => UserBuffer { addr: iov, len: count | VECTORED_BIT },
+    };
     if call.direction == Direction::Send as u8 {
         buffer.len |= SEND_BIT;
     }
@@ -37,16 +44,38 @@ pub fn connscope_sys_enter(ctx: RawTracePointContext) -> i32 {
     0
 }
 
-/// Takes this thread's stashed buffer if it is for `direction`.
+/// The head buffer of this thread's stashed call if it is for `direction` (a vectored
+/// call's first iovec; left for `sys_exit`).
 #[inline(always)]
-pub fn take(direction: Direction) -> Option<UserBuffer> {
+pub fn head(direction: Direction) -> Option<UserBuffer> {
     let key = bpf_get_current_pid_tgid();
-    // SAFETY: the value is copied out before the entry is removed.
-    let mut buffer = unsafe { SYSCALL_STASH.get(&key) }.copied()?;
-    let _ = SYSCALL_STASH.remove(&key);
+    // SAFETY: the value is copied out at once.
+    let buffer = unsafe { SYSCALL_STASH.get(&key) }.copied()?;
+    if (buffer.len & SEND_BIT != 0) != (direction == Direction::Send) {
+        return None;
+    }
+    if buffer.len & VECTORED_BIT != 0 {
+        return read_iovec(buffer.addr);
+    }
+    Some(UserBuffer { addr: buffer.addr, len: buffer.len & !SEND_BIT })
+}
+
+/// This thread's stashed segments if they are for `direction` (left for `sys_exit`).
+#[inline(always)]
+pub fn get(direction: Direction) -> Option<Segments> {
+    let key = bpf_get_current_pid_tgid();
+    // SAFETY: the value is copied out at once.
+    let buffer = unsafe { SYSCALL_STASH.get(&key) }.copied()?;
     let is_send = buffer.len & SEND_BIT != 0;
-    buffer.len &= !SEND_BIT;
-    (is_send == (direction == Direction::Send)).then_some(buffer)
+    if is_send != (direction == Direction::Send) {
+        return None;
+    }
+    let len = buffer.len & !(SEND_BIT | VECTORED_BIT);
+    Some(if buffer.len & VECTORED_BIT != 0 {
+        Segments::Vectored { iov: buffer.addr, count: len }
+    } else {
+        Segments::Flat(UserBuffer { addr: buffer.addr, len })
+    })
 }
 
 /// Drops this thread's stashed buffer (at syscall exit).

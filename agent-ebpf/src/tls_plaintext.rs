@@ -5,6 +5,7 @@ use connscope_common::{Direction, conn_flag};
 
 use crate::{
     exchange::{self, Transfer},
+    h2,
     maps::UserBuffer,
     payload_source::PayloadSource,
     tls_calls,
@@ -26,6 +27,7 @@ pub fn plaintext(sock: u64, direction: Direction, buffer: UserBuffer) {
         tls_calls::to_plaintext(conn);
     }
     exchange::count(conn, &transfer(sock, direction, buffer), false);
+    h2::walk_pending(conn);
 }
 
 /// The transfer that counts `buffer`, the plaintext libssl moved for `sock`: at a read's

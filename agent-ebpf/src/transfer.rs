@@ -12,6 +12,7 @@ use crate::{
     adopt::adopt,
     exchange::{self, Transfer},
     globals::generation,
+    h2,
     maps::PIN_STATE,
     payload_source::PayloadSource,
     records, sock,
@@ -103,6 +104,8 @@ fn transfer_counted_once(
     // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
     let bytes = u64::from(ret as u32);
     count_transfer(conn, &Transfer { sock, source: PayloadSource::Syscall, direction, bytes });
+    // HTTP/2 frames, walked here, in the hook's own body (`h2::on_payload`).
+    h2::walk_pending(conn);
 }
 
 /// Whether `conn`'s last counted transfer came before the last takeover's trampoline updates

@@ -42,6 +42,7 @@ fn fill(metrics: &Metrics) {
                     closed_by: closed_by.into(),
                     close_kind: "fin".into(),
                     reason: reason.into(),
+                    protocol: "http1".into(),
                 };
                 metrics.closed.get_or_create(&closed).inc();
                 metrics

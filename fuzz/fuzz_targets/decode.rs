@@ -11,6 +11,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(Event::Open(event)) => assert_eq!(events::encode(&event), data),
         Ok(Event::Attribute(event)) => assert_eq!(events::encode(&event), data),
         Ok(Event::ConnectFailed(event)) => assert_eq!(events::encode(&event), data),
+        Ok(Event::Http2Close(event)) => assert_eq!(events::encode(&event), data),
         Ok(Event::Progress(event) | Event::Close(event)) => {
             assert_eq!(events::encode(&event), data)
         }

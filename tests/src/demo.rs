@@ -38,6 +38,8 @@ pub struct DemoServers {
     pub limited: String,
     /// A loopback port nothing listens on: every connect to it is refused.
     pub closed: String,
+    /// HTTP/2 in cleartext (nginx `listen … http2`), idle timeout 1 s.
+    pub h2c: String,
 }
 
 impl Demo {
@@ -54,11 +56,25 @@ impl Demo {
         let steady = nginx(Duration::from_secs(30), 1000)?;
         let short = nginx(Duration::from_secs(1), 1000)?;
         let limited = nginx(Duration::from_secs(30), 3)?;
+        let h2c_port = free_port();
+        let h2c = Nginx::start_with(
+            NginxConfig {
+                port: free_port(),
+                keepalive_timeout: Duration::from_secs(30),
+                keepalive_requests: 1000,
+                workers: 1,
+                advertise_keep_alive: false,
+            },
+            &format!(
+                "server {{ listen 127.0.0.1:{h2c_port} http2; keepalive_timeout 1s; root html; }}\n"
+            ),
+        )?;
         let servers = DemoServers {
             steady: steady.server(),
             short_timeout: short.server(),
             limited: limited.server(),
             closed: format!("127.0.0.1:{}", free_port()),
+            h2c: format!("127.0.0.1:{h2c_port}"),
         };
         let stop = Arc::new(AtomicBool::new(false));
         let deadline = Instant::now() + until;
@@ -82,7 +98,8 @@ impl Demo {
         spawn("demo-burst", &servers.limited, burst)?;
         spawn("demo-aborter", &servers.steady, aborter)?;
         spawn("demo-refused", &servers.closed, refused)?;
-        Ok((Self { stop, clients, servers: vec![steady, short, limited] }, servers))
+        spawn("demo-h2c", &servers.h2c, http2_streams)?;
+        Ok((Self { stop, clients, servers: vec![steady, short, limited, h2c] }, servers))
     }
 
     /// Waits for the clients to reach the deadline given to `start`.
@@ -253,5 +270,50 @@ fn refused(server: &str, running: &Running) {
     while running.on() {
         let _ = connect(server);
         running.pause(Duration::from_millis(500));
+    }
+}
+
+/// HTTP/2 in cleartext: a connection opens streams three at a time (multiplexed), a few
+/// batches, then idles until nginx's 1 s idle timeout closes it with `GOAWAY`.
+fn http2_streams(server: &str, running: &Running) {
+    use crate::http2::{PREFACE, frame_header};
+    // `GET /` (HPACK static table) with `:authority`.
+    let block = [&[0x82u8, 0x86, 0x84, 0x41, 9][..], b"127.0.0.1"].concat();
+    while running.on() {
+        let Ok(mut stream) = TcpStream::connect(server) else {
+            running.pause(Duration::from_millis(200));
+            continue;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(100)));
+        let mut flight = [PREFACE, &frame_header(0, 0x4, 0, 0)].concat();
+        let mut next = 1u32;
+        for _ in 0..4 {
+            for _ in 0..3 {
+                flight.extend(frame_header(block.len() as u32, 0x1, 0x5, next));
+                flight.extend(&block);
+                next += 2;
+            }
+            if stream.write_all(&flight).is_err() {
+                break;
+            }
+            flight.clear();
+            drain(&mut stream, Duration::from_millis(100));
+        }
+        // Idle past nginx's timeout: it sends GOAWAY and closes.
+        drain(&mut stream, Duration::from_millis(1500));
+    }
+}
+
+/// Reads and drops what arrives for `duration` (or until the peer closes).
+fn drain(stream: &mut TcpStream, duration: Duration) {
+    let until = Instant::now() + duration;
+    let mut buf = [0u8; 4096];
+    while Instant::now() < until {
+        match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(err) if matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return,
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod external_tools;
 pub mod framing_server;
 pub mod grafana;
 pub mod grafana_schema;
+pub mod http2;
 pub mod http_server;
 pub mod kubernetes;
 pub mod metric_contract;

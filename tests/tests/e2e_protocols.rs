@@ -316,9 +316,9 @@ fn assert_close_reasons(
 
 kernel_test!(
     /// HTTP/2 in cleartext (nginx `listen … http2`, curl `--http2-prior-knowledge`): the
-    /// connection is `http2`, so neither HTTP/1.x requests nor requests per connection are
-    /// reported for it (streams are not direction changes).
-    fn http2_cleartext_is_not_counted_as_http1() -> anyhow::Result<()> {
+    /// connection is `http2`, and its requests are its streams (from the frame headers),
+    /// not HTTP/1.x requests nor direction changes.
+    fn http2_cleartext_counts_streams() -> anyhow::Result<()> {
         let h2c = free_port();
         let extra = format!(
             "server {{ listen 127.0.0.1:{h2c} http2; access_log h2c.log ground_truth;\n\
@@ -346,35 +346,50 @@ kernel_test!(
         }
         let truth = logged_requests(&nginx, "h2c.log", CONNECTIONS)?;
         assert_eq!(truth.len(), CONNECTIONS, "{truth:?}");
-        assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2c}"), CONNECTIONS)
+        assert_http2_streams(&agent, &format!("127.0.0.1:{h2c}"), CONNECTIONS, 1)
     }
 );
 
-/// `connections` HTTP/2 connections to `server` were opened and closed, on both sides,
-/// without HTTP/1.x requests or a requests-per-connection observation.
-fn assert_http2_not_counted(agent: &Agent, server: &str, connections: usize) -> anyhow::Result<()> {
+/// `connections` HTTP/2 connections to `server` were opened and closed, on both sides, each
+/// with `streams` streams: `protocol="http2"` on the closes and the requests per connection,
+/// `http_version="2"` requests, no HTTP/1.x ones, no frame sync lost.
+fn assert_http2_streams(
+    agent: &Agent,
+    server: &str,
+    connections: usize,
+    streams: usize,
+) -> anyhow::Result<()> {
     let scrape = scrape_closed(agent, server, connections as f64)?;
+    let http2 = [("protocol", "http2")];
     for role in ROLES {
         let labels = side(server, role);
+        let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> {
+            labels.iter().chain(extra).copied().collect()
+        };
         let opened = scrape.sum("connscope_connections_opened_total", &labels);
         assert_eq!(opened, connections as f64, "{role}");
-        assert_eq!(scrape.sum("connscope_http_requests_total", &labels), 0.0, "{role}");
-        assert_eq!(
-            scrape.sum("connscope_connection_requests_count", &labels),
-            0.0,
-            "{role}: HTTP/2 has no requests-per-connection observation: {}",
-            scrape.text
-        );
+        let closed = scrape.sum("connscope_connections_closed_total", &with(&http2));
+        assert_eq!(closed, connections as f64, "{role}: closes say http2: {}", scrape.text);
+        let observed = scrape.sum("connscope_connection_requests_count", &with(&http2));
+        assert_eq!(observed, connections as f64, "{role}: {}", scrape.text);
+        let carried = scrape.sum("connscope_connection_requests_sum", &with(&http2));
+        assert_eq!(carried, (connections * streams) as f64, "{role}: streams: {}", scrape.text);
+        let version = scrape.sum("connscope_http_requests_total", &with(&[("http_version", "2")]));
+        assert_eq!(version, (connections * streams) as f64, "{role}: {}", scrape.text);
+        let all = scrape.sum("connscope_http_requests_total", &labels);
+        assert_eq!(all, version, "{role}: only HTTP/2 requests");
     }
+    let lost = scrape.sum("connscope_events_lost_total", &[("reason", "http2_unparsed")]);
+    assert_eq!(lost, 0.0, "frame sync kept");
     Ok(())
 }
 
 kernel_test!(
     /// HTTP/2 in TLS (nginx `listen … ssl http2`, curl `--http2` negotiating `h2` by ALPN, 2
     /// URLs per connection): the uprobes see the client preface in the plaintext, so the
-    /// connections are `http2`: no HTTP/1.x requests and no requests-per-connection observation,
-    /// on both sides (nginx sends its SETTINGS before it reads the preface).
-    fn http2_in_tls_is_not_counted_as_http1() -> anyhow::Result<()> {
+    /// connections are `http2` with 2 streams each, on both sides (nginx sends its SETTINGS
+    /// before it reads the preface).
+    fn http2_in_tls_counts_streams() -> anyhow::Result<()> {
         let h2 = free_port();
         let tls = SelfSignedTls::new("h2")?;
         let extra = format!(
@@ -406,7 +421,7 @@ kernel_test!(
         }
         let truth = logged_requests(&nginx, "h2.log", 2 * CONNECTIONS)?;
         assert_eq!(truth.values().copied().collect::<Vec<_>>(), [2; CONNECTIONS], "{truth:?}");
-        assert_http2_not_counted(&agent, &format!("127.0.0.1:{h2}"), CONNECTIONS)
+        assert_http2_streams(&agent, &format!("127.0.0.1:{h2}"), CONNECTIONS, 2)
     }
 );
 

@@ -251,6 +251,7 @@ kernel_test!(
             "CONNECTS_IN_FLIGHT",
             "CONNS",
             "EVENTS",
+            "H2_CONNS",
             "HANDOVER",
             "JOURNAL",
             "LISTEN_PORTS",

@@ -1,7 +1,7 @@
 //! Exchange counting per HTTP/1.x framing and for undecrypted TLS records, against the real
 //! kernel and the real agent, with raw sockets only (so it also runs in `cargo xtask
 //! vm-test`): interim responses, bodies in pieces, chunked, pipelined, a WebSocket upgrade,
-//! hostile TLS records. Counts are exact against the traffic each test made. Real servers
+//! hostile TLS records, hostile HTTP/2 frames. Counts are exact against the traffic each test made. Real servers
 //! and clients (nginx, curl, Python) are in `e2e_protocols`.
 
 use std::{
@@ -18,6 +18,7 @@ use connscope_tests::{
         PROTOCOLS, ROLES, assert_counts, bind_loopback, join_counted, scrape_closed, side,
     },
     framing_server::{self, HttpStream, Reply},
+    http2::{PREFACE, frame_header},
     kernel_test,
 };
 
@@ -253,3 +254,60 @@ fn echo(stream: &mut TcpStream, bytes: &[u8]) -> anyhow::Result<()> {
     anyhow::ensure!(back == bytes, "echo differs");
     Ok(())
 }
+
+kernel_test!(
+    /// Hostile HTTP/2 after a real client preface, one connection each: random bytes, and a
+    /// `GOAWAY` shorter than its 8 bytes of ids and code, lose the frame sync: counted once
+    /// per end in `events_lost_total{reason="http2_unparsed"}` (both ends walk the bytes),
+    /// with no stream count; a frame whose length runs past everything sent is passed over
+    /// (its stream counted). Labels stay in their sets and the agent keeps serving.
+    fn hostile_http2_frames_lose_sync_once_and_are_counted() -> anyhow::Result<()> {
+        let agent = Agent::start(&[])?;
+        let (listener, server) = bind_loopback()?;
+        let settings = frame_header(0, 0x4, 0, 0);
+        let headers = [frame_header(1, 0x1, 0x4, 1), vec![0x82]].concat();
+        // Random-looking bytes (fixed, so the count is exact): the reserved bit is set.
+        let noise: Vec<u8> = (0u8..64).map(|i| i.wrapping_mul(37) | 0x80).collect();
+        let flights: Vec<Vec<u8>> = vec![
+            [PREFACE, &settings, &noise].concat(),
+            [PREFACE, &settings, &headers, &frame_header(0xff_ffff, 0x0, 0, 1), &[0u8; 100]]
+                .concat(),
+            [PREFACE, &settings, &frame_header(4, 0x7, 0, 0), &[0u8; 4]].concat(),
+        ];
+        let connections = flights.len();
+        let serving = thread::spawn(move || {
+            for _ in 0..connections {
+                let (mut stream, _) = listener.accept()?;
+                stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+                let mut all = Vec::new();
+                stream.read_to_end(&mut all)?;
+            }
+            anyhow::Ok(())
+        });
+        for flight in &flights {
+            let mut client = TcpStream::connect(&server)?;
+            client.write_all(flight)?;
+            thread::sleep(Duration::from_millis(50));
+        }
+        serving.join().map_err(|_| anyhow::anyhow!("server thread panicked"))??;
+        let scrape = scrape_closed(&agent, &server, connections as f64)?;
+        let lost = scrape.sum("connscope_events_lost_total", &[("reason", "http2_unparsed")]);
+        assert_eq!(lost, 4.0, "two connections, two ends each: {}", scrape.text);
+        for role in ROLES {
+            let labels = side(&server, role);
+            let http2: Vec<(&str, &str)> =
+                labels.iter().copied().chain([("protocol", "http2")]).collect();
+            let closed = scrape.sum("connscope_connections_closed_total", &http2);
+            assert_eq!(closed, connections as f64, "{role}: {}", scrape.text);
+            // Only the connection that kept its sync is observed, with its one stream.
+            let observed = scrape.sum("connscope_connection_requests_count", &http2);
+            assert_eq!(observed, 1.0, "{role}: {}", scrape.text);
+            assert_eq!(scrape.sum("connscope_connection_requests_sum", &http2), 1.0, "{role}");
+        }
+        for protocol in scrape.label_values("connscope_connections_closed_total", "protocol") {
+            assert!(PROTOCOLS.contains(&protocol.as_str()), "unknown protocol label {protocol}");
+        }
+        assert_eq!(agent.get("/healthz")?.0, 200);
+        Ok(())
+    }
+);

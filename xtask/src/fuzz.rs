@@ -2,9 +2,10 @@
 //!
 //! The targets feed arbitrary bytes to the parsers of untrusted input: the ring buffer
 //! record decoder (`connscope::pipeline::events::decode`), the HTTP/1.x head parsers
-//! (`connscope::pipeline::http::{parse_request, parse_response}`) and the TLS record rule the
-//! kernel runs on undecrypted TLS (`connscope_common::tls_record::carries_request`). cargo-fuzz needs a nightly
-//! toolchain (for `-Zsanitizer`), but no `rust-src`. It is installed with
+//! (`connscope::pipeline::http::{parse_request, parse_response}`), the TLS record rule the
+//! kernel runs on undecrypted TLS (`connscope_common::tls_record::carries_request`) and the
+//! HTTP/2 frame walk it runs on HTTP/2 connections (`connscope_common::h2_frames::walk`).
+//! cargo-fuzz needs a nightly toolchain (for `-Zsanitizer`), but no `rust-src`. It is installed with
 //! `cargo install cargo-fuzz --locked` when missing. A crash fails the command and leaves
 //! the input in `fuzz/artifacts/<target>/`.
 
@@ -19,7 +20,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{run_checked, workspace_root};
 
-pub const TARGETS: [&str; 3] = ["decode", "http_head", "tls_records"];
+pub const TARGETS: [&str; 4] = ["decode", "http_head", "tls_records", "h2_frames"];
 const NIGHTLY: &str = "nightly";
 /// Seconds per target when neither the flag nor `CONNSCOPE_FUZZ_SECONDS` says otherwise.
 pub const DEFAULT_SECONDS: u64 = 30;
@@ -165,6 +166,16 @@ fn write_seeds(fuzz_dir: &Path, target: &str) -> anyhow::Result<()> {
                 vec![0x14, 3, 3, 0, 1, 1, 0x17, 3, 3, 0, 2, 0, 0, 0x17, 3, 3, 0, 1, 9],
             ),
         ],
+        "h2_frames" => {
+            let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+            let settings = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+            let headers = vec![0, 0, 1, 1, 5, 0, 0, 0, 1, 0x82];
+            let goaway = vec![0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0];
+            vec![
+                ("client_flight", [vec![0x00], preface.clone(), settings, headers].concat()),
+                ("cut_goaway", [vec![0x9b], preface, goaway].concat()),
+            ]
+        }
         _ => vec![
             ("request", b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".to_vec()),
             ("request10", b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".to_vec()),

@@ -29,14 +29,18 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",
     "python3",
     "python3-pip",
+    // `h2load`: the bench's HTTP/2 arm.
+    "nghttp2-client",
     "systemd",
     // Test certificates (TLS tests) and bcrypt hashes as users make them (web config).
     "openssl",
     "apache2-utils",
 ];
 
-/// PyPI packages for the offline manifest checks (tests/tests/assets_kubernetes.rs).
-const PIP_PACKAGES: &[&str] = &["kubernetes-validate==1.37.0", "jsonschema==4.26.0"];
+/// PyPI packages: the offline manifest checks (tests/tests/assets_kubernetes.rs), and the
+/// gRPC server and client of the HTTP/2 tests (tests/tests/e2e_http2.rs).
+const PIP_PACKAGES: &[&str] =
+    &["kubernetes-validate==1.37.0", "jsonschema==4.26.0", "grpcio==1.85.4"];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -73,7 +77,7 @@ fn apt_packages() -> anyhow::Result<()> {
 
 fn pip_packages() -> anyhow::Result<()> {
     let check = Command::new("python3")
-        .args(["-c", "import kubernetes_validate, jsonschema"])
+        .args(["-c", "import kubernetes_validate, jsonschema, grpc"])
         .output()
         .context("running python3")?;
     if check.status.success() {

@@ -226,6 +226,7 @@ mod tests {
             closed_by: "peer".into(),
             close_kind: "fin".into(),
             reason: "idle".into(),
+            protocol: "http1".into(),
         };
         metrics.closed.get_or_create(&closed).inc_by(5);
         let version = HttpRequest { flow: flow("curl"), http_version: "1.1".into() };

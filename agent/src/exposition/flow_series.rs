@@ -40,13 +40,14 @@ impl Activity {
     }
 }
 
-/// Protocols whose requests per connection are reported, in `requests` slot order. HTTP/2
-/// multiplexes streams, so its exchanges are not requests: it is not reported.
-const REPORTED_PROTOCOLS: [Protocol; 4] =
-    [Protocol::Http1, Protocol::Tls, Protocol::WebSocket, Protocol::Other];
+/// Protocols whose requests per connection are reported, in `requests` slot order (HTTP/2:
+/// the streams the client opened).
+const REPORTED_PROTOCOLS: [Protocol; 5] =
+    [Protocol::Http1, Protocol::Http2, Protocol::Tls, Protocol::WebSocket, Protocol::Other];
 
-/// Who closed, how and why: one `connections_closed_total` series of a flow.
-type CloseKey = (ClosedBy, CloseKind, CloseReason);
+/// Who closed, how, why, and what the connection spoke: one `connections_closed_total`
+/// series of a flow.
+pub type CloseKey = (ClosedBy, CloseKind, CloseReason, Protocol);
 
 #[derive(Debug)]
 pub struct FlowSeries {
@@ -65,7 +66,9 @@ pub struct FlowSeries {
     adopted: OnceLock<Counter>,
     http10: OnceLock<Counter>,
     http11: OnceLock<Counter>,
+    http2: OnceLock<Counter>,
     http_unread: OnceLock<Counter>,
+    h2_concurrency: OnceLock<BucketHistogram>,
     advertised_timeout: OnceLock<Gauge>,
     advertised_max: OnceLock<Gauge>,
     /// `connections_closed_total` by (closed_by, close_kind, reason) as seen so far: a
@@ -105,7 +108,9 @@ impl FlowSeries {
             adopted: OnceLock::new(),
             http10: OnceLock::new(),
             http11: OnceLock::new(),
+            http2: OnceLock::new(),
             http_unread: OnceLock::new(),
+            h2_concurrency: OnceLock::new(),
             advertised_timeout: OnceLock::new(),
             advertised_max: OnceLock::new(),
             closes: Mutex::new(Vec::new()),
@@ -145,6 +150,7 @@ impl FlowSeries {
         let cell = match version {
             RequestVersion::Read(Version::Http10) => &self.http10,
             RequestVersion::Read(Version::Http11) => &self.http11,
+            RequestVersion::Http2 => &self.http2,
             RequestVersion::Unread => &self.http_unread,
         };
         cell.get_or_init(|| {
@@ -154,16 +160,15 @@ impl FlowSeries {
         })
     }
 
+    /// This flow's `http2_concurrent_streams`.
+    pub fn h2_concurrency(&self, metrics: &Metrics) -> &BucketHistogram {
+        self.h2_concurrency.get_or_init(|| metrics.h2_concurrency.get_or_create_owned(&self.flow))
+    }
+
     /// Counts one close of this flow's connections.
-    pub fn count_close(
-        &self,
-        metrics: &Metrics,
-        by: ClosedBy,
-        kind: CloseKind,
-        reason: CloseReason,
-    ) {
+    pub fn count_close(&self, metrics: &Metrics, key: CloseKey) {
         let Ok(mut closes) = self.closes.lock() else { return };
-        let key = (by, kind, reason);
+        let (by, kind, reason, protocol) = key;
         if let Some((_, counter)) = closes.iter().find(|(k, _)| *k == key) {
             counter.inc();
             return;
@@ -173,6 +178,7 @@ impl FlowSeries {
             closed_by: by.label().to_owned(),
             close_kind: kind.label().to_owned(),
             reason: reason.label().to_owned(),
+            protocol: protocol.label().to_owned(),
         };
         let counter = metrics.closed.get_or_create_owned(&labels);
         counter.inc();

@@ -112,6 +112,7 @@ families! {
     time_wait_unattributed: Family<Netns, Gauge> = table::TIME_WAIT_UNATTRIBUTED,
     ports_in_use: Family<PlacedFlowNetns, Gauge> = table::CLIENT_PORTS_IN_USE,
     requests: HistogramFamily<FlowProtocol> = table::CONNECTION_REQUESTS,
+    h2_concurrency: HistogramFamily<Flow> = table::HTTP2_CONCURRENT_STREAMS,
     idle: HistogramFamily<Flow> = table::CONNECTION_IDLE,
     close_idle: HistogramFamily<ClosedByLabels> = table::CONNECTION_CLOSE_IDLE,
     http_requests: Family<HttpRequest, Counter> = table::HTTP_REQUESTS,

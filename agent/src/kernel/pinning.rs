@@ -26,9 +26,9 @@ use aya::{
 };
 use connscope_common::{
     CARRIED_CHUNKS, CarriedChunk, CheckpointSlot, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
-    Handover, IN_FLIGHT_CALLS, JournalChunk, ListenKey, LostReason, MAX_LISTEN_PORTS, PinSlot,
-    Setting, SslCall, checkpoint::CHECKPOINT_SLOTS, kernel_config::contract_fingerprint,
-    names::map,
+    Handover, IN_FLIGHT_CALLS, JournalChunk, ListenKey, LostReason, MAX_H2_CONNECTIONS,
+    MAX_LISTEN_PORTS, PinSlot, Setting, SslCall, checkpoint::CHECKPOINT_SLOTS, h2_frames::H2State,
+    kernel_config::contract_fingerprint, names::map,
 };
 
 use crate::{
@@ -94,6 +94,7 @@ fn expected_shape(name: &str, config: &Config) -> Option<Shape> {
         map::JOURNAL => {
             shape(MapType::Array, 4, size_of::<JournalChunk>(), config.journal_chunks())
         }
+        map::H2_CONNS => shape(MapType::Hash, 8, size_of::<H2State>(), MAX_H2_CONNECTIONS),
         _ => return None,
     })
 }

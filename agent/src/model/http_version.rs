@@ -20,18 +20,21 @@ impl Version {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RequestVersion {
     Read(Version),
+    /// An HTTP/2 stream the client opened, counted from frame headers (no head is parsed).
+    Http2,
     /// A request counted from its ciphertext, by a process seen speaking HTTP inside
     /// decrypted TLS that left decryption (the budget): its version was not read.
     Unread,
 }
 
 impl RequestVersion {
-    pub const ALL: [Self; 3] =
-        [Self::Read(Version::Http10), Self::Read(Version::Http11), Self::Unread];
+    pub const ALL: [Self; 4] =
+        [Self::Read(Version::Http10), Self::Read(Version::Http11), Self::Http2, Self::Unread];
 
     pub const fn label(self) -> &'static str {
         match self {
             Self::Read(version) => version.label(),
+            Self::Http2 => "2",
             Self::Unread => "unread",
         }
     }

@@ -31,6 +31,7 @@ pub struct Closed {
     pub closed_by: String,
     pub close_kind: String,
     pub reason: String,
+    pub protocol: String,
 }
 
 /// Why a client's connect failed (`ConnectFailure`).

@@ -93,14 +93,20 @@ pub const CLOSE_REASON: Label = closed(
         "reset",
         "error",
         "unknown",
+        "server_goaway",
+        "server_goaway_error",
+        "server_goaway_other",
+        "client_goaway",
+        "client_goaway_error",
+        "client_goaway_other",
     ],
 );
 pub const CONNECT_FAILURE: Label =
     closed("reason", &["refused", "timeout", "unreachable", "no_local_port", "abandoned", "other"]);
 pub const OPEN_STATE: Label = closed("state", &["active", "idle"]);
-/// The protocols `connection_requests` reports (HTTP/2 is not observed there yet).
-pub const PROTOCOL: Label = closed("protocol", &["http1", "tls", "websocket", "other"]);
-pub const HTTP_VERSION: Label = closed("http_version", &["1.0", "1.1", "unread"]);
+/// What a connection spoke (`connection_requests`, `connections_closed_total`).
+pub const PROTOCOL: Label = closed("protocol", &["http1", "http2", "tls", "websocket", "other"]);
+pub const HTTP_VERSION: Label = closed("http_version", &["1.0", "1.1", "2", "unread"]);
 pub const DECRYPTION_STATE: Label = closed(
     "state",
     &["decrypted", "ciphertext_budget", "ciphertext_unsupported", "ciphertext_opt_out"],
@@ -115,8 +121,10 @@ pub const ATTACH: Label = closed(
 );
 pub const TARGET_STATE: Label = closed("state", &["attached", "failed"]);
 pub const VERSION: Label = open("version");
-pub const EVENT_KIND: Label =
-    closed("kind", &["open", "attribute", "head", "progress", "close", "connect_failed"]);
+pub const EVENT_KIND: Label = closed(
+    "kind",
+    &["open", "attribute", "head", "progress", "close", "connect_failed", "http2_close"],
+);
 pub const LOST_REASON: Label = closed(
     "reason",
     &[
@@ -124,6 +132,7 @@ pub const LOST_REASON: Label = closed(
         "map_full",
         "untracked_socket",
         "payload_unreadable",
+        "http2_unparsed",
         "decode_error",
         "startup_backlog_full",
     ],
@@ -221,8 +230,8 @@ metric_table! {
         "Entries of the start-up scan of listening ports that were skipped: process_vanished, unreadable, unparsable; backend: established connections this kernel or hook backend cannot adopt",
         labels [SKIP_REASON], carried: true;
     CONNECTIONS_CLOSED = Counter "connections_closed",
-        "TCP connections closed: who closed first (closed_by), by FIN or reset (close_kind), and why (reason)",
-        labels [ROLE, PROCESS, SERVER, CLOSED_BY, CLOSE_KIND, CLOSE_REASON],
+        "TCP connections closed: who closed first (closed_by), by FIN or reset (close_kind), why (reason), and what they spoke (protocol)",
+        labels [ROLE, PROCESS, SERVER, CLOSED_BY, CLOSE_KIND, CLOSE_REASON, PROTOCOL],
         pod [NAMESPACE, POD, CONTAINER], carried: true;
     CONNECTIONS_OPEN = Gauge "connections_open",
         "Connections open now: active (an exchange in progress) or idle",
@@ -267,17 +276,22 @@ metric_table! {
     /// 0 marks connections opened and never used, 1 the one-request connections that
     /// cause churn.
     CONNECTION_REQUESTS = Histogram "connection_requests",
-        "Requests carried per connection, observed at close, by protocol (http1: HTTP/1.x requests; other: request/response exchanges; tls: TLS application-data exchanges)",
+        "Requests carried per connection, observed at close, by protocol (http1: HTTP/1.x requests; http2: streams the client opened; other: request/response exchanges; tls: TLS application-data exchanges)",
         labels [ROLE, PROCESS, SERVER, PROTOCOL],
         buckets Buckets::Fixed(&[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0]), carried: true;
+    /// The kernel's buckets (`h2_frames::CONCURRENCY_BOUNDS`); observed at close.
+    HTTP2_CONCURRENT_STREAMS = Histogram "http2_concurrent_streams",
+        "Streams in flight on an HTTP/2 connection at each stream's opening (itself included), observed at the connection's close: 1 throughout is a connection used like HTTP/1.1",
+        labels [ROLE, PROCESS, SERVER],
+        buckets Buckets::Fixed(&[1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 20.0, 50.0, 100.0]), carried: true;
     CONNECTION_IDLE = Histogram "connection_idle" in Seconds,
-        "Idle gap on a kept-alive connection between the end of one exchange and the next request",
+        "Idle gap on a kept-alive connection between the end of one exchange and the next request (http2: with no stream open)",
         labels [ROLE, PROCESS, SERVER], buckets Buckets::IdleGaps, carried: true;
     CONNECTION_CLOSE_IDLE = Histogram "connection_close_idle" in Seconds,
         "Idle time from the last exchange to the start of the close",
         labels [ROLE, PROCESS, SERVER, CLOSED_BY], buckets Buckets::IdleGaps, carried: true;
     HTTP_REQUESTS = Counter "http_requests",
-        "HTTP/1.x requests seen, by version (unread: counted from the TLS ciphertext of a process seen speaking HTTP, after it left decryption)",
+        "HTTP requests seen, by version (2: HTTP/2 streams the client opened; unread: counted from the TLS ciphertext of a process seen speaking HTTP, after it left decryption)",
         labels [ROLE, PROCESS, SERVER, HTTP_VERSION], carried: true;
     HTTP_KEEPALIVE_ADVERTISED_TIMEOUT = Gauge "http_keepalive_advertised_timeout" in Seconds,
         "Last Keep-Alive timeout advertised by the server", labels [SERVER], carried: true;
@@ -392,6 +406,17 @@ mod tests {
         assert!(kernel_losses.is_subset(&values(LOST_REASON)));
         assert_eq!(values(SKIP_REASON), set(Skip::ALL.iter().map(|r| r.label())));
         assert!(set(Attach::ALL.iter().map(|a| a.label())).is_subset(&values(ATTACH)));
+    }
+
+    #[test]
+    fn concurrency_buckets_are_the_kernels() {
+        use connscope_common::h2_frames::CONCURRENCY_BOUNDS;
+        let bounds = HTTP2_CONCURRENT_STREAMS.buckets.bounds();
+        assert_eq!(bounds, CONCURRENCY_BOUNDS.map(f64::from));
+        assert_eq!(
+            values(PROTOCOL),
+            set(connscope_common::Protocol::ALL.iter().map(|p| p.label()))
+        );
     }
 
     #[test]

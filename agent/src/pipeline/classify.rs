@@ -16,14 +16,17 @@ use crate::{model::close_reason::CloseReason, pipeline::http_session::HttpSessio
 /// one of the idle-gap histogram's, so `connection_close_idle_seconds` shows the same split.
 pub const CLOSE_AFTER_RESPONSE_WITHIN: Duration = Duration::from_millis(500);
 
-/// Why the connection ended, most specific first: a limit reached or an HTTP/1.0 exchange
-/// explains a `Connection: close` too, so they come before it. An HTTP reason also explains
-/// a reset once every exchange was answered (`close_kind` still says reset): a client that
-/// closes at once on `Connection: close` with a TLS `close_notify` unread sends one.
-pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
+/// Why the connection ended, most specific first: an HTTP/2 `GOAWAY` (`goaway`, the
+/// reason it gives), then a limit reached or an HTTP/1.0 exchange, which explain a
+/// `Connection: close` too, so they come before it. An HTTP reason also explains a reset
+/// once every exchange was answered (`close_kind` still says reset): a client that closes
+/// at once on `Connection: close` with a TLS `close_notify` unread sends one, and a gRPC
+/// client often closes so after the server's `GOAWAY`.
+pub fn close_reason(conn: &Conn, http: &HttpSession, goaway: Option<CloseReason>) -> CloseReason {
     let kind = conn.close_kind();
     let answered = conn.idle_at_close();
-    if kind == CloseKind::Reset && !(answered && http.announced_close()) {
+    let announced = http.announced_close() || goaway.is_some();
+    if kind == CloseKind::Reset && !(answered && announced) {
         // An abort without any reset on the wire is a timeout or error, not a reset.
         return if conn.has(conn_flag::RESET_SENT | conn_flag::RESET_RECEIVED) {
             CloseReason::Reset
@@ -31,7 +34,9 @@ pub fn close_reason(conn: &Conn, http: &HttpSession) -> CloseReason {
             CloseReason::Error
         };
     }
-    if http.limit_reached() {
+    if let Some(goaway) = goaway {
+        goaway
+    } else if http.limit_reached() {
         CloseReason::MaxRequests
     } else if http.http10_close {
         CloseReason::Http10
@@ -109,9 +114,9 @@ mod tests {
         let http = HttpSession::default();
         let reset =
             closed(Role::Client, ClosedBy::Peer, CloseKind::Reset, conn_flag::RESET_RECEIVED);
-        assert_eq!(close_reason(&reset, &http), CloseReason::Reset);
+        assert_eq!(close_reason(&reset, &http, None), CloseReason::Reset);
         let abort = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, 0);
-        assert_eq!(close_reason(&abort, &http), CloseReason::Error);
+        assert_eq!(close_reason(&abort, &http, None), CloseReason::Error);
     }
 
     #[test]
@@ -120,26 +125,26 @@ mod tests {
         http.connection_close = true;
         let abort =
             idle(closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT));
-        assert_eq!(close_reason(&abort, &http), CloseReason::ConnectionClose);
+        assert_eq!(close_reason(&abort, &http, None), CloseReason::ConnectionClose);
         let mid_exchange =
             closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT);
-        assert_eq!(close_reason(&mid_exchange, &http), CloseReason::Reset);
-        assert_eq!(close_reason(&abort, &HttpSession::default()), CloseReason::Reset);
+        assert_eq!(close_reason(&mid_exchange, &http, None), CloseReason::Reset);
+        assert_eq!(close_reason(&abort, &HttpSession::default(), None), CloseReason::Reset);
     }
 
     #[test]
     fn http_reasons_take_precedence_over_idle() {
         let idle = idle(closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0));
-        assert_eq!(close_reason(&idle, &HttpSession::default()), CloseReason::Idle);
+        assert_eq!(close_reason(&idle, &HttpSession::default(), None), CloseReason::Idle);
         let mut http = HttpSession::default();
         http.connection_close = true;
-        assert_eq!(close_reason(&idle, &http), CloseReason::ConnectionClose);
+        assert_eq!(close_reason(&idle, &http, None), CloseReason::ConnectionClose);
         http.http10_close = true;
-        assert_eq!(close_reason(&idle, &http), CloseReason::Http10);
+        assert_eq!(close_reason(&idle, &http, None), CloseReason::Http10);
         http.last_advertised_max = Some(1);
-        assert_eq!(close_reason(&idle, &http), CloseReason::MaxRequests);
+        assert_eq!(close_reason(&idle, &http, None), CloseReason::MaxRequests);
         let busy = closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0);
-        assert_eq!(close_reason(&busy, &HttpSession::default()), CloseReason::Unknown);
+        assert_eq!(close_reason(&busy, &HttpSession::default(), None), CloseReason::Unknown);
     }
 
     /// Undecrypted TLS: no header was read, so the gap before the close is all there is.
@@ -151,22 +156,37 @@ mod tests {
             ..closed(Role::Server, ClosedBy::Local, CloseKind::Fin, 0)
         };
         let http = HttpSession::default();
-        assert_eq!(close_reason(&tls(120), &http), CloseReason::AfterResponse);
-        assert_eq!(close_reason(&tls(500_000), &http), CloseReason::AfterResponse);
-        assert_eq!(close_reason(&tls(500_001), &http), CloseReason::Idle);
-        assert_eq!(close_reason(&tls(5_000_000), &http), CloseReason::Idle);
+        assert_eq!(close_reason(&tls(120), &http, None), CloseReason::AfterResponse);
+        assert_eq!(close_reason(&tls(500_000), &http, None), CloseReason::AfterResponse);
+        assert_eq!(close_reason(&tls(500_001), &http, None), CloseReason::Idle);
+        assert_eq!(close_reason(&tls(5_000_000), &http, None), CloseReason::Idle);
         // Awaiting an answer at the close: unknown, unless it arrived after the peer's FIN.
         let awaiting = Conn { flags: conn_flag::AWAITING_RESPONSE, ..tls(CLOSE_AWAITING) };
-        assert_eq!(close_reason(&awaiting, &http), CloseReason::Unknown);
+        assert_eq!(close_reason(&awaiting, &http, None), CloseReason::Unknown);
         let mut answered_late = tls(CLOSE_AWAITING);
         answered_late.role = Role::Client as u8;
         answered_late.closed_by = ClosedBy::Peer as u8;
-        assert_eq!(close_reason(&answered_late, &http), CloseReason::AfterResponse);
+        assert_eq!(close_reason(&answered_late, &http, None), CloseReason::AfterResponse);
         answered_late.flags |= conn_flag::AWAITING_RESPONSE;
-        assert_eq!(close_reason(&answered_late, &http), CloseReason::Unknown);
+        assert_eq!(close_reason(&answered_late, &http, None), CloseReason::Unknown);
         // Read heads say more than a gap: plaintext keeps `idle` for a quick close.
         let plain = Conn { protocol: Protocol::Http1 as u8, ..tls(120) };
-        assert_eq!(close_reason(&plain, &http), CloseReason::Idle);
+        assert_eq!(close_reason(&plain, &http, None), CloseReason::Idle);
+    }
+
+    #[test]
+    fn a_goaway_names_the_close_and_explains_a_reset_after_the_last_answer() {
+        use crate::model::close_reason::{GoAwayBy, GoAwayCode};
+        let http = HttpSession::default();
+        let graceful = CloseReason::GoAway(GoAwayBy::Server, GoAwayCode::Graceful);
+        let server = Some(graceful);
+        let quiet = idle(closed(Role::Client, ClosedBy::Local, CloseKind::Fin, 0));
+        assert_eq!(close_reason(&quiet, &http, server), graceful);
+        let reset =
+            idle(closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT));
+        assert_eq!(close_reason(&reset, &http, server), graceful);
+        let busy = closed(Role::Client, ClosedBy::Local, CloseKind::Reset, conn_flag::RESET_SENT);
+        assert_eq!(close_reason(&busy, &http, server), CloseReason::Reset);
     }
 
     #[test]

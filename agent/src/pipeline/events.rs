@@ -6,7 +6,7 @@ use std::mem::size_of;
 
 use connscope_common::{
     AttributeEvent, Attribution, ConnectFailedEvent, EventHeader, EventKind, HEAD_FIXED_LEN,
-    HEAD_LEN, HeadEvent, OpenEvent, SnapshotEvent,
+    HEAD_LEN, HeadEvent, Http2CloseEvent, OpenEvent, SnapshotEvent,
 };
 use thiserror::Error;
 
@@ -31,6 +31,7 @@ pub enum Event<'a> {
     Progress(SnapshotEvent),
     Close(SnapshotEvent),
     ConnectFailed(ConnectFailedEvent),
+    Http2Close(Http2CloseEvent),
 }
 
 impl Event<'_> {
@@ -42,6 +43,7 @@ impl Event<'_> {
             Self::Progress(_) => EventKind::Progress,
             Self::Close(_) => EventKind::Close,
             Self::ConnectFailed(_) => EventKind::ConnectFailed,
+            Self::Http2Close(_) => EventKind::Http2Close,
         }
     }
 }
@@ -81,6 +83,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         EventKind::Close => read_exact(bytes, kind).map(Event::Close),
         EventKind::Head => decode_head(bytes).map(Event::Head),
         EventKind::ConnectFailed => read_exact(bytes, kind).map(Event::ConnectFailed),
+        EventKind::Http2Close => read_exact(bytes, kind).map(Event::Http2Close),
     }
 }
 

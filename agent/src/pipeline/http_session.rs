@@ -12,6 +12,7 @@ use crate::{model::http_version::Version, pipeline::http};
 pub struct RequestCounts {
     pub http10: u64,
     pub http11: u64,
+    pub http2: u64,
     pub unread: u64,
 }
 
@@ -183,8 +184,8 @@ mod tests {
         let first = session.on_request(&keep, 1);
         // Exchanges 2..=4 repeated the HTTP/1.0 head; exchange 5 has two pipelined requests.
         let fifth = session.on_request(&pipelined, 5);
-        assert_eq!(first, RequestCounts { http10: 1, http11: 0, unread: 0 });
-        assert_eq!(fifth, RequestCounts { http10: 3, http11: 2, unread: 0 });
+        assert_eq!(first, RequestCounts { http10: 1, http11: 0, unread: 0, http2: 0 });
+        assert_eq!(fifth, RequestCounts { http10: 3, http11: 2, unread: 0, http2: 0 });
         // A head for an exchange already counted (seen late) changes no count.
         assert_eq!(session.on_request(&pipelined, 5), RequestCounts::default());
         assert_eq!(session.requests, 6);
@@ -200,8 +201,11 @@ mod tests {
         session.on_response(&response);
         let get = request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         let second = session.on_request(&get, 2);
-        assert_eq!(second, RequestCounts { http10: 1, http11: 1, unread: 0 });
-        assert_eq!(session.repeat_until(3), RequestCounts { http10: 0, http11: 1, unread: 0 });
+        assert_eq!(second, RequestCounts { http10: 1, http11: 1, unread: 0, http2: 0 });
+        assert_eq!(
+            session.repeat_until(3),
+            RequestCounts { http10: 0, http11: 1, unread: 0, http2: 0 }
+        );
         assert_eq!(session.requests, 3);
     }
 
@@ -210,9 +214,15 @@ mod tests {
         let mut session = HttpSession::default();
         let get = request(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
         session.on_request(&get, 1);
-        assert_eq!(session.repeat_until(2), RequestCounts { http10: 0, http11: 1, unread: 0 });
+        assert_eq!(
+            session.repeat_until(2),
+            RequestCounts { http10: 0, http11: 1, unread: 0, http2: 0 }
+        );
         // The process left decryption: exchanges 3..=5 came from its ciphertext.
-        assert_eq!(session.unread_until(5), RequestCounts { http10: 0, http11: 0, unread: 3 });
+        assert_eq!(
+            session.unread_until(5),
+            RequestCounts { http10: 0, http11: 0, unread: 3, http2: 0 }
+        );
         assert_eq!(session.unread_until(5), RequestCounts::default());
         assert_eq!(session.repeat_until(5), RequestCounts::default());
         assert_eq!(session.requests, 5);

@@ -12,7 +12,7 @@ use std::{
 
 use connscope_common::{
     AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, ConnectFailedEvent, Direction,
-    Handover, OpenEvent, Protocol, Role, SnapshotEvent,
+    Handover, Http2CloseEvent, OpenEvent, Protocol, Role, SnapshotEvent,
     conn::{GAP_BUCKETS, GapCounts, gap_sum_delta, open_token},
     conn_flag, handover_flag, is_request,
 };
@@ -22,6 +22,7 @@ use crate::{
     exposition::labels::LabelId,
     exposition::metrics::Metrics,
     model::{
+        close_reason::{CloseReason, GoAwayBy, GoAwayCode},
         http_version::{RequestVersion, Version},
         placement::PlacementResolver,
         socket_census::{Census, TupleKey},
@@ -91,6 +92,8 @@ struct Tracked {
     seen: Seen,
     /// Only for connections that sent an HTTP head.
     http: Option<Box<HttpSession>>,
+    /// HTTP/2: what the kernel's frame walk found, sent just before the close.
+    h2: Option<Box<Http2CloseEvent>>,
     /// Its four-tuple, for the socket census (unknown for connections taken over from the
     /// previous agent: the handover does not carry endpoints).
     tuple: Option<TupleKey>,
@@ -197,6 +200,11 @@ impl ConnectionTable {
             Event::Progress(snapshot) => self.progress(snapshot.header.sock, &snapshot.conn),
             Event::Close(snapshot) => self.close(snapshot),
             Event::ConnectFailed(failed) => self.connect_failed(failed),
+            Event::Http2Close(h2) => {
+                if let Some(tracked) = self.tracked(h2.header.sock, h2.open_token) {
+                    tracked.h2 = Some(Box::new(*h2));
+                }
+            }
         }
         self.metrics.tracked.set(self.conns.len() as i64);
     }
@@ -224,6 +232,7 @@ impl ConnectionTable {
             in_sweep: false,
             seen: Seen::opened_at(event.open_ns),
             http: None,
+            h2: None,
             tuple: TupleKey::of_endpoints(&event.endpoints),
         };
         if event.attribution.valid != 0 {
@@ -298,6 +307,7 @@ impl ConnectionTable {
                 gaps: entry.gaps,
             },
             http: handover::session(entry).map(Box::new),
+            h2: None,
             tuple: None,
         };
         if entry.has(handover_flag::ATTRIBUTED) {
@@ -440,6 +450,9 @@ impl ConnectionTable {
                 session.repeat_until(conn.exchanges)
             };
             add_requests(&metrics, &series, counts);
+        } else if protocol == Protocol::Http2 && !conn.has(conn_flag::H2_UNPARSED) {
+            let streams = RequestCounts { http2: exchanges, ..RequestCounts::default() };
+            add_requests(&metrics, &series, streams);
         } else if ciphertext && self.http_in_tls.contains(&tracked.pid) {
             let unread = RequestCounts { unread: exchanges, ..RequestCounts::default() };
             add_requests(&metrics, &series, unread);
@@ -499,7 +512,6 @@ impl ConnectionTable {
         let no_http = HttpSession::default();
         let http = tracked.http.as_deref().unwrap_or(&no_http);
         let by = conn.closed_by();
-        series.count_close(&self.metrics, by, conn.close_kind(), close_reason(conn, http));
         // The active closer's socket stays in TIME_WAIT (a reset leaves none).
         if by == ClosedBy::Local
             && conn.close_kind() == CloseKind::Fin
@@ -509,9 +521,20 @@ impl ConnectionTable {
         }
         let protocol =
             if tracked.protocol == Protocol::Unknown { conn.protocol() } else { tracked.protocol };
+        let h2 = tracked.h2.as_deref();
+        let reason = close_reason(conn, http, h2.and_then(goaway_reason));
+        series.count_close(&self.metrics, (by, conn.close_kind(), reason, protocol));
         let end_ns = event.header.ts_ns;
         let exact = !tracked.adopted;
-        if let Some(histogram) = exact.then(|| series.requests(&self.metrics, protocol)).flatten() {
+        // HTTP/2 whose frames were lost track of has no stream count.
+        let counted = !(protocol == Protocol::Http2 && conn.has(conn_flag::H2_UNPARSED));
+        if let Some(h2) = h2.filter(|_| counted && exact) {
+            let buckets = h2.concurrency.map(u64::from);
+            series.h2_concurrency(&self.metrics).add(&buckets, f64::from(h2.concurrency_sum));
+        }
+        if let Some(histogram) =
+            (exact && counted).then(|| series.requests(&self.metrics, protocol)).flatten()
+        {
             let requests = match protocol {
                 Protocol::Http1 => http.requests.max(u64::from(conn.exchanges)),
                 _ => u64::from(conn.exchanges),
@@ -602,6 +625,15 @@ fn tracked_in(conns: &mut SockMap<Tracked>, sock: u64, token: u32) -> Option<&mu
     conns.get_mut(&sock).filter(|t| open_token(t.open_ns) == token)
 }
 
+/// The close reason an HTTP/2 connection's first `GOAWAY` gives, if one was seen.
+fn goaway_reason(h2: &Http2CloseEvent) -> Option<CloseReason> {
+    let by = match Role::from_wire(h2.goaway_by)? {
+        Role::Server => GoAwayBy::Server,
+        Role::Client => GoAwayBy::Client,
+    };
+    Some(CloseReason::GoAway(by, GoAwayCode::of(h2.goaway_code)))
+}
+
 fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
@@ -638,6 +670,7 @@ fn add_requests(metrics: &Metrics, series: &FlowSeries, counts: RequestCounts) {
     let by_version = [
         (RequestVersion::Read(Version::Http10), counts.http10),
         (RequestVersion::Read(Version::Http11), counts.http11),
+        (RequestVersion::Http2, counts.http2),
         (RequestVersion::Unread, counts.unread),
     ];
     for (version, requests) in by_version {

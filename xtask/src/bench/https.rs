@@ -27,7 +27,7 @@ use super::{
     Settings, bench_nginx,
     kernel_cost::{BpfStats, program_stats},
     report::{Figure, Part, Target},
-    round, spread,
+    round, spread, whole_rates,
     wrk::{interrupt, spawn, wrk},
 };
 
@@ -174,14 +174,13 @@ pub fn https_keepalive(settings: &Settings) -> anyhow::Result<Part> {
     let ns_per_hit = load.run_time_ns as f64 / load.runs.max(1) as f64;
     let hits_per_request = load.runs as f64 / load.requests.max(1) as f64;
     let budget_hits = budget_load.runs as f64 / budget_load.requests.max(1) as f64;
-    let rps = |values: &[f64]| values.iter().map(|v| round(*v, 0)).collect::<Vec<_>>();
     let details = json!({
         "wrk": format!("wrk -t1 -c16 -d{}s {url}", settings.seconds),
         "rounds": settings.pairs,
-        "none_rps": rps(&none),
-        "undecrypted_rps": rps(&undecrypted),
-        "default_budget_rps": rps(&budget),
-        "all_decrypted_rps": rps(&all),
+        "none_rps": whole_rates(&none),
+        "undecrypted_rps": whole_rates(&undecrypted),
+        "default_budget_rps": whole_rates(&budget),
+        "all_decrypted_rps": whole_rates(&all),
         "default_budget_over_none": budget_vs_none.to_json(),
         "all_decrypted_over_none": all_vs_none.to_json(),
         "undecrypted_over_none": undecrypted_vs_none.to_json(),

@@ -64,7 +64,7 @@ pub fn program_stats(ids: &BTreeSet<u32>) -> BTreeMap<String, (u64, u64)> {
 
 /// What a program's hook sees, for the per-class figures.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Class {
+pub(super) enum Class {
     SendReceive,
     StateChange,
     SystemCall,
@@ -102,7 +102,7 @@ impl Class {
 /// `(function name, hook)` of every program in the eBPF object: the hook is the ELF section
 /// (`tp_btf/sock_send_length`, `fexit/tcp_recvmsg`), with the function name when the section
 /// names no hook (classic tracepoints are attached by name at run time).
-fn object_programs(object: &Path) -> anyhow::Result<Vec<(String, String)>> {
+pub(super) fn object_programs(object: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let data = std::fs::read(object)?;
     let file = object::File::parse(&*data)?;
     let mut programs = Vec::new();
@@ -125,7 +125,7 @@ fn object_programs(object: &Path) -> anyhow::Result<Vec<(String, String)>> {
 }
 
 /// The hooks and class of a kernel (truncated) program name.
-fn describe(kernel_name: &str, programs: &[(String, String)]) -> (Vec<String>, Class) {
+pub(super) fn describe(kernel_name: &str, programs: &[(String, String)]) -> (Vec<String>, Class) {
     let hooks: Vec<String> = programs
         .iter()
         .filter(|(name, _)| name.get(..KERNEL_NAME_LEN).unwrap_or(name) == kernel_name)

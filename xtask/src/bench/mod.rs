@@ -17,12 +17,16 @@
 //!    the defaults (the decryption budget, in steady state, and its reaction time), and
 //!    everything decrypted (`--tls.budget 0`: hits per request per side); ns per uprobe
 //!    program run.
+//! 8. HTTP/2 cleartext keep-alive (`h2load -c16 -m10` against nginx `listen … http2`),
+//!    without and with the agent, alternating: req/s ratio, and ns per send/receive program
+//!    run on that traffic (every frame header walked).
 //!
 //! Root is needed (the agent loads BPF programs). Everything runs on loopback, bounded in
 //! time and count, and is cleaned up.
 
 mod adoption;
 mod floor;
+mod h2load;
 mod https;
 mod kernel_cost;
 mod memory;
@@ -66,7 +70,7 @@ struct Settings {
 }
 
 /// The bench's parts, by the names `CONNSCOPE_BENCH_PARTS` takes.
-const PARTS: [&str; 8] = [
+const PARTS: [&str; 9] = [
     "throughput",
     "kernel-cost",
     "no-network",
@@ -75,6 +79,7 @@ const PARTS: [&str; 8] = [
     "adoption",
     "restart-loss",
     "https",
+    "h2load",
 ];
 
 impl Settings {
@@ -156,6 +161,9 @@ pub fn run() -> anyhow::Result<()> {
     }
     if settings.runs("https") {
         parts.push(https::https_keepalive(&settings)?);
+    }
+    if settings.runs("h2load") {
+        parts.push(h2load::h2load_keepalive(&settings, &object)?);
     }
 
     let machine = machine();
@@ -252,4 +260,9 @@ fn median(values: &[f64]) -> f64 {
 fn round(value: f64, digits: i32) -> f64 {
     let scale = 10f64.powi(digits);
     (value * scale).round() / scale
+}
+
+/// Request rates of the rounds, to the request (as `report.json` lists them).
+fn whole_rates(values: &[f64]) -> Vec<f64> {
+    values.iter().map(|v| round(*v, 0)).collect()
 }

@@ -13,7 +13,7 @@ use super::{
     floor::Floor,
     real_losses,
     report::{Figure, Part, Target},
-    round, spread,
+    round, spread, whole_rates,
     wrk::{WrkResult, wrk},
 };
 
@@ -155,14 +155,13 @@ pub fn throughput(settings: &Settings, url: &str, close: bool) -> anyhow::Result
     let per_10k = load.cpu_seconds / load.requests.max(1) as f64 * 10_000.0;
     let events_per_request = load.events / load.requests.max(1) as f64;
     let lost_total: f64 = load.losses.values().sum();
-    let rps = |values: &[f64]| values.iter().map(|v| round(*v, 0)).collect::<Vec<_>>();
     let details = json!({
         "mode": mode,
         "wrk": format!("wrk -t1 -c16 -d{}s{} {url}", settings.seconds, if close { " -H 'Connection: close'" } else { "" }),
         "rounds": settings.pairs,
-        "none_rps": rps(&none),
-        "floor_rps": rps(&floor),
-        "connscope_rps": rps(&connscope),
+        "none_rps": whole_rates(&none),
+        "floor_rps": whole_rates(&floor),
+        "connscope_rps": whole_rates(&connscope),
         "connscope_over_none": vs_none.to_json(),
         "connscope_over_floor": vs_floor.to_json(),
         "floor_over_none": floor_vs_none.to_json(),

@@ -83,13 +83,22 @@ fn table() -> (ConnectionTable, Metrics) {
 }
 
 fn closed_count(metrics: &Metrics, role: &str, by: &str, kind: &str, reason: &str) -> u64 {
-    let labels = Closed {
-        flow: PlacedFlow { flow: flow(role), placement: Placement::default() },
-        closed_by: by.into(),
-        close_kind: kind.into(),
-        reason: reason.into(),
-    };
-    metrics.closed.get(&labels).map(|c| c.get()).unwrap_or(0)
+    // Whatever the connection spoke.
+    crate::model::metric_table::PROTOCOL
+        .values
+        .unwrap_or_default()
+        .iter()
+        .map(|protocol| {
+            let labels = Closed {
+                flow: PlacedFlow { flow: flow(role), placement: Placement::default() },
+                closed_by: by.into(),
+                close_kind: kind.into(),
+                reason: reason.into(),
+                protocol: (*protocol).into(),
+            };
+            metrics.closed.get(&labels).map(|c| c.get()).unwrap_or(0)
+        })
+        .sum()
 }
 
 fn open_gauge(metrics: &Metrics, role: &str, state: &str) -> i64 {
