@@ -144,10 +144,15 @@ pub fn recover(maps: &CheckpointMaps) -> Option<Recovered> {
     }
 }
 
-fn read_checkpoint(maps: &CheckpointMaps) -> anyhow::Result<Option<Recovered>> {
-    let word = maps.pin_state.get(&(PinSlot::Checkpoint as u32), 0)?;
+/// The base the commit word names, with the word, when it is complete and recent enough:
+/// what both the start-up drain's skip and the recovery go by, so they never disagree.
+fn named_base(
+    pin_state: &Array<MapData, u64>,
+    slots: &Array<MapData, CheckpointSlot>,
+) -> anyhow::Result<Option<(Commit, CheckpointSlot, Duration)>> {
+    let word = pin_state.get(&(PinSlot::Checkpoint as u32), 0)?;
     let Some(commit) = Commit::decode(word) else { return Ok(None) };
-    let header = maps.slots.get(&commit.slot, 0)?;
+    let header = slots.get(&commit.slot, 0)?;
     anyhow::ensure!(commit.names(&header), "its slot {} was being rewritten", commit.slot);
     let age = Duration::from_nanos(monotonic_ns().saturating_sub(header.written_ns));
     anyhow::ensure!(
@@ -156,6 +161,13 @@ fn read_checkpoint(maps: &CheckpointMaps) -> anyhow::Result<Option<Recovered>> {
         age.as_secs(),
         handover::MAX_AGE.as_secs()
     );
+    Ok(Some((commit, header, age)))
+}
+
+fn read_checkpoint(maps: &CheckpointMaps) -> anyhow::Result<Option<Recovered>> {
+    let Some((commit, header, age)) = named_base(&maps.pin_state, &maps.slots)? else {
+        return Ok(None);
+    };
     let mut blob = Vec::with_capacity(header.metric_bytes as usize);
     for index in 0..header.metric_chunks {
         blob.extend_from_slice(maps.metrics.get(&metrics_key(commit.slot, index), 0)?.used());
@@ -195,8 +207,7 @@ pub fn resume_position(pin_dir: &Path) -> Option<u64> {
     let maps = pin_dir.join("maps");
     let pin_state: Array<MapData, u64> = open(&maps, map::PIN_STATE).ok()?;
     let slots: Array<MapData, CheckpointSlot> = open(&maps, map::CHECKPOINT).ok()?;
-    let commit = Commit::decode(pin_state.get(&(PinSlot::Checkpoint as u32), 0).ok()?)?;
-    let header = slots.get(&commit.slot, 0).ok().filter(|header| commit.names(header))?;
+    let (commit, header, _) = named_base(&pin_state, &slots).ok()??;
     Some(header.ring_pos + u64::from(commit.journal_bytes))
 }
 
