@@ -14,7 +14,6 @@ pub mod grafana_schema;
 pub mod http2;
 pub mod http_server;
 pub mod kubernetes;
-pub mod metric_contract;
 pub mod metrics_text;
 pub mod net;
 pub mod nginx;

@@ -4,6 +4,9 @@
 //! by promtool), and the committed JSON equal to the generator's output. Grafana's own
 //! schema is checked in assets_grafana_schema.rs.
 
+#[path = "shared/metric_contract.rs"]
+mod metric_contract;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::process::Command;
@@ -13,7 +16,7 @@ use anyhow::{Result, ensure};
 use connscope_tests::asset_files::{read, repo_root, report, scratch, str_at, yaml_file};
 use connscope_tests::external_tools::{require_tool, run_ok};
 use connscope_tests::grafana::{self, dashboards, panels};
-use connscope_tests::metric_contract::{Contract, check_promql};
+use metric_contract::{Contract, check_promql};
 use connscope_tests::prometheus_rules::load_rules;
 use serde_json::{Value, json};
 

@@ -2,6 +2,9 @@
 //! deploy/prometheus: every query against the metric contract, every alert unit-tested
 //! firing and silent, and promtool's own checks (installed by `cargo xtask setup`).
 
+#[path = "shared/metric_contract.rs"]
+mod metric_contract;
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::process::Command;
@@ -9,7 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use connscope_tests::asset_files::{repo_root, report, scratch, str_at, yaml_file};
 use connscope_tests::external_tools::{output, require_tool, run_ok};
-use connscope_tests::metric_contract::{Contract, check_promql};
+use metric_contract::{Contract, check_promql};
 use connscope_tests::prometheus_rules::{Rules, load_rules};
 use serde_json::{Value, json};
 

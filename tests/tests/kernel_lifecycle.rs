@@ -248,7 +248,8 @@ kernel_test!(
         }
         assert_eq!(scrape.sum("connscope_build_info", &[]), 1.0);
         assert_eq!(scrape.sum("connscope_tracked_connections_capacity", &[]), 65_536.0);
-        for reason in connscope_tests::metric_contract::EVENTS_LOST_REASONS {
+        let reasons = connscope::model::metric_table::LOST_REASON.values.unwrap_or_default();
+        for reason in reasons {
             assert_eq!(
                 scrape.matching("connscope_events_lost_total", &[("reason", reason)]).count(),
                 1,

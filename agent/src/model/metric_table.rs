@@ -1,7 +1,7 @@
 //! The metric table: every metric the agent exports, declared once. Registration
 //! (`exposition::metrics`), the carry across restarts (`exposition::carry`), the `connscope
 //! flows` client, the metric contract that holds the dashboards and rules to it
-//! (`tests/src/metric_contract.rs`) and README's metric table (checked by
+//! (`tests/tests/shared/metric_contract.rs`) and README's metric table (checked by
 //! `tests/tests/assets_metric_table.rs`) all read it.
 //!
 //! Adding a metric: one row here, its README row, its family in `exposition::metrics` and
