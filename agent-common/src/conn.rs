@@ -207,6 +207,12 @@ pub mod conn_flag {
     /// during a takeover: the active one checks the stream position of its next call
     /// (`transfer::transfer_at_exit` in the eBPF crate).
     pub const COUNTED_BY_OTHER_GENERATION: u16 = 1 << 12;
+    /// Undecrypted TLS: the first handshake message the local side writes or reads in the
+    /// request direction (the ClientHello) is still to be sent to the agent, which reads
+    /// its ALPN (`HeadContent::TlsHello`). A lone 5-byte record header leaves it pending.
+    pub const HELLO_PENDING_REQUEST: u16 = 1 << 13;
+    /// The same for the response direction (the ServerHello).
+    pub const HELLO_PENDING_RESPONSE: u16 = 1 << 14;
 }
 
 /// Per-socket state kept in the kernel for a connection's whole life (map value). All

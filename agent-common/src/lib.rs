@@ -52,6 +52,6 @@ pub use records::{
     SnapshotEvent, process_label_byte,
 };
 pub use wire::{
-    CloseKind, ClosedBy, ConnectFailure, Direction, EventKind, LostReason, Protocol, Role,
-    is_request,
+    CloseKind, ClosedBy, ConnectFailure, Direction, EventKind, HeadContent, LostReason, Protocol,
+    Role, is_request,
 };

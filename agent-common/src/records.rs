@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | `Open` | [`OpenEvent`] | a connection is established (endpoints; the process for clients) |
 //! | `Attribute` | [`AttributeEvent`] | an accepted socket is first used by its process, with no head to carry it |
-//! | `Head` | [`HeadEvent`] | a request or response head differs from the last one sent (and an accepted socket's process, at its first use) |
+//! | `Head` | [`HeadEvent`] | a request or response head differs from the last one sent (and an accepted socket's process, at its first use); an undecrypted TLS connection's first hello in each direction |
 //! | `Progress` | [`SnapshotEvent`] | counts the agent could otherwise miss (idle restart, bucket wrap) |
 //! | `Close` | [`SnapshotEvent`] | the socket is destroyed: its final state |
 //! | `ConnectFailed` | [`ConnectFailedEvent`] | a client's connect ended before establishment |
@@ -13,7 +13,9 @@
 
 use core::mem::size_of;
 
-use crate::{Conn, ConnectFailure, Direction, EventKind, Role, h2_frames::CONCURRENCY_BUCKETS};
+use crate::{
+    Conn, ConnectFailure, Direction, EventKind, HeadContent, Role, h2_frames::CONCURRENCY_BUCKETS,
+};
 
 /// Length of a task's `comm` (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
@@ -202,7 +204,9 @@ pub struct HeadEvent {
     pub direction: u8,
     /// A [`Role`] as `u8`.
     pub role: u8,
-    pub _pad: [u8; 6],
+    /// A [`HeadContent`] as `u8`.
+    pub content: u8,
+    pub _pad: [u8; 5],
     /// Valid in the first record of an accepted socket's first use by its process: the
     /// attribution an `Attribute` record would otherwise carry (one record less per
     /// connection; `Attribute` remains for a first use that sends no head).
@@ -224,6 +228,10 @@ impl HeadEvent {
 
     pub const fn role(&self) -> Option<Role> {
         Role::from_wire(self.role)
+    }
+
+    pub const fn content(&self) -> Option<HeadContent> {
+        HeadContent::from_wire(self.content)
     }
 }
 

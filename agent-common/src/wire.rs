@@ -110,6 +110,17 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// What the bytes of a `Head` record are ([`crate::HeadEvent::content`]).
+    pub enum HeadContent: u8 {
+        /// The head of an HTTP/1.x request or response.
+        Http = 0 => "http",
+        /// The first handshake message of one direction of an undecrypted TLS connection,
+        /// sent once for its ALPN (whether the connection speaks HTTP/2).
+        TlsHello = 1 => "tls_hello",
+    }
+}
+
+wire_enum! {
     /// Type tag of a ring buffer record (`EventHeader::kind`).
     pub enum EventKind: u32 {
         /// A connection was established ([`crate::OpenEvent`]).

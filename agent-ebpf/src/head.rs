@@ -5,8 +5,8 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_user, generated};
 use connscope_common::{
-    Conn, Direction, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadEvent, LostReason,
-    Protocol, conn_flag, h2_frames,
+    Conn, Direction, EventHeader, EventKind, HEAD_FIXED_LEN, HEAD_LEN, HeadContent, HeadEvent,
+    LostReason, Protocol, conn_flag, h2_frames,
     tls_record::{self, TransferBytes},
 };
 use core::ffi::c_void;
@@ -197,13 +197,21 @@ pub fn status(head: &HeadEvent) -> Option<Status> {
 /// attributed carries its process (heads are only read in the process's own system calls
 /// and libssl calls), in place of a separate `Attribute` record.
 #[inline(always)]
-pub fn send(sock: u64, conn: &mut Conn, record: &mut HeadEvent, request: bool, now: u64) -> bool {
+pub fn send(
+    sock: u64,
+    conn: &mut Conn,
+    record: &mut HeadEvent,
+    request: bool,
+    content: HeadContent,
+    now: u64,
+) -> bool {
     record.header = EventHeader::new(EventKind::Head, sock, now);
     record.open_token = conn.open_token;
     record._pad0 = 0;
     record.exchanges = conn.exchanges;
     record.direction = direction_of(conn.role, request);
     record.role = conn.role;
+    record.content = content as u8;
     fill::zero_array(&mut record._pad);
     let attributes = !conn.has(conn_flag::ATTRIBUTED);
     if attributes {

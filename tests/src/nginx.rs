@@ -147,7 +147,8 @@ fn self_signed_certificate(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let output = Command::new("openssl")
         .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"])
-        .args(["-subj", "/CN=localhost", "-keyout"])
+        // The name also as a subjectAltName: gRPC's BoringSSL checks that, not the CN.
+        .args(["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)

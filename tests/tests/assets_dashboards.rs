@@ -16,8 +16,8 @@ use anyhow::{Result, ensure};
 use connscope_tests::asset_files::{read, repo_root, report, scratch, str_at, yaml_file};
 use connscope_tests::external_tools::{require_tool, run_ok};
 use connscope_tests::grafana::{self, dashboards, panels};
-use metric_contract::{Contract, check_promql};
 use connscope_tests::prometheus_rules::load_rules;
+use metric_contract::{Contract, check_promql};
 use serde_json::{Value, json};
 
 /// The value `$__rate_interval` stands for while parsing dashboard queries.

@@ -12,8 +12,8 @@ use std::process::Command;
 use anyhow::{Context, Result, ensure};
 use connscope_tests::asset_files::{repo_root, report, scratch, str_at, yaml_file};
 use connscope_tests::external_tools::{output, require_tool, run_ok};
-use metric_contract::{Contract, check_promql};
 use connscope_tests::prometheus_rules::{Rules, load_rules};
+use metric_contract::{Contract, check_promql};
 use serde_json::{Value, json};
 
 #[test]

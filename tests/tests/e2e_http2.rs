@@ -1,11 +1,13 @@
 //! HTTP/2 reuse with real clients and servers: a Python `grpcio` channel (h2c) making unary
 //! and concurrent streaming calls, a gRPC server's `max_connection_age` ending connections
-//! with `GOAWAY`, and nginx closing an idle h2c connection with `GOAWAY`. Streams per
+//! with `GOAWAY`, gRPC over TLS named `http2` by its ALPN, and nginx closing an idle h2c
+//! connection with `GOAWAY`. Streams per
 //! connection, concurrency and close reasons are exact against the calls made.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::TcpStream,
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -18,20 +20,23 @@ use connscope_tests::{
     http2::{PREFACE, frame_header},
     kernel_test,
     metrics_text::Scrape,
-    nginx::{Nginx, NginxConfig},
+    nginx::{Nginx, NginxConfig, SelfSignedTls},
 };
 
 /// A gRPC server (`server <port> <max_connection_age_ms>`, 0: no age limit) or client
 /// (`calls <port>`: 100 unary calls then 3 concurrent streaming ones on one channel;
 /// `age <port>`: a call, 3 s idle, a call) with `grpcio`'s generic handlers: bytes in,
-/// bytes out, no generated code.
+/// bytes out, no generated code. With `GRPC_TLS_DIR` (`cert.pem`, `key.pem` for
+/// `localhost`) both speak TLS, through the BoringSSL grpcio links in (no libssl).
 const GRPC_PEER: &str = r#"
-import sys, threading, time
+import os, sys, threading, time
 from concurrent import futures
 import grpc
 
 mode, port = sys.argv[1], int(sys.argv[2])
 same = lambda b: b
+tls = os.environ.get("GRPC_TLS_DIR")
+read = lambda name: open(os.path.join(tls, name), "rb").read()
 
 def unary(request, context):
     return request
@@ -50,13 +55,21 @@ if mode == "server":
         "Stream": grpc.unary_stream_rpc_method_handler(stream, same, same),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if tls:
+        server.add_secure_port(f"127.0.0.1:{port}", grpc.ssl_server_credentials([(read("key.pem"), read("cert.pem"))]))
+    else:
+        server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     print("ready", flush=True)
     sys.stdin.readline()
     server.stop(None)
 else:
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    if tls:
+        credentials = grpc.ssl_channel_credentials(root_certificates=read("cert.pem"))
+        override = [("grpc.ssl_target_name_override", "localhost")]
+        channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=override)
+    else:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     call = channel.unary_unary("/t.T/Unary", same, same)
     streaming = channel.unary_stream("/t.T/Stream", same, same)
     if mode == "calls":
@@ -80,9 +93,9 @@ else:
 struct GrpcServer(Child);
 
 impl GrpcServer {
-    fn start(port: u16, max_age_ms: u64) -> anyhow::Result<Self> {
-        let mut child = Command::new("python3")
-            .args(["-c", GRPC_PEER, "server", &port.to_string(), &max_age_ms.to_string()])
+    fn start(port: u16, max_age_ms: u64, tls: Option<&Path>) -> anyhow::Result<Self> {
+        let mut child = peer(tls)
+            .args(["server", &port.to_string(), &max_age_ms.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -101,9 +114,19 @@ impl Drop for GrpcServer {
     }
 }
 
-fn grpc_client(mode: &str, port: u16) -> anyhow::Result<()> {
-    let status = Command::new("python3")
-        .args(["-c", GRPC_PEER, mode, &port.to_string()])
+/// `python3` running [`GRPC_PEER`], over TLS with the certificate in `tls`.
+fn peer(tls: Option<&Path>) -> Command {
+    let mut command = Command::new("python3");
+    command.args(["-c", GRPC_PEER]);
+    if let Some(dir) = tls {
+        command.env("GRPC_TLS_DIR", dir);
+    }
+    command
+}
+
+fn grpc_client(mode: &str, port: u16, tls: Option<&Path>) -> anyhow::Result<()> {
+    let status = peer(tls)
+        .args([mode, &port.to_string()])
         .stdin(Stdio::null())
         .status()
         .context("starting the gRPC client")?;
@@ -126,8 +149,8 @@ kernel_test!(
         let port = free_port();
         let server = format!("127.0.0.1:{port}");
         let agent = Agent::start(&[])?;
-        let grpc = GrpcServer::start(port, 0)?;
-        grpc_client("calls", port)?;
+        let grpc = GrpcServer::start(port, 0, None)?;
+        grpc_client("calls", port, None)?;
         let scrape = agent.scrape_until(WAIT, |s| {
             s.sum("connscope_connection_requests_count", &[("server", &server)]) >= 2.0
         })?;
@@ -152,6 +175,35 @@ kernel_test!(
 );
 
 kernel_test!(
+    /// gRPC over TLS, which the agent cannot decrypt (grpcio's own BoringSSL): the client's
+    /// hello offers `h2` alone, so the channel's one connection is `http2` on both ends,
+    /// with no stream count (its frames are encrypted) and no request counted as HTTP/1.x.
+    fn grpc_over_tls_is_http2_by_the_clients_alpn() -> anyhow::Result<()> {
+        let port = free_port();
+        let server = format!("127.0.0.1:{port}");
+        let tls = SelfSignedTls::new("grpc")?;
+        let agent = Agent::start(&["--tls.uprobes=false"])?;
+        let grpc = GrpcServer::start(port, 0, Some(&tls.dir))?;
+        grpc_client("calls", port, Some(&tls.dir))?;
+        let closed =
+            |s: &Scrape| s.sum("connscope_connections_closed_total", &[("server", &server)]);
+        let scrape = agent.scrape_until(WAIT, |s| closed(s) >= 2.0)?;
+        drop(grpc);
+        for role in ROLES {
+            let labels = side(&server, role);
+            let http2 = with(&labels, &[("protocol", "http2")]);
+            let closes = scrape.sum("connscope_connections_closed_total", &http2);
+            assert_eq!(closes, 1.0, "{role}: one http2 connection: {}", scrape.text);
+            let observed = scrape.sum("connscope_connection_requests_count", &labels);
+            assert_eq!(observed, 0.0, "{role}: no stream count: {}", scrape.text);
+            let requests = scrape.sum("connscope_http_requests_total", &labels);
+            assert_eq!(requests, 0.0, "{role}: {}", scrape.text);
+        }
+        Ok(())
+    }
+);
+
+kernel_test!(
     /// A gRPC server with `grpc.max_connection_age_ms` sends `GOAWAY` once a connection is
     /// that old: the close names the server's `GOAWAY` (graceful, `NO_ERROR`) on both ends,
     /// and the client's next call opens a new connection.
@@ -159,8 +211,8 @@ kernel_test!(
         let port = free_port();
         let server = format!("127.0.0.1:{port}");
         let agent = Agent::start(&[])?;
-        let grpc = GrpcServer::start(port, 1000)?;
-        grpc_client("age", port)?;
+        let grpc = GrpcServer::start(port, 1000, None)?;
+        grpc_client("age", port, None)?;
         let goaway = |s: &Scrape, role: &str| {
             let labels = with(&side(&server, role), &[("reason", "server_goaway")]);
             s.sum("connscope_connections_closed_total", &labels)

@@ -1,8 +1,8 @@
 //! Exchange counting for real servers and clients: nginx answering `100 Continue` (early
 //! and after reading the body), nginx `ssl` with curl and Python over TLS 1.3 and 1.2
 //! (decrypted through the libssl uprobes: HTTP/1.x figures; undecrypted with
-//! `--tls.uprobes=false`: requests, not handshake flights), and HTTP/2 in cleartext and in
-//! TLS. Counts are exact against nginx's own log and the requests the clients made.
+//! `--tls.uprobes=false`: requests, not handshake flights), and HTTP/2 in cleartext, in
+//! decrypted TLS and, named by its ALPN, in undecrypted TLS. Counts are exact against nginx's own log and the requests the clients made.
 
 use std::{
     collections::BTreeMap,
@@ -422,6 +422,70 @@ kernel_test!(
         let truth = logged_requests(&nginx, "h2.log", 2 * CONNECTIONS)?;
         assert_eq!(truth.values().copied().collect::<Vec<_>>(), [2; CONNECTIONS], "{truth:?}");
         assert_http2_streams(&agent, &format!("127.0.0.1:{h2}"), CONNECTIONS, 2)
+    }
+);
+
+kernel_test!(
+    /// HTTP/2 in TLS the agent does not decrypt (`--tls.uprobes=false`): the hello's ALPN
+    /// names the protocol. Over TLS 1.2 nginx's ServerHello selects `h2` in the clear, so 3
+    /// curl `--http2` connections (2 URLs each) are `http2` on both ends, with no requests
+    /// per connection and no HTTP/2 requests: their streams are encrypted. Over TLS 1.3 the
+    /// server's choice is encrypted and curl offers `h2` and `http/1.1`, so the connection
+    /// stays `tls`: the agent does not guess.
+    fn http2_in_undecrypted_tls_is_named_by_its_alpn() -> anyhow::Result<()> {
+        let h2 = free_port();
+        let tls = SelfSignedTls::new("alpn")?;
+        let extra = format!(
+            "server {{ listen 127.0.0.1:{h2} ssl http2; access_log alpn.log ground_truth;\n\
+           ssl_protocols TLSv1.2 TLSv1.3; {} root html; }}\n",
+            tls.directives
+        );
+        let nginx = Nginx::start_with(nginx_config(free_port(), 100), &extra)?;
+        let agent = Agent::start(&["--tls.uprobes=false"])?;
+        let server = format!("127.0.0.1:{h2}");
+        let url = format!("https://{server}/index.html");
+        let curl = |tls_version: &[&str]| -> anyhow::Result<String> {
+            let mut args = vec!["-sSk", "--http2", "-w", "%{http_version} "];
+            args.extend_from_slice(tls_version);
+            args.extend_from_slice(&["-o", "/dev/null", &url, "-o", "/dev/null", &url]);
+            Ok(run("curl", &args)?.0)
+        };
+        const CONNECTIONS: usize = 3;
+        for _ in 0..CONNECTIONS {
+            assert_eq!(curl(&["--tlsv1.2", "--tls-max", "1.2"])?, "2 2 ", "HTTP/2 twice");
+        }
+        let scrape = scrape_closed(&agent, &server, CONNECTIONS as f64)?;
+        let http2 = [("protocol", "http2")];
+        for role in ROLES {
+            let labels = side(&server, role);
+            let with = |extra: &[(&'static str, &'static str)]| -> Vec<(&str, &str)> {
+                labels.iter().chain(extra).copied().collect()
+            };
+            let closed = scrape.sum("connscope_connections_closed_total", &with(&http2));
+            assert_eq!(closed, CONNECTIONS as f64, "{role}: closes say http2: {}", scrape.text);
+            let all = scrape.sum("connscope_connections_closed_total", &labels);
+            assert_eq!(all, CONNECTIONS as f64, "{role}");
+            let observed = scrape.sum("connscope_connection_requests_count", &labels);
+            assert_eq!(observed, 0.0, "{role}: no stream count from ciphertext: {}", scrape.text);
+            let requests = scrape.sum("connscope_http_requests_total", &labels);
+            assert_eq!(requests, 0.0, "{role}: no request read: {}", scrape.text);
+        }
+
+        assert_eq!(curl(&["--tlsv1.3"])?, "2 2 ", "HTTP/2 twice");
+        let scrape = scrape_closed(&agent, &server, CONNECTIONS as f64 + 1.0)?;
+        for role in ROLES {
+            let labels = side(&server, role);
+            let closes = |protocol| {
+                let labels: Vec<_> =
+                    labels.iter().copied().chain([("protocol", protocol)]).collect();
+                scrape.sum("connscope_connections_closed_total", &labels)
+            };
+            assert_eq!(closes("tls"), 1.0, "{role}: TLS 1.3 hides the choice: {}", scrape.text);
+            assert_eq!(closes("http2"), CONNECTIONS as f64, "{role}");
+        }
+        let truth = logged_requests(&nginx, "alpn.log", 2 * CONNECTIONS + 2)?;
+        assert_eq!(truth.values().copied().collect::<Vec<_>>(), [2; CONNECTIONS + 1], "{truth:?}");
+        Ok(())
     }
 );
 

@@ -6,7 +6,7 @@ use std::mem::size_of;
 
 use connscope_common::{
     AttributeEvent, Attribution, ConnectFailedEvent, EventHeader, EventKind, HEAD_FIXED_LEN,
-    HEAD_LEN, HeadEvent, Http2CloseEvent, OpenEvent, SnapshotEvent,
+    HEAD_LEN, HeadContent, HeadEvent, Http2CloseEvent, OpenEvent, SnapshotEvent,
 };
 use thiserror::Error;
 
@@ -18,6 +18,7 @@ pub struct Head<'a> {
     pub exchanges: u32,
     pub direction: u8,
     pub role: u8,
+    pub content: HeadContent,
     /// The process of an accepted socket, in the first head of its first use.
     pub owner: Option<Attribution>,
     pub bytes: &'a [u8],
@@ -56,6 +57,8 @@ pub enum DecodeError {
     UnknownKind { kind: u32 },
     #[error("{kind:?} record has {len} bytes, expected {expected}")]
     WrongLength { kind: EventKind, len: usize, expected: usize },
+    #[error("head record of unknown content {content}")]
+    UnknownHeadContent { content: u8 },
 }
 
 /// Reads a `T` from the start of `bytes`, which must be exactly `size_of::<T>()` long.
@@ -102,12 +105,16 @@ fn decode_head(bytes: &[u8]) -> Result<Head<'_>, DecodeError> {
     if fixed.head_len as usize != head.len() || head.len() > HEAD_LEN {
         return Err(wrong_length);
     }
+    let Some(content) = HeadContent::from_wire(fixed.content) else {
+        return Err(DecodeError::UnknownHeadContent { content: fixed.content });
+    };
     Ok(Head {
         header: fixed.header,
         open_token: fixed.open_token,
         exchanges: fixed.exchanges,
         direction: fixed.direction,
         role: fixed.role,
+        content,
         owner: (fixed.attribution.valid != 0).then_some(fixed.attribution),
         bytes: head,
     })
@@ -124,7 +131,8 @@ struct HeadFixed {
     head_len: u32,
     direction: u8,
     role: u8,
-    _pad: [u8; 6],
+    content: u8,
+    _pad: [u8; 5],
     attribution: Attribution,
 }
 const _: () = assert!(size_of::<HeadFixed>() == HEAD_FIXED_LEN);
@@ -145,7 +153,8 @@ pub fn encode_head(head: &Head<'_>) -> Vec<u8> {
         head_len: head.bytes.len() as u32,
         direction: head.direction,
         role: head.role,
-        _pad: [0; 6],
+        content: head.content as u8,
+        _pad: [0; 5],
         attribution: head.owner.unwrap_or_default(),
     };
     let mut bytes = encode(&fixed);
@@ -174,6 +183,7 @@ mod tests {
             exchanges: 1,
             direction: Direction::Send as u8,
             role: Role::Client as u8,
+            content: HeadContent::Http,
             owner: None,
             bytes: b"GET",
         }

@@ -17,3 +17,4 @@ pub mod recent_closes;
 pub mod ring_reader;
 pub mod socket_count;
 pub mod table;
+pub mod tls_hello;

@@ -12,7 +12,7 @@ use std::{
 
 use connscope_common::{
     AttributeEvent, Attribution, CloseKind, ClosedBy, Conn, ConnectFailedEvent, Direction,
-    Handover, Http2CloseEvent, OpenEvent, Protocol, Role, SnapshotEvent,
+    Handover, HeadContent, Http2CloseEvent, OpenEvent, Protocol, Role, SnapshotEvent,
     conn::{GAP_BUCKETS, GapCounts, gap_sum_delta, open_token},
     conn_flag, handover_flag, is_request,
 };
@@ -36,6 +36,7 @@ use crate::{
     pipeline::http_session::{HttpSession, RequestCounts},
     pipeline::recent_closes::RecentCloses,
     pipeline::socket_count::{Published, Tally},
+    pipeline::tls_hello,
 };
 
 /// The kernel's cumulative counts last added to the metrics.
@@ -373,6 +374,14 @@ impl ConnectionTable {
         let Some(tracked) = tracked_in(&mut self.conns, head.header.sock, head.open_token) else {
             return;
         };
+        if head.content == HeadContent::TlsHello {
+            // Undecrypted TLS whose hello settles on HTTP/2: the flow says `http2`, with no
+            // stream count (its frames are encrypted).
+            if tls_hello::h2_verdict(head.bytes).is_some() {
+                tracked.protocol = Protocol::Http2;
+            }
+            return;
+        }
         let Some(series) = tracked.series.clone() else { return };
         let direction = Direction::from_wire(head.direction).unwrap_or(Direction::None);
         if is_request(tracked.role, direction) {
@@ -453,7 +462,10 @@ impl ConnectionTable {
         } else if protocol == Protocol::Http2 && !conn.has(conn_flag::H2_UNPARSED) {
             let streams = RequestCounts { http2: exchanges, ..RequestCounts::default() };
             add_requests(&metrics, &series, streams);
-        } else if ciphertext && self.http_in_tls.contains(&tracked.pid) {
+        } else if ciphertext
+            && tracked.protocol != Protocol::Http2
+            && self.http_in_tls.contains(&tracked.pid)
+        {
             let unread = RequestCounts { unread: exchanges, ..RequestCounts::default() };
             add_requests(&metrics, &series, unread);
         }
@@ -526,8 +538,10 @@ impl ConnectionTable {
         series.count_close(&self.metrics, (by, conn.close_kind(), reason, protocol));
         let end_ns = event.header.ts_ns;
         let exact = !tracked.adopted;
-        // HTTP/2 whose frames were lost track of has no stream count.
-        let counted = !(protocol == Protocol::Http2 && conn.has(conn_flag::H2_UNPARSED));
+        // HTTP/2 whose frames were lost track of, or are encrypted (known by its hello's
+        // ALPN), has no stream count.
+        let counted = !(protocol == Protocol::Http2
+            && (conn.has(conn_flag::H2_UNPARSED) || conn.protocol() == Protocol::Tls));
         if let Some(h2) = h2.filter(|_| counted && exact) {
             let buckets = h2.concurrency.map(u64::from);
             series.h2_concurrency(&self.metrics).add(&buckets, f64::from(h2.concurrency_sum));

@@ -1,8 +1,8 @@
 //! Connection table tests: synthetic kernel records in, metric values out.
 
 use connscope_common::{
-    AF_INET, Attribution, CloseKind, Conn, Direction, EventHeader, EventKind, OpenEvent, Role,
-    SnapshotEvent,
+    AF_INET, Attribution, CloseKind, Conn, Direction, EventHeader, EventKind, HeadContent,
+    OpenEvent, Role, SnapshotEvent,
     conn::{CLOSE_AWAITING, gap_bucket},
     conn_flag,
 };
@@ -68,6 +68,7 @@ fn head_event(role: Role, direction: Direction, exchanges: u32, bytes: &[u8]) ->
         exchanges,
         direction: direction as u8,
         role: role as u8,
+        content: HeadContent::Http,
         owner: None,
         bytes,
     }
