@@ -199,7 +199,7 @@ impl Decryption {
     /// The budget's tick: reads each process's hits and requests since the last one, and
     /// returns the changes the budget asks for. `scanned`: processes whose mappings were
     /// read (one calling TLS without an OpenSSL the uprobes are on is `unsupported`).
-    pub fn tick(&mut self, now: Instant, scanned: &HashSet<u32>) -> Vec<Change> {
+    pub fn tick(&mut self, now: Instant, scanned: impl Fn(u32) -> bool) -> Vec<Change> {
         let elapsed = now.duration_since(self.last_tick);
         self.last_tick = now;
         let own = std::process::id();
@@ -222,7 +222,7 @@ impl Decryption {
                     if state != DecryptionState::Decrypted {
                         changes.push(Change::Leave(pid, state));
                     }
-                } else if scanned.contains(&pid) {
+                } else if scanned(pid) {
                     self.unsupported(pid);
                     continue;
                 } else {

@@ -7,8 +7,10 @@
 //! container's libssl, a binary with OpenSSL inside) are found in `/proc/<pid>/maps`: at
 //! start, then every [`RESCAN_INTERVAL`] for processes not seen before, and every
 //! [`FULL_RESCAN_EVERY`] rescans for all (a process may load libssl late, as Python's
-//! `import ssl` does). A periodic scan was chosen over an exec hook: no kernel cost per exec,
-//! no event path, and its cost is bounded by the number of new processes (a `maps` read each;
+//! `import ssl` does). A process seen before is read again when its executable changed (a
+//! scan can find a new process between its fork and its exec). A periodic scan was chosen
+//! over an exec hook: no kernel cost per exec, no event path, and its cost is bounded by
+//! the number of new processes (a `maps` read each, a `stat` of each process's executable;
 //! a file's symbols are read once per file). The price: the first seconds of a process
 //! whose OpenSSL copy is new to the host are not decrypted (counted as undecrypted TLS).
 //! A file that cannot be attached is logged once and counted, never fatal.
@@ -183,8 +185,8 @@ pub fn start(
 pub struct TlsUprobes {
     /// Files looked at: attached, failed, or without OpenSSL.
     known: HashSet<FileId>,
-    /// Processes looked at by the previous scan.
-    scanned: HashSet<u32>,
+    /// Processes looked at by the previous scan, with their executable then.
+    scanned: HashMap<u32, Option<FileId>>,
     rescans: u64,
     /// Files the uprobes are on, and for which processes.
     files: HashMap<FileId, AttachedFile>,
@@ -235,7 +237,7 @@ impl TlsUprobes {
         }
         let mut uprobes = Self {
             known: HashSet::new(),
-            scanned: HashSet::new(),
+            scanned: HashMap::new(),
             rescans: 0,
             files: HashMap::new(),
             users: HashMap::new(),
@@ -343,7 +345,8 @@ impl TlsUprobes {
             self.settle_scopes(ebpf);
         }
         let Some(decryption) = &mut self.decryption else { return };
-        let changes = decryption.tick(std::time::Instant::now(), &self.scanned);
+        let scanned = &self.scanned;
+        let changes = decryption.tick(std::time::Instant::now(), |pid| scanned.contains_key(&pid));
         for change in changes {
             match change {
                 Change::Leave(pid, state) => self.leave(ebpf, pid, state),
@@ -360,15 +363,17 @@ impl TlsUprobes {
 
     fn scan(&mut self, ebpf: &mut Ebpf, all: bool) {
         let own = std::process::id();
-        let mut seen = HashSet::with_capacity(self.scanned.len());
+        let mut seen = HashMap::with_capacity(self.scanned.len());
         for pid in tls_targets::process_ids() {
-            seen.insert(pid);
-            if pid == own || (!all && self.scanned.contains(&pid)) {
+            let exe = tls_targets::file_id(format!("/proc/{pid}/exe").as_ref());
+            seen.insert(pid, exe);
+            // Read before with the same executable (one found between its fork and its
+            // exec was not: its maps were its parent's).
+            if pid == own || (!all && self.scanned.get(&pid) == Some(&exe)) {
                 continue;
             }
             // A process that exited meanwhile has no maps: nothing to do.
             let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) else { continue };
-            let exe = tls_targets::file_id(format!("/proc/{pid}/exe").as_ref());
             for target in tls_targets::candidates(pid, &maps, exe, &self.known) {
                 let is_libssl = exe != Some(target.id);
                 self.consider(ebpf, target, is_libssl);
@@ -376,7 +381,8 @@ impl TlsUprobes {
             self.record_users(pid, &maps);
             self.judge_found(ebpf, pid);
         }
-        let gone: Vec<u32> = self.users.keys().filter(|pid| !seen.contains(pid)).copied().collect();
+        let gone: Vec<u32> =
+            self.users.keys().filter(|pid| !seen.contains_key(pid)).copied().collect();
         for pid in gone {
             self.forget(ebpf, pid);
         }
@@ -384,11 +390,15 @@ impl TlsUprobes {
         self.scanned = seen;
     }
 
-    /// Reads the mappings of processes started since the last scan (judged at the next).
-    fn record_new_users(&mut self) {
+    /// Reads the mappings of every process again (judged at the next scan). The last scan's
+    /// are not enough when a file's uprobe for all processes is replaced: a process that
+    /// started since, was found before its exec, or was first seen by its hits (the budget
+    /// counts them before a scan reads its maps) would lose its uprobes mid-connection,
+    /// and its decrypted connections would count nothing until it left decryption too.
+    fn record_all_users(&mut self) {
         let own = std::process::id();
         for pid in tls_targets::process_ids() {
-            if pid == own || self.scanned.contains(&pid) {
+            if pid == own {
                 continue;
             }
             if let Ok(maps) = fs::read_to_string(format!("/proc/{pid}/maps")) {
@@ -526,8 +536,8 @@ impl TlsUprobes {
         if !matches!(self.files.get(&id).map(|file| &file.scope), Some(FileScope::All(_))) {
             return Vec::new();
         }
-        // Processes started since the last scan get uprobes of their own too.
-        self.record_new_users();
+        // Every process that maps the file now gets uprobes of its own.
+        self.record_all_users();
         let (Some(file), Some(decryption)) = (self.files.get_mut(&id), &self.decryption) else {
             return Vec::new();
         };
