@@ -3,8 +3,9 @@
 //! The targets feed arbitrary bytes to the parsers of untrusted input: the ring buffer
 //! record decoder (`connscope::pipeline::events::decode`), the HTTP/1.x head parsers
 //! (`connscope::pipeline::http::{parse_request, parse_response}`), the TLS record rule the
-//! kernel runs on undecrypted TLS (`connscope_common::tls_record::carries_request`) and the
-//! HTTP/2 frame walk it runs on HTTP/2 connections (`connscope_common::h2_frames::walk`).
+//! kernel runs on undecrypted TLS (`connscope_common::tls_record::carries_request`), the ALPN
+//! walk of its hellos (`connscope::pipeline::tls_hello::h2_verdict`) and the HTTP/2 frame
+//! walk the kernel runs on HTTP/2 connections (`connscope_common::h2_frames::walk`).
 //! cargo-fuzz needs a nightly toolchain (for `-Zsanitizer`), but no `rust-src`. It is installed with
 //! `cargo install cargo-fuzz --locked` when missing. A crash fails the command and leaves
 //! the input in `fuzz/artifacts/<target>/`.
@@ -20,7 +21,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{run_checked, workspace_root};
 
-pub const TARGETS: [&str; 4] = ["decode", "http_head", "tls_records", "h2_frames"];
+pub const TARGETS: [&str; 5] = ["decode", "http_head", "tls_records", "tls_hello", "h2_frames"];
 const NIGHTLY: &str = "nightly";
 /// Seconds per target when neither the flag nor `CONNSCOPE_FUZZ_SECONDS` says otherwise.
 pub const DEFAULT_SECONDS: u64 = 30;

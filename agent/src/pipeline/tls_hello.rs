@@ -218,6 +218,16 @@ mod tests {
     }
 
     #[test]
+    fn real_hellos() {
+        // The first 512 bytes of the ClientHellos of grpcio (BoringSSL, 1445 bytes whole)
+        // and curl `--http2` (OpenSSL 3.0), as a head holds them.
+        let grpc = include_bytes!("../../../fuzz/seeds/tls_hello/grpc_client_hello");
+        assert_eq!(h2_verdict(grpc), Some(AlpnVerdict::ClientOffersOnlyH2));
+        let curl = include_bytes!("../../../fuzz/seeds/tls_hello/curl_client_hello");
+        assert_eq!(h2_verdict(curl), None, "curl offers h2 and http/1.1");
+    }
+
+    #[test]
     fn other_bytes_are_no_hello() {
         assert_eq!(h2_verdict(b""), None);
         assert_eq!(h2_verdict(b"GET / HTTP/1.1\r\n\r\n"), None);
