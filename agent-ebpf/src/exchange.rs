@@ -15,11 +15,11 @@
 //!
 //! Heads are read only on HTTP/1.x connections, and there only when a turn's length differs
 //! from the last head's (`steady_repeat`); besides, once to tell what a connection speaks,
-//! and on undecrypted TLS once per direction, for the hello's ALPN (`offer_hello`).
+//! and on undecrypted TLS once per direction, for the hello's ALPN (`tls_hello`).
 //! HTTP/2 connections count streams instead of turns, from their frame headers (`h2`).
 
 use connscope_common::{
-    Conn, Direction, EventKind, HeadContent, HeadEvent, Protocol,
+    Conn, Direction, EventKind, HeadContent, Protocol,
     conn::{PROGRESS_AFTER_IDLE_NS, add_wrapping, gap_bucket},
     conn_flag, is_request, tls_record,
 };
@@ -118,11 +118,6 @@ fn request_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: b
         return false;
     }
     if protocol == Protocol::Tls {
-        if conn.has(conn_flag::HELLO_PENDING_REQUEST)
-            && let Some(head) = head::read(source, direction, bytes)
-        {
-            offer_hello(sock, conn, head, true, now);
-        }
         if !head::tls_carries_request(source, direction, bytes) {
             conn.flags |= REQUEST_PENDING;
             return false;
@@ -163,13 +158,11 @@ fn request_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: b
             conn.protocol = head::sniff_request(head) as u8;
         }
         if conn.protocol == Protocol::Tls as u8 {
-            // The first flight is a ClientHello: the request comes after the handshake.
+            // The first flight is a ClientHello: the request comes after the handshake. The
+            // hellos are sent for their ALPN once the transfer is counted (`tls_hello`).
             conn.flags |= REQUEST_PENDING
                 | conn_flag::HELLO_PENDING_REQUEST
                 | conn_flag::HELLO_PENDING_RESPONSE;
-            if let Some(head) = head {
-                offer_hello(sock, conn, head, true, now);
-            }
             return false;
         }
         if conn.protocol == Protocol::Http2 as u8 {
@@ -191,14 +184,6 @@ fn request_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: b
 fn response_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: bool) {
     let Transfer { sock, source, direction, bytes } = *transfer;
     let protocol = conn.protocol();
-    if protocol == Protocol::Tls {
-        if conn.has(conn_flag::HELLO_PENDING_RESPONSE)
-            && let Some(head) = head::read(source, direction, bytes)
-        {
-            offer_hello(sock, conn, head, false, now);
-        }
-        return;
-    }
     if protocol != Protocol::Http1 && protocol != Protocol::Unknown {
         return;
     }
@@ -236,23 +221,6 @@ fn response_payload(conn: &mut Conn, transfer: &Transfer, now: u64, turn_start: 
             conn.response_len = if sent { kept_len(bytes) } else { 0 };
         }
     }
-}
-
-/// Sends `head`, read from the first transfer of a direction of an undecrypted TLS
-/// connection, to the agent for its hello's ALPN (is it HTTP/2?), once per direction. A
-/// lone record header (OpenSSL and BoringSSL read the header, then the body) leaves the
-/// direction pending: the hello is the next transfer.
-#[inline(always)]
-fn offer_hello(sock: u64, conn: &mut Conn, head: &mut HeadEvent, request: bool, now: u64) {
-    if u64::from(head.head_len) <= tls_record::RECORD_HEADER {
-        return;
-    }
-    conn.flags &= if request {
-        !conn_flag::HELLO_PENDING_REQUEST
-    } else {
-        !conn_flag::HELLO_PENDING_RESPONSE
-    };
-    head::send(sock, conn, head, request, HeadContent::TlsHello, now);
 }
 
 /// Whether a turn on an HTTP/1.x connection repeats the last head read in its direction:

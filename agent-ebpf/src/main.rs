@@ -44,6 +44,7 @@ mod syscall_args;
 mod syscall_exit;
 mod syscall_stash;
 mod tls_calls;
+mod tls_hello;
 mod tls_plaintext;
 mod tls_uprobes;
 mod tp_btf;

@@ -17,7 +17,7 @@ use crate::{
     payload_source::PayloadSource,
     records, sock,
     tls_calls::{self, Ciphertext},
-    tls_plaintext,
+    tls_hello, tls_plaintext,
     tracking::{active, attribute_once, process_context, tracked},
 };
 
@@ -104,8 +104,10 @@ fn transfer_counted_once(
     // A system call moves at most `MAX_RW_COUNT` (just under 2^31) bytes: `ret` fits.
     let bytes = u64::from(ret as u32);
     count_transfer(conn, &Transfer { sock, source: PayloadSource::Syscall, direction, bytes });
-    // HTTP/2 frames, walked here, in the hook's own body (`h2::on_payload`).
+    // HTTP/2 frames, walked here, in the hook's own body (`h2::on_payload`); and an
+    // undecrypted TLS connection's hellos.
     h2::walk_pending(conn);
+    tls_hello::send_pending(sock, conn, direction, bytes);
 }
 
 /// Whether `conn`'s last counted transfer came before the last takeover's trampoline updates
