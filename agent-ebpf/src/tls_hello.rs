@@ -11,6 +11,7 @@
 //! emulation). Like the HTTP/2 walk, it is called from the hook's own body once the
 //! transfer is counted.
 
+use aya_ebpf::helpers::bpf_probe_read_kernel;
 use connscope_common::{
     Conn, Direction, HeadContent, Protocol, conn_flag, is_request, tls_record::RECORD_HEADER,
 };
@@ -32,6 +33,11 @@ pub fn send_pending(sock: u64, conn: &Conn, direction: Direction, bytes: u64) {
         return;
     }
     if pending_flag(conn, direction).is_some_and(|flag| conn.has(flag)) {
+        // A global function takes scalars only, and the verifier still types a BTF hook's
+        // socket pointer as one once cast to an integer ("R1 is not a scalar" on 5.10): a
+        // copy through a helper is a scalar.
+        // SAFETY: reading a local.
+        let Ok(sock) = (unsafe { bpf_probe_read_kernel(&sock) }) else { return };
         connscope_tls_hello(sock, direction as u64, bytes);
     }
 }
