@@ -62,11 +62,13 @@ pub fn run(matrix: Matrix, kernels: &[String]) -> anyhow::Result<()> {
     if tests.is_empty() {
         bail!("no kernel_* test binary in connscope-tests");
     }
-    let contents = initramfs::Contents { agent: &agent, tests: &tests };
     let mut summary = Vec::new();
     let mut failed = false;
     for cell in cells {
         let backends = cell.backends(matrix);
+        let cell_tests: Vec<(String, std::path::PathBuf)> =
+            tests.iter().filter(|(name, _)| cell.runs_binary(matrix, name)).cloned().collect();
+        let contents = initramfs::Contents { agent: &agent, tests: &cell_tests };
         let outcome = run_kernel(&vm_dir, &mirror, cell, &backends, &contents);
         match outcome {
             Ok((package, lines)) => {
