@@ -107,13 +107,27 @@ pub fn wait_scale() -> u32 {
         .unwrap_or(1)
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the kernel will not hand it out
-/// again as an ephemeral port right away).
+/// Ports [`free_port`] hands out: below the kernel's default ephemeral range (32768 on).
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1, outside the ephemeral range. A port in that range can be
+/// taken between this check and its listener's bind by a connection's source port, even
+/// by a connect to the port itself (TCP's self-connect, when nothing listens there yet):
+/// an agent slow to start under emulation once found its port so taken by its own
+/// readiness polls. Each call of a test binary gets another port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|err| panic!("no free port: {err}"))
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let seed = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let offset = seed.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = TEST_PORTS.start + offset as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {TEST_PORTS:?}")
 }
 
 /// A running agent; stopped with SIGTERM when dropped.

@@ -26,8 +26,8 @@ const UNATTRIBUTED: &str = "connscope_connections_time_wait_unattributed";
 const PORTS: &str = "connscope_client_ports_in_use";
 const RANGE: &str = "connscope_client_port_range_size";
 
-/// This file's agents listen on ports of their own (39577 to 39583). Those lie in the
-/// ephemeral range: one a client's TIME_WAIT holds now is replaced by a free port.
+/// This file's agents listen on ports of their own (29577 to 29583), below the ephemeral
+/// range (see `free_port`); one in use now is replaced by a free port.
 fn agent(port: u16) -> anyhow::Result<Agent> {
     if TcpListener::bind(("127.0.0.1", port)).is_ok() {
         Agent::start_on(port, &[], None)
@@ -85,7 +85,7 @@ kernel_test!(
     /// 100 µs must be there (exact); a call preempted past it may be in another bucket.
     fn loopback_connects_land_in_the_lowest_bucket() -> anyhow::Result<()> {
         let _serial = serial::shared();
-        let agent = agent(39577)?;
+        let agent = agent(29577)?;
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let server = listener.local_addr()?.to_string();
         const N: usize = 20;
@@ -126,7 +126,7 @@ kernel_test!(
     /// timeout, so its connect takes just over 1 s and lands in the (1 s, 3 s] bucket.
     fn a_syn_dropped_by_a_full_listen_queue_costs_a_second() -> anyhow::Result<()> {
         let _serial = serial::shared();
-        let agent = agent(39578)?;
+        let agent = agent(29578)?;
         // listen(0): one connection fits in the accept queue, the next one's SYN is dropped.
         let listener = listen_with_backlog("127.0.0.1:0".parse()?, 0)?;
         let server = listener.local_addr()?.to_string();
@@ -164,7 +164,7 @@ kernel_test!(
     /// attempt, on the connecting process's flow.
     fn a_connect_to_a_closed_port_is_refused_once_per_attempt() -> anyhow::Result<()> {
         let _serial = serial::shared();
-        let agent = agent(39579)?;
+        let agent = agent(29579)?;
         let server = TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
         const ATTEMPTS: usize = 3;
         for _ in 0..ATTEMPTS {
@@ -219,7 +219,7 @@ kernel_test!(
     /// application gives up first (its own 200 ms timeout) is `abandoned`.
     fn dropped_syns_time_out_and_a_given_up_connect_is_abandoned() -> anyhow::Result<()> {
         let _serial = serial::shared();
-        let agent = agent(39580)?;
+        let agent = agent(29580)?;
         let ns = net::NetNs::create("connect-timeout")?;
         let server = "127.0.28.1:80";
         let _dropping = drop_syns(&ns, server)?;
@@ -261,7 +261,7 @@ kernel_test!(
         })??;
         // The agent reads the namespace (its sockets, its range) through this process.
         let _holder = net::NamespaceHolder::start(&ns)?;
-        let agent = agent(39581)?;
+        let agent = agent(29581)?;
         let netns = std::fs::metadata(format!("/run/netns/{}", ns.name))?.ino().to_string();
         let server = "127.0.28.2:8080";
         const ATTEMPTS: usize = 30;
@@ -331,7 +331,7 @@ kernel_test!(
     /// once the 60 s TIME_WAIT length has passed.
     fn time_wait_sockets_count_on_the_flow_that_closed_first() -> anyhow::Result<()> {
         let _serial = serial::shared();
-        let agent = agent(39583)?;
+        let agent = agent(29583)?;
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let server = listener.local_addr()?.to_string();
         const N: usize = 200;
@@ -384,7 +384,7 @@ kernel_test!(
         let holder = net::NamespaceHolder::start(&ns)?;
         // Started after the namespace has its process: an agent finds new namespaces at its
         // next walk of /proc, up to 30 s later.
-        let agent = agent(39582)?;
+        let agent = agent(29582)?;
         let netns = std::fs::metadata(format!("/run/netns/{}", ns.name))?.ino().to_string();
         const CLIENTS: usize = 20;
         let (connected, listener) = ns.run(move || {
