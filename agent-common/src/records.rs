@@ -13,9 +13,7 @@
 
 use core::mem::size_of;
 
-use crate::{
-    Conn, ConnectFailure, Direction, EventKind, HeadContent, Role, h2_frames::CONCURRENCY_BUCKETS,
-};
+use crate::{Conn, ConnectFailure, Direction, EventKind, Role, h2_frames::CONCURRENCY_BUCKETS};
 
 /// Length of a task's `comm` (`TASK_COMM_LEN`).
 pub const COMM_LEN: usize = 16;
@@ -204,7 +202,7 @@ pub struct HeadEvent {
     pub direction: u8,
     /// A [`Role`] as `u8`.
     pub role: u8,
-    /// A [`HeadContent`] as `u8`.
+    /// A [`crate::HeadContent`] as `u8`.
     pub content: u8,
     pub _pad: [u8; 5],
     /// Valid in the first record of an accepted socket's first use by its process: the
@@ -228,10 +226,6 @@ impl HeadEvent {
 
     pub const fn role(&self) -> Option<Role> {
         Role::from_wire(self.role)
-    }
-
-    pub const fn content(&self) -> Option<HeadContent> {
-        HeadContent::from_wire(self.content)
     }
 }
 
