@@ -55,6 +55,11 @@ use crate::{
 /// The `hook` label of the uprobes' `connscope_probe_info` row.
 pub const HOOK: &str = "libssl";
 
+/// Rounds of reading every process's mappings when a file's uprobe for all processes is
+/// replaced by per-process ones ([`TlsUprobes::per_process`]): each round attaches the
+/// processes the last one did not know.
+const MAX_USER_ROUNDS: usize = 4;
+
 /// How often processes started since the last scan are looked at.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(10);
 /// Every this many rescans, every process is looked at again.
@@ -511,16 +516,23 @@ impl TlsUprobes {
         }
         let started = std::time::Instant::now();
         let (mut shared, mut own) = (Vec::new(), Vec::new());
+        let mut replaced_any = false;
         for id in self.users.get(&pid).cloned().unwrap_or_default() {
             let Some(file) = self.files.get_mut(&id) else { continue };
             match &mut file.scope {
-                FileScope::All(_) => shared.extend(self.per_process(ebpf, id)),
+                FileScope::All(_) => {
+                    shared.extend(self.per_process(ebpf, id));
+                    replaced_any = true;
+                }
                 FileScope::PerProcess(per_process) => {
                     own.extend(per_process.remove(&pid).unwrap_or_default());
                 }
             }
         }
         self.detach_now(ebpf, shared);
+        if replaced_any {
+            self.attach_new_users(ebpf);
+        }
         self.detach(ebpf, own);
         tracing::info!(
             pid,
@@ -532,28 +544,61 @@ impl TlsUprobes {
 
     /// Turns file `id`'s uprobe for all processes into one per decrypted process that maps
     /// it; returns the links to remove.
+    ///
+    /// A process that starts while the per-process uprobes are attached (which takes up to
+    /// a second on a cold cache) runs its first connections under the uprobe for all, and
+    /// would lose its uprobes in their middle: its decrypted connections would count
+    /// nothing until a scan found it. So the mappings are read again after each round of
+    /// attachments, until a round finds no new process (bounded: [`MAX_USER_ROUNDS`]);
+    /// what is left is a process that maps the file between the last read and the removal.
     fn per_process(&mut self, ebpf: &mut Ebpf, id: FileId) -> Vec<LinkRef> {
         if !matches!(self.files.get(&id).map(|file| &file.scope), Some(FileScope::All(_))) {
             return Vec::new();
         }
-        // Every process that maps the file now gets uprobes of its own.
-        self.record_all_users();
-        let (Some(file), Some(decryption)) = (self.files.get_mut(&id), &self.decryption) else {
-            return Vec::new();
-        };
-        let mut per_process = HashMap::new();
-        for (&pid, mapped) in &self.users {
-            let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { continue };
-            if !mapped.contains(&id) || !decryption.is_decrypted(pid) {
-                continue;
+        let mut per_process: HashMap<u32, Vec<LinkRef>> = HashMap::new();
+        for _ in 0..MAX_USER_ROUNDS {
+            self.record_all_users();
+            let (Some(file), Some(decryption)) = (self.files.get(&id), &self.decryption) else {
+                return Vec::new();
+            };
+            let mut attached_any = false;
+            for (&pid, mapped) in &self.users {
+                let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
+                    continue;
+                };
+                if per_process.contains_key(&pid)
+                    || !mapped.contains(&id)
+                    || !decryption.is_decrypted(pid)
+                {
+                    continue;
+                }
+                if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut())
+                {
+                    per_process.insert(pid, links);
+                    attached_any = true;
+                }
             }
-            if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut()) {
-                per_process.insert(pid, links);
+            if !attached_any {
+                break;
             }
         }
+        let Some(file) = self.files.get_mut(&id) else { return Vec::new() };
         match std::mem::replace(&mut file.scope, FileScope::PerProcess(per_process)) {
             FileScope::All(links) => links,
             FileScope::PerProcess(_) => Vec::new(),
+        }
+    }
+
+    /// After an uprobe for all processes was removed: a decrypted process that mapped its
+    /// file after the last read ([`Self::per_process`]) gets its own uprobes now, not at the
+    /// next scan, so that its decrypted connections go on being counted.
+    fn attach_new_users(&mut self, ebpf: &mut Ebpf) {
+        self.record_all_users();
+        let Some(decryption) = &self.decryption else { return };
+        let decrypted: Vec<u32> =
+            self.users.keys().copied().filter(|&pid| decryption.is_decrypted(pid)).collect();
+        for pid in decrypted {
+            self.attach_process(ebpf, pid);
         }
     }
 
