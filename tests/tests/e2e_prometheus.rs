@@ -1,6 +1,7 @@
 //! A real Prometheus (Debian's package) scrapes the real agent on loopback while the demo
 //! traffic runs; every dashboard query and every recording rule must return data. And a
-//! Prometheus that scrapes the agent across a restart sees no counter reset and no gap.
+//! Prometheus that scrapes the agent across a restart, or across a SIGKILL, sees no counter
+//! reset and no gap.
 
 use std::{
     net::{TcpListener, TcpStream},
@@ -8,7 +9,10 @@ use std::{
 };
 
 use connscope_tests::{
-    Agent, continuity::BpfFs, demo::Demo, free_port, grafana, http_server, kernel_test, net,
+    Agent,
+    continuity::{BpfFs, Stop},
+    demo::Demo,
+    free_port, grafana, http_server, kernel_test, net,
     prometheus::Prometheus,
 };
 
@@ -77,65 +81,90 @@ kernel_test!(
     /// last value would be the second agent's requests alone, and `resets()` 1.
     fn a_prometheus_scraping_across_a_restart_sees_every_request_and_no_reset() -> anyhow::Result<()>
     {
-        // 20 ms apart: 3 s, longer than Prometheus' 2 s scrape interval.
-        const PER_AGENT: u64 = 150;
-        let fs = BpfFs::mount("prometheus-restart")?;
-        let pin_path = fs.pin_path();
-        let pinned = ["--bpf.pin-path", pin_path.as_str()];
-        let port = free_port();
-        let first = Agent::start_on(port, &pinned, None)?;
-        let prometheus = Prometheus::start("restart", &first.address.to_string(), "", &[])?;
-        let listener = TcpListener::bind("127.0.0.86:0")?;
-        let server = listener.local_addr()?.to_string();
-        let server_thread =
-            http_server::serve(listener, 1, http_server::ServerBehaviour::default());
-        let mut client = TcpStream::connect(&server)?;
-        let requests = |client: &mut TcpStream| -> anyhow::Result<()> {
-            for _ in 0..PER_AGENT {
-                http_server::request(client, "1.1", "")?;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Ok(())
-        };
-        let client_series =
-            format!("connscope_http_requests_total{{role=\"client\",server=\"{server}\"}}");
-        requests(&mut client)?;
-        // Prometheus has scraped the first agent's counts (so a reset would show)...
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while single_value(&prometheus, &client_series)?.is_none_or(|v| v == 0.0) {
-            anyhow::ensure!(Instant::now() < deadline, "Prometheus never scraped the first agent");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // ... and the first agent is stopped right after more requests: those after
-        // Prometheus' last scrape of it are exported only by the next agent.
-        requests(&mut client)?;
-        let (code, _) = first.stop()?;
-        anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
-        let second = Agent::start_on(port, &pinned, None)?;
-        requests(&mut client)?;
-        drop(client);
-        net::join(server_thread)?;
-
-        let total = (3 * PER_AGENT) as f64;
-        for role in ["client", "server"] {
-            let series =
-                format!("connscope_http_requests_total{{role=\"{role}\",server=\"{server}\"}}");
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let mut last = single_value(&prometheus, &series)?;
-            while last != Some(total) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(500));
-                last = single_value(&prometheus, &series)?;
-            }
-            let context = || {
-                format!(
-                    "{role}: the agent says\n{}",
-                    second.scrape().map(|s| s.text).unwrap_or_default()
-                )
-            };
-            assert_eq!(last, Some(total), "last value Prometheus scraped: {}", context());
-            let resets = single_value(&prometheus, &format!("resets({series}[5m])"))?;
-            assert_eq!(resets, Some(0.0), "{}", context());
-        }
-        Ok(())
+        scraped_across("restart", Stop::Graceful)
     }
 );
+
+kernel_test!(
+    /// The same across a SIGKILL: no handover, the second agent recovers the first's
+    /// counters and the requests it counted after its last scrape from its checkpoint.
+    fn a_prometheus_scraping_across_a_crash_sees_every_request_and_no_reset() -> anyhow::Result<()>
+    {
+        scraped_across("crash", Stop::Crash)
+    }
+);
+
+/// A Prometheus scraping an agent that `stop_how` ends under a pooled connection's
+/// requests, and its successor at the same address: it sees every request and no reset.
+fn scraped_across(name: &str, stop_how: Stop) -> anyhow::Result<()> {
+    // 20 ms apart: 3 s, longer than Prometheus' 2 s scrape interval.
+    const PER_AGENT: u64 = 150;
+    let fs = BpfFs::mount(&format!("prometheus-{name}"))?;
+    let pin_path = fs.pin_path();
+    let pinned = ["--bpf.pin-path", pin_path.as_str()];
+    let port = free_port();
+    let first = Agent::start_on(port, &pinned, None)?;
+    let prometheus = Prometheus::start(name, &first.address.to_string(), "", &[])?;
+    let listener = TcpListener::bind(match stop_how {
+        Stop::Graceful => "127.0.0.86:0",
+        Stop::Crash => "127.0.0.87:0",
+    })?;
+    let server = listener.local_addr()?.to_string();
+    let server_thread = http_server::serve(listener, 1, http_server::ServerBehaviour::default());
+    let mut client = TcpStream::connect(&server)?;
+    let requests = |client: &mut TcpStream| -> anyhow::Result<()> {
+        for _ in 0..PER_AGENT {
+            http_server::request(client, "1.1", "")?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    let client_series =
+        format!("connscope_http_requests_total{{role=\"client\",server=\"{server}\"}}");
+    requests(&mut client)?;
+    // Prometheus has scraped the first agent's counts (so a reset would show)...
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while single_value(&prometheus, &client_series)?.is_none_or(|v| v == 0.0) {
+        anyhow::ensure!(Instant::now() < deadline, "Prometheus never scraped the first agent");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // ... and the first agent is stopped right after more requests: those after
+    // Prometheus' last scrape of it are exported only by the next agent.
+    requests(&mut client)?;
+    match stop_how {
+        Stop::Graceful => {
+            let (code, _) = first.stop()?;
+            anyhow::ensure!(code == Some(0), "the first agent exited with {code:?}");
+        }
+        Stop::Crash => {
+            let (_, signal) = first.kill_after_scrape()?;
+            anyhow::ensure!(signal == Some(libc::SIGKILL), "the first agent ended with {signal:?}");
+        }
+    }
+    let second = Agent::start_on(port, &pinned, None)?;
+    requests(&mut client)?;
+    drop(client);
+    net::join(server_thread)?;
+
+    let total = (3 * PER_AGENT) as f64;
+    for role in ["client", "server"] {
+        let series =
+            format!("connscope_http_requests_total{{role=\"{role}\",server=\"{server}\"}}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut last = single_value(&prometheus, &series)?;
+        while last != Some(total) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            last = single_value(&prometheus, &series)?;
+        }
+        let context = || {
+            format!(
+                "{role}: the agent says\n{}",
+                second.scrape().map(|s| s.text).unwrap_or_default()
+            )
+        };
+        assert_eq!(last, Some(total), "last value Prometheus scraped: {}", context());
+        let resets = single_value(&prometheus, &format!("resets({series}[5m])"))?;
+        assert_eq!(resets, Some(0.0), "{}", context());
+    }
+    Ok(())
+}

@@ -572,8 +572,7 @@ impl TlsUprobes {
                 {
                     continue;
                 }
-                if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut())
-                {
+                if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut()) {
                     per_process.insert(pid, links);
                     attached_any = true;
                 }
