@@ -149,12 +149,15 @@ const BOOT_ATTEMPTS: u32 = 3;
 
 /// The name (in its kept console's file name) of a failure of the emulated machine, not a
 /// test's: the guest hung before its init script (`qemu::BootHang`), or, under software
-/// emulation, its kernel trapped on its own text patching (`qemu::PatchingTrap`).
+/// emulation, its kernel trapped on its own text patching (`qemu::PatchingTrap`) or
+/// reported a CPU stuck in the kernel (`qemu::SoftLockup`).
 fn emulator_failure(err: &anyhow::Error) -> Option<&'static str> {
     if err.downcast_ref::<qemu::BootHang>().is_some() {
         Some("boot-hang")
     } else if err.downcast_ref::<qemu::PatchingTrap>().is_some() && !qemu::kvm_usable() {
         Some("patching-trap")
+    } else if err.downcast_ref::<qemu::SoftLockup>().is_some() && !qemu::kvm_usable() {
+        Some("soft-lockup")
     } else {
         None
     }
