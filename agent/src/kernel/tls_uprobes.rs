@@ -435,7 +435,9 @@ impl TlsUprobes {
         }
         let Some(decryption) = &mut self.decryption else { return };
         match decryption.found(pid) {
-            (DecryptionState::Decrypted, _) => self.attach_process(ebpf, pid),
+            (DecryptionState::Decrypted, _) => {
+                self.attach_process(ebpf, pid);
+            }
             (state, true) => self.leave(ebpf, pid, state),
             (_, false) => {}
         }
@@ -491,8 +493,10 @@ impl TlsUprobes {
     }
 
     /// Gives `pid` uprobes of its own on the files it maps that have per-process ones.
-    fn attach_process(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { return };
+    /// Returns whether it attached any.
+    fn attach_process(&mut self, ebpf: &mut Ebpf, pid: u32) -> bool {
+        let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else { return false };
+        let mut attached = false;
         for id in self.users.get(&pid).cloned().unwrap_or_default() {
             let Some(file) = self.files.get_mut(&id) else { continue };
             let FileScope::PerProcess(per_process) = &mut file.scope else { continue };
@@ -501,8 +505,10 @@ impl TlsUprobes {
             }
             if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut()) {
                 per_process.insert(pid, links);
+                attached = true;
             }
         }
+        attached
     }
 
     /// `pid` is counted from its ciphertext from now on: the kernel ignores its calls at
@@ -543,62 +549,47 @@ impl TlsUprobes {
     }
 
     /// Turns file `id`'s uprobe for all processes into one per decrypted process that maps
-    /// it; returns the links to remove.
+    /// it; returns the links to remove (they stay attached until the caller removes them).
     ///
     /// A process that starts while the per-process uprobes are attached (which takes up to
     /// a second on a cold cache) runs its first connections under the uprobe for all, and
     /// would lose its uprobes in their middle: its decrypted connections would count
     /// nothing until a scan found it. So the mappings are read again after each round of
-    /// attachments, until a round finds no new process (bounded: [`MAX_USER_ROUNDS`]);
-    /// what is left is a process that maps the file between the last read and the removal.
+    /// attachments, until a round attaches nothing (bounded: [`MAX_USER_ROUNDS`]); what is
+    /// left is a process that maps the file between the last read and the removal.
     fn per_process(&mut self, ebpf: &mut Ebpf, id: FileId) -> Vec<LinkRef> {
-        if !matches!(self.files.get(&id).map(|file| &file.scope), Some(FileScope::All(_))) {
+        let Some(file) = self.files.get_mut(&id) else { return Vec::new() };
+        if !matches!(file.scope, FileScope::All(_)) {
             return Vec::new();
         }
-        let mut per_process: HashMap<u32, Vec<LinkRef>> = HashMap::new();
+        let FileScope::All(shared) =
+            std::mem::replace(&mut file.scope, FileScope::PerProcess(HashMap::new()))
+        else {
+            return Vec::new();
+        };
         for _ in 0..MAX_USER_ROUNDS {
-            self.record_all_users();
-            let (Some(file), Some(decryption)) = (self.files.get(&id), &self.decryption) else {
-                return Vec::new();
-            };
-            let mut attached_any = false;
-            for (&pid, mapped) in &self.users {
-                let Some(scope) = NonZeroU32::new(pid).map(UProbeScope::OneProcess) else {
-                    continue;
-                };
-                if per_process.contains_key(&pid)
-                    || !mapped.contains(&id)
-                    || !decryption.is_decrypted(pid)
-                {
-                    continue;
-                }
-                if let Some(links) = attach_logged(ebpf, &file.target, scope, self.links.as_mut()) {
-                    per_process.insert(pid, links);
-                    attached_any = true;
-                }
-            }
-            if !attached_any {
+            if !self.attach_new_users(ebpf) {
                 break;
             }
         }
-        let Some(file) = self.files.get_mut(&id) else { return Vec::new() };
-        match std::mem::replace(&mut file.scope, FileScope::PerProcess(per_process)) {
-            FileScope::All(links) => links,
-            FileScope::PerProcess(_) => Vec::new(),
-        }
+        shared
     }
 
-    /// After an uprobe for all processes was removed: a decrypted process that mapped its
-    /// file after the last read ([`Self::per_process`]) gets its own uprobes now, not at the
-    /// next scan, so that its decrypted connections go on being counted.
-    fn attach_new_users(&mut self, ebpf: &mut Ebpf) {
+    /// Reads every process's mappings, and gives each decrypted process that maps a file
+    /// with per-process uprobes its own where it has none yet ([`Self::per_process`], and
+    /// once more after an uprobe for all processes was removed: a process that mapped its
+    /// file after the last read gets them now, not at the next scan). Returns whether it
+    /// attached any.
+    fn attach_new_users(&mut self, ebpf: &mut Ebpf) -> bool {
         self.record_all_users();
-        let Some(decryption) = &self.decryption else { return };
+        let Some(decryption) = &self.decryption else { return false };
         let decrypted: Vec<u32> =
             self.users.keys().copied().filter(|&pid| decryption.is_decrypted(pid)).collect();
+        let mut attached = false;
         for pid in decrypted {
-            self.attach_process(ebpf, pid);
+            attached |= self.attach_process(ebpf, pid);
         }
+        attached
     }
 
     /// `pid` is decrypted again: its uprobes are attached (a file whose processes are all
