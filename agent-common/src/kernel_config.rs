@@ -256,14 +256,30 @@ pub enum PinSlot {
     OwnerStartTicks = 5,
     /// The crash checkpoint's commit word (`checkpoint::Commit`; 0: none).
     Checkpoint = 6,
+    /// When the agent running the pinned state last showed it is alive (`CLOCK_MONOTONIC`
+    /// ns, written every second; 0: never). Past [`PINNED_STATE_MAX_AGE_NS`] the programs
+    /// turn themselves off ([`ORPHANED_GENERATION`]).
+    Heartbeat = 7,
 }
 
 impl PinSlot {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
+/// How long pinned state serves a successor after its agent stopped: a handover, a
+/// checkpoint or pinned programs older than this describe connections long gone, and the
+/// next agent starts afresh. Pinned programs whose agent has been silent this long only
+/// cost the host, so they stop counting.
+pub const PINNED_STATE_MAX_AGE_NS: u64 = 600 * 1_000_000_000;
+
+/// `PinSlot::ActiveGeneration` of orphaned pinned state: no generation counts. Written by
+/// the first program that finds the heartbeat older than [`PINNED_STATE_MAX_AGE_NS`]; from
+/// then on every hook returns after one array lookup until an agent replaces the state or
+/// `connscope cleanup` detaches the programs.
+pub const ORPHANED_GENERATION: u64 = u64::MAX;
+
 /// Bumped whenever the meaning of pinned state changes without a change of size.
-pub const PIN_FORMAT: u64 = 5;
+pub const PIN_FORMAT: u64 = 6;
 
 /// Identifies the layout of the pinned state: the format number and the sizes of every
 /// shared struct. An agent finding another fingerprint replaces the pinned state.

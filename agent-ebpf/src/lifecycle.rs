@@ -17,7 +17,7 @@ use crate::{
     maps::{CONNECTS_IN_FLIGHT, CONNS, LISTEN_PORTS, count_lost, submit_flags},
     records::{self, current_attribution, now_ns},
     sock::{self, SocketView},
-    tracking::{NOEXIST, active, new_conn, tracked},
+    tracking::{NOEXIST, active, new_conn, orphaned_at, tracked},
 };
 
 /// Handles `inet_sock_set_state(sk, old, new)`.
@@ -104,6 +104,9 @@ fn connect_failed(sock: u64, view: &impl SocketView) {
 #[inline(never)]
 fn track(sock: u64, role: Role, view: &impl SocketView) {
     let open_ns = now_ns();
+    if orphaned_at(open_ns) {
+        return;
+    }
     // SAFETY: the attribution is copied into the record before the entry is removed.
     let pending =
         if role == Role::Client { unsafe { CONNECTS_IN_FLIGHT.get(&sock) } } else { None };

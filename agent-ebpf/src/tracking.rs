@@ -3,7 +3,12 @@
 //! process's context: `connect()` for clients, the first read/write/close call for accepted
 //! sockets, never a state change that may run in softirq for another task).
 
-use connscope_common::{Conn, PinSlot, Role, conn::open_token, conn_flag};
+use connscope_common::{
+    Conn, PinSlot, Role,
+    conn::open_token,
+    conn_flag,
+    kernel_config::{ORPHANED_GENERATION, PINNED_STATE_MAX_AGE_NS},
+};
 
 use crate::{
     fill,
@@ -25,6 +30,38 @@ pub fn active() -> bool {
         || PIN_STATE
             .get(PinSlot::ActiveGeneration as u32)
             .is_some_and(|active| *active == generation)
+}
+
+/// Whether the pinned state outlived its agent at `now`: no agent wrote the heartbeat
+/// (`PinSlot::Heartbeat`) for `PINNED_STATE_MAX_AGE_NS`, so no successor will use what
+/// these programs count (it replaces state that old) and they would only cost the host.
+/// The first program to find it so turns every generation off ([`ORPHANED_GENERATION`]):
+/// from then on each hook returns after [`active`]'s lookup. Checked where tracking
+/// starts, which reads the clock anyway, so the other hooks pay nothing for it.
+#[inline(always)]
+pub fn orphaned_at(now: u64) -> bool {
+    if generation() == 0 {
+        return false;
+    }
+    let Some(beat) = PIN_STATE.get(PinSlot::Heartbeat as u32).copied() else { return false };
+    if beat == 0 || now.saturating_sub(beat) <= PINNED_STATE_MAX_AGE_NS {
+        return false;
+    }
+    if let Some(active) = PIN_STATE.get_ptr_mut(PinSlot::ActiveGeneration as u32) {
+        // SAFETY: map value pointer from a successful lookup.
+        unsafe { *active = ORPHANED_GENERATION };
+    }
+    true
+}
+
+/// Whether orphaned pinned programs turned every generation off ([`orphaned_at`]): for
+/// the hooks that also run while inactive (a transfer's exit counts by stream position
+/// during a takeover), which must stop too.
+#[inline(always)]
+pub fn turned_off() -> bool {
+    PIN_STATE
+        .get(PinSlot::ActiveGeneration as u32)
+        .is_some_and(|active| *active == ORPHANED_GENERATION)
 }
 
 /// A new connection's state, built in this CPU's scratch space (a `Conn` literal would be

@@ -18,7 +18,7 @@ use crate::{
     records, sock,
     tls_calls::{self, Ciphertext},
     tls_hello, tls_plaintext,
-    tracking::{active, attribute_once, process_context, tracked},
+    tracking::{active, attribute_once, process_context, tracked, turned_off},
 };
 
 /// `MSG_PEEK`: a receive that leaves the data queued moves no payload.
@@ -48,10 +48,15 @@ pub fn transfer(
 /// and flags the connection when it counts one, so that the active generation makes the
 /// same check once. Only then: two calls on one socket at once can leave the same
 /// position, which must not cost a count outside a takeover. Without pinning, or without
-/// the offset, the generation decides as for every other hook.
+/// the offset, the generation decides as for every other hook. Orphaned programs
+/// (`tracking::orphaned_at`) count nothing.
 #[inline(always)]
 pub fn transfer_at_exit(sock: u64, direction: Direction, ret: i64, recv_flags: i32) {
-    let seq = if generation() == 0 { None } else { sock::stream_seq(sock, direction) };
+    let seq = match generation() {
+        0 => None,
+        _ if turned_off() => return,
+        _ => sock::stream_seq(sock, direction),
+    };
     transfer_counted_once(sock, direction, ret, recv_flags, || true, seq);
 }
 

@@ -250,7 +250,10 @@ impl Agent {
                         break;
                     }
                     _ = drain_timer.tick() => pipeline.drain(),
-                    _ = sweep_timer.tick() => pipeline.sweep(),
+                    _ = sweep_timer.tick() => {
+                        pipeline.sweep();
+                        probes.heartbeat();
+                    }
                     Some(census) = next_census(&mut censuses) => pipeline.count_sockets(&census),
                     _ = tls_timer.tick(), if tls.is_some() => {
                         if let Some(tls) = &mut tls {

@@ -25,6 +25,8 @@ use connscope_tests::{
 const BEFORE: u64 = 5;
 const AFTER: u64 = 20;
 const SERVER_THREAD: &str = "cs-http-server";
+/// Long enough for a connection's records to be in the ring buffer after its last call.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// A connection with `BEFORE` requests made before the agent starts (the listener, server
 /// and client socket made by `setup`), then `AFTER` requests and the client's close.
@@ -393,6 +395,102 @@ kernel_test!(
         let took_over = logged.find("taking the pinned state over").context("no takeover line")?;
         let pinned = logged.find("kernel state pinned in").context("never pinned")?;
         assert!(logged.find(waiting) < Some(took_over) && took_over < pinned, "{logged}");
+        Ok(())
+    }
+);
+
+kernel_test!(
+    /// An agent stopped for good (a deleted DaemonSet, no `connscope cleanup`) leaves its
+    /// programs attached for a successor. Once its heartbeat is older than a successor may
+    /// take over after (ten minutes: here the heartbeat is set back by that much, as a clock
+    /// jump would), the next connection on the host turns them off, and they send nothing
+    /// more. The next agent replaces the orphaned state and counts afresh.
+    fn pinned_programs_turn_themselves_off_once_their_agent_is_gone_for_good() -> anyhow::Result<()>
+    {
+        use aya::maps::Array;
+        use connscope::{model::clock::monotonic_ns, pipeline::ring_reader::RingReader};
+        use connscope_common::{
+            PinSlot,
+            kernel_config::{ORPHANED_GENERATION, PINNED_STATE_MAX_AGE_NS},
+        };
+
+        const REQUESTS: u64 = 3;
+        let fs = BpfFs::mount("orphan")?;
+        let (code, _) = fs.agent()?.stop()?;
+        assert_eq!(code, Some(0));
+        let mut pin_state: Array<_, u64> = pinned_map(&fs, "PIN_STATE")?;
+        let heartbeat = pin_state.get(&(PinSlot::Heartbeat as u32), 0)?;
+        assert!(heartbeat > 0 && heartbeat <= monotonic_ns());
+        let events = fs.mount.join("connscope/maps/EVENTS");
+        let mut ring = RingReader::new(aya::maps::MapData::from_pin(&events)?)?;
+        let mut records_waiting = || {
+            let mut records = 0;
+            while ring.next_record().is_some() {
+                records += 1;
+            }
+            records
+        };
+        let listener = TcpListener::bind("127.0.0.86:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, 3, http_server::ServerBehaviour::default());
+        let connection = |requests: u64| -> anyhow::Result<()> {
+            let mut client = TcpStream::connect(&server)?;
+            for _ in 0..requests {
+                http_server::request(&mut client, "1.1", "")?;
+            }
+            Ok(())
+        };
+
+        // A fresh heartbeat: the stopped agent's programs go on counting for a successor.
+        records_waiting();
+        connection(1)?;
+        std::thread::sleep(SETTLE);
+        assert!(records_waiting() > 0, "the pinned programs sent nothing for a successor");
+
+        // Ten minutes later, as the programs see it: the next connection turns them off.
+        let long_ago = monotonic_ns().saturating_sub(PINNED_STATE_MAX_AGE_NS + 1_000_000_000);
+        pin_state.set(PinSlot::Heartbeat as u32, long_ago, 0)?;
+        connection(0)?;
+        std::thread::sleep(SETTLE);
+        let active = pin_state.get(&(PinSlot::ActiveGeneration as u32), 0)?;
+        assert_eq!(active, ORPHANED_GENERATION);
+        records_waiting();
+        connection(REQUESTS)?;
+        std::thread::sleep(SETTLE);
+        assert_eq!(records_waiting(), 0, "orphaned programs still sent records");
+        net::join(server_thread)?;
+
+        // The next agent replaces the orphaned state (generation 1 again) and counts afresh.
+        let log_path =
+            std::env::temp_dir().join(format!("connscope-orphan-{}", std::process::id()));
+        let log = File::create(&log_path)?;
+        let extra = ["--bpf.pin-path", &fs.pin_path(), "--log.level", "info"];
+        let agent = Agent::start_logging(&extra, Some(&log))?;
+        let logged = std::fs::read_to_string(&log_path)?;
+        let _ = std::fs::remove_file(&log_path);
+        assert!(
+            logged.contains("replacing the pinned state") && logged.contains("orphaned"),
+            "{logged}"
+        );
+        assert_eq!(fs.pinned("links"), vec!["1".to_owned()]);
+        let listener = TcpListener::bind("127.0.0.86:0")?;
+        let server = listener.local_addr()?.to_string();
+        let server_thread =
+            http_server::serve(listener, 1, http_server::ServerBehaviour::default());
+        let mut client = TcpStream::connect(&server)?;
+        for _ in 0..REQUESTS {
+            http_server::request(&mut client, "1.1", "")?;
+        }
+        drop(client);
+        net::join(server_thread)?;
+        let scrape = agent.scrape_until(WAIT, both_closed(&server))?;
+        for role in ["client", "server"] {
+            let labels = [("role", role), ("server", server.as_str())];
+            assert_eq!(scrape.sum("connscope_connections_opened_total", &labels), 1.0, "{role}");
+            let requests = scrape.sum("connscope_http_requests_total", &labels);
+            assert_eq!(requests, REQUESTS as f64, "{role}: {}", scrape.text);
+        }
         Ok(())
     }
 );

@@ -51,7 +51,7 @@ impl Owner {
         (!matches!(state, "Z" | "X")).then_some(Self { pid, start_ticks })
     }
 
-    fn is_running(&self) -> bool {
+    pub fn is_running(&self) -> bool {
         Self::of(self.pid) == Some(*self)
     }
 

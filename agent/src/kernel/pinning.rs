@@ -11,7 +11,11 @@
 //! with the next generation number; its programs do nothing until it writes that number into
 //! `PIN_STATE` (after attaching), and from that write on the old programs do nothing. Then
 //! it removes the old links, which detaches the old programs: no gap, nothing counted twice.
-//! Pinned state of another layout is replaced (one log line).
+//! Pinned state of another layout is replaced (one log line), and so is orphaned state:
+//! its agent stopped longer ago than a successor may take over after
+//! (`PINNED_STATE_MAX_AGE_NS`, the handover's age limit too). Its programs turn themselves
+//! off at that age (`Pins::heartbeat`), so an agent stopped for good (a deleted DaemonSet)
+//! stops costing the host whether or not `connscope cleanup` runs.
 
 use std::{
     io,
@@ -27,8 +31,11 @@ use aya::{
 use connscope_common::{
     CARRIED_CHUNKS, CarriedChunk, CheckpointSlot, Conn, ConnectInFlight, DEFAULT_MAX_CONNECTIONS,
     Handover, IN_FLIGHT_CALLS, JournalChunk, ListenKey, LostReason, MAX_H2_CONNECTIONS,
-    MAX_LISTEN_PORTS, PinSlot, Setting, SslCall, checkpoint::CHECKPOINT_SLOTS, h2_frames::H2State,
-    kernel_config::contract_fingerprint, names::map,
+    MAX_LISTEN_PORTS, PinSlot, Setting, SslCall,
+    checkpoint::CHECKPOINT_SLOTS,
+    h2_frames::H2State,
+    kernel_config::{ORPHANED_GENERATION, PINNED_STATE_MAX_AGE_NS, contract_fingerprint},
+    names::map,
 };
 
 use crate::{
@@ -37,6 +44,7 @@ use crate::{
         bpffs,
         pin_owner::{self, Owner},
     },
+    model::clock::monotonic_ns,
 };
 
 /// Where this agent's state is pinned, and which generation its programs are.
@@ -169,7 +177,21 @@ impl Pins {
                 self.fingerprint
             );
         }
-        Ok(Some(state.get(&(PinSlot::ActiveGeneration as u32), 0)?))
+        let active = state.get(&(PinSlot::ActiveGeneration as u32), 0)?;
+        let beat = state.get(&(PinSlot::Heartbeat as u32), 0)?;
+        let silent_ns = monotonic_ns().saturating_sub(beat);
+        let owner_running = Owner::recorded(&state)?.is_some_and(|owner| owner.is_running());
+        if active == ORPHANED_GENERATION
+            || (!owner_running && beat != 0 && silent_ns > PINNED_STATE_MAX_AGE_NS)
+        {
+            anyhow::bail!(
+                "orphaned: its agent stopped {} s ago, longer than a successor may take over \
+                 after ({} s), so what its programs counted since is of no use",
+                silent_ns / 1_000_000_000,
+                PINNED_STATE_MAX_AGE_NS / 1_000_000_000
+            );
+        }
+        Ok(Some(active))
     }
 
     /// The pin directory (`--bpf.pin-path`).
@@ -199,6 +221,8 @@ impl Pins {
     pub fn take_over(&self, ebpf: &mut Ebpf, links: Vec<(String, FdLink)>) -> anyhow::Result<()> {
         let mut state = pin_state(ebpf)?;
         state.set(PinSlot::Fingerprint as u32, self.fingerprint, 0)?;
+        // Before the switch: these programs never find their own state orphaned.
+        state.set(PinSlot::Heartbeat as u32, monotonic_ns(), 0)?;
         state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
         if let Some(me) = Owner::current() {
             me.record(&mut state)?;
@@ -238,6 +262,29 @@ impl Pins {
         );
         Ok(())
     }
+
+    /// Shows the pinned programs that their agent is alive (`PinSlot::Heartbeat`), every
+    /// second: stopped for good, it leaves programs that turn themselves off once the
+    /// heartbeat is `PINNED_STATE_MAX_AGE_NS` old. An agent that was stalled that long
+    /// (stopped with SIGSTOP, starved) finds its programs off and turns them on again; the
+    /// connections opened meanwhile are adopted at their next transfer.
+    pub fn heartbeat(&self, ebpf: &mut Ebpf) {
+        let beat = pin_state(ebpf).and_then(|mut state| {
+            state.set(PinSlot::Heartbeat as u32, monotonic_ns(), 0)?;
+            if state.get(&(PinSlot::ActiveGeneration as u32), 0)? == ORPHANED_GENERATION {
+                tracing::warn!(
+                    "this agent was silent for over {} s and its pinned programs turned \
+                     themselves off: turning them on again",
+                    PINNED_STATE_MAX_AGE_NS / 1_000_000_000
+                );
+                state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
+            }
+            Ok(())
+        });
+        if let Err(err) = beat {
+            tracing::warn!("writing the heartbeat into PIN_STATE: {err:#}");
+        }
+    }
 }
 
 /// How long the previous generation's programs stay attached after the switch. Inactive,
@@ -262,7 +309,7 @@ fn pin_state(ebpf: &mut Ebpf) -> anyhow::Result<Array<&mut MapData, u64>> {
 /// for a turn their fexit programs missed at their next call. A failed write leaves the
 /// window open, which costs those checks only.
 fn end_takeover<T: std::borrow::BorrowMut<MapData>>(state: &mut Array<T, u64>) {
-    let now = crate::model::clock::monotonic_ns();
+    let now = monotonic_ns();
     if let Err(err) = state.set(PinSlot::TakeoverEndNs as u32, now, 0) {
         tracing::warn!("marking the takeover's end in PIN_STATE: {err}");
     }

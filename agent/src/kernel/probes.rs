@@ -169,6 +169,13 @@ impl Probes {
         self.pins.is_some() && self.perf_event_links
     }
 
+    /// With pinned state, tells the programs this agent is alive (`Pins::heartbeat`).
+    pub fn heartbeat(&mut self) {
+        if let Some(pins) = &self.pins {
+            pins.heartbeat(&mut self.ebpf);
+        }
+    }
+
     /// With pinned state, once the agent attached everything it attaches at start (the
     /// libssl uprobes too, so no HTTPS call goes uncounted): makes its programs the counting
     /// ones and pins their links (`Pins::take_over`). Returns the directory of this

@@ -20,7 +20,8 @@ use crate::{
 /// How long a stopping agent may spend writing the handover.
 pub const WRITE_BUDGET: Duration = Duration::from_secs(2);
 /// A handover older than this describes connections long gone: it is skipped.
-pub const MAX_AGE: Duration = Duration::from_secs(600);
+pub const MAX_AGE: Duration =
+    Duration::from_nanos(connscope_common::kernel_config::PINNED_STATE_MAX_AGE_NS);
 /// Key of the header entry.
 const HEADER: u64 = 0;
 
