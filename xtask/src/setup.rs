@@ -31,6 +31,8 @@ const APT_PACKAGES: &[&str] = &[
     "python3-pip",
     // `h2load`: the bench's HTTP/2 arm.
     "nghttp2-client",
+    // `perf`: the bench's profile of the agent under churn.
+    "linux-perf",
     "systemd",
     // Test certificates (TLS tests) and bcrypt hashes as users make them (web config).
     "openssl",

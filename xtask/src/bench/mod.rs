@@ -7,6 +7,8 @@
 //!    ratios connscope/none and connscope/floor per round, median, min and max. In the
 //!    connscope arm: events lost, events to userspace per request, agent CPU per 10k requests.
 //! 2. In-kernel cost per program (`kernel.bpf_stats_enabled`): ns per run, by hook class.
+//!    Then where `Connection: close` time goes: the agent's CPU and the BPF run time per
+//!    connection, beside the floor's, and the agent's functions from `perf record`.
 //! 3. No network at all: `dd bs=1` without and with the agent, and the ns connscope's
 //!    programs spend per system call of it.
 //! 4. Memory at 100k tracked idle sockets: agent RSS and kernel bytes per tracked socket.
@@ -32,6 +34,7 @@ mod kernel_cost;
 mod memory;
 mod metrics_latency;
 mod no_network;
+mod profile;
 mod report;
 mod restart_loss;
 mod throughput;
@@ -70,9 +73,10 @@ struct Settings {
 }
 
 /// The bench's parts, by the names `CONNSCOPE_BENCH_PARTS` takes.
-const PARTS: [&str; 9] = [
+const PARTS: [&str; 10] = [
     "throughput",
     "kernel-cost",
+    "profile",
     "no-network",
     "memory",
     "metrics",
@@ -129,6 +133,7 @@ pub fn run() -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours starts; read by the test harness.
     unsafe { std::env::set_var("CONNSCOPE_BIN", &binary) };
     let settings = Settings::from_env();
+    ensure_alone("before the bench")?;
     if let Some(unknown) = settings.parts.iter().find(|p| !PARTS.contains(&p.as_str())) {
         bail!("CONNSCOPE_BENCH_PARTS: unknown part {unknown:?} (parts: {})", PARTS.join(","));
     }
@@ -142,6 +147,9 @@ pub fn run() -> anyhow::Result<()> {
     }
     if settings.runs("kernel-cost") {
         parts.push(kernel_cost::kernel_cost(&settings, &url, &object)?);
+    }
+    if settings.runs("profile") {
+        parts.push(profile::agent_profile(&settings, &url)?);
     }
     drop(nginx);
     if settings.runs("no-network") {
@@ -181,7 +189,40 @@ pub fn run() -> anyhow::Result<()> {
     std::fs::write(&path, serde_json::to_string_pretty(&Value::Object(report))?)?;
     report::print_table(&kernel, &figures);
     eprintln!("bench: report written to {}", path.display());
-    Ok(())
+    // Programs that appeared meanwhile (an agent started by hand with its default pins)
+    // ran beside some of the arms: the figures above are not to be trusted.
+    ensure_alone("after the bench, so its figures are not to be trusted")
+}
+
+/// Fails while programs of an agent or a floor the bench did not start are loaded: a running
+/// agent, or the pinned programs an agent stopped with SIGTERM leaves for its successor (its
+/// `--bpf.pin-path`). They would run beside every arm and charge their cost to all of them.
+/// The bench's own agents pin nothing, and their programs go when they exit (within a
+/// moment: the kernel frees a detached program after a grace period).
+fn ensure_alone(when: &str) -> anyhow::Result<()> {
+    let foreign = || -> Vec<String> {
+        aya::programs::loaded_programs()
+            .flatten()
+            .filter_map(|info| info.name_as_str().map(str::to_owned))
+            .filter(|name| name.starts_with("connscope_") || name.starts_with("floor_"))
+            .collect()
+    };
+    let mut found = foreign();
+    for _ in 0..50 {
+        if found.is_empty() {
+            return Ok(());
+        }
+        thread::sleep(Duration::from_millis(100));
+        found = foreign();
+    }
+    found.sort();
+    found.dedup();
+    bail!(
+        "{when}: {} are loaded, from an agent the bench did not start (a running one, or one's \
+         pinned programs: `connscope cleanup --bpf.pin-path <path>`, /sys/fs/bpf/connscope by \
+         default); they run beside every arm and charge their cost to all of them",
+        found.join(", ")
+    )
 }
 
 fn machine() -> Value {
