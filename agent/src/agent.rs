@@ -317,7 +317,7 @@ impl Agent {
     }
 }
 
-/// Takes a socket census on a blocking thread (it reads files of `/proc`) every
+/// Takes a socket census on a blocking thread (netlink dumps, or files of `/proc`) every
 /// `socket_census::INTERVAL`, or longer after a slow one (`socket_census::next_after`), and
 /// hands each to the event loop; ends when the loop stops listening. None with a budget of 0.
 fn take_censuses(census: SocketCensus, budget: f64) -> Option<mpsc::Receiver<Census>> {
@@ -335,7 +335,14 @@ fn take_censuses(census: SocketCensus, budget: f64) -> Option<mpsc::Receiver<Cen
                 tracing::warn!("the socket census stopped");
                 return;
             };
-            let next = started + socket_census::next_after(started.elapsed(), budget);
+            let took = started.elapsed();
+            tracing::debug!(
+                sockets = taken.sockets.len(),
+                namespaces = taken.namespaces.len(),
+                took_ms = took.as_secs_f64() * 1e3,
+                "socket census"
+            );
+            let next = started + socket_census::next_after(took, budget);
             if sender.send(taken).await.is_err() {
                 return;
             }

@@ -17,6 +17,7 @@ pub mod port_range;
 pub mod preflight;
 pub mod probes;
 pub mod proc_net_tcp;
+pub mod sock_diag;
 pub mod socket_census;
 pub mod tls_targets;
 pub mod tls_uprobes;

@@ -7,7 +7,9 @@
 
 use std::{
     collections::HashSet,
+    fs::File,
     io,
+    os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
@@ -148,6 +150,23 @@ impl NamespaceProcesses {
         found.walked = Some(Instant::now());
         walk.rows.into_iter().map(|(netns, _, value)| (netns, value)).collect()
     }
+}
+
+/// Moves the calling thread into the network namespace of the process at `process_dir`
+/// (`/proc/<pid>`), unless it is in it already (entering needs `CAP_SYS_ADMIN`; staying in
+/// its own does not). For a thread of its own: `/proc/sys/net/` and new sockets belong to
+/// the thread's namespace.
+pub fn enter(process_dir: &Path) -> io::Result<()> {
+    let here = std::fs::read_link("/proc/thread-self/ns/net")?;
+    if std::fs::read_link(process_dir.join("ns/net"))? == here {
+        return Ok(());
+    }
+    let namespace = File::open(process_dir.join("ns/net"))?;
+    // SAFETY: a valid namespace descriptor; setns with CLONE_NEWNET moves only this thread.
+    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The network namespace of the process at `process_dir` (`/proc/<pid>`); `None` when its

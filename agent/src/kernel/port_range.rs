@@ -5,12 +5,9 @@
 //! namespace in turn (`setns` moves only that thread; it needs `CAP_SYS_ADMIN`, except for
 //! the agent's own namespace) and ends with the read.
 
-use std::{
-    fs::File,
-    io,
-    os::fd::AsRawFd as _,
-    path::{Path, PathBuf},
-};
+use std::{io, path::PathBuf};
+
+use crate::kernel::netns;
 
 const RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
 const RESERVED: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
@@ -59,21 +56,6 @@ fn read_here() -> io::Result<u32> {
     Ok(usable(range, &reserved))
 }
 
-/// Enters the namespace of the process at `process_dir` (`/proc/<pid>`), unless this
-/// thread is in it already (entering needs `CAP_SYS_ADMIN`; reading its own does not).
-fn enter(process_dir: &Path) -> io::Result<()> {
-    let here = std::fs::read_link("/proc/thread-self/ns/net")?;
-    if std::fs::read_link(process_dir.join("ns/net"))? == here {
-        return Ok(());
-    }
-    let namespace = File::open(process_dir.join("ns/net"))?;
-    // SAFETY: a valid namespace descriptor; setns with CLONE_NEWNET moves only this thread.
-    if unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The usable range of each namespace, read through its process (`/proc/<pid>`), in the
 /// order given; a namespace that cannot be entered or read gives its error.
 pub fn read(namespaces: Vec<PathBuf>) -> Vec<io::Result<u32>> {
@@ -81,7 +63,7 @@ pub fn read(namespaces: Vec<PathBuf>) -> Vec<io::Result<u32>> {
     let read = std::thread::Builder::new()
         .name("port-ranges".into())
         .spawn(move || -> Vec<io::Result<u32>> {
-            namespaces.iter().map(|dir| enter(dir).and_then(|()| read_here())).collect()
+            namespaces.iter().map(|dir| netns::enter(dir).and_then(|()| read_here())).collect()
         })
         .and_then(|reader| {
             reader.join().map_err(|_| io::Error::other("the port range reader panicked"))

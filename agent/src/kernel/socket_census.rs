@@ -3,8 +3,9 @@
 //! `client_port_range_size`. No hook sees a TIME_WAIT socket (the full socket is destroyed
 //! as it enters TIME_WAIT), so every [`INTERVAL`] (longer when a census costs more than
 //! `--census.budget` of a CPU: [`next_after`]) the sockets of each network namespace are
-//! read from `/proc/<pid>/net/tcp{,6}` of one process in it (`netns::NamespaceProcesses`),
-//! off the agent's event loop; the pipeline attributes them to flows by four-tuple. The
+//! read through `NETLINK_SOCK_DIAG` in it (`sock_diag`; where that cannot be used, from
+//! `/proc/<pid>/net/tcp{,6}` of one process in it: `netns::NamespaceProcesses`), off the
+//! agent's event loop; the pipeline attributes them to flows by four-tuple. The
 //! same pass reads each namespace's ephemeral port range (`port_range`), exported at scrape
 //! time by [`PortRangeCollector`]. docs/performance.md has the cost.
 
@@ -29,6 +30,7 @@ use crate::{
         netns::{self, NamespaceProcesses},
         port_range,
         proc_net_tcp::{self, TcpLine},
+        sock_diag,
     },
     model::{
         clock,
@@ -61,18 +63,17 @@ struct Sockets {
     unparsable: u64,
 }
 
-/// Reads both tables of a namespace; a failed read (its process exiting) counts nothing,
-/// and the namespace is read again through its next process.
-fn read_sockets(process_dir: &Path) -> io::Result<Sockets> {
-    let mut sockets = Sockets::default();
-    proc_net_tcp::for_each_socket(process_dir, |line| match line {
-        Some(TcpLine { state: proc_net_tcp::LISTEN | proc_net_tcp::CLOSE, .. }) => {}
-        Some(line) => sockets
-            .held
-            .push((TupleKey::new(line.local, line.remote), line.state == proc_net_tcp::TIME_WAIT)),
-        None => sockets.unparsable += 1,
-    })?;
-    Ok(sockets)
+impl Sockets {
+    fn add(&mut self, line: Option<TcpLine>) {
+        match line {
+            Some(TcpLine { state: proc_net_tcp::LISTEN | proc_net_tcp::CLOSE, .. }) => {}
+            Some(line) => self.held.push((
+                TupleKey::new(line.local, line.remote),
+                line.state == proc_net_tcp::TIME_WAIT,
+            )),
+            None => self.unparsable += 1,
+        }
+    }
 }
 
 /// Each namespace's usable port range, by `netns` label.
@@ -86,6 +87,7 @@ pub struct SocketCensus {
     /// Whether a range that could not be read, and lines that did not parse, were reported.
     range_warned: AtomicBool,
     unparsable_warned: AtomicBool,
+    netlink_warned: AtomicBool,
 }
 
 impl SocketCensus {
@@ -97,14 +99,35 @@ impl SocketCensus {
             ranges: ranges.clone(),
             range_warned: AtomicBool::new(false),
             unparsable_warned: AtomicBool::new(false),
+            netlink_warned: AtomicBool::new(false),
         };
         (census, PortRangeCollector { ranges })
+    }
+
+    /// Reads a namespace's sockets through `sock_diag`, or else both of its `/proc` tables
+    /// (one warning the first time, naming why); a failed read (its process exiting) counts
+    /// nothing, and the namespace is read again through its next process.
+    fn read_sockets(&self, process_dir: &Path) -> io::Result<Sockets> {
+        let mut sockets = Sockets::default();
+        let Err(err) = sock_diag::for_each_socket(process_dir, |line| sockets.add(line)) else {
+            return Ok(sockets);
+        };
+        let message = "the socket census reads /proc/<pid>/net/tcp (slower under churn) where \
+                       NETLINK_SOCK_DIAG cannot be used";
+        if warn_once(&self.netlink_warned) {
+            tracing::warn!(process = %process_dir.display(), "{message}: {err}");
+        } else {
+            tracing::debug!(process = %process_dir.display(), "{message}: {err}");
+        }
+        let mut sockets = Sockets::default();
+        proc_net_tcp::for_each_socket(process_dir, |line| sockets.add(line))?;
+        Ok(sockets)
     }
 
     /// Counts the sockets of every namespace now, and reads their port ranges.
     pub fn take(&self) -> Census {
         let mut census = Census { taken_ns: clock::monotonic_ns(), ..Census::default() };
-        let read = self.namespaces.read_each(|dir| Ok((read_sockets(dir)?, dir.to_owned())));
+        let read = self.namespaces.read_each(|dir| Ok((self.read_sockets(dir)?, dir.to_owned())));
         let mut unparsable = 0;
         let mut dirs = Vec::with_capacity(read.len());
         for (index, (netns, (sockets, dir))) in read.into_iter().enumerate() {

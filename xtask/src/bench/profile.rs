@@ -5,7 +5,9 @@
 //! agent's functions by share of perf's samples (kept in `target/bench/agent-close.perf.data`: its own code, the libraries and the kernel
 //! work it asks for, such as reading `/proc/<pid>/net/tcp` for the socket census).
 
-use std::{collections::BTreeSet, path::Path, process::Command};
+use std::{
+    collections::BTreeSet, os::unix::process::ExitStatusExt as _, path::Path, process::Command,
+};
 
 use anyhow::{Context as _, ensure};
 use connscope_tests::{
@@ -57,9 +59,14 @@ pub fn agent_profile(settings: &Settings, url: &str) -> anyhow::Result<Part> {
     let cpu_before = cpu_seconds(agent.pid())?;
     let (bpf_ns, connections) = bpf_time_across_close_load(&ids, settings, url)?;
     let agent_cpu = cpu_seconds(agent.pid())? - cpu_before;
-    // SAFETY: signalling our own child; perf writes its data file on SIGINT.
+    // SAFETY: signalling our own child; perf writes its data file on SIGINT, then dies of
+    // the signal again, as an interrupted command does.
     unsafe { libc::kill(perf.id() as i32, libc::SIGINT) };
-    ensure!(perf.wait()?.success(), "perf record failed");
+    let status = perf.wait()?;
+    ensure!(
+        status.success() || status.signal() == Some(libc::SIGINT),
+        "perf record failed: {status}"
+    );
     agent.stop()?;
     let floor = Floor::start()?;
     let (floor_bpf_ns, floor_connections) =
@@ -130,7 +137,8 @@ fn parse_report(text: &str) -> Vec<(f64, String)> {
             let share: f64 = share.trim().parse().ok()?;
             let rest = rest.trim();
             let kernel = rest.starts_with("[k]");
-            let name = rest.get(3..)?.trim();
+            // Columns perf adds after the symbol (`-  -`) are set off by wide spacing.
+            let name = rest.get(3..)?.trim().split("  ").next()?;
             Some((share, if kernel { format!("{name} (kernel)") } else { name.to_owned() }))
         })
         .collect()
@@ -142,7 +150,7 @@ mod tests {
 
     #[test]
     fn report_rows_are_read_and_comments_skipped() {
-        let text = "# Samples: 1K of event 'cpu-clock'\n#\n    13.75%  [.] connscope::pipeline::table::ConnectionTable::handle\n     6.48%  [k] established_get_first\n\n";
+        let text = "# Samples: 1K of event 'cpu-clock'\n#\n    13.75%  [.] connscope::pipeline::table::ConnectionTable::handle   -      -\n     6.48%  [k] established_get_first\n\n";
         assert_eq!(
             parse_report(text),
             vec![

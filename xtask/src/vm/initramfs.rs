@@ -16,8 +16,11 @@ use super::{
     qemu::kvm_usable,
 };
 
-/// Kernel modules loaded by `/init` when the kernel has them as modules (not built in).
-const MODULES: &[&str] = &["kernel/drivers/net/veth.ko"];
+/// Kernel modules loaded by `/init` when the kernel has them as modules (not built in), in
+/// this order: veth for the network namespace tests, and `inet_diag` then `tcp_diag` for the
+/// socket census's `NETLINK_SOCK_DIAG` dumps (a host loads them on the first request).
+const MODULES: &[&str] =
+    &["kernel/drivers/net/veth.ko", "kernel/net/ipv4/inet_diag.ko", "kernel/net/ipv4/tcp_diag.ko"];
 
 /// Copies an executable and every shared library `ldd` lists for it, at their host paths
 /// (a copy without debug information when `strip_dir` is given).
