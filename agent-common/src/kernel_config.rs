@@ -257,13 +257,17 @@ pub enum PinSlot {
     /// The crash checkpoint's commit word (`checkpoint::Commit`; 0: none).
     Checkpoint = 6,
     /// When the agent running the pinned state last showed it is alive (`CLOCK_MONOTONIC`
-    /// ns, written every second; 0: never). Past [`PINNED_STATE_MAX_AGE_NS`] the programs
-    /// turn themselves off ([`ORPHANED_GENERATION`]).
+    /// ns, written every second; 0: never). Older than `OrphanAfterNs`, the programs turn
+    /// themselves off ([`ORPHANED_GENERATION`]).
     Heartbeat = 7,
+    /// How old the heartbeat may grow before the programs turn themselves off (ns; 0:
+    /// never): [`PINNED_STATE_MAX_AGE_NS`], written by the agent at its takeover. Data
+    /// rather than a constant of the programs, so a test can shorten it.
+    OrphanAfterNs = 8,
 }
 
 impl PinSlot {
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// How long pinned state serves a successor after its agent stopped: a handover, a

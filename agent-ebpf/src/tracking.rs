@@ -4,10 +4,7 @@
 //! sockets, never a state change that may run in softirq for another task).
 
 use connscope_common::{
-    Conn, PinSlot, Role,
-    conn::open_token,
-    conn_flag,
-    kernel_config::{ORPHANED_GENERATION, PINNED_STATE_MAX_AGE_NS},
+    Conn, PinSlot, Role, conn::open_token, conn_flag, kernel_config::ORPHANED_GENERATION,
 };
 
 use crate::{
@@ -33,8 +30,9 @@ pub fn active() -> bool {
 }
 
 /// Whether the pinned state outlived its agent at `now`: no agent wrote the heartbeat
-/// (`PinSlot::Heartbeat`) for `PINNED_STATE_MAX_AGE_NS`, so no successor will use what
-/// these programs count (it replaces state that old) and they would only cost the host.
+/// (`PinSlot::Heartbeat`) for `PinSlot::OrphanAfterNs` (`PINNED_STATE_MAX_AGE_NS`), so no
+/// successor will use what these programs count (it replaces state that old) and they
+/// would only cost the host.
 /// The first program to find it so turns every generation off ([`ORPHANED_GENERATION`]):
 /// from then on each hook returns after [`active`]'s lookup. Checked where tracking
 /// starts, which reads the clock anyway, so the other hooks pay nothing for it.
@@ -44,7 +42,10 @@ pub fn orphaned_at(now: u64) -> bool {
         return false;
     }
     let Some(beat) = PIN_STATE.get(PinSlot::Heartbeat as u32).copied() else { return false };
-    if beat == 0 || now.saturating_sub(beat) <= PINNED_STATE_MAX_AGE_NS {
+    let Some(limit) = PIN_STATE.get(PinSlot::OrphanAfterNs as u32).copied() else {
+        return false;
+    };
+    if beat == 0 || limit == 0 || now.saturating_sub(beat) <= limit {
         return false;
     }
     if let Some(active) = PIN_STATE.get_ptr_mut(PinSlot::ActiveGeneration as u32) {

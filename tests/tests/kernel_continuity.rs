@@ -402,9 +402,9 @@ kernel_test!(
 kernel_test!(
     /// An agent stopped for good (a deleted DaemonSet, no `connscope cleanup`) leaves its
     /// programs attached for a successor. Once its heartbeat is older than a successor may
-    /// take over after (ten minutes: here the heartbeat is set back by that much, as a clock
-    /// jump would), the next connection on the host turns them off, and they send nothing
-    /// more. The next agent replaces the orphaned state and counts afresh.
+    /// take over after (ten minutes, which the agent writes into the pinned state: here
+    /// shortened to 200 ms there), the next connection on the host turns them off, and they
+    /// send nothing more. The next agent replaces the orphaned state and counts afresh.
     fn pinned_programs_turn_themselves_off_once_their_agent_is_gone_for_good() -> anyhow::Result<()>
     {
         use aya::maps::Array;
@@ -413,6 +413,7 @@ kernel_test!(
             PinSlot,
             kernel_config::{ORPHANED_GENERATION, PINNED_STATE_MAX_AGE_NS},
         };
+        const SHORTENED_NS: u64 = 200_000_000;
 
         const REQUESTS: u64 = 3;
         let fs = BpfFs::mount("orphan")?;
@@ -421,6 +422,8 @@ kernel_test!(
         let mut pin_state: Array<_, u64> = pinned_map(&fs, "PIN_STATE")?;
         let heartbeat = pin_state.get(&(PinSlot::Heartbeat as u32), 0)?;
         assert!(heartbeat > 0 && heartbeat <= monotonic_ns());
+        let limit = pin_state.get(&(PinSlot::OrphanAfterNs as u32), 0)?;
+        assert_eq!(limit, PINNED_STATE_MAX_AGE_NS);
         let events = fs.mount.join("connscope/maps/EVENTS");
         let mut ring = RingReader::new(aya::maps::MapData::from_pin(&events)?)?;
         let mut records_waiting = || {
@@ -448,9 +451,11 @@ kernel_test!(
         std::thread::sleep(SETTLE);
         assert!(records_waiting() > 0, "the pinned programs sent nothing for a successor");
 
-        // Ten minutes later, as the programs see it: the next connection turns them off.
-        let long_ago = monotonic_ns().saturating_sub(PINNED_STATE_MAX_AGE_NS + 1_000_000_000);
-        pin_state.set(PinSlot::Heartbeat as u32, long_ago, 0)?;
+        // The age limit shortened, and the heartbeat older than it (the stopped agent writes
+        // none): the next connection turns the programs off.
+        pin_state.set(PinSlot::OrphanAfterNs as u32, SHORTENED_NS, 0)?;
+        std::thread::sleep(std::time::Duration::from_nanos(2 * SHORTENED_NS));
+        assert!(monotonic_ns() - heartbeat > SHORTENED_NS);
         connection(0)?;
         std::thread::sleep(SETTLE);
         let active = pin_state.get(&(PinSlot::ActiveGeneration as u32), 0)?;

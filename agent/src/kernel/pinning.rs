@@ -223,6 +223,7 @@ impl Pins {
         state.set(PinSlot::Fingerprint as u32, self.fingerprint, 0)?;
         // Before the switch: these programs never find their own state orphaned.
         state.set(PinSlot::Heartbeat as u32, monotonic_ns(), 0)?;
+        state.set(PinSlot::OrphanAfterNs as u32, PINNED_STATE_MAX_AGE_NS, 0)?;
         state.set(PinSlot::ActiveGeneration as u32, self.generation, 0)?;
         if let Some(me) = Owner::current() {
             me.record(&mut state)?;
