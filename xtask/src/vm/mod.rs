@@ -148,17 +148,9 @@ fn run_kernel(
 const BOOT_ATTEMPTS: u32 = 3;
 
 /// The name (in its kept console's file name) of a failure of the emulated machine, not a
-/// test's: the guest hung before its init script (`qemu::BootHang`), or, under software
-/// emulation, its kernel trapped on its own text patching (`qemu::PatchingTrap`) or
-/// reported a CPU stuck in the kernel (`qemu::SoftLockup`).
+/// test's (`qemu::EmulatorFailure::blames_the_machine`).
 fn emulator_failure(err: &anyhow::Error) -> Option<&'static str> {
-    if err.downcast_ref::<qemu::BootHang>().is_some() {
-        Some("boot-hang")
-    } else if err.downcast_ref::<qemu::PatchingTrap>().is_some() && !qemu::kvm_usable() {
-        Some("patching-trap")
-    } else if err.downcast_ref::<qemu::SoftLockup>().is_some() && !qemu::kvm_usable() {
-        Some("soft-lockup")
-    } else {
-        None
-    }
+    err.downcast_ref::<qemu::EmulatorFailure>()
+        .filter(|failure| failure.blames_the_machine(qemu::kvm_usable()))
+        .map(qemu::EmulatorFailure::name)
 }

@@ -12,57 +12,61 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-/// The guest never reached its init script: under software emulation a boot sometimes stalls
-/// before `/init` (the kernel's RCU stall reports, with an idle QEMU, and nothing else). The
-/// emulator failed, not a test, so the caller may boot again.
+/// The emulated machine failed, not a test: the caller may boot again (`vm::run_cell`).
 #[derive(Debug)]
-pub struct BootHang {
-    pub seconds: u64,
+pub enum EmulatorFailure {
+    /// The guest never reached its init script: under software emulation a boot sometimes
+    /// stalls before `/init` (the kernel's RCU stall reports, with an idle QEMU, and nothing
+    /// else).
+    BootHang { seconds: u64 },
+    /// The guest kernel trapped on the `int3` its own text patching leaves in a call site
+    /// while it rewrites it, and panicked (`Oops: int3`). Static calls and jump labels are
+    /// rewritten at every tracepoint attach and detach, and under software emulation another
+    /// vCPU can still execute that breakpoint once the rewrite is over (seen once, in 6.12's
+    /// `tcp_reset`, during a takeover).
+    PatchingTrap { panic: String },
+    /// The guest kernel's watchdog saw a CPU stuck in the kernel (`watchdog: BUG: soft
+    /// lockup`). Seen once under software emulation, on Debian 11's 5.10, during a graceful
+    /// restart test (fentry programs replaced: text patching) that passes in every other run:
+    /// a vCPU spun for minutes until the backend's timeout.
+    SoftLockup { line: String },
 }
 
-impl std::fmt::Display for BootHang {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the guest did not reach its init script in {} s", self.seconds)
+impl EmulatorFailure {
+    /// The failure's name in the file name of its kept console.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::BootHang { .. } => "boot-hang",
+            Self::PatchingTrap { .. } => "patching-trap",
+            Self::SoftLockup { .. } => "soft-lockup",
+        }
+    }
+
+    /// Whether the machine, not a test, is to blame here: a hang before init always; the
+    /// kernel's own traps and lockups only under software emulation (with KVM they are
+    /// failures).
+    pub fn blames_the_machine(&self, kvm: bool) -> bool {
+        matches!(self, Self::BootHang { .. }) || !kvm
     }
 }
 
-impl std::error::Error for BootHang {}
-
-/// The guest kernel trapped on the `int3` its own text patching leaves in a call site while
-/// it rewrites it, and panicked (`Oops: int3`). Static calls and jump labels are rewritten at
-/// every tracepoint attach and detach, and under software emulation another vCPU can still
-/// execute that breakpoint once the rewrite is over (seen once, in 6.12's `tcp_reset`, during
-/// a takeover). The emulated machine failed, not a test, so the caller may boot again.
-#[derive(Debug)]
-pub struct PatchingTrap {
-    pub panic: String,
-}
-
-impl std::fmt::Display for PatchingTrap {
+impl std::fmt::Display for EmulatorFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the guest kernel hit an int3 of its own text patching: {}", self.panic)
+        match self {
+            Self::BootHang { seconds } => {
+                write!(f, "the guest did not reach its init script in {seconds} s")
+            }
+            Self::PatchingTrap { panic } => {
+                write!(f, "the guest kernel hit an int3 of its own text patching: {panic}")
+            }
+            Self::SoftLockup { line } => {
+                write!(f, "the guest kernel reported a soft lockup: {line}")
+            }
+        }
     }
 }
 
-impl std::error::Error for PatchingTrap {}
-
-/// The guest kernel's watchdog saw a CPU stuck in the kernel (`watchdog: BUG: soft lockup`).
-/// Seen once under software emulation, on Debian 11's 5.10, during a graceful restart test
-/// (fentry programs replaced: text patching) that passes in every other run: a vCPU spun for
-/// minutes until the backend's timeout. Under software emulation the emulated machine is
-/// taken to have failed, not a test, so the caller may boot again; with KVM it is a failure.
-#[derive(Debug)]
-pub struct SoftLockup {
-    pub line: String,
-}
-
-impl std::fmt::Display for SoftLockup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the guest kernel reported a soft lockup: {}", self.line)
-    }
-}
-
-impl std::error::Error for SoftLockup {}
+impl std::error::Error for EmulatorFailure {}
 
 /// Boot and set-up, and each backend's run: generous for software emulation on a busy host
 /// (a backend's 41 tests take 8-10 minutes there; 8 minutes was once too few for 6.1).
@@ -107,7 +111,7 @@ pub fn boot_and_watch(
 }
 
 /// Runs `qemu` and follows its serial console (stdout) until the result line, a kernel
-/// panic, `timeout`, or `boot_timeout` without the init script's first line ([`BootHang`]).
+/// panic, `timeout`, or `boot_timeout` without the init script's first line ([`EmulatorFailure::BootHang`]).
 fn watch(
     mut qemu: Command,
     log_path: &Path,
@@ -176,12 +180,12 @@ fn watch(
                 patching_trap |= trimmed.contains("Oops: int3");
                 if trimmed.contains("watchdog: BUG: soft lockup") && stop_at.is_none() {
                     // Stopped now rather than at the backend's timeout, minutes later.
-                    failure = Some(SoftLockup { line: trimmed.to_owned() }.into());
+                    failure = Some(EmulatorFailure::SoftLockup { line: trimmed.to_owned() }.into());
                     stop_at = Some(Instant::now() + Duration::from_secs(3));
                 }
                 if trimmed.contains("Kernel panic") && stop_at.is_none() {
                     failure = Some(if patching_trap {
-                        PatchingTrap { panic: trimmed.to_owned() }.into()
+                        EmulatorFailure::PatchingTrap { panic: trimmed.to_owned() }.into()
                     } else {
                         anyhow::anyhow!("kernel panic: {trimmed}")
                     });
@@ -195,7 +199,7 @@ fn watch(
                     failure = Some(if booted {
                         anyhow::anyhow!("timeout: no result line after {} s", timeout.as_secs())
                     } else {
-                        BootHang { seconds: boot_timeout.as_secs() }.into()
+                        EmulatorFailure::BootHang { seconds: boot_timeout.as_secs() }.into()
                     });
                 }
                 break;
@@ -249,7 +253,7 @@ mod tests {
             Duration::from_secs(1),
         )?;
         let err = outcome.expect_err("a silent guest passed");
-        assert!(err.downcast_ref::<BootHang>().is_some(), "{err:#}");
+        assert!(matches!(err.downcast_ref(), Some(EmulatorFailure::BootHang { .. })), "{err:#}");
         assert!(started.elapsed() < Duration::from_secs(10), "stopped at the boot timeout");
         assert!(console.contains("rcu_sched detected stalls"));
         Ok(())
@@ -264,7 +268,7 @@ mod tests {
             Duration::from_secs(1),
         )?;
         let err = outcome.expect_err("a guest without a result passed");
-        assert!(err.downcast_ref::<BootHang>().is_none(), "{err:#}");
+        assert!(err.downcast_ref::<EmulatorFailure>().is_none(), "{err:#}");
         assert!(format!("{err:#}").contains("no result line after 2 s"), "{err:#}");
         Ok(())
     }
@@ -281,7 +285,10 @@ mod tests {
             Duration::from_secs(5),
         )?;
         let err = outcome.expect_err("a panicked guest passed");
-        assert!(err.downcast_ref::<PatchingTrap>().is_some(), "{err:#}");
+        assert!(
+            matches!(err.downcast_ref(), Some(EmulatorFailure::PatchingTrap { .. })),
+            "{err:#}"
+        );
         // Any other panic stays a failure.
         let (outcome, _) = watch_shell(
             "panic",
@@ -292,7 +299,7 @@ mod tests {
             Duration::from_secs(5),
         )?;
         let err = outcome.expect_err("a panicked guest passed");
-        assert!(err.downcast_ref::<PatchingTrap>().is_none(), "{err:#}");
+        assert!(err.downcast_ref::<EmulatorFailure>().is_none(), "{err:#}");
         assert!(format!("{err:#}").contains("kernel panic"), "{err:#}");
         Ok(())
     }
@@ -310,7 +317,7 @@ mod tests {
             Duration::from_secs(5),
         )?;
         let err = outcome.expect_err("a locked-up guest passed");
-        assert!(err.downcast_ref::<SoftLockup>().is_some(), "{err:#}");
+        assert!(matches!(err.downcast_ref(), Some(EmulatorFailure::SoftLockup { .. })), "{err:#}");
         assert!(started.elapsed() < Duration::from_secs(15), "waited for the backend timeout");
         Ok(())
     }
