@@ -72,33 +72,36 @@ struct Arm {
 
 /// Runs wrk once with an agent started with `flags`. `warm_until_left`: first load nginx
 /// until the budget has taken it out of decryption (the arm measures the steady state).
+/// `load`: where to add the programs' run time, for a run with `kernel.bpf_stats_enabled`.
 fn agent_arm(
     url: &str,
     seconds: u64,
     flags: &[&str],
     warm_until_left: bool,
-    load: &mut UprobeLoad,
+    load: Option<&mut UprobeLoad>,
 ) -> anyhow::Result<Arm> {
     let agent = Agent::start(flags)?;
     let reaction = if warm_until_left { Some(wait_until_nginx_left(&agent, url)?) } else { None };
-    let uprobes: BTreeSet<u32> = program_ids(agent.pid())?;
-    let before = program_stats(&uprobes);
+    let programs: BTreeSet<u32> = program_ids(agent.pid())?;
+    let before = load.is_some().then(|| program_stats(&programs));
     let hits_before = hits_by_side(&agent)?;
     let result = wrk(url, seconds, false)?;
-    let after = program_stats(&uprobes);
+    let after = load.is_some().then(|| program_stats(&programs));
     let hits_after = hits_by_side(&agent)?;
     let (code, _) = agent.stop()?;
     ensure!(code == Some(0), "the agent exited with {code:?}");
     ensure!(result.errors == 0, "wrk over https: {} errors", result.errors);
-    for (name, (time, runs)) in &after {
-        let (time0, runs0) = before.get(name).copied().unwrap_or((0, 0));
-        load.all_run_time_ns += time - time0;
-        if name.starts_with(UPROBE_PREFIX) {
-            load.run_time_ns += time - time0;
-            load.runs += runs - runs0;
+    if let (Some(load), Some(before), Some(after)) = (load, before, after) {
+        for (name, (time, runs)) in &after {
+            let (time0, runs0) = before.get(name).copied().unwrap_or((0, 0));
+            load.all_run_time_ns += time - time0;
+            if name.starts_with(UPROBE_PREFIX) {
+                load.run_time_ns += time - time0;
+                load.runs += runs - runs0;
+            }
         }
+        load.requests += result.requests;
     }
-    load.requests += result.requests;
     let requests = result.requests.max(1) as f64;
     let hits_per_request = [0, 1].map(|side| (hits_after[side] - hits_before[side]) / requests);
     Ok(Arm { requests_per_second: result.requests_per_second, reaction, hits_per_request })
@@ -139,14 +142,11 @@ pub fn https_keepalive(settings: &Settings) -> anyhow::Result<Part> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut reactions, mut hits_nginx, mut hits_wrk) = (Vec::new(), Vec::new(), Vec::new());
     let mut budget_hits = Vec::new();
-    // Without `kernel.bpf_stats_enabled`, nothing is counted into it.
-    let mut unmeasured = UprobeLoad::default();
     for round in 1..=settings.pairs {
         let a = wrk(&url, settings.seconds, false)?.requests_per_second;
-        let off =
-            agent_arm(&url, settings.seconds, &["--tls.uprobes=false"], false, &mut unmeasured)?;
-        let kept = agent_arm(&url, settings.seconds, &[], true, &mut unmeasured)?;
-        let on = agent_arm(&url, settings.seconds, &["--tls.budget", "0"], false, &mut unmeasured)?;
+        let off = agent_arm(&url, settings.seconds, &["--tls.uprobes=false"], false, None)?;
+        let kept = agent_arm(&url, settings.seconds, &[], true, None)?;
+        let on = agent_arm(&url, settings.seconds, &["--tls.budget", "0"], false, None)?;
         let reaction = kept.reaction.unwrap_or_default().as_secs_f64();
         eprintln!(
             "bench: https keep-alive round {round}: none {a:.0}, undecrypted {:.0}, default (budget) {:.0}, all decrypted {:.0} req/s; budget/none {:.3}, undecrypted/none {:.3}, all/none {:.3}; budget reacted in {reaction:.2} s; hits per request nginx {:.2}, wrk {:.2}",
@@ -170,9 +170,9 @@ pub fn https_keepalive(settings: &Settings) -> anyhow::Result<Part> {
     }
     let stats = BpfStats::enable()?;
     let mut off_load = UprobeLoad::default();
-    agent_arm(&url, settings.seconds, &["--tls.uprobes=false"], false, &mut off_load)?;
+    agent_arm(&url, settings.seconds, &["--tls.uprobes=false"], false, Some(&mut off_load))?;
     let mut load = UprobeLoad::default();
-    agent_arm(&url, settings.seconds, &["--tls.budget", "0"], false, &mut load)?;
+    agent_arm(&url, settings.seconds, &["--tls.budget", "0"], false, Some(&mut load))?;
     drop(stats);
     drop(nginx);
     ensure!(off_load.runs == 0, "uprobes ran with --tls.uprobes=false");
